@@ -1,0 +1,84 @@
+"""
+Agent settings: command line, or Medplum's ``agent.properties`` (``key=value`` lines; values
+may themselves contain ``=``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import attr
+
+#: agent.properties keys (Medplum's names) → our option names
+PROPERTY_KEYS = {
+    "baseUrl": "relay",
+    "clientId": "client_id",
+    "clientSecret": "client_secret",
+    "agentId": "agent_id",
+    "logLevel": "log_level",
+    "dataDir": "data_dir",
+}
+
+
+class ConfigError(ValueError):
+    """A setting that is missing or wrong, said in words for the person starting the agent."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AgentConfig:
+    relay: str
+    client_id: str
+    client_secret: str
+    agent_id: str
+    data_dir: str = "./agent-data"
+    log_level: str = "info"
+    heartbeat_interval: float = 10.0
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Lines of ``key=value``; ``#``/``!`` comments; the value is everything after the first ``=``."""
+    out: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        if "=" not in line:
+            raise ConfigError(f"agent.properties line {number}: expected key=value")
+        key, _, value = line.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(options: Mapping[str, object]) -> AgentConfig:
+    """Command-line options win over the properties file."""
+    values: dict[str, object] = {}
+    path = options.get("config")
+    if path:
+        try:
+            with open(str(path), encoding="utf-8") as f:
+                props = parse_properties(f.read())
+        except OSError as e:
+            raise ConfigError(f"Cannot read {path}: {e.strerror}")
+        for key, value in props.items():
+            if key in PROPERTY_KEYS:
+                values[PROPERTY_KEYS[key]] = value
+    for key in ("relay", "client_id", "client_secret", "agent_id", "data_dir", "log_level",
+                "heartbeat_interval"):
+        if options.get(key) not in (None, ""):
+            values[key] = options[key]
+    env = {"relay": "MEDAGENT_RELAY", "client_id": "MEDAGENT_CLIENT_ID",
+           "client_secret": "MEDAGENT_CLIENT_SECRET", "agent_id": "MEDAGENT_AGENT_ID"}
+    for key, var in env.items():
+        if key not in values and os.environ.get(var):
+            values[key] = os.environ[var]
+    missing = [k for k in ("relay", "client_id", "client_secret", "agent_id") if not values.get(k)]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ConfigError(f"Missing agent settings: {flags} (or set them in agent.properties)")
+    relay = str(values["relay"])
+    if not relay.startswith(("http://", "https://")):
+        raise ConfigError(f"--relay must be an http:// or https:// URL, not {relay!r}")
+    if "heartbeat_interval" in values:
+        values["heartbeat_interval"] = float(values["heartbeat_interval"])  # type: ignore[arg-type]
+    return AgentConfig(**values)  # type: ignore[arg-type]

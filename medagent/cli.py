@@ -1,0 +1,179 @@
+"""
+The ``medagent`` command.
+
+    medagent init [--data DIR]                      create the relay's database and an admin client
+    medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
+    medagent client list                            list clients (never their secrets)
+    medagent push AGENT DESTINATION BODY...         push a message through the relay
+    medagent demo                                   run relay + agent + a simulated lab instrument
+
+Credentials are printed once, as JSON, and stored hashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from medagent.relay.service import DEFAULT_DATA
+
+
+def _authority(data_dir: str):
+    from medagent.relay.service import open_authority, open_database
+
+    db = open_database(None, data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    return open_authority(db, data_dir)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    authority = _authority(args.data)
+    client = authority.create_client_sync("admin", name=args.name or "admin")
+    print(json.dumps({**client, "dataDir": os.path.abspath(args.data)}, indent=2))
+    print(
+        f"# Relay data is in {os.path.abspath(args.data)}. Start the relay with:\n"
+        f"#   twistd -n medagent-relay --data {args.data}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_client_create(args: argparse.Namespace) -> int:
+    from medagent.fhir import FHIRError
+
+    authority = _authority(args.data)
+    try:
+        client = authority.create_client_sync(args.role, args.agent or [], args.name)
+    except FHIRError as e:
+        print(f"medagent: {e.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(client, indent=2))
+    return 0
+
+
+def cmd_client_list(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    path = os.path.join(args.data, "relay.sqlite")
+    if not os.path.exists(path):
+        print(f"medagent: no relay database in {args.data} (run medagent init)", file=sys.stderr)
+        return 2
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    rows = [
+        {"clientId": r["client_id"], "role": r["role"], "agents": json.loads(r["agents"]),
+         "name": r["name"], "revoked": bool(r["revoked"])}
+        for r in conn.execute("SELECT * FROM clients ORDER BY created")
+    ]
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor  # composition root of this command
+    from twisted.internet.defer import ensureDeferred
+
+    from medagent.client import MedagentClient, RelayError
+
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            body = f.read()
+    elif args.body is not None:
+        body = args.body
+    else:
+        body = sys.stdin.read()
+    result: dict[str, Any] = {"rc": 0}
+
+    async def go() -> None:
+        client = MedagentClient(reactor, args.relay, args.client_id, args.client_secret)
+        try:
+            reply = await client.push_to_agent(
+                args.agent,
+                args.destination,
+                body,
+                args.content_type,
+                not args.no_wait,
+                wait_timeout=args.timeout,
+                idempotency_key=args.idempotency_key,
+            )
+            if isinstance(reply, str):
+                print(reply.replace("\r", "\n").rstrip("\n"))
+            else:
+                print(json.dumps(reply, indent=2))
+        except RelayError as e:
+            print(f"medagent: push failed: {e}", file=sys.stderr)
+            result["rc"] = 1
+        except Exception as e:
+            print(f"medagent: push failed: {e}", file=sys.stderr)
+            result["rc"] = 1
+        finally:
+            await client.close()
+
+    def stop(_: Any) -> None:
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(stop))
+    reactor.run()
+    return result["rc"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medagent.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medagent", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create the relay database and an admin client")
+    p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    p.add_argument("--name", default=None)
+    p.set_defaults(func=cmd_init)
+
+    client = sub.add_parser("client", help="manage OAuth2 clients").add_subparsers(
+        dest="client_command", required=True)
+    p = client.add_parser("create", help="create a client and print its credentials")
+    p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    p.add_argument("--role", choices=["admin", "pusher", "agent"], required=True)
+    p.add_argument("--agent", action="append",
+                   help="agent id this client may push to (pusher) or is (agent); '*' = all")
+    p.add_argument("--name", default=None)
+    p.set_defaults(func=cmd_client_create)
+    p = client.add_parser("list", help="list clients")
+    p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    p.set_defaults(func=cmd_client_list)
+
+    p = sub.add_parser("push", help="push a message to a device through an agent")
+    p.add_argument("agent", help="Agent id")
+    p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")
+    p.add_argument("body", nargs="?", help="message (default: --file or standard input)")
+    p.add_argument("--file", "-f")
+    p.add_argument("--content-type", default="x-application/hl7-v2+er7")
+    p.add_argument("--no-wait", action="store_true", help="queue and return at once (202)")
+    p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
+    p.add_argument("--idempotency-key", default=None)
+    p.add_argument("--relay", default=os.environ.get("MEDAGENT_RELAY", "http://127.0.0.1:8103"))
+    p.add_argument("--client-id", default=os.environ.get("MEDAGENT_CLIENT_ID"))
+    p.add_argument("--client-secret", default=os.environ.get("MEDAGENT_CLIENT_SECRET"))
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("demo", help="relay + agent + simulated lab instrument, on this machine")
+    p.add_argument("--data", default=None, help="data folder (default: a new temporary one)")
+    p.add_argument("--port", type=int, default=8103, help="relay HTTP port (0 = any free port)")
+    p.add_argument("--once", action="store_true", help="exit after the first order round trip")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

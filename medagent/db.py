@@ -1,0 +1,163 @@
+"""
+SQLite behind an owned single-thread pool.
+
+SQLite calls block (and a commit may fsync), so they never run on the reactor thread: every
+statement runs in one dedicated worker thread that owns the connection.  One thread also gives
+us a simple, total order of writes.  WAL mode keeps readers from blocking the writer.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+log = Logger()
+
+
+class Database:
+    """
+    One SQLite file, one worker thread.  C{run(fn, *args)} calls C{fn(connection, *args)} in
+    that thread inside a transaction and fires with its result.
+
+    C{synchronous} is SQLite's PRAGMA: ``NORMAL`` (default) survives a process crash
+    (``kill -9``) in WAL mode; ``FULL`` also survives power loss, at an fsync per commit.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        path: str,
+        *,
+        schema: str = "",
+        synchronous: str = "NORMAL",
+        name: str = "medagent-db",
+        threadpool: Any = None,
+    ) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._schema = schema
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._pool = threadpool or ThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._started = False
+        self._connections: list[sqlite3.Connection] = []
+        self._batch: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._flushing = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        if self.path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+        self._pool.start()
+        self._started = True
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
+                try:
+                    os.chmod(self.path, 0o600)
+                except OSError:
+                    pass
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            if self._schema:
+                conn.executescript(self._schema)
+            self._local.conn = conn
+            self._connections.append(conn)
+        return conn
+
+    def _in_transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run C{fn(conn, *args)} in one transaction on the database thread."""
+        if not self._started:
+            self.start()
+        return deferToThreadPool(self._reactor, self._pool, self._in_transaction, fn, *args)
+
+    def run_batched(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Like L{run}, but grouped with other batched calls into one transaction (group commit):
+        while one batch commits, the next one gathers.  Each call runs in its own savepoint, so
+        one failing call does not undo the others.  Throughput then pays one commit per batch,
+        not per call.
+        """
+        d: Deferred[T] = Deferred()
+        self._batch.append((fn, args, d))
+        if not self._flushing:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        self._flushing = True
+
+        def apply(conn: sqlite3.Connection) -> list[tuple[bool, Any]]:
+            results: list[tuple[bool, Any]] = []
+            for fn, args, _ in batch:
+                conn.execute("SAVEPOINT call")
+                try:
+                    results.append((True, fn(conn, *args)))
+                except Exception as e:
+                    conn.execute("ROLLBACK TO call")
+                    results.append((False, e))
+                conn.execute("RELEASE call")
+            return results
+
+        def done(results: Any) -> None:
+            if isinstance(results, Failure):
+                for _, _, d in batch:
+                    d.errback(results)
+            else:
+                for (ok, value), (_, _, d) in zip(results, batch):
+                    d.callback(value) if ok else d.errback(Failure(value))
+            self._flushing = False
+            if self._batch:
+                self._flush()
+
+        self.run(apply).addBoth(done)
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """
+        Run on the calling thread.  Only for tools and start-up code that runs before the
+        reactor (the CLI's ``init``), never from the reactor thread in a service.
+        """
+        return self._in_transaction(fn, *args)
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+
+        def close_all() -> None:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
+                self._local.conn = None
+
+        self._pool.callInThread(close_all)
+        self._pool.stop()

@@ -1,0 +1,102 @@
+"""
+FHIR bits shared by relay and client: OperationOutcome building and reading, errors that carry
+an HTTP status, Parameters flattening.  No I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+FHIR_JSON = "application/fhir+json"
+
+
+class FHIRError(Exception):
+    """
+    A request that fails with an HTTP status and an C{OperationOutcome} saying why.
+    C{code} is the FHIR issue type (``invalid``, ``not-found``, ``security``...).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str = "invalid",
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome(self.message, code=self.code, severity="error")
+
+
+def bad_request(message: str) -> FHIRError:
+    return FHIRError(400, message, "invalid")
+
+
+def not_found(message: str) -> FHIRError:
+    return FHIRError(404, message, "not-found")
+
+
+def unauthorized(message: str = "Unauthorized") -> FHIRError:
+    return FHIRError(401, message, "login", headers={"WWW-Authenticate": 'Bearer realm="medagent"'})
+
+
+def forbidden(message: str = "Forbidden") -> FHIRError:
+    return FHIRError(403, message, "forbidden")
+
+
+def operation_outcome(
+    text: str,
+    *,
+    code: str = "informational",
+    severity: str = "information",
+    id: str | None = None,
+    diagnostics: str | None = None,
+) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": severity, "code": code, "details": {"text": text}}
+    if diagnostics is not None:
+        issue["diagnostics"] = diagnostics
+    outcome: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": [issue]}
+    if id is not None:
+        outcome = {"resourceType": "OperationOutcome", "id": id, "issue": [issue]}
+    return outcome
+
+
+def outcome_text(outcome: Any) -> str:
+    """The human text of an OperationOutcome (for errors raised by the client)."""
+    if not isinstance(outcome, Mapping):
+        return str(outcome)
+    texts = []
+    for issue in outcome.get("issue") or []:
+        if not isinstance(issue, Mapping):
+            continue
+        text = (issue.get("details") or {}).get("text") or issue.get("diagnostics")
+        if text:
+            texts.append(str(text))
+    return "; ".join(texts) or "Unknown error"
+
+
+def parameters_to_dict(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Flatten a FHIR C{Parameters} resource to ``{name: value}``, taking whichever ``value[x]``
+    is present (Medplum only reads ``valueString``; we take them all).
+    """
+    out: dict[str, Any] = {}
+    for param in resource.get("parameter") or []:
+        if not isinstance(param, Mapping) or not isinstance(param.get("name"), str):
+            raise bad_request("Each Parameters.parameter needs a name")
+        value: Any = None
+        for key, v in param.items():
+            if key.startswith("value"):
+                value = v
+                break
+        else:
+            if "resource" in param:
+                value = param["resource"]
+        out[param["name"]] = value
+    return out

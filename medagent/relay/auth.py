@@ -1,0 +1,258 @@
+"""
+OAuth2 client credentials: clients, their scopes, and bearer tokens.
+
+A client is one of three kinds:
+
+- ``admin``: may do everything;
+- ``pusher``: may push to (and read the pushes of) the agents listed in its scope;
+- ``agent``: the credential of one agent, which may connect as that agent only.
+
+Secrets are 256-bit random strings shown once; we store only a salted SHA-256 of them, which
+is enough for secrets of that entropy (no password-style stretching is needed) and keeps the
+token endpoint cheap.  Tokens are HS256 JWTs signed with a key kept in the relay's data folder,
+so checking one needs no database round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+import uuid
+from typing import Any, Iterable
+
+import attr
+import jwt
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from medagent.db import Database
+from medagent.fhir import FHIRError, bad_request, forbidden, not_found, unauthorized
+
+log = Logger()
+
+ADMIN = "admin"
+PUSHER = "pusher"
+AGENT = "agent"
+ROLES = (ADMIN, PUSHER, AGENT)
+
+DEFAULT_TOKEN_LIFETIME = 3600
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    salt BLOB NOT NULL,
+    secret_hash BLOB NOT NULL,
+    role TEXT NOT NULL,
+    agents TEXT NOT NULL DEFAULT '[]',
+    name TEXT,
+    created REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Principal:
+    """Who is calling, and what they may do."""
+
+    client_id: str
+    role: str
+    agents: frozenset[str] = frozenset()
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+    def can_push(self, agent_id: str) -> bool:
+        return self.role == ADMIN or (self.role == PUSHER and ("*" in self.agents or agent_id in self.agents))
+
+    def can_act_as(self, agent_id: str) -> bool:
+        return self.role == ADMIN or (self.role == AGENT and agent_id in self.agents)
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise forbidden("This operation needs an admin client")
+
+    def require_push(self, agent_id: str) -> None:
+        if not self.can_push(agent_id):
+            raise forbidden(f"Client {self.client_id} may not push to Agent/{agent_id}")
+
+
+def _hash(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode("utf-8")).digest()
+
+
+def load_or_create_key(path: str) -> bytes:
+    """The token signing key, created on first start (0600)."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) >= 32:
+            return key
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+class Authority:
+    """Client registry and token issuer/verifier."""
+
+    def __init__(
+        self,
+        db: Database,
+        key: bytes,
+        *,
+        token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
+        issuer: str = "medagent-relay",
+        clock: Any = time,
+    ) -> None:
+        self._db = db
+        self._key = key
+        self._lifetime = token_lifetime
+        self._issuer = issuer
+        self._clock = clock
+
+    @staticmethod
+    def schema() -> str:
+        return SCHEMA
+
+    # -- clients ---------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_client(
+        conn: Any, role: str, agents: Iterable[str], name: str | None
+    ) -> dict[str, Any]:
+        if role not in ROLES:
+            raise bad_request(f"role must be one of {', '.join(ROLES)}")
+        agents = sorted(set(agents))
+        if role == AGENT and len(agents) != 1:
+            raise bad_request("An agent client is the credential of exactly one agent")
+        client_id = str(uuid.uuid4())
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        conn.execute(
+            "INSERT INTO clients (client_id, salt, secret_hash, role, agents, name, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (client_id, salt, _hash(salt, secret), role, json.dumps(agents), name, time.time()),
+        )
+        return {
+            "clientId": client_id,
+            "clientSecret": secret,
+            "role": role,
+            "agents": agents,
+            "name": name,
+        }
+
+    def create_client(
+        self, role: str, agents: Iterable[str] = (), name: str | None = None
+    ) -> Deferred[dict[str, Any]]:
+        """Register a client; the result holds its secret, which is never shown again."""
+        return self._db.run(self._insert_client, role, list(agents), name)
+
+    def create_client_sync(
+        self, role: str, agents: Iterable[str] = (), name: str | None = None
+    ) -> dict[str, Any]:
+        """The same, for the CLI before any reactor runs."""
+        return self._db.run_sync(self._insert_client, role, list(agents), name)
+
+    def list_clients(self) -> Deferred[list[dict[str, Any]]]:
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "clientId": r["client_id"],
+                    "role": r["role"],
+                    "agents": json.loads(r["agents"]),
+                    "name": r["name"],
+                    "revoked": bool(r["revoked"]),
+                }
+                for r in conn.execute("SELECT * FROM clients ORDER BY created")
+            ]
+
+        return self._db.run(txn)
+
+    def revoke_client(self, client_id: str) -> Deferred[None]:
+        def txn(conn: Any) -> None:
+            if conn.execute(
+                "UPDATE clients SET revoked=1 WHERE client_id=?", (client_id,)
+            ).rowcount == 0:
+                raise not_found(f"No client {client_id}")
+
+        return self._db.run(txn)
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def issue_token(self, client_id: str, client_secret: str) -> Deferred[dict[str, Any]]:
+        """The OAuth2 token response for a client-credentials grant."""
+
+        def txn(conn: Any) -> Principal | None:
+            row = conn.execute(
+                "SELECT * FROM clients WHERE client_id=? AND revoked=0", (client_id,)
+            ).fetchone()
+            if row is None or not hmac.compare_digest(
+                bytes(row["secret_hash"]), _hash(bytes(row["salt"]), client_secret)
+            ):
+                return None
+            return Principal(row["client_id"], row["role"], frozenset(json.loads(row["agents"])))
+
+        def issue(principal: Principal | None) -> dict[str, Any]:
+            if principal is None:
+                log.warn("Token refused for client {client_id}", client_id=client_id)
+                raise FHIRError(401, "Invalid client credentials", "login")
+            now = int(self._clock.time())
+            claims = {
+                "iss": self._issuer,
+                "sub": principal.client_id,
+                "client_id": principal.client_id,
+                "aud": principal.client_id,
+                "role": principal.role,
+                "agents": sorted(principal.agents),
+                "iat": now,
+                "exp": now + self._lifetime,
+                "jti": uuid.uuid4().hex,
+            }
+            token = jwt.encode(claims, self._key, algorithm="HS256")
+            return {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": self._lifetime,
+                "scope": principal.role,
+            }
+
+        return self._db.run(txn).addCallback(issue)
+
+    def verify_token(self, token: str) -> Principal:
+        """The caller behind a bearer token, or 401."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=["HS256"],
+                options={"verify_aud": False, "require": ["exp", "sub", "role"]},
+                issuer=self._issuer,
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("Access token expired")
+        except jwt.InvalidTokenError:
+            raise unauthorized("Invalid access token")
+        if claims.get("role") not in ROLES:
+            raise unauthorized("Invalid access token")
+        return Principal(claims["sub"], claims["role"], frozenset(claims.get("agents") or ()))
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """Check an ``Authorization`` header (``Bearer <token>``)."""
+        if not authorization:
+            raise unauthorized("Missing Authorization header (Bearer token)")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("Authorization must be a Bearer token")
+        return self.verify_token(token.strip())

@@ -1,0 +1,559 @@
+"""
+The relay's side of the agent protocol, without a transport: which agents are connected,
+what was sent to them, and what they answered.
+
+A websocket adapter (L{medagent.relay.ws}) feeds frames in and gives the hub an
+L{AgentConnection} to write to; the hub never touches a socket.  Pushes come from the
+journal and go back to it: the hub moves them through ``queued → sent → delivered|failed``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Callable, Mapping, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from medagent import wire
+from medagent.fhir import FHIRError
+from medagent.relay import journal as j
+from medagent.relay.auth import Authority
+from medagent.relay.journal import Journal, Push
+
+log = Logger()
+
+#: Capability our agent announces: it remembers the push ids it answered, so a push re-sent
+#: after a reconnect is answered from that record instead of being delivered again.
+CAP_DEDUPE = "dedupe"
+
+REPLAY_PAGE = 500
+
+
+class AgentConnection(Protocol):
+    """What the hub needs from a transport."""
+
+    peer: str
+
+    def send_message(self, message: Mapping[str, Any]) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+
+class Session:
+    """One websocket connection, before and after it says which agent it is."""
+
+    def __init__(self, conn: AgentConnection) -> None:
+        self.conn = conn
+        self.agent_id: str | None = None
+        self.capabilities: frozenset[str] = frozenset()
+        self.version: str | None = None
+        self.outstanding_heartbeats = 0
+        self.heartbeat: LoopingCall | None = None
+        #: pushes written to this socket and not yet answered, by push id
+        self.in_flight: dict[str, Push] = {}
+        self.replaying = False
+        self.closed = False
+        self.connected_at = 0.0
+
+    @property
+    def resends_safely(self) -> bool:
+        return CAP_DEDUPE in self.capabilities or wire.CAP_DURABLE in self.capabilities
+
+
+InboundHandler = Callable[[str, Mapping[str, Any]], Deferred]
+
+
+def _no_inbound(agent_id: str, message: Mapping[str, Any]) -> Deferred:
+    return succeed(
+        {
+            "statusCode": 501,
+            "contentType": "text/plain",
+            "body": f"No handler for channel {message.get('channel')!r} on this relay",
+        }
+    )
+
+
+class Hub:
+    def __init__(
+        self,
+        clock: Any,
+        authority: Authority,
+        store: Any,
+        journal: Journal,
+        *,
+        heartbeat_interval: float = 10.0,
+        max_missed_heartbeats: int = 2,
+        max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
+        request_timeout: float = 5.0,
+        inbound: InboundHandler = _no_inbound,
+    ) -> None:
+        self.clock = clock
+        self.authority = authority
+        self.store = store
+        self.journal = journal
+        self.heartbeat_interval = heartbeat_interval
+        self.max_missed_heartbeats = max_missed_heartbeats
+        self.max_message_size = max_message_size
+        self.request_timeout = request_timeout
+        self.inbound = inbound
+        self.sessions: dict[str, Session] = {}
+        self._status: dict[str, dict[str, Any]] = {}
+        self._waiters: dict[str, list[Deferred[Push]]] = {}
+        self._requests: dict[str, Deferred[dict[str, Any]]] = {}
+        #: pushes someone waits on, so a late answer updates the copy the waiter holds
+        self._pending_pushes: dict[str, Push] = {}
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    def connection_made(self, conn: AgentConnection) -> Session:
+        return Session(conn)
+
+    def connection_lost(self, session: Session, reason: str = "closed") -> None:
+        session.closed = True
+        if session.heartbeat is not None and session.heartbeat.running:
+            session.heartbeat.stop()
+        agent_id = session.agent_id
+        if agent_id is None or self.sessions.get(agent_id) is not session:
+            return
+        del self.sessions[agent_id]
+        self._status[agent_id] = {
+            "status": "disconnected",
+            "version": session.version or "unknown",
+            "lastUpdated": time.time(),
+        }
+        log.info(
+            "Agent/{agent_id} disconnected ({reason}); {n} push(es) unanswered",
+            agent_id=agent_id,
+            reason=reason,
+            n=len(session.in_flight),
+        )
+        for push in list(session.in_flight.values()):
+            if session.resends_safely:
+                continue  # stays 'sent'; re-sent on reconnect, answered from the agent's record
+            self._finish(
+                push,
+                j.FAILED,
+                error="Agent disconnected before answering; the device may or may not have "
+                "received the message",
+            )
+        session.in_flight.clear()
+
+    def is_connected(self, agent_id: str) -> bool:
+        return agent_id in self.sessions
+
+    def status(self, agent_id: str) -> dict[str, Any]:
+        session = self.sessions.get(agent_id)
+        if session is not None:
+            return {"status": "connected", "version": session.version or "unknown",
+                    "lastUpdated": time.time()}
+        return self._status.get(agent_id, {"status": "disconnected", "version": "unknown",
+                                           "lastUpdated": None})
+
+    # -- frames in ----------------------------------------------------------------------
+
+    def frame_received(self, session: Session, data: bytes | str) -> None:
+        try:
+            msg = wire.decode(data, self.max_message_size)
+        except wire.WireError as e:
+            log.warn("Bad frame from {peer}: {reason}", peer=session.conn.peer, reason=e.reason)
+            session.conn.send_message(wire.error(e.reason, e.callback))
+            return
+        kind = msg["type"]
+        try:
+            if kind == wire.CONNECT_REQUEST:
+                self._on_connect(session, msg)
+            elif session.agent_id is None:
+                session.conn.send_message(wire.error("Not connected", msg.get("callback")))
+            elif kind == wire.HEARTBEAT_REQUEST:
+                session.outstanding_heartbeats = 0
+                session.conn.send_message(wire.heartbeat_response())
+            elif kind == wire.HEARTBEAT_RESPONSE:
+                session.outstanding_heartbeats = 0
+                if isinstance(msg.get("version"), str):
+                    session.version = msg["version"]
+            elif kind == wire.TRANSMIT_RESPONSE:
+                self._on_transmit_response(session, msg)
+            elif kind == wire.TRANSMIT_REQUEST:
+                self._on_inbound(session, msg)
+            elif kind == wire.ERROR:
+                self._on_agent_error(session, msg)
+            elif kind in (
+                wire.RELOADCONFIG_RESPONSE,
+                wire.LOGS_RESPONSE,
+                wire.STATS_RESPONSE,
+                wire.UPGRADE_RESPONSE,
+            ):
+                self._on_request_response(session, msg)
+            else:
+                session.conn.send_message(
+                    wire.error(f"Unexpected message type: {kind}", msg.get("callback"))
+                )
+        except Exception:
+            log.failure("Error handling {kind} from {peer}", kind=kind, peer=session.conn.peer)
+            session.conn.send_message(wire.error("Internal error", msg.get("callback")))
+
+    def _on_connect(self, session: Session, msg: Mapping[str, Any]) -> None:
+        agent_id = msg["agentId"]
+        callback = msg.get("callback")
+        try:
+            principal = self.authority.verify_token(msg["accessToken"])
+        except FHIRError as e:
+            session.conn.send_message(wire.error(e.message, callback))
+            return
+        if not principal.can_act_as(agent_id):
+            log.warn(
+                "Client {client_id} tried to connect as Agent/{agent_id}",
+                client_id=principal.client_id,
+                agent_id=agent_id,
+            )
+            session.conn.send_message(
+                wire.error(f"This access token cannot act as Agent/{agent_id}", callback)
+            )
+            return
+        if session.agent_id is not None and session.agent_id != agent_id:
+            session.conn.send_message(wire.error("Already connected as another agent", callback))
+            return
+        existing = self.sessions.get(agent_id)
+        if existing is not None and existing is not session:
+            log.warn(
+                "Refused second connection for Agent/{agent_id} from {peer}; "
+                "live connection from {other}",
+                agent_id=agent_id,
+                peer=session.conn.peer,
+                other=existing.conn.peer,
+            )
+            session.conn.send_message(
+                wire.error(
+                    f"Agent/{agent_id} is already connected from another process; "
+                    "only one connection per agent is allowed",
+                    callback,
+                )
+            )
+            session.conn.close("duplicate agent connection")
+            return
+
+        def found(agent: dict[str, Any]) -> None:
+            if session.closed:
+                return
+            if agent_id in self.sessions and self.sessions[agent_id] is not session:
+                session.conn.send_message(
+                    wire.error(f"Agent/{agent_id} is already connected", callback)
+                )
+                session.conn.close("duplicate agent connection")
+                return
+            caps = msg.get("capabilities")
+            session.capabilities = frozenset(
+                c for c in (caps if isinstance(caps, list) else []) if isinstance(c, str)
+            )
+            first = session.agent_id is None
+            session.agent_id = agent_id
+            session.connected_at = time.time()
+            self.sessions[agent_id] = session
+            session.conn.send_message(
+                {"type": wire.CONNECT_RESPONSE, "callback": callback}
+            )
+            log.info(
+                "Agent/{agent_id} connected from {peer} (capabilities: {caps})",
+                agent_id=agent_id,
+                peer=session.conn.peer,
+                caps=",".join(sorted(session.capabilities)) or "none",
+            )
+            if first:
+                session.heartbeat = LoopingCall(self._heartbeat, session)
+                session.heartbeat.clock = self.clock
+                session.heartbeat.start(self.heartbeat_interval, now=False)
+            self._replay(session)
+
+        def missing(f: Failure) -> None:
+            text = f.value.message if isinstance(f.value, FHIRError) else "Agent lookup failed"
+            session.conn.send_message(wire.error(text, callback))
+
+        self.store.read("Agent", agent_id).addCallbacks(found, missing)
+
+    def _heartbeat(self, session: Session) -> None:
+        if session.outstanding_heartbeats >= self.max_missed_heartbeats:
+            log.warn(
+                "Agent/{agent_id} missed {n} heartbeats; closing its connection",
+                agent_id=session.agent_id,
+                n=session.outstanding_heartbeats,
+            )
+            session.conn.close("missed heartbeats")
+            return
+        session.outstanding_heartbeats += 1
+        session.conn.send_message({"type": wire.HEARTBEAT_REQUEST})
+
+    # -- pushes ---------------------------------------------------------------------------
+
+    def submit(self, push: Push) -> None:
+        """A journaled push: send it now if its agent is connected and nothing is ahead."""
+        session = self.sessions.get(push.agent_id)
+        if session is None or session.replaying:
+            return  # stays queued; the replay after (re)connect picks it up in order
+        self._send(session, push)
+
+    def _send(self, session: Session, push: Push) -> None:
+        if push.id in session.in_flight:
+            return
+        if push.expires_at is not None and push.expires_at <= time.time():
+            self._finish(push, j.EXPIRED, error="Expired before it could be sent")
+            return
+        msg: dict[str, Any] = {
+            "type": wire.TRANSMIT_REQUEST,
+            "remote": push.remote,
+            "contentType": push.content_type,
+            "body": push.body,
+            "callback": f"Agent/{push.agent_id}-{push.id}",
+            "pushId": push.id,
+        }
+        for key in ("returnAck", "waitTimeout"):
+            if key in push.options:
+                msg[key] = push.options[key]
+        session.in_flight[push.id] = push
+        session.conn.send_message(msg)
+        if push.state != j.ACCEPTED:
+            self.journal.transition(push, j.SENT, count_attempt=True)
+        log.debug(
+            "Push {push_id} sent to Agent/{agent_id} ({size} bytes, {content_type})",
+            push_id=push.id,
+            agent_id=push.agent_id,
+            size=len(push.body),
+            content_type=push.content_type,
+        )
+
+    def _replay(self, session: Session) -> None:
+        """
+        Send what the agent still owes an answer for, oldest first, page by page; new pushes
+        wait in the journal meanwhile so order is kept.
+        """
+        if session.replaying:
+            return
+        session.replaying = True
+        agent_id = session.agent_id
+        assert agent_id is not None
+        states = j.OPEN_STATES if session.resends_safely else (j.QUEUED,)
+
+        def page(after: int) -> None:
+            if session.closed:
+                session.replaying = False
+                return
+            self.journal.open_for_agent(agent_id, after_seq=after, states=states).addCallbacks(
+                lambda pushes: got(pushes, after), failed
+            )
+
+        def got(pushes: list[Push], after: int) -> None:
+            if session.closed:
+                session.replaying = False
+                return
+            if not pushes:
+                session.replaying = False
+                return
+            for push in pushes:
+                live = self.live_push(push)
+                if live.final or live.id in session.in_flight:
+                    continue
+                self._send(session, live)
+            page(pushes[-1].seq or after)
+
+        def failed(f: Failure) -> None:
+            session.replaying = False
+            log.failure("Replay for Agent/{agent_id} failed", f, agent_id=agent_id)
+
+        page(0)
+
+    def live_push(self, push: Push) -> Push:
+        """Prefer the in-memory copy of a push that someone is waiting on."""
+        return self._pending_pushes.get(push.id, push)
+
+    def track(self, push: Push) -> None:
+        self._pending_pushes[push.id] = push
+
+    def wait_for(self, push: Push) -> Deferred[Push]:
+        """Fires with C{push} once it reaches a final state; cancel to stop waiting."""
+        if push.final:
+            return succeed(push)
+        self.track(push)
+
+        def cancel(d: Deferred[Push]) -> None:
+            waiters = self._waiters.get(push.id, [])
+            if d in waiters:
+                waiters.remove(d)
+
+        d: Deferred[Push] = Deferred(cancel)
+        self._waiters.setdefault(push.id, []).append(d)
+        return d
+
+    def _finish(
+        self,
+        push: Push,
+        state: str,
+        *,
+        error: str | None = None,
+        reply: tuple[int, str, str] | None = None,
+    ) -> None:
+        self.journal.transition(push, state, error=error, reply=reply)
+        self._pending_pushes.pop(push.id, None)
+        for d in self._waiters.pop(push.id, []):
+            d.callback(push)
+        log.info(
+            "Push {push_id} to Agent/{agent_id} {state}{why}",
+            push_id=push.id,
+            agent_id=push.agent_id,
+            state=state,
+            why=f": {error}" if error else "",
+        )
+
+    @staticmethod
+    def _push_id(msg: Mapping[str, Any]) -> str | None:
+        push_id = msg.get("pushId")
+        if isinstance(push_id, str):
+            return push_id
+        callback = msg.get("callback")
+        if isinstance(callback, str) and callback.startswith("Agent/") and "-" in callback:
+            return callback.rsplit("-", 1)[1]
+        return None
+
+    def _on_transmit_response(self, session: Session, msg: Mapping[str, Any]) -> None:
+        push_id = self._push_id(msg)
+        push = session.in_flight.get(push_id) if push_id else None
+        if push is None:
+            if push_id is not None and self._on_request_response(session, msg, quiet=True):
+                return
+            # An answer for a push sent over an earlier connection (after a relay restart or a
+            # reconnect): accept it only if the push was for this agent.
+            if push_id is None:
+                log.warn("Transmit response without push id from Agent/{agent_id}",
+                         agent_id=session.agent_id)
+                return
+
+            def loaded(p: Push) -> None:
+                if p.agent_id != session.agent_id:
+                    log.warn(
+                        "Agent/{agent_id} answered push {push_id} of another agent; ignored",
+                        agent_id=session.agent_id,
+                        push_id=push_id,
+                    )
+                    return
+                if not p.final:
+                    self._apply_response(self.live_push(p), msg)
+
+            self.journal.get(push_id).addCallbacks(loaded, lambda f: log.warn(
+                "Transmit response for unknown push {push_id} from Agent/{agent_id}",
+                push_id=push_id, agent_id=session.agent_id))
+            return
+        self._apply_response(push, msg, session)
+
+    def _apply_response(
+        self, push: Push, msg: Mapping[str, Any], session: Session | None = None
+    ) -> None:
+        status = msg.get("statusCode") or 200
+        delivery = msg.get("delivery")
+        body = msg.get("body", "")
+        content_type = msg.get("contentType") or "text/plain"
+        if delivery == "accepted":
+            if push.state != j.ACCEPTED:
+                self.journal.transition(push, j.ACCEPTED)
+            return
+        if session is not None:
+            session.in_flight.pop(push.id, None)
+        if status >= 400 or delivery == "failed":
+            self._finish(
+                push,
+                j.FAILED,
+                error=msg.get("error") if isinstance(msg.get("error"), str) else body[:500],
+                reply=(status, content_type, body),
+            )
+        else:
+            self._finish(push, j.DELIVERED, reply=(status, content_type, body))
+
+    def _on_agent_error(self, session: Session, msg: Mapping[str, Any]) -> None:
+        push_id = self._push_id(msg)
+        if push_id and push_id in session.in_flight:
+            push = session.in_flight.pop(push_id)
+            self._finish(push, j.FAILED, error=msg.get("body") or "agent:error",
+                         reply=(400, "text/plain", msg.get("body") or ""))
+            return
+        if self._on_request_response(session, msg, quiet=True):
+            return
+        log.warn(
+            "Error from Agent/{agent_id}: {body}", agent_id=session.agent_id,
+            body=str(msg.get("body"))[:200]
+        )
+
+    # -- inbound (device → cloud) -------------------------------------------------------
+
+    def _on_inbound(self, session: Session, msg: Mapping[str, Any]) -> None:
+        agent_id = session.agent_id
+        assert agent_id is not None
+        try:
+            self.authority.verify_token(msg.get("accessToken") or "")
+        except FHIRError as e:
+            session.conn.send_message(wire.error(e.message, msg.get("callback")))
+            return
+
+        def answer(result: Mapping[str, Any]) -> None:
+            if session.closed:
+                return
+            session.conn.send_message(
+                wire.transmit_response(
+                    msg,
+                    status_code=int(result.get("statusCode", 200)),
+                    content_type=result.get("contentType", "text/plain"),
+                    body=result.get("body", ""),
+                )
+            )
+
+        def failed(f: Failure) -> None:
+            log.failure("Inbound message from Agent/{agent_id} failed", f, agent_id=agent_id)
+            answer({"statusCode": 500, "contentType": "text/plain", "body": "Relay error"})
+
+        self.inbound(agent_id, msg).addCallbacks(answer, failed)
+
+    # -- control requests ($reload-config, $fetch-logs, $stats) ---------------------------
+
+    def request(self, agent_id: str, message: dict[str, Any], timeout: float | None = None
+                ) -> Deferred[dict[str, Any]]:
+        """Send a control request and wait for the response carrying its callback."""
+        session = self.sessions.get(agent_id)
+        if session is None:
+            raise FHIRError(503, f"Agent/{agent_id} is not connected", "transient")
+        callback = f"Agent/{agent_id}-{uuid.uuid4()}"
+        message = dict(message, callback=callback)
+
+        def cancel(d: Deferred[Any]) -> None:
+            self._requests.pop(callback, None)
+
+        d: Deferred[dict[str, Any]] = Deferred(cancel)
+        self._requests[callback] = d
+        session.conn.send_message(message)
+        timer = self.clock.callLater(timeout or self.request_timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            self._requests.pop(callback, None)
+            if isinstance(result, Failure) and result.check(CancelledError):
+                raise FHIRError(504, f"Agent/{agent_id} did not answer in time", "timeout")
+            return result
+
+        return d.addBoth(done)
+
+    def _on_request_response(
+        self, session: Session, msg: Mapping[str, Any], quiet: bool = False
+    ) -> bool:
+        d = self._requests.pop(msg.get("callback") or "", None)
+        if d is None:
+            if not quiet:
+                log.warn("Unsolicited {type} from Agent/{agent_id}", type=msg["type"],
+                         agent_id=session.agent_id)
+            return False
+        d.callback(dict(msg))
+        return True
+
+    def close(self) -> None:
+        for session in list(self.sessions.values()):
+            session.conn.close("relay shutting down")
+            self.connection_lost(session, "relay shutting down")

@@ -1,0 +1,104 @@
+"""
+Composition of the relay: database, store, auth, journal, hub, HTTP site and listener.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+
+from medagent import wire
+from medagent.db import Database
+from medagent.relay.auth import Authority, load_or_create_key
+from medagent.relay.hub import Hub
+from medagent.relay.journal import Journal
+from medagent.relay.push import PushService
+from medagent.relay.store import SQLiteStore
+from medagent.relay.web import DEFAULT_MAX_BODY, Api, RelaySite, Root
+from medagent.relay.ws import websocket_resource
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:8103:interface=127.0.0.1"
+DEFAULT_DATA = "./relay-data"
+
+
+def open_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> Database:
+    schema = SQLiteStore.schema() + Authority.schema() + Journal.schema()
+    return Database(reactor, os.path.join(data_dir, "relay.sqlite"), schema=schema,
+                    synchronous=synchronous, name="relay-db")
+
+
+def open_authority(db: Database, data_dir: str, **kw: Any) -> Authority:
+    return Authority(db, load_or_create_key(os.path.join(data_dir, "token.key")), **kw)
+
+
+class _DatabaseService(service.Service):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def startService(self) -> None:
+        self.db.start()
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.db.stop()
+
+
+class _HubService(service.Service):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def stopService(self) -> None:
+        self.hub.close()
+        return super().stopService()
+
+
+class RelayService(service.MultiService):
+    """The relay's service tree; attributes expose the parts to tests and tools."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        data_dir: str = DEFAULT_DATA,
+        listen: str = DEFAULT_LISTEN,
+        base_url: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
+        heartbeat_interval: float = 10.0,
+        token_lifetime: int = 3600,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        super().__init__()
+        os.makedirs(data_dir, exist_ok=True)
+        self.db = open_database(reactor, data_dir, synchronous)
+        _DatabaseService(self.db).setServiceParent(self)
+        self.store = SQLiteStore(self.db)
+        self.authority = open_authority(self.db, data_dir, token_lifetime=token_lifetime)
+        self.journal = Journal(self.db)
+        self.hub = Hub(
+            reactor,
+            self.authority,
+            self.store,
+            self.journal,
+            heartbeat_interval=heartbeat_interval,
+            max_message_size=max_message_size,
+        )
+        _HubService(self.hub).setServiceParent(self)
+        self.pushes = PushService(self.hub, self.store, self.journal, reactor)
+        self.api = Api(self.authority, self.store, self.journal, self.hub, self.pushes,
+                       base_url=base_url)
+        self.site = RelaySite(Root(self.api, websocket_resource(reactor, self.hub)),
+                              max_body=max_body)
+        self.listener = strports.service(listen, self.site, reactor=reactor)
+        self.listener.setServiceParent(self)
+        self.listen = listen
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("medagent relay listening on {listen}", listen=self.listen)

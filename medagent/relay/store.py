@@ -1,0 +1,385 @@
+"""
+The relay's FHIR resource store: JSON resources with versions, searchable by a few parameters.
+
+L{ResourceStore} is the interface (so PostgreSQL can come later); L{SQLiteStore} is the
+embedded default.  Reads by id are served from a bounded write-through cache, since every
+write in this process goes through the store.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping, Protocol
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.logger import Logger
+
+from medagent.db import Database
+from medagent.fhir import FHIRError, bad_request, not_found
+
+log = Logger()
+
+#: Resource types this relay keeps.
+RESOURCE_TYPES = frozenset(
+    [
+        "Agent",
+        "Device",
+        "Endpoint",
+        "Bot",
+        "Subscription",
+        "ClientApplication",
+        "ServiceRequest",
+        "Patient",
+        "Practitioner",
+        "Specimen",
+        "Organization",
+        "Observation",
+        "DiagnosticReport",
+        "Binary",
+        "AuditEvent",
+        "ImagingStudy",
+        "Task",
+    ]
+)
+
+#: Search parameters we index, and where their values come from.
+SEARCH_PARAMS = ("_id", "identifier", "name", "url", "status", "address", "subject", "code")
+
+MAX_RESOURCE_BYTES = 16 * 1024 * 1024
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    content TEXT NOT NULL,
+    PRIMARY KEY (type, id)
+);
+CREATE TABLE IF NOT EXISTS search_index (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    param TEXT NOT NULL,
+    system TEXT,
+    value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS search_by_value ON search_index (type, param, value);
+CREATE INDEX IF NOT EXISTS search_by_id ON search_index (type, id);
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def index_values(resource: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+    """
+    The (param, system, value) rows a resource is found by.  Strings are lower-cased for
+    ``name``; tokens keep their case, as FHIR says.
+    """
+    rows: list[tuple[str, str | None, str]] = []
+    for ident in _as_list(resource.get("identifier")):
+        if isinstance(ident, Mapping) and isinstance(ident.get("value"), str):
+            rows.append(("identifier", ident.get("system"), ident["value"]))
+    for name in _names(resource.get("name")):
+        rows.append(("name", None, name.lower()))
+    for key in ("url", "status", "address"):
+        if isinstance(resource.get(key), str):
+            rows.append((key, None, resource[key]))
+    subject = resource.get("subject")
+    if isinstance(subject, Mapping) and isinstance(subject.get("reference"), str):
+        rows.append(("subject", None, subject["reference"]))
+    code = resource.get("code")
+    if isinstance(code, Mapping):
+        for coding in _as_list(code.get("coding")):
+            if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
+                rows.append(("code", coding.get("system"), coding["code"]))
+    return rows
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _names(value: Any) -> Iterable[str]:
+    for item in _as_list(value):
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            if isinstance(item.get("text"), str):
+                yield item["text"]
+            if isinstance(item.get("family"), str):
+                yield item["family"]
+            for given in _as_list(item.get("given")):
+                if isinstance(given, str):
+                    yield given
+            if isinstance(item.get("name"), str):  # Device.deviceName[].name
+                yield item["name"]
+    return
+
+
+def check_resource(resource: Any, resource_type: str) -> None:
+    if not isinstance(resource, dict):
+        raise bad_request("Resource must be a JSON object")
+    if resource.get("resourceType") != resource_type:
+        raise bad_request(
+            f"resourceType {resource.get('resourceType')!r} does not match {resource_type}"
+        )
+    if resource_type not in RESOURCE_TYPES:
+        raise not_found(f"Unsupported resource type {resource_type}")
+
+
+class ResourceStore(Protocol):
+    """What the relay needs from a resource store; every call returns a Deferred."""
+
+    def create(self, resource: dict[str, Any]) -> Deferred[dict[str, Any]]: ...
+
+    def read(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]: ...
+
+    def update(
+        self, resource: dict[str, Any], if_match: str | None = None
+    ) -> Deferred[dict[str, Any]]: ...
+
+    def delete(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]: ...
+
+    def search(
+        self, resource_type: str, params: Mapping[str, list[str]]
+    ) -> Deferred[list[dict[str, Any]]]: ...
+
+
+class SQLiteStore:
+    """The embedded resource store."""
+
+    def __init__(self, db: Database, *, cache_size: int = 4096) -> None:
+        self._db = db
+        self._cache: OrderedDict[tuple[str, str], dict[str, Any] | None] = OrderedDict()
+        self._cache_size = cache_size
+
+    @staticmethod
+    def schema() -> str:
+        return SCHEMA
+
+    # -- cache -----------------------------------------------------------------------
+
+    def _remember(self, key: tuple[str, str], resource: dict[str, Any] | None) -> None:
+        self._cache[key] = resource
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    # -- writes ----------------------------------------------------------------------
+
+    def create(self, resource: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        resource_type = resource.get("resourceType")
+        check_resource(resource, str(resource_type))
+        resource = dict(resource)
+        resource["id"] = resource.get("id") or str(uuid.uuid4())
+        return self._write(resource, expect_new=True)
+
+    def update(
+        self, resource: dict[str, Any], if_match: str | None = None
+    ) -> Deferred[dict[str, Any]]:
+        check_resource(resource, str(resource.get("resourceType")))
+        if not isinstance(resource.get("id"), str) or not resource["id"]:
+            raise bad_request("Resource id is required for update")
+        return self._write(dict(resource), if_match=if_match)
+
+    def _write(
+        self, resource: dict[str, Any], *, expect_new: bool = False, if_match: str | None = None
+    ) -> Deferred[dict[str, Any]]:
+        text = json.dumps(resource, separators=(",", ":"))
+        if len(text) > MAX_RESOURCE_BYTES:
+            raise FHIRError(413, "Resource too large", "too-costly")
+
+        def txn(conn: Any) -> dict[str, Any]:
+            row = conn.execute(
+                "SELECT version, deleted FROM resources WHERE type=? AND id=?",
+                (resource["resourceType"], resource["id"]),
+            ).fetchone()
+            if row is not None and expect_new and not row["deleted"]:
+                raise FHIRError(409, f"{resource['resourceType']}/{resource['id']} exists",
+                                "duplicate")
+            version = (row["version"] + 1) if row is not None else 1
+            if if_match is not None:
+                wanted = if_match.strip().removeprefix("W/").strip('"')
+                if row is None or str(row["version"]) != wanted:
+                    raise FHIRError(412, "Version mismatch (If-Match)", "conflict")
+            meta = dict(resource.get("meta") or {})
+            meta["versionId"] = str(version)
+            meta["lastUpdated"] = now_iso()
+            resource["meta"] = meta
+            content = json.dumps(resource, separators=(",", ":"))
+            conn.execute(
+                "INSERT OR REPLACE INTO resources (type, id, version, last_updated, deleted,"
+                " content) VALUES (?, ?, ?, ?, 0, ?)",
+                (resource["resourceType"], resource["id"], version, meta["lastUpdated"], content),
+            )
+            conn.execute(
+                "DELETE FROM search_index WHERE type=? AND id=?",
+                (resource["resourceType"], resource["id"]),
+            )
+            conn.executemany(
+                "INSERT INTO search_index (type, id, param, system, value) VALUES (?,?,?,?,?)",
+                [
+                    (resource["resourceType"], resource["id"], p, s, v)
+                    for (p, s, v) in index_values(resource)
+                ],
+            )
+            return resource
+
+        d = self._db.run(txn)
+
+        def remember(stored: dict[str, Any]) -> dict[str, Any]:
+            self._remember((stored["resourceType"], stored["id"]), stored)
+            return stored
+
+        return d.addCallback(remember)
+
+    def delete(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]:
+        def txn(conn: Any) -> dict[str, Any]:
+            row = conn.execute(
+                "SELECT content FROM resources WHERE type=? AND id=? AND deleted=0",
+                (resource_type, id),
+            ).fetchone()
+            if row is None:
+                raise not_found(f"{resource_type}/{id} not found")
+            conn.execute(
+                "UPDATE resources SET deleted=1, version=version+1 WHERE type=? AND id=?",
+                (resource_type, id),
+            )
+            conn.execute("DELETE FROM search_index WHERE type=? AND id=?", (resource_type, id))
+            return json.loads(row["content"])
+
+        d = self._db.run(txn)
+
+        def forget(resource: dict[str, Any]) -> dict[str, Any]:
+            self._remember((resource_type, id), None)
+            return resource
+
+        return d.addCallback(forget)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def read(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]:
+        key = (resource_type, id)
+        if key in self._cache:
+            cached = self._cache[key]
+            self._cache.move_to_end(key)
+            if cached is None:
+                return _failed(not_found(f"{resource_type}/{id} not found"))
+            return succeed(cached)
+
+        def txn(conn: Any) -> dict[str, Any] | None:
+            row = conn.execute(
+                "SELECT content FROM resources WHERE type=? AND id=? AND deleted=0",
+                (resource_type, id),
+            ).fetchone()
+            return json.loads(row["content"]) if row is not None else None
+
+        def found(resource: dict[str, Any] | None) -> dict[str, Any]:
+            self._remember(key, resource)
+            if resource is None:
+                raise not_found(f"{resource_type}/{id} not found")
+            return resource
+
+        return self._db.run(txn).addCallback(found)
+
+    def search(
+        self, resource_type: str, params: Mapping[str, list[str]]
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        AND across parameters, OR across comma-separated values.  ``identifier`` takes
+        ``system|value``, ``|value`` or ``value``; ``name`` matches a prefix, any case.
+        """
+        clauses: list[str] = []
+        args: list[Any] = [resource_type]
+        count = 100
+        offset = 0
+        for raw_name, values in params.items():
+            name, _, modifier = raw_name.partition(":")
+            if name == "_count":
+                count = _int_param(name, values[-1], 0, 1000)
+                continue
+            if name == "_offset":
+                offset = _int_param(name, values[-1], 0, 10**9)
+                continue
+            if name.startswith("_") and name != "_id":
+                continue  # _sort, _total, _format...: accepted, ignored
+            if name not in SEARCH_PARAMS:
+                raise bad_request(f"Unsupported search parameter {name!r} for {resource_type}")
+            for value in values:
+                alternatives = value.split(",")
+                ors = []
+                for alt in alternatives:
+                    sql, sql_args = _clause(name, modifier, alt)
+                    ors.append(sql)
+                    args.extend(sql_args)
+                clauses.append("(" + " OR ".join(ors) + ")")
+        where = " AND ".join(clauses) if clauses else "1=1"
+        query = (
+            "SELECT content FROM resources r WHERE r.type=? AND r.deleted=0 AND "
+            + where
+            + " ORDER BY r.last_updated, r.id LIMIT ? OFFSET ?"
+        )
+        args.extend([count, offset])
+
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            return [json.loads(row["content"]) for row in conn.execute(query, args)]
+
+        return self._db.run(txn)
+
+
+def _int_param(name: str, value: str, low: int, high: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise bad_request(f"{name} must be an integer")
+    if not low <= n <= high:
+        raise bad_request(f"{name} must be between {low} and {high}")
+    return n
+
+
+def _clause(name: str, modifier: str, value: str) -> tuple[str, list[Any]]:
+    if name == "_id":
+        return "r.id = ?", [value]
+    base = (
+        "EXISTS (SELECT 1 FROM search_index s WHERE s.type=r.type AND s.id=r.id AND s.param=?"
+    )
+    if name == "identifier" or name == "code":
+        if "|" in value:
+            system, _, token = value.partition("|")
+            if system:
+                return base + " AND s.system=? AND s.value=?)", [name, system, token]
+            return base + " AND s.system IS NULL AND s.value=?)", [name, token]
+        return base + " AND s.value=?)", [name, value]
+    if name == "name":
+        if modifier == "exact":
+            return base + " AND s.value=?)", [name, value.lower()]
+        escaped = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        if modifier == "contains":
+            return base + " AND s.value LIKE ? ESCAPE '\\')", [name, f"%{escaped}%"]
+        return base + " AND s.value LIKE ? ESCAPE '\\')", [name, f"{escaped}%"]
+    return base + " AND s.value=?)", [name, value]
+
+
+def _failed(exc: Exception) -> Deferred[Any]:
+    from twisted.internet.defer import fail
+
+    return fail(exc)
+
+
+@inlineCallbacks
+def search_one(store: ResourceStore, resource_type: str, params: Mapping[str, list[str]]):
+    """The single match of a search; 404 when none, 400 when several."""
+    found = yield store.search(resource_type, {**params, "_count": ["2"]})
+    if not found:
+        raise not_found(f"No {resource_type} matches the search")
+    if len(found) > 1:
+        raise bad_request(f"Search matches more than one {resource_type}")
+    return found[0]

@@ -1,0 +1,564 @@
+"""
+The relay's HTTP API on twisted.web: OAuth2 token endpoint, FHIR REST for the resources we
+keep, the Agent operations (``$push``, ``$status``...), push status, and the ``/ws/agent``
+websocket under the same L{Site}.
+
+Handlers are coroutines that return a L{Response} or raise L{FHIRError}; one place turns both
+into bytes on the wire, so every error is an C{OperationOutcome}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Awaitable, Callable, Mapping
+from urllib.parse import parse_qs, unquote
+
+import attr
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from medagent import wire
+from medagent.fhir import (
+    FHIR_JSON,
+    FHIRError,
+    bad_request,
+    forbidden,
+    not_found,
+    operation_outcome,
+)
+from medagent.relay import journal as j
+from medagent.relay.auth import ADMIN, AGENT, PUSHER, Authority, Principal
+from medagent.relay.hub import Hub
+from medagent.relay.journal import Journal, Push
+from medagent.relay.push import PushResult, PushService
+from medagent.relay.store import RESOURCE_TYPES
+
+log = Logger()
+
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
+
+
+@attr.s(auto_attribs=True)
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = FHIR_JSON
+    headers: dict[str, str] = attr.ib(factory=dict)
+
+
+def json_response(obj: Any, status: int = 200, **headers: str) -> Response:
+    return Response(status, json.dumps(obj, separators=(",", ":")).encode(), FHIR_JSON,
+                    dict(headers))
+
+
+class LimitedRequest(Request):
+    """A request that stops buffering a body larger than the site's limit (answered 413)."""
+
+    too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+        if length is not None and length > limit:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+        if self.content.tell() + len(data) > limit:
+            self.too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class RelaySite(Site):
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY, **kw: Any):
+        super().__init__(resource, **kw)
+        self.max_body = max_body
+
+    def log(self, request: Request) -> None:
+        # Access log without query strings (they may carry identifiers); debug level.
+        log.debug(
+            "{method} {path} {code}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            code=request.code,
+        )
+
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+class Api(Resource):
+    """Every HTTP route except the websocket."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        authority: Authority,
+        store: Any,
+        journal: Journal,
+        hub: Hub,
+        pushes: PushService,
+        *,
+        base_url: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.authority = authority
+        self.store = store
+        self.journal = journal
+        self.hub = hub
+        self.pushes = pushes
+        self.base_url = base_url
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def render(self, request: Request) -> Any:
+        d = ensureDeferred(self._handle(request))
+        finished = [False]
+
+        def client_gone(_: Any) -> None:
+            if not finished[0]:
+                d.cancel()
+
+        request.notifyFinish().addErrback(client_gone)
+
+        def write(response: Response) -> None:
+            finished[0] = True
+            if request._disconnected:  # type: ignore[attr-defined]
+                return
+            request.setResponseCode(response.status)
+            request.setHeader(b"Content-Type", response.content_type.encode())
+            for k, v in response.headers.items():
+                request.setHeader(k.encode(), v.encode())
+            request.setHeader(b"Content-Length", str(len(response.body)).encode())
+            request.write(response.body)
+            request.finish()
+
+        d.addCallback(write)
+        d.addErrback(lambda f: None if f.check(Exception) is None else log.failure(
+            "Writing response failed", f))
+        return NOT_DONE_YET
+
+    async def _handle(self, request: Request) -> Response:
+        try:
+            if getattr(request, "too_large", False):
+                limit = getattr(request.channel.site, "max_body", DEFAULT_MAX_BODY)
+                raise FHIRError(413, f"Request body too large (limit {limit} bytes)", "too-costly")
+            return await self._route(request)
+        except FHIRError as e:
+            return json_response(e.outcome(), e.status, **e.headers)
+        except Exception:
+            log.failure("Unhandled error for {method} {path}",
+                        method=request.method.decode("ascii", "replace"),
+                        path=request.path.decode("ascii", "replace"))
+            return json_response(
+                operation_outcome("Internal server error", code="exception", severity="error"),
+                500,
+            )
+
+    def _principal(self, request: Request) -> Principal:
+        header = request.getHeader(b"authorization")
+        return self.authority.authenticate(header.decode("latin-1") if header else None)
+
+    @staticmethod
+    def _json_body(request: Request) -> Any:
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0]
+        ctype = ctype.strip().lower()
+        if ctype not in JSON_TYPES:
+            raise FHIRError(
+                415,
+                f"Content-Type must be application/fhir+json or application/json, not "
+                f"{ctype or 'missing'}",
+                "invalid",
+            )
+        raw = request.content.read()
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise bad_request(f"Invalid JSON body: {e}")
+
+    def _base(self, request: Request) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        scheme = "https" if request.isSecure() else "http"
+        return f"{scheme}://{host}"
+
+    def _status_url(self, request: Request, push: Push) -> str:
+        return f"{self._base(request)}/fhir/R4/AgentPush/{push.id}"
+
+    # -- routing -------------------------------------------------------------------------
+
+    async def _route(self, request: Request) -> Response:
+        segments = [s for s in request.prepath + request.postpath if s]
+        segments = [unquote(s.decode("utf-8", "replace")) for s in segments]
+        method = request.method.decode("ascii")
+        query = {
+            k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
+            for k, vs in request.args.items()
+        }
+        if segments == ["healthz"]:
+            return json_response({"status": "ok", "agentsConnected": len(self.hub.sessions)})
+        if segments == ["oauth2", "token"] and method == "POST":
+            return await self._token(request)
+        if segments == ["auth", "me"] and method == "GET":
+            return self._me(request)
+        if segments[:2] == ["fhir", "R4"]:
+            rest = segments[2:]
+        elif segments[:1] == ["Agent"]:
+            rest = segments  # short form: /Agent/{id}/$push
+        else:
+            raise not_found(f"No route for {'/'.join(segments) or '/'}")
+        if not rest:
+            raise not_found("No resource type given")
+        principal = self._principal(request)
+        resource_type = rest[0]
+        if resource_type == "Agent" and len(rest) >= 2 and rest[-1].startswith("$"):
+            return await self._agent_operation(request, principal, method, rest, query)
+        if resource_type == "AgentPush":
+            return await self._push_status(request, principal, method, rest, query)
+        if resource_type not in RESOURCE_TYPES:
+            raise not_found(f"Unsupported resource type {resource_type}")
+        return await self._rest(request, principal, method, rest, query)
+
+    # -- oauth2 ---------------------------------------------------------------------------
+
+    async def _token(self, request: Request) -> Response:
+        import base64
+
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").lower()
+        raw = request.content.read().decode("utf-8", "replace")
+        if "json" in ctype:
+            try:
+                form = {k: str(v) for k, v in json.loads(raw).items()}
+            except (ValueError, AttributeError):
+                raise bad_request("Invalid JSON body")
+        else:
+            form = {k: v[-1] for k, v in parse_qs(raw).items()}
+        client_id, client_secret = form.get("client_id"), form.get("client_secret")
+        auth = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        if auth.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                client_id, client_secret = client_id or user, client_secret or password
+            except ValueError:
+                raise bad_request("Invalid Basic authorization header")
+        if form.get("grant_type") != "client_credentials":
+            return json_response({"error": "unsupported_grant_type",
+                                  "error_description": "Only client_credentials is supported"},
+                                 400)
+        if not client_id or not client_secret:
+            return json_response({"error": "invalid_request",
+                                  "error_description": "client_id and client_secret are required"},
+                                 400)
+        try:
+            token = await self.authority.issue_token(client_id, client_secret)
+        except FHIRError:
+            return json_response({"error": "invalid_client",
+                                  "error_description": "Invalid client credentials"}, 401)
+        resp = json_response(token)
+        resp.content_type = "application/json"
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    def _me(self, request: Request) -> Response:
+        principal = self._principal(request)
+        profile = {"resourceType": "ClientApplication", "id": principal.client_id}
+        return json_response(
+            {
+                "profile": profile,
+                "project": {"resourceType": "Project", "id": "medagent"},
+                "membership": {
+                    "resourceType": "ProjectMembership",
+                    "id": principal.client_id,
+                    "profile": {"reference": f"ClientApplication/{principal.client_id}"},
+                },
+            }
+        )
+
+    # -- FHIR REST ------------------------------------------------------------------------
+
+    def _check_read(self, principal: Principal, resource_type: str, id: str | None) -> None:
+        if principal.role == ADMIN:
+            return
+        if resource_type in ("Agent", "Device", "Endpoint"):
+            if principal.role == AGENT and resource_type == "Agent" and id is not None:
+                if not principal.can_act_as(id):
+                    raise forbidden(f"This client may not read Agent/{id}")
+            return
+        if principal.role == PUSHER and resource_type in ("ServiceRequest", "Patient"):
+            return
+        raise forbidden(f"This client may not read {resource_type}")
+
+    async def _rest(
+        self,
+        request: Request,
+        principal: Principal,
+        method: str,
+        rest: list[str],
+        query: Mapping[str, list[str]],
+    ) -> Response:
+        resource_type = rest[0]
+        if len(rest) == 1 and method == "GET":
+            self._check_read(principal, resource_type, None)
+            found = await self.store.search(resource_type, query)
+            if principal.role == AGENT and resource_type == "Agent":
+                found = [a for a in found if principal.can_act_as(a["id"])]
+            return json_response(self._bundle(request, found))
+        if len(rest) == 1 and method == "POST":
+            principal.require_admin()
+            resource = self._json_body(request)
+            if isinstance(resource, dict):
+                resource.pop("id", None)
+            self._check_type(resource, resource_type)
+            created = await self.store.create(resource)
+            return json_response(
+                created, 201,
+                Location=f"{self._base(request)}/fhir/R4/{resource_type}/{created['id']}"
+                f"/_history/{created['meta']['versionId']}",
+                ETag=f'W/"{created["meta"]["versionId"]}"',
+            )
+        if len(rest) == 2:
+            id = rest[1]
+            if method == "GET":
+                self._check_read(principal, resource_type, id)
+                resource = await self.store.read(resource_type, id)
+                return json_response(resource, ETag=f'W/"{resource["meta"]["versionId"]}"')
+            if method == "PUT":
+                principal.require_admin()
+                resource = self._json_body(request)
+                self._check_type(resource, resource_type)
+                if resource.get("id") not in (None, id):
+                    raise bad_request("Resource id does not match the URL")
+                resource["id"] = id
+                if_match = request.getHeader(b"if-match")
+                try:
+                    await self.store.read(resource_type, id)
+                    existed = True
+                except FHIRError:
+                    existed = False
+                updated = await self.store.update(
+                    resource, if_match.decode("latin-1") if if_match else None
+                )
+                return json_response(updated, 200 if existed else 201,
+                                     ETag=f'W/"{updated["meta"]["versionId"]}"')
+            if method == "DELETE":
+                principal.require_admin()
+                await self.store.delete(resource_type, id)
+                return json_response(operation_outcome("Deleted", id="ok"))
+        raise FHIRError(405, f"{method} not supported on {'/'.join(rest)}", "not-supported")
+
+    @staticmethod
+    def _check_type(resource: Any, resource_type: str) -> None:
+        if not isinstance(resource, dict):
+            raise bad_request("Resource must be a JSON object")
+        if resource.get("resourceType") != resource_type:
+            raise bad_request(
+                f"resourceType {resource.get('resourceType')!r} does not match {resource_type}"
+            )
+
+    def _bundle(self, request: Request, resources: list[dict[str, Any]]) -> dict[str, Any]:
+        base = self._base(request)
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(resources),
+            "entry": [
+                {"fullUrl": f"{base}/fhir/R4/{r['resourceType']}/{r['id']}", "resource": r}
+                for r in resources
+            ],
+        }
+
+    # -- Agent operations -----------------------------------------------------------------
+
+    async def _agent_operation(
+        self,
+        request: Request,
+        principal: Principal,
+        method: str,
+        rest: list[str],
+        query: Mapping[str, list[str]],
+    ) -> Response:
+        op = rest[-1]
+        agent_id = rest[1] if len(rest) == 3 else None
+        if len(rest) not in (2, 3):
+            raise not_found("No such Agent operation path")
+        identifier = (query.get("identifier") or [None])[-1]
+        if op == "$push":
+            if method != "POST":
+                raise FHIRError(405, "$push needs POST", "not-supported")
+            payload = self._json_body(request)
+            key = request.getHeader(b"idempotency-key")
+            result = await self.pushes.push(
+                principal,
+                (agent_id, identifier),
+                payload,
+                key.decode("utf-8", "replace") if key else None,
+            )
+            return self._push_response(request, result)
+        if op == "$bulk-status":
+            agents = await self.store.search("Agent", {k: v for k, v in query.items()})
+            entries = []
+            for agent in agents:
+                if not (principal.can_push(agent["id"]) or principal.can_act_as(agent["id"])):
+                    continue
+                entries.append({"resource": {"resourceType": "Parameters", "parameter": [
+                    {"name": "agent", "resource": agent},
+                    {"name": "result", "resource": self._status_parameters(agent["id"])},
+                ]}})
+            return json_response({"resourceType": "Bundle", "type": "collection",
+                                  "entry": entries})
+        agent = await self.pushes.resolve_agent(agent_id, identifier)
+        agent_id = agent["id"]
+        if not (principal.can_push(agent_id) or principal.can_act_as(agent_id)):
+            raise forbidden(f"This client may not use Agent/{agent_id}")
+        if op == "$status":
+            return json_response(self._status_parameters(agent_id))
+        if op == "$reload-config":
+            answer = await self.hub.request(agent_id, {"type": wire.RELOADCONFIG_REQUEST})
+            self._raise_agent_error(answer)
+            return json_response(operation_outcome("All OK", id="ok"))
+        if op == "$fetch-logs":
+            limit = (query.get("limit") or ["20"])[-1]
+            try:
+                n = int(limit)
+            except ValueError:
+                raise bad_request("limit must be an integer")
+            if not 1 <= n <= 1000:
+                raise bad_request("limit must be between 1 and 1000")
+            answer = await self.hub.request(agent_id, {"type": wire.LOGS_REQUEST, "limit": n})
+            self._raise_agent_error(answer)
+            logs = answer.get("logs") or []
+            return json_response({"resourceType": "Parameters", "parameter": [
+                {"name": "logs", "valueString": "\n".join(json.dumps(l) for l in logs)}]})
+        if op == "$stats":
+            relay_side = await self.journal.counts(agent_id)
+            stats: dict[str, Any] = {"relay": relay_side}
+            if self.hub.is_connected(agent_id):
+                answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST})
+                if answer.get("type") == wire.STATS_RESPONSE:
+                    stats["agent"] = answer.get("stats")
+            return json_response({"resourceType": "Parameters", "parameter": [
+                {"name": "stats", "valueString": json.dumps(stats)}]})
+        raise not_found(f"Unknown Agent operation {op}")
+
+    @staticmethod
+    def _raise_agent_error(answer: Mapping[str, Any]) -> None:
+        if answer.get("type") == wire.ERROR or (answer.get("statusCode") or 200) >= 400:
+            raise bad_request(str(answer.get("body") or "Agent reported an error"))
+
+    def _status_parameters(self, agent_id: str) -> dict[str, Any]:
+        status = self.hub.status(agent_id)
+        last = status.get("lastUpdated")
+        params = [
+            {"name": "status", "valueCode": status["status"]},
+            {"name": "version", "valueString": status["version"]},
+        ]
+        if last:
+            params.append({"name": "lastUpdated", "valueInstant": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))})
+        return {"resourceType": "Parameters", "parameter": params}
+
+    def _push_response(self, request: Request, result: PushResult) -> Response:
+        push = result.push
+        location = self._status_url(request, push)
+        headers = {"Content-Location": location, "X-Medagent-Push-Id": push.id}
+        if result.duplicate:
+            headers["X-Medagent-Duplicate"] = "true"
+        if not result.waited:
+            outcome = operation_outcome(
+                f"Push {push.id} accepted ({push.state})" + (
+                    "; repeat of an earlier push, not sent again" if result.duplicate else ""),
+                id="accepted",
+                diagnostics=location,
+            )
+            return json_response(outcome, 202, **headers)
+        if result.timed_out:
+            outcome = operation_outcome(
+                f"No answer from the device within the wait timeout; push {push.id} is "
+                f"{push.state}. Its outcome will be at {location}",
+                code="timeout",
+                severity="error",
+                diagnostics=location,
+            )
+            return json_response(outcome, 504, **headers)
+        if push.reply_status is not None and push.reply_status < 400 and push.reply_body is not None:
+            return Response(push.reply_status, push.reply_body.encode("utf-8"),
+                            push.reply_content_type or "text/plain", headers)
+        status = push.reply_status if push.reply_status and push.reply_status >= 400 else 502
+        text = push.last_error or push.reply_body or f"Push {push.state}"
+        code = {504: "timeout", 400: "invalid"}.get(status, "transient")
+        return json_response(
+            operation_outcome(text, code=code, severity="error", diagnostics=location),
+            status, **headers,
+        )
+
+    # -- push status ----------------------------------------------------------------------
+
+    async def _push_status(
+        self,
+        request: Request,
+        principal: Principal,
+        method: str,
+        rest: list[str],
+        query: Mapping[str, list[str]],
+    ) -> Response:
+        if len(rest) == 1 and method == "GET":
+            params = {k: v[-1] for k, v in query.items()}
+            agent = params.get("agent", "").removeprefix("Agent/")
+            if agent:
+                params["agent"] = agent
+                if not principal.can_push(agent):
+                    raise forbidden(f"This client may not read pushes of Agent/{agent}")
+            else:
+                principal.require_admin()
+            if params.get("state") and params["state"] not in j.STATES:
+                raise bad_request(f"state must be one of {', '.join(j.STATES)}")
+            limit = int(params.get("_count", "100")) if params.get("_count", "100").isdigit() else 100
+            found = await self.journal.search(params, limit=min(limit, 1000))
+            return json_response({
+                "resourceType": "Bundle", "type": "searchset", "total": len(found),
+                "entry": [{"resource": p.to_json()} for p in found],
+            })
+        if len(rest) >= 2:
+            push = await self.journal.get(rest[1])
+            if not principal.can_push(push.agent_id):
+                raise forbidden("This client may not read this push")
+            if len(rest) == 2 and method == "GET":
+                return json_response(self.hub.live_push(push).to_json())
+            if len(rest) == 3 and method == "POST" and rest[2] == "$retry":
+                push = await self.pushes.retry(principal, push.id)
+                return json_response(push.to_json())
+            if len(rest) == 3 and method == "POST" and rest[2] == "$cancel":
+                push = await self.pushes.cancel(principal, push.id)
+                return json_response(push.to_json())
+        raise FHIRError(405, f"{method} not supported on {'/'.join(rest)}", "not-supported")
+
+
+class Root(Resource):
+    """``/ws/agent`` is the websocket; everything else goes to the L{Api}."""
+
+    def __init__(self, api: Api, websocket: Resource) -> None:
+        super().__init__()
+        self.api = api
+        ws = Resource()
+        ws.putChild(b"agent", websocket)
+        self.putChild(b"ws", ws)
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        request.postpath.insert(0, path)
+        request.prepath.pop()
+        return self.api

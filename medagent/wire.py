@@ -1,0 +1,164 @@
+"""
+Agent <-> relay websocket messages: Medplum's message set, parsed and checked, no I/O.
+
+One JSON object per text frame. Field names follow ``@medplum/core``'s ``agent.ts`` so a real
+Medplum agent or server understands us. Our extensions (``capabilities``, ``pushId``,
+``delivery``, ``agent:accepted``...) ride on the same envelope and are used only when the
+peer announced the matching capability; unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+#: Medplum's version string we answer heartbeats with.
+PROTOCOL_VERSION = "medagent-0.1.0"
+
+CONNECT_REQUEST = "agent:connect:request"
+CONNECT_RESPONSE = "agent:connect:response"
+HEARTBEAT_REQUEST = "agent:heartbeat:request"
+HEARTBEAT_RESPONSE = "agent:heartbeat:response"
+TRANSMIT_REQUEST = "agent:transmit:request"
+TRANSMIT_RESPONSE = "agent:transmit:response"
+RELOADCONFIG_REQUEST = "agent:reloadconfig:request"
+RELOADCONFIG_RESPONSE = "agent:reloadconfig:response"
+LOGS_REQUEST = "agent:logs:request"
+LOGS_RESPONSE = "agent:logs:response"
+STATS_REQUEST = "agent:stats:request"
+STATS_RESPONSE = "agent:stats:response"
+UPGRADE_REQUEST = "agent:upgrade:request"
+UPGRADE_RESPONSE = "agent:upgrade:response"
+ERROR = "agent:error"
+
+#: Deprecated names that Medplum still accepts, mapped to the current ones.
+ALIASES = {
+    "connect": CONNECT_REQUEST,
+    "connected": CONNECT_RESPONSE,
+    "transmit": TRANSMIT_REQUEST,
+    "push": TRANSMIT_REQUEST,
+}
+
+#: Required string fields per message type (beyond ``type``).
+_REQUIRED: Mapping[str, tuple[str, ...]] = {
+    CONNECT_REQUEST: ("accessToken", "agentId"),
+    TRANSMIT_REQUEST: ("remote", "contentType", "body"),
+    TRANSMIT_RESPONSE: ("remote", "body"),
+    ERROR: ("body",),
+}
+
+KNOWN_TYPES = frozenset(
+    [
+        CONNECT_REQUEST,
+        CONNECT_RESPONSE,
+        HEARTBEAT_REQUEST,
+        HEARTBEAT_RESPONSE,
+        TRANSMIT_REQUEST,
+        TRANSMIT_RESPONSE,
+        RELOADCONFIG_REQUEST,
+        RELOADCONFIG_RESPONSE,
+        LOGS_REQUEST,
+        LOGS_RESPONSE,
+        STATS_REQUEST,
+        STATS_RESPONSE,
+        UPGRADE_REQUEST,
+        UPGRADE_RESPONSE,
+        ERROR,
+    ]
+)
+
+#: Capabilities an agent may announce in ``agent:connect:request``.
+CAP_DURABLE = "durable"
+
+#: Default largest frame either side accepts (bytes).  Medplum's server uses 1 MiB; DICOM
+#: instances travel base64 encoded, so we default higher and make it configurable.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
+class WireError(ValueError):
+    """
+    A frame that is not a valid message.  ``callback`` is kept when it could be read, so the
+    ``agent:error`` answer can still be correlated.
+    """
+
+    def __init__(self, reason: str, callback: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.callback = callback
+
+
+def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[str, Any]:
+    """
+    Parse one frame into a message dict with a known ``type`` and its required fields.
+
+    Raises L{WireError} for anything else; the caller answers ``agent:error`` and keeps the
+    connection.
+    """
+    if len(data) > max_size:
+        raise WireError(f"Message too large ({len(data)} bytes, limit {max_size})")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("Message is not valid UTF-8")
+    try:
+        msg = json.loads(data)
+    except ValueError as e:
+        raise WireError(f"Message is not JSON: {e.msg}")
+    if not isinstance(msg, dict):
+        raise WireError("Message is not a JSON object")
+    callback = msg.get("callback")
+    if callback is not None and not isinstance(callback, str):
+        raise WireError("callback must be a string")
+    kind = msg.get("type")
+    if not isinstance(kind, str):
+        raise WireError("Missing message type", callback)
+    kind = ALIASES.get(kind, kind)
+    if kind not in KNOWN_TYPES:
+        raise WireError(f"Unknown message type: {kind}", callback)
+    msg["type"] = kind
+    for field in _REQUIRED.get(kind, ()):
+        value = msg.get(field)
+        if not isinstance(value, str) or (field != "body" and not value):
+            raise WireError(f"Missing {field}", callback)
+    status = msg.get("statusCode")
+    if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
+        raise WireError("statusCode must be an integer", callback)
+    return msg
+
+
+def encode(msg: Mapping[str, Any]) -> bytes:
+    """Serialize a message for one text frame (UTF-8, compact, ``None`` fields dropped)."""
+    return json.dumps(
+        {k: v for k, v in msg.items() if v is not None}, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+def error(body: str, callback: str | None = None) -> dict[str, Any]:
+    return {"type": ERROR, "body": body, "callback": callback}
+
+
+def heartbeat_response() -> dict[str, Any]:
+    return {"type": HEARTBEAT_RESPONSE, "version": PROTOCOL_VERSION}
+
+
+def transmit_response(
+    request: Mapping[str, Any],
+    *,
+    status_code: int,
+    content_type: str,
+    body: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The answer to C{request} (an ``agent:transmit:request``), echoing its correlation."""
+    msg = {
+        "type": TRANSMIT_RESPONSE,
+        "channel": request.get("channel"),
+        "remote": request.get("remote"),
+        "callback": request.get("callback"),
+        "contentType": content_type,
+        "statusCode": status_code,
+        "body": body,
+    }
+    msg.update(extra)
+    return msg

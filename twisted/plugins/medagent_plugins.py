@@ -1,0 +1,94 @@
+"""
+``twistd medagent-relay`` and ``twistd medagent-agent``.
+
+The global reactor is imported here, in ``makeService``, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class RelayOptions(usage.Options):
+    optParameters = [
+        ["listen", "l", "tcp:8103:interface=127.0.0.1", "Endpoint string to listen on"],
+        ["data", "d", "./relay-data", "Data folder (SQLite database, token key)"],
+        ["base-url", None, None, "Public base URL (for status links); default: from Host"],
+        ["max-body", None, str(32 * 1024 * 1024), "Largest HTTP request body, bytes"],
+        ["max-message", None, str(64 * 1024 * 1024), "Largest websocket message, bytes"],
+        ["heartbeat-interval", None, "10", "Seconds between heartbeats to each agent"],
+        ["token-lifetime", None, "3600", "Access token lifetime, seconds"],
+        ["synchronous", None, "NORMAL", "SQLite synchronous: NORMAL (crash-safe) or FULL"],
+    ]
+
+
+class AgentOptions(usage.Options):
+    optParameters = [
+        ["relay", "r", None, "Relay base URL, e.g. https://relay.example.org"],
+        ["client-id", None, None, "OAuth2 client id of this agent"],
+        ["client-secret", None, None, "OAuth2 client secret of this agent"],
+        ["agent-id", None, None, "Agent resource id"],
+        ["config", "c", None, "Medplum-style agent.properties file"],
+        ["data", "d", None, "Data folder (queue, records)"],
+        ["heartbeat-interval", None, None, "Seconds between heartbeats"],
+    ]
+
+
+@implementer(IServiceMaker, IPlugin)
+class RelayServiceMaker:
+    tapname = "medagent-relay"
+    description = "medagent relay: HTTP API, agent websocket, store and push journal"
+    options = RelayOptions
+
+    def makeService(self, options: RelayOptions):
+        from twisted.internet import reactor
+
+        from medagent.relay.service import RelayService
+
+        return RelayService(
+            reactor,
+            data_dir=options["data"],
+            listen=options["listen"],
+            base_url=options["base-url"],
+            max_body=int(options["max-body"]),
+            max_message_size=int(options["max-message"]),
+            heartbeat_interval=float(options["heartbeat-interval"]),
+            token_lifetime=int(options["token-lifetime"]),
+            synchronous=options["synchronous"],
+        )
+
+
+@implementer(IServiceMaker, IPlugin)
+class AgentServiceMaker:
+    tapname = "medagent-agent"
+    description = "medagent agent: delivers pushed messages to devices on site"
+    options = AgentOptions
+
+    def makeService(self, options: AgentOptions):
+        from twisted.internet import reactor
+
+        from medagent.agent.config import ConfigError, load_config
+        from medagent.agent.service import AgentService
+
+        try:
+            config = load_config(
+                {
+                    "relay": options["relay"],
+                    "client_id": options["client-id"],
+                    "client_secret": options["client-secret"],
+                    "agent_id": options["agent-id"],
+                    "config": options["config"],
+                    "data_dir": options["data"],
+                    "heartbeat_interval": options["heartbeat-interval"],
+                }
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+        return AgentService(reactor, config)
+
+
+relay = RelayServiceMaker()
+agent = AgentServiceMaker()
