@@ -123,7 +123,7 @@ class Hub:
         self._status[agent_id] = {
             "status": "disconnected",
             "version": session.version or "unknown",
-            "lastUpdated": time.time(),
+            "lastUpdated": self.clock.seconds(),
         }
         log.info(
             "Agent/{agent_id} disconnected ({reason}); {n} push(es) unanswered",
@@ -149,7 +149,7 @@ class Hub:
         session = self.sessions.get(agent_id)
         if session is not None:
             return {"status": "connected", "version": session.version or "unknown",
-                    "lastUpdated": time.time()}
+                    "lastUpdated": self.clock.seconds()}
         return self._status.get(agent_id, {"status": "disconnected", "version": "unknown",
                                            "lastUpdated": None})
 
@@ -251,7 +251,7 @@ class Hub:
             )
             first = session.agent_id is None
             session.agent_id = agent_id
-            session.connected_at = time.time()
+            session.connected_at = self.clock.seconds()
             self.sessions[agent_id] = session
             session.conn.send_message(
                 {"type": wire.CONNECT_RESPONSE, "callback": callback}
@@ -298,7 +298,7 @@ class Hub:
     def _send(self, session: Session, push: Push) -> None:
         if push.id in session.in_flight:
             return
-        if push.expires_at is not None and push.expires_at <= time.time():
+        if push.expires_at is not None and push.expires_at <= self.clock.seconds():
             self._finish(push, j.EXPIRED, error="Expired before it could be sent")
             return
         msg: dict[str, Any] = {

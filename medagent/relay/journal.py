@@ -127,6 +127,11 @@ class Push:
         return doc
 
 
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
+
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
@@ -140,9 +145,9 @@ def _row_to_push(row: Any) -> Push:
 
 
 class Journal:
-    def __init__(self, db: Database, *, clock: Any = time) -> None:
+    def __init__(self, db: Database, *, clock: Any = None) -> None:
         self._db = db
-        self._clock = clock
+        self._clock = clock if clock is not None else _WallClock()
 
     @staticmethod
     def schema() -> str:
@@ -153,7 +158,7 @@ class Journal:
 
     def create(self, push: Push) -> Deferred[Push]:
         """Store a new push (group committed); fires once it is on disk."""
-        now = self._clock.time()
+        now = self._clock.seconds()
         push.created = push.updated = now
 
         def txn(conn: Any) -> Push:
@@ -183,7 +188,7 @@ class Journal:
         return self._db.run_batched(txn)
 
     def find_idempotent(self, agent_id: str, remote: str, key: str) -> Deferred[Push | None]:
-        since = self._clock.time() - IDEMPOTENCY_WINDOW
+        since = self._clock.seconds() - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push | None:
             row = conn.execute(
@@ -206,7 +211,7 @@ class Journal:
     ) -> Deferred[Push]:
         """Move C{push} to C{state} (in memory now, on disk with the next batch)."""
         push.state = state
-        push.updated = self._clock.time()
+        push.updated = self._clock.seconds()
         if count_attempt:
             push.attempts += 1
         if error is not None:
@@ -293,7 +298,7 @@ class Journal:
                 (agent_id,),
             ).fetchone()
             out["oldestOpenAgeSeconds"] = (
-                round(self._clock.time() - oldest["t"], 3) if oldest["t"] is not None else None
+                round(self._clock.seconds() - oldest["t"], 3) if oldest["t"] is not None else None
             )
             return out
 

@@ -297,42 +297,51 @@ class SQLiteStore:
         AND across parameters, OR across comma-separated values.  ``identifier`` takes
         ``system|value``, ``|value`` or ``value``; ``name`` matches a prefix, any case.
         """
-        clauses: list[str] = []
-        args: list[Any] = [resource_type]
-        count = 100
-        offset = 0
-        for raw_name, values in params.items():
-            name, _, modifier = raw_name.partition(":")
-            if name == "_count":
-                count = _int_param(name, values[-1], 0, 1000)
-                continue
-            if name == "_offset":
-                offset = _int_param(name, values[-1], 0, 10**9)
-                continue
-            if name.startswith("_") and name != "_id":
-                continue  # _sort, _total, _format...: accepted, ignored
-            if name not in SEARCH_PARAMS:
-                raise bad_request(f"Unsupported search parameter {name!r} for {resource_type}")
-            for value in values:
-                alternatives = value.split(",")
-                ors = []
-                for alt in alternatives:
-                    sql, sql_args = _clause(name, modifier, alt)
-                    ors.append(sql)
-                    args.extend(sql_args)
-                clauses.append("(" + " OR ".join(ors) + ")")
-        where = " AND ".join(clauses) if clauses else "1=1"
-        query = (
-            "SELECT content FROM resources r WHERE r.type=? AND r.deleted=0 AND "
-            + where
-            + " ORDER BY r.last_updated, r.id LIMIT ? OFFSET ?"
-        )
-        args.extend([count, offset])
+        try:
+            query, args = _search_sql(resource_type, params)
+        except FHIRError as e:
+            return _failed(e)
 
         def txn(conn: Any) -> list[dict[str, Any]]:
             return [json.loads(row["content"]) for row in conn.execute(query, args)]
 
         return self._db.run(txn)
+
+
+def _search_sql(resource_type: str, params: Mapping[str, list[str]]) -> tuple[str, list[Any]]:
+    """The SQL for a search: AND across parameters, OR across comma-separated values."""
+    clauses: list[str] = []
+    args: list[Any] = [resource_type]
+    count = 100
+    offset = 0
+    for raw_name, values in params.items():
+        name, _, modifier = raw_name.partition(":")
+        if name == "_count":
+            count = _int_param(name, values[-1], 0, 1000)
+            continue
+        if name == "_offset":
+            offset = _int_param(name, values[-1], 0, 10**9)
+            continue
+        if name.startswith("_") and name != "_id":
+            continue  # _sort, _total, _format...: accepted, ignored
+        if name not in SEARCH_PARAMS:
+            raise bad_request(f"Unsupported search parameter {name!r} for {resource_type}")
+        for value in values:
+            alternatives = value.split(",")
+            ors = []
+            for alt in alternatives:
+                sql, sql_args = _clause(name, modifier, alt)
+                ors.append(sql)
+                args.extend(sql_args)
+            clauses.append("(" + " OR ".join(ors) + ")")
+    where = " AND ".join(clauses) if clauses else "1=1"
+    query = (
+        "SELECT content FROM resources r WHERE r.type=? AND r.deleted=0 AND "
+        + where
+        + " ORDER BY r.last_updated, r.id LIMIT ? OFFSET ?"
+    )
+    args.extend([count, offset])
+    return query, args
 
 
 def _int_param(name: str, value: str, low: int, high: int) -> int:

@@ -1,0 +1,217 @@
+"""
+One DICOM instance as the agent moves it: SOP class, SOP instance, transfer syntax and the
+encoded data set - read from a Part 10 file or a DICOM JSON object with pydicom, converted
+between uncompressed transfer syntaxes with pydicom when the peer asks for another.
+
+Pure (no Twisted).  Parsing a big instance blocks: callers run it in their thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from io import BytesIO
+from typing import Any
+
+import attr
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_preamble
+from pydicom.uid import ExplicitVRLittleEndian, UID
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+from medagent.dicom import dimse
+from medagent.dicom.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+class InstanceError(ValueError):
+    """Input that is not a usable DICOM instance; the message says what is wrong."""
+
+
+def valid_uid(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+@attr.s(auto_attribs=True)
+class Instance:
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    data: bytes  # the data set, encoded in transfer_syntax (no file meta)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def offered_syntaxes(self) -> list[list[str]]:
+        """
+        The transfer syntax lists to propose, one presentation context each: the instance's
+        own first (sent as is), then Explicit/Implicit VR LE if we can convert to them
+        (only from an uncompressed syntax - we do not decompress pixel data).
+        """
+        own = [self.transfer_syntax]
+        if not dimse.is_native(self.transfer_syntax):
+            return [own]
+        others = [ts for ts in (dimse.ExplicitVRLittleEndian, dimse.ImplicitVRLittleEndian)
+                  if ts != self.transfer_syntax]
+        return [own, others]
+
+    def encoded_as(self, syntax: str) -> bytes:
+        """The data set in C{syntax}: as is, or re-encoded by pydicom (uncompressed only)."""
+        if UID(syntax) == UID(self.transfer_syntax):
+            return self.data
+        if not (dimse.is_native(syntax) and dimse.is_native(self.transfer_syntax)):
+            raise InstanceError(
+                f"cannot convert from transfer syntax {self.transfer_syntax} to {syntax}"
+            )
+        ds = dimse.decode_dataset(self.data, self.transfer_syntax)
+        return dimse.encode_dataset(ds, syntax)
+
+
+def _check_uids(sop_class: Any, sop_instance: Any) -> None:
+    if not valid_uid(sop_class):
+        raise InstanceError("the instance has no valid SOP Class UID (0008,0016)")
+    if not valid_uid(sop_instance):
+        raise InstanceError("the instance has no valid SOP Instance UID (0008,0018)")
+
+
+def decode_base64(body: str) -> bytes:
+    try:
+        return base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InstanceError("the body is not valid base64")
+
+
+def dataset_offset(raw: bytes) -> tuple[FileMetaDataset, int]:
+    """The file meta and where the data set starts in a Part 10 byte string."""
+    from pydicom.filereader import _read_file_meta_info  # no public API for a buffer
+
+    fp = BytesIO(raw)
+    try:
+        if read_preamble(fp, False) is None:
+            raise InstanceError("not a DICOM Part 10 file (no 'DICM' prefix)")
+        meta = _read_file_meta_info(fp)
+    except InstanceError:
+        raise
+    except Exception as e:
+        raise InstanceError(f"unreadable DICOM file meta information ({e.__class__.__name__})")
+    return meta, fp.tell()
+
+
+def from_part10(raw: bytes) -> Instance:
+    """Read a Part 10 file: the SOP UIDs from the data set, the data set bytes as they are."""
+    meta, offset = dataset_offset(raw)
+    syntax = meta.get("TransferSyntaxUID")
+    if not valid_uid(syntax):
+        raise InstanceError("the file meta has no Transfer Syntax UID (0002,0010)")
+    try:
+        ds = dcmread(BytesIO(raw), stop_before_pixels=True,
+                     specific_tags=[0x00080016, 0x00080018])
+        sop_class, sop_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
+    except Exception as e:
+        raise InstanceError(f"unreadable DICOM data set ({e.__class__.__name__})")
+    sop_class = str(sop_class) if sop_class is not None else meta.get(
+        "MediaStorageSOPClassUID")
+    sop_instance = str(sop_instance) if sop_instance is not None else meta.get(
+        "MediaStorageSOPInstanceUID")
+    _check_uids(sop_class, sop_instance)
+    return Instance(str(sop_class), str(sop_instance), str(syntax), raw[offset:])
+
+
+def from_json(body: str | dict) -> Instance:
+    """A DICOM JSON model object (PS3.18 F.2) encoded by pydicom as Explicit VR LE."""
+    try:
+        obj = json.loads(body) if isinstance(body, str) else body
+        if not isinstance(obj, dict):
+            raise InstanceError("the DICOM JSON body must be one object")
+        for value in obj.values():
+            if isinstance(value, dict) and "BulkDataURI" in value:
+                raise InstanceError("BulkDataURI is not supported; inline the data")
+        ds = Dataset.from_json(obj)
+    except InstanceError:
+        raise
+    except Exception as e:
+        raise InstanceError(f"invalid DICOM JSON ({e.__class__.__name__}: {e})")
+    _check_uids(ds.get("SOPClassUID"), ds.get("SOPInstanceUID"))
+    try:
+        data = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+    except Exception as e:
+        raise InstanceError(f"the DICOM JSON data set cannot be encoded ({e})")
+    return Instance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, data)
+
+
+def from_body(content_type: str, body: str) -> Instance:
+    ct = content_type.split(";")[0].strip().lower()
+    if ct == "application/dicom":
+        return from_part10(decode_base64(body))
+    if ct == "application/dicom+json":
+        return from_json(body)
+    raise InstanceError(
+        f"content type {content_type} cannot be sent over DICOM "
+        "(use application/dicom or application/dicom+json)"
+    )
+
+
+def file_meta_bytes(sop_class: str, sop_instance: str, syntax: str) -> bytes:
+    """Preamble, 'DICM' and the file meta group for a Part 10 file we write."""
+    meta = create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+                            transfer_syntax=UID(syntax),
+                            implementation_uid=IMPLEMENTATION_CLASS_UID,
+                            implementation_version=IMPLEMENTATION_VERSION_NAME)
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+
+
+def write_part10(path: str, meta: bytes, data: bytes, *, fsync: bool = True) -> int:
+    """
+    Write atomically: a temporary file in the same folder, fsync, rename, fsync the folder.
+    Returns the size.  Nothing is left behind on failure.
+    """
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, "." + os.path.basename(path) + f".{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(meta)
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(folder)
+    return len(meta) + len(data)
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dataset_json(ds: Dataset, bulk_threshold: int = 65536) -> dict:
+    """
+    DICOM JSON of C{ds} without pixel data; other binary values above C{bulk_threshold}
+    bytes are left out as ``BulkDataURI: "bulkdata/<tag>"`` (read them from the file).
+    """
+    for tag in PIXEL_TAGS:
+        if tag in ds:
+            del ds[tag]
+    return ds.to_json_dict(
+        bulk_data_threshold=bulk_threshold,
+        bulk_data_element_handler=lambda elem: f"bulkdata/{int(elem.tag):08X}",
+        suppress_invalid_tags=True,
+    )
