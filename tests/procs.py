@@ -1,0 +1,191 @@
+"""
+Real processes for integration tests: ``twistd`` relay and agent, third-party peers.
+
+Every process is started with C{reactor.spawnProcess}, its output kept for the test to read,
+and killed in the test's cleanup; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as signals
+import socket
+import sys
+import tempfile
+from typing import Any, Callable
+
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.defer import Deferred
+
+from tests.peerenv import ROOT
+
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Proc(protocol.ProcessProtocol):
+    """A child process whose output we can wait on."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.output = bytearray()
+        self.ended: Deferred[Any] = Deferred()
+        self.exit_code: int | None = None
+        self._watchers: list[tuple[bytes, Deferred[None]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if len(self.output) > 8 * 1024 * 1024:
+            del self.output[: len(self.output) - 4 * 1024 * 1024]
+        for needle, d in list(self._watchers):
+            if needle in self.output:
+                self._watchers.remove((needle, d))
+                d.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.exit_code = getattr(reason.value, "exitCode", None)
+        for needle, d in self._watchers:
+            d.errback(RuntimeError(f"{self.name} exited before printing {needle!r}:\n"
+                                   f"{self.text[-3000:]}"))
+        self._watchers = []
+        self.ended.callback(None)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def wait_for(self, needle: str, timeout: float = 20.0) -> Deferred[None]:
+        raw = needle.encode()
+        if raw in self.output:
+            return defer.succeed(None)
+        if self.ended.called:
+            return defer.fail(RuntimeError(f"{self.name} has exited:\n{self.text[-3000:]}"))
+        d: Deferred[None] = Deferred()
+        self._watchers.append((raw, d))
+
+        def timed_out(_: Any) -> None:
+            raise RuntimeError(f"{self.name} did not print {needle!r} in {timeout}s:\n"
+                               f"{self.text[-3000:]}")
+
+        d.addTimeout(timeout, reactor)
+        return d.addErrback(lambda f: timed_out(f) if f.check(defer.TimeoutError) else f)
+
+    def count(self, needle: str) -> int:
+        return self.text.count(needle)
+
+    def signal(self, sig: int = signals.SIGTERM) -> None:
+        try:
+            self.transport.signalProcess(sig)
+        except error.ProcessExitedAlready:
+            pass
+
+    def stop(self, sig: int = signals.SIGTERM, timeout: float = 10.0) -> Deferred[Any]:
+        """Signal, then SIGKILL if it lingers; fires when the process is gone."""
+        if self.ended.called:
+            return defer.succeed(None)
+        self.signal(sig)
+        killer = reactor.callLater(timeout, self.signal, signals.SIGKILL)
+
+        def done(result: Any) -> Any:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return _chain(self.ended).addBoth(done)
+
+
+def _chain(d: Deferred[Any]) -> Deferred[Any]:
+    out: Deferred[Any] = Deferred()
+    if d.called:
+        out.callback(None)
+    else:
+        d.addBoth(lambda r: (out.callback(None), r)[1])
+    return out
+
+
+def spawn(testcase: Any, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+          cwd: str | None = None) -> Proc:
+    proc = Proc(name)
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    reactor.spawnProcess(proc, argv[0], argv, env=full_env, path=cwd or ROOT)
+    testcase.addCleanup(proc.stop, signals.SIGKILL)
+    return proc
+
+
+def python(testcase: Any, name: str, args: list[str], **kw: Any) -> Proc:
+    return spawn(testcase, name, [sys.executable, *args], **kw)
+
+
+class RelayFixture:
+    """A real ``twistd medagent-relay`` with an admin client, an Agent and its credentials."""
+
+    def __init__(self, testcase: Any, data_dir: str | None = None, port: int | None = None):
+        self.testcase = testcase
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="medagent-relay-")
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Proc | None = None
+
+    def create_client(self, role: str, agents: list[str] = ()) -> dict[str, Any]:
+        from medagent.relay.service import open_authority, open_database
+
+        db = open_database(None, self.data_dir)
+        return open_authority(db, self.data_dir).create_client_sync(role, list(agents))
+
+    async def start(self, extra: list[str] = ()) -> "RelayFixture":
+        self.proc = python(
+            self.testcase, "relay",
+            ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", self.data_dir,
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *extra],
+        )
+        await self.proc.wait_for("medagent relay listening", timeout=30)
+        return self
+
+    async def stop(self, sig: int = signals.SIGTERM) -> None:
+        if self.proc is not None:
+            await self.proc.stop(sig)
+
+
+def agent_process(testcase: Any, relay_url: str, creds: dict[str, Any], agent_id: str,
+                  extra: list[str] = ()) -> Proc:
+    return python(
+        testcase, "agent",
+        ["-c", TWISTD, "-n", "--pidfile=", "medagent-agent", "--relay", relay_url,
+         "--client-id", creds["clientId"], "--client-secret", creds["clientSecret"],
+         "--agent-id", agent_id, *extra],
+    )
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
+                     interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll an (async or plain) predicate until it is truthy."""
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while True:
+        value = predicate()
+        if isinstance(value, Deferred) or hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        if waited >= timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, interval, lambda: None)
+        waited += interval
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
