@@ -12,4 +12,4 @@ if [ ! -d node_modules/@medplum/core ]; then
   # 4.x runs on Node 20; 5.x needs Node >= 22.
   npm install --no-audit --no-fund --silent @medplum/core@4 >/dev/null
 fi
-node -e "console.log('@medplum/core', require('@medplum/core/package.json').version)"
+node -e "console.log('@medplum/core', JSON.parse(require('fs').readFileSync('node_modules/@medplum/core/package.json')).version)"

@@ -2,8 +2,8 @@
 A treq client for the relay: OAuth2 login with refresh, FHIR REST, and ``push_to_agent``.
 
 Used by the CLI, by the agent (to log in and read its configuration) and by Bots.  Every push
-carries an ``Idempotency-Key``, so a push retried after a lost connection is recognised by
-the relay and never reaches the device twice.
+is recognisable by the relay (HL7 v2 by its MSH-10, anything else by an ``Idempotency-Key``),
+so a push retried after a lost connection never reaches the device twice.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _RETRYABLE = (
 
 #: Refresh the token when it has less than this many seconds left.
 REFRESH_MARGIN = 60.0
+HL7_V2 = "x-application/hl7-v2+er7"
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -93,8 +94,8 @@ class MedagentClient:
         self._token = access_token
         self._expires = float("inf") if access_token else 0.0
         self._login_waiters: list[Deferred[str]] = []
-        self._pool = HTTPConnectionPool(reactor, persistent=persistent)
-        self._pool.maxPersistentPerHost = 16
+        self.pool = HTTPConnectionPool(reactor, persistent=persistent)
+        self.pool.maxPersistentPerHost = 16
 
     # -- auth -----------------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ class MedagentClient:
                 "client_id": self.client_id,
                 "client_secret": self.client_secret,
             },
-            pool=self._pool,
+            pool=self.pool,
             reactor=self.reactor,
             timeout=self.timeout,
         )
@@ -170,7 +171,7 @@ class MedagentClient:
             url,
             data=data,
             headers={k: [v] for k, v in hdrs.items()},
-            pool=self._pool,
+            pool=self.pool,
             reactor=self.reactor,
             timeout=timeout or self.timeout,
         )
@@ -260,7 +261,9 @@ class MedagentClient:
         if ttl is not None:
             payload["ttl"] = ttl
         payload = {k: v for k, v in payload.items() if v is not None}
-        key = idempotency_key or str(uuid.uuid4())
+        # HL7 v2 pushes are recognised by MSH-10; everything else gets a key per call, so a
+        # retry after a lost connection is recognised too.
+        key = idempotency_key or (None if content_type == HL7_V2 else str(uuid.uuid4()))
         agent_id = _reference_id(agent, "Agent")
         http_timeout = (wait_timeout or 10_000) / 1000.0 + self.timeout
 
@@ -272,7 +275,7 @@ class MedagentClient:
                         "POST",
                         f"/fhir/R4/Agent/{quote(agent_id, safe='')}/$push",
                         json_body=payload,
-                        headers={"Idempotency-Key": key},
+                        headers={"Idempotency-Key": key} if key else None,
                         timeout=http_timeout,
                     )
                 except _RETRYABLE as e:
@@ -291,7 +294,7 @@ class MedagentClient:
         return Deferred.fromCoroutine(go())
 
     def close(self) -> Deferred[None]:
-        return self._pool.closeCachedConnections()
+        return self.pool.closeCachedConnections()
 
 
 def _parse_body(ctype: str, body: bytes) -> Any:

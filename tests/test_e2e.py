@@ -105,6 +105,7 @@ class EndToEnd(TestCase):
                 data=json.dumps(body).encode(),
                 headers={"Content-Type": ["application/json"],
                          "Authorization": [f"Bearer {token}"]},
+                pool=self.admin.pool,
             )
             text = (await response.content()).decode()
             self.assertEqual(response.code, 200, text)

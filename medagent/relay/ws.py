@@ -24,14 +24,9 @@ log = Logger()
 
 
 class AgentSocket(WebSocketServerProtocol):
+    """autobahn sets C{self.peer} (``tcp:host:port``), which the hub logs."""
+
     session: Session | None = None
-
-    @property
-    def peer(self) -> str:  # type: ignore[override]
-        return getattr(self, "_medagent_peer", "unknown")
-
-    def onConnect(self, request: Any) -> None:
-        self._medagent_peer = request.peer
 
     def onOpen(self) -> None:
         self.session = self.factory.hub.connection_made(self)
