@@ -11,4 +11,4 @@ fi
 if ! "$PY" -c 'import hl7.mllp' 2>/dev/null; then
     "$PY" -m pip install --quiet 'hl7>=0.4.5'
 fi
-"$PY" -c 'import hl7apy, hl7; print("hl7 peers ready: hl7apy", hl7apy.__version__)'
+"$PY" -c 'from importlib.metadata import version as v; print("hl7 peers ready: hl7", v("hl7"), "hl7apy", v("hl7apy"))'

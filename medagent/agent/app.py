@@ -69,6 +69,7 @@ class AgentApp:
         self.reload_config = reload_config
         self.max_message_size = max_message_size
         self.conn: RelayConnection | None = None
+        self.stopping = False
         self.live = False
         self.outstanding_heartbeats = 0
         self.not_live_ticks = 0
@@ -92,8 +93,12 @@ class AgentApp:
             self._ticker.start(self.heartbeat_interval, now=False)
 
     def stop(self) -> None:
+        """Stop heartbeats and say goodbye to the relay with a clean websocket close."""
+        self.stopping = True
         if self._ticker.running:
             self._ticker.stop()
+        if self.conn is not None:
+            self.conn.close("agent shutting down")
 
     def connection_made(self, conn: RelayConnection) -> None:
         self.conn = conn
@@ -122,7 +127,9 @@ class AgentApp:
         self.tokens.access_token().addCallbacks(send_connect, no_token)
 
     def connection_lost(self, reason: str = "closed") -> None:
-        if self.live:
+        if self.stopping:
+            log.info("Disconnected from the relay (agent shutting down)")
+        elif self.live:
             log.warn("Lost the relay connection ({reason}); reconnecting", reason=reason)
         self.conn = None
         self.live = False

@@ -23,11 +23,12 @@ log = Logger()
 
 def default_senders(reactor: Any) -> dict[str, Sender]:
     """One sender per destination scheme."""
+    from medagent.astm.transport import ASTMSender
     from medagent.hl7.protocol import MLLPSender
 
     mllp = MLLPSender(reactor)
-    senders: dict[str, Sender] = {"mllp": mllp, "mllps": mllp}
-    return senders
+    astm = ASTMSender(reactor)
+    return {"mllp": mllp, "mllps": mllp, "astm": astm, "astm+serial": astm}
 
 
 class AgentService(service.MultiService):

@@ -97,6 +97,7 @@ class _Outgoing:
     records: int
     deferred: Deferred
     probe: bool = False
+    timeout: float | None = None
     index: int = 0
     number: int = 1
     attempts: int = 0
@@ -149,6 +150,8 @@ class ASTMLink(Protocol):
         self._last_fn: int | None = None
         self._partial = bytearray()
         self._received_bytes = 0
+        self._in_data = False
+        self._kick_later = False
 
     # ------------------------------------------------------------------ public API
 
@@ -180,8 +183,12 @@ class ASTMLink(Protocol):
             return d
         return self.send_frames(frames, records)
 
-    def probe(self) -> Deferred:
-        """ENQ probe (ping): fires with the reply byte's name; EOT follows an ACK."""
+    def probe(self, timeout: float | None = None) -> Deferred:
+        """
+        ENQ probe (ping): fires with ``"ACK"`` (EOT follows), ``"NAK"``, ``"ENQ"`` (the other
+        side is sending) or ``"BUSY"`` (a transfer is going on); fails after C{timeout}
+        (default the ENQ timeout) without a reply.
+        """
         d: Deferred = Deferred()
         if not self.connected_:
             d.errback(LinkError("connection", "not connected"))
@@ -189,7 +196,7 @@ class ASTMLink(Protocol):
         if self.state != NEUTRAL or self._queue:
             d.callback("BUSY")  # a transfer is going on: the device is there
             return d
-        self._queue.append(_Outgoing([], 0, d, probe=True))
+        self._queue.append(_Outgoing([], 0, d, probe=True, timeout=timeout))
         self._kick()
         return d
 
@@ -201,6 +208,11 @@ class ASTMLink(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            # Stop-and-wait: every write is a whole unit the peer waits for (an EOT followed
+            # by the next ENQ must not sit in Nagle's buffer for a delayed ACK).
+            no_delay(True)
         log.info("ASTM link {name} up", name=self.name)
         self._kick()
 
@@ -215,14 +227,24 @@ class ASTMLink(Protocol):
             self._discard("connection lost")
         self.state = NEUTRAL
         queue, self._queue = self._queue, deque()
-        for out in queue:
-            phase = "connection"
-            self._fail(out, LinkError(phase, f"link lost in state {was}"))
         log.info("ASTM link {name} down in state {state}", name=self.name, state=was)
         if self.on_lost is not None:
+            # First, so whoever owns the link forgets it before a failure handler asks again.
             self.on_lost(self, reason)
+        for out in queue:
+            self._fail(out, LinkError("connection", f"link lost in state {was}"))
 
     def dataReceived(self, data: bytes) -> None:
+        self._in_data = True
+        try:
+            self._handle(data)
+        finally:
+            self._in_data = False
+        if self._kick_later:
+            self._kick_later = False
+            self._kick()
+
+    def _handle(self, data: bytes) -> None:
         while data and self.connected_:
             if self.state == RECEIVING:
                 self._decoder.feed(data)
@@ -263,6 +285,11 @@ class ASTMLink(Protocol):
 
     def _kick(self) -> None:
         """Start the next establishment if the line is ours to take."""
+        if self._in_data:
+            # Bytes later in the chunk being handled were sent before our ENQ: they cannot
+            # answer it.  Establish once the chunk is done.
+            self._kick_later = True
+            return
         if (self.state != NEUTRAL or not self._queue or not self.connected_
                 or (self._holdoff is not None and self._holdoff.active())):
             return
@@ -273,7 +300,7 @@ class ASTMLink(Protocol):
         out.enq_attempts += 1
         self.state = ESTABLISHING
         self._write(ENQ)
-        self._set_timer(self.config.enq_timeout, self._enq_timed_out)
+        self._set_timer(out.timeout or self.config.enq_timeout, self._enq_timed_out)
 
     def _fail(self, out: _Outgoing, error: LinkError) -> None:
         if not out.probe:
@@ -384,9 +411,9 @@ class ASTMLink(Protocol):
             self._kick()
 
     def _enq_timed_out(self) -> None:
+        timeout = self._queue[0].timeout or self.config.enq_timeout
         self._terminate()
-        self._finish_current(LinkError(
-            "establishment", f"no reply to ENQ within {self.config.enq_timeout:g} s"))
+        self._finish_current(LinkError("establishment", f"no reply to ENQ within {timeout:g} s"))
         self._kick()
 
     # ------------------------------------------------------------------ transfer
@@ -575,8 +602,9 @@ class ASTMLink(Protocol):
             log.failure("ASTM link {name}: message handler failed", name=self.name)
 
     def _discard(self, why: str) -> None:
-        dropped = self._assembler.end_session(False)
-        if dropped or self._partial:
+        had = bool(self._assembler.pending or self._partial)
+        self._assembler.end_session(False)
+        if had:
             self.stats["discarded_messages"] += 1
             log.warn("ASTM link {name}: unfinished message discarded ({why})", name=self.name,
                      why=why)

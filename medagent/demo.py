@@ -1,0 +1,179 @@
+"""
+``medagent demo``: the whole flow on one machine, nothing to install.
+
+It starts a relay, an agent and a simulated lab instrument (an MLLP listener that ACKs and
+shows what it got), registers the Agent and the instrument's Device, pushes a lab order
+through the relay's HTTP API, and prints each step as it happens.  Then it keeps running and
+prints how to push more with curl.  All data is synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from twisted.application import strports
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+
+from medagent.agent.config import AgentConfig
+from medagent.agent.dispatch import HL7_V2, Reply
+from medagent.agent.service import AgentService
+from medagent.client import MedagentClient
+from medagent.hl7 import message as hl7msg
+from medagent.hl7.protocol import MLLPChannel
+from medagent.relay.service import RelayService
+
+SAMPLE_ORDER = (
+    "MSH|^~\\&|MEDAGENT-DEMO|CLINIC|LIS|LAB|20260101120000||ORM^O01^ORM_O01|{ctrl}|P|2.5.1\r"
+    "PID|1||DEMO-0001^^^MRN||DEMO^PATIENT||19700101|U\r"
+    "ORC|NW|{ctrl}|||||^^^20260101120000^^R\r"
+    "OBR|1|{ctrl}||2345-7^Glucose [Mass/volume] in Serum or Plasma^LN|||20260101120000"
+)
+
+
+def say(step: str, text: str) -> None:
+    print(f"[{step:>10}] {text}", flush=True)
+
+
+class Instrument:
+    """A simulated lab instrument: shows each order it receives and answers AA."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.first: Deferred[str] = Deferred()
+
+    def forward(self, content_type: str, body: str, remote: str) -> Deferred[Reply | None]:
+        self.received += 1
+        say("instrument", f"received {hl7msg.message_type(body)} "
+                          f"control id {hl7msg.control_id(body)} from {remote}:")
+        for segment in body.strip().split("\r"):
+            print(" " * 13 + segment, flush=True)
+        ack = hl7msg.build_ack(body, "AA")
+        say("instrument", "answered AA")
+        if not self.first.called:
+            self.first.callback(body)
+        return succeed(Reply(body=ack, content_type=HL7_V2))
+
+
+async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: list) -> None:
+    relay_port = args.port or _free_port()
+    relay = RelayService(reactor, data_dir=os.path.join(data_dir, "relay"),
+                         listen=f"tcp:{relay_port}:interface=127.0.0.1")
+    relay.startService()
+    stack.append(relay.stopService)
+    admin = await relay.authority.create_client("admin", name="demo admin")
+    base = f"http://127.0.0.1:{relay_port}"
+    say("relay", f"listening on {base} (data in {data_dir})")
+
+    instrument = Instrument()
+    channel = MLLPChannel(instrument.forward, clock=reactor, name="demo-instrument")
+    port = reactor.listenTCP(0, channel, interface="127.0.0.1")
+    stack.append(port.stopListening)
+    device_url = f"mllp://127.0.0.1:{port.getHost().port}"
+    say("instrument", f"simulated lab instrument listening on {device_url}")
+
+    client = MedagentClient(reactor, base, admin["clientId"], admin["clientSecret"])
+    stack.append(client.close)
+    agent = await client.create({"resourceType": "Agent", "name": "Demo lab agent",
+                                 "status": "active"})
+    device = await client.create({"resourceType": "Device", "url": device_url,
+                                  "deviceName": [{"name": "Demo analyzer", "type": "user-friendly-name"}]})
+    say("relay", f"created Agent/{agent['id']} and Device/{device['id']} ({device_url})")
+    agent_creds = await relay.authority.create_client("agent", [agent["id"]], "demo agent")
+    agent_service = AgentService(
+        reactor,
+        AgentConfig(relay=base, client_id=agent_creds["clientId"],
+                    client_secret=agent_creds["clientSecret"], agent_id=agent["id"],
+                    data_dir=os.path.join(data_dir, "agent")),
+    )
+    live: Deferred[None] = Deferred()
+    agent_service.app.on_live.append(lambda: live.called or live.callback(None))
+    agent_service.startService()
+    stack.append(agent_service.stopService)
+    await live
+    say("agent", "connected to the relay over its websocket")
+
+    order = SAMPLE_ORDER.format(ctrl="DEMO0001")
+    say("push", f"POST {base}/fhir/R4/Agent/{agent['id']}/$push  (ORM^O01, waitForResponse)")
+    ack = await client.push_to_agent(agent, f"Device/{device['id']}", order, HL7_V2, True)
+    say("push", "device ACK came back through agent and relay:")
+    for segment in ack.strip().split("\r"):
+        print(" " * 13 + segment, flush=True)
+    push_id = None
+    pushes = await client.request_json("GET", "/fhir/R4/AgentPush",
+                                       params={"agent": agent["id"]})
+    if pushes.get("entry"):
+        doc = pushes["entry"][0]["resource"]
+        push_id = doc["id"]
+        say("journal", f"push {push_id} is {doc['state']} after {doc['attempts']} attempt(s)")
+
+    if args.once:
+        return
+
+    token = await client.access_token()
+    print(
+        "\nThe demo keeps running. Push another order with curl (token valid 1 hour):\n\n"
+        f"  curl -s -X POST '{base}/fhir/R4/Agent/{agent['id']}/$push' \\\n"
+        f"    -H 'Authorization: Bearer {token}' \\\n"
+        "    -H 'Content-Type: application/fhir+json' \\\n"
+        f"    -d '{json.dumps({'destination': 'Device/' + device['id'], 'contentType': HL7_V2, 'waitForResponse': True, 'body': SAMPLE_ORDER.format(ctrl='DEMO0002')})}'\n\n"
+        f"  Status of a push:  curl -s -H 'Authorization: Bearer ...' {base}/fhir/R4/AgentPush/{push_id}\n"
+        f"  Admin credentials: {json.dumps({'clientId': admin['clientId'], 'clientSecret': admin['clientSecret']})}\n"
+        "  Stop with Ctrl-C.",
+        flush=True,
+    )
+    await Deferred()  # run until interrupted
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _main(reactor: Any, args: argparse.Namespace, data_dir: str) -> None:
+    """Run the demo; whatever happens, stop what it started, newest first."""
+    stack: list = []
+    try:
+        await _run(reactor, args, data_dir, stack)
+    finally:
+        for stop in reversed(stack):
+            try:
+                await stop()
+            except Exception:
+                pass
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor  # composition root of the demo
+    from twisted.logger import globalLogBeginner, LogLevel, FilteringLogObserver, \
+        LogLevelFilterPredicate, textFileLogObserver
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+        redirectStandardIO=False,
+    )
+    data_dir = args.data or tempfile.mkdtemp(prefix="medagent-demo-")
+    outcome: dict[str, int] = {"rc": 0}
+
+    def finished(result: Any) -> None:
+        if hasattr(result, "getErrorMessage"):
+            print(f"medagent demo failed: {result.getErrorMessage()}", file=sys.stderr)
+            outcome["rc"] = 1
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: ensureDeferred(_main(reactor, args, data_dir))
+                            .addBoth(finished))
+    reactor.run()
+    if args.data is None and args.once:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return outcome["rc"]
