@@ -30,6 +30,9 @@ STATS_RESPONSE = "agent:stats:response"
 UPGRADE_REQUEST = "agent:upgrade:request"
 UPGRADE_RESPONSE = "agent:upgrade:response"
 ERROR = "agent:error"
+#: Extension (relay → agent, only to agents that announced "durable"): the relay has recorded
+#: the answer for ``pushId``; the agent may stop re-sending it.
+TRANSMIT_CONFIRM = "agent:transmit:confirm"
 
 #: Deprecated names that Medplum still accepts, mapped to the current ones.
 ALIASES = {
@@ -45,6 +48,7 @@ _REQUIRED: Mapping[str, tuple[str, ...]] = {
     TRANSMIT_REQUEST: ("remote", "contentType", "body"),
     TRANSMIT_RESPONSE: ("remote", "body"),
     ERROR: ("body",),
+    TRANSMIT_CONFIRM: ("pushId",),
 }
 
 KNOWN_TYPES = frozenset(
@@ -64,6 +68,7 @@ KNOWN_TYPES = frozenset(
         UPGRADE_REQUEST,
         UPGRADE_RESPONSE,
         ERROR,
+        TRANSMIT_CONFIRM,
     ]
 )
 

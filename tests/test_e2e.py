@@ -211,13 +211,25 @@ class EndToEnd(TestCase):
     def test_device_down_and_unknown_things(self) -> Deferred:
         async def go() -> None:
             await self.start_agent()
+            dead_port = procs.free_port()
             dead = await self.admin.create(
-                {"resourceType": "Device", "url": f"mllp://127.0.0.1:{procs.free_port()}"})
+                {"resourceType": "Device",
+                 "url": f"mllp://127.0.0.1:{dead_port}?maxAttempts=2"})
             with self.assertRaises(RelayError) as e:
                 await self.admin.push_to_agent(self.agent, f"Device/{dead['id']}",
                                                hl7("DEAD0001"), "x-application/hl7-v2+er7", True)
             self.assertEqual(e.exception.status, 502)
-            self.assertIn("connect", str(e.exception).lower())
+            self.assertIn("gave up after 2 attempts", str(e.exception))
+            # Without a limit the agent keeps retrying: the waited caller gets 504 with the
+            # reason, and the push stays accepted (delivered when the device comes back).
+            forever = await self.admin.create(
+                {"resourceType": "Device", "url": f"mllp://127.0.0.1:{dead_port}"})
+            with self.assertRaises(RelayError) as e:
+                await self.admin.push_to_agent(self.agent, f"Device/{forever['id']}",
+                                               hl7("DEAD0002"), "x-application/hl7-v2+er7", True,
+                                               wait_timeout=2500)
+            self.assertEqual(e.exception.status, 504)
+            self.assertIn("retrying", str(e.exception))
             # The agent keeps serving the good device.
             ack = await self.admin.push_to_agent(self.agent, f"Device/{self.device['id']}",
                                                  hl7("GOOD0001"), "x-application/hl7-v2+er7",

@@ -87,7 +87,7 @@ class HubTests(SynchronousTestCase):
 
     def test_connect(self) -> None:
         conn, session = self.connect()
-        self.assertEqual(conn.sent, [{"type": wire.CONNECT_RESPONSE}])
+        self.assertEqual(conn.sent, [{"type": wire.CONNECT_RESPONSE, "capabilities": ["durable"]}])
         self.assertTrue(self.hub.is_connected(self.agent["id"]))
 
     def test_connect_refused_for_other_agent(self) -> None:
@@ -248,6 +248,43 @@ class HubTests(SynchronousTestCase):
         f = self.failureResultOf(self.push(), FHIRError)
         self.assertIn("Agent.status is 'off'", f.value.message)
 
+    # -- the durable extension: accepted state, progress errors, confirmations
+
+    def test_accepted_then_delivered_then_confirmed(self) -> None:
+        conn, session = self.connect(caps=["durable"])
+        d = self.push(wait=True)
+        request = conn.of_type(wire.TRANSMIT_REQUEST)[0]
+        self.answer(conn, session, request, statusCode=202, body="accepted",
+                    delivery="accepted", error="refused (attempt 1, retrying)")
+        result_push = self.hub.live_push(self.successResultOf(
+            self.journal.get(request["pushId"])))
+        self.assertEqual(result_push.state, j.ACCEPTED)
+        self.assertEqual(result_push.last_error, "refused (attempt 1, retrying)")
+        self.assertEqual(conn.of_type(wire.TRANSMIT_CONFIRM), [])
+        self.answer(conn, session, request, delivery="delivered")
+        self.assertEqual(self.successResultOf(d).push.state, j.DELIVERED)
+        self.assertEqual(conn.of_type(wire.TRANSMIT_CONFIRM),
+                         [{"type": wire.TRANSMIT_CONFIRM, "pushId": request["pushId"]}])
+
+    def test_answer_after_reconnect_is_recorded_and_confirmed(self) -> None:
+        conn, session = self.connect(caps=["durable"])
+        self.successResultOf(self.push())
+        request = conn.of_type(wire.TRANSMIT_REQUEST)[0]
+        self.hub.connection_lost(session)
+        conn2 = FakeConnection()
+        s2 = self.hub.connection_made(conn2)
+        self.hub.frame_received(s2, wire.encode({
+            "type": wire.CONNECT_REQUEST, "accessToken": self.agent_token,
+            "agentId": self.agent["id"], "capabilities": ["durable"]}))
+        # the agent re-sends its unconfirmed answer before the replayed request is answered
+        self.answer(conn2, s2, request, delivery="delivered")
+        self.assertEqual(self.successResultOf(self.journal.get(request["pushId"])).state,
+                         j.DELIVERED)
+        self.assertEqual(len(conn2.of_type(wire.TRANSMIT_CONFIRM)), 1)
+        # a repeat of an answer already recorded is confirmed again, not applied twice
+        self.answer(conn2, s2, request, delivery="delivered")
+        self.assertEqual(len(conn2.of_type(wire.TRANSMIT_CONFIRM)), 2)
+
 
 class _Wall:
     def __init__(self, clock: InlineReactor) -> None:
@@ -255,3 +292,4 @@ class _Wall:
 
     def time(self) -> float:
         return self.clock.seconds()
+

@@ -1,15 +1,15 @@
 """
 The agent's side of the agent protocol, without a transport: log in, say who we are, answer
-heartbeats, deliver pushes through the L{Dispatcher}, and send results back up.
+heartbeats, hand pushes to the L{DurableQueue}, and send answers back up.
 
-A push the agent already answered (same push id, e.g. re-sent by the relay after a
-reconnect) is answered from its record instead of being delivered again.
+A push the agent already holds (same push id, e.g. re-sent by the relay after a reconnect) is
+answered from the queue's record instead of being delivered again.  Answers stay on disk
+until the relay confirms them, and are re-sent after every reconnect until then.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
 from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -18,15 +18,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent import wire
-from medagent.agent.dispatch import DeliveryError, Dispatcher, Reply
+from medagent.agent.dispatch import Dispatcher
+from medagent.agent.queue import DurableQueue
+from medagent.db import Database
 from medagent.relay.hub import CAP_DEDUPE
 
 log = Logger()
 
-#: How many answered pushes the agent remembers (for re-sent requests).
-RECORD_SIZE = 20_000
-#: Responses waiting for the relay while the link is down.
-MAX_OUTBOX = 10_000
+#: Unconfirmed answers re-sent per page after a reconnect.
+RESEND_PAGE = 500
 
 
 class RelayConnection(Protocol):
@@ -48,6 +48,7 @@ class AgentApp:
         agent_id: str,
         tokens: TokenSource,
         dispatcher: Dispatcher,
+        queue_db: Database,
         *,
         heartbeat_interval: float = 10.0,
         max_missed_heartbeats: int = 1,
@@ -64,7 +65,7 @@ class AgentApp:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
-        self.capabilities = (CAP_DEDUPE, *capabilities)
+        self.capabilities = (CAP_DEDUPE, wire.CAP_DURABLE, *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config
         self.max_message_size = max_message_size
@@ -73,11 +74,9 @@ class AgentApp:
         self.live = False
         self.outstanding_heartbeats = 0
         self.not_live_ticks = 0
-        self.outbox: deque[dict[str, Any]] = deque()
-        #: push id → answer (dict) once done, or None while delivering
-        self.record: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
-        self.stats = {"received": 0, "delivered": 0, "failed": 0, "duplicates": 0,
-                      "connects": 0}
+        self.relay_durable = False
+        self.queue = DurableQueue(queue_db, dispatcher, clock, self._send_answer)
+        self.connects = 0
         self.last_ping_ms: float | None = None
         self._heartbeat_sent_at: float | None = None
         self._ticker = LoopingCall(self._tick)
@@ -88,13 +87,15 @@ class AgentApp:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> Deferred[None]:
         if not self._ticker.running:
             self._ticker.start(self.heartbeat_interval, now=False)
+        return self.queue.start()
 
     def stop(self) -> None:
         """Stop heartbeats and say goodbye to the relay with a clean websocket close."""
         self.stopping = True
+        self.queue.stop()
         if self._ticker.running:
             self._ticker.stop()
         if self.conn is not None:
@@ -167,6 +168,8 @@ class AgentApp:
         kind = msg["type"]
         try:
             if kind == wire.CONNECT_RESPONSE:
+                caps = msg.get("capabilities")
+                self.relay_durable = isinstance(caps, list) and wire.CAP_DURABLE in caps
                 self._on_live()
             elif kind == wire.HEARTBEAT_REQUEST:
                 self.outstanding_heartbeats = 0
@@ -176,7 +179,9 @@ class AgentApp:
                 if self._heartbeat_sent_at is not None:
                     self.last_ping_ms = (time.monotonic() - self._heartbeat_sent_at) * 1000
             elif kind == wire.TRANSMIT_REQUEST:
-                self._on_transmit(msg)
+                self.queue.receive(msg)
+            elif kind == wire.TRANSMIT_CONFIRM:
+                self.queue.confirm(msg["pushId"])
             elif kind == wire.TRANSMIT_RESPONSE:
                 self._on_transmit_response(msg)
             elif kind == wire.RELOADCONFIG_REQUEST:
@@ -198,118 +203,43 @@ class AgentApp:
         self.live = True
         self.not_live_ticks = 0
         self.outstanding_heartbeats = 0
-        self.stats["connects"] += 1
+        self.connects += 1
         log.info("Connected to the relay as Agent/{agent_id}", agent_id=self.agent_id)
-        while self.outbox and self.live and self.conn is not None:
-            self.conn.send_message(self.outbox.popleft())
+        self._resend_unconfirmed()
         for hook in list(self.on_live):
             hook()
+
+    def _resend_unconfirmed(self) -> None:
+        """Answers the relay may not have recorded go again, oldest first."""
+        conn = self.conn
+
+        def send(answers: list[dict[str, Any]]) -> None:
+            if self.conn is not conn or not self.live:
+                return
+            for answer in answers:
+                self._send_answer(answer)
+            if len(answers) == RESEND_PAGE and self.relay_durable:
+                # the next page once the relay's confirmations are in
+                self.clock.callLater(1.0, self._resend_unconfirmed)
+
+        self.queue.unconfirmed(RESEND_PAGE).addCallbacks(
+            send, lambda f: log.failure("Could not read unconfirmed answers", f))
 
     def _send(self, msg: Mapping[str, Any]) -> None:
         if self.conn is not None:
             self.conn.send_message(msg)
 
-    def _send_result(self, msg: dict[str, Any]) -> None:
-        """Results wait in a bounded outbox while the link is down."""
-        if self.live and self.conn is not None:
-            self.conn.send_message(msg)
+    def _send_answer(self, msg: dict[str, Any]) -> None:
+        """
+        An answer (or "accepted") from the queue.  While the link is down nothing is lost:
+        answers are on disk until confirmed, and go again after the reconnect.  A relay
+        without the durable extension never confirms, so we confirm for it on sending.
+        """
+        if not (self.live and self.conn is not None):
             return
-        if len(self.outbox) >= MAX_OUTBOX:
-            dropped = self.outbox.popleft()
-            log.error("Outbox full; dropped the answer for push {push_id} (the relay will "
-                      "re-send it and get the answer from our record)",
-                      push_id=dropped.get("pushId"))
-        self.outbox.append(msg)
-
-    # -- pushes ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _push_id(msg: Mapping[str, Any]) -> str | None:
-        push_id = msg.get("pushId")
-        if isinstance(push_id, str) and push_id:
-            return push_id
-        return None
-
-    def _on_transmit(self, msg: Mapping[str, Any]) -> None:
-        push_id = self._push_id(msg)
-        self.stats["received"] += 1
-        if push_id is not None and push_id in self.record:
-            self.stats["duplicates"] += 1
-            answer = self.record[push_id]
-            log.info("Push {push_id} was already {state}; answering from our record",
-                     push_id=push_id, state="answered" if answer else "in progress")
-            if answer is not None:
-                self._send_result(dict(answer, callback=msg.get("callback")))
-            return
-        if push_id is not None:
-            self._remember(push_id, None)
-        remote = msg["remote"]
-        content_type = msg["contentType"]
-        options = {k: msg[k] for k in ("returnAck", "waitTimeout") if k in msg}
-        d = maybeDeferred(self.dispatcher.dispatch, remote, content_type, msg["body"], options)
-        d.addCallbacks(
-            lambda reply: self._answer(msg, push_id, reply),
-            lambda f: self._answer_failure(msg, push_id, f),
-        )
-
-    def _remember(self, push_id: str, answer: dict[str, Any] | None) -> None:
-        self.record[push_id] = answer
-        self.record.move_to_end(push_id)
-        while len(self.record) > RECORD_SIZE:
-            self.record.popitem(last=False)
-
-    def _answer(self, msg: Mapping[str, Any], push_id: str | None, reply: Reply) -> None:
-        self.stats["delivered" if reply.delivered else "failed"] += 1
-        answer = wire.transmit_response(
-            msg,
-            status_code=reply.status_code,
-            content_type=reply.content_type,
-            body=reply.body,
-            pushId=push_id,
-            delivery="delivered" if reply.delivered else "failed",
-            detail=reply.detail,
-        )
-        log.info(
-            "Push {push_id} to {scheme} {outcome} ({detail})",
-            push_id=push_id,
-            scheme=str(msg["remote"]).split(":", 1)[0],
-            outcome="delivered" if reply.delivered else "refused by device",
-            detail=reply.detail or "",
-        )
-        self._finish(push_id, answer)
-
-    def _answer_failure(self, msg: Mapping[str, Any], push_id: str | None, f: Failure) -> None:
-        self.stats["failed"] += 1
-        if f.check(DeliveryError):
-            err: DeliveryError = f.value
-            if not err.transient:
-                status = 400
-            elif err.phase == "ack" and "timeout" in err.reason.lower():
-                status = 504
-            else:
-                status = 502
-            reason = err.reason
-            transient = err.transient
-        else:
-            log.failure("Unexpected error delivering push {push_id}", f, push_id=push_id)
-            status, reason, transient = 500, "Agent internal error while delivering", True
-        log.warn("Push {push_id} failed: {reason}", push_id=push_id, reason=reason)
-        answer = wire.transmit_response(
-            msg,
-            status_code=status,
-            content_type="text/plain",
-            body=reason,
-            pushId=push_id,
-            delivery="failed",
-            error=reason,
-            transient=transient,
-        )
-        self._finish(push_id, answer)
-
-    def _finish(self, push_id: str | None, answer: dict[str, Any]) -> None:
-        if push_id is not None:
-            self._remember(push_id, {k: v for k, v in answer.items() if k != "callback"})
-        self._send_result(answer)
+        self.conn.send_message(msg)
+        if not self.relay_durable and msg.get("delivery") in ("delivered", "failed"):
+            self.queue.confirm(msg.get("pushId") or "")
 
     def _on_transmit_response(self, msg: Mapping[str, Any]) -> None:
         """Answers to our own inbound messages are routed by the channel layer."""
@@ -351,7 +281,6 @@ class AgentApp:
             "live": self.live,
             "ping": self.last_ping_ms,
             "outstandingHeartbeats": self.outstanding_heartbeats,
-            "webSocketQueueDepth": len(self.outbox),
-            "pushes": dict(self.stats),
-            **self.dispatcher.stats(),
+            "connects": self.connects,
+            **self.queue.snapshot(),
         }

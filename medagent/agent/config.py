@@ -34,6 +34,10 @@ class AgentConfig:
     data_dir: str = "./agent-data"
     log_level: str = "info"
     heartbeat_interval: float = 10.0
+    #: SQLite durability of the queue: NORMAL survives kill -9, FULL also power loss
+    synchronous: str = "NORMAL"
+    #: confirmed answers (and their payloads) are kept this long, then deleted
+    retention_seconds: float = 86400.0
 
 
 def parse_properties(text: str) -> dict[str, str]:

@@ -5,17 +5,21 @@ app, and the websocket uplink.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 
 from medagent.agent.app import AgentApp
 from medagent.agent.config import AgentConfig
 from medagent.agent.dispatch import Dispatcher, Sender
+from medagent.agent.queue import DurableQueue
 from medagent.agent.uplink import uplink_service
 from medagent.client import MedagentClient
+from medagent.db import Database
 from medagent.logbuffer import LogBuffer
 
 log = Logger()
@@ -47,11 +51,15 @@ class AgentService(service.MultiService):
         self.dispatcher = Dispatcher(reactor, senders if senders is not None
                                      else default_senders(reactor))
         self.logs = LogBuffer()
+        self.db = Database(reactor, os.path.join(config.data_dir, "agent.sqlite"),
+                           schema=DurableQueue.schema(), synchronous=config.synchronous,
+                           name="agent-db")
         self.app = AgentApp(
             reactor,
             config.agent_id,
             self.client,
             self.dispatcher,
+            self.db,
             heartbeat_interval=config.heartbeat_interval,
             capabilities=tuple(self.dispatcher.schemes()),
             log_buffer=self.logs.newest,
@@ -63,17 +71,31 @@ class AgentService(service.MultiService):
         globalLogPublisher.addObserver(self.logs)
         log.info("medagent agent {agent_id} starting; relay {relay}",
                  agent_id=self.config.agent_id, relay=self.config.relay)
-        self.app.start()
+        self.db.start()
+        self.app.start().addErrback(
+            lambda f: log.failure("Could not open the agent's queue in {path}", f,
+                                  path=self.db.path))
+        self._pruner = LoopingCall(self._prune)
+        self._pruner.clock = self.reactor
+        self._pruner.start(3600, now=False)
         super().startService()
+
+    def _prune(self) -> None:
+        self.app.queue.prune(self.config.retention_seconds).addCallbacks(
+            lambda n: n and log.info("Pruned {n} confirmed answer(s) from the queue", n=n),
+            lambda f: log.failure("Pruning the queue failed", f))
 
     def stopService(self) -> Deferred[Any]:
         self.app.stop()
+        if self._pruner.running:
+            self._pruner.stop()
         d = super().stopService() or Deferred.fromCoroutine(_none())
 
         def closed(_: Any) -> Deferred[Any]:
             globalLogPublisher.removeObserver(self.logs)
-            return DeferredList([self.dispatcher.close(), self.client.close()],
-                                consumeErrors=True)
+            d2 = DeferredList([self.dispatcher.close(), self.client.close()],
+                              consumeErrors=True)
+            return d2.addCallback(lambda _: self.db.stop())
 
         return d.addCallback(closed)
 

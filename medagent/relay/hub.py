@@ -254,7 +254,8 @@ class Hub:
             session.connected_at = self.clock.seconds()
             self.sessions[agent_id] = session
             session.conn.send_message(
-                {"type": wire.CONNECT_RESPONSE, "callback": callback}
+                {"type": wire.CONNECT_RESPONSE, "callback": callback,
+                 "capabilities": [wire.CAP_DURABLE]}
             )
             log.info(
                 "Agent/{agent_id} connected from {peer} (capabilities: {caps})",
@@ -393,8 +394,8 @@ class Hub:
         *,
         error: str | None = None,
         reply: tuple[int, str, str] | None = None,
-    ) -> None:
-        self.journal.transition(push, state, error=error, reply=reply)
+    ) -> Deferred[Push]:
+        d = self.journal.transition(push, state, error=error, reply=reply)
         self._pending_pushes.pop(push.id, None)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
@@ -405,6 +406,7 @@ class Hub:
             state=state,
             why=f": {error}" if error else "",
         )
+        return d
 
     @staticmethod
     def _push_id(msg: Mapping[str, Any]) -> str | None:
@@ -439,6 +441,10 @@ class Hub:
                     return
                 if not p.final:
                     self._apply_response(self.live_push(p), msg)
+                    if msg.get("delivery") != "accepted":
+                        self._confirm_when_recorded(session, p)
+                elif msg.get("delivery") != "accepted":
+                    self._confirm(session, p.id)
 
             self.journal.get(push_id).addCallbacks(loaded, lambda f: log.warn(
                 "Transmit response for unknown push {push_id} from Agent/{agent_id}",
@@ -454,20 +460,33 @@ class Hub:
         body = msg.get("body", "")
         content_type = msg.get("contentType") or "text/plain"
         if delivery == "accepted":
-            if push.state != j.ACCEPTED:
-                self.journal.transition(push, j.ACCEPTED)
+            error = msg.get("error") if isinstance(msg.get("error"), str) else None
+            if push.state != j.ACCEPTED or error:
+                self.journal.transition(push, j.ACCEPTED, error=error)
             return
         if session is not None:
             session.in_flight.pop(push.id, None)
         if status >= 400 or delivery == "failed":
-            self._finish(
+            d = self._finish(
                 push,
                 j.FAILED,
                 error=msg.get("error") if isinstance(msg.get("error"), str) else body[:500],
                 reply=(status, content_type, body),
             )
         else:
-            self._finish(push, j.DELIVERED, reply=(status, content_type, body))
+            d = self._finish(push, j.DELIVERED, reply=(status, content_type, body))
+        if session is not None:
+            # Confirm only once the answer is on disk: until then the agent keeps it.
+            d.addCallback(lambda _: self._confirm(session, push.id))
+
+    def _confirm_when_recorded(self, session: Session, push: Push) -> None:
+        # the transition was queued just now; a no-op batched call fires after it commits
+        self.journal.flushed().addCallback(lambda _: self._confirm(session, push.id))
+
+    def _confirm(self, session: Session, push_id: str) -> None:
+        """Tell a durable agent its answer is recorded, so it stops re-sending it."""
+        if wire.CAP_DURABLE in session.capabilities:
+            session.conn.send_message({"type": wire.TRANSMIT_CONFIRM, "pushId": push_id})
 
     def _on_agent_error(self, session: Session, msg: Mapping[str, Any]) -> None:
         push_id = self._push_id(msg)

@@ -239,6 +239,10 @@ class Journal:
 
         return self._db.run_batched(txn)
 
+    def flushed(self) -> Deferred[None]:
+        """Fires once every write queued before this call is committed."""
+        return self._db.run_batched(lambda conn: None)
+
     def get(self, push_id: str) -> Deferred[Push]:
         def txn(conn: Any) -> Push:
             row = conn.execute("SELECT * FROM pushes WHERE id=?", (push_id,)).fetchone()

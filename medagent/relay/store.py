@@ -12,7 +12,7 @@ import json
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
@@ -160,6 +160,19 @@ class SQLiteStore:
         self._db = db
         self._cache: OrderedDict[tuple[str, str], dict[str, Any] | None] = OrderedDict()
         self._cache_size = cache_size
+        #: called after each committed write as (interaction, resource, previous), with
+        #: interaction ``create``/``update``/``delete``; Subscriptions hang off this.
+        self.listeners: list[Callable[[str, dict[str, Any] | None, dict[str, Any] | None],
+                                      None]] = []
+
+    def _notify(self, interaction: str, resource: dict[str, Any] | None,
+                previous: dict[str, Any] | None) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(interaction, resource, previous)
+            except Exception:
+                log.failure("Store listener failed for a {interaction}",
+                            interaction=interaction)
 
     @staticmethod
     def schema() -> str:
@@ -197,9 +210,9 @@ class SQLiteStore:
         if len(text) > MAX_RESOURCE_BYTES:
             raise FHIRError(413, "Resource too large", "too-costly")
 
-        def txn(conn: Any) -> dict[str, Any]:
+        def txn(conn: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
             row = conn.execute(
-                "SELECT version, deleted FROM resources WHERE type=? AND id=?",
+                "SELECT version, deleted, content FROM resources WHERE type=? AND id=?",
                 (resource["resourceType"], resource["id"]),
             ).fetchone()
             if row is not None and expect_new and not row["deleted"]:
@@ -231,12 +244,17 @@ class SQLiteStore:
                     for (p, s, v) in index_values(resource)
                 ],
             )
-            return resource
+            previous = (
+                json.loads(row["content"]) if row is not None and not row["deleted"] else None
+            )
+            return resource, previous
 
         d = self._db.run(txn)
 
-        def remember(stored: dict[str, Any]) -> dict[str, Any]:
+        def remember(result: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[str, Any]:
+            stored, previous = result
             self._remember((stored["resourceType"], stored["id"]), stored)
+            self._notify("update" if previous is not None else "create", stored, previous)
             return stored
 
         return d.addCallback(remember)
@@ -260,6 +278,7 @@ class SQLiteStore:
 
         def forget(resource: dict[str, Any]) -> dict[str, Any]:
             self._remember((resource_type, id), None)
+            self._notify("delete", None, resource)
             return resource
 
         return d.addCallback(forget)

@@ -487,8 +487,9 @@ class Api(Resource):
             )
             return json_response(outcome, 202, **headers)
         if result.timed_out:
+            why = f" (last error: {push.last_error})" if push.last_error else ""
             outcome = operation_outcome(
-                f"No answer from the device within the wait timeout; push {push.id} is "
+                f"No answer from the device within the wait timeout{why}; push {push.id} is "
                 f"{push.state}. Its outcome will be at {location}",
                 code="timeout",
                 severity="error",

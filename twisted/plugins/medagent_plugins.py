@@ -32,7 +32,7 @@ class AgentOptions(usage.Options):
         ["client-secret", None, None, "OAuth2 client secret of this agent"],
         ["agent-id", None, None, "Agent resource id"],
         ["config", "c", None, "Medplum-style agent.properties file"],
-        ["data", "d", None, "Data folder (queue, records)"],
+        ["data", "d", None, "Data folder for the durable queue (default ./agent-data)"],
         ["heartbeat-interval", None, None, "Seconds between heartbeats"],
     ]
 

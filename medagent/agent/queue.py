@@ -1,0 +1,460 @@
+"""
+The agent's durable queue: a pushed message is on the agent's disk before the agent says it
+has it, is delivered in order on its destination's lane, and its answer is kept until the
+relay confirms it.
+
+States of an entry: ``queued`` → ``delivering`` (the bytes may be on their way to the device)
+→ ``done`` (with the answer: delivered or failed).  Only failures that certainly happened
+before the device could have received anything (refused, not connected, association
+rejected...) are retried, with exponential backoff and jitter, forever by default or up to
+the destination's ``maxAttempts``.  Everything else ends the entry, visibly.
+
+The one window nobody can close: the device received the bytes and the agent died (or the
+link broke) before its answer was recorded.  An entry found ``delivering`` after a restart is
+therefore ended as ``failed`` with the reason "outcome unknown" (the default ``inDoubt=fail``:
+never a silent duplicate), or re-sent with ``inDoubt=resend`` for devices that de-duplicate
+by control id.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import deque
+from typing import Any, Callable, Mapping
+
+import attr
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from medagent import wire
+from medagent.agent.dispatch import DeliveryError, Dispatcher, Reply
+from medagent.db import Database
+from medagent.destination import DestinationError, parse_destination
+
+log = Logger()
+
+QUEUED = "queued"
+DELIVERING = "delivering"
+DONE = "done"
+
+#: Failure phases in which nothing can have reached the device: safe to try again.
+RETRY_SAFE_PHASES = frozenset(
+    ["connect", "send", "establishment", "association", "queue", "network", "open"]
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    push_id TEXT NOT NULL UNIQUE,
+    remote TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    callback TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    answer TEXT,
+    confirmed INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_open ON inbox (state, seq);
+CREATE INDEX IF NOT EXISTS inbox_unconfirmed ON inbox (confirmed, state);
+"""
+
+
+@attr.s(auto_attribs=True)
+class _Lane:
+    waiting: deque = attr.ib(factory=deque)  # of (seq, push_id)
+    busy: bool = False
+    retry_call: Any = None
+    failures: int = 0
+    delivered: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+class DurableQueue:
+    def __init__(
+        self,
+        db: Database,
+        dispatcher: Dispatcher,
+        clock: Any,
+        send: Callable[[dict[str, Any]], None],
+        *,
+        retry_base: float = 1.0,
+        retry_cap: float = 60.0,
+        rng: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.send = send
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.rng = rng
+        self.wall = wall
+        self.lanes: dict[str, _Lane] = {}
+        self.stats = {"received": 0, "duplicates": 0, "delivered": 0, "failed": 0,
+                      "retries": 0, "inDoubt": 0}
+        self._stopped = False
+
+    @staticmethod
+    def schema() -> str:
+        return SCHEMA
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """End in-doubt entries (or re-queue them), then rebuild the lanes from disk."""
+        now = self.wall()
+
+        def recover(conn: Any) -> list[tuple[int, str, str]]:
+            rows = conn.execute(
+                "SELECT seq, push_id, remote, callback FROM inbox WHERE state=? ORDER BY seq",
+                (DELIVERING,),
+            ).fetchall()
+            for row in rows:
+                if _in_doubt_policy(row["remote"]) == "resend":
+                    conn.execute("UPDATE inbox SET state=?, updated=? WHERE seq=?",
+                                 (QUEUED, now, row["seq"]))
+                    continue
+                reason = ("Agent restarted while delivering: the device may or may not have "
+                          "received this message; not re-sent to avoid a duplicate")
+                answer = _failed_answer(row["push_id"], row["remote"], row["callback"],
+                                        reason, status=502, transient=False)
+                conn.execute(
+                    "UPDATE inbox SET state=?, last_error=?, answer=?, updated=? WHERE seq=?",
+                    (DONE, reason, json.dumps(answer), now, row["seq"]),
+                )
+            return [
+                (r["seq"], r["push_id"], r["remote"])
+                for r in conn.execute(
+                    "SELECT seq, push_id, remote FROM inbox WHERE state=? ORDER BY seq",
+                    (QUEUED,),
+                )
+            ], len(rows)
+
+        def rebuilt(result: Any) -> None:
+            entries, in_doubt = result
+            self.stats["inDoubt"] += in_doubt
+            if in_doubt:
+                log.warn("{n} message(s) were being delivered when the agent stopped; "
+                         "handled per their destination's inDoubt policy", n=in_doubt)
+            for seq, push_id, remote in entries:
+                self._lane(remote).waiting.append((seq, push_id))
+            if entries:
+                log.info("Resuming {n} queued message(s) on {lanes} lane(s)", n=len(entries),
+                         lanes=len(self.lanes))
+            for key in list(self.lanes):
+                self._pump(key)
+
+        return self.db.run(recover).addCallback(rebuilt)
+
+    def stop(self) -> None:
+        self._stopped = True
+        for lane in self.lanes.values():
+            if lane.retry_call is not None and lane.retry_call.active():
+                lane.retry_call.cancel()
+
+    def _lane(self, remote: str) -> _Lane:
+        return self.lanes.setdefault(remote, _Lane())
+
+    # -- requests in -------------------------------------------------------------------------
+
+    def receive(self, msg: Mapping[str, Any]) -> Deferred[None]:
+        """
+        An ``agent:transmit:request``: store it (or find it stored), then tell the relay we
+        have it.  A request we already hold is answered from the record, never delivered
+        again.
+        """
+        self.stats["received"] += 1
+        push_id = msg.get("pushId") or msg.get("callback")
+        if not isinstance(push_id, str) or not push_id:
+            push_id = f"local-{self.wall():.6f}-{self.rng()}"
+        options = {k: msg[k] for k in ("returnAck", "waitTimeout") if k in msg}
+        now = self.wall()
+        row_values = (push_id, msg["remote"], msg["contentType"], msg["body"],
+                      json.dumps(options), msg.get("callback"), QUEUED, now, now)
+
+        def txn(conn: Any) -> tuple[bool, Any]:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO inbox (push_id, remote, content_type, body, options,"
+                " callback, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                row_values,
+            )
+            if cur.rowcount == 1:
+                return True, cur.lastrowid
+            row = conn.execute("SELECT state, answer FROM inbox WHERE push_id=?",
+                               (push_id,)).fetchone()
+            return False, (row["state"], row["answer"])
+
+        def stored(result: tuple[bool, Any]) -> None:
+            new, info = result
+            if new:
+                self._accepted(msg, push_id)
+                self._lane(msg["remote"]).waiting.append((info, push_id))
+                self._pump(msg["remote"])
+                return
+            self.stats["duplicates"] += 1
+            state, answer = info
+            log.info("Push {push_id} is already {state} here; answered from our record",
+                     push_id=push_id, state=state)
+            if answer:
+                self.send(dict(json.loads(answer), callback=msg.get("callback")))
+            else:
+                self._accepted(msg, push_id)
+
+        def failed(f: Failure) -> None:
+            log.failure("Could not store push {push_id}", f, push_id=push_id)
+            self.send(wire.error(f"Agent could not store the message: {f.getErrorMessage()}",
+                                 msg.get("callback")))
+
+        return self.db.run_batched(txn).addCallbacks(stored, failed)
+
+    def _accepted(self, msg: Mapping[str, Any], push_id: str) -> None:
+        self.send(wire.transmit_response(msg, status_code=202, content_type="text/plain",
+                                         body="accepted", pushId=push_id, delivery="accepted"))
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    def _pump(self, remote: str) -> None:
+        lane = self.lanes.get(remote)
+        if lane is None or lane.busy or self._stopped:
+            return
+        if not lane.waiting:
+            if lane.retry_call is None:
+                self.lanes.pop(remote, None)
+            return
+        seq, push_id = lane.waiting[0]
+        lane.busy = True
+        now = self.wall()
+
+        def claim(conn: Any) -> Any:
+            conn.execute(
+                "UPDATE inbox SET state=?, attempts=attempts+1, updated=? WHERE seq=?",
+                (DELIVERING, now, seq),
+            )
+            return conn.execute("SELECT * FROM inbox WHERE seq=?", (seq,)).fetchone()
+
+        def claimed(row: Any) -> Deferred[Any] | None:
+            if row is None or row["state"] != DELIVERING:
+                lane.waiting.popleft()
+                lane.busy = False
+                self._pump(remote)
+                return None
+            options = json.loads(row["options"] or "{}")
+            d = maybeDeferred(self.dispatcher.dispatch, row["remote"], row["content_type"],
+                              row["body"], options)
+            return d.addBoth(lambda outcome: self._delivered(remote, lane, row, outcome))
+
+        def claim_failed(f: Failure) -> None:
+            lane.busy = False
+            log.failure("Queue database error on lane {remote}", f, remote=_safe(remote))
+            self._schedule_retry(remote, lane, self.retry_cap)
+
+        # The 'delivering' mark is on disk before any byte leaves: that is what lets a
+        # restart tell "maybe delivered" from "certainly not".
+        self.db.run_batched(claim).addCallbacks(claimed, claim_failed)
+
+    def _delivered(self, remote: str, lane: _Lane, row: Any, outcome: Reply | Failure) -> None:
+        push_id = row["push_id"]
+        msg = {"remote": row["remote"], "callback": row["callback"], "channel": None}
+        if isinstance(outcome, Failure):
+            err = outcome.value
+            if isinstance(err, DeliveryError):
+                if err.transient and err.phase in RETRY_SAFE_PHASES and \
+                        row["attempts"] < _max_attempts(remote):
+                    self._retry_later(remote, lane, row, err)
+                    return
+                status = 400 if not err.transient else (
+                    504 if err.phase == "ack" and "timeout" in err.reason.lower() else 502)
+                reason, transient = err.reason, err.transient
+                if err.transient and err.phase in RETRY_SAFE_PHASES:
+                    reason = f"{reason} (gave up after {row['attempts']} attempts)"
+            else:
+                log.failure("Unexpected error delivering push {push_id}", outcome,
+                            push_id=push_id)
+                status, reason, transient = 500, "Agent internal error while delivering", False
+            answer = _failed_answer(push_id, row["remote"], row["callback"], reason,
+                                    status=status, transient=transient)
+            lane.failed += 1
+            lane.last_error = reason
+            self.stats["failed"] += 1
+            log.warn("Push {push_id} failed: {reason}", push_id=push_id, reason=reason)
+        else:
+            reply = outcome
+            answer = wire.transmit_response(
+                msg, status_code=reply.status_code, content_type=reply.content_type,
+                body=reply.body, pushId=push_id,
+                delivery="delivered" if reply.delivered else "failed", detail=reply.detail)
+            if reply.delivered:
+                lane.delivered += 1
+                self.stats["delivered"] += 1
+            else:
+                lane.failed += 1
+                self.stats["failed"] += 1
+            log.info("Push {push_id} {outcome} ({detail}) after {attempts} attempt(s)",
+                     push_id=push_id, outcome="delivered" if reply.delivered else
+                     "refused by the device", detail=reply.detail or "",
+                     attempts=row["attempts"])
+        lane.failures = 0
+        self._finish(remote, lane, row["seq"], answer)
+
+    def _finish(self, remote: str, lane: _Lane, seq: int, answer: dict[str, Any]) -> None:
+        now = self.wall()
+        stored = {k: v for k, v in answer.items() if k != "callback" and v is not None}
+
+        def txn(conn: Any) -> None:
+            conn.execute(
+                "UPDATE inbox SET state=?, answer=?, last_error=?, updated=? WHERE seq=?",
+                (DONE, json.dumps(stored), answer.get("error"), now, seq),
+            )
+
+        def done(_: Any) -> None:
+            if lane.waiting and lane.waiting[0][0] == seq:
+                lane.waiting.popleft()
+            lane.busy = False
+            self.send(answer)
+            self._pump(remote)
+
+        def failed(f: Failure) -> None:
+            log.failure("Could not record an answer on lane {remote}", f, remote=_safe(remote))
+            lane.busy = False
+            self._schedule_retry(remote, lane, self.retry_cap)
+
+        self.db.run_batched(txn).addCallbacks(done, failed)
+
+    def _retry_later(self, remote: str, lane: _Lane, row: Any, err: DeliveryError) -> None:
+        lane.failures += 1
+        lane.last_error = err.reason
+        self.stats["retries"] += 1
+        delay = min(self.retry_base * 2 ** (lane.failures - 1), self.retry_cap)
+        delay *= 0.5 + self.rng()  # jitter: 0.5x .. 1.5x
+        log.warn("Push {push_id} not delivered ({phase}: {reason}); attempt {n}, retrying in "
+                 "{delay:.1f}s", push_id=row["push_id"], phase=err.phase, reason=err.reason,
+                 n=row["attempts"], delay=delay)
+
+        def requeue(conn: Any) -> None:
+            conn.execute("UPDATE inbox SET state=?, last_error=?, updated=? WHERE seq=?",
+                         (QUEUED, err.reason, self.wall(), row["seq"]))
+
+        def requeued(_: Any) -> None:
+            lane.busy = False
+            # Let the relay show why it is not delivered yet.
+            self.send(wire.transmit_response(
+                {"remote": row["remote"], "callback": row["callback"], "channel": None},
+                status_code=202, content_type="text/plain", body="accepted",
+                pushId=row["push_id"], delivery="accepted",
+                error=f"{err.reason} (attempt {row['attempts']}, retrying)"))
+            self._schedule_retry(remote, lane, delay)
+
+        self.db.run_batched(requeue).addBoth(requeued)
+
+    def _schedule_retry(self, remote: str, lane: _Lane, delay: float) -> None:
+        if self._stopped:
+            return
+
+        def fire() -> None:
+            lane.retry_call = None
+            self._pump(remote)
+
+        lane.retry_call = self.clock.callLater(delay, fire)
+
+    # -- answers and confirmations -----------------------------------------------------------
+
+    def confirm(self, push_id: str) -> Deferred[None]:
+        """The relay has recorded our answer: it need not be sent again."""
+
+        def txn(conn: Any) -> None:
+            conn.execute("UPDATE inbox SET confirmed=1 WHERE push_id=? AND state=?",
+                         (push_id, DONE))
+
+        return self.db.run_batched(txn)
+
+    def unconfirmed(self, limit: int = 1000) -> Deferred[list[dict[str, Any]]]:
+        """Answers the relay has not confirmed yet (re-sent after a reconnect)."""
+
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            return [
+                dict(json.loads(r["answer"]), callback=r["callback"])
+                for r in conn.execute(
+                    "SELECT answer, callback FROM inbox WHERE state=? AND confirmed=0 "
+                    "ORDER BY seq LIMIT ?", (DONE, limit))
+            ]
+
+        return self.db.run(txn)
+
+    def prune(self, older_than: float) -> Deferred[int]:
+        """Forget confirmed answers older than C{older_than} seconds (payloads with them)."""
+        cutoff = self.wall() - older_than
+
+        def txn(conn: Any) -> int:
+            return conn.execute("DELETE FROM inbox WHERE state=? AND confirmed=1 AND updated<?",
+                                (DONE, cutoff)).rowcount
+
+        return self.db.run(txn)
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``$stats``: per lane depth, in flight, failures and the last error."""
+        return {
+            "queue": dict(self.stats),
+            "lanes": {
+                _safe(remote): {
+                    "waiting": len(lane.waiting),
+                    "inFlight": lane.busy,
+                    "retrying": lane.retry_call is not None,
+                    "consecutiveFailures": lane.failures,
+                    "delivered": lane.delivered,
+                    "failed": lane.failed,
+                    "lastError": lane.last_error,
+                }
+                for remote, lane in self.lanes.items()
+            },
+        }
+
+    def oldest_ages(self) -> Deferred[dict[str, float]]:
+        now = self.wall()
+
+        def txn(conn: Any) -> dict[str, float]:
+            return {
+                _safe(r["remote"]): round(now - r["t"], 3)
+                for r in conn.execute("SELECT remote, min(created) AS t FROM inbox WHERE state"
+                                      " IN (?, ?) GROUP BY remote", (QUEUED, DELIVERING))
+            }
+
+        return self.db.run(txn)
+
+
+def _failed_answer(push_id: str, remote: str, callback: str | None, reason: str, *,
+                   status: int, transient: bool) -> dict[str, Any]:
+    return wire.transmit_response(
+        {"remote": remote, "callback": callback, "channel": None},
+        status_code=status, content_type="text/plain", body=reason, pushId=push_id,
+        delivery="failed", error=reason, transient=transient)
+
+
+def _max_attempts(remote: str) -> int:
+    try:
+        n = parse_destination(remote, needs_port=False).int_param("maxAttempts", 0)
+    except DestinationError:
+        return 1
+    return n if n > 0 else 2**62
+
+
+def _in_doubt_policy(remote: str) -> str:
+    try:
+        policy = parse_destination(remote, needs_port=False).param("inDoubt", "fail")
+    except DestinationError:
+        return "fail"
+    return "resend" if policy == "resend" else "fail"
+
+
+def _safe(remote: str) -> str:
+    """A lane name for logs and stats: the URL without its query (may carry credentials)."""
+    return remote.split("?", 1)[0]
