@@ -24,7 +24,8 @@ from tests.peerenv import FIXTURES
 from tests.test_e2e import _Proxy
 
 N = int(os.environ.get("MEDAGENT_FAULT_N", "1000"))
-IN_DOUBT = "may or may not have received"
+#: the documented window: the device may have the bytes, its answer never came
+IN_DOUBT = ("may or may not have received", "before ACK")
 
 
 def order(ctrl: str) -> str:
@@ -111,7 +112,7 @@ class FaultTest(TestCase):
         in_doubt_docs = [d for d in (await self.journal()).values() if d["state"] == "failed"]
         self.assertLessEqual(len(in_doubt_docs), allow_in_doubt, in_doubt_docs[:3])
         for doc in in_doubt_docs:
-            self.assertIn(IN_DOUBT, doc.get("error", ""))
+            self.assertTrue(any(text in doc.get("error", "") for text in IN_DOUBT), doc)
         self.assertEqual(len(got), len(set(got)), "a message reached the device twice")
         delivered_expected = [i for i in ids if i in set(got)]
         self.assertEqual(got, delivered_expected, "order per destination not kept")
@@ -201,7 +202,9 @@ class FaultTest(TestCase):
                     state["sink"] = await self.start_sink()
 
             await self.push_all(device, ids, outage)
-            await self.check(ids, allow_in_doubt=0)
+            # the device killed between reading a message and ACKing it: that one is
+            # failed with the reason (no silent resend); all others exactly once
+            await self.check(ids, allow_in_doubt=1)
 
         return ensureDeferred(go())
 

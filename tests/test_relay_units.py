@@ -206,6 +206,22 @@ class JournalTests(SynchronousTestCase):
         counts = result_of(self, self.journal.counts("a1"))
         self.assertEqual((counts["queued"], counts["failed"]), (1, 1))
 
+    def test_expire_and_prune(self) -> None:
+        p = self.push()
+        p.expires_at = None
+        q = result_of(self, self.journal.create(Push(
+            id=self.journal.new_id(), agent_id="a1", destination="d", remote="r",
+            content_type="x", body="b", expires_at=self.reactor.seconds() + 5)))
+        self.reactor.advance(6)
+        self.assertEqual(result_of(self, self.journal.expire_overdue()), 1)
+        self.assertEqual(result_of(self, self.journal.get(q.id)).state, j.EXPIRED)
+        self.assertEqual(result_of(self, self.journal.get(p.id)).state, j.QUEUED)
+        self.assertEqual(result_of(self, self.journal.prune(10)), 0)
+        self.reactor.advance(11)
+        self.assertEqual(result_of(self, self.journal.prune(10)), 1)
+        self.failureResultOf(self.journal.get(q.id), FHIRError)
+        self.assertEqual(result_of(self, self.journal.get(p.id)).state, j.QUEUED)
+
 
 class PushBodyTests(SynchronousTestCase):
     def test_plain_json(self) -> None:
@@ -252,3 +268,4 @@ class PushBodyTests(SynchronousTestCase):
         self.assertEqual(hl7_control_id("MSH#^~\\&#A#B#C#D#2024##ADT^A01#X9#P#2.5"), "X9")
         for bad in ("PID|1", "MSH|^~\\&|A|B|C|D|2024||ADT^A01||P|2.5", "MSH|"):
             self.assertRaises(FHIRError, hl7_control_id, bad)
+

@@ -25,6 +25,7 @@ from twisted.logger import Logger  # noqa: E402
 
 from medagent import wire  # noqa: E402
 from medagent.agent.app import AgentApp  # noqa: E402
+from medagent.net import no_delay  # noqa: E402
 
 log = Logger()
 
@@ -64,6 +65,7 @@ def medplum_backoff(
 
 class RelaySocket(WebSocketClientProtocol):
     def onOpen(self) -> None:
+        no_delay(self.transport)
         self.factory.app.connection_made(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -207,19 +207,7 @@ class Authority:
             if principal is None:
                 log.warn("Token refused for client {client_id}", client_id=client_id)
                 raise FHIRError(401, "Invalid client credentials", "login")
-            now = int(self._clock.time())
-            claims = {
-                "iss": self._issuer,
-                "sub": principal.client_id,
-                "client_id": principal.client_id,
-                "aud": principal.client_id,
-                "role": principal.role,
-                "agents": sorted(principal.agents),
-                "iat": now,
-                "exp": now + self._lifetime,
-                "jti": uuid.uuid4().hex,
-            }
-            token = jwt.encode(claims, self._key, algorithm="HS256")
+            token = self.mint_token(principal, self._lifetime)
             return {
                 "access_token": token,
                 "token_type": "Bearer",
@@ -228,6 +216,25 @@ class Authority:
             }
 
         return self._db.run(txn).addCallback(issue)
+
+    def mint_token(self, principal: Principal, lifetime: int) -> str:
+        """
+        A bearer token for an identity that has no client credentials (a Bot running as
+        ``Bot/{id}``), valid for C{lifetime} seconds.  Never stored; checked like any other.
+        """
+        now = int(self._clock.time())
+        claims = {
+            "iss": self._issuer,
+            "sub": principal.client_id,
+            "client_id": principal.client_id,
+            "aud": principal.client_id,
+            "role": principal.role,
+            "agents": sorted(principal.agents),
+            "iat": now,
+            "exp": now + int(lifetime),
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._key, algorithm="HS256")
 
     def verify_token(self, token: str) -> Principal:
         """The caller behind a bearer token, or 401."""

@@ -239,6 +239,33 @@ class Journal:
 
         return self._db.run_batched(txn)
 
+    def expire_overdue(self) -> Deferred[int]:
+        """Queued pushes past their ``expiresAt`` become ``expired`` (never sent)."""
+        now = self._clock.seconds()
+
+        def txn(conn: Any) -> int:
+            return conn.execute(
+                "UPDATE pushes SET state=?, updated=?, last_error=? WHERE state=? AND"
+                " expires_at IS NOT NULL AND expires_at<=?",
+                (EXPIRED, now, "Expired before it could be sent", QUEUED, now),
+            ).rowcount
+
+        return self._db.run(txn)
+
+    def prune(self, older_than: float) -> Deferred[int]:
+        """Delete final pushes (and their payloads) last updated more than C{older_than} s ago."""
+        cutoff = self._clock.seconds() - older_than
+        finals = tuple(FINAL_STATES)
+
+        def txn(conn: Any) -> int:
+            return conn.execute(
+                f"DELETE FROM pushes WHERE state IN ({','.join('?' * len(finals))})"
+                " AND updated<?",
+                (*finals, cutoff),
+            ).rowcount
+
+        return self._db.run(txn)
+
     def flushed(self) -> Deferred[None]:
         """Fires once every write queued before this call is committed."""
         return self._db.run_batched(lambda conn: None)

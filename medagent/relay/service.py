@@ -8,15 +8,19 @@ import os
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from medagent import wire
 from medagent.db import Database
 from medagent.relay.auth import Authority, load_or_create_key
+from medagent.relay.bots import BotRunner, BotsService, WorkerPool, base_url_from_listen
+from medagent.relay.channels import ChannelRouter
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal
 from medagent.relay.push import PushService
 from medagent.relay.store import SQLiteStore
+from medagent.relay.subscriptions import SubscriptionManager, treq_poster
 from medagent.relay.web import DEFAULT_MAX_BODY, Api, RelaySite, Root
 from medagent.relay.ws import websocket_resource
 
@@ -27,7 +31,8 @@ DEFAULT_DATA = "./relay-data"
 
 
 def open_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> Database:
-    schema = SQLiteStore.schema() + Authority.schema() + Journal.schema()
+    schema = (SQLiteStore.schema() + Authority.schema() + Journal.schema()
+              + SubscriptionManager.schema())
     return Database(reactor, os.path.join(data_dir, "relay.sqlite"), schema=schema,
                     synchronous=synchronous, name="relay-db")
 
@@ -58,6 +63,41 @@ class _HubService(service.Service):
         return super().stopService()
 
 
+class _Housekeeping(service.Service):
+    """Expires overdue queued pushes every minute; prunes old final ones every hour."""
+
+    def __init__(self, reactor: Any, journal: Journal, retention: float) -> None:
+        self.reactor = reactor
+        self.journal = journal
+        self.retention = retention
+        self.calls: list[LoopingCall] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for interval, job in ((60.0, self.expire), (3600.0, self.prune)):
+            call = LoopingCall(job)
+            call.clock = self.reactor
+            call.start(interval, now=False)
+            self.calls.append(call)
+
+    def stopService(self) -> None:
+        for call in self.calls:
+            if call.running:
+                call.stop()
+        self.calls = []
+        return super().stopService()
+
+    def expire(self) -> None:
+        self.journal.expire_overdue().addCallbacks(
+            lambda n: n and log.info("{n} queued push(es) expired", n=n),
+            lambda f: log.failure("Expiring pushes failed", f))
+
+    def prune(self) -> None:
+        self.journal.prune(self.retention).addCallbacks(
+            lambda n: n and log.info("Pruned {n} old push(es) and their payloads", n=n),
+            lambda f: log.failure("Pruning the journal failed", f))
+
+
 class RelayService(service.MultiService):
     """The relay's service tree; attributes expose the parts to tests and tools."""
 
@@ -73,6 +113,13 @@ class RelayService(service.MultiService):
         heartbeat_interval: float = 10.0,
         token_lifetime: int = 3600,
         synchronous: str = "NORMAL",
+        retention_days: float = 30.0,
+        bot_workers: int = 2,
+        bot_memory_mb: int = 256,
+        bot_time_limit: float = 10.0,
+        bot_base_url: str | None = None,
+        bot_run_as: str | None = "auto",
+        subscription_retry_base: float = 10.0,
     ) -> None:
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
@@ -90,9 +137,26 @@ class RelayService(service.MultiService):
             max_message_size=max_message_size,
         )
         _HubService(self.hub).setServiceParent(self)
+        _Housekeeping(reactor, self.journal, retention_days * 86400).setServiceParent(self)
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)
         self.api = Api(self.authority, self.store, self.journal, self.hub, self.pushes,
                        base_url=base_url)
+        # Bots (worker processes), Subscriptions and inbound channel routing (issue 6).
+        self.bot_pool = WorkerPool(reactor, size=bot_workers, memory_mb=bot_memory_mb,
+                                   run_as=bot_run_as)
+        self.bots = BotRunner(reactor, self.store, self.authority, self.bot_pool,
+                              base_url=bot_base_url or base_url_from_listen(listen),
+                              default_time_limit=bot_time_limit,
+                              insecure_loopback=bot_base_url is None)
+        post, close_post = treq_poster(reactor)
+        self.subscriptions = SubscriptionManager(reactor, self.db, self.store, self.bots,
+                                                 poster=post,
+                                                 retry_base=subscription_retry_base)
+        self.channels = ChannelRouter(self.store, self.bots)
+        self.hub.inbound = self.channels
+        self.api.bots = self.bots
+        BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post]
+                    ).setServiceParent(self)
         self.site = RelaySite(Root(self.api, websocket_resource(reactor, self.hub)),
                               max_body=max_body)
         self.listener = strports.service(listen, self.site, reactor=reactor)

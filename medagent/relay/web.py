@@ -104,6 +104,8 @@ class Api(Resource):
     """Every HTTP route except the websocket."""
 
     isLeaf = True
+    #: the L{medagent.relay.bots.BotRunner} behind ``Bot/{id}/$execute`` (set by the service)
+    bots: Any = None
 
     def __init__(
         self,
@@ -230,6 +232,11 @@ class Api(Resource):
             return await self._agent_operation(request, principal, method, rest, query)
         if resource_type == "AgentPush":
             return await self._push_status(request, principal, method, rest, query)
+        if resource_type == "Bot" and rest[-1] == "$execute" and len(rest) in (2, 3):
+            if self.bots is None:
+                raise not_found("Bots are not enabled on this relay")
+            return await self.bots.execute_http(request, principal,
+                                                rest[1] if len(rest) == 3 else None, query)
         if resource_type not in RESOURCE_TYPES:
             raise not_found(f"Unsupported resource type {resource_type}")
         return await self._rest(request, principal, method, rest, query)

@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import (  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
 from medagent import wire  # noqa: E402
+from medagent.net import no_delay  # noqa: E402
 from medagent.relay.hub import Hub, Session  # noqa: E402
 
 log = Logger()
@@ -29,6 +30,7 @@ class AgentSocket(WebSocketServerProtocol):
     session: Session | None = None
 
     def onOpen(self) -> None:
+        no_delay(self.transport)
         self.session = self.factory.hub.connection_made(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -22,6 +22,12 @@ class RelayOptions(usage.Options):
         ["heartbeat-interval", None, "10", "Seconds between heartbeats to each agent"],
         ["token-lifetime", None, "3600", "Access token lifetime, seconds"],
         ["synchronous", None, "NORMAL", "SQLite synchronous: NORMAL (crash-safe) or FULL"],
+        ["retention-days", None, "30", "Days to keep finished pushes (and payloads)"],
+        ["bot-workers", None, "2", "Bot worker processes (kept warm, reused)"],
+        ["bot-memory-mb", None, "256", "Memory limit of one bot worker, MiB"],
+        ["bot-time-limit", None, "10", "Seconds one bot run may take"],
+        ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)"],
+        ["bot-run-as", None, "auto", "User bot workers run as (auto: nobody when root)"],
     ]
 
 
@@ -58,6 +64,12 @@ class RelayServiceMaker:
             heartbeat_interval=float(options["heartbeat-interval"]),
             token_lifetime=int(options["token-lifetime"]),
             synchronous=options["synchronous"],
+            retention_days=float(options["retention-days"]),
+            bot_workers=int(options["bot-workers"]),
+            bot_memory_mb=int(options["bot-memory-mb"]),
+            bot_time_limit=float(options["bot-time-limit"]),
+            bot_base_url=options["bot-base-url"],
+            bot_run_as=options["bot-run-as"],
         )
 
 

@@ -1,0 +1,244 @@
+"""
+Waited-push latency and throughput, side by side with its baselines, in one run.
+
+Starts real processes: the relay (twistd), the agent (twistd), an MLLP ACK sink, and a bare
+twisted.web server.  Measures
+
+- waited ``$push`` round trips (HTTP → relay → websocket → agent → MLLP → sink and back),
+  1 client (latency p50/p99, pushes/s) and 16 concurrent clients (pushes/s);
+- the direct MLLP round trip to the same sink (our MLLP sender, persistent connection);
+- a bare twisted.web POST round trip with the same HTTP client.
+
+Prints progress, then one JSON object as the last line:
+``push_p50_ms, push_p99_ms, http_p50_ms, mllp_p50_ms, ratio, pushes_per_s_1, pushes_per_s_16``
+with ratio = push_p50 / (http_p50 + mllp_p50).  Targets (issue 2): ratio ≤ 1.5 and
+≥ 1500 waited pushes/s with 16 clients.
+
+    python bench/push_rtt.py [--n 2000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import treq  # noqa: E402
+from twisted.internet import defer, reactor, task  # noqa: E402
+from twisted.web.client import HTTPConnectionPool  # noqa: E402
+
+from medagent.agent.dispatch import HL7_V2  # noqa: E402
+from medagent.destination import parse_destination  # noqa: E402
+from medagent.hl7.protocol import MLLPSender  # noqa: E402
+from tests.procs import TWISTD, Proc, free_port  # noqa: E402
+
+HL7 = "MSH|^~\\&|BENCH|HOSP|LIS|LAB|20240101120000||ORM^O01|{ctrl}|P|2.5.1\rPID|1||1^^^MRN||DOE^J\r"
+
+SINK = r"""
+import asyncio, sys
+async def handle(reader, writer):
+    buf = b""
+    try:
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\x1c\r" in buf:
+                frame, buf = buf.split(b"\x1c\r", 1)
+                msg = frame[frame.find(b"\x0b") + 1:]
+                fields = msg.split(b"\r", 1)[0].split(b"|")
+                ctrl = fields[9] if len(fields) > 9 else b""
+                writer.write(b"\x0bMSH|^~\\&|LIS|LAB|BENCH|HOSP|20240101120000||ACK^O01^ACK|A"
+                             + ctrl + b"|P|2.5.1\rMSA|AA|" + ctrl + b"\r\x1c\r")
+    finally:
+        writer.close()
+async def main(port):
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    print("sink listening", flush=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+WEB = r"""
+import sys
+from twisted.internet import reactor
+from twisted.web import resource, server
+class R(resource.Resource):
+    isLeaf = True
+    def render_POST(self, request):
+        request.content.read()
+        request.setHeader(b"content-type", b"x-application/hl7-v2+er7")
+        return b"MSH|^~\\&|LIS|LAB|BENCH|HOSP|20240101120000||ACK^O01^ACK|A1|P|2.5.1\rMSA|AA|X\r"
+reactor.listenTCP(int(sys.argv[1]), server.Site(R()), interface="127.0.0.1")
+print("web listening", flush=True)
+reactor.run()
+"""
+
+
+class Bench:
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def spawn(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(name)
+        env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        reactor.spawnProcess(proc, sys.executable, [sys.executable, *args], env=env, path=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            await p.stop()
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def timed_loop(n: int, concurrency: int, one) -> tuple[list[float], float]:
+    """Run C{one(i)} n times with C{concurrency} workers; latencies (ms) and wall seconds."""
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            await one(i)
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    start = time.perf_counter()
+    await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(concurrency)],
+                              consumeErrors=True)
+    return latencies, time.perf_counter() - start
+
+
+async def main(args: argparse.Namespace) -> dict:
+    bench = Bench()
+    data = tempfile.mkdtemp(prefix="bench-relay-")
+    relay_port, sink_port, web_port = free_port(), free_port(), free_port()
+    base = f"http://127.0.0.1:{relay_port}"
+    try:
+        from medagent.relay.service import open_authority, open_database
+
+        def client(role: str, agents: list[str] = ()) -> dict:
+            return open_authority(open_database(None, data), data).create_client_sync(role, agents)
+
+        admin = client("admin")
+        relay = bench.spawn("relay", ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay",
+                                      "--data", data, "--listen",
+                                      f"tcp:{relay_port}:interface=127.0.0.1"])
+        sink = bench.spawn("sink", ["-c", SINK, str(sink_port)])
+        web = bench.spawn("web", ["-c", WEB, str(web_port)])
+        for p, text in ((relay, "relay listening"), (sink, "sink listening"),
+                        (web, "web listening")):
+            await p.wait_for(text, timeout=30)
+
+        pool = HTTPConnectionPool(reactor)
+        pool.maxPersistentPerHost = args.concurrency + 4
+        r = await treq.post(base + "/oauth2/token", pool=pool, data={
+            "grant_type": "client_credentials", "client_id": admin["clientId"],
+            "client_secret": admin["clientSecret"]})
+        token = (await r.json())["access_token"]
+        headers = {"Authorization": [f"Bearer {token}"],
+                   "Content-Type": ["application/fhir+json"]}
+        r = await treq.post(base + "/fhir/R4/Agent", pool=pool, headers=headers,
+                            data=json.dumps({"resourceType": "Agent", "name": "bench",
+                                             "status": "active"}).encode())
+        agent_id = (await r.json())["id"]
+        creds = client("agent", [agent_id])
+        agent = bench.spawn("agent", ["-c", TWISTD, "-n", "--pidfile=", "medagent-agent",
+                                      "--relay", base, "--client-id", creds["clientId"],
+                                      "--client-secret", creds["clientSecret"],
+                                      "--agent-id", agent_id])
+        await agent.wait_for("Connected to the relay", timeout=30)
+        destination = f"mllp://127.0.0.1:{sink_port}"
+        run_id = os.urandom(3).hex()
+
+        async def push(i: int) -> None:
+            body = {"destination": destination, "contentType": HL7_V2, "waitForResponse": True,
+                    "body": HL7.format(ctrl=f"B{run_id}{i:07d}")}
+            resp = await treq.post(f"{base}/fhir/R4/Agent/{agent_id}/$push", pool=pool,
+                                   headers=headers, data=json.dumps(body).encode())
+            content = await resp.content()
+            if resp.code != 200 or b"MSA|AA|" not in content:
+                raise RuntimeError(f"push failed: {resp.code} {content[:200]!r}")
+
+        async def web_post(i: int) -> None:
+            resp = await treq.post(f"http://127.0.0.1:{web_port}/", pool=pool, headers=headers,
+                                   data=json.dumps({"body": HL7.format(ctrl=i)}).encode())
+            await resp.content()
+
+        sender = MLLPSender(reactor)
+        dest = parse_destination(destination)
+
+        async def mllp(i: int) -> None:
+            reply = await sender.send(dest, HL7_V2, HL7.format(ctrl=f"D{run_id}{i:07d}"), {})
+            if "MSA|AA|" not in reply.body:
+                raise RuntimeError("bad ACK")
+
+        warm = min(200, args.n // 5)
+        for fn in (push, web_post, mllp):
+            await timed_loop(warm, 1, lambda i, fn=fn: fn(9_000_000 + i))
+
+        print("measuring direct MLLP round trip", file=sys.stderr)
+        mllp_lat, _ = await timed_loop(args.n, 1, mllp)
+        print("measuring bare twisted.web POST", file=sys.stderr)
+        http_lat, _ = await timed_loop(args.n, 1, web_post)
+        print("measuring waited pushes, 1 client", file=sys.stderr)
+        push_lat, push_wall = await timed_loop(args.n, 1, lambda i: push(i))
+        print(f"measuring waited pushes, {args.concurrency} clients", file=sys.stderr)
+        conc_lat, conc_wall = await timed_loop(args.n * 2, args.concurrency,
+                                               lambda i: push(args.n + i))
+        await sender.close()
+        await pool.closeCachedConnections()
+        push_p50 = percentile(push_lat, 0.5)
+        http_p50 = percentile(http_lat, 0.5)
+        mllp_p50 = percentile(mllp_lat, 0.5)
+        return {
+            "n": args.n,
+            "push_p50_ms": round(push_p50, 3),
+            "push_p99_ms": round(percentile(push_lat, 0.99), 3),
+            "http_p50_ms": round(http_p50, 3),
+            "mllp_p50_ms": round(mllp_p50, 3),
+            "ratio": round(push_p50 / (http_p50 + mllp_p50), 3),
+            "pushes_per_s_1": round(len(push_lat) / push_wall, 1),
+            "pushes_per_s_16": round(len(conc_lat) / conc_wall, 1),
+            "push_p50_ms_16": round(percentile(conc_lat, 0.5), 3),
+            "push_p99_ms_16": round(percentile(conc_lat, 0.99), 3),
+        }
+    finally:
+        await bench.stop()
+
+
+def run() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    result: dict = {}
+
+    def done(value) -> None:
+        if isinstance(value, dict):
+            result.update(value)
+        else:
+            print(value, file=sys.stderr)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(main(args)).addBoth(done))
+    reactor.run()
+    if not result:
+        sys.exit(1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,196 @@
+"""
+Inbound channel routing on the relay: an agent's ``agent:transmit:request`` for one of its
+channels runs the channel's Bot and the Bot's answer goes back on the same socket.
+
+Units drive L{ChannelRouter} with a fake runner; the integration test feeds a real relay's
+hub frames from a fake agent connection (as the websocket adapter would) and the bots run in
+real, warm worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from medagent import wire
+from medagent.relay import bots as b
+from medagent.relay.channels import ChannelRouter
+from medagent.relay.service import RelayService
+from medagent.relay.store import SQLiteStore
+from tests import procs
+from tests.fakes import InlineReactor, inline_database
+
+ADT = "MSH|^~\\&|ADT|HOSP|LIS|LAB|20240101120000||ADT^A01|{ctrl}|P|2.5.1\rPID|1||42^^^MRN"
+HL7 = "x-application/hl7-v2+er7"
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.answer = b.BotRun(bot_id="b1", outcome=b.SUCCESS, result="ACK", result_type="text")
+
+    def execute(self, bot_id: str, input: Any, content_type: str, **kw: Any) -> Deferred:
+        self.calls.append({"bot": bot_id, "input": input, "contentType": content_type, **kw})
+        return succeed(self.answer)
+
+
+class RouterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.store = SQLiteStore(inline_database(self, SQLiteStore.schema(), InlineReactor()))
+        self.runner = FakeRunner()
+        self.router = ChannelRouter(self.store, self.runner)
+        self.agent = self.successResultOf(self.store.create({
+            "resourceType": "Agent", "name": "site", "status": "active",
+            "channel": [
+                {"name": "adt", "endpoint": {"reference": "Endpoint/e1"},
+                 "targetReference": {"reference": "Bot/b1"}},
+                {"name": "no-bot", "endpoint": {"reference": "Endpoint/e2"}},
+                {"name": "url", "endpoint": {"reference": "Endpoint/e3"},
+                 "targetReference": {"reference": "https://example.test/x"}},
+            ]}))
+
+    def route(self, **msg: Any) -> dict[str, Any]:
+        message = {"type": wire.TRANSMIT_REQUEST, "channel": "adt", "remote": "10.0.0.5:5000",
+                   "contentType": HL7, "body": ADT.format(ctrl="C1"), "callback": "cb", **msg}
+        return self.successResultOf(self.router(self.agent["id"], message))
+
+    def test_runs_the_channel_bot(self) -> None:
+        answer = self.route()
+        self.assertEqual(answer, {"statusCode": 200, "contentType": HL7, "body": "ACK"})
+        [call] = self.runner.calls
+        self.assertEqual((call["bot"], call["input"], call["contentType"], call["trigger"]),
+                         ("b1", ADT.format(ctrl="C1"), HL7, "channel"))
+        self.assertEqual(call["requester"], f"Agent/{self.agent['id']}")
+        self.assertEqual(call["event_extra"]["channel"], "adt")
+        self.assertEqual(call["event_extra"]["remoteAddress"], "10.0.0.5:5000")
+        self.assertEqual(call["headers"]["X-Medagent-Channel"], "adt")
+
+    def test_json_input_and_answers(self) -> None:
+        self.runner.answer = b.BotRun(bot_id="b1", outcome=b.SUCCESS, result='{"a":1}',
+                                      result_type="json")
+        answer = self.route(contentType="application/json", body='{"x": 2}')
+        self.assertEqual(self.runner.calls[-1]["input"], {"x": 2})
+        self.assertEqual((answer["statusCode"], answer["contentType"]), (200, "application/json"))
+        self.runner.answer = b.BotRun(bot_id="b1", outcome=b.SUCCESS)
+        self.assertEqual(self.route()["statusCode"], 204)
+
+    def test_errors_are_clear(self) -> None:
+        cases = [
+            ({"channel": "nope"}, 404, "Channel 'nope' not found"),
+            ({"channel": "no-bot"}, 404, "has no Bot"),
+            ({"channel": "url"}, 404, "has no Bot"),
+            ({"channel": None}, 400, "Missing channel"),
+            ({"body": None}, 400, "Missing body"),
+        ]
+        for msg, status, text in cases:
+            answer = self.route(**msg)
+            self.assertEqual(answer["statusCode"], status, msg)
+            self.assertIn(text, answer["body"])
+        self.assertEqual(self.runner.calls, [])
+        answer = self.successResultOf(self.router("ghost", {"channel": "adt", "body": "x"}))
+        self.assertEqual(answer["statusCode"], 404)
+        for outcome, status in ((b.ERROR, 400), (b.TIMEOUT, 504), (b.CRASH, 500),
+                                (b.BUSY, 503), (b.NOT_FOUND, 404)):
+            self.runner.answer = b.BotRun(bot_id="b1", outcome=outcome, error="why " * 500)
+            answer = self.route()
+            self.assertEqual((answer["statusCode"], answer["contentType"]),
+                             (status, "text/plain"), outcome)
+            self.assertTrue(answer["body"].startswith(f"Bot/b1 failed ({outcome}): why"))
+            self.assertLessEqual(len(answer["body"]), 500)
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.peer = "tcp:127.0.0.1:5555"
+        self.sent: list[dict[str, Any]] = []
+        self.closed: str | None = None
+
+    def send_message(self, message: Any) -> None:
+        self.sent.append(json.loads(wire.encode(message)))
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.sent if m["type"] == kind]
+
+
+class HubChannelIntegration(TestCase):
+    """A real relay's hub, a fake agent socket, real bot workers."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred:
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self) -> None:
+        port = procs.free_port()
+        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-chan-"),
+                                  listen=f"tcp:{port}:interface=127.0.0.1", bot_workers=1)
+        self.relay.startService()
+        self.addCleanup(self.relay.stopService)
+        store = self.relay.store
+        self.ack_bot = await store.create({"resourceType": "Bot", "name": "ADT in", "code": (
+            "def handler(medplum, event):\n"
+            "    if 'REJECT' in event.input:\n"
+            "        raise ValueError('unknown patient')\n"
+            "    return event.build_ack('AA')\n")})
+        self.agent = await store.create({
+            "resourceType": "Agent", "name": "site", "status": "active",
+            "channel": [{"name": "adt", "endpoint": {"reference": "Endpoint/e1"},
+                         "targetReference": {"reference": f"Bot/{self.ack_bot['id']}"}}]})
+        creds = await self.relay.authority.create_client("agent", [self.agent["id"]])
+        token = await self.relay.authority.issue_token(creds["clientId"], creds["clientSecret"])
+        self.token = token["access_token"]
+        self.conn = FakeConnection()
+        self.session = self.relay.hub.connection_made(self.conn)
+        self.addCleanup(self.relay.hub.connection_lost, self.session)
+        self.relay.hub.frame_received(self.session, wire.encode({
+            "type": wire.CONNECT_REQUEST, "accessToken": self.token,
+            "agentId": self.agent["id"]}))
+        await procs.wait_until(lambda: self.conn.of_type(wire.CONNECT_RESPONSE), timeout=10,
+                               what="connect response")
+        await procs.wait_until(lambda: self.relay.bot_pool._idle, timeout=30,
+                               what="bot worker ready")
+
+    async def transmit(self, body: str, channel: str = "adt") -> dict[str, Any]:
+        callback = f"Agent/{self.agent['id']}-{len(self.conn.sent)}"
+        self.relay.hub.frame_received(self.session, wire.encode({
+            "type": wire.TRANSMIT_REQUEST, "accessToken": self.token, "channel": channel,
+            "remote": "10.1.1.1:4000", "contentType": HL7, "body": body,
+            "callback": callback}))
+
+        def answered() -> Any:
+            return [m for m in self.conn.of_type(wire.TRANSMIT_RESPONSE)
+                    if m.get("callback") == callback]
+
+        [answer] = await procs.wait_until(answered, timeout=20, what="transmit response")
+        return answer
+
+    def test_inbound_message_gets_the_bots_ack(self) -> Deferred:
+        async def go() -> None:
+            for i in range(25):
+                answer = await self.transmit(ADT.format(ctrl=f"IN{i:04d}"))
+                self.assertEqual((answer["statusCode"], answer["contentType"], answer["channel"],
+                                  answer["remote"]), (200, HL7, "adt", "10.1.1.1:4000"))
+                self.assertIn(f"MSA|AA|IN{i:04d}", answer["body"])
+            self.assertEqual(self.relay.bot_pool.spawned, 1)  # one warm worker, reused
+            answer = await self.transmit(ADT.format(ctrl="REJECT01"))
+            self.assertEqual((answer["statusCode"], answer["contentType"]), (400, "text/plain"))
+            self.assertIn("ValueError: unknown patient", answer["body"])
+            answer = await self.transmit(ADT.format(ctrl="X"), channel="other")
+            self.assertEqual(answer["statusCode"], 404)
+            audits = await self.relay.store.search("AuditEvent", {"_count": ["1000"]})
+            self.assertEqual(len(audits), 26)  # every run recorded; the unknown channel ran none
+            failed = [a for a in audits if a["outcome"] != "0"]
+            self.assertEqual(len(failed), 1)
+            self.assertIn({"what": {"reference": f"Agent/{self.agent['id']}"}},
+                          failed[0]["entity"])
+            self.assertNotIn("REJECT01", json.dumps(audits))
+
+        return ensureDeferred(go())
