@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from medagent import wire
 from medagent.agent.app import AgentApp
 from medagent.agent.dispatch import DeliveryError, Dispatcher, Reply
+from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from tests.fakes import InlineReactor, inline_database
 from tests.test_hub import FakeConnection
@@ -45,7 +46,7 @@ class Tokens:
 class AgentAppTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
-        self.db = inline_database(self, DurableQueue.schema(), self.clock)
+        self.db = inline_database(self, DurableQueue.schema() + Outbox.schema(), self.clock)
         self.sender = FakeSender()
         self.make_app()
 

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.agent.dispatch import Dispatcher
+from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.db import Database
 from medagent.relay.hub import CAP_DEDUPE
@@ -76,14 +77,13 @@ class AgentApp:
         self.not_live_ticks = 0
         self.relay_durable = False
         self.queue = DurableQueue(queue_db, dispatcher, clock, self._send_answer)
+        self.outbox = Outbox(queue_db, clock, agent_id, self._send_inbound)
         self.connects = 0
         self.last_ping_ms: float | None = None
         self._heartbeat_sent_at: float | None = None
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = clock
         self.on_live: list[Callable[[], None]] = []
-        #: callbacks of our inbound (device → cloud) requests awaiting the relay's answer
-        self.inbound_responses: dict[str, Deferred[dict[str, Any]]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -192,7 +192,8 @@ class AgentApp:
                 self._send({"type": wire.STATS_RESPONSE, "callback": msg.get("callback"),
                             "statusCode": 200, "stats": self.current_stats()})
             elif kind == wire.ERROR:
-                log.warn("Relay says: {body}", body=str(msg.get("body"))[:300])
+                if not self.outbox.failed(msg):
+                    log.warn("Relay says: {body}", body=str(msg.get("body"))[:300])
             else:
                 self._send(wire.error(f"Unsupported message type: {kind}", msg.get("callback")))
         except Exception:
@@ -206,6 +207,8 @@ class AgentApp:
         self.connects += 1
         log.info("Connected to the relay as Agent/{agent_id}", agent_id=self.agent_id)
         self._resend_unconfirmed()
+        self.outbox.resend_pending().addErrback(
+            lambda f: log.failure("Could not read the inbound outbox", f))
         for hook in list(self.on_live):
             hook()
 
@@ -229,6 +232,21 @@ class AgentApp:
         if self.conn is not None:
             self.conn.send_message(msg)
 
+    def _send_inbound(self, msg: dict[str, Any]) -> bool:
+        """A device's message up to the relay, with a fresh access token (as Medplum)."""
+        conn = self.conn
+        if not (self.live and conn is not None):
+            return False
+
+        def send(token: str) -> None:
+            if self.conn is conn:
+                conn.send_message(dict(msg, accessToken=token))
+
+        self.tokens.access_token().addCallbacks(
+            send, lambda f: log.error("No access token for an inbound message: {error}",
+                                      error=f.getErrorMessage()))
+        return True
+
     def _send_answer(self, msg: dict[str, Any]) -> None:
         """
         An answer (or "accepted") from the queue.  While the link is down nothing is lost:
@@ -243,11 +261,8 @@ class AgentApp:
 
     def _on_transmit_response(self, msg: Mapping[str, Any]) -> None:
         """Answers to our own inbound messages are routed by the channel layer."""
-        handler = self.inbound_responses.pop(msg.get("callback") or "", None)
-        if handler is None:
-            log.warn("Response for unknown inbound callback from the relay")
-            return
-        handler.callback(dict(msg))
+        if not self.outbox.answered(msg):
+            log.warn("Answer from the relay for an inbound message we no longer hold")
 
     # -- control ---------------------------------------------------------------------------
 

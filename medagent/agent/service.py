@@ -6,7 +6,7 @@ app, and the websocket uplink.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
@@ -14,8 +14,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 
 from medagent.agent.app import AgentApp
+from medagent.agent.channels import ChannelManager, ChannelSpec, specs_from_resources
 from medagent.agent.config import AgentConfig
 from medagent.agent.dispatch import Dispatcher, Sender
+from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.agent.uplink import uplink_service
 from medagent.client import MedagentClient
@@ -25,14 +27,23 @@ from medagent.logbuffer import LogBuffer
 log = Logger()
 
 
-def default_senders(reactor: Any) -> dict[str, Sender]:
-    """One sender per destination scheme."""
+def default_senders(reactor: Any, worklist: Callable[[str], Any]) -> dict[str, Sender]:
+    """One sender per destination scheme; C{worklist(name)} finds a worklist channel."""
     from medagent.astm.transport import ASTMSender
+    from medagent.dicom.scu import DICOMSender
+    from medagent.dicom.worklist import WorklistSender
     from medagent.hl7.protocol import MLLPSender
 
     mllp = MLLPSender(reactor)
     astm = ASTMSender(reactor)
-    return {"mllp": mllp, "mllps": mllp, "astm": astm, "astm+serial": astm}
+    return {
+        "mllp": mllp,
+        "mllps": mllp,
+        "astm": astm,
+        "astm+serial": astm,
+        "dicom": DICOMSender(reactor),
+        "worklist": WorklistSender(worklist),
+    }
 
 
 class AgentService(service.MultiService):
@@ -48,11 +59,10 @@ class AgentService(service.MultiService):
         self.config = config
         self.client = MedagentClient(reactor, config.relay, config.client_id,
                                      config.client_secret)
-        self.dispatcher = Dispatcher(reactor, senders if senders is not None
-                                     else default_senders(reactor))
+        self.dispatcher = Dispatcher(reactor, {})
         self.logs = LogBuffer()
         self.db = Database(reactor, os.path.join(config.data_dir, "agent.sqlite"),
-                           schema=DurableQueue.schema(), synchronous=config.synchronous,
+                           schema=DurableQueue.schema() + Outbox.schema(), synchronous=config.synchronous,
                            name="agent-db")
         self.app = AgentApp(
             reactor,
@@ -61,9 +71,18 @@ class AgentService(service.MultiService):
             self.dispatcher,
             self.db,
             heartbeat_interval=config.heartbeat_interval,
-            capabilities=tuple(self.dispatcher.schemes()),
             log_buffer=self.logs.newest,
+            reload_config=self.reload_channels,
         )
+        self.channels = ChannelManager(reactor, self.app.outbox, self._fetch_config,
+                                       config.data_dir)
+        for scheme, sender in (senders if senders is not None
+                               else default_senders(reactor, self.channels.worklist)).items():
+            self.dispatcher.add_sender(scheme, sender)
+        self.app.capabilities = (*self.app.capabilities, *self.dispatcher.schemes())
+        self.channels.setServiceParent(self)
+        self._channels_loaded = False
+        self.app.on_live.append(self._first_live)
         self.uplink = uplink_service(reactor, config.relay, self.app)
         self.uplink.setServiceParent(self)
 
@@ -79,6 +98,31 @@ class AgentService(service.MultiService):
         self._pruner.clock = self.reactor
         self._pruner.start(3600, now=False)
         super().startService()
+
+    async def _fetch_config(self) -> list[ChannelSpec]:
+        agent = await self.client.read("Agent", self.config.agent_id)
+        endpoints = {}
+        for channel in agent.get("channel") or []:
+            ref = (channel.get("endpoint") or {}).get("reference") or ""
+            if ref.startswith("Endpoint/"):
+                endpoints[ref[len("Endpoint/"):]] = await self.client.read(
+                    "Endpoint", ref[len("Endpoint/"):])
+        return specs_from_resources(agent, endpoints)
+
+    def reload_channels(self) -> Deferred[None]:
+        """Re-read Agent + Endpoints and apply the channel changes ($reload-config)."""
+        return Deferred.fromCoroutine(self._fetch_config()).addCallback(self.channels.apply)
+
+    def _first_live(self) -> None:
+        if self._channels_loaded:
+            return
+
+        def loaded(_: Any) -> None:
+            self._channels_loaded = True
+
+        self.reload_channels().addCallbacks(
+            loaded, lambda f: log.error("Could not load channel settings: {error}; will retry "
+                                        "on the next connect", error=f.getErrorMessage()))
 
     def _prune(self) -> None:
         self.app.queue.prune(self.config.retention_seconds).addCallbacks(

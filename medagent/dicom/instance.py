@@ -13,13 +13,12 @@ import binascii
 import json
 import os
 import re
+import tempfile
 from io import BytesIO
 from typing import Any
 
 import attr
-from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
@@ -82,9 +81,20 @@ def _check_uids(sop_class: Any, sop_instance: Any) -> None:
         raise InstanceError("the instance has no valid SOP Instance UID (0008,0018)")
 
 
+try:  # SIMD base64: a 5 MB instance decodes in ~2 ms instead of ~25 ms
+    import pybase64 as _b64
+except ImportError:  # pragma: no cover - optional speed-up
+    _b64 = base64
+
+
 def decode_base64(body: str) -> bytes:
+    """Strict base64 (whitespace such as MIME line breaks allowed, nothing else)."""
     try:
-        return base64.b64decode("".join(body.split()), validate=True)
+        return _b64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return _b64.b64decode("".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InstanceError("the body is not valid base64")
 
@@ -105,15 +115,37 @@ def dataset_offset(raw: bytes) -> tuple[FileMetaDataset, int]:
     return meta, fp.tell()
 
 
+def read_header(data: bytes, syntax: str, *, stop_after: int | None = None) -> Dataset:
+    """
+    The data set in C{data} (encoded in C{syntax}) up to, not including, the pixel data -
+    or only up to tag C{stop_after} - read by pydicom without copying the pixels.
+    """
+    from pydicom.filereader import read_dataset
+
+    implicit, little, deflated = dimse.syntax_flags(syntax)
+    if deflated:
+        import zlib
+
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    limit = stop_after if stop_after is not None else 0x7FE00007
+
+    def stop(tag: Any, vr: Any, length: int) -> bool:
+        return tag > limit
+
+    ds = read_dataset(BytesIO(data), implicit, little, stop_when=stop)
+    list(ds)  # parse now (pydicom reads lazily), inside the caller's try
+    return ds
+
+
 def from_part10(raw: bytes) -> Instance:
     """Read a Part 10 file: the SOP UIDs from the data set, the data set bytes as they are."""
     meta, offset = dataset_offset(raw)
     syntax = meta.get("TransferSyntaxUID")
     if not valid_uid(syntax):
         raise InstanceError("the file meta has no Transfer Syntax UID (0002,0010)")
+    data = raw[offset:]
     try:
-        ds = dcmread(BytesIO(raw), stop_before_pixels=True,
-                     specific_tags=[0x00080016, 0x00080018])
+        ds = read_header(data, str(syntax), stop_after=0x00080018)
         sop_class, sop_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
     except Exception as e:
         raise InstanceError(f"unreadable DICOM data set ({e.__class__.__name__})")
@@ -122,7 +154,7 @@ def from_part10(raw: bytes) -> Instance:
     sop_instance = str(sop_instance) if sop_instance is not None else meta.get(
         "MediaStorageSOPInstanceUID")
     _check_uids(sop_class, sop_instance)
-    return Instance(str(sop_class), str(sop_instance), str(syntax), raw[offset:])
+    return Instance(str(sop_class), str(sop_instance), str(syntax), data)
 
 
 def from_json(body: str | dict) -> Instance:
@@ -174,9 +206,10 @@ def write_part10(path: str, meta: bytes, data: bytes, *, fsync: bool = True) -> 
     Returns the size.  Nothing is left behind on failure.
     """
     folder = os.path.dirname(path)
-    tmp = os.path.join(folder, "." + os.path.basename(path) + f".{os.getpid()}.part")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
+                               dir=folder)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(meta)
             f.write(data)
             f.flush()

@@ -35,7 +35,6 @@ from medagent.dicom.association import (
     AssociationAborted,
     AssociationError,
     AssociationRequestor,
-    AssociationTimeout,
     ConnectionClosed,
 )
 from medagent.dicom.instance import Instance, InstanceError, from_body

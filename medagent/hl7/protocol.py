@@ -1235,8 +1235,26 @@ class MLLPChannel(Factory):
         return out
 
     def _answered(
-        self, reply: Reply | None, text: str, cid: str, codec: str, remote: str, respond: Respond
-    ) -> None:
+        self, reply: Any, text: str, cid: str, codec: str, remote: str, respond: Respond
+    ) -> Deferred[None] | None:
+        answer = getattr(reply, "answer", None)
+        if isinstance(answer, Deferred):
+            # Two stages (the agent's durable outbox): the message is on disk now, the
+            # cloud's answer comes later.  Enhanced and AA modes answer the device at once
+            # and move on to the next message; original mode waits for the cloud.
+            if self.mode == "original":
+                return answer.addCallbacks(
+                    self._answered, self._forward_failed,
+                    callbackArgs=(text, cid, codec, remote, respond),
+                    errbackArgs=(text, cid, codec, remote, respond))
+            code = "AA" if self.mode == "aa" else "CA"
+            self._send(respond, hl7msg.build_ack(text, code), codec, cid, remote)
+            if self.mode == "enhanced":
+                answer.addCallback(self._late_app_ack, cid, codec, remote, respond)
+            answer.addErrback(lambda f: log.warn(
+                "MLLP channel {channel}: no cloud answer for {control_id}: {reason}",
+                channel=self.name, control_id=cid, reason=f.getErrorMessage()))
+            return None
         if self.mode == "aa":
             self._send(respond, hl7msg.build_ack(text, "AA"), codec, cid, remote)
             return
@@ -1254,6 +1272,12 @@ class MLLPChannel(Factory):
             self._send(respond, body, codec, cid, remote)
             return
         self._send(respond, body, self._codec(body, codec), cid, remote)
+
+    def _late_app_ack(self, reply: Reply | None, cid: str, codec: str, remote: str,
+                      respond: Respond) -> None:
+        body = self._cloud_ack(reply, cid)
+        if body is not None and self._should_send_app_ack(body):
+            self._send(respond, body, self._codec(body, codec), cid, remote)
 
     def _forward_failed(
         self, f: Failure, text: str, cid: str, codec: str, remote: str, respond: Respond

@@ -1,0 +1,394 @@
+"""
+Inbound DICOM: the storage channel, a C-STORE SCP (and C-ECHO) that keeps each instance on
+the agent's disk and forwards its metadata to the relay.
+
+Order of custody: the Part 10 file (and a ``.pending`` note holding the forward body) are
+written and fsynced *before* the C-STORE response says success; the forward to the relay
+starts once the response is on its way, and the note is removed when the relay has it.  An
+instance whose association died before we could answer is deleted (the modality will send it
+again); notes left by a crash are forwarded again on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterable
+
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+from twisted.application import service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from medagent.dicom import dimse, pdu
+from medagent.dicom.association import (
+    AcceptorPolicy,
+    AssociationAcceptor,
+    DicomServerFactory,
+    HandlerResult,
+)
+from medagent.dicom.instance import (
+    dataset_json,
+    file_meta_bytes,
+    fsync_dir,
+    read_header,
+    valid_uid,
+)
+
+log = Logger()
+
+#: Preference order when a requestor offers several: uncompressed first, then the rest.
+STORAGE_TRANSFER_SYNTAXES = [
+    dimse.ExplicitVRLittleEndian,
+    dimse.ImplicitVRLittleEndian,
+    dimse.DeflatedExplicitVRLittleEndian,
+    dimse.ExplicitVRBigEndian,
+] + [UID(ts) for ts in ALL_TRANSFER_SYNTAXES if UID(ts) not in dimse.NATIVE_SYNTAXES]
+
+Forward = Callable[[str, str, str], Deferred]
+
+
+def supported_contexts(abstract_syntaxes: Iterable[str], syntaxes: list) -> list:
+    contexts = []
+    for abstract in abstract_syntaxes:
+        cx = PresentationContext()
+        cx.abstract_syntax = UID(abstract)
+        cx.transfer_syntax = list(syntaxes)
+        contexts.append(cx)
+    return contexts
+
+
+def default_storage_classes() -> list[str]:
+    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+
+
+def echo_handler(assoc: AssociationAcceptor, message, cx) -> Any:
+    return dimse.c_echo_rsp(message, dimse.SUCCESS)
+
+
+class ThreadRunner:
+    """An owned, bounded thread pool for blocking file work (never the reactor thread)."""
+
+    def __init__(self, reactor: Any, name: str, max_threads: int = 4) -> None:
+        self._reactor = reactor
+        self._name = name
+        self._max = max_threads
+        self._pool: ThreadPool | None = None
+
+    def __call__(self, fn: Callable, *args: Any) -> Deferred:
+        from twisted.internet.threads import deferToThreadPool
+
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._max, name=self._name)
+            self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+
+
+class _ListeningService(service.Service):
+    """Shared start/stop: listen on C{endpoint} if given, abort live associations on stop."""
+
+    endpoint: str | None
+    _factory: DicomServerFactory
+
+    def __init__(self) -> None:
+        self._port = None
+
+    def factory(self) -> DicomServerFactory:
+        """The server factory, for a caller that listens itself (e.g. C{strports.service})."""
+        return self._factory
+
+    def listen(self, endpoint: str) -> Deferred:
+        d = serverFromString(self._reactor, endpoint).listen(self._factory)
+
+        def listening(port: Any) -> Any:
+            self._port = port
+            log.info("DICOM {kind} {ae} listening on {address}", kind=self.kind,
+                     ae=self.ae_title, address=str(port.getHost()))
+            return port
+
+        return d.addCallback(listening)
+
+    def startService(self) -> Deferred | None:
+        service.Service.startService(self)
+        if self.endpoint:
+            return self.listen(self.endpoint)
+        return None
+
+    def stopService(self) -> Deferred:
+        service.Service.stopService(self)
+        self._factory.abort_all()
+        d = maybeDeferred(self._port.stopListening) if self._port is not None else succeed(None)
+        self._port = None
+        return d
+
+
+class StorageChannel(_ListeningService):
+    """
+    C-STORE SCP for the configured SOP classes (default: all storage classes) and C-ECHO.
+    Each instance goes to C{storage_dir}/<SOP Instance UID>.dcm, then C{forward} gets an
+    ``application/json`` body::
+
+        {"association": {"callingAeTitle", "calledAeTitle"},
+         "dataset": <DICOM JSON without pixel data>,
+         "instance": {"path", "size", "sopInstanceUID", "sopClassUID", "transferSyntaxUID"}}
+    """
+
+    kind = "storage SCP"
+
+    def __init__(
+        self,
+        forward: Forward,
+        *,
+        reactor: Any,
+        ae_title: str,
+        storage_dir: str,
+        endpoint: str | None = None,
+        allowed_calling: Iterable[str] | None = None,
+        sop_classes: Iterable[str] | None = None,
+        transfer_syntaxes: Iterable[str] | None = None,
+        max_pdu: int = pdu.DEFAULT_MAX_PDU,
+        acse_timeout: float = 30,
+        network_timeout: float = 60,
+        max_associations: int = 16,
+        max_instance_bytes: int = 512 * 1024 * 1024,
+        fsync: bool = True,
+        run_blocking: Callable[..., Deferred] | None = None,
+    ) -> None:
+        super().__init__()
+        self._forward = forward
+        self._reactor = reactor
+        self.ae_title = ae_title.strip()
+        self.storage_dir = os.path.abspath(storage_dir)
+        self.endpoint = endpoint
+        self.fsync = fsync
+        self._runner = ThreadRunner(reactor, "medagent-dicom-store")
+        self._run = run_blocking or self._runner
+        classes = list(sop_classes) if sop_classes is not None else default_storage_classes()
+        syntaxes = [UID(s) for s in (transfer_syntaxes or STORAGE_TRANSFER_SYNTAXES)]
+        contexts = supported_contexts(classes, syntaxes) + supported_contexts(
+            [dimse.VERIFICATION], [dimse.ImplicitVRLittleEndian, dimse.ExplicitVRLittleEndian])
+        self.policy = AcceptorPolicy(
+            ae_title=self.ae_title,
+            contexts=contexts,
+            handlers={0x0030: echo_handler, 0x0001: self._c_store},
+            allowed_calling=allowed_calling,
+        )
+        self._factory = DicomServerFactory(
+            reactor, self.policy, max_associations=max_associations, max_pdu=max_pdu,
+            acse_timeout=acse_timeout, network_timeout=network_timeout,
+            max_message_bytes=max_instance_bytes)
+        self.forwards: dict[str, Deferred] = {}
+        self.stored = 0
+
+    # -- service ---------------------------------------------------------------------------
+
+    def startService(self) -> Deferred | None:
+        os.makedirs(self.storage_dir, exist_ok=True)
+        d = super().startService()
+        self.recover()
+        return d
+
+    def stopService(self) -> Deferred:
+        d = super().stopService()
+
+        def stop_pool(r: Any) -> Any:
+            self._runner.stop()
+            return r
+
+        return d.addBoth(stop_pool)
+
+    def recover(self) -> Deferred:
+        """Forward again what a previous run stored but did not see the relay take."""
+
+        def scan() -> list[tuple[str, str, str]]:
+            found = []
+            for name in sorted(os.listdir(self.storage_dir)):
+                if name.endswith(".pending") and not name.startswith("."):
+                    path = os.path.join(self.storage_dir, name)
+                    try:
+                        with open(path, encoding="utf-8") as f:
+                            note = json.load(f)
+                        found.append((path, note["body"], note["remote"]))
+                    except (OSError, ValueError, KeyError):
+                        try:
+                            found.append((path, *self._rebuild_note(path)))
+                        except Exception:
+                            log.warn("DICOM storage: pending note {name} without a readable "
+                                     "instance", name=name)
+            return found
+
+        def resend(found: list) -> None:
+            for note, body, remote in found:
+                if note not in self.forwards:
+                    log.info("DICOM storage: forwarding {note} again after restart",
+                             note=os.path.basename(note))
+                    self._start_forward(note, body, remote)
+
+        return self._run(scan).addCallback(resend)
+
+    # -- C-STORE ---------------------------------------------------------------------------
+
+    def _c_store(self, assoc: AssociationAcceptor, message, cx) -> Any:
+        cs = message.command_set
+        sop_class = str(cs.get("AffectedSOPClassUID") or "")
+        sop_instance = str(cs.get("AffectedSOPInstanceUID") or "")
+        if UID(sop_class) != cx.abstract_syntax:
+            return dimse.c_store_rsp(message, 0x0122, "SOP class not on this context")
+        if not valid_uid(sop_instance):
+            return dimse.c_store_rsp(message, 0xC000, "invalid Affected SOP Instance UID")
+        data = message.data_set.getvalue() if message.data_set is not None else b""
+        message.data_set = None
+        if not data:
+            return dimse.c_store_rsp(message, 0xC000, "no data set")
+        syntax = str(cx.transfer_syntax[0])
+        association = {"callingAeTitle": assoc.calling_ae.strip(),
+                       "calledAeTitle": assoc.called_ae.strip()}
+        remote = f"dicom://{assoc.calling_ae.strip()}@{assoc.peer}"
+        d = self._run(self._store_blocking, sop_class, sop_instance, syntax, data, association,
+                      remote)
+
+        def stored(outcome: tuple) -> Any:
+            status, comment, path, note, body, fresh = outcome
+            if status != dimse.SUCCESS:
+                log.warn("DICOM storage: refused an instance from {calling}: 0x{status:04X} "
+                         "{comment}", calling=association["callingAeTitle"], status=status,
+                         comment=comment)
+                return dimse.c_store_rsp(message, status, comment)
+            self.stored += 1
+            return HandlerResult(
+                [dimse.c_store_rsp(message, dimse.SUCCESS)],
+                sent=lambda: self._start_forward(note, body, remote),
+                unsent=lambda: self._discard(path if fresh else None, note),
+            )
+
+        def failed(f: Any) -> Any:
+            log.failure("DICOM storage: cannot store an instance", f)
+            return dimse.c_store_rsp(message, 0xA700, "cannot write the instance")
+
+        return d.addCallbacks(stored, failed)
+
+    def _store_blocking(self, sop_class: str, sop_instance: str, syntax: str, data: bytes,
+                        association: dict, remote: str) -> tuple:
+        """
+        Parse, check, write + fsync the file; write the note (its existence made durable by
+        the folder fsync; its content can be rebuilt from the file).  Runs in the channel's
+        thread pool.
+        """
+        try:
+            ds = read_header(data, syntax)
+        except Exception as e:
+            return (0xC000, f"cannot parse data set ({e.__class__.__name__})", None, None, None,
+                    False)
+        if ds.get("SOPClassUID") not in (None, sop_class):
+            return (0xA900, "SOP Class UID differs from the request", None, None, None, False)
+        if ds.get("SOPInstanceUID") not in (None, sop_instance):
+            return (0xA900, "SOP Instance UID differs from the request", None, None, None,
+                    False)
+        path = os.path.join(self.storage_dir, sop_instance + ".dcm")
+        note = path + ".pending"
+        meta = file_meta_bytes(sop_class, sop_instance, syntax)
+        try:
+            body = self._forward_body(ds, association, path, len(meta) + len(data),
+                                      sop_instance, sop_class, syntax)
+        except Exception as e:
+            return (0xC000, f"cannot convert to JSON ({e.__class__.__name__})", None, None,
+                    None, False)
+        fresh = not os.path.exists(path)
+        self._write(path, [meta, data])
+        self._write(note, [json.dumps({"body": body, "remote": remote}).encode()],
+                    fsync=False)
+        if self.fsync:
+            fsync_dir(self.storage_dir)
+        return (dimse.SUCCESS, None, path, note, body, fresh)
+
+    @staticmethod
+    def _forward_body(ds: Any, association: dict, path: str, size: int, sop_instance: str,
+                      sop_class: str, syntax: str) -> str:
+        return json.dumps({
+            "association": association,
+            "dataset": dataset_json(ds),
+            "instance": {"path": path, "size": size, "sopInstanceUID": sop_instance,
+                         "sopClassUID": sop_class, "transferSyntaxUID": syntax},
+        })
+
+    def _rebuild_note(self, note: str) -> tuple[str, str]:
+        """A note whose content was lost in a crash: rebuild the body from the file."""
+        from pydicom import dcmread
+
+        path = note[: -len(".pending")]
+        ds = dcmread(path, stop_before_pixels=True)
+        meta = ds.file_meta
+        ds.file_meta = None
+        body = self._forward_body(
+            ds, {"callingAeTitle": None, "calledAeTitle": self.ae_title}, path,
+            os.path.getsize(path), str(meta.MediaStorageSOPInstanceUID),
+            str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        return body, "dicom://recovered"
+
+    def _write(self, path: str, chunks: list[bytes], fsync: bool = True) -> None:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
+                                   dir=self.storage_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                if self.fsync and fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _discard(self, path: str | None, note: str) -> None:
+        """
+        The association was gone before our success response: keep nothing new (an earlier,
+        acknowledged copy of the same instance stays).
+        """
+        log.info("DICOM storage: association lost before the response; discarding instance")
+
+        def remove() -> None:
+            for p in (note, path):
+                if p is None:
+                    continue
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+
+        self._run(remove)
+
+    def _start_forward(self, note: str, body: str, remote: str) -> None:
+        d = maybeDeferred(self._forward, "application/json", body, remote)
+        self.forwards[note] = d
+
+        def done(result: Any) -> Any:
+            self.forwards.pop(note, None)
+
+            def remove() -> None:
+                try:
+                    os.unlink(note)
+                except OSError:
+                    pass
+
+            return self._run(remove)
+
+        def failed(f: Any) -> None:
+            self.forwards.pop(note, None)
+            log.failure("DICOM storage: forward to the relay failed; kept for the next start",
+                        f)
+
+        d.addCallbacks(done, failed)

@@ -1,0 +1,526 @@
+"""
+Units for the DICOM upper layer: PDU framing, P-DATA fragmenting, the requestor and acceptor
+state machines on StringTransport + Clock, and the storage channel's custody rules.
+
+The peer side of these exchanges is built with pynetdicom's PDU classes and DIMSE messages
+(a codec we did not write), so a mistake in our framing shows up as a decode failure here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import dimse_messages as pmsgs
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from medagent.dicom import dimse, pdu
+from medagent.dicom.association import (
+    AssociationAborted,
+    AssociationRejected,
+    AssociationRequestor,
+    AssociationTimeout,
+    ConnectionClosed,
+)
+from medagent.dicom.scp import StorageChannel
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def transport() -> StringTransport:
+    return StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+
+
+def read_pdus(raw: bytes) -> list:
+    """Split written bytes into PDUs with a fresh decoder (no size limit to speak of)."""
+    return pdu.PDUDecoder(pdu.ABSOLUTE_MAX_PDU).feed(raw)
+
+
+def sr_dataset() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = SR_CLASS
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "DOE^JOHN"
+    ds.PatientID = "12345"
+    ds.Modality = "SR"
+    return ds
+
+
+def pdata(message, context_id: int, max_pdu: int) -> bytes:
+    return b"".join(dimse.message_pdus(message, context_id, max_pdu))
+
+
+class PDUDecoderTests(SynchronousTestCase):
+    def test_split_and_joined_pdus(self) -> None:
+        rq = pdu.associate_rq("US", "THEM", pdu.build_contexts(
+            [("1.2.840.10008.1.1", [ImplicitVRLittleEndian])]), 16384).encode()
+        rel = pdu.release_rq().encode()
+        decoder = pdu.PDUDecoder()
+        out = []
+        stream = rq + rel
+        for i in range(0, len(stream), 7):
+            out += decoder.feed(stream[i:i + 7])
+        self.assertEqual([p.pdu_type for p in out], [1, 5])
+        self.assertEqual(out[0].calling_ae_title, "US")
+        self.assertEqual(out[0].called_ae_title, "THEM")
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_unknown_pdu_type(self) -> None:
+        with self.assertRaises(pdu.PDUError) as e:
+            pdu.PDUDecoder().feed(b"\x09\x00\x00\x00\x00\x02ab")
+        self.assertEqual(e.exception.reason, pdu.REASON_UNRECOGNISED_PDU)
+
+    def test_p_data_over_maximum_is_refused_from_the_header(self) -> None:
+        decoder = pdu.PDUDecoder(16384)
+        with self.assertRaises(pdu.PDUError) as e:
+            decoder.feed(b"\x04\x00" + struct.pack(">I", 16385))
+        self.assertEqual(e.exception.reason, pdu.REASON_INVALID_PARAMETER)
+
+    def test_bad_pdv_lengths(self) -> None:
+        body = struct.pack(">I", 50) + b"\x01\x03abc"  # item says 50 bytes, has 5
+        with self.assertRaises(pdu.PDUError):
+            pdu.PDUDecoder().feed(b"\x04\x00" + struct.pack(">I", len(body)) + body)
+
+    def test_abort_with_wrong_length(self) -> None:
+        with self.assertRaises(pdu.PDUError):
+            pdu.PDUDecoder().feed(b"\x07\x00\x00\x00\x00\x05\x00\x00\x00\x00\x00")
+
+    def test_rejection_words(self) -> None:
+        text = pdu.describe_rejection(1, 1, 3)
+        self.assertIn("rejected-permanent", text)
+        self.assertIn("calling AE title not recognized", text)
+
+
+class FragmentingTests(SynchronousTestCase):
+    def test_fragments_respect_max_pdu_and_reassemble(self) -> None:
+        data = os.urandom(100_003)
+        message = dimse.c_store_rq(7, CT_CLASS, "1.2.3.4", data)
+        pdus = list(dimse.message_pdus(message, 3, 4096))
+        self.assertGreater(len(pdus), 20)
+        for raw in pdus:
+            length = struct.unpack(">I", raw[2:6])[0]
+            self.assertLessEqual(length, 4096)
+            self.assertEqual(length, len(raw) - 6)
+        # flags: command fragment(s) first (bit 0 set), last dataset fragment has bit 1
+        flags = [raw[11] for raw in pdus]
+        self.assertEqual(flags[0] & 1, 1)
+        self.assertEqual(flags[-1], 0x02)
+        # reassembled by pynetdicom's own decoder, PDV by PDV
+        msg = pmsgs.DIMSEMessage()
+        done = False
+        for p in read_pdus(b"".join(pdus)):
+            done = msg.decode_msg(p.to_primitive())
+        self.assertTrue(done)
+        self.assertEqual(msg.command_set.AffectedSOPInstanceUID, "1.2.3.4")
+        self.assertEqual(msg.data_set.getvalue(), data)
+
+    def test_assembler_bounds_and_order(self) -> None:
+        message = dimse.c_store_rq(1, CT_CLASS, "1.2.3", b"\x00" * 10_000)
+        pdus = read_pdus(pdata(message, 1, 2048))
+        assembler = dimse.MessageAssembler(max_message_bytes=5000)
+        with self.assertRaises(dimse.DimseError):
+            for p in pdus:
+                assembler.feed(p)
+        # a data set fragment with no command before it
+        data_only = [p for p in pdus if not p.presentation_data_value_items[0]
+                     .presentation_data_value[0] & 1]
+        with self.assertRaises(dimse.DimseError):
+            dimse.MessageAssembler().feed(data_only[0])
+
+
+def accept(rq_bytes: bytes, supported: list[tuple[str, list[str]]], max_pdu: int = 16384):
+    """What a conforming acceptor answers to C{rq_bytes} (pynetdicom negotiation)."""
+    rq = read_pdus(rq_bytes)[0]
+    primitive = rq.to_primitive()
+    contexts = []
+    for abstract, syntaxes in supported:
+        cx = PresentationContext()
+        cx.abstract_syntax = abstract
+        cx.transfer_syntax = syntaxes
+        contexts.append(cx)
+    results, _ = negotiate_as_acceptor(primitive.presentation_context_definition_list,
+                                       contexts)
+    return pdu.associate_ac(primitive, results, max_pdu).encode(), primitive
+
+
+class RequestorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.proto = AssociationRequestor(
+            self.clock, calling_ae="AGENT", called_ae="PACS",
+            contexts=[(SR_CLASS, [ExplicitVRLittleEndian]),
+                      ("1.2.840.10008.1.1", [ImplicitVRLittleEndian])],
+            acse_timeout=30, dimse_timeout=60, max_pdu=32768)
+        self.tr = transport()
+        self.proto.makeConnection(self.tr)
+
+    def establish(self, max_pdu: int = 16384):
+        ac, primitive = accept(self.tr.value(), [(SR_CLASS, [ExplicitVRLittleEndian])],
+                               max_pdu)
+        self.tr.clear()
+        results = []
+        self.proto.established.addCallback(results.append)
+        self.proto.dataReceived(ac)
+        return results, primitive
+
+    def test_request_pdu(self) -> None:
+        rq = read_pdus(self.tr.value())[0]
+        self.assertIsInstance(rq, A_ASSOCIATE_RQ)
+        primitive = rq.to_primitive()
+        self.assertEqual(primitive.calling_ae_title, "AGENT")
+        self.assertEqual(primitive.called_ae_title, "PACS")
+        self.assertEqual(primitive.maximum_length_received, 32768)
+        ids = [cx.context_id for cx in primitive.presentation_context_definition_list]
+        self.assertEqual(ids, [1, 3])
+
+    def test_accept_store_release(self) -> None:
+        results, _ = self.establish(max_pdu=4096)
+        self.assertEqual(results, [self.proto])
+        self.assertEqual(self.proto.peer_max_pdu, 4096)
+        cx = self.proto.find_context(SR_CLASS, [ExplicitVRLittleEndian])
+        self.assertEqual(cx.context_id, 1)
+        self.assertIsNone(self.proto.find_context("1.2.840.10008.1.1"))  # rejected
+        self.assertEqual(self.proto.rejected[0].result, 3)
+
+        data = os.urandom(20000)
+        answers = []
+        self.proto.request(dimse.c_store_rq(1, SR_CLASS, "1.2.3", data), 1).addCallback(
+            answers.append)
+        written = read_pdus(self.tr.value())
+        self.assertTrue(all(isinstance(p, P_DATA_TF) for p in written))
+        self.assertTrue(all(p.pdu_length <= 4096 for p in written))
+        # the peer (pynetdicom's decoder) gets the message whole
+        msg = pmsgs.DIMSEMessage()
+        for p in written:
+            msg.decode_msg(p.to_primitive())
+        self.assertEqual(msg.data_set.getvalue(), data)
+        self.tr.clear()
+        rsp = dimse.c_store_rsp(msg, 0xB000)
+        self.proto.dataReceived(pdata(rsp, 1, 16384))
+        self.assertEqual(answers[0][-1].command_set.Status, 0xB000)
+
+        released = []
+        self.proto.release().addCallback(released.append)
+        self.assertEqual(read_pdus(self.tr.value())[0].pdu_type, 0x05)
+        self.proto.dataReceived(pdu.release_rp().encode())
+        self.assertTrue(self.tr.disconnecting)
+        self.proto.connectionLost(None)
+        self.assertEqual(released, [None])
+
+    def test_rejected_permanent(self) -> None:
+        failures = []
+        self.proto.established.addErrback(failures.append)
+        self.proto.dataReceived(pdu.associate_rj(1, 1, 7).encode())
+        error = failures[0].value
+        self.assertIsInstance(error, AssociationRejected)
+        self.assertFalse(error.transient)
+        self.assertIn("called AE title not recognized", str(error))
+        self.assertTrue(self.tr.disconnecting)
+
+    def test_rejected_transient(self) -> None:
+        failures = []
+        self.proto.established.addErrback(failures.append)
+        self.proto.dataReceived(pdu.associate_rj(2, 3, 1).encode())
+        self.assertTrue(failures[0].value.transient)
+        self.assertIn("temporary congestion", str(failures[0].value))
+
+    def test_acse_timeout(self) -> None:
+        failures = []
+        self.proto.established.addErrback(failures.append)
+        self.clock.advance(29)
+        self.assertEqual(failures, [])
+        self.clock.advance(1)
+        self.assertIsInstance(failures[0].value, AssociationTimeout)
+        self.assertEqual(read_pdus(self.tr.value())[-1].pdu_type, 0x07)
+        self.assertTrue(self.tr.disconnecting)
+
+    def test_dimse_timeout_aborts(self) -> None:
+        self.establish()
+        failures = []
+        self.proto.request(dimse.c_echo_rq(1), 1).addErrback(failures.append)
+        self.tr.clear()
+        self.clock.advance(60)
+        self.assertIsInstance(failures[0].value, AssociationTimeout)
+        abort = read_pdus(self.tr.value())[-1]
+        self.assertEqual((abort.pdu_type, abort.source), (0x07, 2))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_peer_abort_fails_request(self) -> None:
+        self.establish()
+        failures = []
+        self.proto.request(dimse.c_echo_rq(1), 1).addErrback(failures.append)
+        self.proto.dataReceived(pdu.abort(0).encode())
+        self.assertIsInstance(failures[0].value, AssociationAborted)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connection_lost_fails_everything(self) -> None:
+        failures = []
+        self.proto.established.addErrback(failures.append)
+        self.proto.connectionLost(None)
+        self.assertIsInstance(failures[0].value, ConnectionClosed)
+
+    def test_garbage_from_peer_aborts(self) -> None:
+        failures = []
+        self.proto.established.addErrback(failures.append)
+        self.proto.dataReceived(b"\x0a\x00\x00\x00\x00\x00")
+        abort = read_pdus(self.tr.value())[-1]
+        self.assertEqual((abort.pdu_type, abort.source, abort.reason_diagnostic), (7, 2, 1))
+        self.assertIsInstance(failures[0].value, AssociationAborted)
+
+
+class InlineRun:
+    """Runs 'blocking' work at once, or holds it until released (to test races)."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list = []
+
+    def __call__(self, fn, *args):
+        if self.hold:
+            d: Deferred = Deferred()
+            self.held.append((d, fn, args))
+            return d
+        try:
+            return succeed(fn(*args))
+        except Exception:
+            from twisted.internet.defer import fail
+
+            return fail()
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, fn, args in held:
+            d.callback(fn(*args))
+
+
+class StorageChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dir = tempfile.mkdtemp(prefix="medagent-dicom-test-")
+        self.addCleanup(self._rmtree)
+        self.forwarded: list = []
+        self.run = InlineRun()
+        self.channel = StorageChannel(
+            self.forward, reactor=self.clock, ae_title="AGENTSCP", storage_dir=self.dir,
+            allowed_calling=["MODALITY"], sop_classes=[SR_CLASS], run_blocking=self.run,
+            max_pdu=16384)
+        self.files_at_answer: list = []
+
+    def _rmtree(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def forward(self, content_type, body, remote):
+        self.forwarded.append((content_type, json.loads(body), remote))
+        return succeed(None)
+
+    def connect(self, calling="MODALITY", called="AGENTSCP", classes=(SR_CLASS,),
+                max_pdu=16384):
+        proto = self.channel.factory().buildProtocol(None)
+        tr = transport()
+        proto.makeConnection(tr)
+        contexts = pdu.build_contexts([(c, [ExplicitVRLittleEndian]) for c in classes])
+        proto.dataReceived(pdu.associate_rq(calling, called, contexts, max_pdu).encode())
+        return proto, tr
+
+    def test_unknown_calling_ae_rejected(self) -> None:
+        proto, tr = self.connect(calling="STRANGER")
+        rj = read_pdus(tr.value())[0]
+        self.assertEqual((rj.pdu_type, rj.result, rj.source, rj.reason_diagnostic),
+                         (3, 1, 1, 3))
+        self.assertTrue(tr.disconnecting)
+
+    def test_wrong_called_ae_rejected(self) -> None:
+        proto, tr = self.connect(called="SOMEONE")
+        rj = read_pdus(tr.value())[0]
+        self.assertEqual((rj.result, rj.source, rj.reason_diagnostic), (1, 1, 7))
+
+    def test_unsupported_sop_class_context_rejected(self) -> None:
+        proto, tr = self.connect(classes=(CT_CLASS, SR_CLASS))
+        ac = read_pdus(tr.value())[0]
+        self.assertIsInstance(ac, A_ASSOCIATE_AC)
+        results = {cx.context_id: cx.result for cx in
+                   ac.to_primitive().presentation_context_definition_results_list}
+        self.assertEqual(results, {1: 3, 3: 0})
+
+    def test_store_writes_before_answering_then_forwards(self) -> None:
+        proto, tr = self.connect()
+        tr.clear()
+        ds = sr_dataset()
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        path = os.path.join(self.dir, ds.SOPInstanceUID + ".dcm")
+        self.run.hold = True
+        proto.dataReceived(pdata(dimse.c_store_rq(5, SR_CLASS, ds.SOPInstanceUID, raw),
+                                 1, 16384))
+        self.assertEqual(tr.value(), b"")  # nothing answered while the write is pending
+        self.assertFalse(os.path.exists(path))
+        self.run.hold = False
+        self.run.release()
+        self.assertTrue(os.path.exists(path))
+        rsp = pmsgs.DIMSEMessage()
+        for p in read_pdus(tr.value()):
+            rsp.decode_msg(p.to_primitive())
+        self.assertEqual(rsp.command_set.Status, 0)
+        self.assertEqual(rsp.command_set.MessageIDBeingRespondedTo, 5)
+        # the stored file is a Part 10 file pydicom reads back
+        from pydicom import dcmread
+
+        stored = dcmread(path)
+        self.assertEqual(stored.PatientName, "DOE^JOHN")
+        self.assertEqual(stored.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian)
+        ct, body, remote = self.forwarded[0]
+        self.assertEqual(ct, "application/json")
+        self.assertEqual(body["association"], {"callingAeTitle": "MODALITY",
+                                               "calledAeTitle": "AGENTSCP"})
+        self.assertEqual(body["instance"]["path"], path)
+        self.assertEqual(body["instance"]["size"], os.path.getsize(path))
+        self.assertEqual(body["dataset"]["00100020"]["Value"], ["12345"])
+        self.assertTrue(remote.startswith("dicom://MODALITY@127.0.0.1"))
+        self.assertFalse(os.path.exists(path + ".pending"))  # relay has it
+
+    def test_association_lost_before_answer_keeps_nothing(self) -> None:
+        proto, tr = self.connect()
+        ds = sr_dataset()
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        self.run.hold = True
+        proto.dataReceived(pdata(dimse.c_store_rq(1, SR_CLASS, ds.SOPInstanceUID, raw),
+                                 1, 16384))
+        proto.dataReceived(pdu.abort(0).encode())
+        proto.connectionLost(None)
+        self.run.hold = False
+        self.run.release()  # the write finishes after the peer is gone
+        self.run.release()  # ... and its removal runs
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(self.forwarded, [])
+
+    def test_abort_mid_transfer_stores_nothing(self) -> None:
+        proto, tr = self.connect()
+        ds = sr_dataset()
+        ds.add_new(0x7FE00010, "OB", b"\x00" * 50000)
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        pdus = list(dimse.message_pdus(dimse.c_store_rq(1, SR_CLASS, ds.SOPInstanceUID, raw),
+                                       1, 16384))
+        self.assertGreater(len(pdus), 3)
+        proto.dataReceived(b"".join(pdus[:2]))  # command + first data fragment, then abort
+        proto.dataReceived(pdu.abort(0).encode())
+        self.assertTrue(tr.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(self.forwarded, [])
+
+    def test_pdu_over_negotiated_max_aborts(self) -> None:
+        proto, tr = self.connect()
+        tr.clear()
+        ds = sr_dataset()
+        ds.add_new(0x7FE00010, "OB", b"\x00" * 40000)
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        # fragmented for 64 kB although we announced 16 kB
+        proto.dataReceived(pdata(dimse.c_store_rq(1, SR_CLASS, ds.SOPInstanceUID, raw),
+                                 1, 65536))
+        abort = read_pdus(tr.value())[-1]
+        self.assertEqual((abort.pdu_type, abort.source, abort.reason_diagnostic), (7, 2, 6))
+        self.assertTrue(tr.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_malformed_pdu_aborts(self) -> None:
+        proto, tr = self.connect()
+        tr.clear()
+        body = struct.pack(">I", 3) + b"\x01\x03"  # PDV shorter than its length
+        proto.dataReceived(b"\x04\x00" + struct.pack(">I", len(body)) + body)
+        abort = read_pdus(tr.value())[-1]
+        self.assertEqual((abort.pdu_type, abort.source, abort.reason_diagnostic), (7, 2, 6))
+
+    def test_p_data_on_unaccepted_context_aborts(self) -> None:
+        proto, tr = self.connect()
+        tr.clear()
+        proto.dataReceived(pdata(dimse.c_echo_rq(1), 7, 16384))
+        abort = read_pdus(tr.value())[-1]
+        self.assertEqual(abort.pdu_type, 7)
+
+    def test_echo_and_release(self) -> None:
+        proto, tr = self.connect(classes=("1.2.840.10008.1.1",))
+        tr.clear()
+        proto.dataReceived(pdata(dimse.c_echo_rq(9), 1, 16384))
+        rsp = pmsgs.DIMSEMessage()
+        for p in read_pdus(tr.value()):
+            rsp.decode_msg(p.to_primitive())
+        self.assertEqual((rsp.command_set.CommandField, rsp.command_set.Status), (0x8030, 0))
+        tr.clear()
+        proto.dataReceived(pdu.release_rq().encode())
+        self.assertEqual(read_pdus(tr.value())[0].pdu_type, 6)
+        self.assertTrue(tr.disconnecting)
+
+    def test_artim_closes_silent_connection(self) -> None:
+        proto = self.channel.factory().buildProtocol(None)
+        tr = transport()
+        proto.makeConnection(tr)
+        self.clock.advance(30)
+        self.assertTrue(tr.disconnecting)
+
+    def test_network_timeout_on_idle_association(self) -> None:
+        proto, tr = self.connect()
+        self.clock.advance(59)
+        self.assertFalse(tr.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(tr.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sop_instance_mismatch_refused(self) -> None:
+        proto, tr = self.connect()
+        tr.clear()
+        ds = sr_dataset()
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        proto.dataReceived(pdata(dimse.c_store_rq(1, SR_CLASS, "1.2.3.999", raw), 1, 16384))
+        rsp = pmsgs.DIMSEMessage()
+        for p in read_pdus(tr.value()):
+            rsp.decode_msg(p.to_primitive())
+        self.assertEqual(rsp.command_set.Status, 0xA900)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_too_many_associations(self) -> None:
+        self.channel._factory.max_associations = 1
+        self.connect()
+        proto, tr = self.connect()
+        rj = read_pdus(tr.value())[0]
+        self.assertEqual((rj.result, rj.source, rj.reason_diagnostic), (2, 3, 2))
+
+    def test_recover_forwards_pending_notes(self) -> None:
+        note = os.path.join(self.dir, "1.2.3.dcm.pending")
+        with open(note, "w") as f:
+            json.dump({"body": json.dumps({"instance": {"sopInstanceUID": "1.2.3"}}),
+                       "remote": "dicom://X@h:1"}, f)
+        self.channel.recover()
+        self.assertEqual(self.forwarded[0][1]["instance"]["sopInstanceUID"], "1.2.3")
+        self.assertFalse(os.path.exists(note))
+
+    def test_recover_rebuilds_a_note_lost_in_a_crash(self) -> None:
+        ds = sr_dataset()
+        from pydicom.dataset import FileMetaDataset
+
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = SR_CLASS
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = os.path.join(self.dir, ds.SOPInstanceUID + ".dcm")
+        ds.save_as(path, enforce_file_format=True)
+        open(path + ".pending", "w").close()  # the note's content never reached the disk
+        self.channel.recover()
+        body = self.forwarded[0][1]
+        self.assertEqual(body["instance"]["sopInstanceUID"], ds.SOPInstanceUID)
+        self.assertEqual(body["instance"]["path"], path)
+        self.assertEqual(body["dataset"]["00100010"]["Value"], [{"Alphabetic": "DOE^JOHN"}])
+        self.assertFalse(os.path.exists(path + ".pending"))
