@@ -42,6 +42,9 @@ class Database:
         name: str = "medagent-db",
         threadpool: Any = None,
     ) -> None:
+        synchronous = synchronous.upper()
+        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = path
         self._reactor = reactor
         self._schema = schema

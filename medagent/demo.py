@@ -1,10 +1,12 @@
 """
-``medagent demo``: the whole flow on one machine, nothing to install.
+``medagent demo``: the whole lab-order flow on one machine, nothing to install.
 
 It starts a relay, an agent and a simulated lab instrument (an MLLP listener that ACKs and
-shows what it got), registers the Agent and the instrument's Device, pushes a lab order
-through the relay's HTTP API, and prints each step as it happens.  Then it keeps running and
-prints how to push more with curl.  All data is synthetic.
+shows what it got); registers the Agent, the instrument's Device, a Bot and a Subscription;
+creates a ServiceRequest, and prints each step as it happens: the subscription fires, the
+Bot turns the order into HL7 (ORM^O01) and pushes it, the agent delivers it, the ACK comes
+back, the push is recorded as delivered.  Then it keeps running and prints how to push more
+with curl.  All data is synthetic.
 """
 
 from __future__ import annotations
@@ -36,6 +38,24 @@ SAMPLE_ORDER = (
 )
 
 
+ORDER_BOT = """\
+from medagent.hl7.orders import OrderHeader, order_message
+
+
+def handler(medplum, event):
+    order = event.input
+    patient = medplum.read_reference(order["subject"])
+    message = order_message(order, patient=patient, previous=event.previous,
+                            header=OrderHeader(sending_facility="CLINIC",
+                                               receiving_application="LIS",
+                                               receiving_facility="LAB"))
+    ack = medplum.push_to_agent(event.secrets["agent"]["valueString"],
+                                event.secrets["device"]["valueString"],
+                                message, "x-application/hl7-v2+er7", True, 10000)
+    return ack
+"""
+
+
 def say(step: str, text: str) -> None:
     print(f"[{step:>10}] {text}", flush=True)
 
@@ -63,7 +83,8 @@ class Instrument:
 async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: list) -> None:
     relay_port = args.port or _free_port()
     relay = RelayService(reactor, data_dir=os.path.join(data_dir, "relay"),
-                         listen=f"tcp:{relay_port}:interface=127.0.0.1")
+                         listen=f"tcp:{relay_port}:interface=127.0.0.1",
+                         bot_run_as=None)  # local, synthetic data: no user switch needed
     relay.startService()
     stack.append(relay.stopService)
     admin = await relay.authority.create_client("admin", name="demo admin")
@@ -98,19 +119,53 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
     await live
     say("agent", "connected to the relay over its websocket")
 
-    order = SAMPLE_ORDER.format(ctrl="DEMO0001")
-    say("push", f"POST {base}/fhir/R4/Agent/{agent['id']}/$push  (ORM^O01, waitForResponse)")
-    ack = await client.push_to_agent(agent, f"Device/{device['id']}", order, HL7_V2, True)
-    say("push", "device ACK came back through agent and relay:")
-    for segment in ack.strip().split("\r"):
-        print(" " * 13 + segment, flush=True)
-    push_id = None
+    # The seed flow: ServiceRequest → Subscription → Bot → HL7 → agent → instrument.
+    bot = await client.create({
+        "resourceType": "Bot", "name": "Lab orders to HL7", "code": ORDER_BOT,
+        "secret": [{"name": "agent", "valueString": agent["id"]},
+                   {"name": "device", "valueString": f"Device/{device['id']}"}]})
+    await client.create({
+        "resourceType": "Subscription", "status": "active", "reason": "Lab orders",
+        "criteria": "ServiceRequest", "channel": {"type": "rest-hook",
+                                                  "endpoint": f"Bot/{bot['id']}"}})
+    say("relay", f"created Bot/{bot['id']} and a Subscription on ServiceRequest")
+    bot_done: Deferred[Any] = Deferred()
+
+    def on_subscription(event: str, delivery: Any, detail: str) -> None:
+        if event == "queued":
+            say("subscript", f"{delivery.interaction} of {delivery.resource_type}/"
+                             f"{delivery.resource_id} matched; delivery queued")
+
+    def on_bot(run: Any, trigger: str) -> None:
+        say("bot", f"{trigger} run {run.outcome} in {run.duration * 1000:.0f} ms"
+                   + (f": {run.error}" if run.error else ""))
+        if not bot_done.called:
+            bot_done.callback(run)
+
+    relay.subscriptions.observers.append(on_subscription)
+    relay.bots.observers.append(on_bot)
+    patient = await client.create({
+        "resourceType": "Patient", "identifier": [{"system": "urn:demo:mrn",
+                                                   "value": "DEMO-0001"}],
+        "name": [{"family": "Demo", "given": ["Patient"]}], "birthDate": "1970-01-01"})
+    order = await client.create({
+        "resourceType": "ServiceRequest", "status": "active", "intent": "order",
+        "subject": {"reference": f"Patient/{patient['id']}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7",
+                             "display": "Glucose [Mass/volume] in Serum or Plasma"}]}})
+    say("fhir", f"created ServiceRequest/{order['id']} for Patient/{patient['id']}")
+    run = await bot_done
+    if run.ok and run.result:
+        say("bot", "the Bot's push came back with the instrument's ACK:")
+        for segment in run.result.strip().split("\r"):
+            print(" " * 13 + segment, flush=True)
     pushes = await client.request_json("GET", "/fhir/R4/AgentPush",
                                        params={"agent": agent["id"]})
-    if pushes.get("entry"):
-        doc = pushes["entry"][0]["resource"]
-        push_id = doc["id"]
-        say("journal", f"push {push_id} is {doc['state']} after {doc['attempts']} attempt(s)")
+    push_id = None
+    for entry in pushes.get("entry") or []:
+        doc = entry["resource"]
+        push_id = push_id or doc["id"]
+        say("journal", f"push {doc['id']} is {doc['state']} after {doc['attempts']} attempt(s)")
 
     if args.once:
         return

@@ -944,3 +944,59 @@ class PairTests(SynchronousTestCase):
             p.flush()
         self.assertIsNone(result_of(closed))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class StoredForwardTests(SynchronousTestCase):
+    """Two-stage forward (the agent's outbox): on disk first, the cloud's answer later."""
+
+    def make(self, mode: str, **kw: Any) -> tuple[Any, StringTransport, list[Deferred]]:
+        from medagent.agent.outbox import Stored
+
+        answers: list[Deferred] = []
+
+        def forward(ct: str, body: str, remote: str) -> Deferred:
+            answers.append(Deferred())
+            return succeed(Stored(answers[-1]))
+
+        channel = MLLPChannel(forward, mode=mode, clock=Clock(), **kw)
+        proto = channel.buildProtocol(None)
+        tr = StringTransport()
+        proto.makeConnection(tr)
+        return proto, tr, answers
+
+    def codes(self, tr: StringTransport) -> list[tuple[str, str]]:
+        """Everything written so far (without clearing, unlike frames_written)."""
+        return [(parse_ack(p.decode()).code, parse_ack(p.decode()).control_id)
+                for p in MLLPDecoder().feed(tr.value())]
+
+    def test_enhanced_commit_at_once_then_app_ack(self) -> None:
+        proto, tr, answers = self.make("enhanced")
+        proto.dataReceived(frame(orm("M1").encode()) + frame(orm("M2").encode()))
+        # both stored and committed before the cloud answered either
+        self.assertEqual(self.codes(tr), [("CA", "M1"), ("CA", "M2")])
+        answers[1].callback(Reply(build_ack(orm("M2"), "AA"), HL7_V2))
+        answers[0].callback(None)  # the Bot gave nothing: the sender gets an AE
+        self.assertEqual(self.codes(tr)[2:], [("AA", "M2"), ("AE", "M1")])
+
+    def test_enhanced_error_only(self) -> None:
+        proto, tr, answers = self.make("enhanced", app_level_ack="ER")
+        proto.dataReceived(frame(orm("M1").encode()))
+        answers[0].callback(Reply(build_ack(orm("M1"), "AA"), HL7_V2))
+        self.assertEqual(self.codes(tr), [("CA", "M1")])
+
+    def test_aa_mode_at_once(self) -> None:
+        proto, tr, answers = self.make("aa")
+        proto.dataReceived(frame(orm("M1").encode()))
+        self.assertEqual(self.codes(tr), [("AA", "M1")])
+        answers[0].callback(Reply(build_ack(orm("M1"), "AE"), HL7_V2))
+        self.assertEqual(self.codes(tr), [("AA", "M1")])
+
+    def test_original_waits_for_the_cloud(self) -> None:
+        proto, tr, answers = self.make("original")
+        proto.dataReceived(frame(orm("M1").encode()) + frame(orm("M2").encode()))
+        self.assertEqual(self.codes(tr), [])
+        self.assertEqual(len(answers), 1)  # strict FIFO: M2 waits for M1's answer
+        answers[0].errback(Failure(DeliveryError("no answer from the cloud within 55 s")))
+        self.assertEqual(self.codes(tr), [("AE", "M1")])
+        answers[1].callback(Reply(build_ack(orm("M2"), "AA"), HL7_V2))
+        self.assertEqual(self.codes(tr), [("AE", "M1"), ("AA", "M2")])

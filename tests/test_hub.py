@@ -286,6 +286,26 @@ class HubTests(SynchronousTestCase):
         self.assertEqual(len(conn2.of_type(wire.TRANSMIT_CONFIRM)), 2)
 
 
+    def test_send_window_streams_a_backlog(self) -> None:
+        self.hub.window = 4
+        ids = [self.successResultOf(self.push(HL7.replace("MSG0001", f"W{i}"))).push.id
+               for i in range(10)]
+        conn, session = self.connect(caps=["durable"])
+        sent = conn.of_type(wire.TRANSMIT_REQUEST)
+        self.assertEqual([m["pushId"] for m in sent], ids[:4])
+        for request in sent[:2]:
+            self.answer(conn, session, request)
+        self.assertEqual(len(conn.of_type(wire.TRANSMIT_REQUEST)), 6)
+        new = self.successResultOf(self.push(HL7.replace("MSG0001", "NEW")))
+        for request in conn.of_type(wire.TRANSMIT_REQUEST)[2:]:
+            self.answer(conn, session, request)
+        for request in conn.of_type(wire.TRANSMIT_REQUEST)[6:]:
+            self.answer(conn, session, request)
+        order = [m["pushId"] for m in conn.of_type(wire.TRANSMIT_REQUEST)]
+        self.assertEqual(order, ids + [new.push.id])
+        self.assertLessEqual(max(len(session.in_flight), 0), 4)
+
+
 class _Wall:
     def __init__(self, clock: InlineReactor) -> None:
         self.clock = clock

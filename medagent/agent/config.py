@@ -68,7 +68,7 @@ def load_config(options: Mapping[str, object]) -> AgentConfig:
             if key in PROPERTY_KEYS:
                 values[PROPERTY_KEYS[key]] = value
     for key in ("relay", "client_id", "client_secret", "agent_id", "data_dir", "log_level",
-                "heartbeat_interval"):
+                "heartbeat_interval", "synchronous"):
         if options.get(key) not in (None, ""):
             values[key] = options[key]
     env = {"relay": "MEDAGENT_RELAY", "client_id": "MEDAGENT_CLIENT_ID",

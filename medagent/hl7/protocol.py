@@ -41,6 +41,7 @@ from medagent.destination import Destination, DestinationError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
 from medagent.hl7.mllp import DEFAULT_MAX_SIZE, FramingError, FrameTooLarge, MLLPDecoder, frame
+from medagent.net import no_delay
 
 log = Logger()
 
@@ -155,6 +156,7 @@ class MLLPClientProtocol(Protocol):
         return self._pending is not None
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         if not self.peer:
             self.peer = _peer_name(self.transport)
 
@@ -933,6 +935,7 @@ class MLLPServerProtocol(Protocol):
         self._close_when_idle = False
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.remote = _peer_name(self.transport)
         self.channel.connections.add(self)
         log.info("MLLP channel {channel}: connection from {remote}",
@@ -1250,7 +1253,7 @@ class MLLPChannel(Factory):
             code = "AA" if self.mode == "aa" else "CA"
             self._send(respond, hl7msg.build_ack(text, code), codec, cid, remote)
             if self.mode == "enhanced":
-                answer.addCallback(self._late_app_ack, cid, codec, remote, respond)
+                answer.addCallback(self._late_app_ack, text, cid, codec, remote, respond)
             answer.addErrback(lambda f: log.warn(
                 "MLLP channel {channel}: no cloud answer for {control_id}: {reason}",
                 channel=self.name, control_id=cid, reason=f.getErrorMessage()))
@@ -1273,10 +1276,13 @@ class MLLPChannel(Factory):
             return
         self._send(respond, body, self._codec(body, codec), cid, remote)
 
-    def _late_app_ack(self, reply: Reply | None, cid: str, codec: str, remote: str,
+    def _late_app_ack(self, reply: Reply | None, text: str, cid: str, codec: str, remote: str,
                       respond: Respond) -> None:
         body = self._cloud_ack(reply, cid)
-        if body is not None and self._should_send_app_ack(body):
+        if body is None:  # the Bot failed: the sender still learns it, per appLevelAck
+            body = hl7msg.build_ack(
+                text, "AE", error="No HL7 acknowledgement from the receiving application")
+        if self._should_send_app_ack(body):
             self._send(respond, body, self._codec(body, codec), cid, remote)
 
     def _forward_failed(

@@ -56,6 +56,8 @@ class Session:
         #: pushes written to this socket and not yet answered, by push id
         self.in_flight: dict[str, Push] = {}
         self.replaying = False
+        #: the send window was full: pushes after this seq wait in the journal
+        self.backlog_after: int | None = None
         self.closed = False
         self.connected_at = 0.0
 
@@ -89,6 +91,7 @@ class Hub:
         max_missed_heartbeats: int = 2,
         max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
         request_timeout: float = 5.0,
+        window: int = 1000,
         inbound: InboundHandler = _no_inbound,
     ) -> None:
         self.clock = clock
@@ -99,6 +102,8 @@ class Hub:
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_message_size = max_message_size
         self.request_timeout = request_timeout
+        #: pushes on an agent's wire without a final answer, at most
+        self.window = window
         self.inbound = inbound
         self.sessions: dict[str, Session] = {}
         self._status: dict[str, dict[str, Any]] = {}
@@ -292,9 +297,19 @@ class Hub:
     def submit(self, push: Push) -> None:
         """A journaled push: send it now if its agent is connected and nothing is ahead."""
         session = self.sessions.get(push.agent_id)
-        if session is None or session.replaying:
-            return  # stays queued; the replay after (re)connect picks it up in order
+        if session is None or session.replaying or session.backlog_after is not None:
+            return  # stays queued; the replay picks it up in order
+        if len(session.in_flight) >= self.window:
+            session.backlog_after = (push.seq or 1) - 1
+            return
         self._send(session, push)
+
+    def _maybe_resume(self, session: Session) -> None:
+        """Answers came in: refill the send window from the journal."""
+        if (session.backlog_after is not None and not session.replaying and not session.closed
+                and len(session.in_flight) <= self.window // 2):
+            after, session.backlog_after = session.backlog_after, None
+            self._replay(session, after)
 
     def _send(self, session: Session, push: Push) -> None:
         if push.id in session.in_flight:
@@ -325,10 +340,11 @@ class Hub:
             content_type=push.content_type,
         )
 
-    def _replay(self, session: Session) -> None:
+    def _replay(self, session: Session, after: int = 0) -> None:
         """
         Send what the agent still owes an answer for, oldest first, page by page; new pushes
-        wait in the journal meanwhile so order is kept.
+        wait in the journal meanwhile so order is kept.  At most C{window} pushes are on the
+        wire unanswered: a backlog of a million is streamed from disk, never held in memory.
         """
         if session.replaying:
             return
@@ -356,6 +372,10 @@ class Hub:
                 live = self.live_push(push)
                 if live.final or live.id in session.in_flight:
                     continue
+                if len(session.in_flight) >= self.window:
+                    session.backlog_after = (push.seq or 1) - 1
+                    session.replaying = False
+                    return
                 self._send(session, live)
             page(pushes[-1].seq or after)
 
@@ -363,7 +383,7 @@ class Hub:
             session.replaying = False
             log.failure("Replay for Agent/{agent_id} failed", f, agent_id=agent_id)
 
-        page(0)
+        page(after)
 
     def live_push(self, push: Push) -> Push:
         """Prefer the in-memory copy of a push that someone is waiting on."""
@@ -466,6 +486,7 @@ class Hub:
             return
         if session is not None:
             session.in_flight.pop(push.id, None)
+            self._maybe_resume(session)
         if status >= 400 or delivery == "failed":
             d = self._finish(
                 push,

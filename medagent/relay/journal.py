@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS pushes (
     requester TEXT
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
+CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
 CREATE INDEX IF NOT EXISTS pushes_idem ON pushes (agent_id, remote, idempotency_key);
 """
 

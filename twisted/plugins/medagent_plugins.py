@@ -40,6 +40,7 @@ class AgentOptions(usage.Options):
         ["config", "c", None, "Medplum-style agent.properties file"],
         ["data", "d", None, "Data folder for the durable queue (default ./agent-data)"],
         ["heartbeat-interval", None, None, "Seconds between heartbeats"],
+        ["synchronous", None, None, "SQLite synchronous: NORMAL (crash-safe, default) or FULL"],
     ]
 
 
@@ -95,6 +96,7 @@ class AgentServiceMaker:
                     "config": options["config"],
                     "data_dir": options["data"],
                     "heartbeat_interval": options["heartbeat-interval"],
+                    "synchronous": options["synchronous"],
                 }
             )
         except ConfigError as e:
