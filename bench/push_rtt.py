@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import treq  # noqa: E402
-from twisted.internet import defer, reactor, task  # noqa: E402
+from twisted.internet import defer, reactor  # noqa: E402
 from twisted.web.client import HTTPConnectionPool  # noqa: E402
 
 from medagent.agent.dispatch import HL7_V2  # noqa: E402
@@ -40,32 +40,7 @@ from tests.procs import TWISTD, Proc, free_port  # noqa: E402
 
 HL7 = "MSH|^~\\&|BENCH|HOSP|LIS|LAB|20240101120000||ORM^O01|{ctrl}|P|2.5.1\rPID|1||1^^^MRN||DOE^J\r"
 
-SINK = r"""
-import asyncio, sys
-async def handle(reader, writer):
-    buf = b""
-    try:
-        while True:
-            chunk = await reader.read(65536)
-            if not chunk:
-                break
-            buf += chunk
-            while b"\x1c\r" in buf:
-                frame, buf = buf.split(b"\x1c\r", 1)
-                msg = frame[frame.find(b"\x0b") + 1:]
-                fields = msg.split(b"\r", 1)[0].split(b"|")
-                ctrl = fields[9] if len(fields) > 9 else b""
-                writer.write(b"\x0bMSH|^~\\&|LIS|LAB|BENCH|HOSP|20240101120000||ACK^O01^ACK|A"
-                             + ctrl + b"|P|2.5.1\rMSA|AA|" + ctrl + b"\r\x1c\r")
-    finally:
-        writer.close()
-async def main(port):
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    print("sink listening", flush=True)
-    async with server:
-        await server.serve_forever()
-asyncio.run(main(int(sys.argv[1])))
-"""
+SINK = os.path.join(ROOT, "tests", "peers", "recording_sink.py")
 
 WEB = r"""
 import sys
@@ -136,9 +111,9 @@ async def main(args: argparse.Namespace) -> dict:
         relay = bench.spawn("relay", ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay",
                                       "--data", data, "--listen",
                                       f"tcp:{relay_port}:interface=127.0.0.1"])
-        sink = bench.spawn("sink", ["-c", SINK, str(sink_port)])
+        sink = bench.spawn("sink", [SINK, str(sink_port), os.devnull])
         web = bench.spawn("web", ["-c", WEB, str(web_port)])
-        for p, text in ((relay, "relay listening"), (sink, "sink listening"),
+        for p, text in ((relay, "relay listening"), (sink, "recording sink on"),
                         (web, "web listening")):
             await p.wait_for(text, timeout=30)
 

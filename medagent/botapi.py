@@ -26,7 +26,7 @@ import uuid
 from http.client import HTTPException
 from typing import Any, Mapping
 
-from medagent.fhir import FHIR_JSON, outcome_text
+from medagent.fhir import FHIR_JSON, destination_text, outcome_text, reference_id
 
 HL7_V2 = "x-application/hl7-v2+er7"
 DEFAULT_TIMEOUT = 30.0
@@ -41,27 +41,6 @@ class OperationOutcomeError(Exception):
         super().__init__(f"HTTP {status}: {outcome_text(outcome)}")
         self.status = status
         self.outcome = outcome
-
-
-def reference_id(ref: Any, resource_type: str) -> str:
-    """``'abc'``, ``'Agent/abc'``, ``{'reference': 'Agent/abc'}`` or a resource → ``'abc'``."""
-    if isinstance(ref, Mapping):
-        if ref.get("id"):
-            return str(ref["id"])
-        ref = ref.get("reference", "")
-    ref = str(ref)
-    return ref.split("/", 1)[1] if ref.startswith(resource_type + "/") else ref
-
-
-def destination_text(dest: Any) -> str:
-    """A Device resource, a reference or a string → the ``destination`` of a push."""
-    if isinstance(dest, Mapping):
-        if dest.get("reference"):
-            return str(dest["reference"])
-        if dest.get("resourceType") and dest.get("id"):
-            return f"{dest['resourceType']}/{dest['id']}"
-        raise ValueError("destination must be a Device, a reference, or a string")
-    return str(dest)
 
 
 def _is_loopback(url: str) -> bool:

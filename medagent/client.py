@@ -26,7 +26,7 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
-from medagent.fhir import FHIR_JSON, outcome_text
+from medagent.fhir import FHIR_JSON, destination_text, outcome_text, reference_id
 
 log = Logger()
 
@@ -52,26 +52,6 @@ class RelayError(Exception):
         self.status = status
         self.outcome = outcome
         self.headers = dict(headers or {})
-
-
-def _reference_id(ref: Any, resource_type: str) -> str:
-    """``'abc'``, ``'Agent/abc'``, ``{'reference': 'Agent/abc'}`` or a resource → ``'abc'``."""
-    if isinstance(ref, Mapping):
-        if ref.get("id"):
-            return str(ref["id"])
-        ref = ref.get("reference", "")
-    ref = str(ref)
-    return ref.split("/", 1)[1] if ref.startswith(resource_type + "/") else ref
-
-
-def _destination(dest: Any) -> str:
-    if isinstance(dest, Mapping):
-        if dest.get("reference"):
-            return str(dest["reference"])
-        if dest.get("resourceType") and dest.get("id"):
-            return f"{dest['resourceType']}/{dest['id']}"
-        raise ValueError("destination must be a Device, a reference, or a string")
-    return str(dest)
 
 
 class MedagentClient:
@@ -249,7 +229,7 @@ class MedagentClient:
         A lost connection is retried up to C{retries} times with the same idempotency key.
         """
         payload: dict[str, Any] = {
-            "destination": _destination(destination),
+            "destination": destination_text(destination),
             "body": body,
             "contentType": content_type,
             "waitForResponse": wait_for_response,
@@ -264,7 +244,7 @@ class MedagentClient:
         # HL7 v2 pushes are recognised by MSH-10; everything else gets a key per call, so a
         # retry after a lost connection is recognised too.
         key = idempotency_key or (None if content_type == HL7_V2 else str(uuid.uuid4()))
-        agent_id = _reference_id(agent, "Agent")
+        agent_id = reference_id(agent, "Agent")
         http_timeout = (wait_timeout or 10_000) / 1000.0 + self.timeout
 
         async def go() -> Any:

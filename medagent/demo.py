@@ -19,7 +19,6 @@ import sys
 import tempfile
 from typing import Any
 
-from twisted.application import strports
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from medagent.agent.config import AgentConfig
@@ -38,6 +37,7 @@ SAMPLE_ORDER = (
 )
 
 
+#: The seed example's Bot (also run by the test suite): ServiceRequest → ORM^O01 → push.
 ORDER_BOT = """\
 from medagent.hl7.orders import OrderHeader, order_message
 
@@ -46,12 +46,13 @@ def handler(medplum, event):
     order = event.input
     patient = medplum.read_reference(order["subject"])
     message = order_message(order, patient=patient, previous=event.previous,
-                            header=OrderHeader(sending_facility="CLINIC",
+                            header=OrderHeader(sending_facility="HOSP",
                                                receiving_application="LIS",
                                                receiving_facility="LAB"))
     ack = medplum.push_to_agent(event.secrets["agent"]["valueString"],
                                 event.secrets["device"]["valueString"],
                                 message, "x-application/hl7-v2+er7", True, 10000)
+    print("device answered", ack.split("\\r")[1][:6])  # MSA-1 only: no patient data
     return ack
 """
 

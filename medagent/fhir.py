@@ -100,3 +100,24 @@ def parameters_to_dict(resource: Mapping[str, Any]) -> dict[str, Any]:
                 value = param["resource"]
         out[param["name"]] = value
     return out
+
+
+def reference_id(ref: Any, resource_type: str) -> str:
+    """``'abc'``, ``'Agent/abc'``, ``{'reference': 'Agent/abc'}`` or a resource → ``'abc'``."""
+    if isinstance(ref, Mapping):
+        if ref.get("id"):
+            return str(ref["id"])
+        ref = ref.get("reference", "")
+    ref = str(ref)
+    return ref.split("/", 1)[1] if ref.startswith(resource_type + "/") else ref
+
+
+def destination_text(dest: Any) -> str:
+    """A Device resource, a reference or a string → the ``destination`` of a push."""
+    if isinstance(dest, Mapping):
+        if dest.get("reference"):
+            return str(dest["reference"])
+        if dest.get("resourceType") and dest.get("id"):
+            return f"{dest['resourceType']}/{dest['id']}"
+        raise ValueError("destination must be a Device, a reference, or a string")
+    return str(dest)

@@ -159,6 +159,18 @@ class RelayFixture:
             await self.proc.stop(sig)
 
 
+async def relay_with_admin(testcase: Any) -> tuple[RelayFixture, Any]:
+    """A started relay and a logged-in admin client (closed in cleanup)."""
+    from medagent.client import MedagentClient
+
+    relay = RelayFixture(testcase)
+    admin = relay.create_client("admin")
+    await relay.start()
+    client = MedagentClient(reactor, relay.url, admin["clientId"], admin["clientSecret"])
+    testcase.addCleanup(client.close)
+    return relay, client
+
+
 def agent_process(testcase: Any, relay_url: str, creds: dict[str, Any], agent_id: str,
                   extra: list[str] = ()) -> Proc:
     return python(

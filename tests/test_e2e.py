@@ -60,12 +60,7 @@ class EndToEnd(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = procs.RelayFixture(self)
-        admin = self.relay.create_client("admin")
-        await self.relay.start()
-        self.admin = MedagentClient(reactor, self.relay.url, admin["clientId"],
-                                    admin["clientSecret"])
-        self.addCleanup(self.admin.close)
+        self.relay, self.admin = await procs.relay_with_admin(self)
         self.agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
                                               "status": "active"})
         self.agent_creds = self.relay.create_client("agent", [self.agent["id"]])

@@ -18,7 +18,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from medagent.client import MedagentClient
 from tests import procs
 from tests.peerenv import FIXTURES
 from tests.test_e2e import _Proxy
@@ -40,12 +39,7 @@ class FaultTest(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = procs.RelayFixture(self)
-        admin = self.relay.create_client("admin")
-        await self.relay.start()
-        self.client = MedagentClient(reactor, self.relay.url, admin["clientId"],
-                                     admin["clientSecret"])
-        self.addCleanup(self.client.close)
+        self.relay, self.client = await procs.relay_with_admin(self)
         self.agent = await self.client.create({"resourceType": "Agent", "name": "faults",
                                                "status": "active"})
         self.creds = self.relay.create_client("agent", [self.agent["id"]])

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from medagent.client import MedagentClient
 from tests import procs
 
 BOT = """
@@ -46,12 +44,7 @@ class Inbound(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = procs.RelayFixture(self)
-        admin = self.relay.create_client("admin")
-        await self.relay.start()
-        self.client = MedagentClient(reactor, self.relay.url, admin["clientId"],
-                                     admin["clientSecret"])
-        self.addCleanup(self.client.close)
+        self.relay, self.client = await procs.relay_with_admin(self)
         bot = await self.client.create({"resourceType": "Bot", "name": "ack", "code": BOT})
         self.ports = {}
         channels = []

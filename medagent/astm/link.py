@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from medagent.astm import codec
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
+from medagent.net import no_delay
 
 log = Logger()
 
@@ -208,11 +209,9 @@ class ASTMLink(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            # Stop-and-wait: every write is a whole unit the peer waits for (an EOT followed
-            # by the next ENQ must not sit in Nagle's buffer for a delayed ACK).
-            no_delay(True)
+        # Stop-and-wait: every write is a whole unit the peer waits for (an EOT followed
+        # by the next ENQ must not sit in Nagle's buffer for a delayed ACK).
+        no_delay(self.transport)
         log.info("ASTM link {name} up", name=self.name)
         self._kick()
 

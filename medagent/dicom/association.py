@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent.dicom import dimse, pdu
+from medagent.net import no_delay
 
 log = Logger()
 
@@ -110,13 +111,7 @@ class _AssociationBase(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            # PDUs are request/response: Nagle + delayed ACK would add ~40 ms per exchange.
-            try:
-                set_no_delay(True)
-            except Exception:
-                pass
+        no_delay(self.transport)  # PDUs are request/response
 
     @property
     def send_max_pdu(self) -> int:

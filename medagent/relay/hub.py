@@ -9,7 +9,6 @@ journal and go back to it: the hub moves them through ``queued → sent → deli
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any, Callable, Mapping, Protocol
 

@@ -9,7 +9,7 @@ import json
 from typing import Any, Mapping
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.logger import Logger
 
 from medagent.destination import DestinationError, parse_destination

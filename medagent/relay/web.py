@@ -15,9 +15,8 @@ from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import parse_qs, unquote
 
 import attr
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
