@@ -15,6 +15,7 @@ through the agent's durable L{Outbox}.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
@@ -53,12 +54,15 @@ class ChannelManager(service.MultiService):
         outbox: Outbox,
         fetch_config: Callable[[], Deferred],
         data_dir: str,
+        upload_binary: Callable[[str, str], Deferred] | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.outbox = outbox
         self.fetch_config = fetch_config
         self.data_dir = data_dir
+        #: (path, content type) → Deferred[reference]: a stored instance becomes a Binary
+        self.upload_binary = upload_binary
         self.running_specs: dict[str, tuple[ChannelSpec, service.IService, Any]] = {}
         self.worklists: dict[str, Any] = {}
 
@@ -136,7 +140,7 @@ class ChannelManager(service.MultiService):
             from medagent.dicom.scp import StorageChannel
 
             svc = app = StorageChannel(
-                self._waiting_forward(name),
+                self._instance_forward(name),
                 reactor=self.reactor,
                 ae_title=destination.user or "MEDAGENT",
                 storage_dir=os.path.join(self.data_dir, "dicom", _safe_name(name)),
@@ -168,6 +172,29 @@ class ChannelManager(service.MultiService):
         """For channels that wait for one answer per message (ASTM, DICOM)."""
         return lambda ct, body, remote: self.outbox.forward_and_wait(name, ct, body, remote)
 
+    def _instance_forward(self, name: str) -> Callable[[str, str, str], Deferred]:
+        """
+        DICOM instances: the Part 10 file (on the agent's disk already) is uploaded as a
+        ``Binary`` first, and the metadata goes up with its reference instead of the local
+        path.  A failure leaves the instance pending; the channel forwards it again later.
+        """
+        forward = self._waiting_forward(name)
+        if self.upload_binary is None:
+            return forward
+
+        def instance(ct: str, body: str, remote: str) -> Deferred:
+            doc = json.loads(body)
+            info = doc.get("instance") or {}
+
+            def uploaded(reference: str) -> Deferred:
+                doc["binary"] = {"reference": reference}
+                info.pop("path", None)
+                return forward(ct, json.dumps(doc), remote)
+
+            return self.upload_binary(info["path"], "application/dicom").addCallback(uploaded)
+
+        return instance
+
     def worklist(self, name: str) -> Any:
         return self.worklists.get(name.lower())
 
@@ -191,8 +218,8 @@ def specs_from_resources(agent: dict[str, Any], endpoints: dict[str, dict[str, A
         ref = ((channel.get("endpoint") or {}).get("reference") or "")
         endpoint = endpoints.get(ref.split("/", 1)[-1])
         if not name or endpoint is None:
-            log.warn("Agent channel {name} has no usable endpoint ({ref}); skipped",
-                     name=name, ref=ref)
+            log.info("Agent channel {name} has no endpoint here ({ref}): nothing to listen on",
+                     name=name, ref=ref or "none")
             continue
         if endpoint.get("status") == "off":
             log.info("Channel {name}: endpoint is off", name=name)

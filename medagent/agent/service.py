@@ -5,13 +5,16 @@ app, and the websocket uplink.
 
 from __future__ import annotations
 
+import base64
 import os
 from typing import Any, Callable, Mapping
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
+from twisted.python.threadpool import ThreadPool
 
 from medagent.agent.app import AgentApp
 from medagent.agent.channels import ChannelManager, ChannelSpec, specs_from_resources
@@ -27,7 +30,9 @@ from medagent.logbuffer import LogBuffer
 log = Logger()
 
 
-def default_senders(reactor: Any, worklist: Callable[[str], Any]) -> dict[str, Sender]:
+def default_senders(reactor: Any, worklist: Callable[[str], Any],
+                    astm_inbound: Callable[[str, str, str], Any] | None = None
+                    ) -> dict[str, Sender]:
     """One sender per destination scheme; C{worklist(name)} finds a worklist channel."""
     from medagent.astm.transport import ASTMSender
     from medagent.dicom.scu import DICOMSender
@@ -35,7 +40,7 @@ def default_senders(reactor: Any, worklist: Callable[[str], Any]) -> dict[str, S
     from medagent.hl7.protocol import MLLPSender
 
     mllp = MLLPSender(reactor)
-    astm = ASTMSender(reactor)
+    astm = ASTMSender(reactor, on_inbound=astm_inbound)
     return {
         "mllp": mllp,
         "mllps": mllp,
@@ -75,9 +80,15 @@ class AgentService(service.MultiService):
             reload_config=self.reload_channels,
         )
         self.channels = ChannelManager(reactor, self.app.outbox, self._fetch_config,
-                                       config.data_dir)
+                                       config.data_dir, upload_binary=self._upload_binary)
+        self._files = ThreadPool(minthreads=0, maxthreads=2, name="agent-files")
+        # Analyzer results arriving on an ASTM push link (contention) go up like a channel's,
+        # as channel "astm" (give the Agent a channel of that name to route them to a Bot).
+        astm_inbound = lambda ct, body, remote: self.app.outbox.forward_and_wait(  # noqa: E731
+            "astm", ct, body, remote)
         for scheme, sender in (senders if senders is not None
-                               else default_senders(reactor, self.channels.worklist)).items():
+                               else default_senders(reactor, self.channels.worklist,
+                                                    astm_inbound)).items():
             self.dispatcher.add_sender(scheme, sender)
         self.app.capabilities = (*self.app.capabilities, *self.dispatcher.schemes())
         self.channels.setServiceParent(self)
@@ -109,6 +120,23 @@ class AgentService(service.MultiService):
                     "Endpoint", ref[len("Endpoint/"):])
         return specs_from_resources(agent, endpoints)
 
+    def _upload_binary(self, path: str, content_type: str) -> Deferred[str]:
+        """A file on the agent's disk → a ``Binary`` on the relay; fires with its reference."""
+        def read() -> str:
+            with open(path, "rb") as f:
+                return base64.b64encode(f.read()).decode("ascii")
+
+        if not self._files.started:
+            self._files.start()
+
+        async def upload() -> str:
+            data = await deferToThreadPool(self.reactor, self._files, read)
+            binary = await self.client.create({"resourceType": "Binary",
+                                               "contentType": content_type, "data": data})
+            return f"Binary/{binary['id']}"
+
+        return Deferred.fromCoroutine(upload())
+
     def reload_channels(self) -> Deferred[None]:
         """Re-read Agent + Endpoints and apply the channel changes ($reload-config)."""
         return Deferred.fromCoroutine(self._fetch_config()).addCallback(self.channels.apply)
@@ -131,6 +159,8 @@ class AgentService(service.MultiService):
 
     def stopService(self) -> Deferred[Any]:
         self.app.stop()
+        if self._files.started:
+            self._files.stop()
         if self._pruner.running:
             self._pruner.stop()
         d = super().stopService() or Deferred.fromCoroutine(_none())

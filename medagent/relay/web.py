@@ -325,7 +325,8 @@ class Api(Resource):
                 found = [a for a in found if principal.can_act_as(a["id"])]
             return json_response(self._bundle(request, found))
         if len(rest) == 1 and method == "POST":
-            principal.require_admin()
+            if not (resource_type == "Binary" and principal.role == AGENT):
+                principal.require_admin()  # agents upload Binary (received DICOM instances)
             resource = self._json_body(request)
             if isinstance(resource, dict):
                 resource.pop("id", None)
