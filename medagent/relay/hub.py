@@ -487,12 +487,13 @@ class Hub:
             session.in_flight.pop(push.id, None)
             self._maybe_resume(session)
         if status >= 400 or delivery == "failed":
-            d = self._finish(
-                push,
-                j.FAILED,
-                error=msg.get("error") if isinstance(msg.get("error"), str) else body[:500],
-                reply=(status, content_type, body),
-            )
+            if isinstance(msg.get("error"), str):
+                error = msg["error"]
+            elif status < 400:  # the device answered no: its answer is the reply, not a log line
+                error = f"Device refused the message ({msg.get('detail') or 'negative answer'})"
+            else:
+                error = body[:500]
+            d = self._finish(push, j.FAILED, error=error, reply=(status, content_type, body))
         else:
             d = self._finish(push, j.DELIVERED, reply=(status, content_type, body))
         if session is not None:
