@@ -244,3 +244,33 @@ class AgentAppTests(SynchronousTestCase):
         self.assertEqual(stats["lanes"]["mllp://dev:1"]["waiting"], 2)
         self.assertTrue(stats["lanes"]["mllp://dev:1"]["inFlight"])
         json.dumps(stats)
+
+    def test_lane_retired_while_a_message_is_being_stored(self) -> None:
+        """A message stored after its lane emptied and was retired is still delivered."""
+        self.go_live()
+        self.push("p1")  # in flight
+        self.db._flushing = True  # hold the next commit, as a busy database thread would
+        self.push("p2")  # arrives while p1's lane is busy
+        self.sender.calls[0][2].callback(Reply("A1"))  # p1 done: the empty lane is retired
+        self.db._flushing = False
+        self.db._flush()  # now p2 is stored
+        self.assertEqual(len(self.sender.calls), 2)
+        self.sender.calls[1][2].callback(Reply("A2"))
+        self.assertEqual([a["body"] for a in self.answers()], ["A1", "A2"])
+
+    def test_message_arriving_while_another_is_stored_keeps_order(self) -> None:
+        """The case a websocket cut produces: stores of one lane overlap its idle moment."""
+        self.go_live()
+        self.push("p1")  # in flight
+        self.db._flushing = True
+        self.push("p2")  # lane busy: queued
+        self.sender.calls[0][2].callback(Reply("A1"))  # p1 done, p2 not stored yet
+        self.push("p3")  # must not jump ahead of p2, nor be delivered twice
+        self.db._flushing = False
+        self.db._flush()
+        for i in (1, 2):
+            self.sender.calls[i][2].callback(Reply(f"A{i + 1}"))
+        self.clock.advance(100)
+        self.assertEqual([c[1] for c in self.sender.calls], ["MSH|x"] * 3)
+        self.assertEqual([a["pushId"] for a in self.answers()], ["p1", "p2", "p3"])
+        self.assertEqual(len(self.sender.calls), 3)

@@ -59,8 +59,13 @@ class FaultTest(TestCase):
             {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.sink_port}{params}"})
 
     def start_agent(self, relay_url: str | None = None) -> procs.Proc:
-        return procs.agent_process(self, relay_url or self.relay.url, self.creds,
+        proc = procs.agent_process(self, relay_url or self.relay.url, self.creds,
                                    self.agent["id"], ["--data", self.agent_data])
+        self._agents = getattr(self, "_agents", []) + [proc]
+        return proc
+
+    def _procs_for_debug(self) -> list[procs.Proc]:
+        return [*getattr(self, "_agents", []), self.relay.proc]
 
     async def push_all(self, device: dict[str, Any], ids: list[str],
                        during: Any = None) -> None:
@@ -107,7 +112,10 @@ class FaultTest(TestCase):
         self.assertLessEqual(len(in_doubt_docs), allow_in_doubt, in_doubt_docs[:3])
         for doc in in_doubt_docs:
             self.assertTrue(any(text in doc.get("error", "") for text in IN_DOUBT), doc)
-        self.assertEqual(len(got), len(set(got)), "a message reached the device twice")
+        twice = sorted({i for i in got if got.count(i) > 1})
+        self.assertEqual(twice, [], f"reached the device twice: {twice[:5]}\n" + "\n".join(
+            line for proc in self._procs_for_debug() for line in proc.text.splitlines()
+            if any(t in line for t in twice[:2]))[-4000:])
         delivered_expected = [i for i in ids if i in set(got)]
         self.assertEqual(got, delivered_expected, "order per destination not kept")
         self.assertGreaterEqual(len(got), len(ids) - len(in_doubt_docs))
