@@ -217,6 +217,21 @@ class ManagerTests(SynchronousTestCase):
     def audits(self) -> list[dict[str, Any]]:
         return self.successResultOf(self.store.search("AuditEvent", {}))
 
+    def test_delivery_commits_with_the_write_or_not_at_all(self) -> None:
+        """No window where a write is committed and its trigger is not (or the reverse)."""
+        self.start()
+        self.create(subscription("ServiceRequest?status=active"))
+        sr = self.create({k: v for k, v in SR.items() if k != "id"})
+        self.assertEqual([d.resource_id for d in self.deliveries()], [sr["id"]])
+        # The queue cannot be written: the write that would fire is refused, not lost.
+        self.db.run_sync(lambda c: c.execute(
+            "ALTER TABLE subscription_deliveries RENAME TO broken"))
+        self.addCleanup(self.db.run_sync, lambda c: c.execute(
+            "ALTER TABLE broken RENAME TO subscription_deliveries"))
+        f = self.failureResultOf(self.store.create({**SR, "id": None}))
+        self.assertIn("subscription_deliveries", f.getErrorMessage())
+        self.assertEqual(len(self.successResultOf(self.store.search("ServiceRequest", {}))), 1)
+
     def test_fires_after_commit_with_resource_and_headers(self) -> None:
         self.start()
         sub = self.create(subscription("ServiceRequest?status=active"))

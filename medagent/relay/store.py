@@ -164,6 +164,22 @@ class SQLiteStore:
         #: interaction ``create``/``update``/``delete``; Subscriptions hang off this.
         self.listeners: list[Callable[[str, dict[str, Any] | None, dict[str, Any] | None],
                                       None]] = []
+        #: objects with C{in_transaction(conn, interaction, resource, previous) -> token}, run
+        #: inside the write's own transaction, and C{committed(token)} after it commits: what
+        #: a write triggers (Subscription deliveries) is stored with the write, or not at all.
+        self.write_hooks: list[Any] = []
+
+    def _run_hooks(self, conn: Any, interaction: str, resource: dict[str, Any] | None,
+                   previous: dict[str, Any] | None) -> list[tuple[Any, Any]]:
+        return [(hook, hook.in_transaction(conn, interaction, resource, previous))
+                for hook in list(self.write_hooks)]
+
+    def _committed(self, tokens: list[tuple[Any, Any]]) -> None:
+        for hook, token in tokens:
+            try:
+                hook.committed(token)
+            except Exception:
+                log.failure("Write hook failed after commit")
 
     def _notify(self, interaction: str, resource: dict[str, Any] | None,
                 previous: dict[str, Any] | None) -> None:
@@ -247,13 +263,16 @@ class SQLiteStore:
             previous = (
                 json.loads(row["content"]) if row is not None and not row["deleted"] else None
             )
-            return resource, previous
+            interaction = "update" if previous is not None else "create"
+            return resource, previous, self._run_hooks(conn, interaction, resource, previous)
 
         d = self._db.run(txn)
 
-        def remember(result: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[str, Any]:
-            stored, previous = result
+        def remember(result: tuple[dict[str, Any], dict[str, Any] | None, list[Any]]
+                     ) -> dict[str, Any]:
+            stored, previous, tokens = result
             self._remember((stored["resourceType"], stored["id"]), stored)
+            self._committed(tokens)
             self._notify("update" if previous is not None else "create", stored, previous)
             return stored
 
@@ -272,12 +291,15 @@ class SQLiteStore:
                 (resource_type, id),
             )
             conn.execute("DELETE FROM search_index WHERE type=? AND id=?", (resource_type, id))
-            return json.loads(row["content"])
+            previous = json.loads(row["content"])
+            return previous, self._run_hooks(conn, "delete", None, previous)
 
         d = self._db.run(txn)
 
-        def forget(resource: dict[str, Any]) -> dict[str, Any]:
+        def forget(result: tuple[dict[str, Any], list[Any]]) -> dict[str, Any]:
+            resource, tokens = result
             self._remember((resource_type, id), None)
+            self._committed(tokens)
             self._notify("delete", None, resource)
             return resource
 

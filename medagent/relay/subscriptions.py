@@ -1,9 +1,10 @@
 """
 FHIR Subscriptions (``rest-hook``) with durable, retried, ordered delivery.
 
-After a write commits, the store tells us (L{SQLiteStore.listeners}); we match it against
-the active Subscriptions (kept in memory, refreshed by the same notifications) and queue one
-delivery per match in the relay's database.  Deliveries run outside the HTTP request that
+Inside each write's own transaction (L{SQLiteStore.write_hooks}) we match the resource
+against the active Subscriptions (kept in memory, refreshed after Subscription writes) and
+queue one delivery per match in the same transaction: a committed write always has its
+deliveries, a failed one none.  Deliveries run outside the HTTP request that
 wrote the resource: to a Bot (``channel.endpoint: Bot/{id}``) through the L{BotRunner}, or
 as an HTTP POST of the resource to an ``http(s)`` URL, signed with HMAC-SHA256
 (``X-Signature``) when the Subscription has a secret.
@@ -399,8 +400,8 @@ class SubscriptionManager:
 
     def start(self) -> Deferred[None]:
         self._running = True
-        if self.on_write not in self.store.listeners:
-            self.store.listeners.append(self.on_write)
+        if self not in self.store.write_hooks:
+            self.store.write_hooks.append(self)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(3600.0, now=False)
@@ -433,8 +434,8 @@ class SubscriptionManager:
         """Stop delivering; in-flight attempts finish without being recorded (their lease
         makes them due again after a restart)."""
         self._running = False
-        if self.on_write in self.store.listeners:
-            self.store.listeners.remove(self.on_write)
+        if self in self.store.write_hooks:
+            self.store.write_hooks.remove(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._sweeper is not None and self._sweeper.running:
@@ -455,7 +456,9 @@ class SubscriptionManager:
         self._forget(spec.id)
         self.specs[spec.id] = spec
         if spec.criteria is not None:
-            self._by_type.setdefault(spec.criteria.resource_type, []).append(spec)
+            # copy on write: the database thread matches against these lists concurrently
+            rtype = spec.criteria.resource_type
+            self._by_type[rtype] = [*self._by_type.get(rtype, ()), spec]
         if spec.active and spec.problem:
             log.warn("Subscription/{id} is active but will never fire: {problem}",
                      id=spec.id, problem=spec.problem)
@@ -463,15 +466,44 @@ class SubscriptionManager:
     def _forget(self, id: str) -> None:
         old = self.specs.pop(id, None)
         if old is not None and old.criteria is not None:
-            lst = self._by_type.get(old.criteria.resource_type, [])
-            if old in lst:
-                lst.remove(old)
+            rtype = old.criteria.resource_type
+            self._by_type[rtype] = [s for s in self._by_type.get(rtype, ()) if s is not old]
 
     # -- matching (store listener) ---------------------------------------------------------
 
+    def in_transaction(self, conn: Any, interaction: str, resource: dict[str, Any] | None,
+                       previous: dict[str, Any] | None) -> Any:
+        """
+        Runs inside the store's write transaction, on the database thread: the deliveries a
+        write triggers commit together with the write (no crash window between them).
+        Subscription writes and writes before the subscriptions are loaded are handled after
+        the commit instead (L{on_write}).
+        """
+        target = resource if resource is not None else previous
+        if target is None:
+            return None
+        resource_type = target.get("resourceType")
+        if (not self._loaded or not self._running or resource_type == "Subscription"
+                or resource_type in SKIP_TYPES):
+            return ("later", interaction, resource, previous)
+        specs = self.match(interaction, target)
+        if not specs:
+            return None
+        return ("queued", interaction, target,
+                self._insert(conn, self._delivery_rows(specs, interaction, resource, previous)))
+
+    def committed(self, token: Any) -> None:
+        if token is None:
+            return
+        if token[0] == "later":
+            self.on_write(*token[1:])
+        else:
+            _, interaction, target, deliveries = token
+            self._queued(interaction, deliveries)
+
     def on_write(self, interaction: str, resource: dict[str, Any] | None,
                  previous: dict[str, Any] | None) -> None:
-        """Called by the store after each committed write; must not block or raise."""
+        """After a commit, for what L{in_transaction} left for later; never raises."""
         if not self._loaded:
             self._backlog.append((interaction, resource, previous))
             return
@@ -498,45 +530,52 @@ class SubscriptionManager:
             and spec.criteria is not None and matches(spec.criteria, resource)
         ]
 
-    def enqueue(self, specs: Sequence[Spec], interaction: str, resource: Any,
-                previous: Any) -> Deferred[list[Delivery]]:
+    def _delivery_rows(self, specs: Sequence[Spec], interaction: str, resource: Any,
+                       previous: Any) -> list[tuple[Any, ...]]:
         target = resource if resource is not None else previous
         now = self.clock.seconds()
         payload = json.dumps({"resource": resource, "previous": previous},
                              separators=(",", ":"))
-        rows = [
+        return [
             (uuid.uuid4().hex, spec.id, interaction, target["resourceType"], str(target["id"]),
              str((target.get("meta") or {}).get("versionId") or ""), payload, PENDING,
              spec.max_attempts, now, now, now)
             for spec in specs
         ]
 
-        def txn(conn: Any) -> list[Delivery]:
-            conn.executemany(
-                "INSERT INTO subscription_deliveries (id, subscription_id, interaction, "
-                "resource_type, resource_id, version_id, payload, state, max_attempts, "
-                "next_attempt, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            marks = ",".join("?" * len(rows))
-            return [Delivery.from_row(r) for r in conn.execute(
-                f"SELECT * FROM subscription_deliveries WHERE id IN ({marks}) ORDER BY seq",
-                [r[0] for r in rows])]
+    @staticmethod
+    def _insert(conn: Any, rows: list[tuple[Any, ...]]) -> list[Delivery]:
+        conn.executemany(
+            "INSERT INTO subscription_deliveries (id, subscription_id, interaction, "
+            "resource_type, resource_id, version_id, payload, state, max_attempts, "
+            "next_attempt, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        marks = ",".join("?" * len(rows))
+        return [Delivery.from_row(r) for r in conn.execute(
+            f"SELECT * FROM subscription_deliveries WHERE id IN ({marks}) ORDER BY seq",
+            [r[0] for r in rows])]
 
-        def queued(deliveries: list[Delivery]) -> list[Delivery]:
-            for delivery in deliveries:
-                log.info("Subscription/{sub} fired for {interaction} of {type}/{id}: "
-                         "delivery {delivery} queued", sub=delivery.subscription_id,
-                         interaction=interaction, type=delivery.resource_type,
-                         id=delivery.resource_id, delivery=delivery.id)
-                self._notify("queued", delivery, "")
-            self._pump()
-            return deliveries
+    def _queued(self, interaction: str, deliveries: list[Delivery]) -> list[Delivery]:
+        for delivery in deliveries:
+            log.info("Subscription/{sub} fired for {interaction} of {type}/{id}: "
+                     "delivery {delivery} queued", sub=delivery.subscription_id,
+                     interaction=interaction, type=delivery.resource_type,
+                     id=delivery.resource_id, delivery=delivery.id)
+            self._notify("queued", delivery, "")
+        self._pump()
+        return deliveries
+
+    def enqueue(self, specs: Sequence[Spec], interaction: str, resource: Any,
+                previous: Any) -> Deferred[list[Delivery]]:
+        """Queue deliveries in a transaction of their own (writes seen only after commit)."""
+        target = resource if resource is not None else previous
+        rows = self._delivery_rows(specs, interaction, resource, previous)
 
         def failed(f: Any) -> None:
             log.failure("Could not queue {n} subscription deliveries for {type}/{id}", f,
                         n=len(rows), type=target["resourceType"], id=target["id"])
 
-        d = self.db.run(txn)
-        d.addCallbacks(queued, failed)
+        d = self.db.run(self._insert, rows)
+        d.addCallbacks(lambda deliveries: self._queued(interaction, deliveries), failed)
         return d
 
     # -- delivery loop --------------------------------------------------------------------
