@@ -46,15 +46,23 @@ class Proc(protocol.ProcessProtocol):
         if len(self.output) > 8 * 1024 * 1024:
             del self.output[: len(self.output) - 4 * 1024 * 1024]
         for needle, d in list(self._watchers):
-            if needle in self.output:
+            if self._has_line_with(needle):
                 self._watchers.remove((needle, d))
                 d.callback(None)
+
+    def _has_line_with(self, needle: bytes) -> bool:
+        """A needle counts once its whole line has arrived (output may come in pieces)."""
+        end = self.output.rfind(b"\n")
+        return end >= 0 and self.output.find(needle, 0, end + 1) >= 0
 
     errReceived = outReceived
 
     def processEnded(self, reason: Any) -> None:
         self.exit_code = getattr(reason.value, "exitCode", None)
         for needle, d in self._watchers:
+            if needle in self.output:
+                d.callback(None)
+                continue
             d.errback(RuntimeError(f"{self.name} exited before printing {needle!r}:\n"
                                    f"{self.text[-3000:]}"))
         self._watchers = []
@@ -66,7 +74,7 @@ class Proc(protocol.ProcessProtocol):
 
     def wait_for(self, needle: str, timeout: float = 20.0) -> Deferred[None]:
         raw = needle.encode()
-        if raw in self.output:
+        if self._has_line_with(raw) or (self.ended.called and raw in self.output):
             return defer.succeed(None)
         if self.ended.called:
             return defer.fail(RuntimeError(f"{self.name} has exited:\n{self.text[-3000:]}"))
