@@ -22,13 +22,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from http.client import HTTPException
 from typing import Any, Mapping
 
-from medagent.fhir import FHIR_JSON, destination_text, outcome_text, reference_id
+from medagent.fhir import FHIR_JSON, outcome_text, push_request
 
-HL7_V2 = "x-application/hl7-v2+er7"
 DEFAULT_TIMEOUT = 30.0
 MAX_RESPONSE = 32 * 1024 * 1024
 JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
@@ -233,23 +231,14 @@ class BotClient:
         ``issue[0].diagnostics`` is the push's status URL.  Errors raise
         L{OperationOutcomeError}.  C{wait_timeout} is in milliseconds, as in Medplum.
         """
-        payload: dict[str, Any] = {
-            "destination": destination_text(destination),
-            "body": body,
-            "contentType": content_type,
-            "waitForResponse": bool(wait_for_response),
-        }
-        if wait_timeout is not None:
-            payload["waitTimeout"] = int(wait_timeout)
-        if return_ack is not None:
-            payload["returnAck"] = return_ack
-        payload = {k: v for k, v in payload.items() if v is not None}
-        key = idempotency_key or (None if content_type == HL7_V2 else str(uuid.uuid4()))
-        agent_id = reference_id(agent, "Agent")
+        path, payload, key = push_request(agent, destination, body, content_type,
+                                          wait_for_response, wait_timeout=wait_timeout,
+                                          return_ack=return_ack,
+                                          idempotency_key=idempotency_key)
         http_timeout = (wait_timeout or 10_000) / 1000.0 + self.timeout
         status, ctype, raw = self._retrying(
             "POST",
-            f"/fhir/R4/Agent/{urllib.parse.quote(agent_id, safe='')}/$push",
+            path,
             body=payload,
             content_type="application/json",
             headers={"Idempotency-Key": key} if key else None,

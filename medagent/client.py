@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Mapping
 from urllib.parse import quote, urlencode
 
@@ -26,7 +25,7 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
-from medagent.fhir import FHIR_JSON, destination_text, outcome_text, reference_id
+from medagent.fhir import FHIR_JSON, outcome_text, push_request, reference_id
 
 log = Logger()
 
@@ -40,7 +39,6 @@ _RETRYABLE = (
 
 #: Refresh the token when it has less than this many seconds left.
 REFRESH_MARGIN = 60.0
-HL7_V2 = "x-application/hl7-v2+er7"
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -228,22 +226,10 @@ class MedagentClient:
 
         A lost connection is retried up to C{retries} times with the same idempotency key.
         """
-        payload: dict[str, Any] = {
-            "destination": destination_text(destination),
-            "body": body,
-            "contentType": content_type,
-            "waitForResponse": wait_for_response,
-        }
-        if wait_timeout is not None:
-            payload["waitTimeout"] = wait_timeout
-        if return_ack is not None:
-            payload["returnAck"] = return_ack
-        if ttl is not None:
-            payload["ttl"] = ttl
-        payload = {k: v for k, v in payload.items() if v is not None}
-        # HL7 v2 pushes are recognised by MSH-10; everything else gets a key per call, so a
-        # retry after a lost connection is recognised too.
-        key = idempotency_key or (None if content_type == HL7_V2 else str(uuid.uuid4()))
+        path, payload, key = push_request(agent, destination, body, content_type,
+                                          wait_for_response, wait_timeout=wait_timeout,
+                                          return_ack=return_ack, ttl=ttl,
+                                          idempotency_key=idempotency_key)
         agent_id = reference_id(agent, "Agent")
         http_timeout = (wait_timeout or 10_000) / 1000.0 + self.timeout
 
@@ -253,7 +239,7 @@ class MedagentClient:
                 try:
                     status, ctype, raw, headers = await self.request(
                         "POST",
-                        f"/fhir/R4/Agent/{quote(agent_id, safe='')}/$push",
+                        path,
                         json_body=payload,
                         headers={"Idempotency-Key": key} if key else None,
                         timeout=http_timeout,

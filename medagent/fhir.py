@@ -121,3 +121,42 @@ def destination_text(dest: Any) -> str:
             return f"{dest['resourceType']}/{dest['id']}"
         raise ValueError("destination must be a Device, a reference, or a string")
     return str(dest)
+
+
+HL7_V2 = "x-application/hl7-v2+er7"
+
+
+def push_request(
+    agent: Any,
+    destination: Any,
+    body: Any,
+    content_type: str | None,
+    wait_for_response: bool,
+    *,
+    wait_timeout: int | None = None,
+    return_ack: str | None = None,
+    ttl: float | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[str, dict[str, Any], str | None]:
+    """
+    The ``$push`` call of both clients (ours over treq, the bots' synchronous one): the path,
+    the JSON body (Medplum's field names; absent values left out) and the idempotency key.
+    HL7 v2 is recognised by its MSH-10; anything else gets a key per call, so a retry after a
+    lost connection is recognised too.
+    """
+    from urllib.parse import quote
+    import uuid
+
+    payload: dict[str, Any] = {
+        "destination": destination_text(destination),
+        "body": body,
+        "contentType": content_type,
+        "waitForResponse": bool(wait_for_response),
+        "waitTimeout": int(wait_timeout) if wait_timeout is not None else None,
+        "returnAck": return_ack,
+        "ttl": ttl,
+    }
+    payload = {k: v for k, v in payload.items() if v is not None}
+    key = idempotency_key or (None if content_type == HL7_V2 else str(uuid.uuid4()))
+    path = f"/fhir/R4/Agent/{quote(reference_id(agent, 'Agent'), safe='')}/$push"
+    return path, payload, key

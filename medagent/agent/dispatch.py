@@ -18,10 +18,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent.destination import Destination, DestinationError, parse_destination
+from medagent.fhir import HL7_V2  # noqa: F401 (re-exported: the content types in one list)
 
 log = Logger()
 
-HL7_V2 = "x-application/hl7-v2+er7"
 ASTM = "x-application/astm"
 PING = "x-application/ping"
 DICOM = "application/dicom"

@@ -13,7 +13,7 @@ from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.logger import Logger
 
 from medagent.destination import DestinationError, parse_destination
-from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
+from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay import journal as j
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
@@ -22,7 +22,6 @@ from medagent.relay.store import search_one
 
 log = Logger()
 
-HL7_V2 = "x-application/hl7-v2+er7"
 PING = "x-application/ping"
 
 DEFAULT_WAIT_MS = 10_000
