@@ -306,6 +306,21 @@ class HubTests(SynchronousTestCase):
         self.assertLessEqual(max(len(session.in_flight), 0), 4)
 
 
+    def test_caller_gone_while_push_is_written_still_sends_it(self) -> None:
+        conn, session = self.connect()
+        db = self.store._db
+        db._flushing = True  # the journal write is in progress
+        d = self.push(wait=True)
+        d.cancel()  # the HTTP caller disconnects
+        db._flushing = False
+        db._flush()
+        self.failureResultOf(d)
+        [request] = conn.of_type(wire.TRANSMIT_REQUEST)
+        self.answer(conn, session, request)
+        self.assertEqual(self.successResultOf(self.journal.get(request["pushId"])).state,
+                         j.DELIVERED)
+
+
 class _Wall:
     def __init__(self, clock: InlineReactor) -> None:
         self.clock = clock

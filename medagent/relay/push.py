@@ -9,8 +9,9 @@ import json
 from typing import Any, Mapping
 
 import attr
-from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from medagent.destination import DestinationError, parse_destination
 from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
@@ -136,6 +137,21 @@ def hl7_control_id(body: str) -> str:
     return control_id
 
 
+def _shielded(d: Deferred[Any]) -> Deferred[Any]:
+    """
+    A Deferred for C{d}'s result whose cancellation (the HTTP caller went away) does not
+    cancel C{d}: a push being written is written and sent, whoever still waits for it.
+    """
+    out: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> None:
+        if not out.called:
+            out.errback(result) if isinstance(result, Failure) else out.callback(result)
+
+    d.addBoth(relay)
+    return out
+
+
 class PushService:
     def __init__(self, hub: Hub, store: Any, journal: Journal, clock: Any) -> None:
         self.hub = hub
@@ -254,12 +270,21 @@ class PushService:
             self.hub.track(push)
         if key is not None:
             self._creating[(agent_id, remote, key)] = push
-        try:
-            push = yield self.journal.create(push)
-        finally:
+        created = self.journal.create(push)
+
+        def stored(p: Push) -> Push:
             if key is not None:
                 self._creating.pop((agent_id, remote, key), None)
-        self.hub.submit(push)
+            self.hub.submit(p)  # even if the caller has gone meanwhile
+            return p
+
+        def not_stored(f: Any) -> Any:
+            if key is not None:
+                self._creating.pop((agent_id, remote, key), None)
+            return f
+
+        created.addCallbacks(stored, not_stored)
+        push = yield _shielded(created)
         result = yield self._maybe_wait(push, request)
         return result
 

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import parse_qs, unquote
 
 import attr
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -159,6 +159,9 @@ class Api(Resource):
                 limit = getattr(request.channel.site, "max_body", DEFAULT_MAX_BODY)
                 raise FHIRError(413, f"Request body too large (limit {limit} bytes)", "too-costly")
             return await self._route(request)
+        except CancelledError:
+            # the caller went away (e.g. a waited push); the push itself goes on
+            return Response(499, b"", "text/plain")
         except FHIRError as e:
             return json_response(e.outcome(), e.status, **e.headers)
         except Exception:
