@@ -24,6 +24,7 @@ from medagent.relay.service import RelayService
 from medagent.relay.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, inline_database
+from tests.test_hub import FakeConnection
 
 ADT = "MSH|^~\\&|ADT|HOSP|LIS|LAB|20240101120000||ADT^A01|{ctrl}|P|2.5.1\rPID|1||42^^^MRN"
 HL7 = "x-application/hl7-v2+er7"
@@ -102,22 +103,6 @@ class RouterTests(SynchronousTestCase):
                              (status, "text/plain"), outcome)
             self.assertTrue(answer["body"].startswith(f"Bot/b1 failed ({outcome}): why"))
             self.assertLessEqual(len(answer["body"]), 500)
-
-
-class FakeConnection:
-    def __init__(self) -> None:
-        self.peer = "tcp:127.0.0.1:5555"
-        self.sent: list[dict[str, Any]] = []
-        self.closed: str | None = None
-
-    def send_message(self, message: Any) -> None:
-        self.sent.append(json.loads(wire.encode(message)))
-
-    def close(self, reason: str) -> None:
-        self.closed = reason
-
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.sent if m["type"] == kind]
 
 
 class HubChannelIntegration(TestCase):
