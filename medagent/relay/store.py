@@ -379,7 +379,7 @@ def _search_sql(resource_type: str, params: Mapping[str, list[str]]) -> tuple[st
     query = (
         "SELECT content FROM resources r WHERE r.type=? AND r.deleted=0 AND "
         + where
-        + " ORDER BY r.last_updated, r.id LIMIT ? OFFSET ?"
+        + " ORDER BY r.last_updated, r.rowid LIMIT ? OFFSET ?"  # ties: in write order
     )
     args.extend([count, offset])
     return query, args
