@@ -184,14 +184,6 @@ def wait_text(path: str, needle: str, timeout: float, count: int = 1) -> str:
         time.sleep(0.05)
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def child(procs: Procs, name: str, python: str, args: list[str], env: dict | None = None
           ) -> dict:
     p, log = procs.start(name, [python, os.path.abspath(__file__), *args], env)
@@ -268,6 +260,9 @@ def one(procs: Procs, label: str, n: int, setup, run) -> dict:
 
 
 def main() -> int:
+    sys.path.insert(0, ROOT)
+    from tests.procs import free_port  # the parent only: children run in the peers' venvs
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--orders", type=int, default=200)
     args = ap.parse_args()

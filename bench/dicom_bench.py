@@ -34,19 +34,12 @@ from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 from medagent.destination import parse_destination  # noqa: E402
 from medagent.dicom.scp import StorageChannel  # noqa: E402
 from medagent.dicom.scu import DICOMSender  # noqa: E402
+from tests.procs import free_port  # noqa: E402
 
 SMALL, LARGE = 100, 10
 LARGE_PIXELS = 1600 * 1600  # 16-bit: 5.12 MB of pixel data
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 PHASE_TIMEOUT = 300
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def write_instance(path: str, large: bool) -> int:

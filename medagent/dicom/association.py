@@ -643,16 +643,7 @@ class AssociationAcceptor(_AssociationBase):
 
     def _stream(self, message, responses: list, result: HandlerResult) -> None:
         """Send pending C-FIND responses in batches, giving C-CANCEL a chance in between."""
-        msg_id = message.command_set.MessageID
-        if self.state != "established":
-            self._busy = False
-            if result.unsent:
-                result.unsent()
-            return
-        if msg_id in self._cancel_ids:
-            self._cancel_ids.discard(msg_id)
-            self.send_message(dimse.c_find_rsp(message, dimse.CANCEL), message.context_id)
-            self._done(message, HandlerResult([], sent=result.sent))
+        if self._find_stopped(message, result):
             return
         batch, rest = responses[: self.find_batch], responses[self.find_batch:]
         for response in batch:
@@ -664,20 +655,31 @@ class AssociationAcceptor(_AssociationBase):
                   if r.command_set.Status not in (dimse.PENDING, dimse.PENDING_WARNING)]
 
         def final() -> None:
-            if self.state != "established":
-                self._busy = False
-                if result.unsent:
-                    result.unsent()
+            if self._find_stopped(message, result):
                 return
-            if msg_id in self._cancel_ids:
-                self._cancel_ids.discard(msg_id)
-                self.send_message(dimse.c_find_rsp(message, dimse.CANCEL), message.context_id)
-            else:
-                for r in finals:
-                    self.send_message(r, message.context_id)
+            for r in finals:
+                self.send_message(r, message.context_id)
             self._done(message, result)
 
         self.clock.callLater(0, final)
+
+    def _find_stopped(self, message, result: HandlerResult) -> bool:
+        """
+        Between batches: the association went away (the rest is unsent), or the peer sent
+        C-CANCEL (answered with a Cancel status, and the find is done).
+        """
+        if self.state != "established":
+            self._busy = False
+            if result.unsent:
+                result.unsent()
+            return True
+        msg_id = message.command_set.MessageID
+        if msg_id in self._cancel_ids:
+            self._cancel_ids.discard(msg_id)
+            self.send_message(dimse.c_find_rsp(message, dimse.CANCEL), message.context_id)
+            self._done(message, HandlerResult([], sent=result.sent))
+            return True
+        return False
 
     def _done(self, message, result: HandlerResult) -> None:
         self._busy = False

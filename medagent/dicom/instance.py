@@ -200,18 +200,19 @@ def file_meta_bytes(sop_class: str, sop_instance: str, syntax: str) -> bytes:
     return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
 
 
-def write_part10(path: str, meta: bytes, data: bytes, *, fsync: bool = True) -> int:
+def atomic_write(path: str, chunks: list[bytes], *, fsync: bool = True,
+                 fsync_folder: bool = True) -> int:
     """
-    Write atomically: a temporary file in the same folder, fsync, rename, fsync the folder.
-    Returns the size.  Nothing is left behind on failure.
+    Write atomically: a temporary file in the same folder, fsync, rename (and fsync the
+    folder).  Returns the size.  Nothing is left behind on failure.
     """
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
                                dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(meta)
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -222,9 +223,9 @@ def write_part10(path: str, meta: bytes, data: bytes, *, fsync: bool = True) -> 
         except OSError:
             pass
         raise
-    if fsync:
+    if fsync and fsync_folder:
         fsync_dir(folder)
-    return len(meta) + len(data)
+    return sum(len(c) for c in chunks)
 
 
 def fsync_dir(folder: str) -> None:

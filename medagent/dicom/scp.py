@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Callable, Iterable
 
 from pydicom.uid import UID
@@ -33,6 +32,7 @@ from medagent.dicom.association import (
     HandlerResult,
 )
 from medagent.dicom.instance import (
+    atomic_write,
     dataset_json,
     file_meta_bytes,
     fsync_dir,
@@ -336,22 +336,8 @@ class StorageChannel(_ListeningService):
         return body, "dicom://recovered"
 
     def _write(self, path: str, chunks: list[bytes], fsync: bool = True) -> None:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
-                                   dir=self.storage_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                if self.fsync and fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # the folder is fsynced once for the instance and its note (see _c_store)
+        atomic_write(path, chunks, fsync=self.fsync and fsync, fsync_folder=False)
 
     def _discard(self, path: str | None, note: str) -> None:
         """

@@ -99,8 +99,28 @@ class _PendingSend:
     started: float
 
 
+class _LostWaiters:
+    """C{when_lost()} for both MLLP protocols (closing a connection waits for it)."""
+
+    _lost: bool
+    _lost_waiters: list[Deferred[None]]
+
+    def when_lost(self) -> Deferred[None]:
+        """A Deferred that fires once the connection is gone."""
+        if self._lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    def _fire_lost_waiters(self) -> None:
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+
 @implementer(IHandshakeListener)
-class MLLPClientProtocol(Protocol):
+class MLLPClientProtocol(_LostWaiters, Protocol):
     """
     One connection to a device.  One message at a time: L{send_message} writes a frame and
     fires with the payload of the ACK whose MSA-2 is the message's MSH-10.  Anything that
@@ -398,14 +418,6 @@ class MLLPClientProtocol(Protocol):
             self.transport.loseConnection()
         return d
 
-    def when_lost(self) -> Deferred[None]:
-        """A Deferred that fires once the connection is gone."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._lost_waiters.append(d)
-        return d
-
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
         self.connected = False
@@ -437,9 +449,7 @@ class MLLPClientProtocol(Protocol):
         if self.on_lost is not None:
             on_lost, self.on_lost = self.on_lost, None
             on_lost(self)
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for w in waiters:
-            w.callback(None)
+        self._fire_lost_waiters()
 
 
 class _ClientFactory(Factory):
@@ -901,7 +911,7 @@ class MLLPSender:
 Respond = Callable[[bytes], None]
 
 
-class MLLPServerProtocol(Protocol):
+class MLLPServerProtocol(_LostWaiters, Protocol):
     """
     One inbound device connection.  Frames are queued and handed to the channel one at a
     time, so answers go back strictly in arrival order; reading pauses while the queue is
@@ -1038,14 +1048,6 @@ class MLLPServerProtocol(Protocol):
         )
         self.transport.loseConnection()
 
-    def when_lost(self) -> Deferred[None]:
-        """A Deferred that fires once the connection is gone."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._lost_waiters.append(d)
-        return d
-
     def close(self, grace: float = 10.0) -> Deferred[None]:
         """
         Close once the message being handled is answered (at most C{grace} seconds), then
@@ -1084,9 +1086,7 @@ class MLLPServerProtocol(Protocol):
             remote=self.remote,
             unanswered=unanswered,
         )
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for w in waiters:
-            w.callback(None)
+        self._fire_lost_waiters()
 
 
 # Header used to answer a frame that is not HL7 at all (no separators to borrow).
