@@ -28,6 +28,9 @@ class RelayOptions(usage.Options):
         ["bot-time-limit", None, "10", "Seconds one bot run may take"],
         ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)"],
         ["bot-run-as", None, "auto", "User bot workers run as (auto: nobody when root)"],
+        ["webhook-allow", None, "",
+         "Comma-separated origins (scheme://host:port) Subscription rest-hooks may reach "
+         "although plain http or a private/loopback address"],
     ]
 
 
@@ -71,6 +74,7 @@ class RelayServiceMaker:
             bot_time_limit=float(options["bot-time-limit"]),
             bot_base_url=options["bot-base-url"],
             bot_run_as=options["bot-run-as"],
+            webhook_allow=[o.strip() for o in options["webhook-allow"].split(",") if o.strip()],
         )
 
 
