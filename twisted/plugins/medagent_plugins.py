@@ -35,10 +35,16 @@ class RelayOptions(usage.Options):
 
 
 class AgentOptions(usage.Options):
+    optFlags = [
+        ["insecure", None, "Allow plain http:// to a relay that is not on this machine"],
+    ]
     optParameters = [
         ["relay", "r", None, "Relay base URL, e.g. https://relay.example.org"],
         ["client-id", None, None, "OAuth2 client id of this agent"],
-        ["client-secret", None, None, "OAuth2 client secret of this agent"],
+        ["client-secret", None, None,
+         "OAuth2 client secret (visible in ps: prefer --client-secret-file or "
+         "MEDAGENT_CLIENT_SECRET)"],
+        ["client-secret-file", None, None, "File whose first line is the client secret"],
         ["agent-id", None, None, "Agent resource id"],
         ["config", "c", None, "Medplum-style agent.properties file"],
         ["data", "d", None, "Data folder for the durable queue (default ./agent-data)"],
@@ -96,6 +102,8 @@ class AgentServiceMaker:
                     "relay": options["relay"],
                     "client_id": options["client-id"],
                     "client_secret": options["client-secret"],
+                    "client_secret_file": options["client-secret-file"],
+                    "insecure": options["insecure"],
                     "agent_id": options["agent-id"],
                     "config": options["config"],
                     "data_dir": options["data"],
