@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 import attr
 
+from medagent.agent.allow import DestinationPolicy, PolicyError
+
 #: agent.properties keys (Medplum's names) → our option names
 PROPERTY_KEYS = {
     "baseUrl": "relay",
@@ -19,6 +21,10 @@ PROPERTY_KEYS = {
     "clientSecret": "client_secret",
     "agentId": "agent_id",
     "clientSecretFile": "client_secret_file",
+    "allowDestinations": "allow_destinations",
+    "tlsCa": "tls_ca",
+    "tlsCert": "tls_cert",
+    "tlsKey": "tls_key",
     "logLevel": "log_level",
     "dataDir": "data_dir",
 }
@@ -43,6 +49,12 @@ class AgentConfig:
     retention_seconds: float = 86400.0
     #: plain http:// to a relay that is not on this machine was asked for explicitly
     insecure: bool = False
+    #: comma-separated patterns of the devices this agent may connect to (medagent.agent.allow)
+    allow_destinations: str = ""
+    #: PEM files for mllps:// (trust root; client certificate and key)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -99,7 +111,8 @@ def load_config(options: Mapping[str, object]) -> AgentConfig:
             if key in PROPERTY_KEYS:
                 values[PROPERTY_KEYS[key]] = value
     for key in ("relay", "client_id", "client_secret", "client_secret_file", "agent_id",
-                "data_dir", "log_level", "heartbeat_interval", "synchronous"):
+                "data_dir", "log_level", "heartbeat_interval", "synchronous",
+                "allow_destinations", "tls_ca", "tls_cert", "tls_key"):
         if options.get(key) not in (None, ""):
             values[key] = options[key]
     env = {"relay": "MEDAGENT_RELAY", "client_id": "MEDAGENT_CLIENT_ID",
@@ -133,4 +146,8 @@ def load_config(options: Mapping[str, object]) -> AgentConfig:
         if not 1.0 <= interval <= 300.0:
             raise ConfigError("--heartbeat-interval must be between 1 and 300 seconds")
         values["heartbeat_interval"] = interval
+    try:
+        DestinationPolicy.from_setting(str(values.get("allow_destinations") or ""))
+    except PolicyError as e:
+        raise ConfigError(str(e))
     return AgentConfig(**values)  # type: ignore[arg-type]

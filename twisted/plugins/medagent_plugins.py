@@ -50,6 +50,12 @@ class AgentOptions(usage.Options):
         ["data", "d", None, "Data folder for the durable queue (default ./agent-data)"],
         ["heartbeat-interval", None, None, "Seconds between heartbeats"],
         ["synchronous", None, None, "SQLite synchronous: NORMAL (crash-safe, default) or FULL"],
+        ["allow-destinations", None, None,
+         "Comma-separated devices this agent may connect to (host:port, net/len:port, "
+         "scheme://host:port, serial:/dev/..., worklist:NAME; * wildcards); default: any"],
+        ["tls-ca", None, None, "PEM trust root for mllps:// (default: the platform's)"],
+        ["tls-cert", None, None, "PEM client certificate for mllps://"],
+        ["tls-key", None, None, "PEM private key of --tls-cert"],
     ]
 
 
@@ -109,6 +115,10 @@ class AgentServiceMaker:
                     "data_dir": options["data"],
                     "heartbeat_interval": options["heartbeat-interval"],
                     "synchronous": options["synchronous"],
+                    "allow_destinations": options["allow-destinations"],
+                    "tls_ca": options["tls-ca"],
+                    "tls_cert": options["tls-cert"],
+                    "tls_key": options["tls-key"],
                 }
             )
         except ConfigError as e:
