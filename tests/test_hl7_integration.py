@@ -286,19 +286,30 @@ class TLSTests(TestCase):
         ).listen(channel)
         self.addCleanup(listening.stopListening)
         port = listening.getHost().port
-        sender = MLLPSender(reactor)
+        sender = MLLPSender(reactor, tls_ca=cert)
         self.addCleanup(sender.close)
         for i in range(3):
             reply = await sender.send(
-                parse_destination(f"mllps://localhost:{port}?ca={cert}"), HL7_V2,
+                parse_destination(f"mllps://localhost:{port}"), HL7_V2,
                 adt(f"TLS{i}"), {})
             self.assertEqual((reply.detail, parse_ack(reply.body).control_id), ("AA", f"TLS{i}"))
         self.assertEqual(len(channel.protocols), 1)
+        # A pusher cannot make the agent read files: certificate paths in the URL are refused
+        # before anything is opened or sent.
+        for param in ("ca", "cert", "key"):
+            with self.assertRaises(DeliveryError) as cm:
+                await sender.send(parse_destination(f"mllps://localhost:{port + 1}"
+                                                    f"?{param}=/etc/hostname"),
+                                  HL7_V2, adt("FILE"), {})
+            self.assertEqual((cm.exception.phase, cm.exception.transient),
+                             ("destination", False))
         # Without our CA the platform trust store refuses the self-signed certificate, during
         # the handshake: nothing was sent.
+        untrusting = MLLPSender(reactor)
+        self.addCleanup(untrusting.close)
         with self.assertRaises(DeliveryError) as cm:
-            await sender.send(parse_destination(f"mllps://localhost:{port}"), HL7_V2,
-                              adt("UNTRUSTED"), {})
+            await untrusting.send(parse_destination(f"mllps://localhost:{port}"), HL7_V2,
+                                  adt("UNTRUSTED"), {})
         self.assertEqual((cm.exception.phase, cm.exception.transient), ("connect", True))
         self.assertIn("TLS handshake failed", cm.exception.reason)
         self.assertEqual(channel.received, 3)

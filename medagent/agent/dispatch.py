@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent.agent.allow import DestinationPolicy
 from medagent.destination import Destination, DestinationError, parse_destination
 from medagent.fhir import HL7_V2  # noqa: F401 (re-exported: the content types in one list)
 
@@ -148,6 +149,8 @@ class Dispatcher:
         self._lanes: dict[str, _Lane] = {}
         self._max_waiting = max_waiting_per_lane
         self._clock = clock
+        #: where this agent may connect (the site's allowlist; open unless configured)
+        self.policy = DestinationPolicy()
 
     def add_sender(self, scheme: str, sender: Sender) -> None:
         self._senders[scheme] = sender
@@ -161,6 +164,9 @@ class Dispatcher:
             destination = parse_destination(remote, needs_port=False)
         except DestinationError as e:
             raise DeliveryError(str(e), transient=False, phase="destination")
+        if not self.policy.allows(destination):
+            raise DeliveryError(self.policy.refusal(destination), transient=False,
+                                phase="destination")
         sender = self._senders.get(destination.scheme)
         if sender is None:
             raise DeliveryError(

@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
+from medagent.agent.allow import DestinationPolicy
 from medagent.agent.app import AgentApp
 from medagent.agent.channels import ChannelManager, ChannelSpec, specs_from_resources
 from medagent.agent.config import AgentConfig
@@ -31,15 +32,17 @@ log = Logger()
 
 
 def default_senders(reactor: Any, worklist: Callable[[str], Any],
-                    astm_inbound: Callable[[str, str, str], Any] | None = None
-                    ) -> dict[str, Sender]:
+                    astm_inbound: Callable[[str, str, str], Any] | None = None,
+                    config: AgentConfig | None = None) -> dict[str, Sender]:
     """One sender per destination scheme; C{worklist(name)} finds a worklist channel."""
     from medagent.astm.transport import ASTMSender
     from medagent.dicom.scu import DICOMSender
     from medagent.dicom.worklist import WorklistSender
     from medagent.hl7.protocol import MLLPSender
 
-    mllp = MLLPSender(reactor)
+    mllp = MLLPSender(reactor, tls_ca=config.tls_ca if config else None,
+                      tls_cert=config.tls_cert if config else None,
+                      tls_key=config.tls_key if config else None)
     astm = ASTMSender(reactor, on_inbound=astm_inbound)
     return {
         "mllp": mllp,
@@ -65,6 +68,7 @@ class AgentService(service.MultiService):
         self.client = MedagentClient(reactor, config.relay, config.client_id,
                                      config.client_secret)
         self.dispatcher = Dispatcher(reactor, {})
+        self.dispatcher.policy = DestinationPolicy.from_setting(config.allow_destinations)
         self.logs = LogBuffer()
         self.db = Database(reactor, os.path.join(config.data_dir, "agent.sqlite"),
                            schema=DurableQueue.schema() + Outbox.schema(), synchronous=config.synchronous,
@@ -88,7 +92,7 @@ class AgentService(service.MultiService):
             "astm", ct, body, remote)
         for scheme, sender in (senders if senders is not None
                                else default_senders(reactor, self.channels.worklist,
-                                                    astm_inbound)).items():
+                                                    astm_inbound, config)).items():
             self.dispatcher.add_sender(scheme, sender)
         self.app.capabilities = (*self.app.capabilities, *self.dispatcher.schemes())
         self.channels.setServiceParent(self)
@@ -101,6 +105,10 @@ class AgentService(service.MultiService):
         globalLogPublisher.addObserver(self.logs)
         log.info("medagent agent {agent_id} starting; relay {relay}",
                  agent_id=self.config.agent_id, relay=self.config.relay)
+        if self.dispatcher.policy.open:
+            log.warn("No allowDestinations set: this agent connects to any host:port the relay "
+                     "names. Set allowDestinations (agent.properties) or --allow-destinations "
+                     "to the site's devices.")
         self.db.start()
         self.app.start().addErrback(
             lambda f: log.failure("Could not open the agent's queue in {path}", f,

@@ -533,8 +533,9 @@ class MLLPSender:
     Destination parameters: ``encoding`` (default: MSH-18, else UTF-8), ``returnAck``
     (``first``|``application``; the message's ``options['returnAck']`` wins),
     ``keepAlive`` (default true: one persistent connection per destination, closed after
-    C{idle_timeout} idle), ``connectTimeout`` and ``ackTimeout`` in seconds; for ``mllps``
-    ``ca`` (PEM trust root; default the platform's), ``cert`` and ``key`` (client certificate).
+    C{idle_timeout} idle), ``connectTimeout`` and ``ackTimeout`` in seconds.  For ``mllps``
+    the trust root (default: the platform's) and client certificate are the sender's
+    C{tls_ca}, C{tls_cert} and C{tls_key}, set from the agent's configuration.
 
     A message is never written twice by this class: if a connection is found dead before the
     write, a new one is opened; once written, a lost connection fails the send (transient) and
@@ -552,8 +553,13 @@ class MLLPSender:
         idle_timeout: float = 60.0,
         max_message_size: int = DEFAULT_MAX_SIZE,
         endpoint_factory: EndpointFactory | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self._reactor = reactor
+        #: PEM files for ``mllps``, from the agent's configuration only (never from a URL)
+        self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
         self.connect_timeout = connect_timeout
         self.ack_timeout = ack_timeout
         self.idle_timeout = idle_timeout
@@ -881,12 +887,17 @@ class MLLPSender:
             platformTrust,
         )
 
-        ca = destination.param("ca")
+        for name in ("ca", "cert", "key"):
+            if destination.param(name) is not None:
+                # A URL comes from whoever pushes; letting it name files on this machine
+                # would make the agent read (and reveal the existence of) any local file.
+                raise DestinationError(
+                    f"mllps:// does not take {name}= in the URL: certificate files come from "
+                    "the agent's own configuration (tlsCa, tlsCert, tlsKey)")
+        ca, cert, key = self.tls_ca, self.tls_cert, self.tls_key
         trust = Certificate.loadPEM(self._pem(ca)) if ca else platformTrust()
-        cert = destination.param("cert")
         client_cert = None
         if cert:
-            key = destination.param("key")
             pem = self._pem(cert) + (b"\n" + self._pem(key) if key else b"")
             client_cert = PrivateCertificate.loadPEM(pem)
         options = optionsForClientTLS(

@@ -5,7 +5,7 @@ Composition of the relay: database, store, auth, journal, hub, HTTP site and lis
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.application import service, strports
 from twisted.internet.task import LoopingCall
@@ -21,6 +21,7 @@ from medagent.relay.journal import Journal
 from medagent.relay.push import PushService
 from medagent.relay.store import SQLiteStore
 from medagent.relay.subscriptions import SubscriptionManager, treq_poster
+from medagent.relay.webhooks import WebhookPolicy
 from medagent.relay.web import DEFAULT_MAX_BODY, Api, RelaySite, Root
 from medagent.relay.ws import websocket_resource
 
@@ -120,6 +121,7 @@ class RelayService(service.MultiService):
         bot_base_url: str | None = None,
         bot_run_as: str | None = "auto",
         subscription_retry_base: float = 10.0,
+        webhook_allow: Sequence[str] = (),
     ) -> None:
         super().__init__()
         os.makedirs(data_dir, exist_ok=True)
@@ -148,9 +150,10 @@ class RelayService(service.MultiService):
                               base_url=bot_base_url or base_url_from_listen(listen),
                               default_time_limit=bot_time_limit,
                               insecure_loopback=bot_base_url is None)
-        post, close_post = treq_poster(reactor)
+        policy = WebhookPolicy(webhook_allow)
+        post, close_post = treq_poster(reactor, policy)
         self.subscriptions = SubscriptionManager(reactor, self.db, self.store, self.bots,
-                                                 poster=post,
+                                                 poster=post, policy=policy,
                                                  retry_base=subscription_retry_base)
         self.channels = ChannelRouter(self.store, self.bots)
         self.hub.inbound = self.channels

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from medagent.fhir import FHIR_JSON
 from medagent.relay import bots as b
 from medagent.relay.store import SEARCH_PARAMS, index_values
+from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem
 
 log = Logger()
 
@@ -190,7 +191,13 @@ class Spec:
 
 
 def subscription_spec(resource: Mapping[str, Any],
-                      default_max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Spec:
+                      default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                      policy: WebhookPolicy | None = None) -> Spec:
+    """
+    What a Subscription resource asks for, and why it can never fire if it cannot: an
+    unusable Subscription is kept (and reported), never half-applied.
+    """
+    policy = policy or WebhookPolicy()
     problems: list[str] = []
     criteria: Criteria | None = None
     try:
@@ -226,10 +233,13 @@ def subscription_spec(resource: Mapping[str, Any],
                         "(only rest-hook)")
     elif re.fullmatch(r"Bot/[A-Za-z0-9\-.]{1,64}", endpoint):
         kind = "bot"
-    elif re.match(r"https?://", endpoint):
+    elif re.match(r"https?://", endpoint, re.I):
         kind = "url"
+        problem = policy.url_problem(endpoint)
+        if problem:
+            problems.append(problem)
     else:
-        problems.append("channel.endpoint must be Bot/{id} or an http(s) URL")
+        problems.append("channel.endpoint must be Bot/{id} or an https URL")
     end = None
     if resource.get("end") is not None:
         try:
@@ -241,10 +251,17 @@ def subscription_spec(resource: Mapping[str, Any],
             problems.append(f"Subscription.end {resource['end']!r} is not a dateTime")
     headers = []
     for header in channel.get("header") or []:
-        if isinstance(header, str) and ":" in header:
-            key, _, value = header.partition(":")
-            if re.fullmatch(r"[A-Za-z0-9\-]{1,64}", key.strip()):
-                headers.append((key.strip(), value.strip()))
+        key, _, value = header.partition(":") if isinstance(header, str) else ("", "", "")
+        key, value = key.strip(), value.strip()
+        if not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", key) or len(value) > 1024:
+            problems.append("channel.header entries must be 'Name: value' (a token name, "
+                            "at most 1024 characters of value)")
+            continue
+        problem = header_problem(key, value)
+        if problem:
+            problems.append(problem)
+        else:
+            headers.append((key, value))
     return Spec(
         id=str(resource.get("id")),
         resource=resource,
@@ -321,17 +338,26 @@ class Delivery:
 Poster = Callable[[str, bytes, Mapping[str, str], float], Deferred]
 
 
-def treq_poster(reactor: Any) -> tuple[Poster, Callable[[], Deferred]]:
-    """An HTTP POST for URL endpoints (treq, own pool) and the function that closes it."""
-    import treq
-    from twisted.web.client import HTTPConnectionPool
+def treq_poster(reactor: Any, policy: WebhookPolicy | None = None
+                ) -> tuple[Poster, Callable[[], Deferred]]:
+    """
+    An HTTP POST for URL endpoints (treq, own pool) and the function that closes it.  Every
+    connection goes through L{GuardedEndpointFactory}: resolved, checked against the
+    L{WebhookPolicy}, connected to the checked address; redirects are not followed.
+    """
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 4
+    agent = Agent.usingEndpointFactory(
+        reactor, GuardedEndpointFactory(reactor, policy or WebhookPolicy()), pool=pool)
+    client = HTTPClient(agent)
 
     async def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
-        response = await treq.post(url, data=body, headers={k: [v] for k, v in headers.items()},
-                                   pool=pool, reactor=reactor, timeout=timeout)
+        response = await client.post(url, data=body,
+                                     headers={k: [v] for k, v in headers.items()},
+                                     allow_redirects=False, timeout=timeout)
         seen = [0]
 
         def drain(data: bytes) -> None:
@@ -366,8 +392,10 @@ class SubscriptionManager:
         default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retention: float = 7 * 86400.0,
         failed_retention: float = 30 * 86400.0,
+        policy: WebhookPolicy | None = None,
     ) -> None:
         self.clock = clock
+        self.policy = policy or WebhookPolicy()
         self.db = db
         self.store = store
         self.runner = runner
@@ -452,7 +480,7 @@ class SubscriptionManager:
     # -- the subscription cache -----------------------------------------------------------
 
     def _remember(self, resource: Mapping[str, Any]) -> None:
-        spec = subscription_spec(resource, self.default_max_attempts)
+        spec = subscription_spec(resource, self.default_max_attempts, self.policy)
         self._forget(spec.id)
         self.specs[spec.id] = spec
         if spec.criteria is not None:
@@ -523,11 +551,20 @@ class SubscriptionManager:
             self.enqueue(found, interaction, resource, previous)
 
     def match(self, interaction: str, resource: Mapping[str, Any]) -> list[Spec]:
+        """
+        The Subscriptions this write fires.  A write by a Bot never fires a Subscription that
+        delivers to that same Bot: without this rule a Bot that updates what it is subscribed
+        to would run forever.
+        """
         now = self.clock.seconds()
+        meta = resource.get("meta") if isinstance(resource.get("meta"), Mapping) else {}
+        author = meta.get("author") if isinstance(meta.get("author"), Mapping) else {}
+        by = author.get("reference") if interaction != "delete" else None
         return [
             spec for spec in self._by_type.get(str(resource.get("resourceType")), ())
             if spec.live(now) and interaction in spec.interactions
             and spec.criteria is not None and matches(spec.criteria, resource)
+            and not (spec.kind == "bot" and by == spec.endpoint)
         ]
 
     def _delivery_rows(self, specs: Sequence[Spec], interaction: str, resource: Any,

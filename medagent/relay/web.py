@@ -55,6 +55,19 @@ def json_response(obj: Any, status: int = 200, **headers: str) -> Response:
                     dict(headers))
 
 
+def stamp_author(resource: dict[str, Any], principal: Principal) -> None:
+    """
+    C{meta.author} is who wrote this version, set by the relay, never taken from the body:
+    Subscriptions use it so that a Bot's own writes never trigger that Bot again (a loop).
+    """
+    who = principal.client_id
+    meta = resource.get("meta")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["author"] = {"reference": who if who.startswith("Bot/")
+                      else f"ClientApplication/{who}"}
+    resource["meta"] = meta
+
+
 class LimitedRequest(Request):
     """A request that stops buffering a body larger than the site's limit (answered 413)."""
 
@@ -334,6 +347,7 @@ class Api(Resource):
             if isinstance(resource, dict):
                 resource.pop("id", None)
             self._check_type(resource, resource_type)
+            stamp_author(resource, principal)
             created = await self.store.create(resource)
             return json_response(
                 created, 201,
@@ -354,6 +368,7 @@ class Api(Resource):
                 if resource.get("id") not in (None, id):
                     raise bad_request("Resource id does not match the URL")
                 resource["id"] = id
+                stamp_author(resource, principal)
                 if_match = request.getHeader(b"if-match")
                 try:
                     await self.store.read(resource_type, id)

@@ -28,19 +28,34 @@ class RelayOptions(usage.Options):
         ["bot-time-limit", None, "10", "Seconds one bot run may take"],
         ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)"],
         ["bot-run-as", None, "auto", "User bot workers run as (auto: nobody when root)"],
+        ["webhook-allow", None, "",
+         "Comma-separated origins (scheme://host:port) Subscription rest-hooks may reach "
+         "although plain http or a private/loopback address"],
     ]
 
 
 class AgentOptions(usage.Options):
+    optFlags = [
+        ["insecure", None, "Allow plain http:// to a relay that is not on this machine"],
+    ]
     optParameters = [
         ["relay", "r", None, "Relay base URL, e.g. https://relay.example.org"],
         ["client-id", None, None, "OAuth2 client id of this agent"],
-        ["client-secret", None, None, "OAuth2 client secret of this agent"],
+        ["client-secret", None, None,
+         "OAuth2 client secret (visible in ps: prefer --client-secret-file or "
+         "MEDAGENT_CLIENT_SECRET)"],
+        ["client-secret-file", None, None, "File whose first line is the client secret"],
         ["agent-id", None, None, "Agent resource id"],
         ["config", "c", None, "Medplum-style agent.properties file"],
         ["data", "d", None, "Data folder for the durable queue (default ./agent-data)"],
         ["heartbeat-interval", None, None, "Seconds between heartbeats"],
         ["synchronous", None, None, "SQLite synchronous: NORMAL (crash-safe, default) or FULL"],
+        ["allow-destinations", None, None,
+         "Comma-separated devices this agent may connect to (host:port, net/len:port, "
+         "scheme://host:port, serial:/dev/..., worklist:NAME; * wildcards); default: any"],
+        ["tls-ca", None, None, "PEM trust root for mllps:// (default: the platform's)"],
+        ["tls-cert", None, None, "PEM client certificate for mllps://"],
+        ["tls-key", None, None, "PEM private key of --tls-cert"],
     ]
 
 
@@ -71,6 +86,7 @@ class RelayServiceMaker:
             bot_time_limit=float(options["bot-time-limit"]),
             bot_base_url=options["bot-base-url"],
             bot_run_as=options["bot-run-as"],
+            webhook_allow=[o.strip() for o in options["webhook-allow"].split(",") if o.strip()],
         )
 
 
@@ -92,11 +108,17 @@ class AgentServiceMaker:
                     "relay": options["relay"],
                     "client_id": options["client-id"],
                     "client_secret": options["client-secret"],
+                    "client_secret_file": options["client-secret-file"],
+                    "insecure": options["insecure"],
                     "agent_id": options["agent-id"],
                     "config": options["config"],
                     "data_dir": options["data"],
                     "heartbeat_interval": options["heartbeat-interval"],
                     "synchronous": options["synchronous"],
+                    "allow_destinations": options["allow-destinations"],
+                    "tls_ca": options["tls-ca"],
+                    "tls_cert": options["tls-cert"],
+                    "tls_key": options["tls-key"],
                 }
             )
         except ConfigError as e:
