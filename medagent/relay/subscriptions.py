@@ -345,6 +345,7 @@ def treq_poster(reactor: Any, policy: WebhookPolicy | None = None
     connection goes through L{GuardedEndpointFactory}: resolved, checked against the
     L{WebhookPolicy}, connected to the checked address; redirects are not followed.
     """
+    import treq
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
