@@ -240,6 +240,8 @@ class Api(Resource):
                 raise not_found("Bots are not enabled on this relay")
             return await self.bots.execute_http(request, principal,
                                                 rest[1] if len(rest) == 3 else None, query)
+        if resource_type == "ClientApplication" and len(rest) == 3 and rest[2] == "$revoke":
+            return await self._revoke(principal, method, rest[1])
         if resource_type not in RESOURCE_TYPES:
             raise not_found(f"Unsupported resource type {resource_type}")
         return await self._rest(request, principal, method, rest, query)
@@ -298,6 +300,19 @@ class Api(Resource):
                 },
             }
         )
+
+    async def _revoke(self, principal: Principal, method: str, client_id: str) -> Response:
+        """
+        ``POST ClientApplication/{id}/$revoke`` (admin): the client's tokens fail from now on
+        and its agent connections are closed before this answers.
+        """
+        if method != "POST":
+            raise FHIRError(405, "$revoke needs POST", "not-supported")
+        principal.require_admin()
+        await self.authority.revoke_client(client_id)
+        log.info("Client {client_id} revoked by {by}", client_id=client_id,
+                 by=principal.client_id)
+        return json_response(operation_outcome(f"Client {client_id} revoked", id="ok"))
 
     # -- FHIR REST ------------------------------------------------------------------------
 
