@@ -180,6 +180,36 @@ class HubRevocation(SynchronousTestCase):
         conn2, _ = self.connect(token_of(self, self.auth, self.client))
         self.assertTrue(self.hub.is_connected(self.agent["id"]))
 
+    def push(self, control_id: str) -> Deferred[Any]:
+        from medagent.relay.push import PushService
+
+        admin = self.successResultOf(self.auth.create_client("admin"))
+        device = self.successResultOf(self.store.create({"resourceType": "Device",
+                                                         "url": "mllp://127.0.0.1:2575"}))
+        return PushService(self.hub, self.store, self.hub.journal, self.clock).push(
+            self.auth.verify_token(token_of(self, self.auth, admin)), (self.agent["id"], None),
+            {"destination": f"Device/{device['id']}", "contentType": "x-application/hl7-v2+er7",
+             "body": f"MSH|^~\\&|A|B|C|D|2024||ADT^A01|{control_id}|P|2.5"})
+
+    def test_expiry_waits_for_pushes_a_plain_agent_cannot_resend(self) -> None:
+        for answered in (True, False):
+            conn, session = self.connect(token_of(self, self.auth, self.client))
+            start = self.clock.seconds()
+            self.successResultOf(self.push(f"C{answered}"))
+            request = conn.of_type(wire.TRANSMIT_REQUEST)[-1]
+            while self.clock.seconds() < start + 120:  # past expiry (65), within the grace
+                self.clock.advance(10)
+                self.hub.frame_received(session, wire.encode(wire.heartbeat_response()))
+            self.assertIsNone(conn.closed)  # closing now would fail the push "in doubt"
+            if answered:
+                self.hub.frame_received(session, wire.encode({
+                    "type": wire.TRANSMIT_RESPONSE, "callback": request["callback"],
+                    "statusCode": 200, "contentType": "x-application/hl7-v2+er7",
+                    "body": "MSH|^~\\&|C|D|A|B|2024||ACK|A1|P|2.5\rMSA|AA|CTrue"}))
+            self.clock.advance(10)  # answered: closed at the next tick; else: grace is over
+            self.assertEqual(conn.closed, "access token expired")
+            self.assertFalse(self.hub.is_connected(self.agent["id"]))
+
     def test_fresh_token_in_band_keeps_the_session(self) -> None:
         conn, session = self.connect(token_of(self, self.auth, self.client))
         self.clock.advance(50)

@@ -46,6 +46,10 @@ ROLES = (ADMIN, PUSHER, AGENT)
 
 DEFAULT_TOKEN_LIFETIME = 3600
 
+#: why a live agent session is ended (L{Authority.session_problem})
+CLIENT_REVOKED = "client revoked"
+TOKEN_EXPIRED = "access token expired"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY,
@@ -281,15 +285,16 @@ class Authority:
             raise FHIRError(503, "The relay is starting; try again in a moment", "transient",
                             headers={"Retry-After": "1"})
 
-    def session_problem(self, principal: Principal) -> str | None:
+    def session_problem(self, principal: Principal, grace: float = 0.0) -> str | None:
         """
-        Why a live session authenticated as C{principal} must end now (its client was
-        revoked, its token expired), or None.  For the hub's periodic re-check.
+        Why a live session authenticated as C{principal} must end now (L{CLIENT_REVOKED}, or
+        L{TOKEN_EXPIRED} more than C{grace} seconds ago), or None.  For the hub's re-check.
         """
         if self.is_revoked(principal.client_id):
-            return "client revoked"
-        if principal.expires_at is not None and principal.expires_at + 5 < self._clock.time():
-            return "access token expired"
+            return CLIENT_REVOKED
+        if (principal.expires_at is not None
+                and principal.expires_at + 5 + grace < self._clock.time()):
+            return TOKEN_EXPIRED
         return None
 
     # -- tokens ----------------------------------------------------------------------

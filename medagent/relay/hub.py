@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay import journal as j
-from medagent.relay.auth import Authority
+from medagent.relay.auth import CLIENT_REVOKED, TOKEN_EXPIRED, Authority
 from medagent.relay.journal import Journal, Push
 
 log = Logger()
@@ -30,6 +30,10 @@ log = Logger()
 CAP_DEDUPE = "dedupe"
 
 REPLAY_PAGE = 500
+
+#: seconds an agent session whose token expired may stay open while pushes it cannot safely
+#: re-send (no durable/dedupe capability) are still unanswered
+EXPIRED_GRACE = 60.0
 
 
 class AgentConnection(Protocol):
@@ -292,6 +296,10 @@ class Hub:
     def _heartbeat(self, session: Session) -> None:
         problem = (self.authority.session_problem(session.principal)
                    if session.principal is not None else None)
+        if problem == TOKEN_EXPIRED and session.in_flight and not session.resends_safely:
+            # closing now would fail its unanswered pushes "in doubt": let them finish first,
+            # for a bounded time
+            problem = self.authority.session_problem(session.principal, EXPIRED_GRACE)
         if problem is not None:
             self._end_session(session, problem)
             return
@@ -319,7 +327,7 @@ class Hub:
         ended = [s for s in list(self.sessions.values())
                  if s.principal is not None and s.principal.client_id == client_id]
         for session in ended:
-            self._end_session(session, "client revoked")
+            self._end_session(session, CLIENT_REVOKED)
         return len(ended)
 
     # -- pushes ---------------------------------------------------------------------------
