@@ -123,8 +123,8 @@ class Scopes(TestCase):
             self.assertEqual(await self.ids(self.pusher, f"/fhir/R4/Agent?_id={b}"), [])
             self.assertEqual(await self.ids(self.pusher, "/fhir/R4/Device"),
                              sorted([self.dev_a["id"], self.dev_a2["id"]]))
-            self.assertEqual(await self.ids(self.pusher, "/fhir/R4/Device?url=mllp://10.1.0.1:2575"),
-                             [])
+            self.assertEqual(
+                await self.ids(self.pusher, "/fhir/R4/Device?url=mllp://10.1.0.1:2575"), [])
             # the scope is in the query, not applied to a page afterwards
             one = await self.ids(self.pusher, "/fhir/R4/Device?_count=1")
             self.assertEqual(len(one), 1)

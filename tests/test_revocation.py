@@ -235,6 +235,41 @@ class HubRevocation(SynchronousTestCase):
                           "body": f"This access token cannot act as Agent/{self.agent['id']}"})
 
 
+class RevokeOffline(SynchronousTestCase):
+    """`medagent client revoke --data` for a relay that is not running."""
+
+    def run_cli(self, *argv: str) -> tuple[int, str]:
+        import io
+        import sys
+
+        from medagent.cli import main
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", io.StringIO())
+        return main(list(argv)), out.getvalue()
+
+    def test_revoke_in_the_database(self) -> None:
+        data = tempfile.mkdtemp(prefix="medagent-cli-")
+        self.assertEqual(self.run_cli("init", "--data", data)[0], 0)
+        rc, out = self.run_cli("client", "create", "--data", data, "--role", "pusher",
+                               "--agent", "a1")
+        client_id = json.loads(out)["clientId"]
+        rc, out = self.run_cli("client", "revoke", client_id, "--data", data)
+        self.assertEqual((rc, json.loads(out)), (0, {"clientId": client_id, "revoked": True}))
+        rc, out = self.run_cli("client", "list", "--data", data)
+        self.assertEqual([c["revoked"] for c in json.loads(out) if c["clientId"] == client_id],
+                         [True])
+        self.assertEqual(self.run_cli("client", "revoke", "nope", "--data", data)[0], 2)
+        self.assertEqual(self.run_cli("client", "revoke", client_id, "--data",
+                                      data + "-missing")[0], 2)
+
+    def test_through_the_relay_needs_admin_credentials(self) -> None:
+        self.patch(os, "environ", {})
+        self.assertEqual(self.run_cli("client", "revoke", "x", "--relay", "http://127.0.0.1:1",
+                                      "--client-id", "")[0], 2)
+
+
 class RevokeOverHTTP(TestCase):
     timeout = 60
 

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from medagent.fhir import FHIRError, forbidden
+from medagent.fhir import FHIRError, forbidden, not_found
 from medagent.relay.auth import ADMIN, AGENT, PUSHER, Principal
 
 #: ``Agent.extension[].url`` of a Device this Agent delivers to (``valueReference``).
@@ -130,7 +130,7 @@ def check_visible(principal: Principal, resource_type: str, id: str, store: Any
 
     def check(ids: frozenset[str] | None) -> None:
         if ids is not None and id not in ids:
-            raise FHIRError(404, f"{resource_type}/{id} not found", "not-found")
+            raise not_found(f"{resource_type}/{id} not found")  # the store's words for it
 
     return visible_ids(principal, resource_type, store).addCallback(check)
 
