@@ -4,6 +4,7 @@ The ``medagent`` command.
     medagent init [--data DIR]                      create the relay's database and an admin client
     medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
     medagent client list                            list clients (never their secrets)
+    medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
     medagent push AGENT DESTINATION BODY...         push a message through the relay
     medagent demo                                   run relay + agent + a simulated lab instrument
 
@@ -70,6 +71,63 @@ def cmd_client_list(args: argparse.Namespace) -> int:
     ]
     print(json.dumps(rows, indent=2))
     return 0
+
+
+def cmd_client_revoke(args: argparse.Namespace) -> int:
+    """
+    Through the relay's API by default (admin credentials): the relay refuses the client's
+    tokens and closes its agent sockets before it answers.  With C{--data}, in the database
+    only, for a relay that is not running (a running one applies it within seconds).
+    """
+    from medagent.fhir import FHIRError
+
+    if args.data is not None:
+        if not os.path.exists(os.path.join(args.data, "relay.sqlite")):
+            print(f"medagent: no relay database in {args.data} (run medagent init)",
+                  file=sys.stderr)
+            return 2
+        try:
+            _authority(args.data).revoke_client_sync(args.client_id)
+        except FHIRError as e:
+            print(f"medagent: {e.message}", file=sys.stderr)
+            return 2
+        print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+        print("# Written to the database; a running relay applies it within a few seconds.",
+              file=sys.stderr)
+        return 0
+    if not args.admin_id or not args.admin_secret:
+        print("medagent: revoking through the relay needs an admin client: --client-id and "
+              "--client-secret (or MEDAGENT_CLIENT_ID/MEDAGENT_CLIENT_SECRET); or use --data",
+              file=sys.stderr)
+        return 2
+
+    from urllib.parse import quote
+
+    from twisted.internet import reactor  # composition root of this command
+    from twisted.internet.defer import ensureDeferred
+
+    from medagent.client import MedagentClient, RelayError
+
+    result: dict[str, Any] = {"rc": 0}
+
+    async def go() -> None:
+        client = MedagentClient(reactor, args.relay, args.admin_id, args.admin_secret)
+        try:
+            await client.request_json(
+                "POST", f"/fhir/R4/ClientApplication/{quote(args.client_id, safe='')}/$revoke")
+            print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+        except RelayError as e:
+            print(f"medagent: revoke failed: {e}", file=sys.stderr)
+            result["rc"] = 1
+        except Exception as e:
+            print(f"medagent: revoke failed: {e}", file=sys.stderr)
+            result["rc"] = 1
+        finally:
+            await client.close()
+
+    reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(lambda _: reactor.stop()))
+    reactor.run()
+    return result["rc"]
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -147,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = client.add_parser("list", help="list clients")
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
     p.set_defaults(func=cmd_client_list)
+    p = client.add_parser("revoke", help="revoke a client (through the relay, or with --data)")
+    p.add_argument("client_id", help="the clientId to revoke")
+    p.add_argument("--relay", default=os.environ.get("MEDAGENT_RELAY", "http://127.0.0.1:8103"))
+    p.add_argument("--client-id", dest="admin_id", default=os.environ.get("MEDAGENT_CLIENT_ID"),
+                   help="an admin client")
+    p.add_argument("--client-secret", dest="admin_secret",
+                   default=os.environ.get("MEDAGENT_CLIENT_SECRET"))
+    p.add_argument("--data", default=None,
+                   help="write to this relay data folder instead of calling the relay")
+    p.set_defaults(func=cmd_client_revoke)
 
     p = sub.add_parser("push", help="push a message to a device through an agent")
     p.add_argument("agent", help="Agent id")

@@ -11,6 +11,11 @@ Secrets are 256-bit random strings shown once; we store only a salted SHA-256 of
 is enough for secrets of that entropy (no password-style stretching is needed) and keeps the
 token endpoint cheap.  Tokens are HS256 JWTs signed with a key kept in the relay's data folder,
 so checking one needs no database round trip.
+
+Revocation is checked on every token validation against an in-memory set of revoked client
+ids: read from the database at start and every few seconds after (revocations made by another
+node or offline by the CLI), and updated at once by L{Authority.revoke_client} on this node.
+Until the first read completes, tokens are answered 503 (never let through unchecked).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import secrets
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import attr
 import jwt
@@ -40,6 +45,10 @@ AGENT = "agent"
 ROLES = (ADMIN, PUSHER, AGENT)
 
 DEFAULT_TOKEN_LIFETIME = 3600
+
+#: why a live agent session is ended (L{Authority.session_problem})
+CLIENT_REVOKED = "client revoked"
+TOKEN_EXPIRED = "access token expired"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -62,6 +71,8 @@ class Principal:
     client_id: str
     role: str
     agents: frozenset[str] = frozenset()
+    #: when the token this principal came from expires (wall time); not part of its identity
+    expires_at: float | None = attr.ib(default=None, eq=False)
 
     @property
     def is_admin(self) -> bool:
@@ -120,6 +131,14 @@ class Authority:
         self._lifetime = token_lifetime
         self._issuer = issuer
         self._clock = clock
+        #: ids of revoked clients, as last read from the database plus every revocation made
+        #: on this node (added before its database write); None until the first read.
+        self._revoked: set[str] | None = None
+        self._revoked_here: set[str] = set()
+        self._loading: Deferred[Any] | None = None
+        #: called with a client id as soon as that client is revoked (the hub closes its
+        #: agent sockets); also for revocations that L{refresh_revocations} finds.
+        self.revocation_listeners: list[Callable[[str], None]] = []
 
     @staticmethod
     def schema() -> str:
@@ -179,14 +198,104 @@ class Authority:
 
         return self._db.run(txn)
 
-    def revoke_client(self, client_id: str) -> Deferred[None]:
-        def txn(conn: Any) -> None:
-            if conn.execute(
-                "UPDATE clients SET revoked=1 WHERE client_id=?", (client_id,)
-            ).rowcount == 0:
-                raise not_found(f"No client {client_id}")
+    @staticmethod
+    def _set_revoked(conn: Any, client_id: str) -> None:
+        if conn.execute(
+            "UPDATE clients SET revoked=1 WHERE client_id=?", (client_id,)
+        ).rowcount == 0:
+            raise not_found(f"No client {client_id}")
 
-        return self._db.run(txn)
+    def revoke_client(self, client_id: str) -> Deferred[None]:
+        """
+        Revoke a client for good.  From this call on, on this node, its tokens fail and its
+        agent sockets are closed (listeners run before the database write); other nodes and
+        a relay restarted later learn it from the database (L{refresh_revocations}).
+        Fails with 404 (and revokes nothing) for an unknown client.
+        """
+        newly = not self.is_revoked(client_id)
+        self._revoked_here.add(client_id)
+        if self._revoked is not None:
+            self._revoked.add(client_id)
+
+        def unknown(f: Any) -> Any:
+            if newly and isinstance(f.value, FHIRError) and f.value.status == 404:
+                self._revoked_here.discard(client_id)
+                if self._revoked is not None:
+                    self._revoked.discard(client_id)
+            return f
+
+        d = self._db.run(self._set_revoked, client_id).addErrback(unknown)
+        if newly:
+            # an unknown id has no tokens and no sockets; notifying for it is harmless
+            self._notify_revoked(client_id)
+        return d
+
+    def revoke_client_sync(self, client_id: str) -> None:
+        """The same in the database only, for the CLI without a relay (no reactor runs)."""
+        self._db.run_sync(self._set_revoked, client_id)
+
+    def _notify_revoked(self, client_id: str) -> None:
+        for listener in list(self.revocation_listeners):
+            try:
+                listener(client_id)
+            except Exception:
+                log.failure("Revocation listener failed for client {client_id}",
+                            client_id=client_id)
+
+    def is_revoked(self, client_id: str) -> bool:
+        return client_id in self._revoked_here or (
+            self._revoked is not None and client_id in self._revoked)
+
+    def refresh_revocations(self) -> Deferred[int]:
+        """
+        Re-read the revoked clients from the database (revocations made by another node or
+        by C{medagent client revoke --data}); fires with how many were new.  Called at start
+        and periodically by the relay service.
+        """
+
+        def txn(conn: Any) -> set[str]:
+            return {r["client_id"] for r in
+                    conn.execute("SELECT client_id FROM clients WHERE revoked=1")}
+
+        def loaded(revoked: set[str]) -> int:
+            first = self._revoked is None
+            new = revoked - (self._revoked or set())
+            # a revocation of this node whose write is still on its way stays in the set
+            self._revoked = (self._revoked or set()) | revoked | self._revoked_here
+            if not first:
+                for client_id in sorted(new):
+                    log.info("Client {client_id} was revoked elsewhere", client_id=client_id)
+                    self._notify_revoked(client_id)
+            return len(new)
+
+        return self._db.run(txn).addCallback(loaded)
+
+    def _ensure_loaded(self) -> None:
+        """Start reading the revoked set if nobody has; 503 until it is known."""
+        if self._revoked is not None:
+            return
+        if self._loading is None:
+            def forget(f: Any) -> None:
+                self._loading = None
+                log.failure("Reading revoked clients failed", f)
+
+            self._loading = self.refresh_revocations()
+            self._loading.addErrback(forget)
+        if self._revoked is None:
+            raise FHIRError(503, "The relay is starting; try again in a moment", "transient",
+                            headers={"Retry-After": "1"})
+
+    def session_problem(self, principal: Principal, grace: float = 0.0) -> str | None:
+        """
+        Why a live session authenticated as C{principal} must end now (L{CLIENT_REVOKED}, or
+        L{TOKEN_EXPIRED} more than C{grace} seconds ago), or None.  For the hub's re-check.
+        """
+        if self.is_revoked(principal.client_id):
+            return CLIENT_REVOKED
+        if (principal.expires_at is not None
+                and principal.expires_at + 5 + grace < self._clock.time()):
+            return TOKEN_EXPIRED
+        return None
 
     # -- tokens ----------------------------------------------------------------------
 
@@ -204,6 +313,8 @@ class Authority:
             return Principal(row["client_id"], row["role"], frozenset(json.loads(row["agents"])))
 
         def issue(principal: Principal | None) -> dict[str, Any]:
+            if principal is not None and self.is_revoked(principal.client_id):
+                principal = None  # revoked on this node; its database write may be pending
             if principal is None:
                 log.warn("Token refused for client {client_id}", client_id=client_id)
                 raise FHIRError(401, "Invalid client credentials", "login")
@@ -254,7 +365,11 @@ class Authority:
             raise unauthorized("Access token expired")
         if claims.get("role") not in ROLES:
             raise unauthorized("Invalid access token")
-        return Principal(claims["sub"], claims["role"], frozenset(claims.get("agents") or ()))
+        self._ensure_loaded()
+        if self.is_revoked(claims["sub"]):
+            raise unauthorized("Access token revoked")
+        return Principal(claims["sub"], claims["role"], frozenset(claims.get("agents") or ()),
+                         expires_at=float(claims["exp"]))
 
     def authenticate(self, authorization: str | None) -> Principal:
         """Check an ``Authorization`` header (``Bearer <token>``)."""

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay import journal as j
-from medagent.relay.auth import Authority
+from medagent.relay.auth import CLIENT_REVOKED, TOKEN_EXPIRED, Authority
 from medagent.relay.journal import Journal, Push
 
 log = Logger()
@@ -30,6 +30,10 @@ log = Logger()
 CAP_DEDUPE = "dedupe"
 
 REPLAY_PAGE = 500
+
+#: seconds an agent session whose token expired may stay open while pushes it cannot safely
+#: re-send (no durable/dedupe capability) are still unanswered
+EXPIRED_GRACE = 60.0
 
 
 class AgentConnection(Protocol):
@@ -59,6 +63,9 @@ class Session:
         self.backlog_after: int | None = None
         self.closed = False
         self.connected_at = 0.0
+        #: who this session authenticated as (its token's expiry included); re-checked on
+        #: every heartbeat tick and when its client is revoked
+        self.principal: Any = None
 
     @property
     def resends_safely(self) -> bool:
@@ -110,6 +117,7 @@ class Hub:
         self._requests: dict[str, Deferred[dict[str, Any]]] = {}
         #: pushes someone waits on, so a late answer updates the copy the waiter holds
         self._pending_pushes: dict[str, Push] = {}
+        authority.revocation_listeners.append(self.close_client)
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -243,6 +251,11 @@ class Hub:
         def found(agent: dict[str, Any]) -> None:
             if session.closed:
                 return
+            problem = self.authority.session_problem(principal)
+            if problem is not None:  # revoked while the Agent was being read
+                session.conn.send_message(wire.error(f"Access token refused: {problem}",
+                                                     callback))
+                return
             if agent_id in self.sessions and self.sessions[agent_id] is not session:
                 session.conn.send_message(
                     wire.error(f"Agent/{agent_id} is already connected", callback)
@@ -255,6 +268,7 @@ class Hub:
             )
             first = session.agent_id is None
             session.agent_id = agent_id
+            session.principal = principal
             session.connected_at = self.clock.seconds()
             self.sessions[agent_id] = session
             session.conn.send_message(
@@ -280,6 +294,15 @@ class Hub:
         self.store.read("Agent", agent_id).addCallbacks(found, missing)
 
     def _heartbeat(self, session: Session) -> None:
+        problem = (self.authority.session_problem(session.principal)
+                   if session.principal is not None else None)
+        if problem == TOKEN_EXPIRED and session.in_flight and not session.resends_safely:
+            # closing now would fail its unanswered pushes "in doubt": let them finish first,
+            # for a bounded time
+            problem = self.authority.session_problem(session.principal, EXPIRED_GRACE)
+        if problem is not None:
+            self._end_session(session, problem)
+            return
         if session.outstanding_heartbeats >= self.max_missed_heartbeats:
             log.warn(
                 "Agent/{agent_id} missed {n} heartbeats; closing its connection",
@@ -290,6 +313,22 @@ class Hub:
             return
         session.outstanding_heartbeats += 1
         session.conn.send_message({"type": wire.HEARTBEAT_REQUEST})
+
+    def _end_session(self, session: Session, problem: str) -> None:
+        """Its credential no longer holds: tell the agent why, close, forget it at once."""
+        log.warn("Closing the connection of Agent/{agent_id} from {peer}: {problem}",
+                 agent_id=session.agent_id, peer=session.conn.peer, problem=problem)
+        session.conn.send_message(wire.error(f"Connection closed: {problem}"))
+        session.conn.close(problem)
+        self.connection_lost(session, problem)
+
+    def close_client(self, client_id: str) -> int:
+        """A client was revoked: close every agent session it authenticated; how many."""
+        ended = [s for s in list(self.sessions.values())
+                 if s.principal is not None and s.principal.client_id == client_id]
+        for session in ended:
+            self._end_session(session, CLIENT_REVOKED)
+        return len(ended)
 
     # -- pushes ---------------------------------------------------------------------------
 
@@ -529,10 +568,18 @@ class Hub:
         agent_id = session.agent_id
         assert agent_id is not None
         try:
-            self.authority.verify_token(msg.get("accessToken") or "")
+            principal = self.authority.verify_token(msg.get("accessToken") or "")
         except FHIRError as e:
             session.conn.send_message(wire.error(e.message, msg.get("callback")))
             return
+        if not principal.can_act_as(agent_id):
+            session.conn.send_message(wire.error(
+                f"This access token cannot act as Agent/{agent_id}", msg.get("callback")))
+            return
+        current = session.principal
+        if (current is not None and principal.client_id == current.client_id
+                and (principal.expires_at or 0) > (current.expires_at or 0)):
+            session.principal = principal  # a fresh token keeps the session alive
 
         def answer(result: Mapping[str, Any]) -> None:
             if session.closed:

@@ -55,6 +55,38 @@ class _DatabaseService(service.Service):
         self.db.stop()
 
 
+#: Seconds between re-reads of the revoked clients (revocations made on another node, or by
+#: ``medagent client revoke --data`` while the relay runs); one on this node applies at once.
+REVOCATION_REFRESH = 5.0
+
+
+class _RevocationRefresh(service.Service):
+    """Reads the revoked clients at start (tokens get 503 until then), then periodically."""
+
+    def __init__(self, reactor: Any, authority: Authority,
+                 interval: float = REVOCATION_REFRESH) -> None:
+        self.reactor = reactor
+        self.authority = authority
+        self.interval = interval
+        self.call: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.call = LoopingCall(self.refresh)
+        self.call.clock = self.reactor
+        self.call.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        if self.call is not None and self.call.running:
+            self.call.stop()
+        self.call = None
+        return super().stopService()
+
+    def refresh(self) -> None:
+        self.authority.refresh_revocations().addErrback(
+            lambda f: log.failure("Reading revoked clients failed", f))
+
+
 class _HubService(service.Service):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -129,6 +161,7 @@ class RelayService(service.MultiService):
         _DatabaseService(self.db).setServiceParent(self)
         self.store = SQLiteStore(self.db)
         self.authority = open_authority(self.db, data_dir, token_lifetime=token_lifetime)
+        _RevocationRefresh(reactor, self.authority).setServiceParent(self)
         self.journal = Journal(self.db)
         self.hub = Hub(
             reactor,

@@ -29,8 +29,9 @@ from medagent.fhir import (
     not_found,
     operation_outcome,
 )
+from medagent.relay import access
 from medagent.relay import journal as j
-from medagent.relay.auth import ADMIN, AGENT, PUSHER, Authority, Principal
+from medagent.relay.auth import AGENT, Authority, Principal
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal, Push
 from medagent.relay.push import PushResult, PushService
@@ -252,6 +253,8 @@ class Api(Resource):
                 raise not_found("Bots are not enabled on this relay")
             return await self.bots.execute_http(request, principal,
                                                 rest[1] if len(rest) == 3 else None, query)
+        if resource_type == "ClientApplication" and len(rest) == 3 and rest[2] == "$revoke":
+            return await self._revoke(principal, method, rest[1])
         if resource_type not in RESOURCE_TYPES:
             raise not_found(f"Unsupported resource type {resource_type}")
         return await self._rest(request, principal, method, rest, query)
@@ -311,19 +314,32 @@ class Api(Resource):
             }
         )
 
+    async def _revoke(self, principal: Principal, method: str, client_id: str) -> Response:
+        """
+        ``POST ClientApplication/{id}/$revoke`` (admin): the client's tokens fail from now on
+        and its agent connections are closed before this answers.
+        """
+        if method != "POST":
+            raise FHIRError(405, "$revoke needs POST", "not-supported")
+        principal.require_admin()
+        await self.authority.revoke_client(client_id)
+        log.info("Client {client_id} revoked by {by}", client_id=client_id,
+                 by=principal.client_id)
+        return json_response(operation_outcome(f"Client {client_id} revoked", id="ok"))
+
     # -- FHIR REST ------------------------------------------------------------------------
 
-    def _check_read(self, principal: Principal, resource_type: str, id: str | None) -> None:
-        if principal.role == ADMIN:
-            return
-        if resource_type in ("Agent", "Device", "Endpoint"):
-            if principal.role == AGENT and resource_type == "Agent" and id is not None:
-                if not principal.can_act_as(id):
-                    raise forbidden(f"This client may not read Agent/{id}")
-            return
-        if principal.role == PUSHER and resource_type in ("ServiceRequest", "Patient"):
-            return
-        raise forbidden(f"This client may not read {resource_type}")
+    async def _check_read(self, principal: Principal, resource_type: str, id: str | None
+                          ) -> frozenset[str] | None:
+        """
+        The ids of C{resource_type} the caller may read (None: all), or 403 for a type its
+        role never reads; with an C{id} outside its scope, the same 404 as a missing one.
+        The scopes are in L{medagent.relay.access}.
+        """
+        if id is not None:
+            await access.check_visible(principal, resource_type, id, self.store)
+            return None
+        return await access.visible_ids(principal, resource_type, self.store)
 
     async def _rest(
         self,
@@ -335,10 +351,12 @@ class Api(Resource):
     ) -> Response:
         resource_type = rest[0]
         if len(rest) == 1 and method == "GET":
-            self._check_read(principal, resource_type, None)
-            found = await self.store.search(resource_type, query)
-            if principal.role == AGENT and resource_type == "Agent":
-                found = [a for a in found if principal.can_act_as(a["id"])]
+            ids = await self._check_read(principal, resource_type, None)
+            if ids is None:
+                found = await self.store.search(resource_type, query)
+            else:  # narrowed in the query itself, so _count/_offset page the caller's own
+                found = await self.store.search(resource_type, access.scoped_search(query, ids))
+                found = [r for r in found if r.get("id") in ids]
             return json_response(self._bundle(request, found))
         if len(rest) == 1 and method == "POST":
             if not (resource_type == "Binary" and principal.role == AGENT):
@@ -358,7 +376,7 @@ class Api(Resource):
         if len(rest) == 2:
             id = rest[1]
             if method == "GET":
-                self._check_read(principal, resource_type, id)
+                await self._check_read(principal, resource_type, id)
                 resource = await self.store.read(resource_type, id)
                 return json_response(resource, ETag=f'W/"{resource["meta"]["versionId"]}"')
             if method == "PUT":
