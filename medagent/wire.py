@@ -74,6 +74,10 @@ KNOWN_TYPES = frozenset(
 
 #: Capabilities an agent may announce in ``agent:connect:request``.
 CAP_DURABLE = "durable"
+#: The agent sends a fresh ``accessToken`` on its heartbeat requests before its token expires,
+#: so the relay may end its session once the token it holds has expired.  Agents without it
+#: (Medplum's) keep an established session until their client is revoked, as on Medplum.
+CAP_TOKEN_REFRESH = "token-refresh"
 
 #: Default largest frame either side accepts (bytes).  Medplum's server uses 1 MiB; DICOM
 #: instances travel base64 encoded, so we default higher and make it configurable.

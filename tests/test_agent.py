@@ -208,6 +208,10 @@ class AgentAppTests(SynchronousTestCase):
         self.go_live()
         self.clock.advance(10)
         self.assertEqual(len(self.conn.of_type(wire.HEARTBEAT_REQUEST)), 1)
+        # the (refreshed) token rides on the heartbeat, and the agent says it does
+        self.assertEqual(self.conn.of_type(wire.HEARTBEAT_REQUEST)[0]["accessToken"], "tok")
+        self.assertIn(wire.CAP_TOKEN_REFRESH,
+                      self.conn.of_type(wire.CONNECT_REQUEST)[0]["capabilities"])
         self.app.frame_received(b'{"type":"agent:heartbeat:response","version":"x"}')
         self.clock.advance(10)
         self.clock.advance(10)

@@ -142,11 +142,13 @@ class HubRevocation(SynchronousTestCase):
         self.agent = self.successResultOf(self.store.create({"resourceType": "Agent"}))
         self.client = self.successResultOf(self.auth.create_client("agent", [self.agent["id"]]))
 
-    def connect(self, token: str) -> tuple[FakeConnection, Any]:
+    def connect(self, token: str, capabilities: tuple[str, ...] = ()
+                ) -> tuple[FakeConnection, Any]:
         conn = FakeConnection()
         session = self.hub.connection_made(conn)
         self.hub.frame_received(session, wire.encode({
-            "type": wire.CONNECT_REQUEST, "accessToken": token, "agentId": self.agent["id"]}))
+            "type": wire.CONNECT_REQUEST, "accessToken": token, "agentId": self.agent["id"],
+            **({"capabilities": list(capabilities)} if capabilities else {})}))
         return conn, session
 
     def test_revoked_agent_is_disconnected_and_refused(self) -> None:
@@ -168,7 +170,9 @@ class HubRevocation(SynchronousTestCase):
         self.assertFalse(self.hub.is_connected(self.agent["id"]))
 
     def test_expired_token_ends_the_session_on_a_heartbeat(self) -> None:
-        conn, session = self.connect(token_of(self, self.auth, self.client))
+        """For an agent that announced it refreshes its token in-band (ours)."""
+        conn, session = self.connect(token_of(self, self.auth, self.client),
+                                     (wire.CAP_TOKEN_REFRESH,))
         for _ in range(6):  # 60 s lifetime + 5 s leeway, ticks every 10 s, agent answering
             self.clock.advance(10)
             self.hub.frame_received(session, wire.encode(wire.heartbeat_response()))
@@ -191,24 +195,37 @@ class HubRevocation(SynchronousTestCase):
             {"destination": f"Device/{device['id']}", "contentType": "x-application/hl7-v2+er7",
              "body": f"MSH|^~\\&|A|B|C|D|2024||ADT^A01|{control_id}|P|2.5"})
 
-    def test_expiry_waits_for_pushes_a_plain_agent_cannot_resend(self) -> None:
-        for answered in (True, False):
-            conn, session = self.connect(token_of(self, self.auth, self.client))
-            start = self.clock.seconds()
-            self.successResultOf(self.push(f"C{answered}"))
-            request = conn.of_type(wire.TRANSMIT_REQUEST)[-1]
-            while self.clock.seconds() < start + 120:  # past expiry (65), within the grace
-                self.clock.advance(10)
-                self.hub.frame_received(session, wire.encode(wire.heartbeat_response()))
-            self.assertIsNone(conn.closed)  # closing now would fail the push "in doubt"
-            if answered:
-                self.hub.frame_received(session, wire.encode({
-                    "type": wire.TRANSMIT_RESPONSE, "callback": request["callback"],
-                    "statusCode": 200, "contentType": "x-application/hl7-v2+er7",
-                    "body": "MSH|^~\\&|C|D|A|B|2024||ACK|A1|P|2.5\rMSA|AA|CTrue"}))
-            self.clock.advance(10)  # answered: closed at the next tick; else: grace is over
-            self.assertEqual(conn.closed, "access token expired")
-            self.assertFalse(self.hub.is_connected(self.agent["id"]))
+    def test_plain_agent_keeps_its_session_past_expiry_until_revoked(self) -> None:
+        """
+        Medplum's agent sends a token only with inbound messages: as on Medplum, an expired
+        token does not end its established session (pushes in flight are not put in doubt),
+        and revoking its client does, at once.
+        """
+        conn, session = self.connect(token_of(self, self.auth, self.client))
+        self.successResultOf(self.push("C1"))
+        for _ in range(30):  # 300 s, far past the 60 s lifetime
+            self.clock.advance(10)
+            self.hub.frame_received(session, wire.encode(wire.heartbeat_response()))
+        self.assertIsNone(conn.closed)
+        self.assertTrue(self.hub.is_connected(self.agent["id"]))
+        self.successResultOf(self.auth.revoke_client(self.client["clientId"]))
+        self.assertEqual(conn.closed, "client revoked")
+
+    def test_fresh_token_on_a_heartbeat_keeps_the_session(self) -> None:
+        conn, session = self.connect(token_of(self, self.auth, self.client),
+                                     (wire.CAP_TOKEN_REFRESH,))
+        for _ in range(20):  # 200 s: each heartbeat request carries a fresh token
+            self.clock.advance(10)
+            self.hub.frame_received(session, wire.encode({
+                "type": wire.HEARTBEAT_REQUEST,
+                "accessToken": token_of(self, self.auth, self.client)}))
+            self.hub.frame_received(session, wire.encode(wire.heartbeat_response()))
+        self.assertIsNone(conn.closed)
+        # a token of another client on a heartbeat changes nothing
+        other = self.successResultOf(self.auth.create_client("agent", [self.agent["id"]]))
+        self.hub.frame_received(session, wire.encode({
+            "type": wire.HEARTBEAT_REQUEST, "accessToken": token_of(self, self.auth, other)}))
+        self.assertEqual(session.principal.client_id, self.client["clientId"])
 
     def test_fresh_token_in_band_keeps_the_session(self) -> None:
         conn, session = self.connect(token_of(self, self.auth, self.client))

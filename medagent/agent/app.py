@@ -66,7 +66,7 @@ class AgentApp:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
-        self.capabilities = (CAP_DEDUPE, wire.CAP_DURABLE, *capabilities)
+        self.capabilities = (CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH, *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config
         self.max_message_size = max_message_size
@@ -154,7 +154,19 @@ class AgentApp:
             return
         self.outstanding_heartbeats += 1
         self._heartbeat_sent_at = time.monotonic()
-        conn.send_message({"type": wire.HEARTBEAT_REQUEST})
+
+        def send(token: str | None) -> None:
+            # The token rides on the heartbeat (refreshed before it expires), so the relay can
+            # keep this session past the expiry of the token it connected with.
+            if self.conn is conn:
+                conn.send_message({"type": wire.HEARTBEAT_REQUEST,
+                                   **({"accessToken": token} if token else {})})
+
+        def no_token(f: Failure) -> None:
+            log.warn("Could not refresh the access token: {error}", error=f.getErrorMessage())
+            send(None)
+
+        self.tokens.access_token().addCallbacks(send, no_token)
 
     # -- frames in -------------------------------------------------------------------------
 

@@ -285,15 +285,14 @@ class Authority:
             raise FHIRError(503, "The relay is starting; try again in a moment", "transient",
                             headers={"Retry-After": "1"})
 
-    def session_problem(self, principal: Principal, grace: float = 0.0) -> str | None:
+    def session_problem(self, principal: Principal) -> str | None:
         """
         Why a live session authenticated as C{principal} must end now (L{CLIENT_REVOKED}, or
-        L{TOKEN_EXPIRED} more than C{grace} seconds ago), or None.  For the hub's re-check.
+        L{TOKEN_EXPIRED}), or None.  For the hub's re-check on every heartbeat tick.
         """
         if self.is_revoked(principal.client_id):
             return CLIENT_REVOKED
-        if (principal.expires_at is not None
-                and principal.expires_at + 5 + grace < self._clock.time()):
+        if principal.expires_at is not None and principal.expires_at + 5 < self._clock.time():
             return TOKEN_EXPIRED
         return None
 

@@ -31,11 +31,6 @@ CAP_DEDUPE = "dedupe"
 
 REPLAY_PAGE = 500
 
-#: seconds an agent session whose token expired may stay open while pushes it cannot safely
-#: re-send (no durable/dedupe capability) are still unanswered
-EXPIRED_GRACE = 60.0
-
-
 class AgentConnection(Protocol):
     """What the hub needs from a transport."""
 
@@ -66,6 +61,10 @@ class Session:
         #: who this session authenticated as (its token's expiry included); re-checked on
         #: every heartbeat tick and when its client is revoked
         self.principal: Any = None
+
+    @property
+    def refreshes_token(self) -> bool:
+        return wire.CAP_TOKEN_REFRESH in self.capabilities
 
     @property
     def resends_safely(self) -> bool:
@@ -182,6 +181,8 @@ class Hub:
                 session.conn.send_message(wire.error("Not connected", msg.get("callback")))
             elif kind == wire.HEARTBEAT_REQUEST:
                 session.outstanding_heartbeats = 0
+                if msg.get("accessToken"):
+                    self._refresh_principal(session, msg["accessToken"])
                 session.conn.send_message(wire.heartbeat_response())
             elif kind == wire.HEARTBEAT_RESPONSE:
                 session.outstanding_heartbeats = 0
@@ -296,10 +297,10 @@ class Hub:
     def _heartbeat(self, session: Session) -> None:
         problem = (self.authority.session_problem(session.principal)
                    if session.principal is not None else None)
-        if problem == TOKEN_EXPIRED and session.in_flight and not session.resends_safely:
-            # closing now would fail its unanswered pushes "in doubt": let them finish first,
-            # for a bounded time
-            problem = self.authority.session_problem(session.principal, EXPIRED_GRACE)
+        if problem == TOKEN_EXPIRED and not session.refreshes_token:
+            # An agent that cannot refresh in-band (Medplum's) keeps its session, as on
+            # Medplum; revoking its client is what ends it.
+            problem = None
         if problem is not None:
             self._end_session(session, problem)
             return
@@ -562,6 +563,23 @@ class Hub:
             body=str(msg.get("body"))[:200]
         )
 
+    def _refresh_principal(self, session: Session, token: str) -> None:
+        """An in-band token (heartbeat): a bad one is ignored, the session re-checks anyway."""
+        try:
+            principal = self.authority.verify_token(token)
+        except FHIRError:
+            return
+        if session.agent_id is not None and principal.can_act_as(session.agent_id):
+            self._keep_fresher(session, principal)
+
+    @staticmethod
+    def _keep_fresher(session: Session, principal: Any) -> None:
+        """A fresh token of the same client keeps the session alive past the old one's expiry."""
+        current = session.principal
+        if (current is not None and principal.client_id == current.client_id
+                and (principal.expires_at or 0) > (current.expires_at or 0)):
+            session.principal = principal
+
     # -- inbound (device → cloud) -------------------------------------------------------
 
     def _on_inbound(self, session: Session, msg: Mapping[str, Any]) -> None:
@@ -576,10 +594,7 @@ class Hub:
             session.conn.send_message(wire.error(
                 f"This access token cannot act as Agent/{agent_id}", msg.get("callback")))
             return
-        current = session.principal
-        if (current is not None and principal.client_id == current.client_id
-                and (principal.expires_at or 0) > (current.expires_at or 0)):
-            session.principal = principal  # a fresh token keeps the session alive
+        self._keep_fresher(session, principal)
 
         def answer(result: Mapping[str, Any]) -> None:
             if session.closed:
