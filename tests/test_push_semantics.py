@@ -638,8 +638,9 @@ class RelayHTTP(TestCase):
     def test_push_list_bad_paging_parameters(self) -> Deferred:
         async def go() -> None:
             base = f"/fhir/R4/AgentPush?agent={self.agent['id']}"
-            for query in ("_count=abc", "_count=-1", "_count=1001", "_count=1e3", "_count=%EF%BC%91",
-                          "_count=" + "9" * 5000, "_cursor=x", "_cursor=0", "_cursor=-5"):
+            for query in ("_count=abc", "_count=-1", "_count=1001", "_count=1e3",
+                          "_count=%EF%BC%91", "_count=" + "9" * 5000, "_cursor=x", "_cursor=0",
+                          "_cursor=-5"):
                 code, outcome, _ = await self.call("GET", f"{base}&{query}")
                 self.assertEqual(code, 400, (query, outcome))
                 self.assertEqual(outcome["resourceType"], "OperationOutcome")
