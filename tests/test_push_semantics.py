@@ -442,6 +442,43 @@ class JournalMigration(SynchronousTestCase):
         self.assertEqual(self.successResultOf(journal.search({})), [])
 
 
+class ExistingRelayFile(TestCase):
+    """The relay service itself opens a relay.sqlite written by an older relay."""
+
+    timeout = 60
+
+    def test_relay_upgrades_and_recognises_an_old_push(self) -> Deferred:
+        async def go() -> None:
+            data_dir = tempfile.mkdtemp(prefix="relay-old-")
+            conn = sqlite3.connect(os.path.join(data_dir, "relay.sqlite"))
+            conn.executescript(OLD_SCHEMA)
+            conn.execute(
+                "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
+                " idempotency_key, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                ("before-upgrade", "lab-1", "d", "mllp://127.0.0.1:9", HL7_V2, order("UPG1"),
+                 "msh10:UPG1", "delivered", time.time(), time.time()))
+            conn.commit()
+            conn.close()
+            port = procs.free_port()
+            relay = RelayService(reactor, data_dir=data_dir,
+                                 listen=f"tcp:{port}:interface=127.0.0.1")
+            relay.startService()
+            self.addCleanup(relay.stopService)
+            await relay.store.update({"resourceType": "Agent", "id": "lab-1", "name": "A"})
+            client = await relay.authority.create_client("admin")
+            token = await relay.authority.issue_token(client["clientId"], client["clientSecret"])
+            admin = relay.authority.verify_token(token["access_token"])
+            body = {"destination": "mllp://127.0.0.1:9", "contentType": HL7_V2,
+                    "body": order("UPG1")}
+            result = await relay.pushes.push(admin, ("lab-1", None), body)
+            self.assertEqual((result.push.id, result.duplicate), ("before-upgrade", True))
+            other = await relay.pushes.push(admin, ("lab-1", None),
+                                            dict(body, body=order("UPG1", test="K^Potassium")))
+            self.assertFalse(other.duplicate)
+
+        return ensureDeferred(go())
+
+
 class RelayHTTP(TestCase):
     """The HTTP API in-process on loopback (real reactor, real SQLite, no agent connected)."""
 
