@@ -281,25 +281,35 @@ class Journal:
         Older relays kept the MSH-10 rule's key as C{idempotency_key} ``msh10:...``; move it to
         C{control_id} and hash the body of each push that is still young enough to be repeated.
         """
-        rows = conn.execute(
-            "SELECT id, content_type, body, idempotency_key FROM pushes WHERE created>=?",
-            (since,),
-        ).fetchall()
-        for push_id, content_type, body, key in rows:
-            control_id = None
-            if isinstance(key, str) and key.startswith("msh10:"):
-                control_id, key = key[len("msh10:"):], None
-            elif content_type == HL7_V2 and isinstance(body, str):
-                try:
-                    control_id = hl7_control_id(normalise(body))
-                except HL7Error:
-                    control_id = None
-            body_hash = (message_hash(content_type, body)
-                         if isinstance(content_type, str) and isinstance(body, str) else None)
-            conn.execute(
-                "UPDATE pushes SET control_id=?, body_hash=?, idempotency_key=? WHERE id=?",
-                (control_id, body_hash, key, push_id),
-            )
+        after = 0
+        while True:  # in pages: bodies can be large, and the window can hold many pushes
+            rows = conn.execute(
+                "SELECT seq, id, content_type, body, idempotency_key FROM pushes"
+                " WHERE created>=? AND seq>? ORDER BY seq LIMIT 200",
+                (since, after),
+            ).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            for _, push_id, content_type, body, key in rows:
+                Journal._backfill_one(conn, push_id, content_type, body, key)
+
+    @staticmethod
+    def _backfill_one(conn: Any, push_id: str, content_type: Any, body: Any, key: Any) -> None:
+        control_id = None
+        if isinstance(key, str) and key.startswith("msh10:"):
+            control_id, key = key[len("msh10:"):], None
+        elif content_type == HL7_V2 and isinstance(body, str):
+            try:
+                control_id = hl7_control_id(normalise(body))
+            except HL7Error:
+                control_id = None
+        body_hash = (message_hash(content_type, body)
+                     if isinstance(content_type, str) and isinstance(body, str) else None)
+        conn.execute(
+            "UPDATE pushes SET control_id=?, body_hash=?, idempotency_key=? WHERE id=?",
+            (control_id, body_hash, key, push_id),
+        )
 
     def new_id(self) -> str:
         return uuid.uuid4().hex
