@@ -569,7 +569,8 @@ class RelayHTTP(TestCase):
     def test_hostile_ttl_refused_and_lists_still_work(self) -> Deferred:
         async def go() -> None:
             template = json.dumps(self.body(order("T1")))[:-1]
-            for literal in (b"1e309", b"NaN", b"Infinity", b"-Infinity", b"1e300", b"-1"):
+            for literal in (b"1e309", b"NaN", b"Infinity", b"-Infinity", b"1e300", b"-1",
+                            b'"NaN"', b'"Infinity"', b'"1e309"'):
                 code, outcome, _ = await self.call(
                     "POST", self.path, raw=template.encode() + b', "ttl": ' + literal + b"}")
                 self.assertEqual(code, 400, (literal, outcome))
@@ -580,7 +581,7 @@ class RelayHTTP(TestCase):
                 {"name": "contentType", "valueString": HL7_V2},
                 {"name": "body", "valueString": order("T2")}]}
             raw = json.dumps(params)[:-2].encode()
-            for literal in (b"1e309", b"NaN", b"Infinity"):
+            for literal in (b"1e309", b"NaN", b"Infinity", b"-Infinity", b'"NaN"'):
                 for name in (b"ttl", b"waitTimeout"):
                     code, outcome, _ = await self.call(
                         "POST", self.path,

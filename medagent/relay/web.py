@@ -573,7 +573,7 @@ class Api(Resource):
             if not principal.can_push(push.agent_id):
                 raise forbidden("This client may not read this push")
             if len(rest) == 2 and method == "GET":
-                return json_response(self.hub.live_push(push).to_json())
+                return json_response(_push_doc(self.hub.live_push(push)))
             if len(rest) == 3 and method == "POST" and rest[2] == "$retry":
                 push = await self.pushes.retry(principal, push.id)
                 return json_response(push.to_json())
