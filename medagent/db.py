@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -41,6 +41,7 @@ class Database:
         synchronous: str = "NORMAL",
         name: str = "medagent-db",
         threadpool: Any = None,
+        migrations: Sequence[Callable[[sqlite3.Connection], None]] = (),
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -48,6 +49,9 @@ class Database:
         self.path = path
         self._reactor = reactor
         self._schema = schema
+        #: run before the schema script on each new connection, so that script's
+        #: CREATE INDEX statements may name the columns a migration adds to an older file
+        self._migrations = tuple(migrations)
         self._synchronous = synchronous
         self._local = threading.local()
         self._pool = threadpool or ThreadPool(minthreads=1, maxthreads=1, name=name)
@@ -79,6 +83,8 @@ class Database:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
+            for migrate in self._migrations:
+                migrate(conn)
             if self._schema:
                 conn.executescript(self._schema)
             self._local.conn = conn

@@ -170,10 +170,11 @@ class JournalTests(SynchronousTestCase):
         self.journal = Journal(inline_database(self, Journal.schema(), self.reactor),
                                clock=self.reactor)
 
-    def push(self, key: str | None = None, agent: str = "a1") -> Push:
+    def push(self, key: str | None = None, agent: str = "a1", requester: str = "c1") -> Push:
         return result_of(self, self.journal.create(Push(
             id=self.journal.new_id(), agent_id=agent, destination="Device/d",
-            remote="mllp://h:1", content_type="x", body="b", idempotency_key=key)))
+            remote="mllp://h:1", content_type="x", body="b", idempotency_key=key,
+            requester=requester)))
 
     def test_create_and_transition(self) -> None:
         p = self.push()
@@ -194,10 +195,12 @@ class JournalTests(SynchronousTestCase):
 
     def test_idempotency_window(self) -> None:
         p = self.push(key="k1")
-        found = result_of(self, self.journal.find_idempotent("a1", "mllp://h:1", "k1"))
+        found = result_of(self, self.journal.find_by_key("c1", "k1"))
         self.assertEqual(found.id, p.id)
+        # Keys are scoped to the caller who sent them.
+        self.assertIsNone(result_of(self, self.journal.find_by_key("c2", "k1")))
         self.reactor.advance(j.IDEMPOTENCY_WINDOW + 1)
-        self.assertIsNone(result_of(self, self.journal.find_idempotent("a1", "mllp://h:1", "k1")))
+        self.assertIsNone(result_of(self, self.journal.find_by_key("c1", "k1")))
 
     def test_counts(self) -> None:
         self.push()

@@ -9,16 +9,24 @@ committed: many concurrent pushes share one SQLite commit.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 import uuid
 from typing import Any, Iterable, Mapping
 
 import attr
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from medagent.db import Database
-from medagent.fhir import not_found
+from medagent.destination import DestinationError, parse_destination
+from medagent.fhir import HL7_V2, not_found
+from medagent.hl7.message import HL7Error, normalise
+from medagent.hl7.message import control_id as hl7_control_id
+
+log = Logger()
 
 QUEUED = "queued"
 SENT = "sent"
@@ -33,7 +41,7 @@ FINAL_STATES = frozenset([DELIVERED, FAILED, EXPIRED, CANCELLED])
 #: States in which the agent still owes an answer.
 OPEN_STATES = (QUEUED, SENT, ACCEPTED)
 
-#: How long an idempotency key is remembered.
+#: How long an idempotency key (and a message, for the same-message rule) is remembered.
 IDEMPOTENCY_WINDOW = 24 * 3600
 
 SCHEMA = """
@@ -56,17 +64,66 @@ CREATE TABLE IF NOT EXISTS pushes (
     reply_status INTEGER,
     reply_content_type TEXT,
     reply_body TEXT,
-    requester TEXT
+    requester TEXT,
+    control_id TEXT,
+    body_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
-CREATE INDEX IF NOT EXISTS pushes_idem ON pushes (agent_id, remote, idempotency_key);
+DROP INDEX IF EXISTS pushes_idem;
+CREATE INDEX IF NOT EXISTS pushes_key ON pushes (requester, idempotency_key);
+CREATE INDEX IF NOT EXISTS pushes_message ON pushes (agent_id, control_id, body_hash);
+CREATE TABLE IF NOT EXISTS push_keys (
+    requester TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    push_id TEXT NOT NULL REFERENCES pushes (id) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    PRIMARY KEY (requester, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS push_keys_push ON push_keys (push_id);
 """
 
 _COLUMNS = (
     "seq id agent_id destination remote content_type body options idempotency_key state created "
-    "updated expires_at attempts last_error reply_status reply_content_type reply_body requester"
+    "updated expires_at attempts last_error reply_status reply_content_type reply_body requester "
+    "control_id body_hash"
 ).split()
+
+#: Columns added after the first release, with their SQL types (see L{Journal.migrate}).
+_ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "TEXT"))
+
+
+def message_hash(content_type: str, body: str) -> str:
+    """
+    The identity of a message's content: SHA-256 of its content type and its body as the device
+    gets it.  HL7 v2 is normalised the way the agent sends it (a ``\\n`` or a trailing newline
+    does not make another message) and MSH-7, the time the message was built, is left out: a
+    sender that rebuilds the same message for a retry (our bots' C{order_message} does) stamps
+    a new MSH-7 on the same MSH-10: that is the same message sent again, not a new one.
+    """
+    text = body
+    if content_type == HL7_V2:
+        try:
+            text = normalise(body)
+        except HL7Error:
+            pass
+        else:
+            msh, end, rest = text.partition("\r")
+            fields = msh.split(msh[3])  # fields[n - 1] is MSH-n
+            if len(fields) > 6:
+                fields[6] = ""
+            text = msh[3].join(fields) + end + rest
+    digest = hashlib.sha256(content_type.encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def device_key(remote: str) -> str:
+    """The device a push's URL names (the lane key), or the URL itself if it does not parse."""
+    try:
+        return parse_destination(remote, needs_port=False).key
+    except DestinationError:
+        return remote
 
 
 @attr.s(auto_attribs=True)
@@ -91,6 +148,10 @@ class Push:
     reply_content_type: str | None = None
     reply_body: str | None = None
     requester: str | None = None
+    #: MSH-10 of an HL7 v2 push (the same-message rule's key)
+    control_id: str | None = None
+    #: L{message_hash} of content type and body
+    body_hash: str | None = None
     seq: int | None = None
 
     @property
@@ -113,8 +174,9 @@ class Push:
         }
         if self.idempotency_key:
             doc["idempotencyKey"] = self.idempotency_key
-        if self.expires_at:
-            doc["expiresAt"] = _iso(self.expires_at)
+        expires = _iso(self.expires_at) if self.expires_at else None
+        if expires:
+            doc["expiresAt"] = expires
         if self.last_error:
             doc["error"] = self.last_error
         if self.reply_body is not None:
@@ -134,15 +196,47 @@ class _WallClock:
 
 
 def _iso(t: float | None) -> str | None:
-    if t is None:
+    """
+    An instant as FHIR text; C{None} for a value no calendar has (infinite, NaN, beyond year
+    9999, not a number), so one bad stored value cannot break a status document or a list.
+    """
+    if t is None or isinstance(t, bool) or not isinstance(t, (int, float)):
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    if not math.isfinite(t) or not -62135596800 <= t < 253402300800:
+        return None
+    try:
+        return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+                + f".{int(t * 1000) % 1000:03d}Z")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def _row_to_push(row: Any) -> Push:
+    """A journal row as a L{Push}; a damaged C{options} value reads as no options."""
     values = {c: row[c] for c in _COLUMNS}
-    values["options"] = json.loads(values["options"] or "{}")
+    try:
+        options = json.loads(values["options"] or "{}")
+    except (TypeError, ValueError):
+        options = None
+    if not isinstance(options, dict):
+        log.warn("Push {push_id} has unreadable options in the journal; ignored",
+                 push_id=values["id"])
+        options = {}
+    values["options"] = options
     return Push(**values)
+
+
+#: Filters of the push list: query parameter → column.
+_FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"))
+
+
+def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
+    clauses, args = [], []
+    for key, column in _FILTERS:
+        if params.get(key):
+            clauses.append(f"{column}=?")
+            args.append(params[key])
+    return " AND ".join(clauses) or "1=1", args
 
 
 class Journal:
@@ -153,6 +247,69 @@ class Journal:
     @staticmethod
     def schema() -> str:
         return SCHEMA
+
+    @staticmethod
+    def migrate(conn: Any) -> None:
+        """
+        Bring a journal written by an older relay up to L{SCHEMA}, before the schema script runs
+        (L{medagent.db.Database} C{migrations}): add the columns it lacks, and fill them for the
+        pushes still inside the idempotency window, so a repeat sent across the upgrade is
+        still recognised.  Safe to run on every start and from two processes at once.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            have = {row[1] for row in conn.execute("PRAGMA table_info(pushes)")}
+            if not have:  # a new file: the schema script creates the table as it is now
+                conn.execute("COMMIT")
+                return
+            added = [(name, sql) for name, sql in _ADDED_COLUMNS if name not in have]
+            for name, sql in added:
+                conn.execute(f"ALTER TABLE pushes ADD COLUMN {name} {sql}")
+            if any(name in ("control_id", "body_hash") for name, _ in added):
+                Journal._backfill(conn, time.time() - IDEMPOTENCY_WINDOW)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        if added:
+            log.info("Push journal upgraded: added columns {columns}",
+                     columns=",".join(name for name, _ in added))
+
+    @staticmethod
+    def _backfill(conn: Any, since: float) -> None:
+        """
+        Older relays kept the MSH-10 rule's key as C{idempotency_key} ``msh10:...``; move it to
+        C{control_id} and hash the body of each push that is still young enough to be repeated.
+        """
+        after = 0
+        while True:  # in pages: bodies can be large, and the window can hold many pushes
+            rows = conn.execute(
+                "SELECT seq, id, content_type, body, idempotency_key FROM pushes"
+                " WHERE created>=? AND seq>? ORDER BY seq LIMIT 200",
+                (since, after),
+            ).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            for _, push_id, content_type, body, key in rows:
+                Journal._backfill_one(conn, push_id, content_type, body, key)
+
+    @staticmethod
+    def _backfill_one(conn: Any, push_id: str, content_type: Any, body: Any, key: Any) -> None:
+        control_id = None
+        if isinstance(key, str) and key.startswith("msh10:"):
+            control_id, key = key[len("msh10:"):], None
+        elif content_type == HL7_V2 and isinstance(body, str):
+            try:
+                control_id = hl7_control_id(normalise(body))
+            except HL7Error:
+                control_id = None
+        body_hash = (message_hash(content_type, body)
+                     if isinstance(content_type, str) and isinstance(body, str) else None)
+        conn.execute(
+            "UPDATE pushes SET control_id=?, body_hash=?, idempotency_key=? WHERE id=?",
+            (control_id, body_hash, key, push_id),
+        )
 
     def new_id(self) -> str:
         return uuid.uuid4().hex
@@ -165,8 +322,8 @@ class Journal:
         def txn(conn: Any) -> Push:
             cur = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
-                " options, idempotency_key, state, created, updated, expires_at, requester)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " options, idempotency_key, state, created, updated, expires_at, requester,"
+                " control_id, body_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     push.id,
                     push.agent_id,
@@ -181,6 +338,8 @@ class Journal:
                     push.updated,
                     push.expires_at,
                     push.requester,
+                    push.control_id,
+                    push.body_hash,
                 ),
             )
             push.seq = cur.lastrowid
@@ -188,16 +347,66 @@ class Journal:
 
         return self._db.run_batched(txn)
 
-    def find_idempotent(self, agent_id: str, remote: str, key: str) -> Deferred[Push | None]:
+    def find_by_key(self, requester: str, key: str) -> Deferred[Push | None]:
+        """
+        The first push C{requester} sent with Idempotency-Key C{key} inside the window (not
+        cancelled).  Keys are scoped to the caller: another client's key is another key.
+        """
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push | None:
             row = conn.execute(
-                "SELECT * FROM pushes WHERE agent_id=? AND remote=? AND idempotency_key=?"
+                "SELECT * FROM pushes WHERE requester=? AND idempotency_key=?"
                 " AND created>=? AND state != 'cancelled' ORDER BY seq LIMIT 1",
-                (agent_id, remote, key, since),
+                (requester, key, since),
             ).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "SELECT p.* FROM push_keys k JOIN pushes p ON p.id=k.push_id"
+                    " WHERE k.requester=? AND k.idempotency_key=? AND k.created>=?"
+                    " AND p.state != 'cancelled'",
+                    (requester, key, since),
+                ).fetchone()
             return _row_to_push(row) if row is not None else None
+
+        return self._db.run(txn)
+
+    def remember_key(self, requester: str, key: str, push_id: str) -> Deferred[None]:
+        """
+        C{requester}'s key C{key} came with a repeat of push C{push_id} (recognised as the
+        same message): bind the key to that push, so the key reused later for another message
+        is a conflict, as for a key that created its push.
+        """
+        now = self._clock.seconds()
+
+        def txn(conn: Any) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO push_keys (requester, idempotency_key, push_id, created)"
+                " VALUES (?,?,?,?)",
+                (requester, key, push_id, now),
+            )
+
+        return self._db.run_batched(txn)
+
+    def find_same_message(
+        self, agent_id: str, device: str, control_id: str, body_hash: str
+    ) -> Deferred[Push | None]:
+        """
+        The first push through C{agent_id} to C{device} (a L{device_key}) with this MSH-10 and
+        this body inside the window (not cancelled), whoever sent it.
+        """
+        since = self._clock.seconds() - IDEMPOTENCY_WINDOW
+
+        def txn(conn: Any) -> Push | None:
+            rows = conn.execute(
+                "SELECT * FROM pushes WHERE agent_id=? AND control_id=? AND body_hash=?"
+                " AND created>=? AND state != 'cancelled' ORDER BY seq LIMIT 100",
+                (agent_id, control_id, body_hash, since),
+            )
+            for row in rows:
+                if device_key(row["remote"]) == device:
+                    return _row_to_push(row)
+            return None
 
         return self._db.run(txn)
 
@@ -258,7 +467,10 @@ class Journal:
         cutoff = self._clock.seconds() - older_than
         finals = tuple(FINAL_STATES)
 
+        key_cutoff = self._clock.seconds() - IDEMPOTENCY_WINDOW
+
         def txn(conn: Any) -> int:
+            conn.execute("DELETE FROM push_keys WHERE created<?", (key_cutoff,))
             return conn.execute(
                 f"DELETE FROM pushes WHERE state IN ({','.join('?' * len(finals))})"
                 " AND updated<?",
@@ -301,18 +513,41 @@ class Journal:
         return self._db.run(txn)
 
     def search(self, params: Mapping[str, str], limit: int = 100) -> Deferred[list[Push]]:
-        clauses, args = [], []
-        for key, column in (("agent", "agent_id"), ("state", "state"), ("destination", "destination")):
-            if params.get(key):
-                clauses.append(f"{column}=?")
-                args.append(params[key])
-        where = " AND ".join(clauses) or "1=1"
+        where, args = _where(params)
 
         def txn(conn: Any) -> list[Push]:
             rows = conn.execute(
                 f"SELECT * FROM pushes WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
             )
             return [_row_to_push(r) for r in rows]
+
+        return self._db.run(txn)
+
+    def search_page(
+        self, params: Mapping[str, str], *, count: int, before_seq: int | None = None
+    ) -> Deferred[tuple[list[Push], int, int | None]]:
+        """
+        One page of the push list, newest first: C{(pushes, total, next_before)}.  C{total}
+        counts every match; C{next_before} is the cursor of the next page (C{None} on the last).
+        The cursor is a position in C{seq} order, so pushes written meanwhile (higher C{seq})
+        never shift a page or appear twice while a list is walked.
+        """
+        where, args = _where(params)
+
+        def txn(conn: Any) -> tuple[list[Push], int, int | None]:
+            total = conn.execute(f"SELECT count(*) FROM pushes WHERE {where}", args).fetchone()[0]
+            if count <= 0:
+                return [], total, None
+            page_where, page_args = where, list(args)
+            if before_seq is not None:
+                page_where, page_args = f"({where}) AND seq<?", [*args, before_seq]
+            rows = conn.execute(
+                f"SELECT * FROM pushes WHERE {page_where} ORDER BY seq DESC LIMIT ?",
+                (*page_args, count + 1),
+            ).fetchall()
+            pushes = [_row_to_push(r) for r in rows[:count]]
+            more = len(rows) > count
+            return pushes, total, (pushes[-1].seq if more and pushes else None)
 
         return self._db.run(txn)
 

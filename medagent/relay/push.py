@@ -6,6 +6,7 @@ and (when asked) wait for the device's answer.  No HTTP here; L{medagent.relay.w
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 import attr
@@ -18,7 +19,7 @@ from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_
 from medagent.relay import journal as j
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal, Push
+from medagent.relay.journal import Journal, Push, device_key, message_hash
 from medagent.relay.store import search_one
 
 log = Logger()
@@ -27,6 +28,10 @@ PING = "x-application/ping"
 
 DEFAULT_WAIT_MS = 10_000
 MAX_WAIT_MS = 55_000
+#: The longest ``ttl`` a push may ask for, in seconds (30 days).
+MAX_TTL_S = 30 * 24 * 3600
+#: The longest ``Idempotency-Key`` header accepted, in characters.
+MAX_IDEMPOTENCY_KEY = 255
 
 #: Destination schemes the relay accepts for raw URL destinations.
 KNOWN_SCHEMES = frozenset(
@@ -65,7 +70,10 @@ def parse_push_body(payload: Any) -> PushRequest:
     if body is None or body == "":
         raise bad_request("Missing body parameter")
     if not isinstance(body, str):
-        body = json.dumps(body, separators=(",", ":"))  # Medplum forwards JSON bodies as-is
+        try:  # Medplum forwards JSON bodies as-is; NaN/Infinity are not JSON
+            body = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            raise bad_request("body must not contain NaN or infinite numbers")
     content_type = payload.get("contentType")
     if not content_type:
         raise bad_request("Missing contentType parameter")
@@ -76,16 +84,20 @@ def parse_push_body(payload: Any) -> PushRequest:
         raise bad_request("Missing destination parameter")
     if not isinstance(destination, str):
         raise bad_request("destination must be a string")
+    for name, text in (("body", body), ("contentType", content_type),
+                       ("destination", destination)):
+        _check_text(text, name)
     wait = _bool(payload.get("waitForResponse"), "waitForResponse")
-    raw_timeout = payload.get("waitTimeout", DEFAULT_WAIT_MS)
-    try:
-        wait_timeout = int(raw_timeout)
-        if isinstance(raw_timeout, bool) or float(raw_timeout) != wait_timeout:
-            raise ValueError
-    except (TypeError, ValueError):
+    raw_timeout = payload.get("waitTimeout")
+    if raw_timeout is None:
+        raw_timeout = DEFAULT_WAIT_MS
+    timeout = _number(raw_timeout, "Invalid wait timeout: waitTimeout must be milliseconds "
+                                   "(integer)")
+    if timeout != math.floor(timeout):
         raise bad_request("Invalid wait timeout: waitTimeout must be milliseconds (integer)")
-    if not 0 <= wait_timeout <= MAX_WAIT_MS:
+    if not 0 <= timeout <= MAX_WAIT_MS:
         raise bad_request(f"Invalid wait timeout: must be between 0 and {MAX_WAIT_MS} ms")
+    wait_timeout = int(timeout)
     options: dict[str, Any] = {}
     return_ack = payload.get("returnAck")
     if return_ack is not None:
@@ -94,12 +106,9 @@ def parse_push_body(payload: Any) -> PushRequest:
         options["returnAck"] = return_ack
     expires_in = payload.get("ttl")
     if expires_in is not None:
-        try:
-            expires_in = float(expires_in)
-        except (TypeError, ValueError):
-            raise bad_request("ttl must be a number of seconds")
-        if expires_in <= 0:
-            raise bad_request("ttl must be positive")
+        expires_in = _number(expires_in, "ttl must be a number of seconds")
+        if not 0 < expires_in <= MAX_TTL_S:
+            raise bad_request(f"ttl must be more than 0 and at most {MAX_TTL_S} seconds")
     return PushRequest(
         destination=destination,
         content_type=content_type,
@@ -109,6 +118,40 @@ def parse_push_body(payload: Any) -> PushRequest:
         options=options,
         expires_in=expires_in,
     )
+
+
+def _number(value: Any, message: str) -> float:
+    """
+    A finite number from JSON or a Parameters C{value[x]} (a number, or its text); anything
+    else (a boolean, NaN, Infinity, ``1e309``, an integer too large for a float) is a 400.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad_request(message)
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise bad_request(message)
+    if not math.isfinite(number):
+        raise bad_request(message + "; NaN and infinite values are refused")
+    return number
+
+
+def _check_text(text: str, name: str) -> None:
+    """Text we store and forward must be Unicode (JSON lets a lone surrogate through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{name} is not valid Unicode text")
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """The C{Idempotency-Key} header: absent, or 1 to 255 printable characters."""
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise bad_request(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
+    return key
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -137,6 +180,31 @@ def hl7_control_id(body: str) -> str:
     return control_id
 
 
+def _message_scope(push: Push) -> tuple[str, str, str]:
+    return (push.agent_id, push.control_id or "", push.body_hash or "")
+
+
+def _hash_of(push: Push) -> str:
+    return push.body_hash or message_hash(push.content_type, push.body)
+
+
+def _same_message(a: Push, b: Push) -> bool:
+    """The same bytes of the same type to the same device through the same agent."""
+    return (a.agent_id == b.agent_id and device_key(a.remote) == device_key(b.remote)
+            and _hash_of(a) == _hash_of(b))
+
+
+def _difference(earlier: Push, new: Push) -> str:
+    """What differs, in words without content (no PHI): for the 409's text."""
+    if earlier.agent_id != new.agent_id:
+        return "another agent"
+    if device_key(earlier.remote) != device_key(new.remote):
+        return "another device"
+    if earlier.content_type != new.content_type:
+        return "another contentType"
+    return "another body"
+
+
 def _shielded(d: Deferred[Any]) -> Deferred[Any]:
     """
     A Deferred for C{d}'s result whose cancellation (the HTTP caller went away) does not
@@ -158,8 +226,10 @@ class PushService:
         self.store = store
         self.journal = journal
         self.clock = clock
-        #: pushes being written, by idempotency key, so a concurrent repeat finds them too
-        self._creating: dict[tuple[str, str, str], Push] = {}
+        #: pushes being written, so that a concurrent repeat finds them too: by (caller,
+        #: Idempotency-Key), and by (agent, MSH-10, body hash) for the same-message rule
+        self._creating_by_key: dict[tuple[str, str], Push] = {}
+        self._creating_by_message: dict[tuple[str, str, str], list[Push]] = {}
 
     @inlineCallbacks
     def resolve_agent(self, agent_id: str | None, identifier: str | None):
@@ -222,38 +292,14 @@ class PushService:
         agent = yield self.resolve_agent(*agent_ref)
         agent_id = agent["id"]
         principal.require_push(agent_id)
+        key = check_idempotency_key(idempotency_key)
         request = parse_push_body(payload)
         if agent.get("status") == "off" and request.content_type != PING:
             raise bad_request("Agent is currently disabled. Agent.status is 'off'")
         remote = yield self.resolve_remote(request)
-        key = idempotency_key
-        if key is None and request.content_type == HL7_V2:
-            key = "msh10:" + hl7_control_id(request.body)
-        elif request.content_type == HL7_V2:
-            hl7_control_id(request.body)  # still refuse HL7 without MSH-10
-        if key is not None:
-            existing = self._creating.get((agent_id, remote, key))
-            if existing is None:
-                existing = yield self.journal.find_idempotent(agent_id, remote, key)
-            if existing is None:
-                existing = self._creating.get((agent_id, remote, key))
-            if existing is not None:
-                log.info(
-                    "Push to Agent/{agent_id} repeats push {push_id} (idempotency key); "
-                    "not sent again",
-                    agent_id=agent_id,
-                    push_id=existing.id,
-                )
-                result = yield self._maybe_wait(existing, request, duplicate=True)
-                return result
-        if request.wait and not self.hub.is_connected(agent_id):
-            raise FHIRError(
-                503,
-                f"Agent/{agent_id} is not connected; nothing was sent. Push without "
-                "waitForResponse to queue it for delivery when the agent connects.",
-                "transient",
-            )
-        now = self.clock.seconds()
+        control_id = None
+        if request.content_type == HL7_V2:
+            control_id = hl7_control_id(request.body)  # and refuse HL7 without MSH-10
         push = Push(
             id=self.journal.new_id(),
             agent_id=agent_id,
@@ -263,30 +309,134 @@ class PushService:
             body=request.body,
             options=dict(request.options),
             idempotency_key=key,
-            expires_at=(now + request.expires_in) if request.expires_in else None,
             requester=principal.client_id,
+            control_id=control_id,
+            body_hash=message_hash(request.content_type, request.body),
         )
+        existing, by_key = yield self._find_repeat(push)
+        if existing is not None:
+            if key is not None and not by_key:
+                yield self._bind_key(push, existing)
+            log.info(
+                "Push to Agent/{agent_id} repeats push {push_id} (same message to the same "
+                "device); not sent again",
+                agent_id=agent_id,
+                push_id=existing.id,
+            )
+            result = yield self._maybe_wait(existing, request, duplicate=True)
+            return result
+        if request.wait and not self.hub.is_connected(agent_id):
+            raise FHIRError(
+                503,
+                f"Agent/{agent_id} is not connected; nothing was sent. Push without "
+                "waitForResponse to queue it for delivery when the agent connects.",
+                "transient",
+            )
+        now = self.clock.seconds()
+        push.expires_at = (now + request.expires_in) if request.expires_in else None
         if request.wait:
             self.hub.track(push)
-        if key is not None:
-            self._creating[(agent_id, remote, key)] = push
+        self._start_creating(push)
         created = self.journal.create(push)
 
         def stored(p: Push) -> Push:
-            if key is not None:
-                self._creating.pop((agent_id, remote, key), None)
+            self._done_creating(push)
             self.hub.submit(p)  # even if the caller has gone meanwhile
             return p
 
         def not_stored(f: Any) -> Any:
-            if key is not None:
-                self._creating.pop((agent_id, remote, key), None)
+            self._done_creating(push)
             return f
 
         created.addCallbacks(stored, not_stored)
         push = yield _shielded(created)
         result = yield self._maybe_wait(push, request)
         return result
+
+    @inlineCallbacks
+    def _find_repeat(self, new: Push):
+        """
+        The earlier push C{new} repeats (or C{None}), and whether the caller's key found it.
+        Two rules, both always applied:
+
+        - the caller's own C{Idempotency-Key}: the same key with the same message (agent,
+          device, content type and body) is a repeat; with anything else it is a 409;
+        - the same message: an HL7 v2 push with the same MSH-10 and the same body to the same
+          device through the same agent, whatever key (or none) and whichever caller allowed
+          on that agent sent it.  Same MSH-10 with another body is another message.
+
+        Pushes still being written count too (checked before and after the journal lookup, so
+        a concurrent repeat cannot slip between).
+        """
+        if new.idempotency_key is not None:
+            scope = (new.requester or "", new.idempotency_key)
+            earlier = self._creating_by_key.get(scope)
+            if earlier is None:
+                earlier = yield self.journal.find_by_key(*scope)
+            if earlier is None:
+                earlier = self._creating_by_key.get(scope)
+            if earlier is not None:
+                if _same_message(earlier, new):
+                    return earlier, True
+                raise FHIRError(
+                    409,
+                    f"Idempotency-Key was already used by this client for a different message "
+                    f"(push {earlier.id}: {_difference(earlier, new)}); nothing was sent. "
+                    "Use a new key for a new message.",
+                    "conflict",
+                )
+        if new.control_id is not None and new.body_hash is not None:
+            device = device_key(new.remote)
+            earlier = self._creating_message(new, device)
+            if earlier is None:
+                earlier = yield self.journal.find_same_message(
+                    new.agent_id, device, new.control_id, new.body_hash)
+            if earlier is None:
+                earlier = self._creating_message(new, device)
+            return earlier, False
+        return None, False
+
+    @inlineCallbacks
+    def _bind_key(self, new: Push, existing: Push):
+        """The caller's key now names C{existing} (see L{Journal.remember_key})."""
+        scope = (new.requester or "", new.idempotency_key or "")
+        if scope in self._creating_by_key:
+            return
+        self._creating_by_key[scope] = existing
+        try:
+            # batched after C{existing}'s own write if that is still going on, so never before
+            yield self.journal.remember_key(scope[0], scope[1], existing.id)
+        except Exception:
+            log.failure("Could not bind an Idempotency-Key to push {push_id}",
+                        push_id=existing.id)
+        finally:
+            if self._creating_by_key.get(scope) is existing:
+                del self._creating_by_key[scope]
+
+    def _creating_message(self, new: Push, device: str) -> Push | None:
+        for p in self._creating_by_message.get(_message_scope(new), ()):
+            if device_key(p.remote) == device:
+                return p
+        return None
+
+    def _start_creating(self, push: Push) -> None:
+        if push.idempotency_key is not None:
+            self._creating_by_key[(push.requester or "", push.idempotency_key)] = push
+        if push.control_id is not None:
+            self._creating_by_message.setdefault(_message_scope(push), []).append(push)
+
+    def _done_creating(self, push: Push) -> None:
+        if push.idempotency_key is not None:
+            scope = (push.requester or "", push.idempotency_key)
+            if self._creating_by_key.get(scope) is push:
+                del self._creating_by_key[scope]
+        if push.control_id is not None:
+            scope3 = _message_scope(push)
+            pending = self._creating_by_message.get(scope3, [])
+            if push in pending:
+                pending.remove(push)
+            if not pending:
+                self._creating_by_message.pop(scope3, None)
 
     @inlineCallbacks
     def _maybe_wait(self, push: Push, request: PushRequest, duplicate: bool = False):

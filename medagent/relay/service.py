@@ -35,7 +35,7 @@ def open_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> D
     schema = (SQLiteStore.schema() + Authority.schema() + Journal.schema()
               + SubscriptionManager.schema())
     return Database(reactor, os.path.join(data_dir, "relay.sqlite"), schema=schema,
-                    synchronous=synchronous, name="relay-db")
+                    synchronous=synchronous, name="relay-db", migrations=[Journal.migrate])
 
 
 def open_authority(db: Database, data_dir: str, **kw: Any) -> Authority:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any, Awaitable, Callable, Mapping
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlencode
 
 import attr
 from twisted.internet.defer import CancelledError, ensureDeferred
@@ -552,6 +552,31 @@ class Api(Resource):
 
     # -- push status ----------------------------------------------------------------------
 
+    def _push_page(
+        self,
+        request: Request,
+        query: Mapping[str, list[str]],
+        found: list[Push],
+        total: int,
+        next_before: int | None,
+    ) -> dict[str, Any]:
+        """A searchset page of pushes, with the true C{total} and a C{next} link (cursor)."""
+        def url(cursor: int | None) -> str:
+            keep = [(k, v) for k, vs in query.items() if k != "_cursor" for v in vs]
+            if cursor is not None:
+                keep.append(("_cursor", str(cursor)))
+            qs = urlencode(keep)
+            return f"{self._base(request)}/fhir/R4/AgentPush" + (f"?{qs}" if qs else "")
+
+        links = [{"relation": "self", "url": url(_int_or_none(query, "_cursor"))}]
+        if next_before is not None:
+            links.append({"relation": "next", "url": url(next_before)})
+        return {
+            "resourceType": "Bundle", "type": "searchset", "total": total, "link": links,
+            "entry": [{"fullUrl": self._status_url(request, p), "resource": _push_doc(p)}
+                      for p in found],
+        }
+
     async def _push_status(
         self,
         request: Request,
@@ -571,18 +596,17 @@ class Api(Resource):
                 principal.require_admin()
             if params.get("state") and params["state"] not in j.STATES:
                 raise bad_request(f"state must be one of {', '.join(j.STATES)}")
-            limit = int(params.get("_count", "100")) if params.get("_count", "100").isdigit() else 100
-            found = await self.journal.search(params, limit=min(limit, 1000))
-            return json_response({
-                "resourceType": "Bundle", "type": "searchset", "total": len(found),
-                "entry": [{"resource": p.to_json()} for p in found],
-            })
+            count = _int_param(params, "_count", DEFAULT_PAGE, 0, MAX_PAGE)
+            cursor = _int_param(params, "_cursor", None, 1, 2**63 - 1)
+            found, total, next_before = await self.journal.search_page(
+                params, count=count, before_seq=cursor)
+            return json_response(self._push_page(request, query, found, total, next_before))
         if len(rest) >= 2:
             push = await self.journal.get(rest[1])
             if not principal.can_push(push.agent_id):
                 raise forbidden("This client may not read this push")
             if len(rest) == 2 and method == "GET":
-                return json_response(self.hub.live_push(push).to_json())
+                return json_response(_push_doc(self.hub.live_push(push)))
             if len(rest) == 3 and method == "POST" and rest[2] == "$retry":
                 push = await self.pushes.retry(principal, push.id)
                 return json_response(push.to_json())
@@ -590,6 +614,36 @@ class Api(Resource):
                 push = await self.pushes.cancel(principal, push.id)
                 return json_response(push.to_json())
         raise FHIRError(405, f"{method} not supported on {'/'.join(rest)}", "not-supported")
+
+
+#: Page size of the push list: default and upper bound of ``_count``.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def _int_param(params: Mapping[str, str], name: str, default: Any, low: int, high: int) -> Any:
+    """A whole-number query parameter within [low, high], or a 400 saying so."""
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not low <= int(raw) <= high:
+        raise bad_request(f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+def _int_or_none(query: Mapping[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    raw = values[-1] if values else ""
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else None
+
+
+def _push_doc(push: Push) -> dict[str, Any]:
+    """A push's status document; a row too damaged to show still lists (by id and state)."""
+    try:
+        return push.to_json()
+    except Exception:
+        log.failure("Push {push_id} could not be shown; listed by id only", push_id=push.id)
+        return {"resourceType": "AgentPush", "id": push.id, "state": push.state}
 
 
 class Root(Resource):
