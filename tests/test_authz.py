@@ -212,3 +212,43 @@ class Scopes(TestCase):
             self.assertEqual(code, 403)
 
         return ensureDeferred(go())
+
+
+class PushDestinations(Scopes):
+    """A pusher aiming its agent at hosts that are not the Agent's Devices (a port scan)."""
+
+    def push(self, token: str, destination: str, content_type: str = "x-application/ping",
+             body: str = "ping") -> Deferred[tuple[int, Any]]:
+        return ensureDeferred(self.call(token, "POST", f"/fhir/R4/Agent/{self.agent_a['id']}"
+                                        "/$push", {"destination": destination,
+                                                   "contentType": content_type, "body": body}))
+
+    def test_pusher_pushes_only_to_its_agents_devices(self) -> Deferred:
+        async def go() -> None:
+            refused = [
+                "mllp://127.0.0.1:22",  # any host:port of the site
+                "mllp://10.0.0.1:22",  # a Device's host, another port
+                f"Device/{self.dev_b['id']}",  # another site's Device
+                f"Device/{self.stray['id']}",  # a Device no Agent serves
+                "mllp://10.1.0.1:2575",  # another site's Device by URL
+                "127.0.0.1",  # a bare-host ping of a host that is no Device's
+            ]
+            for token in (self.pusher, self.star):
+                for destination in refused:
+                    code, outcome = await self.push(token, destination)
+                    self.assertEqual(code, 403, (destination, outcome))
+                    self.assertIn("Devices", outcome["issue"][0]["details"]["text"])
+            code, bundle = await self.call(self.admin, "GET",
+                                           f"/fhir/R4/AgentPush?agent={self.agent_a['id']}")
+            self.assertEqual(bundle["total"], 0)  # nothing was journaled, nothing sent
+            allowed = [f"Device/{self.dev_a['id']}", f"Device/{self.dev_a2['id']}",
+                       "mllp://10.0.0.1:2575", "mllp://10.0.0.1:2575?returnAck=application",
+                       "10.0.0.2"]
+            for destination in allowed:
+                code, outcome = await self.push(self.pusher, destination)
+                self.assertEqual(code, 202, (destination, outcome))
+            # admins may use any destination (the agent's allowlist still applies)
+            code, outcome = await self.push(self.admin, "mllp://127.0.0.1:22")
+            self.assertEqual(code, 202, outcome)
+
+        return ensureDeferred(go())

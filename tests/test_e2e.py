@@ -71,6 +71,9 @@ class EndToEnd(TestCase):
         await self.device_proc.wait_for("MLLP server on", timeout=20)
         self.device = await self.admin.create(
             {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
+        # the Agent serves this Device: pushers may push to it (only the Agent's Devices)
+        self.agent = await self.admin.update(
+            {**self.agent, "device": {"reference": f"Device/{self.device['id']}"}})
 
     async def start_agent(self, relay_url: str | None = None) -> procs.Proc:
         proc = procs.agent_process(self, relay_url or self.relay.url, self.agent_creds,

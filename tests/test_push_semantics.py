@@ -34,6 +34,7 @@ from medagent.fhir import FHIRError
 from medagent.relay import journal as j
 from medagent.relay.auth import Authority
 from medagent.relay.hub import Hub
+from medagent.relay.access import EXT_DEVICE
 from medagent.relay.journal import Journal, Push, message_hash
 from medagent.relay.push import MAX_TTL_S, PushService, parse_push_body
 from medagent.relay.service import RelayService
@@ -77,12 +78,14 @@ class RepeatRules(SynchronousTestCase):
         self.hub = Hub(self.clock, self.auth, self.store, self.journal, heartbeat_interval=10)
         self.addCleanup(self.hub.close)
         self.pushes = PushService(self.hub, self.store, self.journal, self.clock)
-        self.agent = self.successResultOf(self.store.create(
-            {"resourceType": "Agent", "name": "lab", "status": "active"}))
         self.device = self.successResultOf(self.store.create(
             {"resourceType": "Device", "url": "mllp://127.0.0.1:2575"}))
         self.other_device = self.successResultOf(self.store.create(
             {"resourceType": "Device", "url": "mllp://127.0.0.1:2576"}))
+        self.agent = self.successResultOf(self.store.create(
+            {"resourceType": "Agent", "name": "lab", "status": "active",
+             "extension": [{"url": EXT_DEVICE, "valueReference": {"reference": f"Device/{d}"}}
+                           for d in (self.device["id"], self.other_device["id"])]}))
         self.alice = self.principal("pusher", [self.agent["id"]])
         self.bob = self.principal("pusher", [self.agent["id"]])
         agent_client = self.successResultOf(self.auth.create_client("agent", [self.agent["id"]]))

@@ -143,3 +143,45 @@ def scoped_search(params: Mapping[str, list[str]], ids: frozenset[str]) -> dict[
     narrowed = {k: list(v) for k, v in params.items()}
     narrowed.setdefault("_id", []).append(",".join(sorted(ids)))
     return narrowed
+
+
+def _device_of(url: str, bare: bool) -> str | None:
+    """
+    What identifies the device of C{url} (its lane key), or with C{bare} only its host name
+    (lower case), or None if the URL names no device.
+    """
+    from medagent.destination import DestinationError, parse_destination
+
+    try:
+        parsed = parse_destination(url, needs_port=False)
+    except DestinationError:
+        return None
+    return parsed.host.lower().rstrip(".") if bare else parsed.key
+
+
+@inlineCallbacks
+def check_push_destination(store: Any, principal: Principal, agent: Mapping[str, Any],
+                           remote: str) -> Any:
+    """
+    A pusher may push only to a device of the Agent it pushes to (L{agent_device_ids}),
+    however it names it (``Device/{id}``, a search, or the device's URL): a raw URL to any
+    host:port of the site would turn the agent into the pusher's port scanner.  A ping by bare
+    host (as Medplum's CLI sends) must name the host of one of those devices.  Admins may use
+    any destination; the agent's own allowlist still applies to everyone.
+    """
+    if principal.role != PUSHER:
+        return
+    bare = "://" not in remote
+    wanted = _device_of(f"ping://{remote}" if bare else remote, bare)
+    for device_id in sorted(agent_device_ids(agent)):
+        try:
+            device = yield store.read("Device", device_id)
+        except FHIRError:
+            continue
+        url = device.get("url")
+        if wanted is not None and isinstance(url, str) and _device_of(url, bare) == wanted:
+            return
+    raise forbidden(f"Agent/{agent.get('id')} has no Device with this destination; a pusher "
+                    "may push only to the Agent's Devices (Agent.device or the "
+                    f"{EXT_DEVICE} extension)")
+

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from medagent.destination import DestinationError, parse_destination
 from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay import journal as j
+from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal, Push, device_key, message_hash
@@ -297,6 +298,7 @@ class PushService:
         if agent.get("status") == "off" and request.content_type != PING:
             raise bad_request("Agent is currently disabled. Agent.status is 'off'")
         remote = yield self.resolve_remote(request)
+        yield check_push_destination(self.store, principal, agent, remote)
         control_id = None
         if request.content_type == HL7_V2:
             control_id = hl7_control_id(request.body)  # and refuse HL7 without MSH-10
