@@ -63,15 +63,84 @@ class Instance:
         return [own, others]
 
     def encoded_as(self, syntax: str) -> bytes:
-        """The data set in C{syntax}: as is, or re-encoded by pydicom (uncompressed only)."""
+        """
+        The data set in C{syntax}: as is, or re-encoded by pydicom (uncompressed only), byte
+        order converted value by value (L{convert_native}).  Compressed data is never
+        relabelled: an encapsulated instance only goes in its own syntax.
+        """
         if UID(syntax) == UID(self.transfer_syntax):
             return self.data
         if not (dimse.is_native(syntax) and dimse.is_native(self.transfer_syntax)):
             raise InstanceError(
                 f"cannot convert from transfer syntax {self.transfer_syntax} to {syntax}"
             )
-        ds = dimse.decode_dataset(self.data, self.transfer_syntax)
-        return dimse.encode_dataset(ds, syntax)
+        return convert_native(self.data, self.transfer_syntax, syntax)
+
+
+#: Bytes per value of the binary VRs whose values pydicom keeps as raw bytes: a change of
+#: byte order must swap them itself (pydicom's writer does not, see its dcmwrite warning).
+#: Number VRs (US, SS, UL, SL, FL, FD, AT, SV, UV) are decoded and re-encoded by pydicom.
+SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_ARRAY_CODES = {2: "H", 4: "I", 8: "Q"}
+
+
+def swap_bytes(value: bytes, width: int) -> bytes:
+    """C{value} with the byte order of each C{width}-byte word reversed."""
+    from array import array
+
+    if len(value) % width:
+        raise InstanceError(f"a value of {len(value)} bytes is not made of {width}-byte words")
+    words = array(_ARRAY_CODES[width])
+    if words.itemsize != width:  # pragma: no cover - exotic platforms
+        return b"".join(value[i:i + width][::-1] for i in range(0, len(value), width))
+    words.frombytes(value)
+    words.byteswap()
+    return words.tobytes()
+
+
+def _swap_width(ds: Dataset, elem: Any) -> int:
+    width = SWAP_WIDTH[elem.VR]
+    if elem.tag == 0x7FE00010 and elem.VR == "OW":
+        # Native Pixel Data is a run of BitsAllocated-bit values: 32/64-bit pixels in OW are
+        # swapped as whole values (as pydicom's and dcmtk's readers interpret them), 8- and
+        # 16-bit ones as 16-bit words.
+        bits = ds.get("BitsAllocated")
+        if bits in (32, 64):
+            width = bits // 8
+    return width
+
+
+def _swap_binary(ds: Dataset) -> None:
+    """Swap, in place and in every nested item, the raw-byte values of C{SWAP_WIDTH} VRs."""
+    for elem in ds:  # iterating converts pydicom's raw elements to decoded ones
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _swap_binary(item)
+        elif elem.VR in SWAP_WIDTH:
+            if elem.is_undefined_length:
+                raise InstanceError(f"element {elem.tag} ({elem.VR}) has an undefined length")
+            if elem.value:
+                elem.value = swap_bytes(elem.value, _swap_width(ds, elem))
+        elif (elem.VR == "UN" and elem.value) or " or " in str(elem.VR):
+            # We cannot know how its bytes are ordered: refuse rather than guess.
+            raise InstanceError(
+                f"element {elem.tag} has VR {elem.VR}: its byte order cannot be converted"
+            )
+
+
+def convert_native(data: bytes, source: str, target: str) -> bytes:
+    """
+    Re-encode a data set between uncompressed transfer syntaxes.  Across byte orders (from
+    Explicit VR Big Endian) every multi-byte binary value is swapped: numbers by pydicom
+    (decoded and re-encoded), OW/OF/OL/OD/OV by L{_swap_binary}; an element whose byte order
+    is unknowable (UN) makes it fail with L{InstanceError} rather than corrupt it.
+    """
+    if not (dimse.is_native(source) and dimse.is_native(target)):
+        raise InstanceError(f"cannot convert from transfer syntax {source} to {target}")
+    ds = dimse.decode_dataset(data, source)
+    if dimse.syntax_flags(source)[1] != dimse.syntax_flags(target)[1]:
+        _swap_binary(ds)
+    return dimse.encode_dataset(ds, target)
 
 
 def _check_uids(sop_class: Any, sop_instance: Any) -> None:
@@ -137,13 +206,25 @@ def read_header(data: bytes, syntax: str, *, stop_after: int | None = None) -> D
     return ds
 
 
+def pad_deflated(data: bytes, syntax: str) -> bytes:
+    """
+    A Deflated Explicit VR Little Endian data set of odd length (the deflate stream as some
+    writers leave it) with the single trailing NULL byte PS3.5 A.5 requires: on the wire an
+    odd-length data set is invalid, and peers such as Orthanc then wait for a byte that never
+    comes.  Inflating ignores the pad.
+    """
+    if len(data) % 2 and dimse.syntax_flags(syntax)[2]:
+        return data + b"\x00"
+    return data
+
+
 def from_part10(raw: bytes) -> Instance:
     """Read a Part 10 file: the SOP UIDs from the data set, the data set bytes as they are."""
     meta, offset = dataset_offset(raw)
     syntax = meta.get("TransferSyntaxUID")
     if not valid_uid(syntax):
         raise InstanceError("the file meta has no Transfer Syntax UID (0002,0010)")
-    data = raw[offset:]
+    data = pad_deflated(raw[offset:], str(syntax))
     try:
         ds = read_header(data, str(syntax), stop_after=0x00080018)
         sop_class, sop_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
