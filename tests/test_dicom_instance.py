@@ -27,7 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from medagent.destination import parse_destination
 from medagent.dicom import dimse
-from medagent.dicom.instance import InstanceError, convert_native, from_part10
+from medagent.dicom.instance import (
+    InstanceError,
+    big_endian_problem,
+    convert_native,
+    from_part10,
+)
 from medagent.dicom.scu import DICOMSender
 from tests.test_dicom_association import accept, pdata, read_pdus
 from tests.test_dicom_sender import FakeEndpoint
@@ -35,7 +40,6 @@ from tests.test_dicom_sender import FakeEndpoint
 MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
 TWINS = [("MR_small.dcm", "MR_small_bigendian.dcm"),   # 16-bit OW, first pixel 905
          ("MR_small.dcm", "MR_small_expb.dcm"),
-         ("rtdose_1frame.dcm", "rtdose_expb_1frame.dcm"),  # 32-bit pixels in OW
          ("SC_rgb_small_odd.dcm", "SC_rgb_small_odd_big_endian.dcm"),  # 8-bit in OW
          ("liver_1frame.dcm", "liver_expb_1frame.dcm")]  # 1-bit OB
 
@@ -73,6 +77,21 @@ class BigEndianConversionTests(SynchronousTestCase):
             ExplicitVRLittleEndian), ExplicitVRLittleEndian)
         self.assertEqual(struct.unpack("<H", mr.PixelData[:2])[0], 905)
 
+    def test_32_bit_pixels_in_ow_not_converted(self) -> None:
+        # pydicom reads them as whole 32-bit values, dcmtk swaps 16-bit words: no conversion
+        # is right for both readers, so the instance only goes in its own syntax.
+        for name in ("rtdose_expb_1frame.dcm", "rtdose_expb.dcm"):
+            instance = from_part10(raw(name))
+            self.assertFalse(instance.convertible)
+            self.assertIn("32 bits allocated", instance.not_convertible)
+            self.assertEqual(instance.offered_syntaxes(), [[ExplicitVRBigEndian]])
+            self.assertEqual(instance.encoded_as(ExplicitVRBigEndian), instance.data)
+            for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                with self.assertRaises(InstanceError):
+                    instance.encoded_as(target)
+                with self.assertRaises(InstanceError):
+                    convert_native(instance.data, ExplicitVRBigEndian, target)
+
     def test_binary_vrs_swapped_numbers_kept(self) -> None:
         ds = Dataset()
         ds.SOPClassUID = MR_CLASS
@@ -106,6 +125,7 @@ class BigEndianConversionTests(SynchronousTestCase):
         with self.assertRaises(InstanceError) as e:
             convert_native(data, ExplicitVRBigEndian, ExplicitVRLittleEndian)
         self.assertIn("UN", str(e.exception))
+        self.assertIn("VR UN", big_endian_problem(data))
         # between little endian syntaxes nothing needs swapping: UN passes as it is
         le = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
         out = convert_native(le, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -172,3 +192,41 @@ class PooledAssociationTests(SynchronousTestCase):
         sender.close()
         proto.connectionLost(None)
 
+
+    def test_unconvertible_big_endian_not_put_on_pooled_little_endian_context(self) -> None:
+        rt_dose = "1.2.840.10008.5.1.4.1.1.481.2"
+        clock = Clock()
+        endpoint = FakeEndpoint()
+        sender = DICOMSender(clock, ae_title="AGENT", endpoint_factory=endpoint)
+        dest = parse_destination("dicom://PACS@10.0.0.5:104")
+        results = []
+        sender.send(dest, "application/dicom", part10_of("rtdose_1frame.dcm"),
+                    {}).addBoth(results.append)
+        proto, tr = endpoint.connections[-1]
+        ac, _ = accept(tr.value(), [(rt_dose, [ImplicitVRLittleEndian])])
+        tr.clear()
+        proto.dataReceived(ac)
+        msg = pmsgs.DIMSEMessage()
+        for p in read_pdus(tr.value()):
+            msg.decode_msg(p.to_primitive())
+        tr.clear()
+        proto.dataReceived(pdata(dimse.c_store_rsp(msg, 0), msg.context_id, 16384))
+        self.assertTrue(results[0].delivered)
+
+        sender.send(dest, "application/dicom", part10_of("rtdose_expb_1frame.dcm"),
+                    {}).addBoth(results.append)
+        self.assertEqual(read_pdus(tr.value())[-1].pdu_type, 0x05)  # the pooled one released
+        self.assertEqual(len(endpoint.connections), 2)
+        proto2, tr2 = endpoint.connections[-1]
+        rq = read_pdus(tr2.value())[0].to_primitive()
+        self.assertEqual([[str(t) for t in cx.transfer_syntax]
+                          for cx in rq.presentation_context_definition_list],
+                         [[ExplicitVRBigEndian]])
+        ac, _ = accept(tr2.value(), [(rt_dose, [ImplicitVRLittleEndian])])
+        proto2.dataReceived(ac)
+        error = results[1].value
+        self.assertIn("not converted: big endian pixel data with 32 bits", str(error))
+        self.assertEqual((error.transient, error.phase), (False, "association"))
+        sender.close()
+        for p in (proto, proto2):
+            p.connectionLost(None)

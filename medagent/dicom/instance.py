@@ -20,7 +20,7 @@ from typing import Any
 import attr
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_preamble
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from medagent.dicom import dimse
@@ -44,10 +44,17 @@ class Instance:
     sop_instance: str
     transfer_syntax: str
     data: bytes  # the data set, encoded in transfer_syntax (no file meta)
+    #: Why this instance cannot be converted to another syntax (None: it can, if native).
+    not_convertible: str | None = None
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+    @property
+    def convertible(self) -> bool:
+        """Whether we may send it in another (uncompressed) syntax than its own."""
+        return dimse.is_native(self.transfer_syntax) and self.not_convertible is None
 
     def offered_syntaxes(self) -> list[list[str]]:
         """
@@ -56,7 +63,7 @@ class Instance:
         (only from an uncompressed syntax - we do not decompress pixel data).
         """
         own = [self.transfer_syntax]
-        if not dimse.is_native(self.transfer_syntax):
+        if not self.convertible:
             return [own]
         others = [ts for ts in (dimse.ExplicitVRLittleEndian, dimse.ImplicitVRLittleEndian)
                   if ts != self.transfer_syntax]
@@ -74,6 +81,8 @@ class Instance:
             raise InstanceError(
                 f"cannot convert from transfer syntax {self.transfer_syntax} to {syntax}"
             )
+        if self.not_convertible:
+            raise InstanceError(self.not_convertible)
         return convert_native(self.data, self.transfer_syntax, syntax)
 
 
@@ -98,34 +107,70 @@ def swap_bytes(value: bytes, width: int) -> bytes:
     return words.tobytes()
 
 
-def _swap_width(ds: Dataset, elem: Any) -> int:
-    width = SWAP_WIDTH[elem.VR]
-    if elem.tag == 0x7FE00010 and elem.VR == "OW":
-        # Native Pixel Data is a run of BitsAllocated-bit values: 32/64-bit pixels in OW are
-        # swapped as whole values (as pydicom's and dcmtk's readers interpret them), 8- and
-        # 16-bit ones as 16-bit words.
-        bits = ds.get("BitsAllocated")
-        if bits in (32, 64):
-            width = bits // 8
-    return width
+def _unswappable(ds: Dataset, elem: Any) -> str | None:
+    """Why C{elem} (of C{ds}) has no byte order we can be sure of, or None."""
+    if (elem.VR == "UN" and elem.value) or " or " in str(elem.VR):
+        return f"element {elem.tag} has VR {elem.VR}: its byte order cannot be known"
+    if elem.tag == 0x7FE00010 and elem.VR == "OW" and ds.get("BitsAllocated", 16) > 16:
+        # OW is 16-bit words, but readers disagree on how a big endian 32-bit pixel spans
+        # two of them (pydicom: whole values; dcmtk: word by word): no conversion is right
+        # for both, so none is made.
+        return (f"big endian pixel data with {ds.get('BitsAllocated')} bits allocated has no "
+                "agreed little endian form")
+    if elem.VR in SWAP_WIDTH and elem.is_undefined_length:
+        return f"element {elem.tag} ({elem.VR}) has an undefined length"
+    return None
 
 
 def _swap_binary(ds: Dataset) -> None:
     """Swap, in place and in every nested item, the raw-byte values of C{SWAP_WIDTH} VRs."""
     for elem in ds:  # iterating converts pydicom's raw elements to decoded ones
+        why = _unswappable(ds, elem)
+        if why:
+            raise InstanceError(why)  # refuse rather than guess
         if elem.VR == "SQ":
             for item in elem.value or ():
                 _swap_binary(item)
-        elif elem.VR in SWAP_WIDTH:
-            if elem.is_undefined_length:
-                raise InstanceError(f"element {elem.tag} ({elem.VR}) has an undefined length")
-            if elem.value:
-                elem.value = swap_bytes(elem.value, _swap_width(ds, elem))
-        elif (elem.VR == "UN" and elem.value) or " or " in str(elem.VR):
-            # We cannot know how its bytes are ordered: refuse rather than guess.
-            raise InstanceError(
-                f"element {elem.tag} has VR {elem.VR}: its byte order cannot be converted"
-            )
+        elif elem.VR in SWAP_WIDTH and elem.value:
+            elem.value = swap_bytes(elem.value, SWAP_WIDTH[elem.VR])
+
+
+def conversion_problem(ds: Dataset) -> str | None:
+    """Why the big endian data set C{ds} cannot be converted to little endian, or None."""
+    for elem in ds:
+        why = _unswappable(ds, elem)
+        if why:
+            return why
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                why = conversion_problem(item)
+                if why:
+                    return why
+    return None
+
+
+def big_endian_problem(data: bytes) -> str | None:
+    """
+    L{conversion_problem} of a big endian data set, from its header: the elements before
+    the pixel data, and the pixel data's VR (its value is not read).
+    """
+    from pydicom.filereader import read_dataset
+
+    pixel: dict[int, str] = {}
+
+    def stop(tag: Any, vr: Any, length: int) -> bool:
+        if tag >= 0x7FE00008:  # (Float / Double Float) Pixel Data: note the VR, stop
+            pixel[int(tag)] = str(vr)
+            return True
+        return False
+
+    ds = read_dataset(BytesIO(data), False, False, stop_when=stop)
+    why = conversion_problem(ds)
+    if why is None and pixel.get(0x7FE00010) == "OW":
+        ds.PixelData = b""  # stands in for the unread value: only VR and Bits Allocated count
+        ds["PixelData"].VR = "OW"
+        why = _unswappable(ds, ds["PixelData"])
+    return why
 
 
 def convert_native(data: bytes, source: str, target: str) -> bytes:
@@ -133,7 +178,8 @@ def convert_native(data: bytes, source: str, target: str) -> bytes:
     Re-encode a data set between uncompressed transfer syntaxes.  Across byte orders (from
     Explicit VR Big Endian) every multi-byte binary value is swapped: numbers by pydicom
     (decoded and re-encoded), OW/OF/OL/OD/OV by L{_swap_binary}; an element whose byte order
-    is unknowable (UN) makes it fail with L{InstanceError} rather than corrupt it.
+    is unknowable (UN, 32/64-bit pixels in OW) makes it fail with L{InstanceError} rather
+    than corrupt it.
     """
     if not (dimse.is_native(source) and dimse.is_native(target)):
         raise InstanceError(f"cannot convert from transfer syntax {source} to {target}")
@@ -235,7 +281,17 @@ def from_part10(raw: bytes) -> Instance:
     sop_instance = str(sop_instance) if sop_instance is not None else meta.get(
         "MediaStorageSOPInstanceUID")
     _check_uids(sop_class, sop_instance)
-    return Instance(str(sop_class), str(sop_instance), str(syntax), data)
+    problem = None
+    if UID(str(syntax)) == ExplicitVRBigEndian:
+        # Retired and rare: read its whole header now, so that an instance we could not
+        # convert is only ever offered (and pooled) in its own syntax.
+        try:
+            problem = big_endian_problem(data)
+        except InstanceError as e:
+            problem = str(e)
+        except Exception as e:
+            raise InstanceError(f"unreadable DICOM data set ({e.__class__.__name__})")
+    return Instance(str(sop_class), str(sop_instance), str(syntax), data, problem)
 
 
 def from_json(body: str | dict) -> Instance:

@@ -286,6 +286,8 @@ class DICOMSender:
                 why = ", ".join(sorted({pdu.CONTEXT_RESULTS.get(c.result, str(c.result))
                                         for c in assoc.rejected})) or "not accepted"
                 self._park(peer, assoc)
+                if instance.not_convertible:
+                    why += f"; not converted: {instance.not_convertible}"
                 raise DeliveryError(
                     f"DICOM peer {peer} accepts no presentation context for SOP class "
                     f"{instance.sop_class} in transfer syntax {instance.transfer_syntax} "
@@ -320,7 +322,7 @@ class DICOMSender:
         cx = assoc.find_context(instance.sop_class, [instance.transfer_syntax])
         if cx is not None:
             return cx
-        if dimse.is_native(instance.transfer_syntax):
+        if instance.convertible:
             return assoc.find_context(instance.sop_class, [ts for ts in dimse.NATIVE_SYNTAXES
                                                            if ts != instance.transfer_syntax])
         return None
