@@ -287,10 +287,8 @@ def from_part10(raw: bytes) -> Instance:
         # convert is only ever offered (and pooled) in its own syntax.
         try:
             problem = big_endian_problem(data)
-        except InstanceError as e:
-            problem = str(e)
-        except Exception as e:
-            raise InstanceError(f"unreadable DICOM data set ({e.__class__.__name__})")
+        except Exception as e:  # sent as it is, then, to a peer that takes Big Endian
+            problem = f"its data set cannot be read ({e.__class__.__name__})"
     return Instance(str(sop_class), str(sop_instance), str(syntax), data, problem)
 
 
