@@ -15,6 +15,7 @@ import tempfile
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from medagent.client import RelayError
 from tests import procs
 from tests.test_dicom_peers import _Base, b64, program, run, wait_port
 
@@ -66,6 +67,22 @@ class DicomEndToEnd(_Base):
         self.assertEqual(len(files), 1, files)
         out, code = await run([program("dciodvfy"), os.path.join(received, files[0])])
         self.assertNotIn("Error", out)
+
+        # an association the peer rejects for good is the device's answer (502), not a bad
+        # request; a body that is no DICOM file is (400)
+        with self.assertRaises(RelayError) as e:
+            await client.push_to_agent(
+                agent, f"dicom://NOTTHEAGENT@127.0.0.1:{scp_port}", b64(sr),
+                "application/dicom", True, wait_timeout=30000)
+        self.assertEqual(e.exception.status, 502)
+        self.assertIn("rejected-permanent", str(e.exception))
+        self.assertIn("called AE title not recognized", str(e.exception))
+        with self.assertRaises(RelayError) as e:
+            await client.push_to_agent(
+                agent, f"dicom://STORESCP@127.0.0.1:{ris_port}", "bm90IGRpY29t",
+                "application/dicom", True, wait_timeout=30000)
+        self.assertEqual(e.exception.status, 400)
+        self.assertIn("DICOM file", str(e.exception))
 
         # receive: a modality stores into the agent's channel
         out, code = await run([program("storescu"), "-aet", "CT01", "-aec", "AGENTSCP",

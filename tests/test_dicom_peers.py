@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from typing import Any
 
 import treq
 from pydicom import dcmread
@@ -91,11 +92,47 @@ class _Base(TestCase):
         self.addCleanup(s.close)
         return s
 
-    def storescp(self, out_dir: str, port: int, aet: str = "STORESCP") -> procs.Proc:
+    def storescp(self, out_dir: str, port: int, aet: str = "STORESCP",
+                 options: tuple[str, ...] = ()) -> procs.Proc:
         os.makedirs(out_dir, exist_ok=True)
-        return procs.spawn(self, "storescp", [program("storescp"), "--aetitle", aet,
+        return procs.spawn(self, "storescp", [program("storescp"), "--aetitle", aet, *options,
                                               "-od", out_dir, str(port)],
                            env={"TCP_NODELAY": "1"})
+
+    async def start_orthanc(self, **config) -> tuple[str, int, Any]:
+        """
+        Orthanc on free loopback ports (C{config} overrides its settings): the REST base URL,
+        the DICOM port and a non-persistent HTTP pool for treq.
+        """
+        from twisted.web.client import HTTPConnectionPool
+
+        orthanc = program("Orthanc")
+        http_port, dicom_port = procs.free_port(), procs.free_port()
+        folder = tempfile.mkdtemp(prefix="orthanc-", dir=self.tmp)
+        settings = {
+            "Name": "medagent-test", "StorageDirectory": "db", "IndexDirectory": "db",
+            "HttpPort": http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomServerEnabled": True,
+            "DicomAet": "ORTHANC", "DicomPort": dicom_port, "DicomCheckCalledAet": True,
+            "DicomModalities": {}, "Plugins": [],
+        }
+        settings.update(config)
+        with open(os.path.join(folder, "orthanc.json"), "w") as f:
+            json.dump(settings, f)
+        procs.spawn(self, "orthanc", [orthanc, "orthanc.json"], cwd=folder)
+        base = f"http://127.0.0.1:{http_port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+
+        async def up() -> bool:
+            try:
+                r = await treq.get(base + "/system", pool=pool)
+                await r.content()
+                return r.code == 200
+            except Exception:
+                return False
+
+        await procs.wait_until(up, timeout=30, what="Orthanc HTTP")
+        return base, dicom_port, pool
 
 
 class SenderAgainstDcmtk(_Base):
@@ -182,35 +219,8 @@ class SenderAgainstOrthanc(_Base):
         return ensureDeferred(self._orthanc())
 
     async def _orthanc(self) -> None:
-        orthanc = program("Orthanc")
         sr = await self.make_sr()
-        http_port, dicom_port = procs.free_port(), procs.free_port()
-        folder = os.path.join(self.tmp, "orthanc")
-        os.makedirs(folder)
-        config = {
-            "Name": "medagent-test", "StorageDirectory": "db", "IndexDirectory": "db",
-            "HttpPort": http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomServerEnabled": True,
-            "DicomAet": "ORTHANC", "DicomPort": dicom_port, "DicomCheckCalledAet": True,
-            "DicomModalities": {}, "Plugins": [],
-        }
-        with open(os.path.join(folder, "orthanc.json"), "w") as f:
-            json.dump(config, f)
-        procs.spawn(self, "orthanc", [orthanc, "orthanc.json"], cwd=folder)
-        base = f"http://127.0.0.1:{http_port}"
-        from twisted.web.client import HTTPConnectionPool
-
-        pool = HTTPConnectionPool(reactor, persistent=False)
-
-        async def up() -> bool:
-            try:
-                r = await treq.get(base + "/system", pool=pool)
-                await r.content()
-                return r.code == 200
-            except Exception:
-                return False
-
-        await procs.wait_until(up, timeout=30, what="Orthanc HTTP")
+        base, dicom_port, pool = await self.start_orthanc()
         sender = self.sender()
         dest = parse_destination(f"dicom://ORTHANC@127.0.0.1:{dicom_port}?calling=AGENT")
         reply = await sender.send(dest, "application/dicom", b64(sr), {})

@@ -135,9 +135,24 @@ class SenderTests(SynchronousTestCase):
     def test_out_of_resources_is_transient(self) -> None:
         results = self.send()
         self.answer_association()
-        self.answer_store(0xA700)
-        self.assertIsInstance(results[0].value, DeliveryError)
-        self.assertTrue(results[0].value.transient)
+        self.answer_store(0xA700, comment="no space")
+        error = results[0].value
+        self.assertIsInstance(error, DeliveryError)
+        self.assertEqual((error.transient, error.phase, error.max_attempts), (True, "store", 4))
+        self.assertNotIn("will retry", str(error))
+        # the DIMSE reply travels with it, for when the queue stops retrying
+        self.assertFalse(error.reply.delivered)
+        body = json.loads(error.reply.body)
+        self.assertEqual((body["status"], body["errorComment"]), ("0xA700", "no space"))
+
+    def test_out_of_resources_without_retries_is_the_reply(self) -> None:
+        self.sender = DICOMSender(self.clock, ae_title="AGENT", refused_attempts=1,
+                                  endpoint_factory=self.endpoint)
+        results = self.send()
+        self.answer_association()
+        self.answer_store(0xA702)
+        self.assertFalse(results[0].delivered)
+        self.assertEqual(json.loads(results[0].body)["status"], "0xA702")
 
     def test_no_accepted_context_is_permanent(self) -> None:
         results = self.send()

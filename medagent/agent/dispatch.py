@@ -52,13 +52,24 @@ class DeliveryError(Exception):
     The message could not be delivered.  C{transient} failures (refused, reset, timeout) may
     be retried; others (bad message, unsupported scheme) may not.  C{phase} says where it
     broke (``connect``, ``send``, ``ack``...), for the 3 a.m. reader.
+
+    C{reply}: the device answered but refused for now, having processed nothing (DICOM
+    ``0xA7xx`` out of resources), so a retry is safe although bytes reached it.  The queue
+    retries it at most C{max_attempts} times (and the destination's ``maxAttempts``); then
+    C{reply} - the device's answer, C{delivered=False} - is the push's outcome.
     """
 
-    def __init__(self, reason: str, *, transient: bool = True, phase: str | None = None):
+    reply: Reply | None = None
+    max_attempts: int | None = None
+
+    def __init__(self, reason: str, *, transient: bool = True, phase: str | None = None,
+                 reply: Reply | None = None, max_attempts: int | None = None):
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
         self.phase = phase
+        self.reply = reply
+        self.max_attempts = max_attempts
 
     def __str__(self) -> str:
         return self.reason

@@ -296,15 +296,19 @@ class DurableQueue:
     def _delivered(self, remote: str, lane: _Lane, row: Any, outcome: Reply | Failure) -> None:
         push_id = row["push_id"]
         msg = {"remote": row["remote"], "callback": row["callback"], "channel": None}
+        if isinstance(outcome, Failure) and isinstance(outcome.value, DeliveryError) and \
+                outcome.value.reply is not None and \
+                row["attempts"] >= _attempt_limit(remote, outcome.value):
+            # Refused for now by the device, and no retries left: its answer is the outcome.
+            outcome = outcome.value.reply
         if isinstance(outcome, Failure):
             err = outcome.value
             if isinstance(err, DeliveryError):
-                if err.transient and err.phase in RETRY_SAFE_PHASES and \
-                        row["attempts"] < _max_attempts(remote):
+                if err.transient and _retry_safe(err) and \
+                        row["attempts"] < _attempt_limit(remote, err):
                     self._retry_later(remote, lane, row, err)
                     return
-                status = 400 if not err.transient else (
-                    504 if err.phase == "ack" and "timeout" in err.reason.lower() else 502)
+                status = _failure_status(err)
                 reason, transient = err.reason, err.transient
                 if err.transient and err.phase in RETRY_SAFE_PHASES:
                     reason = f"{reason} (gave up after {row['attempts']} attempts)"
@@ -477,6 +481,30 @@ def _max_attempts(remote: str) -> int:
     except DestinationError:
         return 1
     return n if n > 0 else 2**62
+
+
+def _attempt_limit(remote: str, err: DeliveryError) -> int:
+    """The destination's maxAttempts, or fewer if the error bounds its own retries."""
+    limit = _max_attempts(remote)
+    return limit if err.max_attempts is None else min(limit, err.max_attempts)
+
+
+def _retry_safe(err: DeliveryError) -> bool:
+    """Nothing reached the device (a safe phase), or it refused having processed nothing."""
+    return err.phase in RETRY_SAFE_PHASES or err.reply is not None
+
+
+#: Phases that say the request itself is wrong (HTTP 400); the others are the device or link.
+CALLER_PHASES = frozenset(["destination", "decode", "encode", "message"])
+
+
+def _failure_status(err: DeliveryError) -> int:
+    """HTTP status of a failed push: 400 the caller's fault, 504 no answer in time, else 502."""
+    if err.phase in CALLER_PHASES or (err.phase is None and not err.transient):
+        return 400
+    if err.phase == "ack" and "timeout" in err.reason.lower():
+        return 504
+    return 502
 
 
 def _in_doubt_policy(remote: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import attr
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_preamble
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from medagent.dicom import dimse
@@ -44,10 +44,17 @@ class Instance:
     sop_instance: str
     transfer_syntax: str
     data: bytes  # the data set, encoded in transfer_syntax (no file meta)
+    #: Why this instance cannot be converted to another syntax (None: it can, if native).
+    not_convertible: str | None = None
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+    @property
+    def convertible(self) -> bool:
+        """Whether we may send it in another (uncompressed) syntax than its own."""
+        return dimse.is_native(self.transfer_syntax) and self.not_convertible is None
 
     def offered_syntaxes(self) -> list[list[str]]:
         """
@@ -56,22 +63,130 @@ class Instance:
         (only from an uncompressed syntax - we do not decompress pixel data).
         """
         own = [self.transfer_syntax]
-        if not dimse.is_native(self.transfer_syntax):
+        if not self.convertible:
             return [own]
         others = [ts for ts in (dimse.ExplicitVRLittleEndian, dimse.ImplicitVRLittleEndian)
                   if ts != self.transfer_syntax]
         return [own, others]
 
     def encoded_as(self, syntax: str) -> bytes:
-        """The data set in C{syntax}: as is, or re-encoded by pydicom (uncompressed only)."""
+        """
+        The data set in C{syntax}: as is, or re-encoded by pydicom (uncompressed only), byte
+        order converted value by value (L{convert_native}).  Compressed data is never
+        relabelled: an encapsulated instance only goes in its own syntax.
+        """
         if UID(syntax) == UID(self.transfer_syntax):
             return self.data
         if not (dimse.is_native(syntax) and dimse.is_native(self.transfer_syntax)):
             raise InstanceError(
                 f"cannot convert from transfer syntax {self.transfer_syntax} to {syntax}"
             )
-        ds = dimse.decode_dataset(self.data, self.transfer_syntax)
-        return dimse.encode_dataset(ds, syntax)
+        if self.not_convertible:
+            raise InstanceError(self.not_convertible)
+        return convert_native(self.data, self.transfer_syntax, syntax)
+
+
+#: Bytes per value of the binary VRs whose values pydicom keeps as raw bytes: a change of
+#: byte order must swap them itself (pydicom's writer does not, see its dcmwrite warning).
+#: Number VRs (US, SS, UL, SL, FL, FD, AT, SV, UV) are decoded and re-encoded by pydicom.
+SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_ARRAY_CODES = {2: "H", 4: "I", 8: "Q"}
+
+
+def swap_bytes(value: bytes, width: int) -> bytes:
+    """C{value} with the byte order of each C{width}-byte word reversed."""
+    from array import array
+
+    if len(value) % width:
+        raise InstanceError(f"a value of {len(value)} bytes is not made of {width}-byte words")
+    words = array(_ARRAY_CODES[width])
+    if words.itemsize != width:  # pragma: no cover - exotic platforms
+        return b"".join(value[i:i + width][::-1] for i in range(0, len(value), width))
+    words.frombytes(value)
+    words.byteswap()
+    return words.tobytes()
+
+
+def _unswappable(ds: Dataset, elem: Any) -> str | None:
+    """Why C{elem} (of C{ds}) has no byte order we can be sure of, or None."""
+    if (elem.VR == "UN" and elem.value) or " or " in str(elem.VR):
+        return f"element {elem.tag} has VR {elem.VR}: its byte order cannot be known"
+    if elem.tag == 0x7FE00010 and elem.VR == "OW" and ds.get("BitsAllocated", 16) > 16:
+        # OW is 16-bit words, but readers disagree on how a big endian 32-bit pixel spans
+        # two of them (pydicom: whole values; dcmtk: word by word): no conversion is right
+        # for both, so none is made.
+        return (f"big endian pixel data with {ds.get('BitsAllocated')} bits allocated has no "
+                "agreed little endian form")
+    if elem.VR in SWAP_WIDTH and elem.is_undefined_length:
+        return f"element {elem.tag} ({elem.VR}) has an undefined length"
+    return None
+
+
+def _swap_binary(ds: Dataset) -> None:
+    """Swap, in place and in every nested item, the raw-byte values of C{SWAP_WIDTH} VRs."""
+    for elem in ds:  # iterating converts pydicom's raw elements to decoded ones
+        why = _unswappable(ds, elem)
+        if why:
+            raise InstanceError(why)  # refuse rather than guess
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _swap_binary(item)
+        elif elem.VR in SWAP_WIDTH and elem.value:
+            elem.value = swap_bytes(elem.value, SWAP_WIDTH[elem.VR])
+
+
+def conversion_problem(ds: Dataset) -> str | None:
+    """Why the big endian data set C{ds} cannot be converted to little endian, or None."""
+    for elem in ds:
+        why = _unswappable(ds, elem)
+        if why:
+            return why
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                why = conversion_problem(item)
+                if why:
+                    return why
+    return None
+
+
+def big_endian_problem(data: bytes) -> str | None:
+    """
+    L{conversion_problem} of a big endian data set, from its header: the elements before
+    the pixel data, and the pixel data's VR (its value is not read).
+    """
+    from pydicom.filereader import read_dataset
+
+    pixel: dict[int, str] = {}
+
+    def stop(tag: Any, vr: Any, length: int) -> bool:
+        if tag >= 0x7FE00008:  # (Float / Double Float) Pixel Data: note the VR, stop
+            pixel[int(tag)] = str(vr)
+            return True
+        return False
+
+    ds = read_dataset(BytesIO(data), False, False, stop_when=stop)
+    why = conversion_problem(ds)
+    if why is None and pixel.get(0x7FE00010) == "OW":
+        ds.PixelData = b""  # stands in for the unread value: only VR and Bits Allocated count
+        ds["PixelData"].VR = "OW"
+        why = _unswappable(ds, ds["PixelData"])
+    return why
+
+
+def convert_native(data: bytes, source: str, target: str) -> bytes:
+    """
+    Re-encode a data set between uncompressed transfer syntaxes.  Across byte orders (from
+    Explicit VR Big Endian) every multi-byte binary value is swapped: numbers by pydicom
+    (decoded and re-encoded), OW/OF/OL/OD/OV by L{_swap_binary}; an element whose byte order
+    is unknowable (UN, 32/64-bit pixels in OW) makes it fail with L{InstanceError} rather
+    than corrupt it.
+    """
+    if not (dimse.is_native(source) and dimse.is_native(target)):
+        raise InstanceError(f"cannot convert from transfer syntax {source} to {target}")
+    ds = dimse.decode_dataset(data, source)
+    if dimse.syntax_flags(source)[1] != dimse.syntax_flags(target)[1]:
+        _swap_binary(ds)
+    return dimse.encode_dataset(ds, target)
 
 
 def _check_uids(sop_class: Any, sop_instance: Any) -> None:
@@ -137,13 +252,25 @@ def read_header(data: bytes, syntax: str, *, stop_after: int | None = None) -> D
     return ds
 
 
+def pad_deflated(data: bytes, syntax: str) -> bytes:
+    """
+    A Deflated Explicit VR Little Endian data set of odd length (the deflate stream as some
+    writers leave it) with the single trailing NULL byte PS3.5 A.5 requires: on the wire an
+    odd-length data set is invalid, and peers such as Orthanc then wait for a byte that never
+    comes.  Inflating ignores the pad.
+    """
+    if len(data) % 2 and dimse.syntax_flags(syntax)[2]:
+        return data + b"\x00"
+    return data
+
+
 def from_part10(raw: bytes) -> Instance:
     """Read a Part 10 file: the SOP UIDs from the data set, the data set bytes as they are."""
     meta, offset = dataset_offset(raw)
     syntax = meta.get("TransferSyntaxUID")
     if not valid_uid(syntax):
         raise InstanceError("the file meta has no Transfer Syntax UID (0002,0010)")
-    data = raw[offset:]
+    data = pad_deflated(raw[offset:], str(syntax))
     try:
         ds = read_header(data, str(syntax), stop_after=0x00080018)
         sop_class, sop_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
@@ -154,7 +281,15 @@ def from_part10(raw: bytes) -> Instance:
     sop_instance = str(sop_instance) if sop_instance is not None else meta.get(
         "MediaStorageSOPInstanceUID")
     _check_uids(sop_class, sop_instance)
-    return Instance(str(sop_class), str(sop_instance), str(syntax), data)
+    problem = None
+    if UID(str(syntax)) == ExplicitVRBigEndian:
+        # Retired and rare: read its whole header now, so that an instance we could not
+        # convert is only ever offered (and pooled) in its own syntax.
+        try:
+            problem = big_endian_problem(data)
+        except Exception as e:  # sent as it is, then, to a peer that takes Big Endian
+            problem = f"its data set cannot be read ({e.__class__.__name__})"
+    return Instance(str(sop_class), str(sop_instance), str(syntax), data, problem)
 
 
 def from_json(body: str | dict) -> Instance:

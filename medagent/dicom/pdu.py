@@ -143,10 +143,12 @@ def describe_rejection(result: int | None, source: int | None, reason: int | Non
 
 
 def describe_abort(source: int | None, reason: int | None) -> str:
+    """The words and codes of an A-ABORT (the reason only means something from a provider)."""
     src = ABORT_SOURCES.get(source or 0, f"source {source}")
     if source == ABORT_SOURCE_PROVIDER:
-        return f"A-ABORT from {src}: {ABORT_REASONS.get(reason or 0, f'reason {reason}')}"
-    return f"A-ABORT from {src}"
+        why = ABORT_REASONS.get(reason or 0, f"reason {reason}")
+        return f"A-ABORT from {src}: {why} (source={source}, reason={reason})"
+    return f"A-ABORT from {src} (source={source})"
 
 
 class PDUDecoder:

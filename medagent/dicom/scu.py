@@ -94,7 +94,8 @@ class DICOMSender:
     ``{"status": "0x0000", "meaning": ..., "category": ..., "sopInstanceUID": ...}``.
     Warning statuses (0xB000, 0xB006, 0xB007...) are delivered with the warning in
     C{detail}; failure statuses are C{delivered=False}, except "out of resources"
-    (0xA7xx), which is a transient L{DeliveryError} so the queue tries again later.
+    (0xA7xx): a transient L{DeliveryError} carrying that reply, so the queue tries again,
+    C{refused_attempts} times in all, and then ends the push with the reply.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class DICOMSender:
         dimse_timeout: float = 60,
         idle_timeout: float = 30,
         max_pdu: int = pdu.DEFAULT_MAX_PDU,
+        refused_attempts: int = 4,
         endpoint_factory: Callable[[Any, str, int, float], Any] | None = None,
         run_blocking: Callable[..., Deferred] | None = None,
     ) -> None:
@@ -117,6 +119,9 @@ class DICOMSender:
         self.dimse_timeout = dimse_timeout
         self.idle_timeout = idle_timeout
         self.max_pdu = max_pdu
+        if not 1 <= refused_attempts <= 100:
+            raise ValueError("refused_attempts must be 1..100")
+        self.refused_attempts = refused_attempts
         self._endpoint_factory = endpoint_factory or (
             lambda reactor, host, port, timeout: HostnameEndpoint(reactor, host, port,
                                                                   timeout=timeout))
@@ -281,6 +286,8 @@ class DICOMSender:
                 why = ", ".join(sorted({pdu.CONTEXT_RESULTS.get(c.result, str(c.result))
                                         for c in assoc.rejected})) or "not accepted"
                 self._park(peer, assoc)
+                if instance.not_convertible:
+                    why += f"; not converted: {instance.not_convertible}"
                 raise DeliveryError(
                     f"DICOM peer {peer} accepts no presentation context for SOP class "
                     f"{instance.sop_class} in transfer syntax {instance.transfer_syntax} "
@@ -315,7 +322,7 @@ class DICOMSender:
         cx = assoc.find_context(instance.sop_class, [instance.transfer_syntax])
         if cx is not None:
             return cx
-        if dimse.is_native(instance.transfer_syntax):
+        if instance.convertible:
             return assoc.find_context(instance.sop_class, [ts for ts in dimse.NATIVE_SYNTAXES
                                                            if ts != instance.transfer_syntax])
         return None
@@ -351,11 +358,18 @@ class DICOMSender:
         if category == "Warning":
             return Reply(body=text, content_type=JSON, delivered=True,
                          detail=f"C-STORE warning 0x{status:04X}: {meaning}")
-        if 0xA700 <= status <= 0xA7FF:
-            raise DeliveryError(f"DICOM C-STORE refused by {peer}: 0x{status:04X} {meaning} "
-                                "(will retry)", transient=True, phase="store")
-        return Reply(body=text, content_type=JSON, delivered=False,
-                     detail=f"C-STORE failed 0x{status:04X}: {meaning}")
+        refused = Reply(body=text, content_type=JSON, delivered=False,
+                        detail=f"C-STORE failed 0x{status:04X}: {meaning}")
+        if 0xA700 <= status <= 0xA7FF and self.refused_attempts > 1:
+            # Out of resources: the peer stored nothing, so another attempt is safe (and a
+            # duplicate SOP Instance UID is idempotent at a PACS).  Bounded: Orthanc also
+            # answers 0xA700 for an instance it will never take (required tags missing).
+            raise DeliveryError(
+                f"DICOM C-STORE refused by {peer}: 0x{status:04X} {meaning} (nothing stored; "
+                f"tried up to {self.refused_attempts} times, then failed with this status)",
+                transient=True, phase="store", reply=refused,
+                max_attempts=self.refused_attempts)
+        return refused
 
     # -- C-ECHO ----------------------------------------------------------------------------
 
