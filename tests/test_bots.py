@@ -737,6 +737,8 @@ class WebhookTests(RelayBotsBase):
             port = reactor.listenTCP(0, Site(hook.resource), interface="127.0.0.1")
             self.addCleanup(port.stopListening)
             url = f"http://127.0.0.1:{port.getHost().port}/hook"
+            # plain http to loopback is refused unless an admin allowed the origin
+            self.relay.subscriptions.policy.allow(url)
             code, sub, _ = await self.call("POST", "/fhir/R4/Subscription", {
                 "resourceType": "Subscription", "status": "active", "reason": "t",
                 "criteria": "Patient?name=hook",

@@ -76,6 +76,10 @@ class WebhookPolicy:
     def __init__(self, allow: Iterable[str] = ()) -> None:
         self.allowed = frozenset(origin(u) for u in allow if u)
 
+    def allow(self, *urls: str) -> None:
+        """Add origins (the relay's --webhook-allow; tests with a loopback receiver)."""
+        self.allowed = self.allowed | frozenset(origin(u) for u in urls if u)
+
     def allows(self, url: str) -> bool:
         return origin(url) in self.allowed
 
