@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from medagent.agent.dispatch import HL7_V2, DeliveryError, Reply, tcp_ping
+from medagent.agent.dispatch import BEFORE_WRITE, HL7_V2, DeliveryError, Reply, tcp_ping
 from medagent.destination import Destination, DestinationError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
@@ -54,6 +54,14 @@ APP_LEVEL_ACKS = ("AL", "ER", "NE", "SU")
 # to it rather than race its close with our next write.
 CLOSE_AFTER_ACK_WINDOW = 1.0
 
+# ... but only once that was seen on this many connections in a row (no connection reused in
+# between): one close right after an ACK is also what a device crash looks like.
+CLOSE_AFTER_ACK_CONFIRMATIONS = 2
+
+# And not for good: after this many seconds we try a persistent connection again (a device
+# may have been reconfigured or replaced), and learn again if it still closes.
+CLOSE_AFTER_ACK_RELEARN = 300.0
+
 # Before a connection is reused for the first time we wait this long, so that a device that
 # closes after every ACK has shown it (its close arrives) before we write into a dying socket.
 # Paid once per connection; later reuses only wait two reactor turns.
@@ -65,6 +73,8 @@ _WIDE_CODECS = ("utf-16", "utf-32")
 
 class NotSent(DeliveryError):
     """The connection was gone before any byte of the message was written: safe to retry."""
+
+    not_written = True
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, transient=True, phase="send")
@@ -360,6 +370,7 @@ class MLLPClientProtocol(_LostWaiters, Protocol):
             DeliveryError(
                 f"no ACK within {pending.timeout:g} s for control id {pending.control_id}",
                 phase="ack",
+                timed_out=True,
             )
         )
 
@@ -518,9 +529,16 @@ class _Link:
     key: str
     lock: DeferredLock = attr.ib(factory=DeferredLock)
     proto: MLLPClientProtocol | None = None
+    #: what the pooled connection was opened with (scheme, TLS settings): a message asking
+    #: for another transport to the same device gets a new connection
+    transport: tuple[Any, ...] | None = None
     idle_timer: IDelayedCall | None = None
     connecting: Deferred | None = None
     closes_after_ack: bool = False
+    #: connections in a row that the device closed right after an ACK
+    closed_after_ack_seen: int = 0
+    #: clock time after which a learned close-after-ack is tried again
+    closes_after_ack_until: float = 0.0
 
 
 EndpointFactory = Callable[[Destination, MLLPSettings], IStreamClientEndpoint]
@@ -539,9 +557,16 @@ class MLLPSender:
     A message is never written twice by this class: if a connection is found dead before the
     write, a new one is opened; once written, a lost connection fails the send (transient) and
     the retry, with its duplicate risk, is the queue's visible decision.
+
+    Connections are pooled per device (L{Destination.key}: query parameters excluded), so
+    URL variants of one device share its connection; ``returnAck``, ``ackTimeout`` and
+    ``encoding`` apply per message.  Right before the first byte of a message is written the
+    queue's L{BEFORE_WRITE} hook (if given) is awaited, so that "may have been received" is
+    on disk before it can be true.
     """
 
     schemes = ("mllp", "mllps")
+    marks_first_write = True
 
     def __init__(
         self,
@@ -626,8 +651,10 @@ class MLLPSender:
         link = self._links.get(destination.key)
         if link is None:
             link = self._links[destination.key] = _Link(destination.key)
+        before_write = options.get(BEFORE_WRITE)
         async with link.lock:
-            ack_payload = await self._deliver(link, destination, settings, payload, control_id)
+            ack_payload = await self._deliver(link, destination, settings, payload, control_id,
+                                              before_write)
         return self._reply(ack_payload, settings, codec)
 
     def _prepare(self, body: str, settings: MLLPSettings) -> tuple[str, bytes, str]:
@@ -675,11 +702,15 @@ class MLLPSender:
         settings: MLLPSettings,
         payload: bytes,
         control_id: str,
+        before_write: Callable[[], Deferred[None]] | None = None,
     ) -> bytes:
         where = f"MLLP {destination.host}:{destination.port}"
         for attempt in (1, 2):
             proto = await self._connection(link, destination, settings)
+            reused = proto.messages > 0
             try:
+                if before_write is not None:
+                    await before_write()  # NotWritten if the mark cannot be recorded
                 ack = await proto.send_message(
                     payload, control_id, settings.return_ack, timeout=settings.ack_timeout
                 )
@@ -694,7 +725,14 @@ class MLLPSender:
                     continue
                 raise DeliveryError(f"{where}: {e.reason}", phase=e.phase)
             except DeliveryError as e:
-                raise DeliveryError(f"{where}: {e.reason}", transient=e.transient, phase=e.phase)
+                error = DeliveryError(f"{where}: {e.reason}", transient=e.transient,
+                                      phase=e.phase, timed_out=e.timed_out)
+                error.not_written = e.not_written
+                raise error
+            if reused:
+                # The device kept a connection open across messages: whatever closed one
+                # right after an ACK before (a crash, a restart) was not its habit.
+                link.closed_after_ack_seen = 0
             self._after_ack(link, proto, settings)
             return ack
         raise AssertionError("unreachable")  # pragma: no cover
@@ -703,7 +741,14 @@ class MLLPSender:
         self, link: _Link, destination: Destination, settings: MLLPSettings
     ) -> MLLPClientProtocol:
         proto = link.proto
-        if proto is not None and settings.keep_alive and not link.closes_after_ack:
+        wanted = self._transport_of(destination)
+        if proto is not None and link.transport != wanted:
+            log.info("MLLP {host}:{port}: message asks for another transport (TLS settings); "
+                     "new connection", host=destination.host, port=destination.port)
+            self._cancel_idle(link)
+            await proto.close()
+            proto = link.proto
+        if proto is not None and settings.keep_alive and not self._closes_after_ack(link):
             self._cancel_idle(link)
             if proto.idle:
                 # Let a close the device sent right after its last ACK reach us before we
@@ -799,6 +844,7 @@ class MLLPSender:
             raise DeliveryError("MLLP sender closed", phase="connect")
         proto.on_lost = lambda p: self._lost(link, p)
         link.proto = proto
+        link.transport = self._transport_of(destination)
         log.info(
             "MLLP {where}: connected in {ms:.1f} ms (keepAlive={keep_alive})",
             where=where,
@@ -807,8 +853,24 @@ class MLLPSender:
         )
         return proto
 
+    @staticmethod
+    def _transport_of(destination: Destination) -> tuple[Any, ...]:
+        """What a connection is opened with, beyond the device: TLS or not, and its trust."""
+        if destination.scheme != "mllps":
+            return (destination.scheme,)
+        return (destination.scheme, destination.host, destination.param("ca"),
+                destination.param("cert"), destination.param("key"))
+
+    def _closes_after_ack(self, link: _Link) -> bool:
+        """The learned close-after-ack habit, until it is due to be tried again."""
+        if link.closes_after_ack and self._reactor.seconds() >= link.closes_after_ack_until:
+            link.closes_after_ack = False
+            link.closed_after_ack_seen = 0
+            log.info("MLLP {key}: trying a persistent connection again", key=link.key)
+        return link.closes_after_ack
+
     def _after_ack(self, link: _Link, proto: MLLPClientProtocol, settings: MLLPSettings) -> None:
-        if not settings.keep_alive or link.closes_after_ack:
+        if not settings.keep_alive or self._closes_after_ack(link):
             proto.close()
             return
         self._cancel_idle(link)
@@ -835,13 +897,17 @@ class MLLPSender:
             link.proto = None
             self._cancel_idle(link)
         if proto.closed_after_ack and not link.closes_after_ack:
-            link.closes_after_ack = True
-            log.info(
-                "MLLP {peer}: device closes the connection after each ACK; using a new "
-                "connection per message",
-                peer=proto.peer,
-            )
-        if link.proto is None and not link.lock.locked and not link.closes_after_ack:
+            link.closed_after_ack_seen += 1
+            if link.closed_after_ack_seen >= CLOSE_AFTER_ACK_CONFIRMATIONS:
+                link.closes_after_ack = True
+                link.closes_after_ack_until = self._reactor.seconds() + CLOSE_AFTER_ACK_RELEARN
+                log.info(
+                    "MLLP {peer}: device closes the connection after each ACK; using a new "
+                    "connection per message",
+                    peer=proto.peer,
+                )
+        if link.proto is None and not link.lock.locked and not link.closes_after_ack \
+                and not link.closed_after_ack_seen:
             self._links.pop(link.key, None)
 
     def _reply(self, ack_payload: bytes, settings: MLLPSettings, codec: str) -> Reply:

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS pushes (
     reply_status INTEGER,
     reply_content_type TEXT,
     reply_body TEXT,
-    requester TEXT
+    requester TEXT,
+    in_doubt INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
@@ -92,6 +93,8 @@ class Push:
     reply_body: str | None = None
     requester: str | None = None
     seq: int | None = None
+    #: ended failed after it may have reached the device (the agent's ``inDoubt: true``)
+    in_doubt: bool = False
 
     @property
     def final(self) -> bool:
@@ -117,6 +120,8 @@ class Push:
             doc["expiresAt"] = _iso(self.expires_at)
         if self.last_error:
             doc["error"] = self.last_error
+        if self.in_doubt:
+            doc["inDoubt"] = True
         if self.reply_body is not None:
             doc["reply"] = {
                 "statusCode": self.reply_status,
@@ -142,7 +147,17 @@ def _iso(t: float | None) -> str | None:
 def _row_to_push(row: Any) -> Push:
     values = {c: row[c] for c in _COLUMNS}
     values["options"] = json.loads(values["options"] or "{}")
+    # a journal created before the column existed has none until its first in-doubt push
+    values["in_doubt"] = bool(row["in_doubt"]) if "in_doubt" in row.keys() else False
     return Push(**values)
+
+
+def _set_in_doubt(conn: Any, push_id: str) -> None:
+    """Mark a push in doubt, adding the column to a journal created before it existed."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(pushes)")}
+    if "in_doubt" not in columns:
+        conn.execute("ALTER TABLE pushes ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE pushes SET in_doubt=1 WHERE id=?", (push_id,))
 
 
 class Journal:
@@ -209,9 +224,16 @@ class Journal:
         error: str | None = None,
         reply: tuple[int, str, str] | None = None,
         count_attempt: bool = False,
+        in_doubt: bool = False,
     ) -> Deferred[Push]:
-        """Move C{push} to C{state} (in memory now, on disk with the next batch)."""
+        """
+        Move C{push} to C{state} (in memory now, on disk with the next batch); C{in_doubt}
+        marks it as possibly received by the device (kept once set).
+        """
         push.state = state
+        if in_doubt:
+            push.in_doubt = True
+        mark_in_doubt = in_doubt
         push.updated = self._clock.seconds()
         if count_attempt:
             push.attempts += 1
@@ -236,6 +258,8 @@ class Journal:
                 " reply_content_type=?, reply_body=? WHERE id=?",
                 values,
             )
+            if mark_in_doubt:
+                _set_in_doubt(conn, push.id)
             return push
 
         return self._db.run_batched(txn)

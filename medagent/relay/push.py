@@ -53,6 +53,8 @@ class PushResult:
     waited: bool
     timed_out: bool = False
     duplicate: bool = False
+    #: the first attempt failed and the push is retried (answered 502 with its status URL)
+    retrying: bool = False
 
 
 def parse_push_body(payload: Any) -> PushRequest:
@@ -301,7 +303,7 @@ class PushService:
         finally:
             if timer.active():
                 timer.cancel()
-        return PushResult(done, waited=True, duplicate=duplicate)
+        return PushResult(done, waited=True, duplicate=duplicate, retrying=not done.final)
 
     @inlineCallbacks
     def cancel(self, principal: Principal, push_id: str):
