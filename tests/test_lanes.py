@@ -461,3 +461,19 @@ class RelayAnswerTests(SynchronousTestCase):
 
 
 del HL7, json, succeed, ConnectionRefusedError
+
+
+class ASTMNamesTests(SynchronousTestCase):
+    """``maxAttempts`` is the queue's, ``frameAttempts`` E1381's: one name, one meaning."""
+
+    def test_max_attempts_does_not_set_frame_sends(self) -> None:
+        from medagent.agent.queue import _max_attempts
+        from medagent.astm.link import LinkConfig
+        from medagent.astm.transport import link_settings
+
+        url = "astm://127.0.0.1:5000?maxAttempts=2"
+        config, _ = link_settings(parse_destination(url), LinkConfig())
+        self.assertEqual(config.max_attempts, LinkConfig().max_attempts)
+        self.assertEqual(_max_attempts(url), 2)
+        config, _ = link_settings(parse_destination(url + "&frameAttempts=3"), LinkConfig())
+        self.assertEqual(config.max_attempts, 3)
