@@ -451,6 +451,16 @@ class RelayAnswerTests(SynchronousTestCase):
         self.successResultOf(self.journal.flushed())
         self.assertNotIn("inDoubt", self.successResultOf(self.journal.get(push.id)).to_json())
 
+    def test_same_msh10_to_another_spelling_of_the_device_is_a_repeat(self) -> None:
+        conn, session = self.connect(["durable"])
+        first = self.successResultOf(self.push())
+        again = self.successResultOf(self.push(destination="mllp://localhost:2575?ackTimeout=5"))
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.push.id, first.push.id)
+        self.assertEqual(len(conn.of_type(wire.TRANSMIT_REQUEST)), 1)
+        other = self.successResultOf(self.push(destination="mllp://127.0.0.1:2576"))
+        self.assertFalse(other.duplicate)
+
     def test_plain_agent_lost_mid_push_is_in_doubt(self) -> None:
         conn, session = self.connect()
         d = self.push(wait=True)

@@ -18,6 +18,7 @@ import attr
 from twisted.internet.defer import Deferred
 
 from medagent.db import Database
+from medagent.destination import lane_key
 from medagent.fhir import not_found
 
 QUEUED = "queued"
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS pushes (
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
 CREATE INDEX IF NOT EXISTS pushes_idem ON pushes (agent_id, remote, idempotency_key);
+CREATE INDEX IF NOT EXISTS pushes_idem_key ON pushes (agent_id, idempotency_key, seq);
 """
 
 _COLUMNS = (
@@ -204,15 +206,23 @@ class Journal:
         return self._db.run_batched(txn)
 
     def find_idempotent(self, agent_id: str, remote: str, key: str) -> Deferred[Push | None]:
+        """
+        The first live push with C{key} to the same device as C{remote} (its lane key:
+        ``localhost`` and ``127.0.0.1``, or a different query, are the same device).
+        """
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
+        device = lane_key(remote)
 
         def txn(conn: Any) -> Push | None:
-            row = conn.execute(
-                "SELECT * FROM pushes WHERE agent_id=? AND remote=? AND idempotency_key=?"
-                " AND created>=? AND state != 'cancelled' ORDER BY seq LIMIT 1",
-                (agent_id, remote, key, since),
-            ).fetchone()
-            return _row_to_push(row) if row is not None else None
+            rows = conn.execute(
+                "SELECT * FROM pushes WHERE agent_id=? AND idempotency_key=?"
+                " AND created>=? AND state != 'cancelled' ORDER BY seq LIMIT 1000",
+                (agent_id, key, since),
+            )
+            for row in rows:
+                if row["remote"] == remote or lane_key(row["remote"]) == device:
+                    return _row_to_push(row)
+            return None
 
         return self._db.run(txn)
 

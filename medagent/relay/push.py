@@ -13,7 +13,7 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent.destination import DestinationError, parse_destination
+from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay import journal as j
 from medagent.relay.auth import Principal
@@ -233,12 +233,13 @@ class PushService:
             key = "msh10:" + hl7_control_id(request.body)
         elif request.content_type == HL7_V2:
             hl7_control_id(request.body)  # still refuse HL7 without MSH-10
+        device = lane_key(remote)  # a repeat is a repeat to the device, however it is spelt
         if key is not None:
-            existing = self._creating.get((agent_id, remote, key))
+            existing = self._creating.get((agent_id, device, key))
             if existing is None:
                 existing = yield self.journal.find_idempotent(agent_id, remote, key)
             if existing is None:
-                existing = self._creating.get((agent_id, remote, key))
+                existing = self._creating.get((agent_id, device, key))
             if existing is not None:
                 log.info(
                     "Push to Agent/{agent_id} repeats push {push_id} (idempotency key); "
@@ -271,18 +272,18 @@ class PushService:
         if request.wait:
             self.hub.track(push)
         if key is not None:
-            self._creating[(agent_id, remote, key)] = push
+            self._creating[(agent_id, device, key)] = push
         created = self.journal.create(push)
 
         def stored(p: Push) -> Push:
             if key is not None:
-                self._creating.pop((agent_id, remote, key), None)
+                self._creating.pop((agent_id, device, key), None)
             self.hub.submit(p)  # even if the caller has gone meanwhile
             return p
 
         def not_stored(f: Any) -> Any:
             if key is not None:
-                self._creating.pop((agent_id, remote, key), None)
+                self._creating.pop((agent_id, device, key), None)
             return f
 
         created.addCallbacks(stored, not_stored)
