@@ -38,7 +38,8 @@ from medagent.relay import journal as j
 from tests.fakes import InlineReactor, inline_database
 from tests.test_agent import FakeSender, Tokens
 from tests.test_hl7_protocol import FakeEndpoint, failure_of, frames_written, orm, result_of
-from tests.test_hub import HL7, FakeConnection, HubTests
+from tests import test_hub
+from tests.test_hub import HL7, FakeConnection
 
 HL7_V2 = "x-application/hl7-v2+er7"
 
@@ -402,10 +403,10 @@ class PoolTests(SynchronousTestCase):
 
 
 class RelayAnswerTests(SynchronousTestCase):
-    setUp = HubTests.setUp
-    token = HubTests.token
-    connect = HubTests.connect
-    push = HubTests.push
+    setUp = test_hub.HubTests.setUp
+    token = test_hub.HubTests.token
+    connect = test_hub.HubTests.connect
+    push = test_hub.HubTests.push
 
     def transmit(self, session: Any, request: dict[str, Any], **fields: Any) -> None:
         msg = {"type": wire.TRANSMIT_RESPONSE, "remote": request["remote"],
