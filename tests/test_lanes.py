@@ -280,6 +280,36 @@ class InDoubtTests(QueueBase):
         self.assertEqual(self.answer_of("p1")["inDoubt"], True)
 
 
+class ReadyConnectionTests(QueueBase):
+    """With the device's connection up, the mark rides on the store's or claim's commit."""
+
+    class ReadySender(MarkingSender):
+        def ready_to_write(self, destination: Any) -> bool:
+            return True
+
+    sender_class = ReadySender
+
+    def test_ready_connection_marks_with_the_store_and_the_claim(self) -> None:
+        commits: list[str] = []
+        run_batched = self.db.run_batched
+
+        def counting(fn: Any, *args: Any) -> Deferred:
+            commits.append(fn.__name__)
+            return run_batched(fn, *args)
+
+        self.db.run_batched = counting  # type: ignore[method-assign]
+        self.push("p1")
+        self.push("p2")
+        self.assertEqual(self.state("p1"), "delivering")  # stored and marked in one commit
+        self.assertNotIn(BEFORE_WRITE, self.sender.options[0])
+        self.sender.calls[0][2].callback(Reply("ACK"))
+        self.assertEqual(self.state("p2"), "delivering")  # claimed and marked in one commit
+        self.assertNotIn(BEFORE_WRITE, self.sender.options[1])
+        self.sender.calls[1][2].callback(Reply("ACK"))
+        # store p1, store p2, done p1, claim p2, done p2: no commit for a separate mark
+        self.assertEqual(len(commits), 5)
+
+
 class StatusTests(SynchronousTestCase):
     def test_phases_to_statuses(self) -> None:
         cases = [
@@ -367,6 +397,21 @@ class PoolTests(SynchronousTestCase):
             self.device.answer()
             result_of(d)
         self.assertEqual(self.device.attempts, 4)  # 3 before, one persistent since
+
+    def test_ready_to_write_only_with_an_idle_connection_for_the_message(self) -> None:
+        dest = parse_destination("mllp://lab:2575")
+        self.assertFalse(self.sender.ready_to_write(dest))
+        d = self.send("mllp://lab:2575", "C1")
+        self.assertFalse(self.sender.ready_to_write(dest))  # busy
+        self.device.answer()
+        result_of(d)
+        self.assertTrue(self.sender.ready_to_write(dest))
+        self.assertTrue(self.sender.ready_to_write(parse_destination("mllp://LAB:2575?x=1")))
+        self.assertFalse(self.sender.ready_to_write(parse_destination("mllps://lab:2575")))
+        self.assertFalse(self.sender.ready_to_write(
+            parse_destination("mllp://lab:2575?keepAlive=false")))
+        self.device.device_closes()
+        self.assertFalse(self.sender.ready_to_write(dest))
 
     def test_first_byte_waits_for_the_in_flight_mark(self) -> None:
         mark: Deferred[None] = Deferred()

@@ -240,6 +240,15 @@ class Dispatcher:
             return True
         return bool(getattr(sender, "marks_first_write", False))
 
+    def ready_to_write(self, remote: str) -> bool:
+        """Whether the sender for C{remote} has an idle connection to its device right now."""
+        try:
+            destination, sender = self.resolve(remote)
+        except DeliveryError:
+            return False
+        ready = getattr(sender, "ready_to_write", None)
+        return bool(ready(destination)) if ready is not None else False
+
     def resolve(self, remote: str) -> tuple[Destination, Sender]:
         """Parse C{remote} and find its sender; L{DeliveryError} (permanent) if we cannot."""
         try:

@@ -90,6 +90,8 @@ class _Lane:
     storing: int = 0
     retry_call: Any = None
     failures: int = 0
+    #: seq -> (remote, content type) of waiting entries: how each one is to be marked
+    kinds: dict = attr.ib(factory=dict)
     delivered: int = 0
     failed: int = 0
     last_error: str | None = None
@@ -150,10 +152,10 @@ class DurableQueue:
                     (DONE, reason, json.dumps(answer), now, row["seq"]),
                 )
             return [
-                (r["seq"], r["push_id"], r["remote"])
+                (r["seq"], r["push_id"], r["remote"], r["content_type"])
                 for r in conn.execute(
-                    "SELECT seq, push_id, remote FROM inbox WHERE state=? ORDER BY seq",
-                    (QUEUED,),
+                    "SELECT seq, push_id, remote, content_type FROM inbox WHERE state=?"
+                    " ORDER BY seq", (QUEUED,),
                 )
             ], len(rows)
 
@@ -163,10 +165,12 @@ class DurableQueue:
             if in_doubt:
                 log.warn("{n} message(s) were being delivered when the agent stopped; "
                          "handled per their destination's inDoubt policy", n=in_doubt)
-            for seq, push_id, remote in entries:
+            for seq, push_id, remote, content_type in entries:
                 # Keys are recomputed: rows stored under an older key scheme (the whole URL)
                 # join their device's lane, still in seq order.
-                self._lane(lane_key(remote)).waiting.append((seq, push_id))
+                lane = self._lane(lane_key(remote))
+                lane.waiting.append((seq, push_id))
+                lane.kinds[seq] = (remote, content_type)
             if entries:
                 log.info("Resuming {n} queued message(s) on {lanes} lane(s)", n=len(entries),
                          lanes=len(self.lanes))
@@ -201,9 +205,6 @@ class DurableQueue:
         remote = msg["remote"]
         key = lane_key(remote)
         lane = self._lane(key)
-        # A sender that marks its first write gets the 'delivering' mark right before it;
-        # for the others the mark goes with the claim, as before.
-        marks = self.dispatcher.marks_first_write(remote, msg["contentType"])
         # An idle lane takes the message straight to 'delivering' in the same commit that
         # stores it (one write less on the way to the device); the lane is reserved now so
         # that a later message for it waits behind this one.
@@ -212,6 +213,7 @@ class DurableQueue:
         lane.storing += 1  # keeps the lane (and its order) alive until the insert commits
         if direct:
             lane.busy = True
+        marks = direct and self._marks_later(remote, msg["contentType"])
         state, attempts = ((QUEUED if marks else DELIVERING), 1) if direct else (QUEUED, 0)
         row_values = (push_id, remote, msg["contentType"], msg["body"], json.dumps(options),
                       msg.get("callback"), state, attempts, now, now)
@@ -234,6 +236,8 @@ class DurableQueue:
             if new:
                 self._accepted(msg, push_id)
                 lane.waiting.append((info, push_id))
+                if not direct:
+                    lane.kinds[info] = (remote, msg["contentType"])
                 if direct:
                     self._dispatch(key, lane, {
                         "seq": info, "push_id": push_id, "remote": remote,
@@ -284,17 +288,11 @@ class DurableQueue:
         seq, push_id = lane.waiting[0]
         lane.busy = True
         now = self.wall()
-        holder: dict[str, bool] = {}
+        kind = lane.kinds.get(seq)
+        # Unknown kind: mark now (pessimistic, never wrong).
+        marks = kind is not None and self._marks_later(*kind)
 
         def claim(conn: Any) -> Any:
-            row = conn.execute("SELECT remote, content_type FROM inbox WHERE seq=?",
-                               (seq,)).fetchone()
-            if row is None:
-                return None
-            marks = self.dispatcher.marks_first_write(row["remote"], row["content_type"])
-            holder["marked"] = not marks
-            # Senders that mark their first write get 'delivering' from the hook, right
-            # before the write; for the others the claim takes it, before the hand-over.
             conn.execute(
                 "UPDATE inbox SET state=?, attempts=attempts+1, updated=? WHERE seq=? AND"
                 " state=?", (QUEUED if marks else DELIVERING, now, seq, QUEUED),
@@ -302,13 +300,14 @@ class DurableQueue:
             return conn.execute("SELECT * FROM inbox WHERE seq=?", (seq,)).fetchone()
 
         def claimed(row: Any) -> None:
-            expected = DELIVERING if holder.get("marked") else QUEUED
+            lane.kinds.pop(seq, None)
+            expected = QUEUED if marks else DELIVERING
             if row is None or row["state"] != expected:
                 lane.waiting.popleft()
                 lane.busy = False
                 self._pump(key)
                 return
-            self._dispatch(key, lane, row, marked=holder["marked"])
+            self._dispatch(key, lane, row, marked=not marks)
 
         def claim_failed(f: Failure) -> None:
             lane.busy = False
@@ -316,6 +315,17 @@ class DurableQueue:
             self._schedule_retry(key, lane, self.retry_cap)
 
         self.db.run_batched(claim).addCallbacks(claimed, claim_failed)
+
+    def _marks_later(self, remote: str, content_type: str) -> bool:
+        """
+        Whether the 'delivering' mark waits for the sender's L{BEFORE_WRITE} hook.  Not when
+        the device's connection is up and idle: then the first write follows at once, and the
+        mark rides on the claim's (or the store's) own commit — no extra commit on the
+        common path.  When a connection must be opened first, the mark waits for it, so that
+        a message that never got its connection is not in doubt after a restart.
+        """
+        return (self.dispatcher.marks_first_write(remote, content_type)
+                and not self.dispatcher.ready_to_write(remote))
 
     def _dispatch(self, key: str, lane: _Lane, row: Mapping[str, Any], *,
                   marked: bool) -> None:

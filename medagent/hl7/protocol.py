@@ -600,6 +600,22 @@ class MLLPSender:
     ) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._send(destination, body, options or {}))
 
+    def ready_to_write(self, destination: Destination) -> bool:
+        """
+        An idle persistent connection to the device, usable for C{destination}: the next
+        message's first byte follows without a connect (the queue then marks it in flight
+        with its claim instead of waiting for L{BEFORE_WRITE}).
+        """
+        link = self._links.get(destination.key)
+        if link is None or link.proto is None or not link.proto.idle or link.lock.locked:
+            return False
+        try:
+            keep_alive = destination.bool_param("keepAlive", True)
+        except DestinationError:
+            return False
+        return (keep_alive and not link.closes_after_ack
+                and link.transport == self._transport_of(destination))
+
     def ping(self, destination: Destination) -> Deferred[Reply]:
         try:
             ct = destination.float_param("connectTimeout", self.connect_timeout)
