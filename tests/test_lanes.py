@@ -271,6 +271,22 @@ class InDoubtTests(QueueBase):
             self.assertNotIn("may or may not", answer["error"])
             self.assertEqual(answer["statusCode"], status)
 
+    def test_device_out_of_resources_is_retried_not_in_doubt(self) -> None:
+        """DICOM 0xA7xx: the device said "not now" (docs/dicom.md: the queue retries)."""
+        self.push("p1", "mllp://dev:1?maxAttempts=2")
+        self.sender.write()
+        self.sender.calls[0][2].errback(DeliveryError("C-STORE refused: 0xA700 (will retry)",
+                                                      phase="store"))
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.sender.calls), 2)
+        self.sender.write()
+        self.sender.calls[1][2].errback(DeliveryError("C-STORE refused: 0xA700 (will retry)",
+                                                      phase="store"))
+        answer = self.answer_of("p1")
+        self.assertEqual(answer["statusCode"], 502)
+        self.assertNotIn("inDoubt", answer)
+        self.assertIn("gave up after 2 attempts", answer["error"])
+
     def test_a_sender_without_the_hook_is_marked_before_the_hand_over(self) -> None:
         plain = FakeSender()
         self.dispatcher.add_sender("mllp", plain)

@@ -78,8 +78,16 @@ RETRY_SAFE_PHASES = frozenset(
     ["connect", "send", "establishment", "association", "queue", "network", "open"]
 )
 
-#: Phases in which no byte of the message can have reached the device.
-NOT_WRITTEN_PHASES = REQUEST_PHASES | RETRY_SAFE_PHASES
+#: Phases in which the device answered that it did not take the message (DICOM C-STORE
+#: "out of resources"): it has the bytes but not the message, so not in doubt, and another
+#: try later is what the device asks for.
+REFUSED_PHASES = frozenset(["store"])
+
+#: Transient failures in these phases are retried by the queue.
+RETRYABLE_PHASES = RETRY_SAFE_PHASES | REFUSED_PHASES
+
+#: Phases in which the message cannot have been taken by the device.
+NOT_WRITTEN_PHASES = REQUEST_PHASES | RETRY_SAFE_PHASES | REFUSED_PHASES
 
 #: The human half of the in-doubt marker (the machine half is ``inDoubt: true``).
 IN_DOUBT_PHRASE = "the device may or may not have received this message"

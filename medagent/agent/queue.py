@@ -42,6 +42,7 @@ from medagent.agent.dispatch import (
     BEFORE_WRITE,
     IN_DOUBT_PHRASE,
     RETRY_SAFE_PHASES,
+    RETRYABLE_PHASES,
     DeliveryError,
     Dispatcher,
     NotWritten,
@@ -370,12 +371,12 @@ class DurableQueue:
             err = outcome.value
             doubt = in_doubt(err, marked)
             if isinstance(err, DeliveryError):
-                if err.transient and not doubt and err.phase in RETRY_SAFE_PHASES and \
+                if err.transient and not doubt and err.phase in RETRYABLE_PHASES and \
                         row["attempts"] < _max_attempts(row["remote"]):
                     self._retry_later(key, lane, row, err)
                     return
                 reason, transient = err.reason, err.transient
-                if err.transient and err.phase in RETRY_SAFE_PHASES:
+                if err.transient and err.phase in RETRYABLE_PHASES:
                     reason = f"{reason} (gave up after {row['attempts']} attempts)"
             else:
                 log.failure("Unexpected error delivering push {push_id}", outcome,
@@ -451,6 +452,7 @@ class DurableQueue:
 
         def requeued(_: Any) -> None:
             lane.busy = False
+            lane.kinds[row["seq"]] = (row["remote"], row["content_type"])
             # Let the relay show why it is not delivered yet.
             self.send(wire.transmit_response(
                 {"remote": row["remote"], "callback": row["callback"], "channel": None},
