@@ -103,6 +103,29 @@ class LaneProcesses(TestCase):
 
         return ensureDeferred(go())
 
+    def test_after_a_device_crash_the_persistent_connection_is_used_again(self) -> Deferred:
+        async def go() -> None:
+            sink = await self.start_sink()
+            agent = self.start_agent()
+            await agent.wait_for("Connected to the relay", timeout=30)
+            device = await self.client.create(
+                {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.sink_port}"})
+            for i in range(3):
+                await self.client.push_to_agent(self.agent, f"Device/{device['id']}",
+                                                order(f"CR{i:04d}"), HL7_V2, True)
+            sink.signal(9)  # the device crashes right after its last ACK
+            await sink.ended
+            sink = await self.start_sink()
+            ids = [f"CS{i:04d}" for i in range(40)]
+            for ctrl in ids:
+                await self.client.push_to_agent(self.agent, f"Device/{device['id']}",
+                                                order(ctrl), HL7_V2)
+            await self.wait_all_final()
+            self.assertEqual(self.sink_ids()[3:], ids)
+            self.assertLessEqual(sink.count("connection accepted"), 2)
+
+        return ensureDeferred(go())
+
     def test_no_ack_in_time_is_504_and_in_doubt(self) -> Deferred:
         async def go() -> None:
             await self.start_sink("--ignore", "ND0001")
