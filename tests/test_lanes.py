@@ -271,6 +271,20 @@ class InDoubtTests(QueueBase):
             self.assertNotIn("may or may not", answer["error"])
             self.assertEqual(answer["statusCode"], status)
 
+    def test_mark_refused_for_an_entry_no_longer_queued(self) -> None:
+        """An entry ended meanwhile (e.g. cancelled) is not written: the hook says so."""
+        self.push("p1")
+        self.db.run_sync(lambda c: c.execute(
+            "UPDATE inbox SET state='done', answer='{}' WHERE push_id='p1'"))
+        hook = self.sender.options[0][BEFORE_WRITE]
+        f = failure_of(hook())
+        self.assertIsInstance(f.value, NotWritten)
+        self.assertEqual(self.state("p1"), "done")
+        self.sender.calls[0][2].errback(f)
+        self.assertEqual(self.state("p1"), "done")  # not re-queued
+        self.clock.advance(60)
+        self.assertEqual(len(self.sender.calls), 1)
+
     def test_device_out_of_resources_is_retried_not_in_doubt(self) -> None:
         """DICOM 0xA7xx: the device said "not now" (docs/dicom.md: the queue retries)."""
         self.push("p1", "mllp://dev:1?maxAttempts=2")

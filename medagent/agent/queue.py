@@ -41,7 +41,7 @@ from medagent import wire
 from medagent.agent.dispatch import (
     BEFORE_WRITE,
     IN_DOUBT_PHRASE,
-    RETRY_SAFE_PHASES,
+    RETRY_SAFE_PHASES,  # noqa: F401 (re-exported: it used to live here)
     RETRYABLE_PHASES,
     DeliveryError,
     Dispatcher,
@@ -58,8 +58,6 @@ log = Logger()
 QUEUED = "queued"
 DELIVERING = "delivering"
 DONE = "done"
-
-__all__ = ["DurableQueue", "RETRY_SAFE_PHASES"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -345,11 +343,16 @@ class DurableQueue:
             attempt["marked"] = True
 
             def mark(conn: Any) -> None:
-                conn.execute("UPDATE inbox SET state=?, updated=? WHERE seq=?",
-                             (DELIVERING, self.wall(), seq))
+                marked_rows = conn.execute(
+                    "UPDATE inbox SET state=?, updated=? WHERE seq=? AND state=?",
+                    (DELIVERING, self.wall(), seq, QUEUED)).rowcount
+                if marked_rows != 1:  # no longer ours to send (e.g. cancelled meanwhile)
+                    raise NotWritten("Message is no longer queued; not sent")
 
             def not_marked(f: Failure) -> Failure:
                 attempt["marked"] = False
+                if f.check(NotWritten):
+                    return f
                 log.failure("Could not record push {push_id} as in flight", f,
                             push_id=row["push_id"])
                 raise NotWritten("Agent could not record the message as in flight; not sent")
@@ -447,8 +450,9 @@ class DurableQueue:
                  n=row["attempts"], delay=delay)
 
         def requeue(conn: Any) -> None:
-            conn.execute("UPDATE inbox SET state=?, last_error=?, updated=? WHERE seq=?",
-                         (QUEUED, err.reason, self.wall(), row["seq"]))
+            conn.execute("UPDATE inbox SET state=?, last_error=?, updated=? WHERE seq=? AND"
+                         " state IN (?, ?)",
+                         (QUEUED, err.reason, self.wall(), row["seq"], QUEUED, DELIVERING))
 
         def requeued(_: Any) -> None:
             lane.busy = False
