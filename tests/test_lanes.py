@@ -501,6 +501,11 @@ class RelayAnswerTests(SynchronousTestCase):
         self.assertTrue(result.retrying)
         self.assertFalse(result.push.final)
         self.assertEqual(result.push.state, j.ACCEPTED)
+        # the caller re-POSTs (Medplum does on 5xx): the same answer at once, nothing re-sent
+        again = self.successResultOf(self.push(wait=True))
+        self.assertEqual((again.duplicate, again.retrying, again.push.id),
+                         (True, True, result.push.id))
+        self.assertEqual(len(conn.of_type(wire.TRANSMIT_REQUEST)), 1)
 
     def test_in_doubt_is_stored_and_shown(self) -> None:
         conn, session = self.connect(["durable"])

@@ -295,6 +295,11 @@ class PushService:
     def _maybe_wait(self, push: Push, request: PushRequest, duplicate: bool = False):
         if not request.wait or push.final:
             return PushResult(push, waited=request.wait, duplicate=duplicate)
+        live = self.hub.live_push(push)
+        if duplicate and live.state == j.ACCEPTED and live.last_error:
+            # A repeat of a push whose attempts are failing (e.g. the Medplum client re-POSTs
+            # on our 502): the same answer at once, not a wait for the next attempt.
+            return PushResult(live, waited=True, duplicate=True, retrying=True)
         d = self.hub.wait_for(push)
         timer = self.clock.callLater(request.wait_timeout_ms / 1000.0, d.cancel)
         try:
