@@ -463,9 +463,15 @@ class SenderTests(SynchronousTestCase):
             d = self.send(body=orm(f"C{i}"))
             self.device().answer()
             self.assertEqual(result_of(d).detail, "AA")
-            # We close it ourselves after the ACK instead of racing the device.
-            self.assertTrue(self.device().current[1].disconnecting)
-        self.assertEqual(self.device().attempts, 5)
+            # The next message does not race the device's close: a connection of its own.
+            previous = self.device().current[1]
+            d = self.send(body=orm(f"N{i}"))
+            self.assertTrue(previous.disconnecting)  # closed by us, never written to again
+            self.assertEqual(previous.value(), b"")
+            self.device().answer()
+            self.assertEqual(result_of(d).detail, "AA")
+            self.device().device_closes()  # as it does after each ACK
+        self.assertEqual(self.device().attempts, 8)
 
     def test_connect_refused(self) -> None:
         self.endpoints["lab"] = FakeEndpoint("refuse")

@@ -29,7 +29,7 @@ from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.destination import lane_key, normalise_host, parse_destination
 from medagent.hl7.protocol import (
-    CLOSE_AFTER_ACK_RELEARN,
+    CLOSE_AFTER_ACK_WINDOW,
     FIRST_REUSE_GRACE,
     MLLPSender,
     NotSent,
@@ -411,22 +411,26 @@ class PoolTests(SynchronousTestCase):
             self.assertEqual(result_of(d).detail, "AA")
         self.assertEqual(self.device.attempts, 2)  # one reconnect, then reused
 
-    def test_learned_close_after_ack_is_tried_again_later(self) -> None:
+    def test_learned_close_after_ack_is_given_up_when_the_device_keeps_a_connection(self):
         for i in (1, 2):
             d = self.send("mllp://lab:2575", f"C{i}")
             self.device.answer()
             result_of(d)
             self.device.device_closes()
-        d = self.send("mllp://lab:2575", "C3")
+        d = self.send("mllp://lab:2575", "C3")  # learned: a connection per message
         self.device.answer()
         result_of(d)
-        self.assertTrue(self.device.current[1].disconnecting)  # learned: we close
-        self.clock.advance(CLOSE_AFTER_ACK_RELEARN)
-        for i in range(4, 8):
+        self.device.device_closes()
+        self.assertEqual(self.device.attempts, 3)
+        d = self.send("mllp://lab:2575", "C4")
+        self.device.answer()
+        result_of(d)
+        self.clock.advance(CLOSE_AFTER_ACK_WINDOW)  # reconfigured: it no longer closes
+        for i in range(5, 9):
             d = self.send("mllp://lab:2575", f"C{i}")
             self.device.answer()
             result_of(d)
-        self.assertEqual(self.device.attempts, 4)  # 3 before, one persistent since
+        self.assertEqual(self.device.attempts, 4)  # C4's connection, persistent again
 
     def test_ready_to_write_only_with_an_idle_connection_for_the_message(self) -> None:
         dest = parse_destination("mllp://lab:2575")

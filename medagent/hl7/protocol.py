@@ -58,9 +58,9 @@ CLOSE_AFTER_ACK_WINDOW = 1.0
 # between): one close right after an ACK is also what a device crash looks like.
 CLOSE_AFTER_ACK_CONFIRMATIONS = 2
 
-# And not for good: after this many seconds we try a persistent connection again (a device
-# may have been reconfigured or replaced), and learn again if it still closes.
-CLOSE_AFTER_ACK_RELEARN = 300.0
+# And not for good: while it is learned, each connection is kept for CLOSE_AFTER_ACK_WINDOW
+# after its ACK (never written to again); a device that leaves it open that long keeps its
+# connections after all (reconfigured, replaced) and gets a persistent one again.
 
 # Before a connection is reused for the first time we wait this long, so that a device that
 # closes after every ACK has shown it (its close arrives) before we write into a dying socket.
@@ -537,8 +537,6 @@ class _Link:
     closes_after_ack: bool = False
     #: connections in a row that the device closed right after an ACK
     closed_after_ack_seen: int = 0
-    #: clock time after which a learned close-after-ack is tried again
-    closes_after_ack_until: float = 0.0
 
 
 EndpointFactory = Callable[[Destination, MLLPSettings], IStreamClientEndpoint]
@@ -764,7 +762,7 @@ class MLLPSender:
             self._cancel_idle(link)
             await proto.close()
             proto = link.proto
-        if proto is not None and settings.keep_alive and not self._closes_after_ack(link):
+        if proto is not None and settings.keep_alive and not link.closes_after_ack:
             self._cancel_idle(link)
             if proto.idle:
                 # Let a close the device sent right after its last ACK reach us before we
@@ -877,20 +875,29 @@ class MLLPSender:
         return (destination.scheme, destination.host, destination.param("ca"),
                 destination.param("cert"), destination.param("key"))
 
-    def _closes_after_ack(self, link: _Link) -> bool:
-        """The learned close-after-ack habit, until it is due to be tried again."""
-        if link.closes_after_ack and self._reactor.seconds() >= link.closes_after_ack_until:
-            link.closes_after_ack = False
-            link.closed_after_ack_seen = 0
-            log.info("MLLP {key}: trying a persistent connection again", key=link.key)
-        return link.closes_after_ack
-
     def _after_ack(self, link: _Link, proto: MLLPClientProtocol, settings: MLLPSettings) -> None:
-        if not settings.keep_alive or self._closes_after_ack(link):
+        if not settings.keep_alive:
             proto.close()
             return
         self._cancel_idle(link)
+        if link.closes_after_ack:
+            # Not written to again (the next message opens its own connection), but watched:
+            # if the device leaves it open past the window, it keeps connections after all.
+            link.idle_timer = self._reactor.callLater(
+                CLOSE_AFTER_ACK_WINDOW, self._watched_after_ack, link, proto)
+            return
         link.idle_timer = self._reactor.callLater(self.idle_timeout, self._idle_close, link, proto)
+
+    def _watched_after_ack(self, link: _Link, proto: MLLPClientProtocol) -> None:
+        link.idle_timer = None
+        if link.proto is not proto or not proto.idle:
+            return
+        link.closes_after_ack = False
+        link.closed_after_ack_seen = 0
+        log.info("MLLP {peer}: device kept the connection open after its ACK; using a "
+                 "persistent connection again", peer=proto.peer)
+        link.idle_timer = self._reactor.callLater(
+            max(self.idle_timeout - CLOSE_AFTER_ACK_WINDOW, 0.0), self._idle_close, link, proto)
 
     def _idle_close(self, link: _Link, proto: MLLPClientProtocol) -> None:
         link.idle_timer = None
@@ -916,7 +923,6 @@ class MLLPSender:
             link.closed_after_ack_seen += 1
             if link.closed_after_ack_seen >= CLOSE_AFTER_ACK_CONFIRMATIONS:
                 link.closes_after_ack = True
-                link.closes_after_ack_until = self._reactor.seconds() + CLOSE_AFTER_ACK_RELEARN
                 log.info(
                     "MLLP {peer}: device closes the connection after each ACK; using a new "
                     "connection per message",
