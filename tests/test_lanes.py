@@ -572,3 +572,20 @@ class ASTMNamesTests(SynchronousTestCase):
         self.assertEqual(_max_attempts(url), 2)
         config, _ = link_settings(parse_destination(url + "&frameAttempts=3"), LinkConfig())
         self.assertEqual(config.max_attempts, 3)
+
+
+class JournalUpgradeTests(SynchronousTestCase):
+    def test_a_journal_without_the_column_gets_it_with_its_first_in_doubt_push(self) -> None:
+        old_schema = j.SCHEMA.replace(",\n    in_doubt INTEGER NOT NULL DEFAULT 0", "")
+        self.assertNotIn("in_doubt", old_schema)
+        clock = InlineReactor()
+        db = inline_database(self, old_schema, clock)
+        journal = j.Journal(db, clock=clock)
+        pushes = [self.successResultOf(journal.create(j.Push(
+            id=f"p{i}", agent_id="a1", destination="d", remote="mllp://h:1",
+            content_type=HL7_V2, body="x"))) for i in range(2)]
+        self.assertFalse(self.successResultOf(journal.get("p0")).in_doubt)  # old rows read
+        self.successResultOf(journal.transition(pushes[0], j.FAILED, error="e", in_doubt=True))
+        self.successResultOf(journal.transition(pushes[1], j.FAILED, error="e"))
+        self.assertTrue(self.successResultOf(journal.get("p0")).in_doubt)
+        self.assertFalse(self.successResultOf(journal.get("p1")).in_doubt)
