@@ -5,6 +5,10 @@ Destination URLs (``mllp://host:port?encoding=...``, ``astm+serial:///dev/ttyS0?
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
+import re
+import socket
 from typing import Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -27,8 +31,14 @@ class Destination:
 
     @property
     def key(self) -> str:
-        """The ordered lane this destination belongs to: one device, one lane."""
-        return self.url
+        """
+        The ordered lane this destination belongs to: one device, one lane.  The device is
+        the scheme family (``mllp`` and ``mllps`` are one), the normalised host (see
+        L{normalise_host}), the port, the path (serial device) and, for DICOM, the called AE
+        title.  Query parameters (``ackTimeout``, ``returnAck``...) are per-message settings
+        and never split a device into two lanes.
+        """
+        return device_key(self.scheme, self.host, self.port, self.path, self.user)
 
     def param(self, name: str, default: str | None = None) -> str | None:
         return self.params.get(name, default)
@@ -60,6 +70,80 @@ class Destination:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise DestinationError(f"{name} must be true or false in {self.scheme}:// destination")
+
+
+#: Schemes that reach the same device as another scheme (the key uses the latter): a port
+#: speaks TLS or it does not, so ``mllps://h:1`` and ``mllp://h:1`` can only be one device.
+_SCHEME_FAMILY = {"mllps": "mllp"}
+
+#: Schemes whose URL user part names the device's application (DICOM's called AE title).
+_USER_IS_DEVICE = frozenset(["dicom", "dicom+tls", "dicoms"])
+
+#: Names that mean this machine's IPv4 loopback (RFC 6761: ``localhost`` and ``*.localhost``).
+_LOOPBACK_V4 = "127.0.0.1"
+
+#: Legacy IPv4 spellings that getaddrinfo accepts (``127.1``, ``0x7f.0.0.1``, ``2130706433``).
+_IPV4_LEGACY = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
+def normalise_host(host: str) -> str:
+    """
+    The one spelling of a device's host for its lane key, without any name lookup (a lane
+    key must be known at once, and a DNS answer can change): lower case, no trailing dot,
+    IP literals in their canonical form (IPv4-mapped IPv6 as IPv4, legacy IPv4 forms such as
+    ``127.1`` as dotted quad), and ``localhost`` (and ``*.localhost``) as ``127.0.0.1``.
+    Other names stay names: a device reached by a name and by its address is two lanes, so
+    configure one spelling per device.
+    """
+    h = host.strip().lower().rstrip(".")
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h == "localhost" or h.endswith(".localhost"):
+        return _LOOPBACK_V4
+    try:
+        ip = ipaddress.ip_address(h.split("%", 1)[0] if ":" in h else h)
+    except ValueError:
+        ip = None
+        if _IPV4_LEGACY.match(h):
+            try:
+                ip = ipaddress.ip_address(socket.inet_aton(h))
+            except OSError:
+                ip = None
+    if ip is None:
+        return h
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    text = str(ip)
+    if ":" in h and "%" in h:  # keep an IPv6 zone: fe80::1%eth0 and %eth1 are different links
+        text += "%" + h.split("%", 1)[1]
+    return text
+
+
+def device_key(scheme: str, host: str, port: int | None, path: str = "",
+               user: str | None = None) -> str:
+    """The lane key of a device from its parts (see L{Destination.key})."""
+    scheme = scheme.lower()
+    family = _SCHEME_FAMILY.get(scheme, scheme)
+    if scheme.endswith("+serial"):
+        return f"{family}://{posixpath.normpath(path)}"
+    host = normalise_host(host)
+    if ":" in host:
+        host = f"[{host}]"
+    who = f"{user.strip()}@" if user and family in _USER_IS_DEVICE else ""
+    where = f"{host}:{port}" if port is not None else host
+    tail = path.rstrip("/")
+    return f"{family}://{who}{where}{tail}"
+
+
+def lane_key(remote: str) -> str:
+    """
+    The lane key of a destination URL; a URL that does not parse is its own lane (it fails
+    at once when delivered, and must not hold up any device's lane).
+    """
+    try:
+        return parse_destination(remote, needs_port=False).key
+    except DestinationError:
+        return remote
 
 
 def parse_destination(url: str, *, needs_port: bool = True) -> Destination:

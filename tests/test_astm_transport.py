@@ -353,14 +353,14 @@ class SenderTests(SenderTestCase):
 
 class SettingsTests(TestCase):
     def test_link_settings_from_url(self) -> None:
-        dest = parse_destination("astm://h:1?ackTimeout=2.5&maxAttempts=3&role=instrument"
+        dest = parse_destination("astm://h:1?ackTimeout=2.5&frameAttempts=3&role=instrument"
                                  "&packed=1&encoding=utf-8&maxFrameText=100")
         config, framing = link_settings(dest, LinkConfig())
         self.assertEqual((config.ack_timeout, config.max_attempts, config.role),
                          (2.5, 3, "instrument"))
         self.assertEqual((framing.packed, framing.encoding, framing.max_text),
                          (True, "utf-8", 100))
-        for bad in ("role=boss", "ackTimeout=x", "maxAttempts=0", "encoding=nope",
+        for bad in ("role=boss", "ackTimeout=x", "frameAttempts=0", "encoding=nope",
                     "maxFrameText=0"):
             self.assertRaises(DestinationError, link_settings,
                               parse_destination("astm://h:1?" + bad), LinkConfig())

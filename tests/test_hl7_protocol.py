@@ -452,18 +452,26 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(self.device().attempts, 1)
 
     def test_device_that_closes_after_each_ack_gets_fresh_connections(self) -> None:
-        """hl7apy-style devices: learned once, then each message has its own connection."""
-        d = self.send(body=orm("C1"))
-        self.device().answer()
-        result_of(d)
-        self.device().device_closes()  # right after the ACK
-        for i in range(2, 5):
+        """hl7apy-style devices: learned on two connections in a row, then each message has
+        its own connection."""
+        for i in (1, 2):
+            d = self.send(body=orm(f"C{i}"))
+            self.device().answer()
+            result_of(d)
+            self.device().device_closes()  # right after the ACK
+        for i in range(3, 6):
             d = self.send(body=orm(f"C{i}"))
             self.device().answer()
             self.assertEqual(result_of(d).detail, "AA")
-            # We close it ourselves after the ACK instead of racing the device.
-            self.assertTrue(self.device().current[1].disconnecting)
-        self.assertEqual(self.device().attempts, 4)
+            # The next message does not race the device's close: a connection of its own.
+            previous = self.device().current[1]
+            d = self.send(body=orm(f"N{i}"))
+            self.assertTrue(previous.disconnecting)  # closed by us, never written to again
+            self.assertEqual(previous.value(), b"")
+            self.device().answer()
+            self.assertEqual(result_of(d).detail, "AA")
+            self.device().device_closes()  # as it does after each ACK
+        self.assertEqual(self.device().attempts, 8)
 
     def test_connect_refused(self) -> None:
         self.endpoints["lab"] = FakeEndpoint("refuse")
@@ -934,11 +942,12 @@ class PairTests(SynchronousTestCase):
         self.assertEqual(result_of(first).detail, "CA")
         app = sender.send(parse_destination("mllp://ris:2575?returnAck=application"), HL7_V2,
                           orm("E2"), {})
+        clock.advance(FIRST_REUSE_GRACE)
         pumps[-1].flush()
         self.assertEqual(result_of(app).detail, "AA")
-        # Two destinations (the URLs differ), one connection each; the late AA for E1 on the
-        # first connection was ignored rather than treated as confusion.
-        self.assertEqual(len(pumps), 2)
+        # One device (the URLs differ only in per-message settings), one connection; the late
+        # AA for E1 on it was ignored rather than treated as confusion.
+        self.assertEqual(len(pumps), 1)
         closed = sender.close()
         for p in pumps:
             p.flush()

@@ -4,16 +4,24 @@ has it, is delivered in order on its destination's lane, and its answer is kept 
 relay confirms it.
 
 States of an entry: ``queued`` → ``delivering`` (the bytes may be on their way to the device)
-→ ``done`` (with the answer: delivered or failed).  Only failures that certainly happened
+→ ``done`` (with the answer: delivered or failed).  An entry is taken off its lane in memory
+first; ``delivering`` is written to disk only when its first byte may be written: right
+before the write for senders that call the L{BEFORE_WRITE} hook (MLLP), before the hand-over
+for the others.  A message still waiting for its connection when the agent dies is
+therefore re-sent after the restart, not reported in doubt.  Only failures that certainly happened
 before the device could have received anything (refused, not connected, association
 rejected...) are retried, with exponential backoff and jitter, forever by default or up to
 the destination's ``maxAttempts``.  Everything else ends the entry, visibly.
 
 The one window nobody can close: the device received the bytes and the agent died (or the
 link broke) before its answer was recorded.  An entry found ``delivering`` after a restart is
-therefore ended as ``failed`` with the reason "outcome unknown" (the default ``inDoubt=fail``:
-never a silent duplicate), or re-sent with ``inDoubt=resend`` for devices that de-duplicate
-by control id.
+therefore ended as ``failed`` and in doubt (the default ``inDoubt=fail``: never a silent
+duplicate), or re-sent with ``inDoubt=resend`` for devices that de-duplicate by control id.
+Every in-doubt ending (restart, link lost or no answer after the write) carries
+``inDoubt: true`` and the phrase L{IN_DOUBT_PHRASE}; nothing else does.
+
+Lanes are keyed by the device (L{medagent.destination.lane_key}), not by the URL string:
+``mllp://h:1`` and ``mllp://H:1?ackTimeout=60`` are one lane, in push order.
 """
 
 from __future__ import annotations
@@ -30,20 +38,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent import wire
-from medagent.agent.dispatch import DeliveryError, Dispatcher, Reply
+from medagent.agent.dispatch import (
+    BEFORE_WRITE,
+    IN_DOUBT_PHRASE,
+    RETRY_SAFE_PHASES,  # noqa: F401 (re-exported: it used to live here)
+    RETRYABLE_PHASES,
+    DeliveryError,
+    Dispatcher,
+    NotWritten,
+    Reply,
+    http_status,
+    in_doubt,
+)
 from medagent.db import Database
-from medagent.destination import DestinationError, parse_destination
+from medagent.destination import DestinationError, lane_key, parse_destination
 
 log = Logger()
 
 QUEUED = "queued"
 DELIVERING = "delivering"
 DONE = "done"
-
-#: Failure phases in which nothing can have reached the device: safe to try again.
-RETRY_SAFE_PHASES = frozenset(
-    ["connect", "send", "establishment", "association", "queue", "network", "open"]
-)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -75,6 +89,8 @@ class _Lane:
     storing: int = 0
     retry_call: Any = None
     failures: int = 0
+    #: seq -> (remote, content type) of waiting entries: how each one is to be marked
+    kinds: dict = attr.ib(factory=dict)
     delivered: int = 0
     failed: int = 0
     last_error: str | None = None
@@ -126,19 +142,19 @@ class DurableQueue:
                     conn.execute("UPDATE inbox SET state=?, updated=? WHERE seq=?",
                                  (QUEUED, now, row["seq"]))
                     continue
-                reason = ("Agent restarted while delivering: the device may or may not have "
-                          "received this message; not re-sent to avoid a duplicate")
+                reason = (f"Agent restarted while delivering: {IN_DOUBT_PHRASE}; not re-sent "
+                          "to avoid a duplicate")
                 answer = _failed_answer(row["push_id"], row["remote"], row["callback"],
-                                        reason, status=502, transient=False)
+                                        reason, status=502, transient=False, doubt=True)
                 conn.execute(
                     "UPDATE inbox SET state=?, last_error=?, answer=?, updated=? WHERE seq=?",
                     (DONE, reason, json.dumps(answer), now, row["seq"]),
                 )
             return [
-                (r["seq"], r["push_id"], r["remote"])
+                (r["seq"], r["push_id"], r["remote"], r["content_type"])
                 for r in conn.execute(
-                    "SELECT seq, push_id, remote FROM inbox WHERE state=? ORDER BY seq",
-                    (QUEUED,),
+                    "SELECT seq, push_id, remote, content_type FROM inbox WHERE state=?"
+                    " ORDER BY seq", (QUEUED,),
                 )
             ], len(rows)
 
@@ -148,8 +164,12 @@ class DurableQueue:
             if in_doubt:
                 log.warn("{n} message(s) were being delivered when the agent stopped; "
                          "handled per their destination's inDoubt policy", n=in_doubt)
-            for seq, push_id, remote in entries:
-                self._lane(remote).waiting.append((seq, push_id))
+            for seq, push_id, remote, content_type in entries:
+                # Keys are recomputed: rows stored under an older key scheme (the whole URL)
+                # join their device's lane, still in seq order.
+                lane = self._lane(lane_key(remote))
+                lane.waiting.append((seq, push_id))
+                lane.kinds[seq] = (remote, content_type)
             if entries:
                 log.info("Resuming {n} queued message(s) on {lanes} lane(s)", n=len(entries),
                          lanes=len(self.lanes))
@@ -164,8 +184,8 @@ class DurableQueue:
             if lane.retry_call is not None and lane.retry_call.active():
                 lane.retry_call.cancel()
 
-    def _lane(self, remote: str) -> _Lane:
-        return self.lanes.setdefault(remote, _Lane())
+    def _lane(self, key: str) -> _Lane:
+        return self.lanes.setdefault(key, _Lane())
 
     # -- requests in -------------------------------------------------------------------------
 
@@ -182,7 +202,8 @@ class DurableQueue:
         options = {k: msg[k] for k in ("returnAck", "waitTimeout") if k in msg}
         now = self.wall()
         remote = msg["remote"]
-        lane = self._lane(remote)
+        key = lane_key(remote)
+        lane = self._lane(key)
         # An idle lane takes the message straight to 'delivering' in the same commit that
         # stores it (one write less on the way to the device); the lane is reserved now so
         # that a later message for it waits behind this one.
@@ -191,7 +212,8 @@ class DurableQueue:
         lane.storing += 1  # keeps the lane (and its order) alive until the insert commits
         if direct:
             lane.busy = True
-        state, attempts = (DELIVERING, 1) if direct else (QUEUED, 0)
+        marks = direct and self._marks_later(remote, msg["contentType"])
+        state, attempts = ((QUEUED if marks else DELIVERING), 1) if direct else (QUEUED, 0)
         row_values = (push_id, remote, msg["contentType"], msg["body"], json.dumps(options),
                       msg.get("callback"), state, attempts, now, now)
 
@@ -213,18 +235,20 @@ class DurableQueue:
             if new:
                 self._accepted(msg, push_id)
                 lane.waiting.append((info, push_id))
+                if not direct:
+                    lane.kinds[info] = (remote, msg["contentType"])
                 if direct:
-                    self._dispatch(remote, lane, {
+                    self._dispatch(key, lane, {
                         "seq": info, "push_id": push_id, "remote": remote,
                         "content_type": msg["contentType"], "body": msg["body"],
                         "options": json.dumps(options), "callback": msg.get("callback"),
-                        "attempts": 1})
+                        "attempts": 1}, marked=not marks)
                 else:
-                    self._pump(remote)
+                    self._pump(key)
                 return
             if direct:
                 lane.busy = False
-            self._pump(remote)
+            self._pump(key)
             self.stats["duplicates"] += 1
             state, answer = info
             log.info("Push {push_id} is already {state} here; answered from our record",
@@ -238,7 +262,7 @@ class DurableQueue:
             lane.storing -= 1
             if direct:
                 lane.busy = False
-            self._pump(remote)
+            self._pump(key)
             log.failure("Could not store push {push_id}", f, push_id=push_id)
             self.send(wire.error(f"Agent could not store the message: {f.getErrorMessage()}",
                                  msg.get("callback")))
@@ -251,73 +275,128 @@ class DurableQueue:
 
     # -- delivery ----------------------------------------------------------------------------
 
-    def _pump(self, remote: str) -> None:
-        lane = self.lanes.get(remote)
-        if lane is None or lane.busy or self._stopped:
+    def _pump(self, key: str) -> None:
+        lane = self.lanes.get(key)
+        # A lane in backoff waits for its timer, however many pushes arrive meanwhile.
+        if lane is None or lane.busy or self._stopped or lane.retry_call is not None:
             return
         if not lane.waiting:
-            if lane.retry_call is None and not lane.storing:
-                self.lanes.pop(remote, None)
+            if not lane.storing:
+                self.lanes.pop(key, None)
             return
         seq, push_id = lane.waiting[0]
         lane.busy = True
         now = self.wall()
+        kind = lane.kinds.get(seq)
+        # Unknown kind: mark now (pessimistic, never wrong).
+        marks = kind is not None and self._marks_later(*kind)
 
         def claim(conn: Any) -> Any:
             conn.execute(
-                "UPDATE inbox SET state=?, attempts=attempts+1, updated=? WHERE seq=?",
-                (DELIVERING, now, seq),
+                "UPDATE inbox SET state=?, attempts=attempts+1, updated=? WHERE seq=? AND"
+                " state=?", (QUEUED if marks else DELIVERING, now, seq, QUEUED),
             )
             return conn.execute("SELECT * FROM inbox WHERE seq=?", (seq,)).fetchone()
 
         def claimed(row: Any) -> None:
-            if row is None or row["state"] != DELIVERING:
+            lane.kinds.pop(seq, None)
+            expected = QUEUED if marks else DELIVERING
+            if row is None or row["state"] != expected:
                 lane.waiting.popleft()
                 lane.busy = False
-                self._pump(remote)
+                self._pump(key)
                 return
-            self._dispatch(remote, lane, row)
+            self._dispatch(key, lane, row, marked=not marks)
 
         def claim_failed(f: Failure) -> None:
             lane.busy = False
-            log.failure("Queue database error on lane {remote}", f, remote=_safe(remote))
-            self._schedule_retry(remote, lane, self.retry_cap)
+            log.failure("Queue database error on lane {remote}", f, remote=_safe(key))
+            self._schedule_retry(key, lane, self.retry_cap)
 
-        # The 'delivering' mark is on disk before any byte leaves: that is what lets a
-        # restart tell "maybe delivered" from "certainly not".
         self.db.run_batched(claim).addCallbacks(claimed, claim_failed)
 
-    def _dispatch(self, remote: str, lane: _Lane, row: Mapping[str, Any]) -> None:
+    def _marks_later(self, remote: str, content_type: str) -> bool:
+        """
+        Whether the 'delivering' mark waits for the sender's L{BEFORE_WRITE} hook.  Not when
+        the device's connection is up and idle: then the first write follows at once, and the
+        mark rides on the claim's (or the store's) own commit — no extra commit on the
+        common path.  When a connection must be opened first, the mark waits for it, so that
+        a message that never got its connection is not in doubt after a restart.
+        """
+        return (self.dispatcher.marks_first_write(remote, content_type)
+                and not self.dispatcher.ready_to_write(remote))
+
+    def _dispatch(self, key: str, lane: _Lane, row: Mapping[str, Any], *,
+                  marked: bool) -> None:
+        """
+        Hand the entry to the dispatcher.  C{marked}: its 'delivering' mark is on disk
+        already; otherwise the sender calls the L{BEFORE_WRITE} hook, which writes it (in the
+        next group commit) and lets the first byte go once it is durable.  That mark is what
+        lets a restart, and the answer, tell "may have been received" from "certainly not".
+        """
+        attempt = {"marked": marked}
+        seq = row["seq"]
+
+        def before_write() -> Deferred[None]:
+            if attempt["marked"]:
+                return _succeeded()
+            attempt["marked"] = True
+
+            def mark(conn: Any) -> None:
+                marked_rows = conn.execute(
+                    "UPDATE inbox SET state=?, updated=? WHERE seq=? AND state=?",
+                    (DELIVERING, self.wall(), seq, QUEUED)).rowcount
+                if marked_rows != 1:  # no longer ours to send (e.g. cancelled meanwhile)
+                    raise NotWritten("Message is no longer queued; not sent")
+
+            def not_marked(f: Failure) -> Failure:
+                attempt["marked"] = False
+                if f.check(NotWritten):
+                    return f
+                log.failure("Could not record push {push_id} as in flight", f,
+                            push_id=row["push_id"])
+                raise NotWritten("Agent could not record the message as in flight; not sent")
+
+            return self.db.run_batched(mark).addErrback(not_marked)
+
         options = json.loads(row["options"] or "{}")
+        if not marked:
+            options[BEFORE_WRITE] = before_write
         d = maybeDeferred(self.dispatcher.dispatch, row["remote"], row["content_type"],
                           row["body"], options)
-        d.addBoth(lambda outcome: self._delivered(remote, lane, row, outcome))
+        d.addBoth(lambda outcome: self._delivered(key, lane, row, outcome, attempt["marked"]))
 
-    def _delivered(self, remote: str, lane: _Lane, row: Any, outcome: Reply | Failure) -> None:
+    def _delivered(self, key: str, lane: _Lane, row: Any, outcome: Reply | Failure,
+                   marked: bool = True) -> None:
         push_id = row["push_id"]
         msg = {"remote": row["remote"], "callback": row["callback"], "channel": None}
         if isinstance(outcome, Failure) and isinstance(outcome.value, DeliveryError) and \
                 outcome.value.reply is not None and \
-                row["attempts"] >= _attempt_limit(remote, outcome.value):
+                row["attempts"] >= _attempt_limit(row["remote"], outcome.value):
             # Refused for now by the device, and no retries left: its answer is the outcome.
             outcome = outcome.value.reply
         if isinstance(outcome, Failure):
             err = outcome.value
+            doubt = in_doubt(err, marked)
             if isinstance(err, DeliveryError):
-                if err.transient and _retry_safe(err) and \
-                        row["attempts"] < _attempt_limit(remote, err):
-                    self._retry_later(remote, lane, row, err)
+                if err.transient and not doubt and \
+                        (err.phase in RETRYABLE_PHASES or err.reply is not None) and \
+                        row["attempts"] < _attempt_limit(row["remote"], err):
+                    self._retry_later(key, lane, row, err)
                     return
-                status = _failure_status(err)
                 reason, transient = err.reason, err.transient
-                if err.transient and err.phase in RETRY_SAFE_PHASES:
+                if err.transient and err.phase in RETRYABLE_PHASES:
                     reason = f"{reason} (gave up after {row['attempts']} attempts)"
             else:
                 log.failure("Unexpected error delivering push {push_id}", outcome,
                             push_id=push_id)
-                status, reason, transient = 500, "Agent internal error while delivering", False
+                reason, transient = "Agent internal error while delivering", False
+            status = http_status(err)
+            if doubt:
+                reason = f"{reason}: {IN_DOUBT_PHRASE}; not re-sent to avoid a duplicate"
+                self.stats["inDoubt"] += 1
             answer = _failed_answer(push_id, row["remote"], row["callback"], reason,
-                                    status=status, transient=transient)
+                                    status=status, transient=transient, doubt=doubt)
             lane.failed += 1
             lane.last_error = reason
             self.stats["failed"] += 1
@@ -339,9 +418,9 @@ class DurableQueue:
                      "refused by the device", detail=reply.detail or "",
                      attempts=row["attempts"])
         lane.failures = 0
-        self._finish(remote, lane, row["seq"], answer)
+        self._finish(key, lane, row["seq"], answer)
 
-    def _finish(self, remote: str, lane: _Lane, seq: int, answer: dict[str, Any]) -> None:
+    def _finish(self, key: str, lane: _Lane, seq: int, answer: dict[str, Any]) -> None:
         """
         Record the answer and send it at once: the answer is on its way to disk (ahead of
         the lane's next claim, writes are in order) and is re-sent until the relay confirms
@@ -364,9 +443,9 @@ class DurableQueue:
             lane.waiting.popleft()
         lane.busy = False
         self.send(answer)
-        self._pump(remote)
+        self._pump(key)
 
-    def _retry_later(self, remote: str, lane: _Lane, row: Any, err: DeliveryError) -> None:
+    def _retry_later(self, key: str, lane: _Lane, row: Any, err: DeliveryError) -> None:
         lane.failures += 1
         lane.last_error = err.reason
         self.stats["retries"] += 1
@@ -377,28 +456,35 @@ class DurableQueue:
                  n=row["attempts"], delay=delay)
 
         def requeue(conn: Any) -> None:
-            conn.execute("UPDATE inbox SET state=?, last_error=?, updated=? WHERE seq=?",
-                         (QUEUED, err.reason, self.wall(), row["seq"]))
+            conn.execute("UPDATE inbox SET state=?, last_error=?, updated=? WHERE seq=? AND"
+                         " state IN (?, ?)",
+                         (QUEUED, err.reason, self.wall(), row["seq"], QUEUED, DELIVERING))
 
         def requeued(_: Any) -> None:
             lane.busy = False
+            lane.kinds[row["seq"]] = (row["remote"], row["content_type"])
             # Let the relay show why it is not delivered yet.
             self.send(wire.transmit_response(
                 {"remote": row["remote"], "callback": row["callback"], "channel": None},
                 status_code=202, content_type="text/plain", body="accepted",
                 pushId=row["push_id"], delivery="accepted",
                 error=f"{err.reason} (attempt {row['attempts']}, retrying)"))
-            self._schedule_retry(remote, lane, delay)
+            self._schedule_retry(key, lane, delay)
 
         self.db.run_batched(requeue).addBoth(requeued)
 
-    def _schedule_retry(self, remote: str, lane: _Lane, delay: float) -> None:
+    def _schedule_retry(self, key: str, lane: _Lane, delay: float) -> None:
+        """One backoff timer per lane: a new one replaces (cancels) the old one."""
+        if lane.retry_call is not None:
+            if lane.retry_call.active():
+                lane.retry_call.cancel()
+            lane.retry_call = None
         if self._stopped:
             return
 
         def fire() -> None:
             lane.retry_call = None
-            self._pump(remote)
+            self._pump(key)
 
         lane.retry_call = self.clock.callLater(delay, fire)
 
@@ -458,21 +544,30 @@ class DurableQueue:
         now = self.wall()
 
         def txn(conn: Any) -> dict[str, float]:
-            return {
-                _safe(r["remote"]): round(now - r["t"], 3)
-                for r in conn.execute("SELECT remote, min(created) AS t FROM inbox WHERE state"
-                                      " IN (?, ?) GROUP BY remote", (QUEUED, DELIVERING))
-            }
+            ages: dict[str, float] = {}
+            for r in conn.execute("SELECT remote, min(created) AS t FROM inbox WHERE state"
+                                  " IN (?, ?) GROUP BY remote", (QUEUED, DELIVERING)):
+                key = _safe(lane_key(r["remote"]))
+                ages[key] = max(ages.get(key, 0.0), round(now - r["t"], 3))
+            return ages
 
         return self.db.run(txn)
 
 
 def _failed_answer(push_id: str, remote: str, callback: str | None, reason: str, *,
-                   status: int, transient: bool) -> dict[str, Any]:
+                   status: int, transient: bool, doubt: bool = False) -> dict[str, Any]:
+    """A failed entry's answer; C{doubt} adds the machine-readable in-doubt marker."""
+    extra = {"inDoubt": True} if doubt else {}
     return wire.transmit_response(
         {"remote": remote, "callback": callback, "channel": None},
         status_code=status, content_type="text/plain", body=reason, pushId=push_id,
-        delivery="failed", error=reason, transient=transient)
+        delivery="failed", error=reason, transient=transient, **extra)
+
+
+def _succeeded() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    d.callback(None)
+    return d
 
 
 def _max_attempts(remote: str) -> int:
@@ -487,24 +582,6 @@ def _attempt_limit(remote: str, err: DeliveryError) -> int:
     """The destination's maxAttempts, or fewer if the error bounds its own retries."""
     limit = _max_attempts(remote)
     return limit if err.max_attempts is None else min(limit, err.max_attempts)
-
-
-def _retry_safe(err: DeliveryError) -> bool:
-    """Nothing reached the device (a safe phase), or it refused having processed nothing."""
-    return err.phase in RETRY_SAFE_PHASES or err.reply is not None
-
-
-#: Phases that say the request itself is wrong (HTTP 400); the others are the device or link.
-CALLER_PHASES = frozenset(["destination", "decode", "encode", "message"])
-
-
-def _failure_status(err: DeliveryError) -> int:
-    """HTTP status of a failed push: 400 the caller's fault, 504 no answer in time, else 502."""
-    if err.phase in CALLER_PHASES or (err.phase is None and not err.transient):
-        return 400
-    if err.phase == "ack" and "timeout" in err.reason.lower():
-        return 504
-    return 502
 
 
 def _in_doubt_policy(remote: str) -> str:

@@ -37,6 +37,8 @@ SCHEME_SERIAL = "astm+serial"
 SCHEMES = (SCHEME_TCP, SCHEME_SERIAL)
 
 #: Destination URL parameter -> (LinkConfig field, kind).  Timers are in seconds.
+#: ``frameAttempts`` is E1381's sends of one frame; ``maxAttempts`` is not here: on every
+#: scheme it is the agent queue's delivery attempts of the whole message.
 _LINK_PARAMS = {
     "role": ("role", str),
     "enqTimeout": ("enq_timeout", float),
@@ -46,7 +48,7 @@ _LINK_PARAMS = {
     "contentionRetry": ("contention_retry", float),
     "maxContentions": ("max_contentions", int),
     "ackTimeout": ("ack_timeout", float),
-    "maxAttempts": ("max_attempts", int),
+    "frameAttempts": ("max_attempts", int),
     "receiveTimeout": ("receive_timeout", float),
     "honourInterrupt": ("honour_interrupt", bool),
     "interruptHoldoff": ("interrupt_holdoff", float),

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from medagent.agent.dispatch import HL7_V2, DeliveryError, Reply, tcp_ping
+from medagent.agent.dispatch import BEFORE_WRITE, HL7_V2, DeliveryError, Reply, tcp_ping
 from medagent.destination import Destination, DestinationError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
@@ -54,6 +54,14 @@ APP_LEVEL_ACKS = ("AL", "ER", "NE", "SU")
 # to it rather than race its close with our next write.
 CLOSE_AFTER_ACK_WINDOW = 1.0
 
+# ... but only once that was seen on this many connections in a row (no connection reused in
+# between): one close right after an ACK is also what a device crash looks like.
+CLOSE_AFTER_ACK_CONFIRMATIONS = 2
+
+# And not for good: while it is learned, each connection is kept for CLOSE_AFTER_ACK_WINDOW
+# after its ACK (never written to again); a device that leaves it open that long keeps its
+# connections after all (reconfigured, replaced) and gets a persistent one again.
+
 # Before a connection is reused for the first time we wait this long, so that a device that
 # closes after every ACK has shown it (its close arrives) before we write into a dying socket.
 # Paid once per connection; later reuses only wait two reactor turns.
@@ -65,6 +73,8 @@ _WIDE_CODECS = ("utf-16", "utf-32")
 
 class NotSent(DeliveryError):
     """The connection was gone before any byte of the message was written: safe to retry."""
+
+    not_written = True
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, transient=True, phase="send")
@@ -360,6 +370,7 @@ class MLLPClientProtocol(_LostWaiters, Protocol):
             DeliveryError(
                 f"no ACK within {pending.timeout:g} s for control id {pending.control_id}",
                 phase="ack",
+                timed_out=True,
             )
         )
 
@@ -518,9 +529,14 @@ class _Link:
     key: str
     lock: DeferredLock = attr.ib(factory=DeferredLock)
     proto: MLLPClientProtocol | None = None
+    #: what the pooled connection was opened with (scheme, TLS settings): a message asking
+    #: for another transport to the same device gets a new connection
+    transport: tuple[Any, ...] | None = None
     idle_timer: IDelayedCall | None = None
     connecting: Deferred | None = None
     closes_after_ack: bool = False
+    #: connections in a row that the device closed right after an ACK
+    closed_after_ack_seen: int = 0
 
 
 EndpointFactory = Callable[[Destination, MLLPSettings], IStreamClientEndpoint]
@@ -540,9 +556,16 @@ class MLLPSender:
     A message is never written twice by this class: if a connection is found dead before the
     write, a new one is opened; once written, a lost connection fails the send (transient) and
     the retry, with its duplicate risk, is the queue's visible decision.
+
+    Connections are pooled per device (L{Destination.key}: query parameters excluded), so
+    URL variants of one device share its connection; ``returnAck``, ``ackTimeout`` and
+    ``encoding`` apply per message.  Right before the first byte of a message is written the
+    queue's L{BEFORE_WRITE} hook (if given) is awaited, so that "may have been received" is
+    on disk before it can be true.
     """
 
     schemes = ("mllp", "mllps")
+    marks_first_write = True
 
     def __init__(
         self,
@@ -580,6 +603,22 @@ class MLLPSender:
         options: Mapping[str, Any] | None = None,
     ) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._send(destination, body, options or {}))
+
+    def ready_to_write(self, destination: Destination) -> bool:
+        """
+        An idle persistent connection to the device, usable for C{destination}: the next
+        message's first byte follows without a connect (the queue then marks it in flight
+        with its claim instead of waiting for L{BEFORE_WRITE}).
+        """
+        link = self._links.get(destination.key)
+        if link is None or link.proto is None or not link.proto.idle or link.lock.locked:
+            return False
+        try:
+            keep_alive = destination.bool_param("keepAlive", True)
+        except DestinationError:
+            return False
+        return (keep_alive and not link.closes_after_ack
+                and link.transport == self._transport_of(destination))
 
     def ping(self, destination: Destination) -> Deferred[Reply]:
         try:
@@ -632,8 +671,10 @@ class MLLPSender:
         link = self._links.get(destination.key)
         if link is None:
             link = self._links[destination.key] = _Link(destination.key)
+        before_write = options.get(BEFORE_WRITE)
         async with link.lock:
-            ack_payload = await self._deliver(link, destination, settings, payload, control_id)
+            ack_payload = await self._deliver(link, destination, settings, payload, control_id,
+                                              before_write)
         return self._reply(ack_payload, settings, codec)
 
     def _prepare(self, body: str, settings: MLLPSettings) -> tuple[str, bytes, str]:
@@ -681,11 +722,15 @@ class MLLPSender:
         settings: MLLPSettings,
         payload: bytes,
         control_id: str,
+        before_write: Callable[[], Deferred[None]] | None = None,
     ) -> bytes:
         where = f"MLLP {destination.host}:{destination.port}"
         for attempt in (1, 2):
             proto = await self._connection(link, destination, settings)
+            reused = proto.messages > 0
             try:
+                if before_write is not None:
+                    await before_write()  # NotWritten if the mark cannot be recorded
                 ack = await proto.send_message(
                     payload, control_id, settings.return_ack, timeout=settings.ack_timeout
                 )
@@ -700,7 +745,14 @@ class MLLPSender:
                     continue
                 raise DeliveryError(f"{where}: {e.reason}", phase=e.phase)
             except DeliveryError as e:
-                raise DeliveryError(f"{where}: {e.reason}", transient=e.transient, phase=e.phase)
+                error = DeliveryError(f"{where}: {e.reason}", transient=e.transient,
+                                      phase=e.phase, timed_out=e.timed_out)
+                error.not_written = e.not_written
+                raise error
+            if reused:
+                # The device kept a connection open across messages: whatever closed one
+                # right after an ACK before (a crash, a restart) was not its habit.
+                link.closed_after_ack_seen = 0
             self._after_ack(link, proto, settings)
             return ack
         raise AssertionError("unreachable")  # pragma: no cover
@@ -709,6 +761,13 @@ class MLLPSender:
         self, link: _Link, destination: Destination, settings: MLLPSettings
     ) -> MLLPClientProtocol:
         proto = link.proto
+        wanted = self._transport_of(destination)
+        if proto is not None and link.transport != wanted:
+            log.info("MLLP {host}:{port}: message asks for another transport (TLS settings); "
+                     "new connection", host=destination.host, port=destination.port)
+            self._cancel_idle(link)
+            await proto.close()
+            proto = link.proto
         if proto is not None and settings.keep_alive and not link.closes_after_ack:
             self._cancel_idle(link)
             if proto.idle:
@@ -805,6 +864,7 @@ class MLLPSender:
             raise DeliveryError("MLLP sender closed", phase="connect")
         proto.on_lost = lambda p: self._lost(link, p)
         link.proto = proto
+        link.transport = self._transport_of(destination)
         log.info(
             "MLLP {where}: connected in {ms:.1f} ms (keepAlive={keep_alive})",
             where=where,
@@ -813,12 +873,37 @@ class MLLPSender:
         )
         return proto
 
+    @staticmethod
+    def _transport_of(destination: Destination) -> tuple[Any, ...]:
+        """What a connection is opened with, beyond the device: TLS or not, and its trust."""
+        if destination.scheme != "mllps":
+            return (destination.scheme,)
+        return (destination.scheme, destination.host, destination.param("ca"),
+                destination.param("cert"), destination.param("key"))
+
     def _after_ack(self, link: _Link, proto: MLLPClientProtocol, settings: MLLPSettings) -> None:
-        if not settings.keep_alive or link.closes_after_ack:
+        if not settings.keep_alive:
             proto.close()
             return
         self._cancel_idle(link)
+        if link.closes_after_ack:
+            # Not written to again (the next message opens its own connection), but watched:
+            # if the device leaves it open past the window, it keeps connections after all.
+            link.idle_timer = self._reactor.callLater(
+                CLOSE_AFTER_ACK_WINDOW, self._watched_after_ack, link, proto)
+            return
         link.idle_timer = self._reactor.callLater(self.idle_timeout, self._idle_close, link, proto)
+
+    def _watched_after_ack(self, link: _Link, proto: MLLPClientProtocol) -> None:
+        link.idle_timer = None
+        if link.proto is not proto or not proto.idle:
+            return
+        link.closes_after_ack = False
+        link.closed_after_ack_seen = 0
+        log.info("MLLP {peer}: device kept the connection open after its ACK; using a "
+                 "persistent connection again", peer=proto.peer)
+        link.idle_timer = self._reactor.callLater(
+            max(self.idle_timeout - CLOSE_AFTER_ACK_WINDOW, 0.0), self._idle_close, link, proto)
 
     def _idle_close(self, link: _Link, proto: MLLPClientProtocol) -> None:
         link.idle_timer = None
@@ -841,13 +926,16 @@ class MLLPSender:
             link.proto = None
             self._cancel_idle(link)
         if proto.closed_after_ack and not link.closes_after_ack:
-            link.closes_after_ack = True
-            log.info(
-                "MLLP {peer}: device closes the connection after each ACK; using a new "
-                "connection per message",
-                peer=proto.peer,
-            )
-        if link.proto is None and not link.lock.locked and not link.closes_after_ack:
+            link.closed_after_ack_seen += 1
+            if link.closed_after_ack_seen >= CLOSE_AFTER_ACK_CONFIRMATIONS:
+                link.closes_after_ack = True
+                log.info(
+                    "MLLP {peer}: device closes the connection after each ACK; using a new "
+                    "connection per message",
+                    peer=proto.peer,
+                )
+        if link.proto is None and not link.lock.locked and not link.closes_after_ack \
+                and not link.closed_after_ack_seen:
             self._links.pop(link.key, None)
 
     def _reply(self, ack_payload: bytes, settings: MLLPSettings, codec: str) -> Reply:

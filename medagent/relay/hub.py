@@ -149,7 +149,8 @@ class Hub:
                 push,
                 j.FAILED,
                 error="Agent disconnected before answering; the device may or may not have "
-                "received the message",
+                "received this message",
+                in_doubt=True,
             )
         session.in_flight.clear()
 
@@ -453,8 +454,9 @@ class Hub:
         *,
         error: str | None = None,
         reply: tuple[int, str, str] | None = None,
+        in_doubt: bool = False,
     ) -> Deferred[Push]:
-        d = self.journal.transition(push, state, error=error, reply=reply)
+        d = self.journal.transition(push, state, error=error, reply=reply, in_doubt=in_doubt)
         self._pending_pushes.pop(push.id, None)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
@@ -522,6 +524,8 @@ class Hub:
             error = msg.get("error") if isinstance(msg.get("error"), str) else None
             if push.state != j.ACCEPTED or error:
                 self.journal.transition(push, j.ACCEPTED, error=error)
+            if error:
+                self._answer_retrying(push)
             return
         if session is not None:
             session.in_flight.pop(push.id, None)
@@ -533,12 +537,22 @@ class Hub:
                 error = f"Device refused the message ({msg.get('detail') or 'negative answer'})"
             else:
                 error = body[:500]
-            d = self._finish(push, j.FAILED, error=error, reply=(status, content_type, body))
+            d = self._finish(push, j.FAILED, error=error, reply=(status, content_type, body),
+                             in_doubt=msg.get("inDoubt") is True)
         else:
             d = self._finish(push, j.DELIVERED, reply=(status, content_type, body))
         if session is not None:
             # Confirm only once the answer is on disk: until then the agent keeps it.
             d.addCallback(lambda _: self._confirm(session, push.id))
+
+    def _answer_retrying(self, push: Push) -> None:
+        """
+        The agent's attempt failed and it retries (an "accepted" answer with an error): a
+        caller waiting for this push gets its answer now (502, see L{PushService}); the push
+        stays open and is retried.
+        """
+        for d in self._waiters.pop(push.id, []):
+            d.callback(push)
 
     def _confirm_when_recorded(self, session: Session, push: Push) -> None:
         # the transition was queued just now; a no-op batched call fires after it commits

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from medagent.db import Database
-from medagent.destination import DestinationError, parse_destination
+from medagent.destination import lane_key
 from medagent.fhir import HL7_V2, not_found
 from medagent.hl7.message import HL7Error, normalise
 from medagent.hl7.message import control_id as hl7_control_id
@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS pushes (
     reply_body TEXT,
     requester TEXT,
     control_id TEXT,
-    body_hash TEXT
+    body_hash TEXT,
+    in_doubt INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
@@ -90,7 +91,8 @@ _COLUMNS = (
 ).split()
 
 #: Columns added after the first release, with their SQL types (see L{Journal.migrate}).
-_ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "TEXT"))
+_ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "TEXT"),
+                  ("in_doubt", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def message_hash(content_type: str, body: str) -> str:
@@ -116,14 +118,6 @@ def message_hash(content_type: str, body: str) -> str:
     digest = hashlib.sha256(content_type.encode("utf-8", "surrogatepass") + b"\0")
     digest.update(text.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
-
-
-def device_key(remote: str) -> str:
-    """The device a push's URL names (the lane key), or the URL itself if it does not parse."""
-    try:
-        return parse_destination(remote, needs_port=False).key
-    except DestinationError:
-        return remote
 
 
 @attr.s(auto_attribs=True)
@@ -153,6 +147,8 @@ class Push:
     #: L{message_hash} of content type and body
     body_hash: str | None = None
     seq: int | None = None
+    #: ended failed after it may have reached the device (the agent's ``inDoubt: true``)
+    in_doubt: bool = False
 
     @property
     def final(self) -> bool:
@@ -179,6 +175,8 @@ class Push:
             doc["expiresAt"] = expires
         if self.last_error:
             doc["error"] = self.last_error
+        if self.in_doubt:
+            doc["inDoubt"] = True
         if self.reply_body is not None:
             doc["reply"] = {
                 "statusCode": self.reply_status,
@@ -223,6 +221,7 @@ def _row_to_push(row: Any) -> Push:
                  push_id=values["id"])
         options = {}
     values["options"] = options
+    values["in_doubt"] = bool(row["in_doubt"])
     return Push(**values)
 
 
@@ -392,7 +391,7 @@ class Journal:
         self, agent_id: str, device: str, control_id: str, body_hash: str
     ) -> Deferred[Push | None]:
         """
-        The first push through C{agent_id} to C{device} (a L{device_key}) with this MSH-10 and
+        The first push through C{agent_id} to C{device} (a L{lane_key}) with this MSH-10 and
         this body inside the window (not cancelled), whoever sent it.
         """
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
@@ -404,7 +403,7 @@ class Journal:
                 (agent_id, control_id, body_hash, since),
             )
             for row in rows:
-                if device_key(row["remote"]) == device:
+                if lane_key(row["remote"]) == device:
                     return _row_to_push(row)
             return None
 
@@ -418,9 +417,16 @@ class Journal:
         error: str | None = None,
         reply: tuple[int, str, str] | None = None,
         count_attempt: bool = False,
+        in_doubt: bool = False,
     ) -> Deferred[Push]:
-        """Move C{push} to C{state} (in memory now, on disk with the next batch)."""
+        """
+        Move C{push} to C{state} (in memory now, on disk with the next batch); C{in_doubt}
+        marks it as possibly received by the device (kept once set).
+        """
         push.state = state
+        if in_doubt:
+            push.in_doubt = True
+        mark_in_doubt = in_doubt
         push.updated = self._clock.seconds()
         if count_attempt:
             push.attempts += 1
@@ -445,6 +451,8 @@ class Journal:
                 " reply_content_type=?, reply_body=? WHERE id=?",
                 values,
             )
+            if mark_in_doubt:
+                conn.execute("UPDATE pushes SET in_doubt=1 WHERE id=?", (push.id,))
             return push
 
         return self._db.run_batched(txn)

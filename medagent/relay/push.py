@@ -14,13 +14,13 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent.destination import DestinationError, parse_destination
+from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay import journal as j
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal, Push, device_key, message_hash
+from medagent.relay.journal import Journal, Push, message_hash
 from medagent.relay.store import search_one
 
 log = Logger()
@@ -59,6 +59,8 @@ class PushResult:
     waited: bool
     timed_out: bool = False
     duplicate: bool = False
+    #: the first attempt failed and the push is retried (answered 502 with its status URL)
+    retrying: bool = False
 
 
 def parse_push_body(payload: Any) -> PushRequest:
@@ -191,7 +193,7 @@ def _hash_of(push: Push) -> str:
 
 def _same_message(a: Push, b: Push) -> bool:
     """The same bytes of the same type to the same device through the same agent."""
-    return (a.agent_id == b.agent_id and device_key(a.remote) == device_key(b.remote)
+    return (a.agent_id == b.agent_id and lane_key(a.remote) == lane_key(b.remote)
             and _hash_of(a) == _hash_of(b))
 
 
@@ -199,7 +201,7 @@ def _difference(earlier: Push, new: Push) -> str:
     """What differs, in words without content (no PHI): for the 409's text."""
     if earlier.agent_id != new.agent_id:
         return "another agent"
-    if device_key(earlier.remote) != device_key(new.remote):
+    if lane_key(earlier.remote) != lane_key(new.remote):
         return "another device"
     if earlier.content_type != new.content_type:
         return "another contentType"
@@ -388,7 +390,7 @@ class PushService:
                     "conflict",
                 )
         if new.control_id is not None and new.body_hash is not None:
-            device = device_key(new.remote)
+            device = lane_key(new.remote)
             earlier = self._creating_message(new, device)
             if earlier is None:
                 earlier = yield self.journal.find_same_message(
@@ -417,7 +419,7 @@ class PushService:
 
     def _creating_message(self, new: Push, device: str) -> Push | None:
         for p in self._creating_by_message.get(_message_scope(new), ()):
-            if device_key(p.remote) == device:
+            if lane_key(p.remote) == device:
                 return p
         return None
 
@@ -444,6 +446,11 @@ class PushService:
     def _maybe_wait(self, push: Push, request: PushRequest, duplicate: bool = False):
         if not request.wait or push.final:
             return PushResult(push, waited=request.wait, duplicate=duplicate)
+        live = self.hub.live_push(push)
+        if duplicate and live.state == j.ACCEPTED and live.last_error:
+            # A repeat of a push whose attempts are failing (e.g. the Medplum client re-POSTs
+            # on our 502): the same answer at once, not a wait for the next attempt.
+            return PushResult(live, waited=True, duplicate=True, retrying=True)
         d = self.hub.wait_for(push)
         timer = self.clock.callLater(request.wait_timeout_ms / 1000.0, d.cancel)
         try:
@@ -453,7 +460,7 @@ class PushService:
         finally:
             if timer.active():
                 timer.cancel()
-        return PushResult(done, waited=True, duplicate=duplicate)
+        return PushResult(done, waited=True, duplicate=duplicate, retrying=not done.final)
 
     @inlineCallbacks
     def cancel(self, principal: Principal, push_id: str):

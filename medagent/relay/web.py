@@ -539,6 +539,16 @@ class Api(Resource):
                 diagnostics=location,
             )
             return json_response(outcome, 504, **headers)
+        if result.retrying:
+            outcome = operation_outcome(
+                f"The device could not be reached ({push.last_error or 'link failed'}); push "
+                f"{push.id} stays {push.state} and is retried. Its outcome will be at "
+                f"{location}",
+                code="transient",
+                severity="error",
+                diagnostics=location,
+            )
+            return json_response(outcome, 502, **headers)
         if push.reply_status is not None and push.reply_status < 400 and push.reply_body is not None:
             return Response(push.reply_status, push.reply_body.encode("utf-8"),
                             push.reply_content_type or "text/plain", headers)
