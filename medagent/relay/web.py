@@ -346,6 +346,8 @@ class Api(Resource):
             if method == "GET":
                 self._check_read(principal, resource_type, id)
                 resource = await self.store.read(resource_type, id)
+                if resource_type == "Agent" and principal.role == AGENT:
+                    self.hub.agent_config_read(id)  # Medplum's agent: now it takes pushes
                 return json_response(resource, ETag=f'W/"{resource["meta"]["versionId"]}"')
             if method == "PUT":
                 principal.require_admin()
