@@ -596,7 +596,8 @@ class Hub:
             if not session.blocked or session.closed or not session.ready:
                 return
             lane = session.blocked[0]
-            if not lane.stalled and self._global_room(session, lane) < threshold:
+            need = min(self._lane_limit(session) - len(lane.in_flight), threshold)
+            if not lane.stalled and self._global_room(session, lane) < max(1, need):
                 return
             session.blocked.popleft()
             lane.blocked = False
@@ -795,7 +796,9 @@ class Hub:
                         push_id=push_id,
                     )
                     return
-                if not p.final:
+                if p.id in session.in_flight:  # re-sent meanwhile: answered on this socket
+                    self._apply_response(session.in_flight[p.id], msg, session)
+                elif not p.final:
                     self._apply_response(self.live_push(p), msg)
                     if msg.get("delivery") != "accepted":
                         self._confirm_when_recorded(session, p)
