@@ -415,6 +415,7 @@ class MedplumAgentTests(_HubCase):
         self.assertEqual(self.state(push.id), j.FAILED)
 
     def test_replay_waits_until_the_agent_read_its_config(self) -> None:
+        self.hub.ready_timeout = 60  # this test is about another signal
         queued = [self.push_to(self.device, f"Q{i}") for i in range(2)]
         conn, session = self.connect(ready=False)
         self.clock.advance(5)
@@ -448,6 +449,7 @@ class MedplumAgentTests(_HubCase):
         self.assertEqual(conn.of_type(wire.TRANSMIT_REQUEST), [])
 
     def test_ready_on_first_heartbeat_answer(self) -> None:
+        self.hub.ready_timeout = 60  # this test is about another signal
         queued = self.push_to(self.device, "Q0")
         conn, session = self.connect(ready=False)
         self.clock.advance(self.hub.heartbeat_interval)
@@ -497,6 +499,7 @@ class MedplumAgentTests(_HubCase):
         self.assertEqual(len(sent), 25)
 
     def test_twenty_queued_while_refused_arrive_once_in_order(self) -> None:
+        self.hub.ready_timeout = 60  # this test is about another signal
         a = [self.push_to(self.device, f"A{i:02d}") for i in range(20)]
         conn, session = self.connect(ready=False)
         # it answered our first heartbeat, but had not read its config yet

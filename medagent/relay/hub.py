@@ -160,7 +160,7 @@ class Hub:
         window: int = 1000,
         lane_window: int = LANE_WINDOW,
         max_tracked: int | None = None,
-        ready_timeout: float = 15.0,
+        ready_timeout: float = 5.0,
         ready_settle: float = 1.0,
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
@@ -183,7 +183,10 @@ class Hub:
         self.max_tracked = max_tracked if max_tracked is not None else 10 * window
         #: an agent without our extensions gets pushes once it has read its config (observed
         #: as its REST read of its Agent resource, plus C{ready_settle} for the answer to
-        #: reach it), or has answered a heartbeat, or after C{ready_timeout}
+        #: reach it), or has answered a heartbeat, or after C{ready_timeout}: Medplum's agent
+        #: reads its config when its process starts, not when it reconnects, so no read
+        #: soon after connect means it has its config already.  Should it still refuse, the
+        #: push stays queued and is tried again after a backoff.
         self.ready_timeout = ready_timeout
         self.ready_settle = ready_settle
         #: backoff after an agent said it did not take a message (never a hot loop)
