@@ -597,6 +597,18 @@ class LaneWindowTests(_HubCase):
         self.assertEqual([m["pushId"] for m in self.sent_to(conn, "down")],
                          [p.id for p in pushed["down"]])
 
+    def test_snapshot_shows_lanes(self) -> None:
+        self.hub.lane_window = 2
+        conn, session = self.connect(caps=["durable"])
+        self.push_to("down", 3)
+        self.retrying(conn, session, "down")
+        self.push_to("b", 1)
+        snap = self.hub.snapshot(self.agent["id"])
+        self.assertEqual((snap["ready"], snap["inFlight"], snap["laneWindow"]), (True, 3, 2))
+        self.assertEqual(snap["lanes"], {
+            "mllp://127.0.0.1:3000": {"inFlight": 2, "holding": True, "retrying": True},
+            "mllp://127.0.0.1:3001": {"inFlight": 1, "holding": False, "retrying": False}})
+
     def test_memory_bound_holds_with_stalled_lanes(self) -> None:
         self.hub.window, self.hub.lane_window, self.hub.max_tracked = 4, 2, 6
         for name in ("down", "b", "c"):

@@ -903,6 +903,25 @@ class Hub:
             body=str(msg.get("body"))[:200]
         )
 
+    def snapshot(self, agent_id: str) -> dict[str, Any] | None:
+        """For ``$stats``: what is on the agent per device lane, and what waits (no payloads)."""
+        session = self.sessions.get(agent_id)
+        if session is None:
+            return None
+        return {
+            "ready": session.ready,
+            "inFlight": len(session.in_flight),
+            "window": self.window,
+            "laneWindow": self._lane_limit(session),
+            "lanes": {
+                _safe(lane.key): {"inFlight": len(lane.in_flight),
+                                  "holding": lane.next_seq is not None,
+                                  "retrying": lane.stalled}
+                for lane in session.lanes.values()
+                if lane.in_flight or lane.next_seq is not None
+            },
+        }
+
     # -- cancel -----------------------------------------------------------------------------
 
     def cancel(self, push_id: str, by: str) -> Deferred[Push]:

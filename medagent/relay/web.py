@@ -459,6 +459,8 @@ class Api(Resource):
         if op == "$stats":
             relay_side = await self.journal.counts(agent_id)
             stats: dict[str, Any] = {"relay": relay_side}
+            if self.hub.snapshot(agent_id) is not None:
+                relay_side["lanes"] = self.hub.snapshot(agent_id)
             if self.hub.is_connected(agent_id):
                 answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST})
                 if answer.get("type") == wire.STATS_RESPONSE:
