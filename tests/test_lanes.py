@@ -81,4 +81,20 @@ class DeviceDownTest(TestCase):
             self.assertEqual(counts["queued"] + counts["sent"] + counts["accepted"], DOWN_PUSHES)
             self.assertGreater(counts["queued"], 0)  # beyond its lane window: in the journal
 
+            # an operator clears the device that is down: a push on the agent (behind the
+            # one being retried) and one still queued on the relay
+            async def in_state(state: str) -> list[dict]:
+                bundle = await client.request_json(
+                    "GET", "/fhir/R4/AgentPush",
+                    params={"agent": agent["id"], "state": state, "_count": "1000"})
+                return [e["resource"] for e in bundle.get("entry", [])]
+
+            on_agent = sorted(await in_state("accepted"), key=lambda d: d["created"])[-1]
+            on_relay = (await in_state("queued"))[0]
+            for doc in (on_agent, on_relay):
+                done = await client.request_json("POST", f"/fhir/R4/AgentPush/{doc['id']}/$cancel")
+                self.assertEqual(done["state"], "cancelled")
+                self.assertEqual((await client.request_json(
+                    "GET", f"/fhir/R4/AgentPush/{doc['id']}"))["state"], "cancelled")
+
         return ensureDeferred(go())
