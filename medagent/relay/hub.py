@@ -14,7 +14,6 @@ from collections import deque
 from typing import Any, Callable, Mapping, Protocol
 
 import attr
-
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
