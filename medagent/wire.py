@@ -33,6 +33,13 @@ ERROR = "agent:error"
 #: Extension (relay → agent, only to agents that announced "durable"): the relay has recorded
 #: the answer for ``pushId``; the agent may stop re-sending it.
 TRANSMIT_CONFIRM = "agent:transmit:confirm"
+#: Extension (relay → agent, only to agents that announced "cancel"): drop ``pushId`` from the
+#: agent's queue if it is not being delivered yet.  The agent answers
+#: ``agent:transmit:cancel:response`` with the request's ``callback``, the ``pushId`` and a
+#: ``statusCode``: 200 dropped (its recorded answer says ``delivery: "cancelled"``), 409 being
+#: delivered or already answered, 404 not held by the agent.
+TRANSMIT_CANCEL = "agent:transmit:cancel"
+TRANSMIT_CANCEL_RESPONSE = "agent:transmit:cancel:response"
 
 #: Deprecated names that Medplum still accepts, mapped to the current ones.
 ALIASES = {
@@ -49,6 +56,8 @@ _REQUIRED: Mapping[str, tuple[str, ...]] = {
     TRANSMIT_RESPONSE: ("remote", "body"),
     ERROR: ("body",),
     TRANSMIT_CONFIRM: ("pushId",),
+    TRANSMIT_CANCEL: ("pushId",),
+    TRANSMIT_CANCEL_RESPONSE: ("pushId",),
 }
 
 KNOWN_TYPES = frozenset(
@@ -69,6 +78,8 @@ KNOWN_TYPES = frozenset(
         UPGRADE_RESPONSE,
         ERROR,
         TRANSMIT_CONFIRM,
+        TRANSMIT_CANCEL,
+        TRANSMIT_CANCEL_RESPONSE,
     ]
 )
 
@@ -78,6 +89,22 @@ CAP_DURABLE = "durable"
 #: so the relay may end its session once the token it holds has expired.  Agents without it
 #: (Medplum's) keep an established session until their client is revoked, as on Medplum.
 CAP_TOKEN_REFRESH = "token-refresh"
+#: The agent understands ``agent:transmit:cancel``.
+CAP_CANCEL = "cancel"
+
+#: ``agent:error`` texts that say the agent did not take the message at all: nothing reached
+#: a device, so the push stays queued and is sent again once the agent is ready.
+#: Medplum's agent answers the first of them until it has read its ``Agent`` resource.
+NOT_DELIVERED_ERRORS = (
+    "Agent.status is currently set to off",
+    "Agent could not store the message",
+)
+
+
+def error_not_delivered(msg: Mapping[str, Any]) -> bool:
+    """Whether an ``agent:error`` says its message never left the agent (safe to resend)."""
+    body = msg.get("body")
+    return isinstance(body, str) and body.startswith(NOT_DELIVERED_ERRORS)
 
 #: Default largest frame either side accepts (bytes).  Medplum's server uses 1 MiB; DICOM
 #: instances travel base64 encoded, so we default higher and make it configurable.

@@ -278,3 +278,89 @@ class AgentAppTests(SynchronousTestCase):
         self.assertEqual([c[1] for c in self.sender.calls], ["MSH|x"] * 3)
         self.assertEqual([a["pushId"] for a in self.answers()], ["p1", "p2", "p3"])
         self.assertEqual(len(self.sender.calls), 3)
+
+    # -- agent:transmit:cancel (the 'cancel' extension) -----------------------------------
+
+    def cancel(self, push_id: str, callback: str = "c1") -> dict[str, Any]:
+        self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": push_id,
+                                             "callback": callback}))
+        return [m for m in self.conn.of_type(wire.TRANSMIT_CANCEL_RESPONSE)
+                if m["callback"] == callback][-1]
+
+    def test_cancel_capability_announced(self) -> None:
+        self.assertIn("cancel", self.conn.sent[0]["capabilities"])
+
+    def test_cancel_drops_a_queued_message(self) -> None:
+        self.go_live()
+        self.push("p1")  # being delivered
+        self.push("p2")  # queued behind it
+        self.push("p3")
+        answer = self.cancel("p2")
+        self.assertEqual((answer["statusCode"], answer["pushId"]), (200, "p2"))
+        self.assertEqual(self.row("p2")["state"], "done")
+        self.assertEqual(json.loads(self.row("p2")["answer"])["delivery"], "cancelled")
+        self.sender.calls[0][2].callback(Reply("A1"))
+        self.assertEqual(len(self.sender.calls), 2)  # p3 next, p2 never
+        self.sender.calls[1][2].callback(Reply("A3"))
+        self.assertEqual([a["pushId"] for a in self.answers()], ["p1", "p3"])
+        # the relay re-sends the request after a reconnect: answered from the record
+        self.push("p2")
+        self.assertEqual(len(self.sender.calls), 2)
+        replayed = [m for m in self.conn.of_type(wire.TRANSMIT_RESPONSE)
+                    if m.get("delivery") == "cancelled"]
+        self.assertEqual([m["pushId"] for m in replayed], ["p2"])
+
+    def test_cancel_while_delivering_is_refused(self) -> None:
+        self.go_live()
+        self.push("p1")
+        self.assertEqual(self.cancel("p1")["statusCode"], 409)
+        self.sender.calls[0][2].callback(Reply("A1"))
+        self.assertEqual([a["pushId"] for a in self.answers()], ["p1"])
+        self.assertEqual(self.cancel("p1", "c2")["statusCode"], 409)  # answered already
+
+    def test_cancel_unknown_push(self) -> None:
+        self.go_live()
+        self.assertEqual(self.cancel("nope")["statusCode"], 404)
+
+    def test_cancel_while_waiting_on_a_retry(self) -> None:
+        self.go_live()
+        self.push("p1")
+        self.push("p2")
+        self.sender.calls[0][2].errback(DeliveryError("refused", phase="connect"))
+        self.assertEqual(self.cancel("p1")["statusCode"], 200)  # queued again, not in flight
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.sender.calls), 2)
+        self.assertEqual(self.row("p2")["state"], "delivering")
+
+    def test_cancel_racing_a_claim(self) -> None:
+        """The cancel and the lane's claim of the same message: exactly one of them wins."""
+        self.go_live()
+        self.push("p1")
+        self.push("p2")
+        self.db._flushing = True  # hold commits: the claim of p2 and the cancel queue up
+        self.sender.calls[0][2].callback(Reply("A1"))  # lane claims p2 (queued write)
+        self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": "p2",
+                                             "callback": "c1"}))
+        self.db._flushing = False
+        self.db._flush()
+        [answer] = self.conn.of_type(wire.TRANSMIT_CANCEL_RESPONSE)
+        self.assertEqual(answer["statusCode"], 409)
+        self.assertEqual(len(self.sender.calls), 2)
+
+    def test_cancel_queued_ahead_of_a_claim_wins(self) -> None:
+        self.go_live()
+        for push_id in ("p1", "p2", "p3"):
+            self.push(push_id)
+        self.db._flushing = True  # hold commits: the cancel, then the claim of p2, queue up
+        self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": "p2",
+                                             "callback": "c1"}))
+        self.sender.calls[0][2].callback(Reply("A1"))  # p1 done: the lane claims p2
+        self.db._flushing = False
+        self.db._flush()
+        [answer] = self.conn.of_type(wire.TRANSMIT_CANCEL_RESPONSE)
+        self.assertEqual(answer["statusCode"], 200)
+        self.assertEqual(len(self.sender.calls), 2)  # p3, never p2
+        self.assertEqual(self.row("p2")["state"], "done")
+        self.assertEqual(self.row("p3")["state"], "delivering")
+        self.sender.calls[1][2].callback(Reply("A3"))
+        self.assertEqual([a["pushId"] for a in self.answers()], ["p1", "p3"])

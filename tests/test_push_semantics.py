@@ -93,7 +93,8 @@ class RepeatRules(SynchronousTestCase):
         self.session = self.hub.connection_made(self.conn)
         self.hub.frame_received(self.session, wire.encode({
             "type": wire.CONNECT_REQUEST, "agentId": self.agent["id"],
-            "accessToken": self.token(agent_client)}))
+            "accessToken": self.token(agent_client),
+            "capabilities": [wire.CAP_DURABLE]}))  # ready at once (no config read to wait for)
         self.assertTrue(self.hub.is_connected(self.agent["id"]))
 
     def token(self, client: dict[str, Any]) -> str:

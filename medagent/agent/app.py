@@ -66,7 +66,8 @@ class AgentApp:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
-        self.capabilities = (CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH, *capabilities)
+        self.capabilities = (CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH,
+                             wire.CAP_CANCEL, *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config
         self.max_message_size = max_message_size
@@ -194,6 +195,8 @@ class AgentApp:
                 self.queue.receive(msg)
             elif kind == wire.TRANSMIT_CONFIRM:
                 self.queue.confirm(msg["pushId"])
+            elif kind == wire.TRANSMIT_CANCEL:
+                self._on_cancel(msg)
             elif kind == wire.TRANSMIT_RESPONSE:
                 self._on_transmit_response(msg)
             elif kind == wire.RELOADCONFIG_REQUEST:
@@ -293,6 +296,25 @@ class AgentApp:
             self._send(wire.error(f"Reload failed: {f.getErrorMessage()}", callback))
 
         maybeDeferred(self.reload_config).addCallbacks(ok, failed)
+
+    def _on_cancel(self, msg: Mapping[str, Any]) -> None:
+        """The relay's operator cancels a push we hold: dropped unless it is under way."""
+        push_id, callback = msg["pushId"], msg.get("callback")
+        texts = {200: "Cancelled before delivery", 404: "This agent does not hold the push",
+                 409: "The push is being delivered or has been answered"}
+
+        def answer(result: tuple[int, str]) -> None:
+            status, state = result
+            self._send({"type": wire.TRANSMIT_CANCEL_RESPONSE, "callback": callback,
+                        "pushId": push_id, "statusCode": status, "state": state,
+                        "body": texts.get(status, state)})
+
+        def failed(f: Failure) -> None:
+            log.failure("Could not cancel push {push_id}", f, push_id=push_id)
+            self._send(wire.error(f"Agent could not cancel the push: {f.getErrorMessage()}",
+                                  callback))
+
+        self.queue.cancel(push_id).addCallbacks(answer, failed)
 
     def _on_logs(self, msg: Mapping[str, Any]) -> None:
         limit = msg.get("limit", 20)

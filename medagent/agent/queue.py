@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 import attr
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -487,6 +487,55 @@ class DurableQueue:
             self._pump(key)
 
         lane.retry_call = self.clock.callLater(delay, fire)
+
+    # -- cancel ------------------------------------------------------------------------------
+
+    def cancel(self, push_id: str) -> Deferred[tuple[int, str]]:
+        """
+        The relay's operator cancels C{push_id}: drop it if it is still only queued here.
+        Fires with (200, "cancelled") — its recorded answer then says ``delivery:
+        "cancelled"``, so a replay of the request is answered from it —, (409, state) if it is
+        being delivered or already answered, (404, "unknown") if we do not hold it.
+        """
+        for lane in self.lanes.values():
+            if lane.busy and lane.waiting and lane.waiting[0][1] == push_id:
+                return succeed((409, DELIVERING))  # claimed or on its way to the device
+        now = self.wall()
+
+        def txn(conn: Any) -> tuple[int, str, Any]:
+            row = conn.execute("SELECT seq, remote, callback, state FROM inbox WHERE push_id=?",
+                               (push_id,)).fetchone()
+            if row is None:
+                return 404, "unknown", None
+            if row["state"] != QUEUED:
+                return 409, row["state"], None
+            reason = "Cancelled by the relay before delivery"
+            answer = wire.transmit_response(
+                {"remote": row["remote"], "callback": row["callback"], "channel": None},
+                status_code=200, content_type="text/plain", body=reason, pushId=push_id,
+                delivery="cancelled")
+            stored = {k: v for k, v in answer.items() if k != "callback" and v is not None}
+            conn.execute("UPDATE inbox SET state=?, answer=?, last_error=?, updated=? "
+                         "WHERE seq=? AND state=?",
+                         (DONE, json.dumps(stored), reason, now, row["seq"], QUEUED))
+            return 200, "cancelled", (row["seq"], row["remote"])
+
+        def done(result: tuple[int, str, Any]) -> tuple[int, str]:
+            status, state, where = result
+            if where is not None:
+                entry = (where[0], push_id)
+                for key, lane in list(self.lanes.items()):
+                    if entry in lane.waiting:
+                        if not (lane.busy and lane.waiting[0] == entry):
+                            # (a claim in progress finds the row done and drops it itself)
+                            lane.waiting.remove(entry)
+                            self._pump(key)
+                        break
+                log.info("Push {push_id} cancelled before delivery", push_id=push_id)
+            return status, state
+
+        # batched: ordered with the claims, so a message is either claimed or cancelled
+        return self.db.run_batched(txn).addCallback(done)
 
     # -- answers and confirmations -----------------------------------------------------------
 

@@ -10,14 +10,17 @@ journal and go back to it: the hub moves them through ``queued → sent → deli
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from typing import Any, Callable, Mapping, Protocol
 
+import attr
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent import wire
+from medagent.destination import lane_key
 from medagent.fhir import FHIRError
 from medagent.relay import journal as j
 from medagent.relay.auth import CLIENT_REVOKED, TOKEN_EXPIRED, Authority
@@ -30,6 +33,44 @@ log = Logger()
 CAP_DEDUPE = "dedupe"
 
 REPLAY_PAGE = 500
+
+#: Unfinished pushes per device lane on an agent with ordered lanes (one that announces
+#: "durable"): more than one so a lane is pipelined, few enough that a device that is down
+#: only ever holds its own lane.  An agent without ordered lanes (Medplum's handles transmit
+#: requests concurrently) gets one at a time per device, so order per device holds there too.
+LANE_WINDOW = 100
+
+#: Remotes excluded from a replay page query at most (a SQL parameter list).
+_MAX_EXCLUDED = 200
+
+
+def _safe(key: str) -> str:
+    """A lane name for logs: no query (it may carry credentials)."""
+    return key.split("?", 1)[0]
+
+
+@attr.s(auto_attribs=True, eq=False)
+class _Lane:
+    """One device of one agent, as the relay sees it: what is on the agent, what waits."""
+
+    key: str
+    #: every destination URL seen for this device (the journal stores URLs, not lanes)
+    remotes: set = attr.ib(factory=set)
+    #: push ids on the agent without a final answer
+    in_flight: set = attr.ib(factory=set)
+    #: seq of the first push of this lane that waits in the journal (None: none waits)
+    next_seq: int | None = None
+    #: a page of this lane is being read from the journal
+    loading: bool = False
+    #: while loading: the lowest seq that came to wait meanwhile (read again from there)
+    rewind: int | None = None
+    #: the agent reports this lane waiting on a retry (its device is down)
+    stalled: bool = False
+    #: waiting in the session's queue for room in the agent's window
+    blocked: bool = False
+    #: "lane is holding back" was logged for the current episode
+    hold_logged: bool = False
+
 
 class AgentConnection(Protocol):
     """What the hub needs from a transport."""
@@ -54,13 +95,27 @@ class Session:
         #: pushes written to this socket and not yet answered, by push id
         self.in_flight: dict[str, Push] = {}
         self.replaying = False
-        #: the send window was full: pushes after this seq wait in the journal
-        self.backlog_after: int | None = None
+        #: the first replay (all the agent's open pushes, oldest first) has run to its end
+        self.scanned = False
         self.closed = False
         self.connected_at = 0.0
         #: who this session authenticated as (its token's expiry included); re-checked on
         #: every heartbeat tick and when its client is revoked
         self.principal: Any = None
+
+        #: when the socket opened (a config read after this means the agent is configuring)
+        self.opened_at = 0.0
+        #: the agent can take pushes (it has read its config); see L{Hub._became_ready}
+        self.ready = False
+        self.ever_ready = False
+        self.ready_call: Any = None
+        #: consecutive "not delivered" agent errors: the backoff before trying again
+        self.not_ready_count = 0
+        self.lanes: dict[str, _Lane] = {}
+        #: lanes with room of their own that wait for room in the agent's window, in order
+        self.blocked: deque[_Lane] = deque()
+        self.stalled: set[str] = set()
+        self.hold_logged = False
 
     @property
     def refreshes_token(self) -> bool:
@@ -69,6 +124,11 @@ class Session:
     @property
     def resends_safely(self) -> bool:
         return CAP_DEDUPE in self.capabilities or wire.CAP_DURABLE in self.capabilities
+
+    @property
+    def ordered_lanes(self) -> bool:
+        """Our durable agent keeps one ordered lane per device; Medplum's agent does not."""
+        return wire.CAP_DURABLE in self.capabilities
 
 
 InboundHandler = Callable[[str, Mapping[str, Any]], Deferred]
@@ -97,6 +157,12 @@ class Hub:
         max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
         request_timeout: float = 5.0,
         window: int = 1000,
+        lane_window: int = LANE_WINDOW,
+        max_tracked: int | None = None,
+        ready_timeout: float = 5.0,
+        ready_settle: float = 1.0,
+        retry_base: float = 1.0,
+        retry_cap: float = 30.0,
         inbound: InboundHandler = _no_inbound,
     ) -> None:
         self.clock = clock
@@ -107,9 +173,27 @@ class Hub:
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_message_size = max_message_size
         self.request_timeout = request_timeout
-        #: pushes on an agent's wire without a final answer, at most
+        #: pushes on an agent's wire without a final answer, at most (pushes on lanes the
+        #: agent reports as waiting on a retry not counted: they only hold their own lane)
         self.window = window
+        #: ... and per device lane (agents with ordered lanes; others get one at a time)
+        self.lane_window = lane_window
+        #: in-flight records per agent in memory, at most, stalled lanes included
+        self.max_tracked = max_tracked if max_tracked is not None else 10 * window
+        #: an agent without our extensions gets pushes once it has read its config (observed
+        #: as its REST read of its Agent resource, plus C{ready_settle} for the answer to
+        #: reach it), or has answered a heartbeat, or after C{ready_timeout}: Medplum's agent
+        #: reads its config when its process starts, not when it reconnects, so no read
+        #: soon after connect means it has its config already.  Should it still refuse, the
+        #: push stays queued and is tried again after a backoff.
+        self.ready_timeout = ready_timeout
+        self.ready_settle = ready_settle
+        #: backoff after an agent said it did not take a message (never a hot loop)
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
         self.inbound = inbound
+        #: when each agent last read its Agent resource over REST (see L{agent_config_read})
+        self._config_reads: dict[str, float] = {}
         self.sessions: dict[str, Session] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._waiters: dict[str, list[Deferred[Push]]] = {}
@@ -121,12 +205,17 @@ class Hub:
     # -- connection lifecycle ----------------------------------------------------------
 
     def connection_made(self, conn: AgentConnection) -> Session:
-        return Session(conn)
+        session = Session(conn)
+        session.opened_at = self.clock.seconds()
+        return session
 
     def connection_lost(self, session: Session, reason: str = "closed") -> None:
         session.closed = True
         if session.heartbeat is not None and session.heartbeat.running:
             session.heartbeat.stop()
+        if session.ready_call is not None and session.ready_call.active():
+            session.ready_call.cancel()
+        session.ready_call = None
         agent_id = session.agent_id
         if agent_id is None or self.sessions.get(agent_id) is not session:
             return
@@ -153,6 +242,9 @@ class Hub:
                 in_doubt=True,
             )
         session.in_flight.clear()
+        session.lanes.clear()
+        session.blocked.clear()
+        session.stalled.clear()
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self.sessions
@@ -189,6 +281,8 @@ class Hub:
                 session.outstanding_heartbeats = 0
                 if isinstance(msg.get("version"), str):
                     session.version = msg["version"]
+                if not session.ever_ready:
+                    self._became_ready(session, "answered a heartbeat")
             elif kind == wire.TRANSMIT_RESPONSE:
                 self._on_transmit_response(session, msg)
             elif kind == wire.TRANSMIT_REQUEST:
@@ -200,6 +294,7 @@ class Hub:
                 wire.LOGS_RESPONSE,
                 wire.STATS_RESPONSE,
                 wire.UPGRADE_RESPONSE,
+                wire.TRANSMIT_CANCEL_RESPONSE,
             ):
                 self._on_request_response(session, msg)
             else:
@@ -287,7 +382,17 @@ class Hub:
                 session.heartbeat = LoopingCall(self._heartbeat, session)
                 session.heartbeat.clock = self.clock
                 session.heartbeat.start(self.heartbeat_interval, now=False)
-            self._replay(session)
+            if session.ready or session.ready_call is not None:
+                return  # a repeated connect request on a live session
+            if wire.CAP_DURABLE in session.capabilities:
+                self._became_ready(session, "announced durable")
+                return
+            read_at = self._config_reads.get(agent_id)
+            if read_at is not None and read_at >= session.opened_at:
+                self._ready_after(session, read_at + self.ready_settle - self.clock.seconds(),
+                                  "read its config")
+            else:
+                self._ready_after(session, self.ready_timeout, "ready timeout")
 
         def missing(f: Failure) -> None:
             text = f.value.message if isinstance(f.value, FHIRError) else "Agent lookup failed"
@@ -331,27 +436,145 @@ class Hub:
         for session in ended:
             self._end_session(session, CLIENT_REVOKED)
         return len(ended)
+    # -- readiness --------------------------------------------------------------------------
+
+    def agent_config_read(self, agent_id: str) -> None:
+        """
+        The agent read its own C{Agent} resource over REST.  Medplum's agent does that right
+        after its socket opens and refuses pushes until it has ("Agent.status is currently set
+        to off"), so this is the sign it can take them (after C{ready_settle}, for our answer
+        to reach it).
+        """
+        now = self.clock.seconds()
+        self._config_reads[agent_id] = now
+        session = self.sessions.get(agent_id)
+        if session is None or session.ready or session.closed:
+            return
+        if wire.CAP_DURABLE in session.capabilities:
+            return
+        self._ready_after(session, self.ready_settle, "read its config")
+
+    def _ready_after(self, session: Session, delay: float, why: str) -> None:
+        """Become ready in C{delay} seconds, or sooner if already scheduled sooner."""
+        delay = max(0.0, delay)
+        call = session.ready_call
+        if call is not None and call.active():
+            if call.getTime() <= self.clock.seconds() + delay:
+                return
+            call.cancel()
+        session.ready_call = self.clock.callLater(delay, self._became_ready, session, why)
+
+    def _became_ready(self, session: Session, why: str) -> None:
+        if session.ready_call is not None and session.ready_call.active():
+            session.ready_call.cancel()
+        session.ready_call = None
+        if session.closed or session.ready or self.sessions.get(session.agent_id or "") \
+                is not session:
+            return
+        session.ready = True
+        first = not session.ever_ready
+        session.ever_ready = True
+        log.info("Agent/{agent_id} takes pushes ({why})", agent_id=session.agent_id, why=why)
+        if first or not session.scanned:
+            self._replay(session)
+        else:
+            self._pump_all(session)
+
+    def _not_ready(self, session: Session) -> None:
+        """
+        The agent said it did not take a message: it is not ready (yet, or again).  Send
+        nothing until a backoff (1 s, 2 s, 4 s ... C{retry_cap}) has passed or it has read its
+        config again.
+        """
+        if not session.ready:
+            return
+        session.ready = False
+        session.not_ready_count += 1
+        delay = min(self.retry_base * 2 ** (session.not_ready_count - 1), self.retry_cap)
+        log.warn(
+            "Agent/{agent_id} did not take a push (not ready); pushes to it wait, next try "
+            "in {delay:.1f}s", agent_id=session.agent_id, delay=delay)
+        self._ready_after(session, delay, "retry after not delivered")
+
+    def _pause(self, session: Session, why: str) -> None:
+        """Send nothing for C{retry_cap} seconds, then read the journal again."""
+        if session.closed:
+            return
+        session.ready = False
+        self._ready_after(session, self.retry_cap, why)
 
     # -- pushes ---------------------------------------------------------------------------
 
+    def _lane(self, session: Session, remote: str) -> _Lane:
+        key = lane_key(remote)
+        lane = session.lanes.get(key)
+        if lane is None:
+            lane = session.lanes[key] = _Lane(key)
+        lane.remotes.add(remote)
+        return lane
+
+    def _lane_limit(self, session: Session) -> int:
+        return max(1, self.lane_window) if session.ordered_lanes else 1
+
+    def _global_room(self, session: Session, lane: _Lane) -> int:
+        """Room in the agent's window for C{lane}; a stalled lane only needs memory room."""
+        memory = self.max_tracked - len(session.in_flight)
+        if lane.stalled:
+            return memory
+        stalled = sum(len(session.lanes[k].in_flight) for k in session.stalled
+                      if k in session.lanes)
+        return min(self.window - (len(session.in_flight) - stalled), memory)
+
+    def _room(self, session: Session, lane: _Lane) -> int:
+        return min(self._lane_limit(session) - len(lane.in_flight),
+                   self._global_room(session, lane))
+
     def submit(self, push: Push) -> None:
-        """A journaled push: send it now if its agent is connected and nothing is ahead."""
+        """A journaled push: send it now if its agent takes it and nothing is ahead on its lane."""
         session = self.sessions.get(push.agent_id)
-        if session is None or session.replaying or session.backlog_after is not None:
+        if session is None or session.closed or not session.scanned or session.replaying:
             return  # stays queued; the replay picks it up in order
-        if len(session.in_flight) >= self.window:
-            session.backlog_after = (push.seq or 1) - 1
+        if push.id in session.in_flight:
             return
-        self._send(session, push)
+        lane = self._lane(session, push.remote)
+        if lane.next_seq is not None or lane.loading or not session.ready \
+                or self._room(session, lane) <= 0:
+            self._hold(session, lane, push.seq or 1)
+            return
+        self._send(session, lane, push)
 
-    def _maybe_resume(self, session: Session) -> None:
-        """Answers came in: refill the send window from the journal."""
-        if (session.backlog_after is not None and not session.replaying and not session.closed
-                and len(session.in_flight) <= self.window // 2):
-            after, session.backlog_after = session.backlog_after, None
-            self._replay(session, after)
+    def _hold(self, session: Session, lane: _Lane, seq: int) -> None:
+        """Push C{seq} (and what follows on its lane) waits in the journal."""
+        if lane.loading:
+            lane.rewind = seq if lane.rewind is None else min(lane.rewind, seq)
+        elif lane.next_seq is None or seq < lane.next_seq:
+            lane.next_seq = seq
+        if not session.ready:
+            return
+        limit = self._lane_limit(session)
+        if len(lane.in_flight) >= limit:
+            if not lane.hold_logged and limit > 1:
+                lane.hold_logged = True
+                log.info(
+                    "Agent/{agent_id}: device {lane} has {n} push(es) unanswered (lane window "
+                    "{limit}){why}; its further pushes wait in the journal, other devices go on",
+                    agent_id=session.agent_id, lane=_safe(lane.key), n=len(lane.in_flight),
+                    limit=limit, why=", waiting on a retry" if lane.stalled else "")
+        elif self._global_room(session, lane) <= 0:
+            self._block(session, lane)
 
-    def _send(self, session: Session, push: Push) -> None:
+    def _block(self, session: Session, lane: _Lane) -> None:
+        if not lane.blocked:
+            lane.blocked = True
+            session.blocked.append(lane)
+        if not session.hold_logged:
+            session.hold_logged = True
+            log.info(
+                "Agent/{agent_id} has {n} push(es) unanswered (window {window}); further "
+                "pushes wait in the journal and go device by device as answers come in",
+                agent_id=session.agent_id, n=len(session.in_flight), window=self.window)
+
+    def _send(self, session: Session, lane: _Lane, push: Push) -> None:
         if push.id in session.in_flight:
             return
         if push.expires_at is not None and push.expires_at <= self.clock.seconds():
@@ -368,10 +591,14 @@ class Hub:
         for key in ("returnAck", "waitTimeout"):
             if key in push.options:
                 msg[key] = push.options[key]
-        session.in_flight[push.id] = push
         session.conn.send_message(msg)
         if push.state != j.ACCEPTED:
             self.journal.transition(push, j.SENT, count_attempt=True)
+        # Until its answer only the record is kept, not the payload (someone waiting holds
+        # the full push anyway): a window of thousands stays small in memory.
+        session.in_flight[push.id] = (
+            push if push.id in self._pending_pushes else attr.evolve(push, body=""))
+        lane.in_flight.add(push.id)
         log.debug(
             "Push {push_id} sent to Agent/{agent_id} ({size} bytes, {content_type})",
             push_id=push.id,
@@ -380,11 +607,111 @@ class Hub:
             content_type=push.content_type,
         )
 
-    def _replay(self, session: Session, after: int = 0) -> None:
+    def _untrack(self, session: Session, push_id: str) -> tuple[Push | None, _Lane | None]:
+        """Forget an in-flight push (its answer came); returns it and its lane."""
+        push = session.in_flight.pop(push_id, None)
+        if push is None:
+            return None, None
+        lane = session.lanes.get(lane_key(push.remote))
+        if lane is not None:
+            lane.in_flight.discard(push_id)
+        return push, lane
+
+    def _refill(self, session: Session, lane: _Lane | None) -> None:
+        """Answers came in (their journal writes are queued): send what waits."""
+        if session.closed:
+            return
+        if lane is not None:
+            self._pump_lane(session, lane)
+        self._serve_blocked(session)
+
+    def _serve_blocked(self, session: Session) -> None:
+        """Lanes that waited for the agent's window, oldest first, once half of it is free."""
+        threshold = max(1, self.window // 2)
+        for _ in range(len(session.blocked)):
+            if not session.blocked or session.closed or not session.ready:
+                return
+            lane = session.blocked[0]
+            need = min(self._lane_limit(session) - len(lane.in_flight), threshold)
+            if not lane.stalled and self._global_room(session, lane) < max(1, need):
+                return
+            session.blocked.popleft()
+            lane.blocked = False
+            self._pump_lane(session, lane, from_blocked=True)
+        if not session.blocked:
+            session.hold_logged = False
+
+    def _pump_all(self, session: Session) -> None:
+        for lane in list(session.lanes.values()):
+            self._pump_lane(session, lane)
+        self._serve_blocked(session)
+
+    def _pump_lane(self, session: Session, lane: _Lane, from_blocked: bool = False) -> None:
+        """
+        Read the next page of a lane that waits from the journal and send it: a device with a
+        backlog of a million is streamed from disk, never held in memory, and only ever
+        waits on itself.
+        """
+        if (session.closed or not session.ready or not session.scanned or lane.loading
+                or lane.next_seq is None or (lane.blocked and not from_blocked)):
+            return
+        lane_room = self._lane_limit(session) - len(lane.in_flight)
+        if lane_room <= 0 or (lane.in_flight and lane_room < self._lane_limit(session) // 2):
+            return  # refill in half windows, not one read per answer
+        global_room = self._global_room(session, lane)
+        if global_room <= 0 or (not from_blocked and not lane.stalled
+                                and global_room < min(lane_room, max(1, self.window // 2))):
+            self._block(session, lane)
+            return
+        limit = min(lane_room, global_room)
+        agent_id = session.agent_id
+        assert agent_id is not None
+        after = lane.next_seq - 1
+        lane.loading = True
+        lane.rewind = None
+        states = j.OPEN_STATES if session.resends_safely else (j.QUEUED,)
+
+        def got(pushes: list[Push]) -> None:
+            lane.loading = False
+            if session.closed:
+                return
+            next_seq: int | None = None if len(pushes) < limit else pushes[-1].seq + 1
+            for push in pushes:
+                live = self.live_push(push)
+                if live.final or live.id in session.in_flight:
+                    continue
+                if not session.ready or self._room(session, lane) <= 0:
+                    next_seq = push.seq
+                    break
+                self._send(session, lane, live)
+            if lane.rewind is not None:
+                next_seq = lane.rewind if next_seq is None else min(next_seq, lane.rewind)
+                lane.rewind = None
+            lane.next_seq = next_seq
+            if next_seq is None:
+                lane.hold_logged = False
+            else:
+                self._pump_lane(session, lane)
+
+        def failed(f: Failure) -> None:
+            lane.loading = False
+            if lane.rewind is not None:
+                lane.next_seq = min(lane.next_seq or lane.rewind, lane.rewind)
+                lane.rewind = None
+            log.failure("Reading the queued pushes of Agent/{agent_id} failed", f,
+                        agent_id=agent_id)
+            self._pause(session, "retry after a journal error")
+
+        self.journal.open_pushes(agent_id, after_seq=after, remotes=sorted(lane.remotes),
+                                 limit=limit, states=states).addCallbacks(got, failed)
+
+    def _replay(self, session: Session) -> None:
         """
         Send what the agent still owes an answer for, oldest first, page by page; new pushes
-        wait in the journal meanwhile so order is kept.  At most C{window} pushes are on the
-        wire unanswered: a backlog of a million is streamed from disk, never held in memory.
+        wait in the journal meanwhile so order is kept.  A lane that fills up (or finds the
+        agent's window full) keeps its place (the seq of its first waiting push) and is left
+        out of the following pages: it resumes from there on its own, and the scan goes on to
+        the other devices.
         """
         if session.replaying:
             return
@@ -397,9 +724,12 @@ class Hub:
             if session.closed:
                 session.replaying = False
                 return
-            self.journal.open_for_agent(agent_id, after_seq=after, states=states).addCallbacks(
-                lambda pushes: got(pushes, after), failed
-            )
+            held = [r for lane in session.lanes.values() if lane.next_seq is not None
+                    for r in lane.remotes]
+            self.journal.open_pushes(
+                agent_id, after_seq=after, states=states, limit=REPLAY_PAGE,
+                exclude_remotes=held if len(held) <= _MAX_EXCLUDED else (),
+            ).addCallbacks(lambda pushes: got(pushes, after), failed)
 
         def got(pushes: list[Push], after: int) -> None:
             if session.closed:
@@ -407,23 +737,26 @@ class Hub:
                 return
             if not pushes:
                 session.replaying = False
+                session.scanned = True
+                self._pump_all(session)
                 return
             for push in pushes:
+                lane = self._lane(session, push.remote)
                 live = self.live_push(push)
-                if live.final or live.id in session.in_flight:
+                if live.final or live.id in session.in_flight or lane.next_seq is not None:
                     continue
-                if len(session.in_flight) >= self.window:
-                    session.backlog_after = (push.seq or 1) - 1
-                    session.replaying = False
-                    return
-                self._send(session, live)
+                if not session.ready or self._room(session, lane) <= 0:
+                    self._hold(session, lane, push.seq or 1)
+                    continue
+                self._send(session, lane, live)
             page(pushes[-1].seq or after)
 
         def failed(f: Failure) -> None:
             session.replaying = False
             log.failure("Replay for Agent/{agent_id} failed", f, agent_id=agent_id)
+            self._pause(session, "retry after a journal error")
 
-        page(after)
+        page(0)
 
     def live_push(self, push: Push) -> Push:
         """Prefer the in-memory copy of a push that someone is waiting on."""
@@ -500,7 +833,9 @@ class Hub:
                         push_id=push_id,
                     )
                     return
-                if not p.final:
+                if p.id in session.in_flight:  # re-sent meanwhile: answered on this socket
+                    self._apply_response(session.in_flight[p.id], msg, session)
+                elif not p.final:
                     self._apply_response(self.live_push(p), msg)
                     if msg.get("delivery") != "accepted":
                         self._confirm_when_recorded(session, p)
@@ -526,11 +861,18 @@ class Hub:
                 self.journal.transition(push, j.ACCEPTED, error=error)
             if error:
                 self._answer_retrying(push)
+                if session is not None:
+                    self._stalled(session, push, True)
             return
+        lane = None
         if session is not None:
-            session.in_flight.pop(push.id, None)
-            self._maybe_resume(session)
-        if status >= 400 or delivery == "failed":
+            self._stalled(session, push, False)
+            _, lane = self._untrack(session, push.id)
+            session.not_ready_count = 0
+        if delivery == "cancelled":
+            d = self._finish(push, j.CANCELLED, error=msg.get("error") if isinstance(
+                msg.get("error"), str) else "Cancelled on the agent before delivery")
+        elif status >= 400 or delivery == "failed":
             if isinstance(msg.get("error"), str):
                 error = msg["error"]
             elif status < 400:  # the device answered no: its answer is the reply, not a log line
@@ -544,6 +886,22 @@ class Hub:
         if session is not None:
             # Confirm only once the answer is on disk: until then the agent keeps it.
             d.addCallback(lambda _: self._confirm(session, push.id))
+            self._refill(session, lane)
+
+    def _stalled(self, session: Session, push: Push, stalled: bool) -> None:
+        """
+        The agent reports a push waiting on a retry (its device is down) or answered: such a
+        lane only holds its own window, not the agent's.
+        """
+        lane = session.lanes.get(lane_key(push.remote))
+        if lane is None or lane.stalled == stalled:
+            return
+        lane.stalled = stalled
+        if stalled:
+            session.stalled.add(lane.key)
+            self._serve_blocked(session)  # its pushes no longer count in the agent's window
+        else:
+            session.stalled.discard(lane.key)
 
     def _answer_retrying(self, push: Push) -> None:
         """
@@ -566,9 +924,23 @@ class Hub:
     def _on_agent_error(self, session: Session, msg: Mapping[str, Any]) -> None:
         push_id = self._push_id(msg)
         if push_id and push_id in session.in_flight:
-            push = session.in_flight.pop(push_id)
+            push, lane = self._untrack(session, push_id)
+            assert push is not None
+            if wire.error_not_delivered(msg):
+                # Nothing reached a device: the push waits again, first on its lane, and the
+                # agent gets pushes again after a backoff (or once it has read its config).
+                log.info("Push {push_id} not taken by Agent/{agent_id} ({reason}); stays queued",
+                         push_id=push.id, agent_id=session.agent_id,
+                         reason=str(msg.get("body"))[:100])
+                self.journal.transition(push, j.QUEUED, error=str(msg.get("body"))[:200]
+                                        + " (not delivered; will be sent again)")
+                self._not_ready(session)
+                if lane is not None:
+                    self._hold(session, lane, push.seq or 1)
+                return
             self._finish(push, j.FAILED, error=msg.get("body") or "agent:error",
                          reply=(400, "text/plain", msg.get("body") or ""))
+            self._refill(session, lane)
             return
         if self._on_request_response(session, msg, quiet=True):
             return
@@ -593,6 +965,91 @@ class Hub:
         if (current is not None and principal.client_id == current.client_id
                 and (principal.expires_at or 0) > (current.expires_at or 0)):
             session.principal = principal
+
+    def snapshot(self, agent_id: str) -> dict[str, Any] | None:
+        """For ``$stats``: what is on the agent per device lane, and what waits (no payloads)."""
+        session = self.sessions.get(agent_id)
+        if session is None:
+            return None
+        return {
+            "ready": session.ready,
+            "inFlight": len(session.in_flight),
+            "window": self.window,
+            "laneWindow": self._lane_limit(session),
+            "lanes": {
+                _safe(lane.key): {"inFlight": len(lane.in_flight),
+                                  "holding": lane.next_seq is not None,
+                                  "retrying": lane.stalled}
+                for lane in session.lanes.values()
+                if lane.in_flight or lane.next_seq is not None
+            },
+        }
+
+    # -- cancel -----------------------------------------------------------------------------
+
+    def cancel(self, push_id: str, by: str) -> Deferred[Push]:
+        """
+        Cancel a push that has not reached its device.  Queued on the relay: cancelled here.
+        On the agent: asked of the agent (``agent:transmit:cancel``, only if it announced
+        "cancel"), which drops it unless it is being delivered.  Anything else is a 409 that
+        says why.
+        """
+        d = self.journal.current(push_id)  # after every write queued so far
+        d.addCallback(lambda push: self._cancel(self.live_push(push), by))
+        return d
+
+    def _cancel(self, push: Push, by: str) -> Any:
+        session = self.sessions.get(push.agent_id)
+        on_agent = session is not None and push.id in session.in_flight
+        if push.final:
+            raise FHIRError(409, f"Push {push.id} is {push.state}; nothing to cancel",
+                            "conflict")
+        if push.state == j.QUEUED and not on_agent:
+            return self._finish(push, j.CANCELLED, error=f"Cancelled by {by}")
+        # written to an agent (now or over an earlier connection): only the agent can say
+        if session is None:
+            raise FHIRError(
+                409, f"Push {push.id} is {push.state}: it was sent to Agent/{push.agent_id}, "
+                "which is not connected now; it can be cancelled once the agent is back",
+                "conflict")
+        if wire.CAP_CANCEL not in session.capabilities:
+            raise FHIRError(
+                409, f"Push {push.id} is {push.state}: Agent/{push.agent_id} has it and cannot "
+                "cancel pushes it holds (no 'cancel' capability); it will be delivered",
+                "conflict")
+        d = self.request(push.agent_id, {"type": wire.TRANSMIT_CANCEL, "pushId": push.id})
+        return d.addCallback(lambda answer: self._cancel_answered(session, push, by, answer))
+
+    def _cancel_answered(self, session: Session, push: Push, by: str,
+                         answer: Mapping[str, Any]) -> Any:
+        status = answer.get("statusCode")
+        text = answer.get("body") if isinstance(answer.get("body"), str) else ""
+        if answer.get("type") == wire.ERROR:
+            raise FHIRError(502, f"Agent/{push.agent_id} could not cancel push {push.id}: "
+                            f"{str(answer.get('body'))[:200]}", "transient")
+        if status == 200:
+            live = session.in_flight.get(push.id, push)
+            _, lane = self._untrack(session, push.id)
+            if live.final:
+                return live
+            d = self._finish(live, j.CANCELLED, error=f"Cancelled by {by} (dropped by the agent "
+                             "before delivery)")
+            d.addCallback(lambda done: (self._confirm(session, push.id), done)[1])
+            self._refill(session, lane)
+            return d
+        if status == 404 and not session.closed and push.id not in session.in_flight \
+                and push.state == j.SENT:
+            # written over an earlier connection and never stored by the agent: it is only
+            # here, and nothing sends it while this runs
+            return self._finish(push, j.CANCELLED, error=f"Cancelled by {by}")
+        if status == 409:
+            raise FHIRError(
+                409, f"Push {push.id} cannot be cancelled: Agent/{push.agent_id} is delivering "
+                f"it to the device now, or has answered it ({text or 'in flight'}); its outcome "
+                "will be recorded", "conflict")
+        raise FHIRError(
+            409, f"Push {push.id} cannot be cancelled now: Agent/{push.agent_id} does not hold "
+            f"it ({text or status}); try again", "conflict")
 
     # -- inbound (device → cloud) -------------------------------------------------------
 

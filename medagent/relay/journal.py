@@ -520,6 +520,55 @@ class Journal:
 
         return self._db.run(txn)
 
+    def open_pushes(
+        self,
+        agent_id: str,
+        *,
+        after_seq: int = 0,
+        remotes: Iterable[str] | None = None,
+        exclude_remotes: Iterable[str] = (),
+        limit: int = 500,
+        states: Iterable[str] = OPEN_STATES,
+    ) -> Deferred[list[Push]]:
+        """
+        Like L{open_for_agent}, restricted to (or excluding) some device URLs, and ordered
+        after every write queued before it (it runs in the write batch): a push the hub has
+        just sent or answered is never read back in its old state, so never sent twice.
+        """
+        states = tuple(states)
+        clauses = [f"state IN ({','.join('?' * len(states))})"]
+        args: list[Any] = [agent_id, *states]
+        if remotes is not None:
+            remotes = tuple(remotes)
+            clauses.append(f"remote IN ({','.join('?' * len(remotes))})")
+            args.extend(remotes)
+        exclude = tuple(exclude_remotes)
+        if exclude:
+            clauses.append(f"remote NOT IN ({','.join('?' * len(exclude))})")
+            args.extend(exclude)
+        where = " AND ".join(clauses)
+
+        def txn(conn: Any) -> list[Push]:
+            rows = conn.execute(
+                f"SELECT * FROM pushes WHERE agent_id=? AND {where} AND seq>? ORDER BY seq"
+                " LIMIT ?",
+                (*args, after_seq, limit),
+            )
+            return [_row_to_push(r) for r in rows]
+
+        return self._db.run_batched(txn)
+
+    def current(self, push_id: str) -> Deferred[Push]:
+        """L{get}, ordered after every write queued before it."""
+
+        def txn(conn: Any) -> Push:
+            row = conn.execute("SELECT * FROM pushes WHERE id=?", (push_id,)).fetchone()
+            if row is None:
+                raise not_found(f"No push {push_id}")
+            return _row_to_push(row)
+
+        return self._db.run_batched(txn)
+
     def search(self, params: Mapping[str, str], limit: int = 100) -> Deferred[list[Push]]:
         where, args = _where(params)
 

@@ -464,12 +464,13 @@ class PushService:
 
     @inlineCallbacks
     def cancel(self, principal: Principal, push_id: str):
+        """
+        Queued on the relay: cancelled at once.  Already on the agent: the hub asks the agent
+        to drop it (409 if it is being delivered, or the agent cannot cancel).
+        """
         push = yield self.journal.get(push_id)
         principal.require_push(push.agent_id)
-        if push.state != j.QUEUED:
-            raise FHIRError(409, f"Push {push_id} is {push.state}; only queued pushes can be "
-                            "cancelled", "conflict")
-        yield self.journal.transition(push, j.CANCELLED, error="Cancelled by " + principal.client_id)
+        push = yield self.hub.cancel(push_id, principal.client_id)
         return push
 
     @inlineCallbacks

@@ -378,6 +378,8 @@ class Api(Resource):
             if method == "GET":
                 await self._check_read(principal, resource_type, id)
                 resource = await self.store.read(resource_type, id)
+                if resource_type == "Agent" and principal.role == AGENT:
+                    self.hub.agent_config_read(id)  # Medplum's agent: now it takes pushes
                 return json_response(resource, ETag=f'W/"{resource["meta"]["versionId"]}"')
             if method == "PUT":
                 principal.require_admin()
@@ -490,6 +492,8 @@ class Api(Resource):
         if op == "$stats":
             relay_side = await self.journal.counts(agent_id)
             stats: dict[str, Any] = {"relay": relay_side}
+            if self.hub.snapshot(agent_id) is not None:
+                relay_side["lanes"] = self.hub.snapshot(agent_id)
             if self.hub.is_connected(agent_id):
                 answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST})
                 if answer.get("type") == wire.STATS_RESPONSE:
