@@ -30,7 +30,7 @@ from medagent.fhir import (
     operation_outcome,
 )
 from medagent.relay import journal as j
-from medagent.relay.auth import ADMIN, AGENT, PUSHER, Authority, Principal
+from medagent.relay.auth import ADMIN, AGENT, BOT, PUSHER, Authority, Principal
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal, Push
 from medagent.relay.push import PushResult, PushService
@@ -303,6 +303,9 @@ class Api(Resource):
     def _check_read(self, principal: Principal, resource_type: str, id: str | None) -> None:
         if principal.role == ADMIN:
             return
+        if principal.role == BOT:  # only what its Bot resource grants
+            principal.require_read(resource_type)
+            return
         if resource_type in ("Agent", "Device", "Endpoint"):
             if principal.role == AGENT and resource_type == "Agent" and id is not None:
                 if not principal.can_act_as(id):
@@ -329,7 +332,7 @@ class Api(Resource):
             return json_response(self._bundle(request, found))
         if len(rest) == 1 and method == "POST":
             if not (resource_type == "Binary" and principal.role == AGENT):
-                principal.require_admin()  # agents upload Binary (received DICOM instances)
+                principal.require_write(resource_type)  # agents upload Binary (DICOM received)
             resource = self._json_body(request)
             if isinstance(resource, dict):
                 resource.pop("id", None)
@@ -348,7 +351,7 @@ class Api(Resource):
                 resource = await self.store.read(resource_type, id)
                 return json_response(resource, ETag=f'W/"{resource["meta"]["versionId"]}"')
             if method == "PUT":
-                principal.require_admin()
+                principal.require_write(resource_type)
                 resource = self._json_body(request)
                 self._check_type(resource, resource_type)
                 if resource.get("id") not in (None, id):
@@ -366,7 +369,7 @@ class Api(Resource):
                 return json_response(updated, 200 if existed else 201,
                                      ETag=f'W/"{updated["meta"]["versionId"]}"')
             if method == "DELETE":
-                principal.require_admin()
+                principal.require_write(resource_type)
                 await self.store.delete(resource_type, id)
                 return json_response(operation_outcome("Deleted", id="ok"))
         raise FHIRError(405, f"{method} not supported on {'/'.join(rest)}", "not-supported")
@@ -532,7 +535,7 @@ class Api(Resource):
             agent = params.get("agent", "").removeprefix("Agent/")
             if agent:
                 params["agent"] = agent
-                if not principal.can_push(agent):
+                if not principal.may_list_pushes(agent):
                     raise forbidden(f"This client may not read pushes of Agent/{agent}")
             else:
                 principal.require_admin()
@@ -546,7 +549,7 @@ class Api(Resource):
             })
         if len(rest) >= 2:
             push = await self.journal.get(rest[1])
-            if not principal.can_push(push.agent_id):
+            if not principal.may_read_push(push.agent_id, push.requester):
                 raise forbidden("This client may not read this push")
             if len(rest) == 2 and method == "GET":
                 return json_response(self.hub.live_push(push).to_json())
