@@ -27,6 +27,7 @@ from medagent.agent.service import AgentService
 from medagent.client import MedagentClient
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.protocol import MLLPChannel
+from medagent.relay.auth import EXT_BOT_ACCESS
 from medagent.relay.service import RelayService
 
 SAMPLE_ORDER = (
@@ -85,7 +86,9 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
     relay_port = args.port or _free_port()
     relay = RelayService(reactor, data_dir=os.path.join(data_dir, "relay"),
                          listen=f"tcp:{relay_port}:interface=127.0.0.1",
-                         bot_run_as=None)  # local, synthetic data: no user switch needed
+                         # local, synthetic data: a relay that is not root runs the demo's
+                         # bot unsandboxed; as root it uses the sandbox (user medagent-bot)
+                         bots_unsandboxed=os.geteuid() != 0)
     relay.startService()
     stack.append(relay.stopService)
     admin = await relay.authority.create_client("admin", name="demo admin")
@@ -124,7 +127,11 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
     bot = await client.create({
         "resourceType": "Bot", "name": "Lab orders to HL7", "code": ORDER_BOT,
         "secret": [{"name": "agent", "valueString": agent["id"]},
-                   {"name": "device", "valueString": f"Device/{device['id']}"}]})
+                   {"name": "device", "valueString": f"Device/{device['id']}"}],
+        # what its token may do: read the order's Patient, push to this agent
+        "extension": [{"url": EXT_BOT_ACCESS, "extension": [
+            {"url": "read", "valueCode": "Patient"},
+            {"url": "push", "valueReference": {"reference": f"Agent/{agent['id']}"}}]}]})
     await client.create({
         "resourceType": "Subscription", "status": "active", "reason": "Lab orders",
         "criteria": "ServiceRequest", "channel": {"type": "rest-hook",

@@ -27,7 +27,12 @@ class RelayOptions(usage.Options):
         ["bot-memory-mb", None, "256", "Memory limit of one bot worker, MiB"],
         ["bot-time-limit", None, "10", "Seconds one bot run may take"],
         ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)"],
-        ["bot-run-as", None, "auto", "User bot workers run as (auto: nobody when root)"],
+        ["bot-user", None, "medagent-bot",
+         "Dedicated user (name or UID:GID) bots run as, in their sandbox"],
+    ]
+    optFlags = [
+        ["bots-unsandboxed", None,
+         "Development only: run bots without the sandbox (e.g. a relay that is not root)"],
     ]
 
 
@@ -70,7 +75,8 @@ class RelayServiceMaker:
             bot_memory_mb=int(options["bot-memory-mb"]),
             bot_time_limit=float(options["bot-time-limit"]),
             bot_base_url=options["bot-base-url"],
-            bot_run_as=options["bot-run-as"],
+            bot_user=options["bot-user"],
+            bots_unsandboxed=bool(options["bots-unsandboxed"]),
         )
 
 
