@@ -477,7 +477,8 @@ class RelayBotsBase(TestCase):
     async def _setUp(self) -> None:
         self.port = procs.free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-bots-"),
+        self.data_dir = tempfile.mkdtemp(prefix="relay-bots-")
+        self.relay = RelayService(reactor, data_dir=self.data_dir,
                                   listen=f"tcp:{self.port}:interface=127.0.0.1",
                                   bot_workers=self.workers, bot_time_limit=10.0,
                                   subscription_retry_base=0.5, **bot_sandbox())
