@@ -137,6 +137,41 @@ def python(testcase: Any, name: str, args: list[str], **kw: Any) -> Proc:
     return spawn(testcase, name, [sys.executable, *args], **kw)
 
 
+def _free_id() -> int:
+    """A uid (and gid) no user, group or process has: the bots' dedicated id in tests."""
+    import grp
+    import pwd
+
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            used.add(os.stat(f"/proc/{name}").st_uid)
+        except OSError:
+            pass
+    return next(i for i in range(61000, 62000) if i not in used)
+
+
+TEST_BOT_ID = _free_id()
+
+
+def bot_sandbox() -> dict[str, Any]:
+    """
+    RelayService options for bots in tests: the real sandbox when root (as in CI: a uid of
+    its own, namespaces), unsandboxed (the documented development opt-in) otherwise.
+    """
+    if os.geteuid() != 0:
+        return {"bots_unsandboxed": True}
+    return {"bot_user": f"{TEST_BOT_ID}:{TEST_BOT_ID}"}
+
+
+def bot_sandbox_args() -> list[str]:
+    """The same for a ``twistd medagent-relay`` command line."""
+    options = bot_sandbox()
+    if options.get("bots_unsandboxed"):
+        return ["--bots-unsandboxed"]
+    return ["--bot-user", options["bot_user"]]
+
+
 class RelayFixture:
     """A real ``twistd medagent-relay`` with an admin client, an Agent and its credentials."""
 
@@ -157,7 +192,8 @@ class RelayFixture:
         self.proc = python(
             self.testcase, "relay",
             ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", self.data_dir,
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *extra],
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *bot_sandbox_args(),
+             *extra],
         )
         await self.proc.wait_for("medagent relay listening", timeout=30)
         return self

@@ -32,36 +32,10 @@ from medagent.relay import botworker
 from medagent.relay.service import RelayService
 from medagent.relay.store import SQLiteStore
 from tests import procs
+from tests.procs import TEST_BOT_ID, bot_sandbox  # noqa: F401 (used by other tests)
 from tests.fakes import InlineReactor, inline_database
 
 HL7 = "MSH|^~\\&|LAB|FAC|EHR|HOSP|20240101120000||ADT^A01|CTRL0001|P|2.5.1\rPID|1||42^^^MRN"
-
-
-def _free_id() -> int:
-    """A uid (and gid) no user, group or process has: the bots' dedicated id in tests."""
-    import grp
-    import pwd
-
-    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        try:
-            used.add(os.stat(f"/proc/{name}").st_uid)
-        except OSError:
-            pass
-    return next(i for i in range(61000, 62000) if i not in used)
-
-
-TEST_BOT_ID = _free_id()
-
-
-def bot_sandbox() -> dict[str, Any]:
-    """
-    RelayService options for bots in tests: the real sandbox when root (as in CI: a uid of
-    its own, namespaces), unsandboxed (the documented development opt-in) otherwise.
-    """
-    if os.geteuid() != 0:
-        return {"bots_unsandboxed": True}
-    return {"bot_user": f"{TEST_BOT_ID}:{TEST_BOT_ID}"}
 
 
 # -- the pool, with fake processes --------------------------------------------------------
