@@ -606,6 +606,7 @@ class ExecuteTests(RelayBotsBase):
                                    timeout=30, what="worker replaced")
             bot = await self.bot(
                 "import os, resource\n"
+                "import csv, email.mime.text, sqlite3, xml.etree.ElementTree  # not preloaded\n"
                 "def handler(medplum, event):\n"
                 "    return {'env': dict(os.environ), 'cwd': os.getcwd(),\n"
                 "            'as': resource.getrlimit(resource.RLIMIT_AS)[0],\n"

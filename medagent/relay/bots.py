@@ -427,6 +427,8 @@ class WorkerPool:
         if not self._running or self.disabled:
             return
         folder = tempfile.mkdtemp(prefix="medagent-bot-")
+        if self._ids is not None and not self._config.get("namespaces"):
+            os.chmod(folder, 0o711)  # unsandboxed runs get a folder of their own in it
         worker = _Worker(self, folder)
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
