@@ -1,18 +1,22 @@
 """
-Python Bots: a pool of long-lived worker processes and the runner that feeds them.
+Python Bots: a pool of worker processes, the sandbox they run bots in, and the runner.
 
 A Bot resource carries Python source defining ``handler(medplum, event)``.  The relay never
-runs it in its own process: L{WorkerPool} keeps a few warm worker processes
-(L{medagent.relay.botworker}) and hands each one run at a time over a JSON-lines pipe.  A run
-that overstays its time limit gets its worker killed (with anything the bot started) and a
-fresh worker spawned; the memory limit is the worker's own ``RLIMIT_AS``; a worker that dies
-fails its run, never the relay.  Workers get a stripped environment, a temporary working
-folder, no file descriptor of the relay, and run as ``nobody`` when the relay runs as root
-and ``nobody`` can read the interpreter and our code.
+runs it in its own process: L{WorkerPool} keeps a few warm *zygotes*
+(L{medagent.relay.botworker}) and hands each one run at a time over a JSON-lines pipe.  Every
+run is a fresh fork of its zygote into a sandbox -- new pid, mount, network, IPC and UTS
+namespaces, a read-only filesystem with a private /tmp, the relay's data folder hidden,
+resource limits, a dedicated uid (never root) -- killed with everything it started at the
+end of the run or at its time limit.  Without that sandbox (the relay not root, no bot user,
+no namespaces) bots are refused, with the reason in the log, unless the relay was started
+with ``--bots-unsandboxed`` for development.  A worker that dies fails its run, never the
+relay.
 
 L{BotRunner} resolves the Bot, gives it a short-lived token for its own identity
-(``Bot/{id}``), runs it, and records every run as an C{AuditEvent} (bot, trigger, outcome,
-duration, the bot's own output truncated — never the input or the result).
+(``Bot/{id}``, role ``bot``, carrying only what the Bot resource grants), runs it, and
+records every run as an C{AuditEvent} (bot, trigger, outcome, duration, sizes, the
+exception's type and line -- never the input, the result, the output or an exception's
+text).
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """
-The bot worker process: runs Bot code for the relay, one run at a time, for many runs.
+The bot worker process: a zygote that forks a fresh, sandboxed process for every Bot run.
 
 Started by L{medagent.relay.bots.WorkerPool} with a stripped environment, a private temporary
 working folder and only stdin/stdout/stderr open.  It speaks one JSON object per line: the
-parent writes ``{"type": "run", ...}`` on stdin, the worker answers ``{"type": "result",
-...}`` on stdout.  Before the first run it says ``{"type": "ready"}``.
+relay writes ``{"type": "run", ...}`` on stdin, the run's supervisor answers ``{"type":
+"result", ...}`` on stdout, and the zygote adds ``{"type": "runEnded"}`` once that supervisor
+is gone.  Before the first run the zygote says ``{"type": "ready", "sandbox": {...}}`` with
+what a probe run saw from inside the sandbox (the relay refuses bots when it is not sound).
 
-The worker limits itself (address space, file size, open files, no core dumps) and moves
-into its own session, so the parent can kill it and anything the bot started as one group.
-The bot's ``print`` and logging go to a bounded buffer that comes back with the result; the
-real stdout is kept for the protocol only (file descriptor 1 is pointed at stderr, so a bot
-that writes to it directly cannot corrupt a reply).
+How a run is isolated is described below (the zygote, the run supervisor and the sandbox);
+docs/security.md says what a bot can reach.  The bot's ``print`` and logging go to a bounded
+buffer that comes back with the result; its stdout is /dev/null, so a bot that writes to a
+descriptor directly cannot corrupt a reply.
 
 This module imports nothing from Twisted: a worker should start fast and stay small.
 """
@@ -531,13 +532,14 @@ def _probe_checks(config: Mapping[str, Any]) -> dict[str, Any]:
     checks: dict[str, Any] = {"uid": os.getuid(), "gid": os.getgid()}
     checks["hiddenReadable"] = [p for p in config.get("hide") or []
                                 if os.access(p, os.R_OK) or os.access(p, os.X_OK)]
+    import errno
+
     try:
         with socket.create_connection(("127.0.0.1", 9), timeout=1):
             checks["network"] = True
     except OSError as e:
-        # ENETUNREACH: no network at all; ECONNREFUSED would mean the host's loopback
-        checks["network"] = not isinstance(e, (TimeoutError,)) and \
-            getattr(e, "errno", None) == 111
+        # ENETUNREACH: no network at all; "refused" would mean a loopback that is up
+        checks["network"] = e.errno == errno.ECONNREFUSED
     try:
         with open("/tmp/.probe", "w") as f:
             f.write("x")
@@ -694,6 +696,7 @@ def _supervise_run(config: Mapping[str, Any], request: dict[str, Any]) -> dict[s
 
 def _supervise(config: Mapping[str, Any], fd_in: int, fd_out: int) -> int:
     """The supervisor of one run: read the request, run it, send the answer."""
+    _die_with_parent()  # (not inherited over fork): a dead zygote ends the run at once
     limit = int(config.get("maxMessage") or 32 * 1024 * 1024)
     line = _read_line(fd_in, limit)
     os.close(fd_in)
@@ -778,6 +781,7 @@ def _run_probe(config: Mapping[str, Any]) -> dict[str, Any]:
         code = 70
         try:
             os.close(r)
+            _die_with_parent()
             reply = _supervise_run(config, {"type": "probe", "id": "probe", "timeLimit": 20})
             _write(w, _encode(reply))
             code = 0
