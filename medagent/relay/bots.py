@@ -124,22 +124,6 @@ def now_iso(seconds: float | None = None) -> str:
 # -- the worker pool ------------------------------------------------------------------------
 
 
-def _others_can_use(path: str, final: str) -> bool:
-    """Can a user who is neither owner nor group member reach C{path}?"""
-    try:
-        real = os.path.realpath(path)
-        parts = real.split(os.sep)
-        for i in range(1, len(parts)):
-            parent = os.sep.join(parts[:i]) or os.sep
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-        mode = os.stat(real).st_mode
-    except OSError:
-        return False
-    need = {"x": stat.S_IXOTH, "r": stat.S_IROTH, "rx": stat.S_IROTH | stat.S_IXOTH}[final]
-    return mode & need == need
-
-
 def _enterable_by(path: str, uid: int, gid: int) -> bool:
     """Could C{uid}/C{gid} open C{path} (the folder itself: its permission bits)?"""
     try:
