@@ -611,6 +611,8 @@ class ExecuteTests(RelayBotsBase):
                 "    return {'env': dict(os.environ), 'cwd': os.getcwd(),\n"
                 "            'as': resource.getrlimit(resource.RLIMIT_AS)[0],\n"
                 "            'uid': os.getuid(), 'fds': sorted(os.listdir('/proc/self/fd')),\n"
+                "            'dev': [open('/dev/null').read(), len(open('/dev/urandom',\n"
+                "                                                            'rb').read(4))],\n"
                 "            'pgid': os.getpgrp() == os.getpid()}\n")
             code, seen, _ = await self.call("POST", f"/fhir/R4/Bot/{bot['id']}/$execute", {})
             self.assertEqual(code, 200, seen)
@@ -624,6 +626,7 @@ class ExecuteTests(RelayBotsBase):
             # stdin, stdout (null), stderr, its answer pipe, the supervisor's lifeline (and
             # the descriptor listdir used): none of the relay's, not the protocol pipes
             self.assertEqual(len(seen["fds"]), 6, seen["fds"])
+            self.assertEqual(seen["dev"], ["", 4])  # /dev/null and /dev/urandom still work
             self.assertEqual(seen["as"], 256 * 1024 * 1024)
             self.assertTrue(seen["pgid"])
             for worker in self.relay.bot_pool.workers:

@@ -313,10 +313,11 @@ def _enter_sandbox(config: Mapping[str, Any]) -> list[str]:
     _unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     for point, options in _mount_points():
-        keep = MS_NOEXEC if "noexec" in options.split(",") else 0
+        flags = options.split(",")
+        # nodev only where it was (/dev itself stays usable: /dev/null, /dev/urandom)
+        keep = (MS_NOEXEC if "noexec" in flags else 0) | (MS_NODEV if "nodev" in flags else 0)
         try:
-            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
-                   | keep)
+            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep)
         except SandboxError:
             if point == "/":
                 raise
