@@ -363,11 +363,10 @@ class WorkerPool:
             return {}, ("the relay does not run as root, so it cannot start bots under their "
                         "own uid in a sandbox; run it as root (bots never are), or pass "
                         "--bots-unsandboxed for development")
-        path = [p for p in [self.code_root] + sys.path if p and os.path.isdir(p)]
         return {
             "uid": ids[0] if ids else None, "gid": ids[1] if ids else None,
             "namespaces": ids is not None and not self.unsandboxed,
-            "hide": self.hide, "apiSocket": self.api_socket, "path": path,
+            "hide": self.hide, "apiSocket": self.api_socket,
             "memoryMb": self.memory_mb, "maxMessage": self.max_message, "maxLog": self.max_log,
             "maxProcs": self.max_procs, "fileMb": self.file_mb, "tmpMb": self.tmp_mb,
         }, None

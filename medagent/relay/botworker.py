@@ -325,8 +325,8 @@ def _enter_sandbox(config: Mapping[str, Any]) -> list[str]:
     _mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     os.makedirs(SANDBOX_LIB)
     paths = []
-    for i, entry in enumerate(config.get("path") or []):
-        if not os.path.isdir(entry):
+    for i, entry in enumerate(dict.fromkeys(sys.path)):  # our own path (code root first)
+        if not entry or not os.path.isdir(entry):
             continue
         target = f"{SANDBOX_LIB}/{i}"
         os.mkdir(target)
