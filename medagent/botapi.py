@@ -8,15 +8,20 @@ expects; this module uses only the standard library (no Twisted) to keep workers
 Method names follow Python style (``create_resource``) with Medplum's camelCase names as
 aliases (``createResource``), so a bot ported from TypeScript reads the same.
 
-Every call is bounded by the bot's remaining run time.  ``push_to_agent`` carries an
-idempotency key (MSH-10 for HL7 v2, a key per call otherwise) and retries a lost connection
+Inside the relay's bot sandbox there is no network: the client reaches the relay through the
+Unix socket the relay binds into the sandbox (C{unix_socket}); C{base_url} is then only the
+name in the URLs.  Every call is bounded by the bot's remaining run time.
+``push_to_agent`` carries an idempotency key (MSH-10 for HL7 v2, a key per call otherwise) and retries a lost connection
 with it, so a retried push never reaches the device twice.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import ipaddress
 import json
+import socket
 import ssl
 import time
 import urllib.error
@@ -51,6 +56,35 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the relay's Unix socket (the only way out of the bot sandbox)."""
+
+    def __init__(self, path: str, host: str, **kw: Any) -> None:
+        super().__init__(host, **kw)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout if isinstance(self.timeout, (int, float)) else None)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixHandler(urllib.request.HTTPHandler):
+    """Replaces the default HTTP handler: every http: URL goes to the socket."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(functools.partial(_UnixConnection, self._path), req)
+
+
 class BotClient:
     """Synchronous relay client for bots (see the module docstring)."""
 
@@ -63,7 +97,10 @@ class BotClient:
         deadline: float | None = None,
         retries: int = 2,
         insecure_loopback: bool = False,
+        unix_socket: str | None = None,
     ) -> None:
+        if unix_socket and not base_url:
+            base_url = "http://medagent-relay"
         self.base_url = (base_url or "").rstrip("/")
         self._token = access_token
         self.timeout = timeout
@@ -71,6 +108,8 @@ class BotClient:
         self.deadline = deadline
         self.retries = retries
         handlers: list[Any] = [urllib.request.ProxyHandler({})]
+        if unix_socket:
+            handlers.append(_UnixHandler(unix_socket))
         if insecure_loopback and self.base_url.startswith("https:") and _is_loopback(
                 self.base_url):
             # The relay's own TLS listener on loopback, addressed by IP: nothing to verify.

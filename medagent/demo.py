@@ -27,6 +27,7 @@ from medagent.agent.service import AgentService
 from medagent.client import MedagentClient
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.protocol import MLLPChannel
+from medagent.relay.auth import EXT_BOT_ACCESS
 from medagent.relay.service import RelayService
 
 SAMPLE_ORDER = (
@@ -81,11 +82,32 @@ class Instrument:
         return succeed(Reply(body=ack, content_type=HL7_V2))
 
 
+def _demo_bot_options() -> dict[str, Any]:
+    """
+    The demo runs its own bot on synthetic data.  A relay that is not root runs it unsandboxed
+    (the documented development opt-in); as root it uses the real sandbox, as the user
+    ``medagent-bot`` when it exists, else a uid that no account uses (nothing to install).
+    """
+    if os.geteuid() != 0:
+        return {"bots_unsandboxed": True}
+    import pwd
+
+    from medagent.relay.bots import unused_id
+
+    try:
+        pwd.getpwnam("medagent-bot")
+        return {}
+    except KeyError:
+        pass
+    uid = unused_id()
+    return {"bot_user": f"{uid}:{uid}"}
+
+
 async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: list) -> None:
     relay_port = args.port or _free_port()
     relay = RelayService(reactor, data_dir=os.path.join(data_dir, "relay"),
                          listen=f"tcp:{relay_port}:interface=127.0.0.1",
-                         bot_run_as=None)  # local, synthetic data: no user switch needed
+                         **_demo_bot_options())
     relay.startService()
     stack.append(relay.stopService)
     admin = await relay.authority.create_client("admin", name="demo admin")
@@ -101,10 +123,13 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
 
     client = MedagentClient(reactor, base, admin["clientId"], admin["clientSecret"])
     stack.append(client.close)
-    agent = await client.create({"resourceType": "Agent", "name": "Demo lab agent",
-                                 "status": "active"})
     device = await client.create({"resourceType": "Device", "url": device_url,
-                                  "deviceName": [{"name": "Demo analyzer", "type": "user-friendly-name"}]})
+                                  "deviceName": [{"name": "Demo analyzer",
+                                                  "type": "user-friendly-name"}]})
+    # the Agent lists the Devices it serves: pushers and Bots may push only to those
+    agent = await client.create({"resourceType": "Agent", "name": "Demo lab agent",
+                                 "status": "active",
+                                 "device": {"reference": f"Device/{device['id']}"}})
     say("relay", f"created Agent/{agent['id']} and Device/{device['id']} ({device_url})")
     agent_creds = await relay.authority.create_client("agent", [agent["id"]], "demo agent")
     agent_service = AgentService(
@@ -124,7 +149,11 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
     bot = await client.create({
         "resourceType": "Bot", "name": "Lab orders to HL7", "code": ORDER_BOT,
         "secret": [{"name": "agent", "valueString": agent["id"]},
-                   {"name": "device", "valueString": f"Device/{device['id']}"}]})
+                   {"name": "device", "valueString": f"Device/{device['id']}"}],
+        # what its token may do: read the order's Patient, push to this agent
+        "extension": [{"url": EXT_BOT_ACCESS, "extension": [
+            {"url": "read", "valueCode": "Patient"},
+            {"url": "push", "valueReference": {"reference": f"Agent/{agent['id']}"}}]}]})
     await client.create({
         "resourceType": "Subscription", "status": "active", "reason": "Lab orders",
         "criteria": "ServiceRequest", "channel": {"type": "rest-hook",

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.defer import Deferred
 
+from medagent.relay.bots import unused_id
 from tests.peerenv import ROOT
 
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -137,6 +138,28 @@ def python(testcase: Any, name: str, args: list[str], **kw: Any) -> Proc:
     return spawn(testcase, name, [sys.executable, *args], **kw)
 
 
+#: the bots' dedicated uid and gid in tests (as root): one nothing else uses
+TEST_BOT_ID = unused_id(61000, 62000)
+
+
+def bot_sandbox() -> dict[str, Any]:
+    """
+    RelayService options for bots in tests: the real sandbox when root (as in CI: a uid of
+    its own, namespaces), unsandboxed (the documented development opt-in) otherwise.
+    """
+    if os.geteuid() != 0:
+        return {"bots_unsandboxed": True}
+    return {"bot_user": f"{TEST_BOT_ID}:{TEST_BOT_ID}"}
+
+
+def bot_sandbox_args() -> list[str]:
+    """The same for a ``twistd medagent-relay`` command line."""
+    options = bot_sandbox()
+    if options.get("bots_unsandboxed"):
+        return ["--bots-unsandboxed"]
+    return ["--bot-user", options["bot_user"]]
+
+
 class RelayFixture:
     """A real ``twistd medagent-relay`` with an admin client, an Agent and its credentials."""
 
@@ -157,7 +180,8 @@ class RelayFixture:
         self.proc = python(
             self.testcase, "relay",
             ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", self.data_dir,
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *extra],
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *bot_sandbox_args(),
+             *extra],
         )
         await self.proc.wait_for("medagent relay listening", timeout=30)
         return self

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from medagent.relay import bots as b
@@ -32,6 +32,7 @@ from medagent.relay import botworker
 from medagent.relay.service import RelayService
 from medagent.relay.store import SQLiteStore
 from tests import procs
+from tests.procs import TEST_BOT_ID, bot_sandbox  # noqa: F401 (used by other tests)
 from tests.fakes import InlineReactor, inline_database
 
 HL7 = "MSH|^~\\&|LAB|FAC|EHR|HOSP|20240101120000||ADT^A01|CTRL0001|P|2.5.1\rPID|1||42^^^MRN"
@@ -73,7 +74,9 @@ class PoolTests(SynchronousTestCase):
         self.pool = self.make_pool(size=1)
 
     def make_pool(self, **kw: Any) -> b.WorkerPool:
-        pool = b.WorkerPool(self.reactor, run_as=None, queue_timeout=30.0, **kw)
+        kw.setdefault("unsandboxed", True)
+        pool = b.WorkerPool(self.reactor, bot_user=f"{TEST_BOT_ID}:{TEST_BOT_ID}",
+                            queue_timeout=30.0, **kw)
         pool.killpg = lambda pid, sig: self.killed.append(pid)
         pool.start()
         self.addCleanup(self.stop_pool, pool)
@@ -148,11 +151,13 @@ class PoolTests(SynchronousTestCase):
         big = pool.submit({"input": "x" * 2000}, 5.0)
         self.assertEqual(self.successResultOf(big)["outcome"], b.INVALID)
 
-    def test_time_limit_kills_and_respawns(self) -> None:
+    def test_time_limit_backstop_kills_and_respawns(self) -> None:
+        # The run's supervisor answers "timeout" at the limit itself; should it not, the
+        # relay kills the whole worker a little later.
         worker = self.worker()
         self.ready(worker)
         d = self.pool.submit({}, 2.0)
-        self.reactor.advance(1.9)
+        self.reactor.advance(2.0 + b.BACKSTOP_GRACE - 0.1)
         self.assertNoResult(d)
         self.reactor.advance(0.1)
         result = self.successResultOf(d)
@@ -166,6 +171,52 @@ class PoolTests(SynchronousTestCase):
         d = self.pool.submit({}, 2.0)
         self.reply(self.worker(), ok=True)
         self.assertTrue(self.successResultOf(d)["ok"])
+
+    def test_supervisor_end_without_answer_fails_only_that_run(self) -> None:
+        worker = self.worker()
+        self.ready(worker)
+        d1 = self.pool.submit({}, 5.0)
+        d2 = self.pool.submit({}, 5.0)
+        self.reply(worker, ok=True)
+        worker.outReceived(b'{"type":"runEnded","exit":0}\n')  # run 1's: answered
+        self.assertTrue(self.successResultOf(d1)["ok"])
+        self.assertNoResult(d2)
+        worker.outReceived(b'{"type":"runEnded","exit":70}\n')  # run 2's: no answer
+        self.assertEqual(self.successResultOf(d2)["outcome"], b.CRASH)
+        self.assertEqual(worker.transport.signals, [])  # the zygote stays
+        d3 = self.pool.submit({}, 5.0)
+        self.reply(worker, ok=True)
+        self.assertTrue(self.successResultOf(d3)["ok"])
+
+    def test_sandbox_required_unless_unsandboxed(self) -> None:
+        # Sandboxed, a worker whose probe says the sandbox is not sound disables bots:
+        # every run is refused (503), nothing runs, and no worker is started again.
+        pool = self.make_pool(size=1, unsandboxed=False)
+        if os.geteuid() != 0:
+            self.assertIn("--bots-unsandboxed", pool.disabled)
+        else:
+            worker = self.worker()
+            worker.outReceived(json.dumps({"type": "ready", "pid": 1, "sandbox": {
+                "ok": True, "uid": TEST_BOT_ID, "network": True, "hiddenReadable": [],
+                "tmp": True}}).encode() + b"\n")
+            self.assertIn("network", pool.disabled)
+            self.assertEqual(worker.transport.signals, ["KILL"])
+            self.end(worker)
+        result = self.successResultOf(pool.submit({}, 1.0))
+        self.assertEqual(result["outcome"], b.DISABLED)
+        self.assertEqual(b.HTTP_STATUS[result["outcome"]], 503)
+
+    def test_never_root(self) -> None:
+        for user, text in (("0:0", "root"), ("65534:65534", "nobody"),
+                           ("no-such-user-here", "useradd")):
+            ids, problem = b.resolve_bot_ids(user)
+            self.assertIsNone(ids)
+            self.assertIn(text, problem)
+        if os.geteuid() == 0:
+            pool = b.WorkerPool(self.reactor, bot_user="no-such-user-here", unsandboxed=True)
+            pool.start()
+            self.addCleanup(pool.stop)
+            self.assertIn("useradd", pool.disabled)  # even unsandboxed: never as root
 
     def test_worker_death_fails_the_run_with_its_stderr(self) -> None:
         worker = self.worker()
@@ -193,16 +244,6 @@ class PoolTests(SynchronousTestCase):
         d = pool.submit({}, 5.0)
         worker.outReceived(b"{" + b"x" * 200)  # no newline, over the bound
         self.assertEqual(self.successResultOf(d)["outcome"], b.CRASH)
-
-    def test_fatal_reply_retires_the_worker(self) -> None:
-        worker = self.worker()
-        self.ready(worker)
-        d = self.pool.submit({}, 5.0)
-        self.reply(worker, ok=False, outcome=b.MEMORY, fatal=True, error="MemoryError")
-        self.assertEqual(self.successResultOf(d)["outcome"], b.MEMORY)
-        self.assertEqual(worker.transport.signals, ["KILL"])
-        self.end(worker)
-        self.assertEqual(len(self.reactor.spawned), 2)
 
     def test_max_runs_recycles(self) -> None:
         pool = self.make_pool(size=1, max_runs=2)
@@ -280,7 +321,10 @@ class WorkerRunTests(SynchronousTestCase):
     def test_errors(self) -> None:
         reply = run("def handler(m, e):\n    x = 1\n    raise ValueError('bad order')\n")
         self.assertEqual((reply["ok"], reply["outcome"]), (False, b.ERROR))
-        self.assertEqual(reply["error"], "ValueError: bad order")
+        # the type and line for audit trails; the text (which may quote input) separately
+        self.assertEqual((reply["error"], reply["errorType"], reply["errorLine"]),
+                         ("ValueError (line 3)", "ValueError", 3))
+        self.assertEqual(reply["errorText"], "ValueError: bad order")
         self.assertIn('File "<Bot/t>", line 3, in handler', reply["logs"])
         self.assertNotIn("botworker.py", reply["logs"])  # our frames are left out
         for code, text in (("def handler(:", "SyntaxError"), ("x = 1", "no handler"),
@@ -293,7 +337,7 @@ class WorkerRunTests(SynchronousTestCase):
         self.assertEqual(reply["outcome"], b.ERROR)
         reply = run("def handler(m, e):\n    return e.build_ack()", input="{}",
                     content_type="application/json")
-        self.assertIn("needs an HL7 v2 input", reply["error"])
+        self.assertIn("needs an HL7 v2 input", reply["errorText"])
 
     def test_output_is_bounded_and_state_does_not_leak(self) -> None:
         reply = run("def handler(m, e):\n    print('x' * 100000)", max_log=1000)
@@ -355,28 +399,19 @@ class BotResourceTests(SynchronousTestCase):
                             ("unix:/tmp/s", None), ("tcp:0", None)):
             self.assertEqual(b.base_url_from_listen(listen), url, listen)
 
-    def test_drop_privileges_decision(self) -> None:
-        folder = tempfile.mkdtemp()
-        self.addCleanup(os.rmdir, folder)
-        os.chmod(folder, 0o700)
-        self.assertFalse(b._others_can_use(folder, "rx"))
-        os.chmod(folder, 0o755)
-        self.assertTrue(b._others_can_use(folder, "rx"))
-        self.assertIsNone(b.unprivileged_ids(None, "/bin/sh", folder))
-        if os.getuid() != 0:
-            self.assertIsNone(b.unprivileged_ids("auto", "/bin/sh", folder))
-
     def test_audit_event_has_no_payload(self) -> None:
         event = b.audit_event(trigger="channel", outcome=b.TIMEOUT, started=100.0, ended=101.5,
-                              summary="Bot run (channel): timeout", logs="y" * 10000,
+                              summary="Bot run (channel): timeout", logs="PID|1||MRN-42" * 100,
                               bot={"name": "ADT"}, bot_ref="Bot/1", requester="Agent/a",
                               entities=["Agent/a"])
         self.assertEqual((event["resourceType"], event["outcome"], event["action"]),
                          ("AuditEvent", "8", "E"))
-        self.assertLess(len(event["outcomeDesc"]), b.AUDIT_LOG_CHARS + 100)
+        self.assertEqual(event["outcomeDesc"], "Bot run (channel): timeout")
+        self.assertNotIn("MRN-42", json.dumps(event))  # the output: its size only
         details = {x["url"]: x for x in event["extension"][0]["extension"]}
         self.assertEqual(details["trigger"]["valueCode"], "channel")
         self.assertEqual(details["durationMs"]["valueDecimal"], 1500.0)
+        self.assertEqual(details["outputBytes"]["valueInteger"], 1300)
         self.assertEqual([a["who"] for a in event["agent"]],
                          [{"reference": "Bot/1", "display": "ADT"}, {"reference": "Agent/a"}])
 
@@ -395,6 +430,17 @@ ECHO = ("def handler(medplum, event):\n    print('echo bot ran')\n"
 ACK = "def handler(medplum, event):\n    return event.build_ack()\n"
 
 
+def access(read: list[str] = (), write: list[str] = (), push: list[str] = ()
+           ) -> dict[str, Any]:
+    """The bot-access extension of a Bot resource (what its token may do)."""
+    from medagent.relay.auth import EXT_BOT_ACCESS
+
+    return {"url": EXT_BOT_ACCESS, "extension": (
+        [{"url": "read", "valueCode": t} for t in read]
+        + [{"url": "write", "valueCode": t} for t in write]
+        + [{"url": "push", "valueReference": {"reference": f"Agent/{a}"}} for a in push])}
+
+
 class RelayBotsBase(TestCase):
     timeout = 120
     workers = 2
@@ -405,10 +451,11 @@ class RelayBotsBase(TestCase):
     async def _setUp(self) -> None:
         self.port = procs.free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-bots-"),
+        self.data_dir = tempfile.mkdtemp(prefix="relay-bots-")
+        self.relay = RelayService(reactor, data_dir=self.data_dir,
                                   listen=f"tcp:{self.port}:interface=127.0.0.1",
                                   bot_workers=self.workers, bot_time_limit=10.0,
-                                  subscription_retry_base=0.5)
+                                  subscription_retry_base=0.5, **bot_sandbox())
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
         self.pool = HTTPConnectionPool(reactor)
@@ -477,8 +524,11 @@ class ExecuteTests(RelayBotsBase):
             self.assertTrue(result["requester"]["reference"].startswith("ClientApplication/"))
             event = await self.audit(headers)
             self.assertEqual((event["outcome"], details(event)["trigger"]), ("0", "execute"))
-            self.assertIn("echo bot ran", event["outcomeDesc"])
-            self.assertNotIn("PHI-MARKER-123", json.dumps(event))  # no input, no output
+            # no input, no result, no output: sizes only
+            self.assertNotIn("echo bot ran", json.dumps(event))
+            self.assertNotIn("PHI-MARKER-123", json.dumps(event))
+            self.assertEqual(details(event)["outputBytes"], len("echo bot ran\n"))
+            self.assertEqual(details(event)["inputBytes"], len('{"mrn":"PHI-MARKER-123"}'))
             self.assertEqual(event["entity"][0]["what"]["reference"], f"Bot/{bot['id']}")
             ack_bot = await self.bot(ACK)
             code, ack, headers = await self.call(
@@ -510,17 +560,21 @@ class ExecuteTests(RelayBotsBase):
                 code, body, headers = await self.call(
                     "POST", f"/fhir/R4/Bot/{bot['id']}/$execute", raw=b"x", ctype="text/plain")
                 self.assertEqual(code, status, (outcome, body))
-                self.assertIn(text, body["issue"][0]["details"]["text"])
+                # the admin who ran it sees the exception's text; the AuditEvent does not
+                shown = body["issue"][0]["details"]["text"] + \
+                    body["issue"][0].get("diagnostics", "")
+                self.assertIn(text, shown)
                 event = await self.audit(headers)
                 self.assertEqual((event["outcome"], details(event)["outcome"]),
                                  (audit_outcome, outcome))
                 await self.healthy()
                 if outcome == b.TIMEOUT:
                     self.assertLess(time.monotonic() - started, 5.0)
+                self.assertNotIn("order has no patient", json.dumps(event))
             await procs.wait_until(lambda: len(self.relay.bot_pool._idle) == self.workers,
-                                   timeout=30, what="workers replaced")
-            # Loop, memory and exit each cost a worker; the pool replaced them.
-            self.assertEqual(self.relay.bot_pool.spawned, self.workers + 3)
+                                   timeout=30, what="workers idle")
+            # Each run was its own fork: loop, memory and exit cost no worker.
+            self.assertEqual(self.relay.bot_pool.spawned, self.workers)
             bot = await self.bot(ECHO)
             code, result, _ = await self.call("POST", f"/fhir/R4/Bot/{bot['id']}/$execute",
                                               {"ok": 1})
@@ -552,16 +606,27 @@ class ExecuteTests(RelayBotsBase):
                                    timeout=30, what="worker replaced")
             bot = await self.bot(
                 "import os, resource\n"
+                "import csv, email.mime.text, sqlite3, xml.etree.ElementTree  # not preloaded\n"
                 "def handler(medplum, event):\n"
                 "    return {'env': dict(os.environ), 'cwd': os.getcwd(),\n"
                 "            'as': resource.getrlimit(resource.RLIMIT_AS)[0],\n"
+                "            'uid': os.getuid(), 'fds': sorted(os.listdir('/proc/self/fd')),\n"
+                "            'dev': [open('/dev/null').read(), len(open('/dev/urandom',\n"
+                "                                                            'rb').read(4))],\n"
                 "            'pgid': os.getpgrp() == os.getpid()}\n")
             code, seen, _ = await self.call("POST", f"/fhir/R4/Bot/{bot['id']}/$execute", {})
             self.assertEqual(code, 200, seen)
             self.assertEqual(set(seen["env"]), {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL"})
             self.assertNotIn("must-not-leak", json.dumps(seen))
-            self.assertIn("medagent-bot-", seen["cwd"])
+            if os.geteuid() == 0:  # sandboxed: a private /tmp, the bots' own uid
+                self.assertEqual((seen["cwd"], seen["uid"]), ("/tmp", TEST_BOT_ID))
+            else:
+                self.assertIn("medagent-bot-", seen["cwd"])
             self.assertNotEqual(seen["cwd"], os.getcwd())
+            # stdin, stdout (null), stderr, its answer pipe, the supervisor's lifeline (and
+            # the descriptor listdir used): none of the relay's, not the protocol pipes
+            self.assertEqual(len(seen["fds"]), 6, seen["fds"])
+            self.assertEqual(seen["dev"], ["", 4])  # /dev/null and /dev/urandom still work
             self.assertEqual(seen["as"], 256 * 1024 * 1024)
             self.assertTrue(seen["pgid"])
             for worker in self.relay.bot_pool.workers:
@@ -571,8 +636,11 @@ class ExecuteTests(RelayBotsBase):
 
     def test_medplum_client_inside_a_bot(self) -> Deferred:
         async def go() -> None:
-            agent = await self.relay.store.create({"resourceType": "Agent", "name": "lab",
-                                                   "status": "active"})
+            device = await self.relay.store.create({"resourceType": "Device",
+                                                    "url": "mllp://127.0.0.1:9"})
+            agent = await self.relay.store.create({  # a Bot pushes only to the Agent's Devices
+                "resourceType": "Agent", "name": "lab", "status": "active",
+                "device": {"reference": f"Device/{device['id']}"}})
             bot = await self.bot(
                 "def handler(medplum, event):\n"
                 "    me = medplum.request('GET', '/auth/me')\n"
@@ -595,7 +663,8 @@ class ExecuteTests(RelayBotsBase):
                 "    return {'me': me[2].decode(), 'version': p['meta']['versionId'],\n"
                 "            'found': [x['id'] for x in found], 'one': one['id'],\n"
                 "            'read': read['gender'], 'gone': gone, 'pushed': pushed}\n",
-                secret=[{"name": "agent", "valueString": agent["id"]}])
+                secret=[{"name": "agent", "valueString": agent["id"]}],
+                extension=[access(write=["Patient"], push=[agent["id"]])])
             code, seen, _ = await self.call("POST", f"/fhir/R4/Bot/{bot['id']}/$execute", {})
             self.assertEqual(code, 200, seen)
             self.assertEqual(json.loads(seen["me"])["profile"]["id"], f"Bot/{bot['id']}")
@@ -613,22 +682,24 @@ class ExecuteTests(RelayBotsBase):
 class SubscriptionRunTests(RelayBotsBase):
     def test_bot_runs_after_the_http_write_and_retries(self) -> Deferred:
         async def go() -> None:
-            gate = tempfile.mkdtemp(prefix="bot-gate-")
-            os.chmod(gate, 0o777)
-            self.addCleanup(lambda: [os.remove(os.path.join(gate, f)) for f in os.listdir(gate)]
-                            and os.rmdir(gate))
+            # The bot waits at a gate the test opens: a resource it may read (nothing else
+            # of the host is visible from its sandbox).
+            code, gate, _ = await self.call("POST", "/fhir/R4/Task", {
+                "resourceType": "Task", "status": "on-hold", "intent": "order"})
+            self.assertEqual(code, 201, gate)
             bot = await self.bot(
-                "import os, time\n"
+                "import time\n"
                 "def handler(medplum, event):\n"
                 "    gate = event.secrets['gate']['valueString']\n"
                 "    for _ in range(500):\n"
-                "        if os.path.exists(gate):\n"
+                "        if medplum.read_resource('Task', gate)['status'] == 'ready':\n"
                 "            break\n"
                 "        time.sleep(0.01)\n"
                 "    if event.headers['X-Medagent-Attempt'] == '1':\n"
                 "        raise RuntimeError('first attempt fails')\n"
                 "    return 'seen ' + event.input['id']\n",
-                secret=[{"name": "gate", "valueString": os.path.join(gate, "go")}])
+                secret=[{"name": "gate", "valueString": gate["id"]}],
+                extension=[access(read=["Task"])])
             code, sub, _ = await self.call("POST", "/fhir/R4/Subscription", {
                 "resourceType": "Subscription", "status": "active", "reason": "t",
                 "criteria": "Patient", "channel": {"type": "rest-hook",
@@ -643,7 +714,9 @@ class SubscriptionRunTests(RelayBotsBase):
             self.assertEqual(await self.audits(), [])
             [pending] = await self.relay.subscriptions.deliveries(sub["id"])
             self.assertEqual((pending.state, pending.attempts), ("pending", 1))
-            open(os.path.join(gate, "go"), "w").close()
+            gate["status"] = "ready"
+            code, _, _ = await self.call("PUT", f"/fhir/R4/Task/{gate['id']}", gate)
+            self.assertEqual(code, 200)
 
             async def delivered() -> Any:
                 found = await self.relay.subscriptions.deliveries(sub["id"])
@@ -658,47 +731,6 @@ class SubscriptionRunTests(RelayBotsBase):
                 refs = {e["what"]["reference"] for e in audit["entity"]}
                 self.assertEqual(refs, {f"Bot/{bot['id']}", f"Subscription/{sub['id']}",
                                         f"Patient/{patient['id']}"})
-
-        return ensureDeferred(go())
-
-
-class DropPrivilegesTests(TestCase):
-    """As root, workers run as ``nobody`` when ``nobody`` can use the interpreter."""
-
-    timeout = 60
-
-    def test_worker_runs_as_nobody(self) -> Deferred:
-        import pwd
-
-        if os.getuid() != 0:
-            raise SkipTest("needs root (workers only switch user when the relay is root)")
-        python = "/usr/bin/python3"
-        pool = b.WorkerPool(reactor, size=1, python=python, run_as="auto")
-        if not os.path.exists(python) or not b._others_can_use(python, "x") or \
-                not b._others_can_use(pool.code_root, "rx"):
-            raise SkipTest(f"{python} or {pool.code_root} is not usable by other users here")
-        nobody = pwd.getpwnam("nobody").pw_uid
-        secret = tempfile.mkdtemp(prefix="relay-data-")
-        self.addCleanup(lambda: (os.remove(os.path.join(secret, "token.key")), os.rmdir(secret)))
-        with open(os.path.join(secret, "token.key"), "w") as f:
-            f.write("k")
-        os.chmod(os.path.join(secret, "token.key"), 0o600)
-
-        async def go() -> None:
-            pool.start()
-            self.addCleanup(pool.stop)
-            reply = await pool.submit({"code": (
-                "import os\n"
-                "def handler(medplum, event):\n"
-                "    try:\n"
-                "        open(event.key).read()\n"
-                "        read = True\n"
-                "    except PermissionError:\n"
-                "        read = False\n"
-                "    return [os.getuid(), os.stat(os.getcwd()).st_uid, read]\n"),
-                "event": {"key": os.path.join(secret, "token.key")}}, 10.0)
-            self.assertTrue(reply["ok"], reply)
-            self.assertEqual(json.loads(reply["result"]), [nobody, nobody, False])
 
         return ensureDeferred(go())
 
@@ -795,15 +827,19 @@ class OrderBotEndToEnd(RelayBotsBase):
                                 str(lab_port)])
             await lab.wait_for("MLLP server on", timeout=20)
             store = self.relay.store
+            lab_device = await store.create({"resourceType": "Device",
+                                             "url": f"mllp://127.0.0.1:{lab_port}"})
             agent = await store.create({"resourceType": "Agent", "name": "lab agent",
-                                        "status": "active"})
+                                        "status": "active",
+                                        "device": {"reference": f"Device/{lab_device['id']}"}})
             creds = await self.relay.authority.create_client("agent", [agent["id"]])
             procs.agent_process(self, self.base, creds, agent["id"])
             await procs.wait_until(lambda: self.relay.hub.is_connected(agent["id"]),
                                    timeout=30, what="agent connected")
             bot = await self.bot(ORDER_BOT, secret=[
                 {"name": "agent", "valueString": agent["id"]},
-                {"name": "device", "valueString": f"mllp://127.0.0.1:{lab_port}"}])
+                {"name": "device", "valueString": f"mllp://127.0.0.1:{lab_port}"}],
+                extension=[access(read=["Patient"], push=[agent["id"]])])
             code, sub, _ = await self.call("POST", "/fhir/R4/Subscription", {
                 "resourceType": "Subscription", "status": "active", "reason": "lab orders",
                 "criteria": "ServiceRequest",
@@ -854,7 +890,7 @@ class OrderBotEndToEnd(RelayBotsBase):
             audits = [a for a in await self.audits()
                       if details(a)["trigger"] == "subscription"]
             self.assertEqual(sorted(a["outcome"] for a in audits), ["0", "0"])
-            self.assertTrue(all("device answered MSA|AA" in a["outcomeDesc"] for a in audits))
+            self.assertFalse(any("device answered" in json.dumps(a) for a in audits))
             self.assertNotIn("MRN12345", json.dumps(audits))
 
         return ensureDeferred(go())

@@ -116,7 +116,8 @@ class HubChannelIntegration(TestCase):
     async def _setUp(self) -> None:
         port = procs.free_port()
         self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-chan-"),
-                                  listen=f"tcp:{port}:interface=127.0.0.1", bot_workers=1)
+                                  listen=f"tcp:{port}:interface=127.0.0.1", bot_workers=1,
+                                  **procs.bot_sandbox())
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
         store = self.relay.store
@@ -167,7 +168,9 @@ class HubChannelIntegration(TestCase):
             self.assertEqual(self.relay.bot_pool.spawned, 1)  # one warm worker, reused
             answer = await self.transmit(ADT.format(ctrl="REJECT01"))
             self.assertEqual((answer["statusCode"], answer["contentType"]), (400, "text/plain"))
-            self.assertIn("ValueError: unknown patient", answer["body"])
+            # the exception's type and line go back to the agent, never its text (PHI)
+            self.assertIn("ValueError (line 3)", answer["body"])
+            self.assertNotIn("unknown patient", answer["body"])
             answer = await self.transmit(ADT.format(ctrl="X"), channel="other")
             self.assertEqual(answer["statusCode"], 404)
             audits = await self.relay.store.search("AuditEvent", {"_count": ["1000"]})

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from medagent.fhir import FHIRError, forbidden, not_found
-from medagent.relay.auth import ADMIN, AGENT, PUSHER, Principal
+from medagent.relay.auth import ADMIN, AGENT, BOT, PUSHER, Principal
 
 #: ``Agent.extension[].url`` of a Device this Agent delivers to (``valueReference``).
 EXT_DEVICE = "urn:medagent:fhir:StructureDefinition:device"
@@ -163,13 +163,13 @@ def _device_of(url: str, bare: bool) -> str | None:
 def check_push_destination(store: Any, principal: Principal, agent: Mapping[str, Any],
                            remote: str) -> Any:
     """
-    A pusher may push only to a device of the Agent it pushes to (L{agent_device_ids}),
+    A pusher (or a Bot) may push only to a device of the Agent it pushes to (L{agent_device_ids}),
     however it names it (``Device/{id}``, a search, or the device's URL): a raw URL to any
     host:port of the site would turn the agent into the pusher's port scanner.  A ping by bare
     host (as Medplum's CLI sends) must name the host of one of those devices.  Admins may use
     any destination; the agent's own allowlist still applies to everyone.
     """
-    if principal.role != PUSHER:
+    if principal.role not in (PUSHER, BOT):
         return
     bare = "://" not in remote
     wanted = _device_of(f"ping://{remote}" if bare else remote, bare)

@@ -7,6 +7,15 @@ A client is one of three kinds:
 - ``pusher``: may push to (and read the pushes of) the agents listed in its scope;
 - ``agent``: the credential of one agent, which may connect as that agent only.
 
+A fourth identity has no client credentials: a running Bot (``Bot/{id}``, role ``bot``), whose
+token is minted by the relay for its run and carries only what its ``Bot`` resource grants
+(L{bot_grants}): resource types it may read and write, agents it may push to.  Only an agent
+credential may open an agent session (L{Principal.can_connect_as}) -- admin tokens neither.
+
+Every token carries ``iat`` and ``exp``; a token that would live longer than the relay's
+maximum lifetime (its C{token_lifetime}) is refused even when its signature is good, so a
+leaked key cannot mint tokens that outlive a key rotation by more than that.
+
 Secrets are 256-bit random strings shown once; we store only a salted SHA-256 of them, which
 is enough for secrets of that entropy (no password-style stretching is needed) and keeps the
 token endpoint cheap.  Tokens are HS256 JWTs signed with a key kept in the relay's data folder,
@@ -42,7 +51,19 @@ log = Logger()
 ADMIN = "admin"
 PUSHER = "pusher"
 AGENT = "agent"
+BOT = "bot"
 ROLES = (ADMIN, PUSHER, AGENT)
+#: Roles a token may carry: the client roles, and ``bot`` (minted for a Bot's run only).
+TOKEN_ROLES = ROLES + (BOT,)
+#: Seconds of clock skew tolerated on ``iat``/``exp``.
+CLOCK_SKEW = 5
+
+EXT_BOT_ACCESS = "urn:medagent:fhir:StructureDefinition:bot-access"
+#: Resource types a Bot can never read or write, whatever its Bot resource says: other Bots
+#: (their code and secrets), Subscriptions (their secrets), clients.
+BOT_NEVER = frozenset({"Bot", "Subscription", "ClientApplication"})
+#: ... and never write (the audit trail is the relay's).
+BOT_NEVER_WRITE = BOT_NEVER | {"AuditEvent"}
 
 DEFAULT_TOKEN_LIFETIME = 3600
 
@@ -70,7 +91,12 @@ class Principal:
 
     client_id: str
     role: str
+    #: pusher/bot: agents it may push to ("*": all); agent: its own id
     agents: frozenset[str] = frozenset()
+    #: bot only: resource types it may read (write implies read)
+    read: frozenset[str] = frozenset()
+    #: bot only: resource types it may create, update and delete
+    write: frozenset[str] = frozenset()
     #: when the token this principal came from expires (wall time); not part of its identity
     expires_at: float | None = attr.ib(default=None, eq=False)
 
@@ -79,18 +105,96 @@ class Principal:
         return self.role == ADMIN
 
     def can_push(self, agent_id: str) -> bool:
-        return self.role == ADMIN or (self.role == PUSHER and ("*" in self.agents or agent_id in self.agents))
+        return self.role == ADMIN or (self.role in (PUSHER, BOT)
+                                      and ("*" in self.agents or agent_id in self.agents))
 
     def can_act_as(self, agent_id: str) -> bool:
         return self.role == ADMIN or (self.role == AGENT and agent_id in self.agents)
+
+    def can_connect_as(self, agent_id: str) -> bool:
+        """Only the agent's own credential opens its session (admin tokens neither)."""
+        return self.role == AGENT and agent_id in self.agents
+
+    def may_read(self, resource_type: str) -> bool:
+        """Bots: only the types their Bot resource grants (never Bot, Subscription...)."""
+        if self.role == ADMIN:
+            return True
+        return self.role == BOT and resource_type not in BOT_NEVER and (
+            resource_type in self.read or resource_type in self.write)
+
+    def may_write(self, resource_type: str) -> bool:
+        if self.role == ADMIN:
+            return True
+        return self.role == BOT and resource_type not in BOT_NEVER_WRITE and \
+            resource_type in self.write
+
+    def may_list_pushes(self, agent_id: str | None) -> bool:
+        """Listing pushes: admins, and pushers for their agents; Bots never (they read their
+        own pushes by id)."""
+        if self.role == ADMIN:
+            return True
+        return self.role == PUSHER and bool(agent_id) and self.can_push(str(agent_id))
+
+    def may_read_push(self, agent_id: str, requester: str | None) -> bool:
+        if self.role == BOT:
+            return requester == self.client_id and self.can_push(agent_id)
+        return self.can_push(agent_id)
 
     def require_admin(self) -> None:
         if not self.is_admin:
             raise forbidden("This operation needs an admin client")
 
+    def require_read(self, resource_type: str) -> None:
+        if not self.may_read(resource_type):
+            raise forbidden(f"This client may not read {resource_type}")
+
+    def require_write(self, resource_type: str) -> None:
+        """Admins; Bots for the types their Bot resource lets them write."""
+        if not self.may_write(resource_type):
+            raise forbidden("This operation needs an admin client" if self.role != BOT
+                            else f"{self.client_id} may not write {resource_type}")
+
     def require_push(self, agent_id: str) -> None:
         if not self.can_push(agent_id):
             raise forbidden(f"Client {self.client_id} may not push to Agent/{agent_id}")
+
+
+def bot_grants(bot: Any) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """
+    (read, write, push) of a Bot resource: its ``bot-access`` extension, e.g.::
+
+        {"url": "urn:medagent:fhir:StructureDefinition:bot-access", "extension": [
+            {"url": "read", "valueCode": "Patient"},
+            {"url": "write", "valueCode": "Observation"},
+            {"url": "push", "valueReference": {"reference": "Agent/<id>"}}]}
+
+    Absent: nothing.  ``push`` takes an Agent reference, an id, or ``*`` (every agent).
+    Types in L{BOT_NEVER} are dropped here as well as at every check.
+    """
+    read: set[str] = set()
+    write: set[str] = set()
+    push: set[str] = set()
+    exts = bot.get("extension") if isinstance(bot, dict) else None
+    for ext in exts if isinstance(exts, list) else []:
+        if not isinstance(ext, dict) or ext.get("url") != EXT_BOT_ACCESS:
+            continue
+        for item in ext.get("extension") or []:
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("url")
+            value = item.get("valueCode", item.get("valueString"))
+            ref = item.get("valueReference")
+            if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+                value = ref["reference"]
+            if not isinstance(value, str) or not value or len(value) > 128:
+                continue
+            if kind == "read" and value not in BOT_NEVER:
+                read.add(value)
+            elif kind == "write" and value not in BOT_NEVER_WRITE:
+                write.add(value)
+            elif kind == "push":
+                push.add(value.removeprefix("Agent/"))
+    return frozenset(read), frozenset(write), frozenset(push)
 
 
 def _hash(salt: bytes, secret: str) -> bytes:
@@ -129,6 +233,8 @@ class Authority:
         self._db = db
         self._key = key
         self._lifetime = token_lifetime
+        #: no token living longer than this is accepted, whoever signed it
+        self.max_lifetime = max(1, int(token_lifetime))
         self._issuer = issuer
         self._clock = clock
         #: ids of revoked clients, as last read from the database plus every revocation made
@@ -330,10 +436,12 @@ class Authority:
     def mint_token(self, principal: Principal, lifetime: int) -> str:
         """
         A bearer token for an identity that has no client credentials (a Bot running as
-        ``Bot/{id}``), valid for C{lifetime} seconds.  Never stored; checked like any other.
+        ``Bot/{id}``), valid for C{lifetime} seconds (at most the relay's maximum).  Never
+        stored; checked like any other.
         """
         now = int(self._clock.time())
-        claims = {
+        lifetime = min(int(lifetime), self.max_lifetime)
+        claims: dict[str, Any] = {
             "iss": self._issuer,
             "sub": principal.client_id,
             "client_id": principal.client_id,
@@ -344,6 +452,9 @@ class Authority:
             "exp": now + int(lifetime),
             "jti": uuid.uuid4().hex,
         }
+        if principal.role == BOT:
+            claims["read"] = sorted(principal.read)
+            claims["write"] = sorted(principal.write)
         return jwt.encode(claims, self._key, algorithm="HS256")
 
     def verify_token(self, token: str) -> Principal:
@@ -355,20 +466,38 @@ class Authority:
                 algorithms=["HS256"],
                 # expiry is checked below against our (injectable) clock
                 options={"verify_aud": False, "verify_exp": False, "verify_iat": False,
-                         "require": ["exp", "sub", "role"]},
+                         "require": ["exp", "iat", "sub", "role"]},
                 issuer=self._issuer,
             )
         except jwt.InvalidTokenError:
             raise unauthorized("Invalid access token")
-        if not isinstance(claims["exp"], (int, float)) or claims["exp"] + 5 < self._clock.time():
-            raise unauthorized("Access token expired")
-        if claims.get("role") not in ROLES:
+        now = self._clock.time()
+        exp, iat = claims["exp"], claims["iat"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)):
             raise unauthorized("Invalid access token")
+        if exp + CLOCK_SKEW < now:
+            raise unauthorized("Access token expired")
+        # Bounded by the relay, not by whoever signed it: a key that leaked cannot mint a
+        # token that outlives the relay's maximum lifetime.
+        if iat > now + CLOCK_SKEW or exp - iat > self.max_lifetime + CLOCK_SKEW or \
+                exp > now + self.max_lifetime + CLOCK_SKEW:
+            raise unauthorized("Access token lifetime exceeds the relay's maximum")
+        role = claims.get("role")
+        if role not in TOKEN_ROLES:
+            raise unauthorized("Invalid access token")
+
+        def names(key: str) -> frozenset[str]:
+            value = claims.get(key) or ()
+            return frozenset(v for v in value if isinstance(v, str)) \
+                if isinstance(value, list) else frozenset()
+
         self._ensure_loaded()
         if self.is_revoked(claims["sub"]):
             raise unauthorized("Access token revoked")
-        return Principal(claims["sub"], claims["role"], frozenset(claims.get("agents") or ()),
-                         expires_at=float(claims["exp"]))
+        if role == BOT:
+            return Principal(claims["sub"], BOT, names("agents"), names("read"), names("write"),
+                             expires_at=float(exp))
+        return Principal(claims["sub"], role, names("agents"), expires_at=float(exp))
 
     def authenticate(self, authorization: str | None) -> Principal:
         """Check an ``Authorization`` header (``Bearer <token>``)."""

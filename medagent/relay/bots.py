@@ -1,18 +1,22 @@
 """
-Python Bots: a pool of long-lived worker processes and the runner that feeds them.
+Python Bots: a pool of worker processes, the sandbox they run bots in, and the runner.
 
 A Bot resource carries Python source defining ``handler(medplum, event)``.  The relay never
-runs it in its own process: L{WorkerPool} keeps a few warm worker processes
-(L{medagent.relay.botworker}) and hands each one run at a time over a JSON-lines pipe.  A run
-that overstays its time limit gets its worker killed (with anything the bot started) and a
-fresh worker spawned; the memory limit is the worker's own ``RLIMIT_AS``; a worker that dies
-fails its run, never the relay.  Workers get a stripped environment, a temporary working
-folder, no file descriptor of the relay, and run as ``nobody`` when the relay runs as root
-and ``nobody`` can read the interpreter and our code.
+runs it in its own process: L{WorkerPool} keeps a few warm *zygotes*
+(L{medagent.relay.botworker}) and hands each one run at a time over a JSON-lines pipe.  Every
+run is a fresh fork of its zygote into a sandbox -- new pid, mount, network, IPC and UTS
+namespaces, a read-only filesystem with a private /tmp, the relay's data folder hidden,
+resource limits, a dedicated uid (never root) -- killed with everything it started at the
+end of the run or at its time limit.  Without that sandbox (the relay not root, no bot user,
+no namespaces) bots are refused, with the reason in the log, unless the relay was started
+with ``--bots-unsandboxed`` for development.  A worker that dies fails its run, never the
+relay.
 
 L{BotRunner} resolves the Bot, gives it a short-lived token for its own identity
-(``Bot/{id}``), runs it, and records every run as an C{AuditEvent} (bot, trigger, outcome,
-duration, the bot's own output truncated — never the input or the result).
+(``Bot/{id}``, role ``bot``, carrying only what the Bot resource grants), runs it, and
+records every run as an C{AuditEvent} (bot, trigger, outcome, duration, sizes, the
+exception's type and line -- never the input, the result, the output or an exception's
+text).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import grp
 import json
 import os
 import pwd
@@ -29,7 +32,6 @@ import shutil
 import signal
 import stat
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -52,8 +54,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import medagent
+from medagent.relay.botworker import SANDBOX_API_SOCKET
 from medagent.fhir import FHIRError, bad_request, not_found, operation_outcome
-from medagent.relay.auth import ADMIN, Principal
+from medagent.relay.auth import BOT, Principal, bot_grants
 
 log = Logger()
 
@@ -70,6 +73,14 @@ AUDIT_LOG_CHARS = 4000
 #: A worker is replaced after this many runs, to bound what a bot can leak.
 DEFAULT_MAX_RUNS = 10000
 STARTUP_TIMEOUT = 30.0
+#: Seconds past its limit before the relay kills a run's whole worker (the run's own
+#: supervisor ends it at the limit).
+BACKSTOP_GRACE = 5.0
+DEFAULT_BOT_USER = "medagent-bot"
+#: Processes and threads of all running bots together (RLIMIT_NPROC of the bot uid).
+DEFAULT_MAX_PROCS = 32
+DEFAULT_FILE_MB = 64
+DEFAULT_TMP_MB = 64
 MAX_CODE_BYTES = 1024 * 1024
 
 JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
@@ -94,11 +105,12 @@ MEMORY = "memory"
 CRASH = "crash"  # the worker died
 BUSY = "busy"  # no worker free within the queue timeout, or the queue is full
 STOPPED = "stopped"  # the relay is shutting down
+DISABLED = "disabled"  # no sandbox for bots on this relay (see WorkerPool.start)
 HTTP_STATUS = {SUCCESS: 200, ERROR: 400, INVALID: 400, NOT_FOUND: 404, TIMEOUT: 504,
-               MEMORY: 400, CRASH: 500, BUSY: 503, STOPPED: 503}
+               MEMORY: 400, CRASH: 500, BUSY: 503, STOPPED: 503, DISABLED: 503}
 #: AuditEvent.outcome: 0 success, 4 minor failure, 8 serious failure.
 AUDIT_OUTCOME = {SUCCESS: "0", ERROR: "4", INVALID: "4", NOT_FOUND: "4", TIMEOUT: "8",
-                 MEMORY: "8", CRASH: "8", BUSY: "4", STOPPED: "4"}
+                 MEMORY: "8", CRASH: "8", BUSY: "4", STOPPED: "4", DISABLED: "8"}
 
 BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
         "from medagent.relay.botworker import main; main(sys.argv[2:])")
@@ -112,55 +124,45 @@ def now_iso(seconds: float | None = None) -> str:
 # -- the worker pool ------------------------------------------------------------------------
 
 
-def _others_can_use(path: str, final: str) -> bool:
-    """Can a user who is neither owner nor group member reach C{path}?"""
+def _enterable_by(path: str, uid: int, gid: int) -> bool:
+    """Could C{uid}/C{gid} open C{path} (the folder itself: its permission bits)?"""
     try:
-        real = os.path.realpath(path)
-        parts = real.split(os.sep)
-        for i in range(1, len(parts)):
-            parent = os.sep.join(parts[:i]) or os.sep
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-        mode = os.stat(real).st_mode
+        st = os.stat(path)
     except OSError:
         return False
-    need = {"x": stat.S_IXOTH, "r": stat.S_IROTH, "rx": stat.S_IROTH | stat.S_IXOTH}[final]
-    return mode & need == need
+    if st.st_uid == uid:
+        return True
+    if st.st_gid == gid:
+        return bool(st.st_mode & (stat.S_IXGRP | stat.S_IRGRP))
+    return bool(st.st_mode & (stat.S_IXOTH | stat.S_IROTH))
 
 
-def unprivileged_ids(run_as: str | None, python: str, code_root: str
-                     ) -> tuple[int, int] | None:
+def resolve_bot_ids(user: str | None) -> tuple[tuple[int, int] | None, str | None]:
     """
-    (uid, gid) to run workers as, or None to keep ours.  Only when we are root: C{run_as}
-    ``"auto"`` means ``nobody`` if that user can use the interpreter, the standard library,
-    site-packages and our code (world readable); a user name is taken as given.
+    The dedicated (uid, gid) bots run as: a user name (default ``medagent-bot``) or
+    ``UID:GID``; or why there is none.  Never root, never the relay's own uid, never
+    ``nobody`` (shared with other services, whose processes a bot could then signal).
     """
-    if not run_as or os.getuid() != 0:
-        return None
-    name = "nobody" if run_as == "auto" else run_as
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        log.warn("Bot workers run as root: no user {user}", user=name)
-        return None
-    gid = pw.pw_gid
-    try:
-        gid = grp.getgrnam("nogroup").gr_gid if name == "nobody" and gid == 65534 else gid
-    except KeyError:
-        pass
-    if run_as == "auto":
-        needed = [(python, "x"), (code_root, "rx")]
-        if os.path.realpath(python) == os.path.realpath(sys.executable):
-            paths = sysconfig.get_paths()
-            needed += [(paths["stdlib"], "rx"), (paths["purelib"], "rx"),
-                       (paths["platlib"], "rx")]
-        for path, mode in needed:
-            if not _others_can_use(path, mode):
-                log.warn("Bot workers run as root: {user} cannot use {path}; make it world "
-                         "readable or run the relay as an unprivileged user",
-                         user=name, path=path)
-                return None
-    return pw.pw_uid, gid
+    if not user:
+        return None, "no bot user configured (--bot-user)"
+    match = re.fullmatch(r"(\d+):(\d+)", user)
+    if match:
+        uid, gid = int(match.group(1)), int(match.group(2))
+    else:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            return None, (f"there is no user {user!r} for bots; create it (useradd --system "
+                          f"--user-group --no-create-home --shell /usr/sbin/nologin {user}) "
+                          f"or give --bot-user UID:GID (a uid used by nothing else)")
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if uid == 0 or gid == 0:
+        return None, "bots never run as root (uid or gid 0)"
+    if uid == os.getuid():
+        return None, "the bot uid must not be the relay's own uid"
+    if uid == 65534:
+        return None, "the bot uid must be dedicated to bots, not nobody"
+    return (uid, gid), None
 
 
 class _Job:
@@ -174,6 +176,7 @@ class _Job:
         self.queue_timer: Any = None
         self.run_timer: Any = None
         self.worker: _Worker | None = None
+        self.seq = 0
         self.done = False
 
     def finish(self, reply: dict[str, Any]) -> None:
@@ -203,6 +206,8 @@ class _Worker(ProcessProtocol):
         self.info: dict[str, Any] = {}
         self.job: _Job | None = None
         self.runs = 0
+        #: runs whose supervisor has ended (the zygote says ``runEnded`` after each)
+        self.ends = 0
         self.retiring = False
         self.killed = False
         self.ended: Deferred[None] = Deferred()
@@ -277,7 +282,12 @@ class WorkerPool:
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_log: int = DEFAULT_MAX_LOG,
         max_runs: int = DEFAULT_MAX_RUNS,
-        run_as: str | None = "auto",
+        bot_user: str | None = DEFAULT_BOT_USER,
+        unsandboxed: bool = False,
+        hide: Sequence[str] = (),
+        max_procs: int = DEFAULT_MAX_PROCS,
+        file_mb: int = DEFAULT_FILE_MB,
+        tmp_mb: int = DEFAULT_TMP_MB,
         python: str | None = None,
     ) -> None:
         if size < 1:
@@ -290,7 +300,17 @@ class WorkerPool:
         self.max_message = max_message
         self.max_log = max_log
         self.max_runs = max_runs
-        self.run_as = run_as
+        self.bot_user = bot_user
+        self.unsandboxed = unsandboxed
+        self.hide = [os.path.abspath(h) for h in hide]
+        self.max_procs = max_procs
+        self.file_mb = file_mb
+        self.tmp_mb = tmp_mb
+        #: the relay's API socket (host path), set by L{BotsService} before L{start}
+        self.api_socket: str | None = None
+        #: why bots do not run on this relay (None: they do)
+        self.disabled: str | None = None
+        self._config: dict[str, Any] = {}
         self.python = python or sys.executable
         self.code_root = os.path.dirname(os.path.dirname(os.path.abspath(medagent.__file__)))
         self.workers: list[_Worker] = []
@@ -311,11 +331,66 @@ class WorkerPool:
         if self._running:
             return
         self._running = True
-        self._ids = unprivileged_ids(self.run_as, self.python, self.code_root)
+        config, problem = self._plan()
+        if problem is not None:
+            self._disable(problem)
+            return
+        self._config = config
+        self._ids = (config["uid"], config["gid"]) if config["uid"] is not None else None
+        if not config["namespaces"]:
+            log.warn("Bots run UNSANDBOXED (--bots-unsandboxed, for development only): "
+                     "{how}; a bot can reach the network and whatever {who} can read",
+                     how=("as uid %d, no namespaces" % config["uid"]) if self._ids
+                     else "as the relay's own user", who="that user")
         for _ in range(self.size):
             self._spawn()
-        log.info("Bot worker pool started: {n} worker(s), {mb} MB each{user}", n=self.size,
-                 mb=self.memory_mb, user=" as uid %d" % self._ids[0] if self._ids else "")
+        log.info("Bot worker pool started: {n} worker(s), {mb} MB each, {mode}", n=self.size,
+                 mb=self.memory_mb, mode="sandboxed as uid %d" % config["uid"]
+                 if config["namespaces"] else "unsandboxed")
+
+    def _plan(self) -> tuple[dict[str, Any], str | None]:
+        """The sandbox bots get here, or why they cannot run at all."""
+        ids = None
+        if os.geteuid() == 0:
+            ids, problem = resolve_bot_ids(self.bot_user)
+            if problem is not None:
+                return {}, problem
+            for path in self.hide:
+                if _enterable_by(path, *ids):
+                    return {}, (f"the bot uid could open {path}; it must be mode 0700, owned "
+                                "by the relay's user")
+        elif not self.unsandboxed:
+            return {}, ("the relay does not run as root, so it cannot start bots under their "
+                        "own uid in a sandbox; run it as root (bots never are), or pass "
+                        "--bots-unsandboxed for development")
+        return {
+            "uid": ids[0] if ids else None, "gid": ids[1] if ids else None,
+            "namespaces": ids is not None and not self.unsandboxed,
+            "hide": self.hide, "apiSocket": self.api_socket,
+            "memoryMb": self.memory_mb, "maxMessage": self.max_message, "maxLog": self.max_log,
+            "maxProcs": self.max_procs, "fileMb": self.file_mb, "tmpMb": self.tmp_mb,
+        }, None
+
+    def _disable(self, reason: str) -> None:
+        """No bot runs on this relay (it serves everything else); say why, loudly."""
+        self.disabled = reason
+        log.error("Bots are disabled on this relay: {reason}", reason=reason)
+        while self._queue:
+            self._queue.popleft().finish(self._disabled_reply())
+        for worker in list(self.workers):
+            job, worker.job = worker.job, None
+            if job is not None:
+                job.finish(self._disabled_reply())
+            worker.kill()
+
+    def _disabled_reply(self) -> dict[str, Any]:
+        return _failure_reply(DISABLED, f"Bots are disabled on this relay: {self.disabled}")
+
+    def api_socket_for_bots(self) -> str | None:
+        """Where a bot finds the relay's API socket (inside the sandbox, or the host path)."""
+        if not self.api_socket:
+            return None
+        return SANDBOX_API_SOCKET if self._config.get("namespaces") else self.api_socket
 
     def stop(self) -> Deferred[None]:
         """Fail queued and running runs, kill every worker; fires when all have exited."""
@@ -336,11 +411,11 @@ class WorkerPool:
         return DeferredList(waits).addCallback(lambda _: None)
 
     def _spawn(self) -> None:
-        if not self._running:
+        if not self._running or self.disabled:
             return
         folder = tempfile.mkdtemp(prefix="medagent-bot-")
-        if self._ids is not None:
-            os.chown(folder, *self._ids)
+        if self._ids is not None and not self._config.get("namespaces"):
+            os.chmod(folder, 0o711)  # unsandboxed runs get a folder of their own in it
         worker = _Worker(self, folder)
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -349,11 +424,13 @@ class WorkerPool:
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
         }
-        argv = [self.python, "-I", "-c", BOOT, self.code_root, str(self.memory_mb),
-                str(self.max_message), str(self.max_log)]
-        uid, gid = self._ids if self._ids is not None else (None, None)
+        config = dict(self._config, apiSocket=self.api_socket)
+        argv = [self.python, "-I", "-c", BOOT, self.code_root,
+                json.dumps(config, separators=(",", ":"))]
+        # The zygote keeps the relay's user: it never runs bot code; each run drops to the
+        # bot uid in its own sandbox (botworker).
         self.reactor.spawnProcess(worker, self.python, argv, env=env, path=folder,
-                                  uid=uid, gid=gid, childFDs={0: "w", 1: "r", 2: "r"})
+                                  uid=None, gid=None, childFDs={0: "w", 1: "r", 2: "r"})
         self.workers.append(worker)
         self.spawned += 1
         worker.startup_timer = self.reactor.callLater(STARTUP_TIMEOUT, self._startup_timeout,
@@ -375,6 +452,8 @@ class WorkerPool:
         if len(line) > self.max_message:
             return succeed(_failure_reply(
                 INVALID, f"Bot input too large ({len(line)} bytes; limit {self.max_message})"))
+        if self.disabled:
+            return succeed(self._disabled_reply())
         if not self._running:
             return succeed(_failure_reply(STOPPED, "Bot workers are not running"))
         if len(self._queue) >= self.max_queue:
@@ -402,9 +481,12 @@ class WorkerPool:
             job.worker = worker
             worker.job = job
             worker.runs += 1
+            job.seq = worker.runs
             worker.transport.write(job.line)
-            job.run_timer = self.reactor.callLater(job.time_limit, self._run_timeout, worker,
-                                                   job)
+            # The run's supervisor enforces the limit itself (and keeps the worker); this
+            # is the backstop should it not answer.
+            job.run_timer = self.reactor.callLater(job.time_limit + BACKSTOP_GRACE,
+                                                   self._run_timeout, worker, job)
 
     def _run_timeout(self, worker: _Worker, job: _Job) -> None:
         if worker.job is not job:
@@ -424,6 +506,10 @@ class WorkerPool:
             self._protocol_error(worker, "unreadable reply")
             return
         if kind == "ready":
+            problem = self._sandbox_problem(message.get("sandbox"))
+            if problem is not None:
+                self._disable(problem)
+                return
             worker.ready = True
             worker.info = message
             if worker.startup_timer is not None and worker.startup_timer.active():
@@ -433,6 +519,15 @@ class WorkerPool:
             self._dispatch()
             return
         job = worker.job
+        if kind == "runEnded":
+            worker.ends += 1
+            if job is not None and job.seq == worker.ends:  # ended without an answer
+                worker.job = None
+                job.finish(_failure_reply(CRASH, f"The bot run's supervisor ended "
+                                                 f"(exit code {message.get('exit')})"))
+                self._idle.append(worker)
+                self._dispatch()
+            return
         if kind == "error":
             # the worker refused a request (too large, not JSON): it exits after saying so
             if job is not None:
@@ -445,12 +540,30 @@ class WorkerPool:
             return
         worker.job = None
         job.finish(message)
-        if message.get("fatal") or worker.runs >= self.max_runs:
+        if worker.runs >= self.max_runs:
             worker.retiring = True
             worker.kill()  # replaced in _ended
         else:
             self._idle.append(worker)
         self._dispatch()
+
+    def _sandbox_problem(self, probe: Any) -> str | None:
+        """Why the sandbox a worker reported is not good enough (None: it is)."""
+        if not self._config.get("namespaces"):
+            return None
+        if not isinstance(probe, Mapping) or not probe.get("ok"):
+            error = probe.get("error") if isinstance(probe, Mapping) else "no report"
+            return (f"the bot sandbox cannot be set up here ({error}); bots need Linux "
+                    "namespaces (mount, pid, network) as root, or --bots-unsandboxed")
+        if probe.get("uid") != self._config["uid"]:
+            return "the bot sandbox did not switch to the bot uid"
+        if probe.get("network"):
+            return "the bot sandbox can reach the network"
+        if probe.get("hiddenReadable"):
+            return f"the bot sandbox can read {probe['hiddenReadable']}"
+        if not probe.get("tmp"):
+            return "the bot sandbox has no writable /tmp"
+        return None
 
     def _protocol_error(self, worker: _Worker, what: str) -> None:
         log.warn("Bot worker {pid} broke the protocol ({what}); killing it", pid=worker.pid,
@@ -471,7 +584,7 @@ class WorkerPool:
         if job is not None:
             tail = bytes(worker.stderr_tail).decode("utf-8", "replace")
             job.finish(_failure_reply(CRASH, f"The bot worker died ({worker.exit})", tail))
-        if not self._running:
+        if not self._running or self.disabled:
             return
         if not worker.ready:
             self._early_deaths += 1
@@ -490,7 +603,8 @@ class WorkerPool:
 
     def stats(self) -> dict[str, Any]:
         return {"workers": len(self.workers), "idle": len(self._idle),
-                "queued": len(self._queue), "spawned": self.spawned}
+                "queued": len(self._queue), "spawned": self.spawned,
+                "disabled": self.disabled}
 
 
 # -- bot resources ---------------------------------------------------------------------------
@@ -604,10 +718,18 @@ class BotRun:
     outcome: str
     result: str | None = None
     result_type: str = "none"
+    #: what went wrong, without payload: relay texts, or the exception type and line
     error: str | None = None
+    #: the bot's output (print, logging, traceback): for the admin who ran $execute only
     logs: str = ""
     duration: float = 0.0
     audit_id: str | None = None
+    #: the exception's own text (may quote the input): for the admin who ran $execute only
+    detail: str | None = None
+    error_type: str | None = None
+    error_line: int | None = None
+    input_bytes: int = 0
+    result_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -645,11 +767,12 @@ def audit_event(
     attempt: int | None = None,
     extra: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """An AuditEvent for one bot run or subscription delivery (no input, no output)."""
+    """
+    An AuditEvent for one bot run or subscription delivery.  No payload: never the input,
+    the result, the bot's output or an exception's text (any of them can quote the HL7
+    message); only sizes, the exception type and line (C{extra}), ids and outcomes.
+    """
     desc = summary
-    if logs:
-        kept = logs if len(logs) <= AUDIT_LOG_CHARS else logs[:AUDIT_LOG_CHARS] + "\n[truncated]"
-        desc += "\n" + kept
     agents: list[dict[str, Any]] = []
     if bot_ref:
         who = {"reference": bot_ref}
@@ -674,6 +797,8 @@ def audit_event(
                {"url": "durationMs", "valueDecimal": round((ended - started) * 1000.0, 3)}]
     if attempt is not None:
         details.append({"url": "attempt", "valueInteger": attempt})
+    if logs:
+        details.append({"url": "outputBytes", "valueInteger": len(logs.encode("utf-8"))})
     details.extend(dict(x) for x in extra)
     return {
         "resourceType": "AuditEvent",
@@ -733,7 +858,7 @@ class BotRunner:
         self.audit = audit
         self.insecure_loopback = insecure_loopback
         self.stopped = False
-        self._tokens: dict[str, tuple[str, float]] = {}
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._codes: dict[tuple[str, str], str] = {}
         #: called with each finished BotRun (for the demo and tests); must not raise
         self.observers: list[Callable[[BotRun, str], None]] = []
@@ -742,14 +867,25 @@ class BotRunner:
         """From now on nothing is written (the database is about to close)."""
         self.stopped = True
 
-    def _token(self, bot_id: str, time_limit: float) -> str:
+    def _token(self, bot: Mapping[str, Any], time_limit: float) -> str:
+        """
+        The Bot's token for one run: its own identity (``Bot/{id}``, role ``bot``) and only
+        what its Bot resource grants (L{bot_grants}) -- never admin.  Cached per Bot
+        version, so a change of grants applies from the next run.
+        """
         now = time.time()
-        cached = self._tokens.get(bot_id)
+        bot_id = str(bot.get("id"))
+        key = (bot_id, str((bot.get("meta") or {}).get("versionId")))
+        cached = self._tokens.get(key)
         if cached is not None and cached[1] - now > time_limit + 60:
             return cached[0]
-        lifetime = max(self.token_lifetime, int(time_limit) + 120)
-        token = self.authority.mint_token(Principal(f"Bot/{bot_id}", ADMIN), lifetime)
-        self._tokens[bot_id] = (token, now + lifetime)
+        read, write, push = bot_grants(dict(bot))
+        lifetime = max(self.token_lifetime, int(time_limit) + 120)  # capped by mint_token
+        token = self.authority.mint_token(Principal(f"Bot/{bot_id}", BOT, push, read, write),
+                                          lifetime)
+        if len(self._tokens) > 1024:
+            self._tokens.clear()
+        self._tokens[key] = (token, now + min(lifetime, self.authority.max_lifetime))
         return token
 
     async def _code(self, bot: Mapping[str, Any]) -> str:
@@ -803,6 +939,8 @@ class BotRunner:
                 raise _Refused(INVALID, str(e))
             time_limit = bot_time_limit(resource, self.default_time_limit, self.max_time_limit)
             bot_ref = f"Bot/{bot_id}"
+            socket_for = getattr(self.pool, "api_socket_for_bots", None)
+            api = socket_for() if socket_for is not None else None
             event = {
                 "bot": {"reference": bot_ref, **({"display": resource["name"]}
                                                  if isinstance(resource.get("name"), str)
@@ -819,20 +957,31 @@ class BotRunner:
                 "botRef": bot_ref,
                 "code": code,
                 "event": event,
-                "baseUrl": self.base_url,
-                "accessToken": self._token(str(bot_id), time_limit),
+                # the relay's API socket: the only way out of the sandbox
+                "apiSocket": api,
+                "baseUrl": "http://medagent-relay" if api else self.base_url,
+                "accessToken": self._token(resource, time_limit),
                 "timeLimit": time_limit,
                 "insecureLoopback": self.insecure_loopback,
             }
             reply = await self.pool.submit(request, time_limit)
             outcome = SUCCESS if reply.get("ok") else str(reply.get("outcome") or ERROR)
+            result = reply.get("result") if reply.get("ok") else None
+            line = reply.get("errorLine")
             run = BotRun(
                 bot_id=bot_id,
                 outcome=outcome,
-                result=reply.get("result") if reply.get("ok") else None,
+                result=result,
                 result_type=str(reply.get("resultType") or "none"),
-                error=reply.get("error"),
+                error=None if reply.get("error") is None else str(reply["error"])[:500],
                 logs=str(reply.get("logs") or ""),
+                detail=reply.get("errorText") if isinstance(reply.get("errorText"), str)
+                else None,
+                error_type=str(reply["errorType"])[:100] if reply.get("errorType") else None,
+                error_line=line if isinstance(line, int) and not isinstance(line, bool)
+                else None,
+                input_bytes=_size(input),
+                result_bytes=len(result.encode("utf-8")) if isinstance(result, str) else 0,
             )
         except _Refused as e:
             run = BotRun(bot_id=bot_id, outcome=e.outcome, error=e.message)
@@ -844,11 +993,18 @@ class BotRunner:
         if self.audit and not self.stopped and run.outcome != STOPPED:
             summary = (f"Bot run ({trigger}): {run.outcome}" if run.ok
                        else f"Bot run ({trigger}): {run.outcome}: {run.error or ''}")
+            extra: list[dict[str, Any]] = [
+                {"url": "inputBytes", "valueInteger": run.input_bytes},
+                {"url": "resultBytes", "valueInteger": run.result_bytes}]
+            if run.error_type:
+                extra.append({"url": "errorType", "valueCode": run.error_type})
+            if run.error_line is not None:
+                extra.append({"url": "errorLine", "valueInteger": run.error_line})
             event_resource = audit_event(
                 trigger=trigger, outcome=run.outcome, started=started, ended=ended,
                 summary=summary, logs=run.logs, bot=resource,
                 bot_ref=f"Bot/{bot_id}" if bot_id else None, requester=requester,
-                entities=entities, attempt=attempt)
+                entities=entities, attempt=attempt, extra=extra)
             try:
                 stored = await self.store.create(event_resource)
                 run.audit_id = stored["id"]
@@ -913,14 +1069,28 @@ class BotRunner:
         if run.ok:
             body = (run.result or "").encode("utf-8")
             return Response(200, body, answer_type(ctype, run.result_type), extra)
+        # The caller is an admin who ran the bot by hand: the exception's text and the
+        # output are shown to them here, and nowhere else (never in the AuditEvent).
+        shown = "\n".join(x for x in (run.detail, run.logs[-AUDIT_LOG_CHARS:]) if x)
         outcome = operation_outcome(
             run.error_text(),
             code={TIMEOUT: "timeout", BUSY: "transient", NOT_FOUND: "not-found",
-                  CRASH: "exception", STOPPED: "transient"}.get(run.outcome, "processing"),
+                  CRASH: "exception", STOPPED: "transient",
+                  DISABLED: "transient"}.get(run.outcome, "processing"),
             severity="error",
-            diagnostics=run.logs[-AUDIT_LOG_CHARS:] if run.logs else None,
+            diagnostics=shown or None,
         )
         return json_response(outcome, run.http_status, **extra)
+
+
+def _size(value: Any) -> int:
+    """Bytes of a bot's input (text, or its compact JSON)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    try:
+        return len(json.dumps(value, separators=(",", ":")).encode("utf-8"))
+    except (TypeError, ValueError):
+        return 0
 
 
 class _Refused(Exception):
@@ -967,19 +1137,42 @@ def base_url_from_listen(listen: str) -> str | None:
 
 
 class BotsService(service.Service):
-    """Starts the worker pool and the subscription deliveries; stops them before the
-    database closes (the relay adds this service before its listener, after the database)."""
+    """Starts the relay's API socket for bots, the worker pool and the subscription
+    deliveries; stops them before the database closes (the relay adds this service before
+    its listener, after the database)."""
 
     def __init__(self, pool: WorkerPool, runner: BotRunner, subscriptions: Any = None,
-                 closers: Sequence[Callable[[], Any]] = ()) -> None:
+                 closers: Sequence[Callable[[], Any]] = (), reactor: Any = None) -> None:
         self.pool = pool
         self.runner = runner
         self.subscriptions = subscriptions
         self.closers = list(closers)
+        self.reactor = reactor
+        #: the relay's HTTP site, served to bots on a Unix socket (set by the relay)
+        self.site: Any = None
+        self._api_port: Any = None
+        self._api_dir: str | None = None
+
+    def _listen_api(self) -> None:
+        """The API on a Unix socket in a folder of its own (0700): bots reach it only
+        through the bind the sandbox makes; it carries no more than any HTTP request."""
+        if self.site is None or self.reactor is None:
+            return
+        self._api_dir = tempfile.mkdtemp(prefix="medagent-botapi-")
+        path = os.path.join(self._api_dir, "api.sock")
+        try:
+            self._api_port = self.reactor.listenUNIX(path, self.site, mode=0o666)
+        except Exception:
+            log.failure("Could not listen on the bots' API socket {path}", path=path)
+            shutil.rmtree(self._api_dir, ignore_errors=True)
+            self._api_dir = None
+            return
+        self.pool.api_socket = path
 
     def startService(self) -> None:  # noqa: N802 (Twisted name)
         super().startService()
         self.runner.stopped = False
+        self._listen_api()
         self.pool.start()
         if self.subscriptions is not None:
             self.subscriptions.start()
@@ -990,6 +1183,29 @@ class BotsService(service.Service):
             self.subscriptions.stop()
         self.runner.stop()
         waits = [self.pool.stop()]
+        if self._api_port is not None:
+            port, self._api_port = self._api_port, None
+            folder = self._api_dir
+            waits.append(maybeDeferred(port.stopListening).addBoth(
+                lambda _: shutil.rmtree(folder or "", ignore_errors=True)))
         for close in self.closers:
             waits.append(maybeDeferred(close))
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+
+def unused_id(first: int = 61000, last: int = 65000) -> int:
+    """
+    A uid (and gid) that no user, group or running process has: a dedicated bot id when no
+    ``medagent-bot`` account exists (the demo, the tests).
+    """
+    import grp
+    import pwd
+
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            used.add(os.stat(f"/proc/{name}").st_uid)
+        except OSError:
+            pass
+    return next(i for i in range(first, last) if i not in used)
+

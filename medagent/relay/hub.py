@@ -23,7 +23,7 @@ from medagent import wire
 from medagent.destination import lane_key
 from medagent.fhir import FHIRError
 from medagent.relay import journal as j
-from medagent.relay.auth import CLIENT_REVOKED, TOKEN_EXPIRED, Authority
+from medagent.relay.auth import AGENT, CLIENT_REVOKED, TOKEN_EXPIRED, Authority
 from medagent.relay.journal import Journal, Push
 
 log = Logger()
@@ -313,7 +313,7 @@ class Hub:
         except FHIRError as e:
             session.conn.send_message(wire.error(e.message, callback))
             return
-        if not principal.can_act_as(agent_id):
+        if not principal.can_connect_as(agent_id):
             log.warn(
                 "Client {client_id} tried to connect as Agent/{agent_id}",
                 client_id=principal.client_id,
@@ -322,6 +322,8 @@ class Hub:
             session.conn.send_message(
                 wire.error(f"This access token cannot act as Agent/{agent_id}", callback)
             )
+            if principal.role != AGENT:  # admin, pusher, Bot: never an agent session
+                session.conn.close("not an agent credential")
             return
         if session.agent_id is not None and session.agent_id != agent_id:
             session.conn.send_message(wire.error("Already connected as another agent", callback))

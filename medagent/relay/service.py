@@ -151,12 +151,14 @@ class RelayService(service.MultiService):
         bot_memory_mb: int = 256,
         bot_time_limit: float = 10.0,
         bot_base_url: str | None = None,
-        bot_run_as: str | None = "auto",
+        bot_user: str | None = "medagent-bot",
+        bots_unsandboxed: bool = False,
         subscription_retry_base: float = 10.0,
         webhook_allow: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        os.makedirs(data_dir, exist_ok=True)
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        os.chmod(data_dir, 0o700)  # the key and the database: the relay's user only
         self.db = open_database(reactor, data_dir, synchronous)
         _DatabaseService(self.db).setServiceParent(self)
         self.store = SQLiteStore(self.db)
@@ -178,7 +180,8 @@ class RelayService(service.MultiService):
                        base_url=base_url)
         # Bots (worker processes), Subscriptions and inbound channel routing (issue 6).
         self.bot_pool = WorkerPool(reactor, size=bot_workers, memory_mb=bot_memory_mb,
-                                   run_as=bot_run_as)
+                                   bot_user=bot_user, unsandboxed=bots_unsandboxed,
+                                   hide=[data_dir])
         self.bots = BotRunner(reactor, self.store, self.authority, self.bot_pool,
                               base_url=bot_base_url or base_url_from_listen(listen),
                               default_time_limit=bot_time_limit,
@@ -191,10 +194,12 @@ class RelayService(service.MultiService):
         self.channels = ChannelRouter(self.store, self.bots)
         self.hub.inbound = self.channels
         self.api.bots = self.bots
-        BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post]
-                    ).setServiceParent(self)
+        bots_service = BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post],
+                                   reactor=reactor)
+        bots_service.setServiceParent(self)
         self.site = RelaySite(Root(self.api, websocket_resource(reactor, self.hub)),
                               max_body=max_body)
+        bots_service.site = self.site
         self.listener = strports.service(listen, self.site, reactor=reactor)
         self.listener.setServiceParent(self)
         self.listen = listen

@@ -31,7 +31,7 @@ from medagent.fhir import (
 )
 from medagent.relay import access
 from medagent.relay import journal as j
-from medagent.relay.auth import AGENT, Authority, Principal
+from medagent.relay.auth import ADMIN, AGENT, BOT, PUSHER, Authority, Principal
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal, Push
 from medagent.relay.push import PushResult, PushService
@@ -334,8 +334,11 @@ class Api(Resource):
         """
         The ids of C{resource_type} the caller may read (None: all), or 403 for a type its
         role never reads; with an C{id} outside its scope, the same 404 as a missing one.
-        The scopes are in L{medagent.relay.access}.
+        The scopes are in L{medagent.relay.access}; a Bot reads what its Bot resource grants.
         """
+        if principal.role == BOT:
+            principal.require_read(resource_type)
+            return None
         if id is not None:
             await access.check_visible(principal, resource_type, id, self.store)
             return None
@@ -360,7 +363,7 @@ class Api(Resource):
             return json_response(self._bundle(request, found))
         if len(rest) == 1 and method == "POST":
             if not (resource_type == "Binary" and principal.role == AGENT):
-                principal.require_admin()  # agents upload Binary (received DICOM instances)
+                principal.require_write(resource_type)  # agents upload Binary (DICOM received)
             resource = self._json_body(request)
             if isinstance(resource, dict):
                 resource.pop("id", None)
@@ -382,7 +385,7 @@ class Api(Resource):
                     self.hub.agent_config_read(id)  # Medplum's agent: now it takes pushes
                 return json_response(resource, ETag=f'W/"{resource["meta"]["versionId"]}"')
             if method == "PUT":
-                principal.require_admin()
+                principal.require_write(resource_type)
                 resource = self._json_body(request)
                 self._check_type(resource, resource_type)
                 if resource.get("id") not in (None, id):
@@ -401,7 +404,7 @@ class Api(Resource):
                 return json_response(updated, 200 if existed else 201,
                                      ETag=f'W/"{updated["meta"]["versionId"]}"')
             if method == "DELETE":
-                principal.require_admin()
+                principal.require_write(resource_type)
                 await self.store.delete(resource_type, id)
                 return json_response(operation_outcome("Deleted", id="ok"))
         raise FHIRError(405, f"{method} not supported on {'/'.join(rest)}", "not-supported")
@@ -604,7 +607,7 @@ class Api(Resource):
             agent = params.get("agent", "").removeprefix("Agent/")
             if agent:
                 params["agent"] = agent
-                if not principal.can_push(agent):
+                if not principal.may_list_pushes(agent):
                     raise forbidden(f"This client may not read pushes of Agent/{agent}")
             else:
                 principal.require_admin()
@@ -617,7 +620,7 @@ class Api(Resource):
             return json_response(self._push_page(request, query, found, total, next_before))
         if len(rest) >= 2:
             push = await self.journal.get(rest[1])
-            if not principal.can_push(push.agent_id):
+            if not principal.may_read_push(push.agent_id, push.requester):
                 raise forbidden("This client may not read this push")
             if len(rest) == 2 and method == "GET":
                 return json_response(_push_doc(self.hub.live_push(push)))

@@ -27,10 +27,15 @@ class RelayOptions(usage.Options):
         ["bot-memory-mb", None, "256", "Memory limit of one bot worker, MiB"],
         ["bot-time-limit", None, "10", "Seconds one bot run may take"],
         ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)"],
-        ["bot-run-as", None, "auto", "User bot workers run as (auto: nobody when root)"],
+        ["bot-user", None, "medagent-bot",
+         "Dedicated user (name or UID:GID) bots run as, in their sandbox"],
         ["webhook-allow", None, "",
          "Comma-separated origins (scheme://host:port) Subscription rest-hooks may reach "
          "although plain http or a private/loopback address"],
+    ]
+    optFlags = [
+        ["bots-unsandboxed", None,
+         "Development only: run bots without the sandbox (e.g. a relay that is not root)"],
     ]
 
 
@@ -85,7 +90,8 @@ class RelayServiceMaker:
             bot_memory_mb=int(options["bot-memory-mb"]),
             bot_time_limit=float(options["bot-time-limit"]),
             bot_base_url=options["bot-base-url"],
-            bot_run_as=options["bot-run-as"],
+            bot_user=options["bot-user"],
+            bots_unsandboxed=bool(options["bots-unsandboxed"]),
             webhook_allow=[o.strip() for o in options["webhook-allow"].split(",") if o.strip()],
         )
 
