@@ -31,6 +31,11 @@ CAP_DEDUPE = "dedupe"
 
 REPLAY_PAGE = 500
 
+#: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Frames a socket may send before it has authenticated (a real agent needs one or two).
+MAX_FRAMES_BEFORE_CONNECT = 16
+
 
 class AgentConnection(Protocol):
     """What the hub needs from a transport."""
@@ -59,6 +64,9 @@ class Session:
         self.backlog_after: int | None = None
         self.closed = False
         self.connected_at = 0.0
+        #: closes the socket unless it authenticates in time (cancelled when it does)
+        self.connect_deadline: Any = None
+        self.frames_before_connect = 0
 
     @property
     def resends_safely(self) -> bool:
@@ -92,6 +100,7 @@ class Hub:
         request_timeout: float = 5.0,
         window: int = 1000,
         inbound: InboundHandler = _no_inbound,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.clock = clock
         self.authority = authority
@@ -104,6 +113,7 @@ class Hub:
         #: pushes on an agent's wire without a final answer, at most
         self.window = window
         self.inbound = inbound
+        self.connect_timeout = connect_timeout
         self.sessions: dict[str, Session] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._waiters: dict[str, list[Deferred[Push]]] = {}
@@ -114,10 +124,28 @@ class Hub:
     # -- connection lifecycle ----------------------------------------------------------
 
     def connection_made(self, conn: AgentConnection) -> Session:
-        return Session(conn)
+        session = Session(conn)
+        session.connect_deadline = self.clock.callLater(
+            self.connect_timeout, self._connect_timed_out, session)
+        return session
+
+    def _connect_timed_out(self, session: Session) -> None:
+        session.connect_deadline = None
+        if session.agent_id is None and not session.closed:
+            log.info("Closing unauthenticated socket from {peer}: no valid "
+                     "agent:connect:request within {timeout}s", peer=session.conn.peer,
+                     timeout=self.connect_timeout)
+            session.conn.close("no valid agent:connect:request in time")
+
+    @staticmethod
+    def _cancel_connect_deadline(session: Session) -> None:
+        if session.connect_deadline is not None and session.connect_deadline.active():
+            session.connect_deadline.cancel()
+        session.connect_deadline = None
 
     def connection_lost(self, session: Session, reason: str = "closed") -> None:
         session.closed = True
+        self._cancel_connect_deadline(session)
         if session.heartbeat is not None and session.heartbeat.running:
             session.heartbeat.stop()
         agent_id = session.agent_id
@@ -160,6 +188,15 @@ class Hub:
     # -- frames in ----------------------------------------------------------------------
 
     def frame_received(self, session: Session, data: bytes | str) -> None:
+        if session.agent_id is None:
+            session.frames_before_connect += 1
+            if session.frames_before_connect > MAX_FRAMES_BEFORE_CONNECT:
+                if session.frames_before_connect == MAX_FRAMES_BEFORE_CONNECT + 1:
+                    log.info("Closing unauthenticated socket from {peer}: {n} frames without "
+                             "a valid agent:connect:request", peer=session.conn.peer,
+                             n=MAX_FRAMES_BEFORE_CONNECT)
+                    session.conn.close("too many frames before agent:connect:request")
+                return
         try:
             msg = wire.decode(data, self.max_message_size)
         except wire.WireError as e:
@@ -257,6 +294,10 @@ class Hub:
             session.agent_id = agent_id
             session.connected_at = self.clock.seconds()
             self.sessions[agent_id] = session
+            self._cancel_connect_deadline(session)
+            authenticated = getattr(session.conn, "authenticated", None)
+            if authenticated is not None:
+                authenticated()  # the transport lifts its pre-authentication limits
             session.conn.send_message(
                 {"type": wire.CONNECT_RESPONSE, "callback": callback,
                  "capabilities": [wire.CAP_DURABLE]}
@@ -423,7 +464,7 @@ class Hub:
             push_id=push.id,
             agent_id=push.agent_id,
             state=state,
-            why=f": {error}" if error else "",
+            why=f": {wire.clip(error)}" if error else "",
         )
         return d
 

@@ -18,9 +18,12 @@ import attr
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from medagent import wire
+from medagent.jsonsafe import JSONInputError
+from medagent.jsonsafe import loads as json_loads
 from medagent.fhir import (
     FHIR_JSON,
     FHIRError,
@@ -39,6 +42,8 @@ from medagent.relay.store import RESOURCE_TYPES
 log = Logger()
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+#: A client-credentials request is a few hundred bytes; it is read unauthenticated.
+MAX_TOKEN_BODY = 16 * 1024
 JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 
 
@@ -79,12 +84,75 @@ class LimitedRequest(Request):
         super().handleContentChunk(data)
 
 
+#: Seconds a client has to send a request's headers and body, however it trickles them.
+DEFAULT_REQUEST_TIMEOUT = 60.0
+#: Seconds a keep-alive connection may sit idle between requests (Twisted's default is 12 h;
+#: above the 240 s for which Twisted's client pool keeps connections, so clients close first).
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class DeadlineChannel(HTTPChannel):
+    """
+    An HTTP channel with a total deadline per request: the idle timeout alone is reset by
+    every byte, so one byte per 20 s holds a connection forever.  The deadline starts with a
+    request's first byte (or the connection) and ends when its body is complete; then the
+    handler may take as long as it needs (a waited push).  Too slow: 408 and close.
+    """
+
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            timeout = getattr(self.site, "request_timeout", DEFAULT_REQUEST_TIMEOUT)
+            self._deadline = self.callLater(timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+        # keep-alive: the next request's clock starts with its first byte (dataReceived);
+        # a connection idle between requests is closed by the site's idle timeout
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is None or self._handlingRequest:
+            return
+        log.info("Closing HTTP connection from {peer}: request not complete within "
+                 "{timeout}s", peer=str(self.transport.getPeer()),
+                 timeout=getattr(self.site, "request_timeout", DEFAULT_REQUEST_TIMEOUT))
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+
 class RelaySite(Site):
     requestFactory = LimitedRequest
+    protocol = DeadlineChannel
 
-    def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY, **kw: Any):
+    def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, **kw: Any):
+        kw.setdefault("timeout", DEFAULT_IDLE_TIMEOUT)
+        # the token endpoint reads its own form; nothing else wants a POST body in args
+        kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.max_body = max_body
+        self.request_timeout = request_timeout
 
     def log(self, request: Request) -> None:
         # Access log without query strings (they may carry identifiers); debug level.
@@ -99,12 +167,20 @@ class RelaySite(Site):
 Handler = Callable[..., Awaitable[Response]]
 
 
+def _client_host(request: Request) -> str:
+    """The address a request came from (the proxy's, behind a reverse proxy)."""
+    addr = request.getClientAddress()
+    return str(getattr(addr, "host", addr))
+
+
 class Api(Resource):
     """Every HTTP route except the websocket."""
 
     isLeaf = True
     #: the L{medagent.relay.bots.BotRunner} behind ``Bot/{id}/$execute`` (set by the service)
     bots: Any = None
+    #: the L{medagent.relay.limits.LoginThrottle} of ``/oauth2/token`` (set by the service)
+    login_throttle: Any = None
 
     def __init__(
         self,
@@ -190,9 +266,9 @@ class Api(Resource):
             )
         raw = request.content.read()
         try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise bad_request(f"Invalid JSON body: {e}")
+            return json_loads(raw)
+        except JSONInputError as e:
+            raise bad_request(f"Invalid JSON body: {e.msg}")
 
     def _base(self, request: Request) -> str:
         if self.base_url:
@@ -249,14 +325,24 @@ class Api(Resource):
         import base64
 
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").lower()
-        raw = request.content.read().decode("utf-8", "replace")
+        raw = request.content.read(MAX_TOKEN_BODY + 1)
+        if len(raw) > MAX_TOKEN_BODY:
+            raise FHIRError(413, f"Token request too large (limit {MAX_TOKEN_BODY} bytes)",
+                            "too-costly")
+        text = raw.decode("utf-8", "replace")
         if "json" in ctype:
             try:
-                form = {k: str(v) for k, v in json.loads(raw).items()}
-            except (ValueError, AttributeError):
-                raise bad_request("Invalid JSON body")
+                doc = json_loads(text)
+            except JSONInputError as e:
+                raise bad_request(f"Invalid JSON body: {e.msg}")
+            if not isinstance(doc, dict):
+                raise bad_request("Invalid JSON body: not an object")
+            form = {k: v for k, v in doc.items() if isinstance(v, str)}
         else:
-            form = {k: v[-1] for k, v in parse_qs(raw).items()}
+            try:
+                form = {k: v[-1] for k, v in parse_qs(text, max_num_fields=20).items()}
+            except ValueError:
+                raise bad_request("Invalid form body: too many fields")
         client_id, client_secret = form.get("client_id"), form.get("client_secret")
         auth = (request.getHeader(b"authorization") or b"").decode("latin-1")
         if auth.lower().startswith("basic "):
@@ -273,11 +359,18 @@ class Api(Resource):
             return json_response({"error": "invalid_request",
                                   "error_description": "client_id and client_secret are required"},
                                  400)
+        address = _client_host(request)
+        if self.login_throttle is not None:
+            self.login_throttle.check(client_id, address)  # 429 while locked out
         try:
             token = await self.authority.issue_token(client_id, client_secret)
         except FHIRError:
+            if self.login_throttle is not None:
+                self.login_throttle.failed(client_id, address)
             return json_response({"error": "invalid_client",
                                   "error_description": "Invalid client credentials"}, 401)
+        if self.login_throttle is not None:
+            self.login_throttle.succeeded(client_id)
         resp = json_response(token)
         resp.content_type = "application/json"
         resp.headers["Cache-Control"] = "no-store"
