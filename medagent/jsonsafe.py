@@ -45,6 +45,12 @@ def depth_exceeds(value: Any, max_depth: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+def _no_constant(name: str) -> Any:
+    # Python's json reads NaN/Infinity, which are not JSON; downstream float checks
+    # (``x <= 0``) then silently pass a NaN
+    raise JSONInputError(f"{name} is not a JSON number")
+
+
 def loads(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """
     C{json.loads} with a depth bound.  Raises L{JSONInputError} (a C{ValueError}) for invalid
@@ -56,7 +62,7 @@ def loads(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
         except UnicodeDecodeError as e:
             raise JSONInputError(f"not valid UTF-8 (byte {e.start})")
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise JSONInputError(f"nested deeper than {max_depth} levels")
     except ValueError as e:
