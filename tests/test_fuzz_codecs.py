@@ -171,6 +171,7 @@ class HL7Fuzz(SynchronousTestCase):
     @example(text="MSH||")
     @example(text="MSH\r|^~\\&")
     @example(text="MSH|^~\\&|||||||||\rMSA")
+    @example(text="MSHMM")  # a letter as separator: the ACK built from it had no MSA
     def test_any_text(self, text: str) -> None:
         for read in (hl7.normalise, hl7.control_id, hl7.message_type, hl7.version,
                      hl7.charset, hl7.segments, hl7.parse_ack):
