@@ -29,8 +29,8 @@ from tests.test_hostile import RawWebSocket, _Recorder
 
 SEED = 20261203
 #: what a run may cost, at most (inputs stop early if time runs out)
-MAX_HTTP, MAX_WS_FRAMES, MAX_DEVICE = 900, 900, 400
-TIME_BUDGET = 40.0
+MAX_HTTP, MAX_WS_FRAMES, MAX_DEVICE = 1200, 1200, 600
+TIME_BUDGET = 35.0
 WORKERS = 6
 #: planted in every fuzzed body: it must never appear in a log
 MARKER = "PHIMARKER"
@@ -282,7 +282,7 @@ class LiveFuzz(TestCase):
                 fuzz = Fuzzer(rng, token, self.agent["id"], self.device["id"])
                 while counts["http"] < MAX_HTTP and left():
                     counts["http"] += 1
-                    await self.raw(self.relay.port, fuzz.http_request(), 0.5, rng)
+                    await self.raw(self.relay.port, fuzz.http_request(), 0.15, rng)
 
             async def ws_worker(rng: random.Random) -> None:
                 fuzz = Fuzzer(rng, token, self.agent["id"], self.device["id"])
@@ -293,7 +293,7 @@ class LiveFuzz(TestCase):
                 fuzz = Fuzzer(rng, token, self.agent["id"], self.device["id"])
                 while counts["device"] < MAX_DEVICE and left():
                     counts["device"] += 1
-                    await self.raw(self.channel_port, fuzz.device_bytes(), 0.3, rng)
+                    await self.raw(self.channel_port, fuzz.device_bytes(), 0.15, rng)
 
             seeds = random.Random(SEED)
             workers: list[Callable[[random.Random], Any]] = [http_worker, ws_worker,
@@ -305,7 +305,7 @@ class LiveFuzz(TestCase):
                 if not ok:
                     result.raiseException()
             total = sum(counts.values())
-            self.assertGreater(total, 500, counts)  # the run really happened
+            self.assertGreater(total, 1000, counts)  # the run really happened
 
             # Both processes still there and serving.
             self.assertFalse(self.relay.proc.ended.called)
@@ -341,9 +341,9 @@ class LiveFuzz(TestCase):
 
             # No payload in any log, no unhandled error.
             for proc in (self.relay.proc, self.agent_proc):
-                self.assertNotIn(MARKER, proc.text, proc.name)
-                self.assertNotIn("Unhandled error", proc.text, proc.name)
-                self.assertNotIn("Traceback", proc.text, proc.name)
+                for needle in (MARKER, "Unhandled error", "Traceback"):
+                    lines = [line[:300] for line in proc.text.splitlines() if needle in line]
+                    self.assertEqual(lines, [], f"{proc.name} logged {needle!r}")
 
         return ensureDeferred(go())
 
