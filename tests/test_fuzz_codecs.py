@@ -391,6 +391,22 @@ class DICOMPDUFuzz(SynchronousTestCase):
         self.assertEqual(d.buffered, 0)
 
     @fuzz
+    @given(pdvs=st.lists(st.tuples(st.integers(1, 255).filter(lambda n: n % 2),
+                                   st.binary(min_size=1, max_size=300)), min_size=1,
+                         max_size=4), cuts=st.lists(st.integers(0, 1500), max_size=6))
+    def test_p_data_round_trip(self, pdvs: list[tuple[int, bytes]], cuts: list[int]) -> None:
+        items = b"".join((len(v) + 1).to_bytes(4, "big") + bytes([cx]) + v for cx, v in pdvs)
+        raw = b"\x04\x00" + len(items).to_bytes(4, "big") + items
+        d = dicom_pdu.PDUDecoder(max_length=4096)
+        out: list[Any] = []
+        for chunk in chunks(raw, cuts):
+            out += d.feed(chunk)
+        self.assertEqual(len(out), 1)
+        self.assertEqual([(i.presentation_context_id, i.presentation_data_value)
+                          for i in out[0].presentation_data_value_items], pdvs)
+        self.assertEqual(out[0].encode(), raw)
+
+    @fuzz
     @given(source=st.sampled_from([0, 2]), reason=st.integers(0, 6))
     def test_abort_round_trip(self, source: int, reason: int) -> None:
         raw = dicom_pdu.abort(source, reason).encode()
