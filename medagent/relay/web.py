@@ -17,13 +17,11 @@ from urllib.parse import parse_qs, unquote
 import attr
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from medagent import wire
-from medagent.jsonsafe import JSONInputError
-from medagent.jsonsafe import loads as json_loads
 from medagent.fhir import (
     FHIR_JSON,
     FHIRError,
@@ -32,6 +30,8 @@ from medagent.fhir import (
     not_found,
     operation_outcome,
 )
+from medagent.jsonsafe import JSONInputError
+from medagent.jsonsafe import loads as json_loads
 from medagent.relay import journal as j
 from medagent.relay.auth import ADMIN, AGENT, PUSHER, Authority, Principal
 from medagent.relay.hub import Hub
