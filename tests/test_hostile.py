@@ -234,6 +234,43 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertIsNotNone(limits.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5001)))
 
 
+class _BodySize(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"%d %s" % (len(request.content.read()),
+                           str(getattr(request, "too_large", None)).encode())
+
+
+class PreAuthBodyTests(SynchronousTestCase):
+    """A stranger cannot make the relay store a big body: only a valid token lifts 64 KiB."""
+
+    def post(self, auth: bytes) -> bytes:
+        site = RelaySite(_BodySize(), max_body=1024 * 1024, reactor=Clock())
+
+        def check(header: str | None) -> None:
+            if header != "Bearer good":
+                raise FHIRError(401, "no")
+
+        site.authenticate = check
+        channel = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5000))
+        channel.makeConnection(transport)
+        body = b"x" * 300_000
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\n" + auth
+                             + b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 16384):
+            channel.dataReceived(body[i:i + 16384])
+        return transport.value().rsplit(b"\r\n\r\n", 1)[-1]
+
+    def test_no_token_body_not_stored(self) -> None:
+        self.assertEqual(self.post(b""), b"0 True")
+        self.assertEqual(self.post(b"Authorization: Bearer forged\r\n"), b"0 True")
+
+    def test_valid_token_body_stored(self) -> None:
+        self.assertEqual(self.post(b"Authorization: Bearer good\r\n"), b"300000 False")
+
+
 class RequestDeadlineTests(SynchronousTestCase):
     def channel(self, clock: Clock) -> tuple[Any, StringTransport]:
         site = RelaySite(Resource(), request_timeout=30, reactor=clock)
@@ -520,6 +557,22 @@ class LiveAttacks(TestCase):
             r = await treq.get(self.base + "/healthz", pool=self.pool)
             self.assertEqual(r.code, 200)
             await r.content()
+
+        return ensureDeferred(go())
+
+    def test_big_body_without_token_is_401(self) -> None:
+        async def go() -> None:
+            device = {"resourceType": "Device", "url": "mllp://127.0.0.1:1",
+                      "note": [{"text": "x" * 200_000}]}
+            for auth in (None, "Bearer forged", f"Bearer {self.token}"):
+                headers = {"Content-Type": ["application/fhir+json"]}
+                if auth:
+                    headers["Authorization"] = [auth]
+                r = await treq.post(self.base + "/fhir/R4/Device", pool=self.pool,
+                                    data=json.dumps(device).encode(), headers=headers)
+                # not read, and still a 401 (not 413), so a client refreshes its token
+                self.assertEqual(r.code, 201 if auth and self.token in auth else 401, auth)
+                await r.content()
 
         return ensureDeferred(go())
 

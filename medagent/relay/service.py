@@ -183,7 +183,8 @@ class RelayService(service.MultiService):
         ws = websocket_resource(reactor, self.hub, max_pending=max_pending_agents,
                                 max_pending_per_peer=max_pending_agents_per_peer)
         self.site = RelaySite(Root(self.api, ws), max_body=max_body,
-                              request_timeout=request_timeout, reactor=reactor)
+                              request_timeout=request_timeout,
+                              authenticate=self.authority.authenticate, reactor=reactor)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)
         self.listener = strports.service(listen, self.limits, reactor=reactor)

@@ -60,13 +60,37 @@ def json_response(obj: Any, status: int = 200, **headers: str) -> Response:
                     dict(headers))
 
 
+#: Body a request may send without a valid bearer token (a token request is far smaller):
+#: strangers cannot make the relay store megabytes per connection.
+PRE_AUTH_MAX_BODY = 64 * 1024
+
+
 class LimitedRequest(Request):
-    """A request that stops buffering a body larger than the site's limit (answered 413)."""
+    """
+    A request that stops buffering a body larger than its limit (answered 413): the site's
+    C{max_body}, or L{PRE_AUTH_MAX_BODY} unless the headers carry a valid bearer token
+    (checked with the site's C{authenticate}, a signature check without I/O).
+    """
 
     too_large = False
+    body_limit: int | None = None
+
+    def _limit(self) -> int:
+        if self.body_limit is None:
+            site = self.channel.site
+            limit = getattr(site, "max_body", DEFAULT_MAX_BODY)
+            check = getattr(site, "authenticate", None)
+            if check is not None and limit > PRE_AUTH_MAX_BODY:
+                header = self.getHeader(b"authorization")
+                try:
+                    check(header.decode("latin-1") if header else None)
+                except Exception:
+                    limit = PRE_AUTH_MAX_BODY
+            self.body_limit = limit
+        return self.body_limit
 
     def gotLength(self, length: int | None) -> None:
-        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+        limit = self._limit()
         if length is not None and length > limit:
             self.too_large = True
             length = 0
@@ -75,8 +99,7 @@ class LimitedRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
-        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
-        if self.content.tell() + len(data) > limit:
+        if self.content.tell() + len(data) > self._limit():
             self.too_large = True
             self.content.seek(0)
             self.content.truncate()
@@ -146,13 +169,16 @@ class RelaySite(Site):
     protocol = DeadlineChannel
 
     def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, **kw: Any):
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 authenticate: Callable[[str | None], Any] | None = None, **kw: Any):
         kw.setdefault("timeout", DEFAULT_IDLE_TIMEOUT)
         # the token endpoint reads its own form; nothing else wants a POST body in args
         kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.max_body = max_body
         self.request_timeout = request_timeout
+        #: checks an Authorization header (raises if invalid); None: no pre-auth body limit
+        self.authenticate = authenticate
 
     def log(self, request: Request) -> None:
         # Access log without query strings (they may carry identifiers); debug level.
@@ -232,8 +258,13 @@ class Api(Resource):
     async def _handle(self, request: Request) -> Response:
         try:
             if getattr(request, "too_large", False):
-                limit = getattr(request.channel.site, "max_body", DEFAULT_MAX_BODY)
-                raise FHIRError(413, f"Request body too large (limit {limit} bytes)", "too-costly")
+                limit = getattr(request, "body_limit", None) or DEFAULT_MAX_BODY
+                if limit < getattr(request.channel.site, "max_body", limit):
+                    # refused for want of a valid token: say so (401), so a client refreshes
+                    # its token and sends again, as it would have after reading the body
+                    self._principal(request)
+                raise FHIRError(413, f"Request body too large (limit {limit} bytes)",
+                                "too-costly")
             return await self._route(request)
         except CancelledError:
             # the caller went away (e.g. a waited push); the push itself goes on
