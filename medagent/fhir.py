@@ -87,7 +87,10 @@ def parameters_to_dict(resource: Mapping[str, Any]) -> dict[str, Any]:
     is present (Medplum only reads ``valueString``; we take them all).
     """
     out: dict[str, Any] = {}
-    for param in resource.get("parameter") or []:
+    params = resource.get("parameter") or []
+    if not isinstance(params, list):
+        raise bad_request("Parameters.parameter must be a list")
+    for param in params:
         if not isinstance(param, Mapping) or not isinstance(param.get("name"), str):
             raise bad_request("Each Parameters.parameter needs a name")
         value: Any = None

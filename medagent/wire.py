@@ -10,7 +10,10 @@ peer announced the matching capability; unknown fields are ignored.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Mapping
+
+from medagent.jsonsafe import JSONInputError, loads
 
 #: Medplum's version string we answer heartbeats with.
 PROTOCOL_VERSION = "medagent-0.1.0"
@@ -110,6 +113,19 @@ def error_not_delivered(msg: Mapping[str, Any]) -> bool:
 #: instances travel base64 encoded, so we default higher and make it configurable.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
+#: Longest piece of peer-supplied text quoted in an error, a log line or a close reason.
+MAX_REASON = 200
+
+#: An agent id is a FHIR id (Medplum uses UUIDs); anything else is refused before it is
+#: looked up, logged or echoed.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def clip(text: Any, limit: int = MAX_REASON) -> str:
+    """C{text} as a string of at most C{limit} characters (marked when cut)."""
+    text = text if isinstance(text, str) else str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class WireError(ValueError):
     """
@@ -138,8 +154,8 @@ def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[
         except UnicodeDecodeError:
             raise WireError("Message is not valid UTF-8")
     try:
-        msg = json.loads(data)
-    except ValueError as e:
+        msg = loads(data)
+    except JSONInputError as e:
         raise WireError(f"Message is not JSON: {e.msg}")
     if not isinstance(msg, dict):
         raise WireError("Message is not a JSON object")
@@ -151,12 +167,14 @@ def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[
         raise WireError("Missing message type", callback)
     kind = ALIASES.get(kind, kind)
     if kind not in KNOWN_TYPES:
-        raise WireError(f"Unknown message type: {kind}", callback)
+        raise WireError(f"Unknown message type: {clip(kind)}", callback)
     msg["type"] = kind
     for field in _REQUIRED.get(kind, ()):
         value = msg.get(field)
         if not isinstance(value, str) or (field != "body" and not value):
             raise WireError(f"Missing {field}", callback)
+    if kind == CONNECT_REQUEST and not _FHIR_ID.fullmatch(msg["agentId"]):
+        raise WireError("agentId is not a valid id", callback)
     status = msg.get("statusCode")
     if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
         raise WireError("statusCode must be an integer", callback)

@@ -39,7 +39,10 @@ class DicomEndToEnd(_Base):
 
     async def _go(self) -> None:
         relay, client = await procs.relay_with_admin(self)
-        bot = await client.create({"resourceType": "Bot", "name": "dicom", "code": BOT})
+        from tests.test_bots import access
+
+        bot = await client.create({"resourceType": "Bot", "name": "dicom", "code": BOT,
+                                   "extension": [access(write=["Observation"])]})
         scp_port = procs.free_port()
         endpoint = await client.create({"resourceType": "Endpoint", "status": "active",
                                         "address": f"dicom://AGENTSCP@127.0.0.1:{scp_port}"})

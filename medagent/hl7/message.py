@@ -91,6 +91,10 @@ class Separators:
         if end < 0 or (0 <= seg_end < end):
             raise HL7Error("MSH segment is incomplete (no field after MSH-2)")
         enc = text[4:end]
+        if any(c.isalnum() or c.isspace() for c in field + enc):
+            # e.g. "MSHM...": a letter as separator reads back as different segments, so an
+            # ACK built from it would not be an ACK any more
+            raise HL7Error("MSH-1/MSH-2 separators must not be letters, digits or whitespace")
         defaults = cls()
         return cls(
             field=field,

@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 import medagent
 from medagent.relay.botworker import SANDBOX_API_SOCKET
 from medagent.fhir import FHIRError, bad_request, not_found, operation_outcome
+from medagent.jsonsafe import loads as json_loads
 from medagent.relay.auth import BOT, Principal, bot_grants
 
 log = Logger()
@@ -690,7 +691,7 @@ def parse_input(content_type: str, text: str) -> Any:
     """JSON content types are given to the bot parsed; anything else as text."""
     if content_type.split(";")[0].strip().lower() in JSON_TYPES:
         try:
-            return json.loads(text)
+            return json_loads(text)  # bounded depth: the text comes from a device or caller
         except ValueError:
             return text
     return text
@@ -1048,7 +1049,7 @@ class BotRunner:
             raise bad_request("$execute input must be UTF-8 text (or JSON)")
         if ctype.split(";")[0].strip().lower() in JSON_TYPES:
             try:
-                value: Any = json.loads(text) if text.strip() else {}
+                value: Any = json_loads(text) if text.strip() else {}
             except ValueError as e:
                 raise bad_request(f"Invalid JSON body: {e}")
         else:

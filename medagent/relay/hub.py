@@ -71,6 +71,11 @@ class _Lane:
     #: "lane is holding back" was logged for the current episode
     hold_logged: bool = False
 
+#: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Frames a socket may send before it has authenticated (a real agent needs one or two).
+MAX_FRAMES_BEFORE_CONNECT = 16
+
 
 class AgentConnection(Protocol):
     """What the hub needs from a transport."""
@@ -116,6 +121,9 @@ class Session:
         self.blocked: deque[_Lane] = deque()
         self.stalled: set[str] = set()
         self.hold_logged = False
+        #: closes the socket unless it authenticates in time (cancelled when it does)
+        self.connect_deadline: Any = None
+        self.frames_before_connect = 0
 
     @property
     def refreshes_token(self) -> bool:
@@ -164,6 +172,7 @@ class Hub:
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
         inbound: InboundHandler = _no_inbound,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.clock = clock
         self.authority = authority
@@ -194,6 +203,7 @@ class Hub:
         self.inbound = inbound
         #: when each agent last read its Agent resource over REST (see L{agent_config_read})
         self._config_reads: dict[str, float] = {}
+        self.connect_timeout = connect_timeout
         self.sessions: dict[str, Session] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._waiters: dict[str, list[Deferred[Push]]] = {}
@@ -207,10 +217,27 @@ class Hub:
     def connection_made(self, conn: AgentConnection) -> Session:
         session = Session(conn)
         session.opened_at = self.clock.seconds()
+        session.connect_deadline = self.clock.callLater(
+            self.connect_timeout, self._connect_timed_out, session)
         return session
+
+    def _connect_timed_out(self, session: Session) -> None:
+        session.connect_deadline = None
+        if session.agent_id is None and not session.closed:
+            log.info("Closing unauthenticated socket from {peer}: no valid "
+                     "agent:connect:request within {timeout}s", peer=session.conn.peer,
+                     timeout=self.connect_timeout)
+            session.conn.close("no valid agent:connect:request in time")
+
+    @staticmethod
+    def _cancel_connect_deadline(session: Session) -> None:
+        if session.connect_deadline is not None and session.connect_deadline.active():
+            session.connect_deadline.cancel()
+        session.connect_deadline = None
 
     def connection_lost(self, session: Session, reason: str = "closed") -> None:
         session.closed = True
+        self._cancel_connect_deadline(session)
         if session.heartbeat is not None and session.heartbeat.running:
             session.heartbeat.stop()
         if session.ready_call is not None and session.ready_call.active():
@@ -260,6 +287,15 @@ class Hub:
     # -- frames in ----------------------------------------------------------------------
 
     def frame_received(self, session: Session, data: bytes | str) -> None:
+        if session.agent_id is None:
+            session.frames_before_connect += 1
+            if session.frames_before_connect > MAX_FRAMES_BEFORE_CONNECT:
+                if session.frames_before_connect == MAX_FRAMES_BEFORE_CONNECT + 1:
+                    log.info("Closing unauthenticated socket from {peer}: {n} frames without "
+                             "a valid agent:connect:request", peer=session.conn.peer,
+                             n=MAX_FRAMES_BEFORE_CONNECT)
+                    session.conn.close("too many frames before agent:connect:request")
+                return
         try:
             msg = wire.decode(data, self.max_message_size)
         except wire.WireError as e:
@@ -324,6 +360,7 @@ class Hub:
             )
             if principal.role != AGENT:  # admin, pusher, Bot: never an agent session
                 session.conn.close("not an agent credential")
+                self.connection_lost(session, "not an agent credential")
             return
         if session.agent_id is not None and session.agent_id != agent_id:
             session.conn.send_message(wire.error("Already connected as another agent", callback))
@@ -370,6 +407,10 @@ class Hub:
             session.principal = principal
             session.connected_at = self.clock.seconds()
             self.sessions[agent_id] = session
+            self._cancel_connect_deadline(session)
+            authenticated = getattr(session.conn, "authenticated", None)
+            if authenticated is not None:
+                authenticated()  # the transport lifts its pre-authentication limits
             session.conn.send_message(
                 {"type": wire.CONNECT_RESPONSE, "callback": callback,
                  "capabilities": [wire.CAP_DURABLE]}
@@ -800,7 +841,7 @@ class Hub:
             push_id=push.id,
             agent_id=push.agent_id,
             state=state,
-            why=f": {error}" if error else "",
+            why=f": {wire.clip(error)}" if error else "",
         )
         return d
 

@@ -18,12 +18,22 @@ from medagent.relay.bots import BotRunner, BotsService, WorkerPool, base_url_fro
 from medagent.relay.channels import ChannelRouter
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal
+from medagent.relay.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    ConnectionLimits,
+    LoginThrottle,
+)
 from medagent.relay.push import PushService
 from medagent.relay.store import SQLiteStore
 from medagent.relay.subscriptions import SubscriptionManager, treq_poster
 from medagent.relay.webhooks import WebhookPolicy
-from medagent.relay.web import DEFAULT_MAX_BODY, Api, RelaySite, Root
-from medagent.relay.ws import websocket_resource
+from medagent.relay.web import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, Api, RelaySite, Root
+from medagent.relay.ws import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MAX_PENDING_PER_PEER,
+    websocket_resource,
+)
 
 log = Logger()
 
@@ -155,6 +165,15 @@ class RelayService(service.MultiService):
         bots_unsandboxed: bool = False,
         subscription_retry_base: float = 10.0,
         webhook_allow: Sequence[str] = (),
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        max_pending_agents: int = DEFAULT_MAX_PENDING,
+        max_pending_agents_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float = 10.0,
+        login_failures_per_client: int = 10,
+        login_failures_per_address: int = 30,
+        login_failure_window: float = 300.0,
     ) -> None:
         super().__init__()
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -172,12 +191,16 @@ class RelayService(service.MultiService):
             self.journal,
             heartbeat_interval=heartbeat_interval,
             max_message_size=max_message_size,
+            connect_timeout=connect_timeout,
         )
         _HubService(self.hub).setServiceParent(self)
         _Housekeeping(reactor, self.journal, retention_days * 86400).setServiceParent(self)
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)
         self.api = Api(self.authority, self.store, self.journal, self.hub, self.pushes,
                        base_url=base_url)
+        self.api.login_throttle = LoginThrottle(
+            reactor, max_failures_per_client=login_failures_per_client,
+            max_failures_per_address=login_failures_per_address, window=login_failure_window)
         # Bots (worker processes), Subscriptions and inbound channel routing (issue 6).
         self.bot_pool = WorkerPool(reactor, size=bot_workers, memory_mb=bot_memory_mb,
                                    bot_user=bot_user, unsandboxed=bots_unsandboxed,
@@ -197,10 +220,15 @@ class RelayService(service.MultiService):
         bots_service = BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post],
                                    reactor=reactor)
         bots_service.setServiceParent(self)
-        self.site = RelaySite(Root(self.api, websocket_resource(reactor, self.hub)),
-                              max_body=max_body)
+        ws = websocket_resource(reactor, self.hub, max_pending=max_pending_agents,
+                                max_pending_per_peer=max_pending_agents_per_peer)
+        self.site = RelaySite(Root(self.api, ws), max_body=max_body,
+                              request_timeout=request_timeout,
+                              authenticate=self.authority.authenticate, reactor=reactor)
         bots_service.site = self.site
-        self.listener = strports.service(listen, self.site, reactor=reactor)
+        self.limits = ConnectionLimits(self.site, max_connections=max_connections,
+                                       max_per_peer=max_connections_per_peer)
+        self.listener = strports.service(listen, self.limits, reactor=reactor)
         self.listener.setServiceParent(self)
         self.listen = listen
 

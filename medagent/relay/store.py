@@ -9,6 +9,7 @@ write in this process goes through the store.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -72,6 +73,9 @@ CREATE INDEX IF NOT EXISTS search_by_id ON search_index (type, id);
 """
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -84,7 +88,7 @@ def index_values(resource: Mapping[str, Any]) -> list[tuple[str, str | None, str
     rows: list[tuple[str, str | None, str]] = []
     for ident in _as_list(resource.get("identifier")):
         if isinstance(ident, Mapping) and isinstance(ident.get("value"), str):
-            rows.append(("identifier", ident.get("system"), ident["value"]))
+            rows.append(("identifier", _str_or_none(ident.get("system")), ident["value"]))
     for name in _names(resource.get("name")):
         rows.append(("name", None, name.lower()))
     for key in ("url", "status", "address"):
@@ -97,8 +101,13 @@ def index_values(resource: Mapping[str, Any]) -> list[tuple[str, str | None, str
     if isinstance(code, Mapping):
         for coding in _as_list(code.get("coding")):
             if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
-                rows.append(("code", coding.get("system"), coding["code"]))
+                rows.append(("code", _str_or_none(coding.get("system")), coding["code"]))
     return rows
+
+
+def _str_or_none(value: Any) -> str | None:
+    """A system that is not a string cannot be searched for: index the value without it."""
+    return value if isinstance(value, str) else None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -133,6 +142,17 @@ def check_resource(resource: Any, resource_type: str) -> None:
         )
     if resource_type not in RESOURCE_TYPES:
         raise not_found(f"Unsupported resource type {resource_type}")
+    # The store writes meta and id itself and indexes a few fields: a wrong shape there is the
+    # caller's mistake (400), never a crash inside the write transaction (500).
+    meta = resource.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise bad_request("meta must be a JSON object")
+    for key in ("versionId", "lastUpdated"):
+        if isinstance(meta, dict) and not isinstance(meta.get(key, ""), str):
+            raise bad_request(f"meta.{key} must be a string")
+    rid = resource.get("id")
+    if rid is not None and not (isinstance(rid, str) and _FHIR_ID.fullmatch(rid)):
+        raise bad_request("id must be 1-64 characters: letters, digits, '-' and '.'")
 
 
 class ResourceStore(Protocol):

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlencode
 import attr
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -30,8 +31,10 @@ from medagent.fhir import (
     operation_outcome,
 )
 from medagent.relay import access
+from medagent.jsonsafe import JSONInputError
+from medagent.jsonsafe import loads as json_loads
 from medagent.relay import journal as j
-from medagent.relay.auth import ADMIN, AGENT, BOT, PUSHER, Authority, Principal
+from medagent.relay.auth import AGENT, BOT, PUSHER, Authority, Principal
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal, Push
 from medagent.relay.push import PushResult, PushService
@@ -40,6 +43,8 @@ from medagent.relay.store import RESOURCE_TYPES
 log = Logger()
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+#: A client-credentials request is a few hundred bytes; it is read unauthenticated.
+MAX_TOKEN_BODY = 16 * 1024
 JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 
 
@@ -62,20 +67,44 @@ def stamp_author(resource: dict[str, Any], principal: Principal) -> None:
     Subscriptions use it so that a Bot's own writes never trigger that Bot again (a loop).
     """
     who = principal.client_id
-    meta = resource.get("meta")
-    meta = dict(meta) if isinstance(meta, dict) else {}
-    meta["author"] = {"reference": who if who.startswith("Bot/")
-                      else f"ClientApplication/{who}"}
-    resource["meta"] = meta
+    meta = resource.get("meta", {})
+    if not isinstance(meta, dict):
+        return  # malformed: the store refuses it with a 400
+    resource["meta"] = {**meta, "author": {"reference": who if who.startswith("Bot/")
+                                           else f"ClientApplication/{who}"}}
+
+
+#: Body a request may send without a valid bearer token (a token request is far smaller):
+#: strangers cannot make the relay store megabytes per connection.
+PRE_AUTH_MAX_BODY = 64 * 1024
 
 
 class LimitedRequest(Request):
-    """A request that stops buffering a body larger than the site's limit (answered 413)."""
+    """
+    A request that stops buffering a body larger than its limit (answered 413): the site's
+    C{max_body}, or L{PRE_AUTH_MAX_BODY} unless the headers carry a valid bearer token
+    (checked with the site's C{authenticate}, a signature check without I/O).
+    """
 
     too_large = False
+    body_limit: int | None = None
+
+    def _limit(self) -> int:
+        if self.body_limit is None:
+            site = self.channel.site
+            limit = getattr(site, "max_body", DEFAULT_MAX_BODY)
+            check = getattr(site, "authenticate", None)
+            if check is not None and limit > PRE_AUTH_MAX_BODY:
+                header = self.getHeader(b"authorization")
+                try:
+                    check(header.decode("latin-1") if header else None)
+                except Exception:
+                    limit = PRE_AUTH_MAX_BODY
+            self.body_limit = limit
+        return self.body_limit
 
     def gotLength(self, length: int | None) -> None:
-        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+        limit = self._limit()
         if length is not None and length > limit:
             self.too_large = True
             length = 0
@@ -84,8 +113,7 @@ class LimitedRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
-        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
-        if self.content.tell() + len(data) > limit:
+        if self.content.tell() + len(data) > self._limit():
             self.too_large = True
             self.content.seek(0)
             self.content.truncate()
@@ -93,12 +121,78 @@ class LimitedRequest(Request):
         super().handleContentChunk(data)
 
 
+#: Seconds a client has to send a request's headers and body, however it trickles them.
+DEFAULT_REQUEST_TIMEOUT = 60.0
+#: Seconds a keep-alive connection may sit idle between requests (Twisted's default is 12 h;
+#: above the 240 s for which Twisted's client pool keeps connections, so clients close first).
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class DeadlineChannel(HTTPChannel):
+    """
+    An HTTP channel with a total deadline per request: the idle timeout alone is reset by
+    every byte, so one byte per 20 s holds a connection forever.  The deadline starts with a
+    request's first byte (or the connection) and ends when its body is complete; then the
+    handler may take as long as it needs (a waited push).  Too slow: 408 and close.
+    """
+
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            timeout = getattr(self.site, "request_timeout", DEFAULT_REQUEST_TIMEOUT)
+            self._deadline = self.callLater(timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+        # keep-alive: the next request's clock starts with its first byte (dataReceived);
+        # a connection idle between requests is closed by the site's idle timeout
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is None or self._handlingRequest:
+            return
+        log.info("Closing HTTP connection from {peer}: request not complete within "
+                 "{timeout}s", peer=str(self.transport.getPeer()),
+                 timeout=getattr(self.site, "request_timeout", DEFAULT_REQUEST_TIMEOUT))
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+
 class RelaySite(Site):
     requestFactory = LimitedRequest
+    protocol = DeadlineChannel
 
-    def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY, **kw: Any):
+    def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 authenticate: Callable[[str | None], Any] | None = None, **kw: Any):
+        kw.setdefault("timeout", DEFAULT_IDLE_TIMEOUT)
+        # the token endpoint reads its own form; nothing else wants a POST body in args
+        kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.max_body = max_body
+        self.request_timeout = request_timeout
+        #: checks an Authorization header (raises if invalid); None: no pre-auth body limit
+        self.authenticate = authenticate
 
     def log(self, request: Request) -> None:
         # Access log without query strings (they may carry identifiers); debug level.
@@ -113,12 +207,20 @@ class RelaySite(Site):
 Handler = Callable[..., Awaitable[Response]]
 
 
+def _client_host(request: Request) -> str:
+    """The address a request came from (the proxy's, behind a reverse proxy)."""
+    addr = request.getClientAddress()
+    return str(getattr(addr, "host", addr))
+
+
 class Api(Resource):
     """Every HTTP route except the websocket."""
 
     isLeaf = True
     #: the L{medagent.relay.bots.BotRunner} behind ``Bot/{id}/$execute`` (set by the service)
     bots: Any = None
+    #: the L{medagent.relay.limits.LoginThrottle} of ``/oauth2/token`` (set by the service)
+    login_throttle: Any = None
 
     def __init__(
         self,
@@ -170,8 +272,13 @@ class Api(Resource):
     async def _handle(self, request: Request) -> Response:
         try:
             if getattr(request, "too_large", False):
-                limit = getattr(request.channel.site, "max_body", DEFAULT_MAX_BODY)
-                raise FHIRError(413, f"Request body too large (limit {limit} bytes)", "too-costly")
+                limit = getattr(request, "body_limit", None) or DEFAULT_MAX_BODY
+                if limit < getattr(request.channel.site, "max_body", limit):
+                    # refused for want of a valid token: say so (401), so a client refreshes
+                    # its token and sends again, as it would have after reading the body
+                    self._principal(request)
+                raise FHIRError(413, f"Request body too large (limit {limit} bytes)",
+                                "too-costly")
             return await self._route(request)
         except CancelledError:
             # the caller went away (e.g. a waited push); the push itself goes on
@@ -204,9 +311,9 @@ class Api(Resource):
             )
         raw = request.content.read()
         try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise bad_request(f"Invalid JSON body: {e}")
+            return json_loads(raw)
+        except JSONInputError as e:
+            raise bad_request(f"Invalid JSON body: {e.msg}")
 
     def _base(self, request: Request) -> str:
         if self.base_url:
@@ -265,14 +372,24 @@ class Api(Resource):
         import base64
 
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").lower()
-        raw = request.content.read().decode("utf-8", "replace")
+        raw = request.content.read(MAX_TOKEN_BODY + 1)
+        if len(raw) > MAX_TOKEN_BODY:
+            raise FHIRError(413, f"Token request too large (limit {MAX_TOKEN_BODY} bytes)",
+                            "too-costly")
+        text = raw.decode("utf-8", "replace")
         if "json" in ctype:
             try:
-                form = {k: str(v) for k, v in json.loads(raw).items()}
-            except (ValueError, AttributeError):
-                raise bad_request("Invalid JSON body")
+                doc = json_loads(text)
+            except JSONInputError as e:
+                raise bad_request(f"Invalid JSON body: {e.msg}")
+            if not isinstance(doc, dict):
+                raise bad_request("Invalid JSON body: not an object")
+            form = {k: v for k, v in doc.items() if isinstance(v, str)}
         else:
-            form = {k: v[-1] for k, v in parse_qs(raw).items()}
+            try:
+                form = {k: v[-1] for k, v in parse_qs(text, max_num_fields=20).items()}
+            except ValueError:
+                raise bad_request("Invalid form body: too many fields")
         client_id, client_secret = form.get("client_id"), form.get("client_secret")
         auth = (request.getHeader(b"authorization") or b"").decode("latin-1")
         if auth.lower().startswith("basic "):
@@ -289,11 +406,18 @@ class Api(Resource):
             return json_response({"error": "invalid_request",
                                   "error_description": "client_id and client_secret are required"},
                                  400)
+        address = _client_host(request)
+        if self.login_throttle is not None:
+            self.login_throttle.check(client_id, address)  # 429 while locked out
         try:
             token = await self.authority.issue_token(client_id, client_secret)
         except FHIRError:
+            if self.login_throttle is not None:
+                self.login_throttle.failed(client_id, address)
             return json_response({"error": "invalid_client",
                                   "error_description": "Invalid client credentials"}, 401)
+        if self.login_throttle is not None:
+            self.login_throttle.succeeded(client_id)
         resp = json_response(token)
         resp.content_type = "application/json"
         resp.headers["Cache-Control"] = "no-store"

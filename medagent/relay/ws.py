@@ -15,6 +15,7 @@ from autobahn.twisted.websocket import (  # noqa: E402
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.types import ConnectionDeny  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
 from medagent import wire  # noqa: E402
@@ -23,11 +24,62 @@ from medagent.relay.hub import Hub, Session  # noqa: E402
 
 log = Logger()
 
+#: Largest frame/message a socket may send before it has authenticated: an
+#: ``agent:connect:request`` is well under 4 KiB.
+PRE_AUTH_MAX_MESSAGE = 64 * 1024
+#: Sockets open and not yet authenticated, at most: in all, and from one address.
+DEFAULT_MAX_PENDING = 512
+DEFAULT_MAX_PENDING_PER_PEER = 32
+
+
+def _host(transport: Any) -> str:
+    try:
+        return str(transport.getPeer().host)
+    except Exception:
+        return "?"
+
 
 class AgentSocket(WebSocketServerProtocol):
-    """autobahn sets C{self.peer} (``tcp:host:port``), which the hub logs."""
+    """
+    autobahn sets C{self.peer} (``tcp:host:port``), which the hub logs.  Until the hub says
+    the agent authenticated, the socket counts as I{pending} and may only send small frames.
+    """
 
     session: Session | None = None
+    _pending_host: str | None = None
+
+    def onConnect(self, request: Any) -> None:
+        factory = self.factory
+        host = _host(self.transport)
+        if (factory.pending_total >= factory.max_pending
+                or factory.pending.get(host, 0) >= factory.max_pending_per_peer):
+            factory.refused += 1
+            if factory.refused % 1000 == 1:
+                log.warn("Refusing websocket from {host}: too many unauthenticated sockets "
+                         "({total} open; {refused} refused so far)", host=host,
+                         total=factory.pending_total, refused=factory.refused)
+            raise ConnectionDeny(503, "Too many unauthenticated connections")
+        self._pending_host = host
+        factory.pending_total += 1
+        factory.pending[host] = factory.pending.get(host, 0) + 1
+
+    def _leave_pending(self) -> None:
+        host, self._pending_host = self._pending_host, None
+        if host is None:
+            return
+        factory = self.factory
+        factory.pending_total -= 1
+        left = factory.pending.get(host, 1) - 1
+        if left > 0:
+            factory.pending[host] = left
+        else:
+            factory.pending.pop(host, None)
+
+    def authenticated(self) -> None:
+        """Called by the hub once the agent is connected: the normal size limit applies."""
+        self._leave_pending()
+        self.maxFramePayloadSize = self.factory.authenticated_limit
+        self.maxMessagePayloadSize = self.factory.authenticated_limit
 
     def onOpen(self) -> None:
         no_delay(self.transport)
@@ -38,8 +90,9 @@ class AgentSocket(WebSocketServerProtocol):
             self.factory.hub.frame_received(self.session, payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._leave_pending()
         if self.session is not None:
-            self.factory.hub.connection_lost(self.session, reason or f"code {code}")
+            self.factory.hub.connection_lost(self.session, wire.clip(reason or f"code {code}"))
 
     def send_message(self, message: Mapping[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
@@ -51,18 +104,30 @@ class AgentSocket(WebSocketServerProtocol):
                            reason=reason[:100])
 
 
-def websocket_resource(reactor: Any, hub: Hub) -> WebSocketResource:
+def websocket_resource(reactor: Any, hub: Hub, *, max_pending: int = DEFAULT_MAX_PENDING,
+                       max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER,
+                       pre_auth_max_message: int = PRE_AUTH_MAX_MESSAGE) -> WebSocketResource:
     """
     Frames up to the hub's limit are read and checked by us (a too-large message gets
-    C{agent:error}); autobahn's own limit, a little higher, bounds the buffer.
+    C{agent:error}); autobahn's own limit, a little higher, bounds the buffer.  Before the
+    agent has authenticated, autobahn's limit is C{pre_auth_max_message} (a bigger frame
+    closes the socket with 1009 before its payload is buffered), and at most C{max_pending}
+    sockets (C{max_pending_per_peer} from one address) may be waiting to authenticate.
     """
     factory = WebSocketServerFactory(reactor=reactor)
     factory.protocol = AgentSocket
     factory.hub = hub
+    factory.max_pending = max_pending
+    factory.max_pending_per_peer = max_pending_per_peer
+    factory.pending_total = 0
+    factory.pending = {}
+    factory.refused = 0
     slack = 1024 * 1024
+    factory.authenticated_limit = hub.max_message_size + slack
     factory.setProtocolOptions(
-        maxMessagePayloadSize=hub.max_message_size + slack,
-        maxFramePayloadSize=hub.max_message_size + slack,
+        # per connection: AgentSocket.authenticated raises both to authenticated_limit
+        maxMessagePayloadSize=pre_auth_max_message,
+        maxFramePayloadSize=pre_auth_max_message,
         openHandshakeTimeout=10,
         closeHandshakeTimeout=5,
         autoPingInterval=0,

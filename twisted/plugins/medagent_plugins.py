@@ -32,6 +32,19 @@ class RelayOptions(usage.Options):
         ["webhook-allow", None, "",
          "Comma-separated origins (scheme://host:port) Subscription rest-hooks may reach "
          "although plain http or a private/loopback address"],
+        ["max-connections", None, "2048", "Open HTTP/websocket connections, at most"],
+        ["max-connections-per-peer", None, "128", "Open connections from one address"],
+        ["max-pending-agents", None, "512", "Websockets not yet authenticated, at most"],
+        ["max-pending-agents-per-peer", None, "32",
+         "Websockets not yet authenticated from one address"],
+        ["request-timeout", None, "60", "Seconds to receive a request's headers and body"],
+        ["connect-timeout", None, "10",
+         "Seconds a websocket has to send a valid agent:connect:request"],
+        ["login-failures-per-client", None, "10",
+         "Failed /oauth2/token attempts per client id per window (then 429)"],
+        ["login-failures-per-address", None, "30",
+         "Failed /oauth2/token attempts per source address per window (then 429)"],
+        ["login-failure-window", None, "300", "Window of the login failure limits, seconds"],
     ]
     optFlags = [
         ["bots-unsandboxed", None,
@@ -93,6 +106,15 @@ class RelayServiceMaker:
             bot_user=options["bot-user"],
             bots_unsandboxed=bool(options["bots-unsandboxed"]),
             webhook_allow=[o.strip() for o in options["webhook-allow"].split(",") if o.strip()],
+            max_connections=int(options["max-connections"]),
+            max_connections_per_peer=int(options["max-connections-per-peer"]),
+            max_pending_agents=int(options["max-pending-agents"]),
+            max_pending_agents_per_peer=int(options["max-pending-agents-per-peer"]),
+            request_timeout=float(options["request-timeout"]),
+            connect_timeout=float(options["connect-timeout"]),
+            login_failures_per_client=int(options["login-failures-per-client"]),
+            login_failures_per_address=int(options["login-failures-per-address"]),
+            login_failure_window=float(options["login-failure-window"]),
         )
 
 
