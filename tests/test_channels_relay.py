@@ -125,6 +125,12 @@ class RouterTests(SynchronousTestCase):
         # not HL7 after all: the status stays, so the agent builds its own negative answer
         answer = self.route(body="PID|1||42")
         self.assertEqual(answer["statusCode"], 404)
+        # a bug on the relay's side too (logged)
+        self.runner.execute = lambda *a, **kw: 1 / 0
+        answer = self.route()
+        self.assertEqual(answer["statusCode"], 200)
+        self.assertIn("MSA|AE|C1|Relay error", answer["body"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
 class HubChannelIntegration(TestCase):

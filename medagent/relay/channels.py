@@ -52,7 +52,11 @@ class ChannelRouter:
         return ensureDeferred(self.route(agent_id, message))
 
     async def route(self, agent_id: str, message: Mapping[str, Any]) -> dict[str, Any]:
-        answer = await self._run(agent_id, message)
+        try:
+            answer = await self._run(agent_id, message)
+        except Exception:  # a bug here must still give an HL7 device its AE
+            log.failure("Inbound message from Agent/{agent_id} failed", agent_id=agent_id)
+            answer = _answer(500, "Relay error")
         reason = answer.pop("deviceReason", answer["body"])
         if answer["statusCode"] < 400:
             return answer
