@@ -17,6 +17,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from medagent.agent.dispatch import PING
+from medagent.client import RelayError
 from tests import procs
 from tests.peerenv import need_node_module, need_program
 from tests.test_medplum_agent import ORDER, MedplumAgent
@@ -121,5 +123,10 @@ class MedplumCLI(TestCase):
             proc = await self.medplum("agent", "ping", "127.0.0.1", ids[1])
             self.assertNotEqual(proc.exit_code, 0, proc.text)
             self.assertIn("Unexpected response from agent while pinging", proc.text)
+            # (the CLI prints no cause; the relay's answer says it)
+            with self.assertRaises(RelayError) as e:
+                await self.admin.push_to_agent(self.our_agent, "127.0.0.1", "PING 1", PING, True)
+            self.assertEqual(e.exception.status, 400)
+            self.assertIn("pings a device by its destination URL with a port", str(e.exception))
 
         return ensureDeferred(go())
