@@ -81,11 +81,12 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(self.route()["statusCode"], 204)
 
     def test_errors_are_clear(self) -> None:
+        json_msg = {"contentType": "application/json", "body": '{"x": 1}'}
         cases = [
-            ({"channel": "nope"}, 404, "Channel 'nope' not found"),
-            ({"channel": "no-bot"}, 404, "has no Bot"),
-            ({"channel": "url"}, 404, "has no Bot"),
-            ({"channel": None}, 400, "Missing channel"),
+            ({"channel": "nope", **json_msg}, 404, "Channel 'nope' not found"),
+            ({"channel": "no-bot", **json_msg}, 404, "has no Bot"),
+            ({"channel": "url", **json_msg}, 404, "has no Bot"),
+            ({"channel": None, **json_msg}, 400, "Missing channel"),
             ({"body": None}, 400, "Missing body"),
         ]
         for msg, status, text in cases:
@@ -98,11 +99,38 @@ class RouterTests(SynchronousTestCase):
         for outcome, status in ((b.ERROR, 400), (b.TIMEOUT, 504), (b.CRASH, 500),
                                 (b.BUSY, 503), (b.NOT_FOUND, 404)):
             self.runner.answer = b.BotRun(bot_id="b1", outcome=outcome, error="why " * 500)
-            answer = self.route()
+            answer = self.route(**json_msg)
             self.assertEqual((answer["statusCode"], answer["contentType"]),
                              (status, "text/plain"), outcome)
             self.assertTrue(answer["body"].startswith(f"Bot/b1 failed ({outcome}): why"))
             self.assertLessEqual(len(answer["body"]), 500)
+
+    def test_hl7_failures_are_answered_with_an_ae(self) -> None:
+        """Medplum's agent drops answers >= 400: an HL7 device must get an AE, status 200."""
+        for msg in ({"channel": "nope"}, {"channel": "no-bot"}):
+            answer = self.route(**msg)
+            self.assertEqual((answer["statusCode"], answer["contentType"]), (200, HL7), msg)
+            self.assertIn("MSA|AE|C1|", answer["body"])
+        for outcome in (b.ERROR, b.TIMEOUT, b.CRASH, b.BUSY, b.NOT_FOUND):
+            self.runner.answer = b.BotRun(bot_id="b1", outcome=outcome,
+                                          error="ValueError: DOE^JANE unknown", audit_id="a9")
+            answer = self.route()
+            self.assertEqual((answer["statusCode"], answer["contentType"]), (200, HL7), outcome)
+            segments = answer["body"].split("\r")
+            self.assertTrue(segments[0].startswith("MSH|^~\\&|LIS|LAB|ADT|HOSP|"))
+            self.assertEqual(segments[1],
+                             f"MSA|AE|C1|Bot/b1 failed ({outcome}); see AuditEvent/a9")
+            self.assertTrue(segments[2].startswith("ERR|||207^"), segments)
+            self.assertNotIn("DOE", answer["body"])  # the bot's error text may quote PHI
+        # not HL7 after all: the status stays, so the agent builds its own negative answer
+        answer = self.route(body="PID|1||42")
+        self.assertEqual(answer["statusCode"], 404)
+        # a bug on the relay's side too (logged)
+        self.runner.execute = lambda *a, **kw: 1 / 0
+        answer = self.route()
+        self.assertEqual(answer["statusCode"], 200)
+        self.assertIn("MSA|AE|C1|Relay error", answer["body"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
 
 class HubChannelIntegration(TestCase):
@@ -167,12 +195,12 @@ class HubChannelIntegration(TestCase):
                 self.assertIn(f"MSA|AA|IN{i:04d}", answer["body"])
             self.assertEqual(self.relay.bot_pool.spawned, 1)  # one warm worker, reused
             answer = await self.transmit(ADT.format(ctrl="REJECT01"))
-            self.assertEqual((answer["statusCode"], answer["contentType"]), (400, "text/plain"))
-            # the exception's type and line go back to the agent, never its text (PHI)
-            self.assertIn("ValueError (line 3)", answer["body"])
+            self.assertEqual((answer["statusCode"], answer["contentType"]), (200, HL7))
+            self.assertIn("MSA|AE|REJECT01|", answer["body"])
             self.assertNotIn("unknown patient", answer["body"])
             answer = await self.transmit(ADT.format(ctrl="X"), channel="other")
-            self.assertEqual(answer["statusCode"], 404)
+            self.assertEqual(answer["statusCode"], 200)
+            self.assertIn("MSA|AE|X|Channel 'other' not found", answer["body"])
             audits = await self.relay.store.search("AuditEvent", {"_count": ["1000"]})
             self.assertEqual(len(audits), 26)  # every run recorded; the unknown channel ran none
             failed = [a for a in audits if a["outcome"] != "0"]

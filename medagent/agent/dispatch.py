@@ -294,6 +294,12 @@ class Dispatcher:
     ) -> Deferred[Reply]:
         """Deliver in order on the destination's lane; fires with the L{Reply}."""
         options = options or {}
+        if content_type == PING and "://" not in remote:
+            # Medplum's form (a bare host, for the OS ping): we probe a device's own port.
+            return _fail(DeliveryError(
+                f"Ping of bare host {remote[:100]!r}: this agent pings a device by its "
+                f"destination URL with a port, e.g. mllp://{remote[:100]}:2575",
+                transient=False, phase="destination"))
         try:
             destination, sender = self.resolve(remote)
         except DeliveryError as e:

@@ -7,6 +7,11 @@ The hub hands us each ``agent:transmit:request`` an agent sends for one of its c
 answer the hub with ``{statusCode, contentType, body}``: 200 and the bot's return value (an
 HL7 ACK, typically), 204 when the bot returned nothing, or an error status with a plain-text
 reason the agent can put into its own negative acknowledgement.
+
+An HL7 v2 message that fails here (its Bot failed, no such channel...) is answered with an
+HL7 ``AE`` acknowledgement and status 200 instead: Medplum's agent drops every answer with a
+status of 400 or more, so its device would get silence.  The AE's text names what failed (the
+Bot, its outcome, the AuditEvent), never the Bot's own error text, which may quote the message.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from medagent.fhir import FHIRError
+from medagent.hl7 import message as hl7msg
 from medagent.relay import bots as b
 
 log = Logger()
@@ -46,6 +52,30 @@ class ChannelRouter:
         return ensureDeferred(self.route(agent_id, message))
 
     async def route(self, agent_id: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            answer = await self._run(agent_id, message)
+        except Exception:  # a bug here must still give an HL7 device its AE
+            log.failure("Inbound message from Agent/{agent_id} failed", agent_id=agent_id)
+            answer = _answer(500, "Relay error")
+        reason = answer.pop("deviceReason", answer["body"])
+        if answer["statusCode"] < 400:
+            return answer
+        content_type = message.get("contentType")
+        body = message.get("body")
+        if not (isinstance(content_type, str) and isinstance(body, str)
+                and content_type.split(";")[0].strip().lower() == b.HL7_V2):
+            return answer
+        try:
+            ack = hl7msg.build_ack(body, "AE", error=reason[:MAX_REASON])
+        except (hl7msg.HL7Error, ValueError):
+            return answer  # not HL7 after all: the agent builds its own negative answer
+        log.warn(
+            "Channel {channel} of Agent/{agent_id}: failed with {status}; answered the device "
+            "with an HL7 AE", channel=str(message.get("channel"))[:100], agent_id=agent_id,
+            status=answer["statusCode"])
+        return _answer(200, ack, content_type)
+
+    async def _run(self, agent_id: str, message: Mapping[str, Any]) -> dict[str, Any]:
         name = message.get("channel")
         body = message.get("body")
         content_type = message.get("contentType")
@@ -89,4 +119,8 @@ class ChannelRouter:
             if run.result_type == "none" or run.result is None:
                 return _answer(204, "", content_type)
             return _answer(200, run.result, b.answer_type(content_type, run.result_type))
-        return _answer(run.http_status, run.error_text()[:MAX_REASON])
+        failed = _answer(run.http_status, run.error_text()[:MAX_REASON])
+        # for the device: what failed and where operators find it, not the bot's error text
+        failed["deviceReason"] = f"Bot/{run.bot_id} failed ({run.outcome})" + (
+            f"; see AuditEvent/{run.audit_id}" if run.audit_id else "")
+        return failed

@@ -5,8 +5,10 @@ and (when asked) wait for the device's answer.  No HTTP here; L{medagent.relay.w
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import re
 from typing import Any, Mapping
 
 import attr
@@ -167,6 +169,21 @@ def _bool(value: Any, name: str) -> bool:
     raise bad_request(f"{name} must be true or false")
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def is_bare_host(text: str) -> bool:
+    """An IPv4 address or a host name (RFC 1123), as Medplum accepts for a ping."""
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        pass
+    if not text or len(text) > 253 or text.replace(".", "").isdigit():
+        return False
+    return all(_HOST_LABEL.match(label) for label in text.removesuffix(".").split("."))
+
+
 def hl7_control_id(body: str) -> str:
     """MSH-10 of an HL7 v2 message, or a 400 saying what is wrong with it."""
     text = body.lstrip()
@@ -263,9 +280,13 @@ class PushService:
                 raise not_found(f"Destination device not found: {e.message}")
         elif "://" in destination:
             device = {"resourceType": "Device", "url": destination}
-        elif request.content_type == PING and destination and "/" not in destination:
-            # Medplum lets a ping name a bare host; we need a port to connect to.
-            raise bad_request("Ping destination must be a URL with a port, e.g. mllp://host:2575")
+        elif request.content_type == PING and is_bare_host(destination):
+            # Medplum's form (its server, agent and CLI): a bare IPv4 address or host name,
+            # forwarded unchanged; the agent decides how (Medplum's runs the OS ping).
+            return destination
+        elif request.content_type == PING and "/" not in destination:
+            raise bad_request("Ping destination must be an IPv4 address, a host name or a "
+                              "destination URL, e.g. mllp://host:2575")
         else:
             raise not_found(f"Destination device not found: {destination}")
         url = device.get("url")

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import parse_qs, unquote, urlencode
 
 import attr
-from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred, gatherResults
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -45,6 +45,13 @@ log = Logger()
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 #: A client-credentials request is a few hundred bytes; it is read unauthenticated.
 MAX_TOKEN_BODY = 16 * 1024
+
+#: Agent operations besides ``$push``; each also works at type level with a search.
+AGENT_OPERATIONS = ("$status", "$bulk-status", "$reload-config", "$fetch-logs", "$stats")
+#: Query parameters of an operation itself, not of the Agent search of its bulk form.
+OPERATION_PARAMS = ("limit",)
+#: Medplum's limit for one bulk agent operation.
+MAX_BULK_AGENTS = 100
 JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 
 
@@ -581,28 +588,61 @@ class Api(Resource):
                 key.decode("utf-8", "replace") if key else None,
             )
             return self._push_response(request, result)
-        if op == "$bulk-status":
-            agents = await self.store.search("Agent", {k: v for k, v in query.items()})
-            entries = []
-            for agent in agents:
-                if not (principal.can_push(agent["id"]) or principal.can_act_as(agent["id"])):
-                    continue
-                entries.append({"resource": {"resourceType": "Parameters", "parameter": [
-                    {"name": "agent", "resource": agent},
-                    {"name": "result", "resource": self._status_parameters(agent["id"])},
-                ]}})
-            return json_response({"resourceType": "Bundle", "type": "collection",
-                                  "entry": entries})
+        if op not in AGENT_OPERATIONS:
+            raise not_found(f"Unknown Agent operation {op}")
+        # Type level: ``?identifier=`` alone names one agent (Medplum's getAgentForRequest);
+        # any other search runs the operation on each match.
+        by_identifier = bool(identifier) and set(query) <= {"identifier", *OPERATION_PARAMS}
+        if agent_id is None and (op == "$bulk-status" or not by_identifier):
+            return await self._bulk_operation(principal, op, query)
         agent = await self.pushes.resolve_agent(agent_id, identifier)
         agent_id = agent["id"]
         if not (principal.can_push(agent_id) or principal.can_act_as(agent_id)):
             raise forbidden(f"This client may not use Agent/{agent_id}")
-        if op == "$status":
-            return json_response(self._status_parameters(agent_id))
+        return json_response(await self._operation_result(op, agent_id, query))
+
+    async def _bulk_operation(
+        self, principal: Principal, op: str, query: Mapping[str, list[str]]
+    ) -> Response:
+        """
+        ``Agent/$op?<search>`` (what ``@medplum/cli agent status|reload-config`` calls): the
+        operation on every matching agent this client may use, as Medplum answers it, a
+        Bundle of ``Parameters{agent, result}`` where a failure is the result's
+        OperationOutcome (the call itself succeeds).
+        """
+        search = {k: v for k, v in query.items() if k not in OPERATION_PARAMS}
+        count = (search.get("_count") or [str(MAX_BULK_AGENTS)])[-1]
+        if not count.isdigit() or not 1 <= int(count) <= MAX_BULK_AGENTS:
+            raise bad_request(f"_count must be between 1 and {MAX_BULK_AGENTS}")
+        agents = await self.store.search("Agent", search)
+        agents = [a for a in agents
+                  if principal.can_push(a["id"]) or principal.can_act_as(a["id"])]
+
+        async def one(agent: dict[str, Any]) -> dict[str, Any]:
+            try:
+                result = await self._operation_result(op, agent["id"], query)
+            except FHIRError as e:
+                result = e.outcome()
+            return {"resource": {"resourceType": "Parameters", "parameter": [
+                {"name": "agent", "resource": agent},
+                {"name": "result", "resource": result},
+            ]}}
+
+        entries = await gatherResults([ensureDeferred(one(a)) for a in agents],
+                                      consumeErrors=True)
+        return json_response({"resourceType": "Bundle", "type": "collection",
+                              "entry": entries})
+
+    async def _operation_result(
+        self, op: str, agent_id: str, query: Mapping[str, list[str]]
+    ) -> dict[str, Any]:
+        """One agent's answer to C{op}: a Parameters or OperationOutcome, or L{FHIRError}."""
+        if op in ("$status", "$bulk-status"):
+            return self._status_parameters(agent_id)
         if op == "$reload-config":
             answer = await self.hub.request(agent_id, {"type": wire.RELOADCONFIG_REQUEST})
             self._raise_agent_error(answer)
-            return json_response(operation_outcome("All OK", id="ok"))
+            return operation_outcome("All OK", id="ok")
         if op == "$fetch-logs":
             limit = (query.get("limit") or ["20"])[-1]
             try:
@@ -614,20 +654,29 @@ class Api(Resource):
             answer = await self.hub.request(agent_id, {"type": wire.LOGS_REQUEST, "limit": n})
             self._raise_agent_error(answer)
             logs = answer.get("logs") or []
-            return json_response({"resourceType": "Parameters", "parameter": [
-                {"name": "logs", "valueString": "\n".join(json.dumps(l) for l in logs)}]})
-        if op == "$stats":
-            relay_side = await self.journal.counts(agent_id)
-            stats: dict[str, Any] = {"relay": relay_side}
-            if self.hub.snapshot(agent_id) is not None:
-                relay_side["lanes"] = self.hub.snapshot(agent_id)
-            if self.hub.is_connected(agent_id):
+            return {"resourceType": "Parameters", "parameter": [
+                {"name": "logs", "valueString": "\n".join(json.dumps(l) for l in logs)}]}
+        # $stats: the relay's own counts always; the agent's part when it gives one (Medplum's
+        # agent before 2026 has no agent:stats and never answers it).
+        relay_side = await self.journal.counts(agent_id)
+        stats: dict[str, Any] = {"relay": relay_side, "agent": None}
+        if self.hub.snapshot(agent_id) is not None:
+            relay_side["lanes"] = self.hub.snapshot(agent_id)
+        if not self.hub.is_connected(agent_id):
+            stats["agentUnavailable"] = f"Agent/{agent_id} is not connected"
+        else:
+            try:
                 answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST})
-                if answer.get("type") == wire.STATS_RESPONSE:
-                    stats["agent"] = answer.get("stats")
-            return json_response({"resourceType": "Parameters", "parameter": [
-                {"name": "stats", "valueString": json.dumps(stats)}]})
-        raise not_found(f"Unknown Agent operation {op}")
+            except FHIRError as e:
+                answer = {"type": wire.ERROR, "body": e.message}
+            if answer.get("type") == wire.STATS_RESPONSE and isinstance(answer.get("stats"),
+                                                                         dict):
+                stats["agent"] = answer["stats"]
+            else:
+                reason = answer.get("body") if isinstance(answer.get("body"), str) else None
+                stats["agentUnavailable"] = (reason or "The agent gave no stats")[:200]
+        return {"resourceType": "Parameters", "parameter": [
+            {"name": "stats", "valueString": json.dumps(stats)}]}
 
     @staticmethod
     def _raise_agent_error(answer: Mapping[str, Any]) -> None:
