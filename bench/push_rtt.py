@@ -35,7 +35,7 @@ from twisted.web.client import HTTPConnectionPool  # noqa: E402
 
 from medagent.agent.dispatch import HL7_V2  # noqa: E402
 from medagent.destination import parse_destination  # noqa: E402
-from medagent.hl7.protocol import MLLPSender  # noqa: E402
+from medagent.hl7.sender import MLLPSender  # noqa: E402
 from tests.procs import TWISTD, Proc, free_port  # noqa: E402
 
 HL7 = "MSH|^~\\&|BENCH|HOSP|LIS|LAB|20240101120000||ORM^O01|{ctrl}|P|2.5.1\rPID|1||1^^^MRN||DOE^J\r"

@@ -26,7 +26,7 @@ from medagent.agent.dispatch import HL7_V2, Reply
 from medagent.agent.service import AgentService
 from medagent.client import MedagentClient
 from medagent.hl7 import message as hl7msg
-from medagent.hl7.protocol import MLLPChannel
+from medagent.hl7.channel import MLLPChannel
 from medagent.relay.auth import EXT_BOT_ACCESS
 from medagent.relay.service import RelayService
 

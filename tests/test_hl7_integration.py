@@ -27,7 +27,8 @@ from medagent.agent.dispatch import HL7_V2, PING, DeliveryError, Reply
 from medagent.destination import parse_destination
 from medagent.hl7.message import build_ack, control_id, parse_ack
 from medagent.hl7.mllp import frame
-from medagent.hl7.protocol import MLLPChannel, MLLPSender
+from medagent.hl7.channel import MLLPChannel
+from medagent.hl7.sender import MLLPSender
 from tests import procs
 from tests.peerenv import FIXTURES, need
 

@@ -28,16 +28,12 @@ from medagent.agent.dispatch import (
 from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.destination import lane_key, normalise_host, parse_destination
-from medagent.hl7.protocol import (
-    CLOSE_AFTER_ACK_WINDOW,
-    FIRST_REUSE_GRACE,
-    MLLPSender,
-    NotSent,
-)
+from medagent.hl7.client import CLOSE_AFTER_ACK_WINDOW, NotSent
+from medagent.hl7.sender import FIRST_REUSE_GRACE, MLLPSender
 from medagent.relay import journal as j
 from tests.fakes import InlineReactor, inline_database
 from tests.test_agent import FakeSender, Tokens
-from tests.test_hl7_protocol import FakeEndpoint, failure_of, frames_written, orm, result_of
+from tests.hl7_fakes import FakeEndpoint, failure_of, frames_written, orm, result_of
 from tests import test_hub
 from tests.test_hub import HL7, FakeConnection
 

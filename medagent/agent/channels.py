@@ -116,7 +116,7 @@ class ChannelManager(service.MultiService):
         name = spec.name
         app: Any = None
         if scheme == "mllp":
-            from medagent.hl7.protocol import MLLPChannel
+            from medagent.hl7.channel import MLLPChannel
 
             enhanced = (destination.param("enhanced") or "").lower()
             mode = {"true": "enhanced", "aa": "aa"}.get(enhanced, "original")

@@ -38,7 +38,7 @@ def default_senders(reactor: Any, worklist: Callable[[str], Any],
     from medagent.astm.transport import ASTMSender
     from medagent.dicom.scu import DICOMSender
     from medagent.dicom.worklist import WorklistSender
-    from medagent.hl7.protocol import MLLPSender
+    from medagent.hl7.sender import MLLPSender
 
     mllp = MLLPSender(reactor, tls_ca=config.tls_ca if config else None,
                       tls_cert=config.tls_cert if config else None,

@@ -1,5 +1,6 @@
 """
 HL7 v2 for the agent: MLLP framing (L{mllp}), message helpers and ACKs (L{message}), the
-Twisted client/server protocols with the ``mllp://`` sender and the inbound channel
-(L{protocol}), and FHIR ServiceRequest to ORM/OML orders (L{orders}).
+device connection (L{client}) pooled by the ``mllp://`` sender (L{sender}), the inbound
+channel (L{channel}) on its listening protocol (L{server}) with its answer policy
+(L{acking}), and FHIR ServiceRequest to ORM/OML orders (L{orders}).
 """

@@ -20,6 +20,10 @@ _CR = CR[0]
 
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
 
+#: Codec name prefixes whose bytes can contain VT/FS: MLLP cannot carry them (the sender refuses
+#: such messages, the channel answers in the message's fallback codec instead).
+WIDE_CODECS = ("utf-16", "utf-32")
+
 
 class FramingError(ValueError):
     """A payload that MLLP cannot carry, or a stream that breaks the framing rules."""
