@@ -20,7 +20,9 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from medagent.agent.dispatch import ASTM, DeliveryError
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
-from medagent.astm.transport import ASTMChannel, ASTMSender
+from medagent.astm.serial import reopen_policy
+from medagent.astm.channel import ASTMChannel
+from medagent.astm.sender import ASTMSender
 from medagent.destination import parse_destination
 from tests.test_astm_transport import ORDER, RESULT, ScriptedInstrument, wait, wire_frames
 
@@ -100,7 +102,8 @@ class SerialTestCase(TestCase):
         self.cables: list[PtyCable] = []
         self.inbound: list[tuple[str, str, str]] = []
         self.sender = ASTMSender(reactor, on_inbound=self.on_inbound,
-                                 open_retry_delays=(0.05, 0.05))
+                                 open_retries=2,
+                                 open_backoff=reopen_policy(0.05, 0.05))
         self.addCleanup(self.cleanup)
 
     def on_inbound(self, ct: str, body: str, remote: str) -> None:

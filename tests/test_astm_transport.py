@@ -19,8 +19,11 @@ from twisted.trial.unittest import TestCase
 from medagent.agent.dispatch import ASTM, JSON, PING, DeliveryError, Reply
 from medagent.astm import codec
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
-from medagent.astm.transport import ASTMChannel, ASTMSender, link_settings, serial_settings
+from medagent.astm.channel import ASTMChannel
+from medagent.astm.sender import ASTMSender
+from medagent.astm.settings import link_settings, serial_settings
 from medagent.astm.link import LinkConfig
+from medagent.astm.serial import reopen_policy
 from medagent.destination import DestinationError, parse_destination
 
 ORDER = ("H|\\^&|||MEDAGENT|||||ANALYZER1||P|LIS2-A2|20240115103000\n"
@@ -102,7 +105,8 @@ class SenderTestCase(TestCase):
             self.addCleanup(port.stopListening)
 
         self.sender = ASTMSender(reactor, on_inbound=self.on_inbound,
-                                 open_retry_delays=(0.05,))
+                                 open_retries=1,
+                                 open_backoff=reopen_policy(0.05, 0.05))
         self.addCleanup(self.close_all)
         return d.addCallback(listening)
 
