@@ -271,6 +271,24 @@ class SenderTests(SenderTestCase):
         self.delivery_error(self.send())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_close_while_connecting_cancels_the_connect(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        cancelled: list[Deferred] = []
+
+        class Slow:
+            def connect(self, factory: Any) -> Deferred:
+                return Deferred(cancelled.append)
+
+        sender = self.make_sender(endpoint_factory=lambda dest: Slow())
+        d = sender.send(parse_destination(self.url), ASTM, ORDER, {})
+        self.assertNoResult(d)
+        self.successResultOf(sender.close())
+        e = self.delivery_error(d)
+        self.assertEqual(e.phase, "connect")
+        self.assertIn("closed while connecting", str(e))
+        self.assertEqual(len(cancelled), 1)  # the connect itself was cancelled
+
 
 class MissingPort(OSError):
     pass

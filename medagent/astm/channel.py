@@ -121,6 +121,9 @@ class _ReportingEndpoint:
         self._endpoint = endpoint
         self._failed = failed
 
+    def __repr__(self) -> str:
+        return repr(self._endpoint)
+
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
         def report(f: Failure) -> Failure:
             if not f.check(CancelledError):

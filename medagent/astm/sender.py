@@ -268,12 +268,12 @@ class ASTMSender:
         assert device.link is not None
         serial = dest.scheme == SCHEME_SERIAL
         try:
-            endpoint = self._endpoint_factory(dest)
+            d = connect_with_backoff(
+                self._reactor, self._endpoint_factory(dest), _GivenLink(device.link),
+                attempts=1 + self._open_retries if serial else 1,
+                policy=self._retry_delay(dest))
         except Exception:
-            return fail()
-        d = connect_with_backoff(
-            self._reactor, endpoint, _GivenLink(device.link),
-            attempts=1 + self._open_retries if serial else 1, policy=self._retry_delay(dest))
+            d = fail()
 
         def failed(f: Failure) -> Failure:
             if f.check(CancelledError):

@@ -18,7 +18,6 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IDelayedCall, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint,
 )
-from twisted.internet.serialport import SerialPort
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -60,11 +59,12 @@ class SerialClientEndpoint:
     the protocol the factory builds.  Opening is synchronous, so C{connect} fires at once:
     with the protocol (already connected), or with the error pyserial gave (device missing,
     busy, no permission).  C{settings} are L{medagent.astm.settings.serial_settings}.
-    C{portFactory} is there for tests: anything called like C{SerialPort}.
+    C{portFactory}: anything called like C{SerialPort} (tests); by default Twisted's, imported
+    on the first open so that pyserial is needed only where a serial line is used.
     """
 
     def __init__(self, reactor: Any, device: str, settings: Mapping[str, Any],
-                 portFactory: Callable[..., Any] = SerialPort) -> None:
+                 portFactory: Callable[..., Any] | None = None) -> None:
         self._reactor = reactor
         self._device = device
         self._settings = dict(settings)
@@ -76,6 +76,9 @@ class SerialClientEndpoint:
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
         """Open the device now; the Deferred has already fired when this returns."""
         try:
+            if self._port_factory is None:
+                from twisted.internet.serialport import SerialPort
+                self._port_factory = SerialPort
             protocol = protocolFactory.buildProtocol(SerialAddress(self._device))
             if protocol is None:
                 raise CancelledError("the factory built no protocol")
