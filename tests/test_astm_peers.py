@@ -26,7 +26,8 @@ from twisted.trial.unittest import TestCase
 
 from medagent.agent.dispatch import ASTM
 from medagent.astm import codec
-from medagent.astm.transport import ASTMChannel, ASTMSender
+from medagent.astm.channel import ASTMChannel
+from medagent.astm.sender import ASTMSender
 from medagent.destination import parse_destination
 from tests.peerenv import FIXTURES, need, need_program, peer_path
 from tests.procs import Proc, free_port, spawn, wait_until

@@ -3,6 +3,10 @@ ASTM over real serial ports without hardware: a pty pair from C{os.openpty()}, o
 Twisted's real C{SerialPort} (pyserial) through the slave device, the test playing the
 analyzer on the master end.  The device path is a symlink so that a test can unplug the
 "adapter" (close the pty) and plug a new one in under the same name.
+
+Integration tests: they wait for events (L{Watch}) with a timeout and never sleep; the
+timers and reopen delays are asserted in the C{Clock}-driven tests.test_astm_sender and
+tests.test_astm_channel.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ from typing import Any, Callable
 
 from twisted.internet import abstract, fdesc, reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
 
 from medagent.agent.dispatch import ASTM, DeliveryError
+from medagent.astm.channel import ASTMChannel
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
-from medagent.astm.transport import ASTMChannel, ASTMSender
-from medagent.destination import parse_destination
-from tests.test_astm_transport import ORDER, RESULT, ScriptedInstrument, wait, wire_frames
+from medagent.astm.sender import ASTMSender
+from medagent.astm.serial import SerialClientEndpoint, reopen_policy
+from medagent.astm.settings import serial_settings
+from medagent.destination import Destination, parse_destination
+from tests.astm_helpers import ORDER, RESULT, ScriptedInstrument, Watch, wire_frames
 
 try:
     import serial  # noqa: F401  (pyserial, which twisted.internet.serialport needs)
@@ -62,7 +71,7 @@ class _MasterEnd(abstract.FileDescriptor):
 class PtyCable:
     """One pty pair plugged in at C{path}; L{unplug} makes the device vanish."""
 
-    def __init__(self, path: str, script: Callable) -> None:
+    def __init__(self, path: str, script: Callable, watch: Watch | None = None) -> None:
         master, slave = os.openpty()
         tty.setraw(slave)
         tty.setraw(master)
@@ -71,7 +80,7 @@ class PtyCable:
         if os.path.lexists(path):
             os.unlink(path)
         os.symlink(os.ttyname(slave), path)
-        self.device = ScriptedInstrument(script)
+        self.device = ScriptedInstrument(script, watch)
         self.end = _MasterEnd(master, self.device)
 
     def unplug(self) -> Deferred:
@@ -90,24 +99,56 @@ def ack_everything(dev: ScriptedInstrument, kind: str, value: Any) -> None:
         dev.write(ACK)
 
 
+@implementer(IStreamClientEndpoint)
+class WatchedSerialEndpoint:
+    """The real L{SerialClientEndpoint}, counting opens (and telling the L{Watch})."""
+
+    def __init__(self, destination: Destination, watch: Watch,
+                 on_failure: Callable[[], None] | None = None) -> None:
+        self.endpoint = SerialClientEndpoint(reactor, destination.path,
+                                             serial_settings(destination))
+        self.watch = watch
+        self.on_failure = on_failure
+        self.opened = 0
+        self.failed = 0
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
+        def done(result: Any) -> Any:
+            if isinstance(result, Failure):
+                self.failed += 1
+                if self.on_failure is not None:
+                    self.on_failure()
+            else:
+                self.opened += 1
+            reactor.callLater(0, self.watch.poke)  # after the caller has seen the result
+            return result
+
+        return self.endpoint.connect(protocolFactory).addBoth(done)
+
+
 class SerialTestCase(TestCase):
     def setUp(self) -> None:
         if serial is None:
             raise SkipTest("pyserial is not installed")
+        self.watch = Watch(reactor)
         self.tmp = tempfile.mkdtemp(prefix="medagent-astm-tty-")
         self.path = os.path.join(self.tmp, "ttyANALYZER")
         self.script: Callable = ack_everything
         self.cables: list[PtyCable] = []
         self.inbound: list[tuple[str, str, str]] = []
-        self.sender = ASTMSender(reactor, on_inbound=self.on_inbound,
-                                 open_retry_delays=(0.05, 0.05))
+        self.sender = self.make_sender()
         self.addCleanup(self.cleanup)
+
+    def make_sender(self, **kw: Any) -> ASTMSender:
+        return ASTMSender(reactor, on_inbound=self.on_inbound, open_retries=2,
+                          open_backoff=reopen_policy(0.05, 0.05), **kw)
 
     def on_inbound(self, ct: str, body: str, remote: str) -> None:
         self.inbound.append((ct, body, remote))
+        self.watch.poke()
 
     def plug(self) -> PtyCable:
-        cable = PtyCable(self.path, lambda *a: self.script(*a))
+        cable = PtyCable(self.path, lambda *a: self.script(*a), self.watch)
         self.cables.append(cable)
         return cable
 
@@ -136,7 +177,7 @@ class SerialSenderTests(SerialTestCase):
             self.assertEqual(json.loads(reply.body), {"frames": 4, "records": 4,
                                                       "retransmissions": 0})
             dev = cable.device
-            await wait(lambda: dev.events and dev.events[-1] == ("control", EOT))
+            await self.watch.until(lambda: dev.events and dev.events[-1] == ("control", EOT))
             self.assertEqual("".join(dev.messages()), ORDER.replace("\n", "\r"))
             self.assertEqual([f.number for f in dev.frames], [1, 2, 3, 4])
         return ensureDeferred(go())
@@ -195,12 +236,22 @@ class SerialSenderTests(SerialTestCase):
         return ensureDeferred(go())
 
     def test_port_appears_during_open_backoff(self) -> Deferred:
+        endpoints: list[WatchedSerialEndpoint] = []
+
+        def plug_once() -> None:
+            if not self.cables:
+                self.plug()  # after the first failed open, before the retry
+
+        def endpoint(destination: Destination) -> WatchedSerialEndpoint:
+            endpoints.append(WatchedSerialEndpoint(destination, self.watch, plug_once))
+            return endpoints[-1]
+
         async def go() -> None:
-            d = self.send()
-            await deferLater(reactor, 0.02, lambda: None)
-            self.plug()
-            reply = await d
+            await self.sender.close()
+            self.sender = self.make_sender(endpoint_factory=endpoint)
+            reply = await self.send()
             self.assertEqual(json.loads(reply.body)["frames"], 4)
+            self.assertEqual((endpoints[0].failed, endpoints[0].opened), (1, 1))
         return ensureDeferred(go())
 
     def test_port_vanishes_mid_message_then_reopened(self) -> Deferred:
@@ -254,25 +305,38 @@ class SerialChannelTests(SerialTestCase):
 
         self.script = sender_script
 
+        line: list[WatchedSerialEndpoint] = []
+
+        def endpoint(destination: Destination) -> WatchedSerialEndpoint:
+            line.append(WatchedSerialEndpoint(destination, self.watch))
+            return line[0]
+
+        def link_up() -> bool:
+            return bool(channel.links) and next(iter(channel.links)).connected_
+
+        def forward(ct: str, body: str, remote: str) -> None:
+            forwarded.append((ct, body, remote))
+            self.watch.poke()
+
         async def go() -> None:
             cable = self.plug()
-            channel = ASTMChannel(lambda ct, body, remote: forwarded.append((ct, body, remote)),
-                                  reactor=reactor, serial=self.url(), reopen_delay=0.05,
-                                  name="serial-test")
             channel.startService()
             self.addCleanup(channel.stopService)
-            await wait(lambda: channel.links and next(iter(channel.links)).connected_)
+            await self.watch.until(link_up)
             cable.device.state["todo"] = wire_frames(RESULT)
             cable.device.write(ENQ)
-            await wait(lambda: len(forwarded) == 1)
+            await self.watch.until(lambda: len(forwarded) == 1)
             self.assertEqual(forwarded[0], (ASTM, RESULT, self.url()))
             await cable.unplug()
-            await wait(lambda: not channel.links)
-            await deferLater(reactor, 0.2, lambda: None)  # a few failed reopen attempts
+            await self.watch.until(lambda: line[0].failed >= 3)  # a few failed reopen attempts
+            self.assertFalse(channel.links)
             cable = self.plug()
-            await wait(lambda: channel.links and next(iter(channel.links)).connected_)
+            await self.watch.until(lambda: line[0].opened == 2 and link_up())
             cable.device.state["todo"] = wire_frames(RESULT.replace("5.4", "7.7"))
             cable.device.write(ENQ)
-            await wait(lambda: len(forwarded) == 2)
+            await self.watch.until(lambda: len(forwarded) == 2)
             self.assertIn("|7.7|", forwarded[1][1])
+
+        channel = ASTMChannel(forward, reactor=reactor, serial=self.url(), reopen_delay=0.05,
+                              name="serial-test", serial_endpoint=endpoint)
         return ensureDeferred(go())

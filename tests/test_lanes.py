@@ -560,7 +560,7 @@ class ASTMNamesTests(SynchronousTestCase):
     def test_max_attempts_does_not_set_frame_sends(self) -> None:
         from medagent.agent.queue import _max_attempts
         from medagent.astm.link import LinkConfig
-        from medagent.astm.transport import link_settings
+        from medagent.astm.settings import link_settings
 
         url = "astm://127.0.0.1:5000?maxAttempts=2"
         config, _ = link_settings(parse_destination(url), LinkConfig())

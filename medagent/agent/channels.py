@@ -130,7 +130,7 @@ class ChannelManager(service.MultiService):
             )
             svc = strports.service(listen_endpoint(destination), app, reactor=self.reactor)
         elif scheme in ("astm", "astm+serial"):
-            from medagent.astm.transport import ASTMChannel
+            from medagent.astm.channel import ASTMChannel
 
             kw: dict[str, Any] = ({"serial": spec.address} if scheme == "astm+serial"
                                   else {"endpoint": listen_endpoint(destination)})

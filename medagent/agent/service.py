@@ -35,7 +35,7 @@ def default_senders(reactor: Any, worklist: Callable[[str], Any],
                     astm_inbound: Callable[[str, str, str], Any] | None = None,
                     config: AgentConfig | None = None) -> dict[str, Sender]:
     """One sender per destination scheme; C{worklist(name)} finds a worklist channel."""
-    from medagent.astm.transport import ASTMSender
+    from medagent.astm.sender import ASTMSender
     from medagent.dicom.scu import DICOMSender
     from medagent.dicom.worklist import WorklistSender
     from medagent.hl7.sender import MLLPSender
