@@ -59,7 +59,7 @@ def run_ours(url: str, n: int) -> dict:
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 
-    from medagent.agent.dispatch import ASTM
+    from medagent.contenttypes import ASTM
     from medagent.astm.transport import ASTMSender
     from medagent.destination import parse_destination
 

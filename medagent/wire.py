@@ -74,6 +74,9 @@ KNOWN_TYPES = frozenset(
 
 #: Capabilities an agent may announce in ``agent:connect:request``.
 CAP_DURABLE = "durable"
+#: Our agent remembers the push ids it answered, so a push re-sent after a reconnect is
+#: answered from that record instead of being delivered again.
+CAP_DEDUPE = "dedupe"
 #: The agent sends a fresh ``accessToken`` on its heartbeat requests before its token expires,
 #: so the relay may end its session once the token it holds has expired.  Agents without it
 #: (Medplum's) keep an established session until their client is revoked, as on Medplum.

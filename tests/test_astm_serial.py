@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from medagent.agent.dispatch import ASTM, DeliveryError
+from medagent.contenttypes import ASTM
+from medagent.delivery import DeliveryError
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
 from medagent.astm.transport import ASTMChannel, ASTMSender
 from medagent.destination import parse_destination

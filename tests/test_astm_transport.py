@@ -16,7 +16,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from medagent.agent.dispatch import ASTM, JSON, PING, DeliveryError, Reply
+from medagent.contenttypes import ASTM, JSON, PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.astm import codec
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
 from medagent.astm.transport import ASTMChannel, ASTMSender, link_settings, serial_settings

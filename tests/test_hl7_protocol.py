@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import HL7_V2, DeliveryError, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import parse_destination
 from medagent.hl7.message import build_ack, control_id, parse_ack
 from medagent.hl7.mllp import FS, VT, MLLPDecoder, frame

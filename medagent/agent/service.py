@@ -20,12 +20,13 @@ from medagent.agent.allow import DestinationPolicy
 from medagent.agent.app import AgentApp
 from medagent.agent.channels import ChannelManager, ChannelSpec, specs_from_resources
 from medagent.agent.config import AgentConfig
-from medagent.agent.dispatch import Dispatcher, Sender
+from medagent.agent.dispatch import Dispatcher
 from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.agent.uplink import uplink_service
 from medagent.client import MedagentClient
 from medagent.db import Database
+from medagent.delivery import Sender
 from medagent.logbuffer import LogBuffer
 
 log = Logger()
@@ -67,7 +68,7 @@ class AgentService(service.MultiService):
         self.config = config
         self.client = MedagentClient(reactor, config.relay, config.client_id,
                                      config.client_secret)
-        self.dispatcher = Dispatcher(reactor, {})
+        self.dispatcher = Dispatcher({})
         self.dispatcher.policy = DestinationPolicy.from_setting(config.allow_destinations)
         self.logs = LogBuffer()
         self.db = Database(reactor, os.path.join(config.data_dir, "agent.sqlite"),

@@ -25,7 +25,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent.agent.dispatch import ASTM, JSON, PING, DeliveryError, Reply
+from medagent.contenttypes import ASTM, JSON, PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.astm import codec
 from medagent.astm.link import ASTMLink, LinkConfig, LinkError
 from medagent.destination import Destination, DestinationError, parse_destination

@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from medagent.agent.dispatch import JSON, DeliveryError, Reply
+from medagent.contenttypes import JSON
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import Destination, DestinationError
 from medagent.dicom import dimse, pdu
 from medagent.dicom.association import (

@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from medagent.agent.dispatch import JSON, DeliveryError, Reply
+from medagent.contenttypes import JSON
+from medagent.delivery import DeliveryError, Reply
 from medagent.db import Database
 from medagent.destination import Destination
 from medagent.dicom import dimse, mapping, matching, pdu

@@ -36,12 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from medagent.agent.dispatch import BEFORE_WRITE, HL7_V2, DeliveryError, Reply, tcp_ping
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import BEFORE_WRITE, DeliveryError, Reply
 from medagent.destination import Destination, DestinationError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
 from medagent.hl7.mllp import DEFAULT_MAX_SIZE, FramingError, FrameTooLarge, MLLPDecoder, frame
-from medagent.net import no_delay
+from medagent.net import no_delay, tcp_ping
 
 log = Logger()
 

@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import medagent
+from medagent.contenttypes import JSON_TYPES, TEXT_TYPES
 from medagent.fhir import FHIRError, bad_request, not_found, operation_outcome
 from medagent.relay.auth import ADMIN, Principal
 
@@ -72,10 +73,6 @@ DEFAULT_MAX_RUNS = 10000
 STARTUP_TIMEOUT = 30.0
 MAX_CODE_BYTES = 1024 * 1024
 
-JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
-HL7_V2 = "x-application/hl7-v2+er7"
-#: Input content types whose text answer keeps the input's type ($execute, channels).
-TEXT_TYPES = (HL7_V2, "x-application/astm", "application/hl7-v2", "application/edifact")
 
 EXT = "urn:medagent:fhir:StructureDefinition:"
 EXT_BOT_RUN = EXT + "bot-run"

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent.destination import DestinationError, lane_key, parse_destination
-from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
+from medagent.contenttypes import HL7_V2, PING
+from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay import journal as j
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
@@ -24,8 +25,6 @@ from medagent.relay.journal import Journal, Push, message_hash
 from medagent.relay.store import search_one
 
 log = Logger()
-
-PING = "x-application/ping"
 
 DEFAULT_WAIT_MS = 10_000
 MAX_WAIT_MS = 55_000

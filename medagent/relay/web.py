@@ -21,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from medagent import wire
+from medagent.contenttypes import JSON_TYPES
 from medagent.fhir import (
     FHIR_JSON,
     FHIRError,
@@ -40,7 +41,6 @@ from medagent.relay.store import RESOURCE_TYPES
 log = Logger()
 
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
-JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 
 
 @attr.s(auto_attribs=True)
