@@ -10,7 +10,8 @@ peer announced the matching capability; unknown fields are ignored.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+import re
+from typing import Any, Iterable, Mapping
 
 #: Medplum's version string we answer heartbeats with.
 PROTOCOL_VERSION = "medagent-0.1.0"
@@ -81,6 +82,16 @@ CAP_DEDUPE = "dedupe"
 #: so the relay may end its session once the token it holds has expired.  Agents without it
 #: (Medplum's) keep an established session until their client is revoked, as on Medplum.
 CAP_TOKEN_REFRESH = "token-refresh"
+#: The capabilities that are features; every other one an agent announces is a destination
+#: scheme it can deliver to (ours announces each scheme of its senders).
+FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH])
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}\Z")
+
+
+def announced_schemes(capabilities: Iterable[str]) -> frozenset[str]:
+    """The destination schemes among an agent's capabilities (none for Medplum's agent)."""
+    return frozenset(c for c in capabilities
+                     if c not in FEATURE_CAPABILITIES and _SCHEME.match(c))
 
 #: Default largest frame either side accepts (bytes).  Medplum's server uses 1 MiB; DICOM
 #: instances travel base64 encoded, so we default higher and make it configurable.

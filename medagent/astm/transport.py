@@ -225,7 +225,7 @@ def _delivery_error(e: LinkError, destination: Destination) -> DeliveryError:
 
 class ASTMSender:
     """
-    L{medagent.agent.dispatch.Sender} for ``astm://host:port`` (TCP client) and
+    L{medagent.delivery.Sender} for ``astm://host:port`` (TCP client) and
     ``astm+serial:///dev/...`` (serial port).  A message (records separated by CR or LF) is
     accepted once every frame was ACKed and EOT sent; the reply is JSON
     ``{"frames": N, "records": M, "retransmissions": R}``.  Failures are L{DeliveryError}s
@@ -238,6 +238,8 @@ class ASTMSender:
     it, a device's ENQ is answered; without it, it is answered NAK so the device keeps its
     message).
     """
+
+    schemes = SCHEMES
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """
 C-STORE / C-ECHO SCU for ``dicom://CALLED_AE@host:port?calling=OUR_AE`` destinations: the
-agent's L{medagent.agent.dispatch.Sender} for DICOM.
+agent's L{medagent.delivery.Sender} for DICOM.
 
 Associations are L{AssociationRequestor} protocols on the agent's reactor.  One kept open
 after a send is reused for the next instance to the same peer (same host, port and AE titles)
@@ -98,6 +98,8 @@ class DICOMSender:
     (0xA7xx): a transient L{DeliveryError} carrying that reply, so the queue tries again,
     C{refused_attempts} times in all, and then ends the push with the reply.
     """
+
+    schemes = ("dicom",)
 
     def __init__(
         self,

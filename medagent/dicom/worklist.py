@@ -388,6 +388,8 @@ class WorklistSender:
     entered-in-error).  The reply is JSON: action, keys, item status.
     """
 
+    schemes = ("worklist",)
+
     def __init__(self, channels: Mapping[str, WorklistChannel] | Callable[[str], Any]) -> None:
         if callable(channels):
             self._lookup = channels

@@ -545,7 +545,7 @@ EndpointFactory = Callable[[Destination, MLLPSettings], IStreamClientEndpoint]
 
 class MLLPSender:
     """
-    L{medagent.agent.dispatch.Sender} for ``mllp://host:port`` (and ``mllps://`` over TLS).
+    L{medagent.delivery.Sender} for ``mllp://host:port`` (and ``mllps://`` over TLS).
 
     Destination parameters: ``encoding`` (default: MSH-18, else UTF-8), ``returnAck``
     (``first``|``application``; the message's ``options['returnAck']`` wins),
