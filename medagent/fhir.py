@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from medagent.contenttypes import FHIR_JSON, HL7_V2
+from medagent.contenttypes import HL7_V2
 
 
 class FHIRError(Exception):

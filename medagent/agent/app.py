@@ -65,7 +65,8 @@ class AgentApp:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
-        self.capabilities = (wire.CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH, *capabilities)
+        self.capabilities = (wire.CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH,
+                             *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config
         self.max_message_size = max_message_size
