@@ -21,9 +21,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from medagent import wire
-from medagent.contenttypes import JSON_TYPES
+from medagent.contenttypes import FHIR_JSON, JSON_TYPES
 from medagent.fhir import (
-    FHIR_JSON,
     FHIRError,
     bad_request,
     forbidden,
