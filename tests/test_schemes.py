@@ -97,3 +97,38 @@ class RelaySchemeCheckTests(SynchronousTestCase):
     def test_announced_schemes_leave_out_features(self) -> None:
         self.assertEqual(wire.announced_schemes(["durable", "dedupe", "token-refresh", "tcp",
                                                  "Not A Scheme"]), frozenset(["tcp"]))
+
+
+class _Recorder:
+    schemes = ("mllp",)
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def send(self, destination: Any, content_type: str, body: str, options: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        self.calls.append(body)
+        return Deferred()
+
+
+class DispatcherTests(SynchronousTestCase):
+    """The Dispatcher is a lookup: ordering per device is the queue's lane, not a second one."""
+
+    def test_no_second_lane(self) -> None:
+        from medagent.agent.dispatch import Dispatcher
+
+        sender = _Recorder()
+        dispatcher = Dispatcher({"mllp": sender})
+        dispatcher.dispatch("mllp://h:1", "x", "one")
+        dispatcher.dispatch("mllp://h:1", "x", "two")
+        self.assertEqual(sender.calls, ["one", "two"])
+
+    def test_unknown_scheme_names_the_agent_list(self) -> None:
+        from medagent.agent.dispatch import Dispatcher
+        from medagent.delivery import DeliveryError
+
+        err = self.failureResultOf(Dispatcher({"mllp": _Recorder()}).dispatch(
+            "tcp://h:1", "x", "one"), DeliveryError).value
+        self.assertEqual((err.phase, err.transient), ("destination", False))
+        self.assertIn("(this agent supports: mllp)", str(err))
