@@ -132,3 +132,28 @@ class DispatcherTests(SynchronousTestCase):
             "tcp://h:1", "x", "one"), DeliveryError).value
         self.assertEqual((err.phase, err.transient), ("destination", False))
         self.assertIn("(this agent supports: mllp)", str(err))
+
+
+class ChannelFactoryTests(SynchronousTestCase):
+    def test_every_channel_factory_builds_its_channel(self) -> None:
+        """Each declared channel factory finds its classes and builds (nothing started)."""
+        from medagent.agent.channels import listen_endpoint
+        from medagent.destination import parse_destination
+
+        addresses = {"mllp": "mllp://127.0.0.1:2575", "astm": "astm://127.0.0.1:15200",
+                     "astm+serial": "astm+serial:///dev/ttyS0?baudrate=9600",
+                     "dicom": "dicom://AE@127.0.0.1:11112",
+                     "dicom-mwl": "dicom-mwl://MWL@127.0.0.1:11113"}
+        self.assertEqual(set(addresses), set(schemes.channel_schemes()))
+        registered: list[Any] = []
+        for scheme, factory in schemes.channel_factories().items():
+            destination = parse_destination(addresses[scheme], needs_port=False)
+            context = schemes.ChannelContext(
+                name="c", address=addresses[scheme], destination=destination,
+                endpoint=listen_endpoint(destination), data_dir=self.mktemp(), safe_name="c",
+                forward=lambda *a: None, forward_and_wait=lambda *a: None,
+                forward_instance=lambda *a: None, register_worklist=registered.append)
+            svc, app = factory(Clock(), context)
+            self.assertFalse(svc.running)
+            self.assertIsNotNone(app)
+        self.assertEqual(len(registered), 1)  # the worklist channel
