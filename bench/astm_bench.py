@@ -59,8 +59,8 @@ def run_ours(url: str, n: int) -> dict:
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 
-    from medagent.agent.dispatch import ASTM
     from medagent.astm.sender import ASTMSender
+    from medagent.contenttypes import ASTM
     from medagent.destination import parse_destination
 
     out: dict = {}

@@ -30,11 +30,11 @@ import urllib.request
 from http.client import HTTPException
 from typing import Any, Mapping
 
-from medagent.fhir import FHIR_JSON, outcome_text, push_request
+from medagent.contenttypes import FHIR_JSON, JSON_TYPES
+from medagent.fhir import outcome_text, push_request
 
 DEFAULT_TIMEOUT = 30.0
 MAX_RESPONSE = 32 * 1024 * 1024
-JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 
 
 class OperationOutcomeError(Exception):

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from medagent.contenttypes import HL7_V2
 from medagent.relay.service import DEFAULT_DATA
 
 
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")
     p.add_argument("body", nargs="?", help="message (default: --file or standard input)")
     p.add_argument("--file", "-f")
-    p.add_argument("--content-type", default="x-application/hl7-v2+er7")
+    p.add_argument("--content-type", default=HL7_V2)
     p.add_argument("--no-wait", action="store_true", help="queue and return at once (202)")
     p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
     p.add_argument("--idempotency-key", default=None)

@@ -25,7 +25,8 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
-from medagent.fhir import FHIR_JSON, outcome_text, push_request, reference_id
+from medagent.contenttypes import FHIR_JSON
+from medagent.fhir import outcome_text, push_request, reference_id
 
 log = Logger()
 

@@ -22,7 +22,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from medagent.agent.config import AgentConfig
-from medagent.agent.dispatch import HL7_V2, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import Reply
 from medagent.agent.service import AgentService
 from medagent.client import MedagentClient
 from medagent.hl7 import message as hl7msg

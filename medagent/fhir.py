@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-FHIR_JSON = "application/fhir+json"
+from medagent.contenttypes import HL7_V2
 
 
 class FHIRError(Exception):
@@ -125,8 +125,6 @@ def destination_text(dest: Any) -> str:
         raise ValueError("destination must be a Device, a reference, or a string")
     return str(dest)
 
-
-HL7_V2 = "x-application/hl7-v2+er7"
 
 
 def push_request(

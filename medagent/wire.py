@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from medagent.jsonsafe import JSONInputError, loads
 
@@ -88,6 +88,9 @@ KNOWN_TYPES = frozenset(
 
 #: Capabilities an agent may announce in ``agent:connect:request``.
 CAP_DURABLE = "durable"
+#: Our agent remembers the push ids it answered, so a push re-sent after a reconnect is
+#: answered from that record instead of being delivered again.
+CAP_DEDUPE = "dedupe"
 #: The agent sends a fresh ``accessToken`` on its heartbeat requests before its token expires,
 #: so the relay may end its session once the token it holds has expired.  Agents without it
 #: (Medplum's) keep an established session until their client is revoked, as on Medplum.
@@ -108,6 +111,17 @@ def error_not_delivered(msg: Mapping[str, Any]) -> bool:
     """Whether an ``agent:error`` says its message never left the agent (safe to resend)."""
     body = msg.get("body")
     return isinstance(body, str) and body.startswith(NOT_DELIVERED_ERRORS)
+
+#: The capabilities that are features; every other one an agent announces is a destination
+#: scheme it can deliver to (ours announces each scheme of its senders).
+FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH, CAP_CANCEL])
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}\Z")
+
+
+def announced_schemes(capabilities: Iterable[str]) -> frozenset[str]:
+    """The destination schemes among an agent's capabilities (none for Medplum's agent)."""
+    return frozenset(c for c in capabilities
+                     if c not in FEATURE_CAPABILITIES and _SCHEME.match(c))
 
 #: Default largest frame either side accepts (bytes).  Medplum's server uses 1 MiB; DICOM
 #: instances travel base64 encoded, so we default higher and make it configurable.

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from medagent.agent.dispatch import HL7_V2, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import Reply
 from medagent.hl7.channel import MLLPChannel
 from medagent.hl7.client import MLLPClientProtocol
 from medagent.hl7.message import build_ack, parse_ack

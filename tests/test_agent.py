@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from medagent import wire
 from medagent.agent.app import AgentApp
-from medagent.agent.dispatch import DeliveryError, Dispatcher, Reply
+from medagent.agent.dispatch import Dispatcher
+from medagent.delivery import DeliveryError, Reply
 from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from tests.fakes import InlineReactor, inline_database
@@ -51,7 +52,7 @@ class AgentAppTests(SynchronousTestCase):
         self.make_app()
 
     def make_app(self) -> None:
-        self.dispatcher = Dispatcher(self.clock, {"mllp": self.sender})
+        self.dispatcher = Dispatcher({"mllp": self.sender})
         self.app = AgentApp(self.clock, "a1", Tokens(), self.dispatcher, self.db,
                             heartbeat_interval=10)
         self.app.queue.rng = lambda: 0.5  # no jitter: delays are exact

@@ -11,7 +11,9 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from medagent.agent.allow import DestinationPolicy, PolicyError
-from medagent.agent.dispatch import PING, DeliveryError, Dispatcher, Reply
+from medagent.agent.dispatch import Dispatcher
+from medagent.contenttypes import PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import parse_destination
 
 
@@ -68,7 +70,7 @@ class PolicyTests(SynchronousTestCase):
 class DispatcherTests(SynchronousTestCase):
     def test_refused_before_any_connection_pings_included(self) -> None:
         sender = _Sender()
-        dispatcher = Dispatcher(None, {"mllp": sender})
+        dispatcher = Dispatcher({"mllp": sender})
         dispatcher.policy = DestinationPolicy.from_setting("127.0.0.1:2575")
         self.successResultOf(dispatcher.dispatch("mllp://127.0.0.1:2575", "x", "MSH|", {}))
         for url in ("mllp://127.0.0.1:22", "mllp://127.0.0.2:2575"):

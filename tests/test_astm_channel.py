@@ -15,7 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import ASTM, Reply
+from medagent.contenttypes import ASTM
+from medagent.delivery import Reply
 from medagent.astm.channel import ASTMChannel
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
 from tests.astm_helpers import RESULT, MemoryLine, ScriptedInstrument, attach, wire_frames

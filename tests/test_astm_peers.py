@@ -24,7 +24,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from medagent.agent.dispatch import ASTM
+from medagent.contenttypes import ASTM
 from medagent.astm import codec
 from medagent.astm.channel import ASTMChannel
 from medagent.astm.sender import ASTMSender

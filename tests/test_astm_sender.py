@@ -13,7 +13,8 @@ from typing import Any, Callable
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import ASTM, JSON, PING, DeliveryError, Reply
+from medagent.contenttypes import ASTM, JSON, PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
 from medagent.astm.sender import ASTMSender
 from medagent.astm.serial import SerialClientEndpoint, reopen_policy

@@ -24,8 +24,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
-from medagent.agent.dispatch import ASTM, DeliveryError
 from medagent.astm.channel import ASTMChannel
+from medagent.contenttypes import ASTM
+from medagent.delivery import DeliveryError
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
 from medagent.astm.sender import ASTMSender
 from medagent.astm.serial import SerialClientEndpoint, reopen_policy

@@ -18,7 +18,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
-from medagent.agent.dispatch import ASTM, JSON, PING, DeliveryError, Reply
+from medagent.contenttypes import ASTM, JSON, PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.astm.channel import ASTMChannel
 from medagent.astm.codec import ACK, ENQ, EOT
 from medagent.astm.sender import ASTMSender

@@ -38,7 +38,7 @@ class AgentDicomTests(SynchronousTestCase):
         self.sender = DICOMSender(self.clock, ae_title="AGENT", idle_timeout=0,
                                   refused_attempts=3, endpoint_factory=self.endpoint)
         self.app = AgentApp(self.clock, "a1", Tokens(),
-                            Dispatcher(self.clock, {"dicom": self.sender}), self.db,
+                            Dispatcher({"dicom": self.sender}), self.db,
                             heartbeat_interval=10)
         self.app.queue.rng = lambda: 0.5  # no jitter
         self.app.start()

@@ -26,7 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from medagent.agent.dispatch import DeliveryError
+from medagent.delivery import DeliveryError
 from medagent.destination import parse_destination
 from medagent.dicom.scp import StorageChannel
 from medagent.dicom.scu import DICOMSender

@@ -17,7 +17,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import DeliveryError
+from medagent.delivery import DeliveryError
 from medagent.destination import parse_destination
 from medagent.dicom import dimse, pdu
 from medagent.dicom.scu import DICOMSender

@@ -10,7 +10,7 @@ import json
 from pydicom.dataset import Dataset
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import DeliveryError
+from medagent.delivery import DeliveryError
 from medagent.destination import parse_destination
 from medagent.dicom import mapping, matching
 from medagent.dicom.worklist import SCHEMA, WorklistChannel, WorklistSender

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import HL7_V2, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import Reply
 from medagent.hl7 import acking
 from medagent.hl7.acking import NO_APP_ACK, Answer
 from medagent.hl7.message import build_ack

@@ -14,7 +14,8 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import HL7_V2, DeliveryError, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import parse_destination
 from medagent.hl7.channel import MLLPChannel
 from medagent.hl7.client import MLLPClientProtocol

@@ -9,7 +9,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import DeliveryError
+from medagent.delivery import DeliveryError
 from medagent.hl7.client import MLLPClientProtocol, NotSent
 from medagent.hl7.message import parse_ack
 from medagent.hl7.mllp import VT, frame

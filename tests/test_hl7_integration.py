@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 
-from medagent.agent.dispatch import HL7_V2, PING, DeliveryError, Reply
+from medagent.contenttypes import HL7_V2, PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import parse_destination
 from medagent.hl7.message import build_ack, control_id, parse_ack
 from medagent.hl7.mllp import frame

@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import HL7_V2, DeliveryError, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import parse_destination
 from medagent.hl7.message import parse_ack
 from medagent.hl7.mllp import frame

@@ -12,7 +12,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from medagent.agent.dispatch import HL7_V2, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import Reply
 from medagent.hl7.channel import MLLPChannel
 from medagent.hl7.message import build_ack
 from medagent.hl7.mllp import FS, VT, frame

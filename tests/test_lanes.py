@@ -15,11 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from medagent import wire
 from medagent.agent.app import AgentApp
-from medagent.agent.dispatch import (
+from medagent.agent.dispatch import Dispatcher
+from medagent.delivery import (
     BEFORE_WRITE,
-    IN_DOUBT_PHRASE,
     DeliveryError,
-    Dispatcher,
+    IN_DOUBT_PHRASE,
     NotWritten,
     Reply,
     http_status,
@@ -107,7 +107,7 @@ class QueueBase(SynchronousTestCase):
         self.make_app()
 
     def make_app(self) -> None:
-        self.dispatcher = Dispatcher(self.clock, {"mllp": self.sender, "mllps": self.sender})
+        self.dispatcher = Dispatcher({"mllp": self.sender, "mllps": self.sender})
         self.app = AgentApp(self.clock, "a1", Tokens(), self.dispatcher, self.db,
                             heartbeat_interval=1000)
         self.app.queue.rng = lambda: 0.5  # no jitter

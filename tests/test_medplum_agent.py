@@ -22,7 +22,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from medagent import wire
-from medagent.agent.dispatch import PING, DeliveryError, Dispatcher
+from medagent.agent.dispatch import Dispatcher
+from medagent.contenttypes import PING
+from medagent.delivery import DeliveryError
 from medagent.relay.service import RelayService
 from tests import procs
 from tests.test_hub import FakeConnection
@@ -197,7 +199,7 @@ class MedplumForms(TestCase):
 
 class OurAgentPing(SynchronousTestCase):
     def test_bare_host_ping_says_it_needs_a_port(self) -> None:
-        d = Dispatcher(reactor, {}).dispatch("127.0.0.1", PING, "PING 1")
+        d = Dispatcher({}).dispatch("127.0.0.1", PING, "PING 1")
         err = self.failureResultOf(d, DeliveryError).value
         self.assertEqual((err.phase, err.transient), ("destination", False))
         self.assertIn("mllp://127.0.0.1:2575", err.reason)

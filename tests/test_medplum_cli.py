@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from medagent.agent.dispatch import PING
+from medagent.contenttypes import PING
 from medagent.client import RelayError
 from tests import procs
 from tests.peerenv import need_node_module, need_program

@@ -22,7 +22,6 @@ from medagent.agent.dispatch import Dispatcher
 from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.db import Database
-from medagent.relay.hub import CAP_DEDUPE
 
 log = Logger()
 
@@ -66,7 +65,7 @@ class AgentApp:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
-        self.capabilities = (CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH,
+        self.capabilities = (wire.CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH,
                              wire.CAP_CANCEL, *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config

@@ -8,6 +8,9 @@ Inbound channels (device → cloud), configured in the cloud as Medplum does it:
     dicom://AGENT_AE@0.0.0.0:11112?allowed=MODALITY1,MODALITY2           C-STORE / C-ECHO SCP
     dicom-mwl://WORKLIST_AE@0.0.0.0:11113                                worklist + MPPS SCP
 
+Each protocol package declares the channel schemes it serves (L{medagent.schemes}); this
+manager only diffs the configuration and starts what the registry builds.
+
 Channels start when the agent first connects and change on ``$reload-config`` without
 touching the channels whose settings did not change.  Everything a channel receives goes up
 through the agent's durable L{Outbox}.
@@ -16,21 +19,18 @@ through the agent's durable L{Outbox}.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 import attr
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
+from medagent import schemes
 from medagent.agent.outbox import Outbox
 from medagent.destination import Destination, DestinationError, parse_destination
 
 log = Logger()
-
-SCHEMES = ("mllp", "astm", "astm+serial", "dicom", "dicom-mwl")
-
 
 class ChannelConfigError(ValueError):
     pass
@@ -114,55 +114,28 @@ class ChannelManager(service.MultiService):
         destination = parse_destination(spec.address, needs_port=False)
         scheme = destination.scheme
         name = spec.name
-        app: Any = None
-        if scheme == "mllp":
-            from medagent.hl7.channel import MLLPChannel
-
-            enhanced = (destination.param("enhanced") or "").lower()
-            mode = {"true": "enhanced", "aa": "aa"}.get(enhanced, "original")
-            app = MLLPChannel(
-                lambda ct, body, remote: self.outbox.forward(name, ct, body, remote),
-                mode=mode,
-                encoding=destination.param("encoding") or None,
-                app_level_ack=destination.param("appLevelAck") or "AL",
-                clock=self.reactor,
-                name=name,
-            )
-            svc = strports.service(listen_endpoint(destination), app, reactor=self.reactor)
-        elif scheme in ("astm", "astm+serial"):
-            from medagent.astm.channel import ASTMChannel
-
-            kw: dict[str, Any] = ({"serial": spec.address} if scheme == "astm+serial"
-                                  else {"endpoint": listen_endpoint(destination)})
-            svc = app = ASTMChannel(self._waiting_forward(name), reactor=self.reactor, name=name,
-                                    **kw)
-        elif scheme == "dicom":
-            from medagent.dicom.scp import StorageChannel
-
-            svc = app = StorageChannel(
-                self._instance_forward(name),
-                reactor=self.reactor,
-                ae_title=destination.user or "MEDAGENT",
-                storage_dir=os.path.join(self.data_dir, "dicom", _safe_name(name)),
-                endpoint=listen_endpoint(destination),
-                allowed_calling=_list(destination.param("allowed")),
-            )
-        elif scheme == "dicom-mwl":
-            from medagent.dicom.worklist import WorklistChannel
-
-            svc = app = WorklistChannel(
-                self._waiting_forward(name),
-                reactor=self.reactor,
-                name=name,
-                ae_title=destination.user or "MEDAGENT",
-                db_path=os.path.join(self.data_dir, f"worklist-{_safe_name(name)}.sqlite"),
-                endpoint=listen_endpoint(destination),
-                allowed_calling=_list(destination.param("allowed")),
-            )
-            self.worklists[name.lower()] = app
-        else:
+        factory = schemes.channel_factories().get(scheme)
+        if factory is None:
             raise ChannelConfigError(
-                f"Unsupported channel address scheme {scheme}:// (supported: {', '.join(SCHEMES)})")
+                f"Unsupported channel address scheme {scheme}:// "
+                f"(supported: {', '.join(schemes.channel_schemes())})")
+
+        def register_worklist(app: Any) -> None:
+            self.worklists[name.lower()] = app
+
+        context = schemes.ChannelContext(
+            name=name,
+            address=spec.address,
+            destination=destination,
+            endpoint=listen_endpoint(destination),
+            data_dir=self.data_dir,
+            safe_name=_safe_name(name),
+            forward=lambda ct, body, remote: self.outbox.forward(name, ct, body, remote),
+            forward_and_wait=self._waiting_forward(name),
+            forward_instance=self._instance_forward(name),
+            register_worklist=register_worklist,
+        )
+        svc, app = factory(self.reactor, context)
         svc.setServiceParent(self)
         self.running_specs[name] = (spec, svc, app)
         log.info("Channel {name}: {scheme} on {where}", name=name, scheme=scheme,
@@ -197,12 +170,6 @@ class ChannelManager(service.MultiService):
 
     def worklist(self, name: str) -> Any:
         return self.worklists.get(name.lower())
-
-
-def _list(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _safe_name(name: str) -> str:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent import wire
-from medagent.agent.dispatch import DeliveryError, Reply
+from medagent.delivery import DeliveryError, Reply
 from medagent.db import Database
 
 log = Logger()

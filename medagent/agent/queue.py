@@ -38,14 +38,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent import wire
-from medagent.agent.dispatch import (
+from medagent.agent.dispatch import Dispatcher
+from medagent.delivery import (
     BEFORE_WRITE,
-    IN_DOUBT_PHRASE,
-    RETRY_SAFE_PHASES,  # noqa: F401 (re-exported: it used to live here)
-    RETRYABLE_PHASES,
     DeliveryError,
-    Dispatcher,
+    IN_DOUBT_PHRASE,
     NotWritten,
+    RETRYABLE_PHASES,
     Reply,
     http_status,
     in_doubt,

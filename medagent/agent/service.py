@@ -16,16 +16,18 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
+from medagent import schemes
 from medagent.agent.allow import DestinationPolicy
 from medagent.agent.app import AgentApp
 from medagent.agent.channels import ChannelManager, ChannelSpec, specs_from_resources
 from medagent.agent.config import AgentConfig
-from medagent.agent.dispatch import Dispatcher, Sender
+from medagent.agent.dispatch import Dispatcher
 from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.agent.uplink import uplink_service
 from medagent.client import MedagentClient
 from medagent.db import Database
+from medagent.delivery import Sender
 from medagent.logbuffer import LogBuffer
 
 log = Logger()
@@ -34,24 +36,18 @@ log = Logger()
 def default_senders(reactor: Any, worklist: Callable[[str], Any],
                     astm_inbound: Callable[[str, str, str], Any] | None = None,
                     config: AgentConfig | None = None) -> dict[str, Sender]:
-    """One sender per destination scheme; C{worklist(name)} finds a worklist channel."""
-    from medagent.astm.sender import ASTMSender
-    from medagent.dicom.scu import DICOMSender
-    from medagent.dicom.worklist import WorklistSender
-    from medagent.hl7.sender import MLLPSender
-
-    mllp = MLLPSender(reactor, tls_ca=config.tls_ca if config else None,
-                      tls_cert=config.tls_cert if config else None,
-                      tls_key=config.tls_key if config else None)
-    astm = ASTMSender(reactor, on_inbound=astm_inbound)
-    return {
-        "mllp": mllp,
-        "mllps": mllp,
-        "astm": astm,
-        "astm+serial": astm,
-        "dicom": DICOMSender(reactor),
-        "worklist": WorklistSender(worklist),
-    }
+    """
+    One sender per destination scheme of the registry (L{medagent.schemes});
+    C{worklist(name)} finds a worklist channel.
+    """
+    context = schemes.SenderContext(
+        tls_ca=config.tls_ca if config else None,
+        tls_cert=config.tls_cert if config else None,
+        tls_key=config.tls_key if config else None,
+        worklist=worklist,
+        astm_inbound=astm_inbound,
+    )
+    return schemes.build_senders(reactor, context)
 
 
 class AgentService(service.MultiService):
@@ -67,7 +63,7 @@ class AgentService(service.MultiService):
         self.config = config
         self.client = MedagentClient(reactor, config.relay, config.client_id,
                                      config.client_secret)
-        self.dispatcher = Dispatcher(reactor, {})
+        self.dispatcher = Dispatcher({})
         self.dispatcher.policy = DestinationPolicy.from_setting(config.allow_destinations)
         self.logs = LogBuffer()
         self.db = Database(reactor, os.path.join(config.data_dir, "agent.sqlite"),

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from medagent.agent.dispatch import ASTM
+from medagent.contenttypes import ASTM
 from medagent.astm.link import ASTMLink, LinkConfig
 from medagent.astm.serial import SerialClientEndpoint, no_jitter, reopen_policy
 from medagent.astm.settings import Framing, link_settings, serial_settings

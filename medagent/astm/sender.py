@@ -22,7 +22,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent.agent.dispatch import ASTM, JSON, PING, DeliveryError, Reply
+from medagent.contenttypes import ASTM, JSON, PING
+from medagent.delivery import DeliveryError, Reply
 from medagent.astm import codec
 from medagent.astm.channel import InboundHandler
 from medagent.astm.link import ASTMLink, LinkConfig, LinkError
@@ -72,7 +73,7 @@ def _delivery_error(e: LinkError, destination: Destination) -> DeliveryError:
 
 class ASTMSender:
     """
-    L{medagent.agent.dispatch.Sender} for ``astm://host:port`` (TCP client) and
+    L{medagent.delivery.Sender} for ``astm://host:port`` (TCP client) and
     ``astm+serial:///dev/...`` (serial port).  A message (records separated by CR or LF) is
     accepted once every frame was ACKed and EOT sent; the reply is JSON
     ``{"frames": N, "records": M, "retransmissions": R}``.  Failures are L{DeliveryError}s
@@ -90,6 +91,8 @@ class ASTMSender:
     (default C{HostnameEndpoint} or L{SerialClientEndpoint}); tests pass an in-memory one
     and a C{Clock} as C{reactor}.
     """
+
+    schemes = SCHEMES
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """
 C-STORE / C-ECHO SCU for ``dicom://CALLED_AE@host:port?calling=OUR_AE`` destinations: the
-agent's L{medagent.agent.dispatch.Sender} for DICOM.
+agent's L{medagent.delivery.Sender} for DICOM.
 
 Associations are L{AssociationRequestor} protocols on the agent's reactor.  One kept open
 after a send is reused for the next instance to the same peer (same host, port and AE titles)
@@ -28,7 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from medagent.agent.dispatch import JSON, DeliveryError, Reply
+from medagent.contenttypes import JSON
+from medagent.delivery import DeliveryError, Reply
 from medagent.destination import Destination, DestinationError
 from medagent.dicom import dimse, pdu
 from medagent.dicom.association import (
@@ -97,6 +98,8 @@ class DICOMSender:
     (0xA7xx): a transient L{DeliveryError} carrying that reply, so the queue tries again,
     C{refused_attempts} times in all, and then ends the push with the reply.
     """
+
+    schemes = ("dicom",)
 
     def __init__(
         self,

@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from medagent.agent.dispatch import JSON, DeliveryError, Reply
+from medagent.contenttypes import JSON
+from medagent.delivery import DeliveryError, Reply
 from medagent.db import Database
 from medagent.destination import Destination
 from medagent.dicom import dimse, mapping, matching, pdu
@@ -386,6 +387,8 @@ class WorklistSender:
     (``{"cancel": "<accession or SPS id>"}``, or a ServiceRequest that is revoked or
     entered-in-error).  The reply is JSON: action, keys, item status.
     """
+
+    schemes = ("worklist",)
 
     def __init__(self, channels: Mapping[str, WorklistChannel] | Callable[[str], Any]) -> None:
         if callable(channels):

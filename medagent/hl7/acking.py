@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import attr
 
-from medagent.agent.dispatch import Reply
+from medagent.delivery import Reply
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
 from medagent.hl7.mllp import WIDE_CODECS

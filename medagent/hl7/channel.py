@@ -19,7 +19,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent.agent.dispatch import HL7_V2, DeliveryError, Reply
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import DeliveryError, Reply
 from medagent.hl7 import acking
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.acking import Answer

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from medagent._twisted import LostWaiters, peer_name
-from medagent.agent.dispatch import DeliveryError
+from medagent.delivery import DeliveryError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
 from medagent.hl7.mllp import DEFAULT_MAX_SIZE, FramingError, FrameTooLarge, MLLPDecoder, frame

@@ -27,7 +27,9 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent.agent.dispatch import BEFORE_WRITE, HL7_V2, DeliveryError, Reply, tcp_ping
+from medagent.contenttypes import HL7_V2
+from medagent.delivery import BEFORE_WRITE, DeliveryError, Reply
+from medagent.net import tcp_ping
 from medagent.destination import Destination, DestinationError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.client import (
@@ -138,7 +140,7 @@ EndpointFactory = Callable[[Destination, MLLPSettings], IStreamClientEndpoint]
 
 class MLLPSender:
     """
-    L{medagent.agent.dispatch.Sender} for ``mllp://host:port`` (and ``mllps://`` over TLS).
+    L{medagent.delivery.Sender} for ``mllp://host:port`` (and ``mllps://`` over TLS).
 
     Destination parameters: ``encoding`` (default: MSH-18, else UTF-8), ``returnAck``
     (``first``|``application``; the message's ``options['returnAck']`` wins),

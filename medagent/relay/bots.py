@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 
 import medagent
 from medagent.relay.botworker import SANDBOX_API_SOCKET
+from medagent.contenttypes import JSON_TYPES, TEXT_TYPES
 from medagent.fhir import FHIRError, bad_request, not_found, operation_outcome
 from medagent.jsonsafe import loads as json_loads
 from medagent.relay.auth import BOT, Principal, bot_grants
@@ -84,10 +85,6 @@ DEFAULT_FILE_MB = 64
 DEFAULT_TMP_MB = 64
 MAX_CODE_BYTES = 1024 * 1024
 
-JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
-HL7_V2 = "x-application/hl7-v2+er7"
-#: Input content types whose text answer keeps the input's type ($execute, channels).
-TEXT_TYPES = (HL7_V2, "x-application/astm", "application/hl7-v2", "application/edifact")
 
 EXT = "urn:medagent:fhir:StructureDefinition:"
 EXT_BOT_RUN = EXT + "bot-run"

@@ -33,10 +33,11 @@ import traceback
 from collections import OrderedDict
 from typing import Any, Mapping
 
+from medagent.contenttypes import HL7_TYPES
+
 #: Bytes of captured output (print, logging, tracebacks) kept per run.
 DEFAULT_MAX_LOG = 64 * 1024
 CODE_CACHE_SIZE = 32
-HL7_TYPES = ("x-application/hl7-v2+er7", "application/hl7-v2", "application/hl7-v2+er7")
 
 
 class BotError(Exception):

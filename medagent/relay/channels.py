@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
+from medagent.contenttypes import HL7_V2
 from medagent.fhir import FHIRError
 from medagent.hl7 import message as hl7msg
 from medagent.relay import bots as b
@@ -63,7 +64,7 @@ class ChannelRouter:
         content_type = message.get("contentType")
         body = message.get("body")
         if not (isinstance(content_type, str) and isinstance(body, str)
-                and content_type.split(";")[0].strip().lower() == b.HL7_V2):
+                and content_type.split(";")[0].strip().lower() == HL7_V2):
             return answer
         try:
             ack = hl7msg.build_ack(body, "AE", error=reason[:MAX_REASON])

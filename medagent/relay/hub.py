@@ -28,10 +28,6 @@ from medagent.relay.journal import Journal, Push
 
 log = Logger()
 
-#: Capability our agent announces: it remembers the push ids it answered, so a push re-sent
-#: after a reconnect is answered from that record instead of being delivered again.
-CAP_DEDUPE = "dedupe"
-
 REPLAY_PAGE = 500
 
 #: Unfinished pushes per device lane on an agent with ordered lanes (one that announces
@@ -131,7 +127,7 @@ class Session:
 
     @property
     def resends_safely(self) -> bool:
-        return CAP_DEDUPE in self.capabilities or wire.CAP_DURABLE in self.capabilities
+        return wire.CAP_DEDUPE in self.capabilities or wire.CAP_DURABLE in self.capabilities
 
     @property
     def ordered_lanes(self) -> bool:

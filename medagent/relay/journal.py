@@ -22,7 +22,8 @@ from twisted.logger import Logger
 
 from medagent.db import Database
 from medagent.destination import lane_key
-from medagent.fhir import HL7_V2, not_found
+from medagent.contenttypes import HL7_V2
+from medagent.fhir import not_found
 from medagent.hl7.message import HL7Error, normalise
 from medagent.hl7.message import control_id as hl7_control_id
 

@@ -17,7 +17,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from medagent.destination import DestinationError, lane_key, parse_destination
-from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
+from medagent import schemes, wire
+from medagent.contenttypes import HL7_V2, PING
+from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay import journal as j
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
@@ -27,19 +29,12 @@ from medagent.relay.store import search_one
 
 log = Logger()
 
-PING = "x-application/ping"
-
 DEFAULT_WAIT_MS = 10_000
 MAX_WAIT_MS = 55_000
 #: The longest ``ttl`` a push may ask for, in seconds (30 days).
 MAX_TTL_S = 30 * 24 * 3600
 #: The longest ``Idempotency-Key`` header accepted, in characters.
 MAX_IDEMPOTENCY_KEY = 255
-
-#: Destination schemes the relay accepts for raw URL destinations.
-KNOWN_SCHEMES = frozenset(
-    ["mllp", "mllps", "astm", "astm+serial", "dicom", "tcp", "worklist"]
-)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -261,9 +256,25 @@ class PushService:
             return agent
         raise bad_request("Must specify agent ID or identifier")
 
+    def schemes_for(self, agent_id: str | None) -> tuple[frozenset[str], str]:
+        """
+        The destination schemes a push to C{agent_id} may use, and whose list that is: the
+        schemes the connected agent announced (its capabilities), or - the agent is offline,
+        or announces none, as Medplum's agent - every scheme of the registry, so a queued
+        push still works.
+        """
+        session = self.hub.sessions.get(agent_id) if agent_id is not None else None
+        announced = wire.announced_schemes(session.capabilities) if session else frozenset()
+        if announced:
+            return announced, f"Agent/{agent_id} supports"
+        return schemes.sender_schemes(), "supported"
+
     @inlineCallbacks
-    def resolve_remote(self, request: PushRequest):
-        """The device URL a destination names: Device/{id}, Device?search, or a URL."""
+    def resolve_remote(self, request: PushRequest, agent_id: str | None = None):
+        """
+        The device URL a destination names: Device/{id}, Device?search, or a URL, with a
+        scheme that C{agent_id} can deliver to (L{schemes_for}).
+        """
         destination = request.destination
         if destination.startswith("Device/"):
             try:
@@ -296,10 +307,11 @@ class PushService:
             parsed = parse_destination(url, needs_port=False)
         except DestinationError as e:
             raise bad_request(f"Destination device has an invalid url: {e}")
-        if parsed.scheme not in KNOWN_SCHEMES:
+        supported, whose = self.schemes_for(agent_id)
+        if parsed.scheme not in supported:
             raise bad_request(
                 f"Unsupported destination scheme {parsed.scheme}:// "
-                f"(supported: {', '.join(sorted(KNOWN_SCHEMES))})"
+                f"({whose}: {', '.join(sorted(supported))})"
             )
         if device.get("status") in ("inactive", "entered-in-error"):
             raise bad_request(f"Destination device is {device['status']}")
@@ -320,7 +332,7 @@ class PushService:
         request = parse_push_body(payload)
         if agent.get("status") == "off" and request.content_type != PING:
             raise bad_request("Agent is currently disabled. Agent.status is 'off'")
-        remote = yield self.resolve_remote(request)
+        remote = yield self.resolve_remote(request, agent_id)
         yield check_push_destination(self.store, principal, agent, remote)
         control_id = None
         if request.content_type == HL7_V2:

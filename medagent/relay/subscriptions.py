@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from medagent.fhir import FHIR_JSON
+from medagent.contenttypes import FHIR_JSON
 from medagent.relay import bots as b
 from medagent.relay.store import SEARCH_PARAMS, index_values
 from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem

@@ -22,8 +22,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from medagent import wire
+from medagent.contenttypes import FHIR_JSON, JSON_TYPES
 from medagent.fhir import (
-    FHIR_JSON,
     FHIRError,
     bad_request,
     forbidden,
@@ -34,7 +34,7 @@ from medagent.relay import access
 from medagent.jsonsafe import JSONInputError
 from medagent.jsonsafe import loads as json_loads
 from medagent.relay import journal as j
-from medagent.relay.auth import AGENT, BOT, PUSHER, Authority, Principal
+from medagent.relay.auth import AGENT, BOT, Authority, Principal
 from medagent.relay.hub import Hub
 from medagent.relay.journal import Journal, Push
 from medagent.relay.push import PushResult, PushService
@@ -52,7 +52,6 @@ AGENT_OPERATIONS = ("$status", "$bulk-status", "$reload-config", "$fetch-logs", 
 OPERATION_PARAMS = ("limit",)
 #: Medplum's limit for one bulk agent operation.
 MAX_BULK_AGENTS = 100
-JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 
 
 @attr.s(auto_attribs=True)
