@@ -16,7 +16,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from medagent.relay import bots as b
-from medagent.relay.store import SQLiteStore
+from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
+from medagent.storage.sqlite.store import SQLiteStore
 from medagent.relay.subscriptions import (
     CANCELLED,
     DELIVERED,
@@ -180,7 +181,7 @@ class ManagerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        self.db = inline_database(self, SQLiteStore.schema() + SubscriptionManager.schema(),
+        self.db = inline_database(self, SQLiteStore.schema() + SQLiteDeliveryQueue.schema(),
                                   self.clock)
         self.store = SQLiteStore(self.db)
         self.runner = FakeRunner()
@@ -191,7 +192,7 @@ class ManagerTests(SynchronousTestCase):
         self.manager.observers.append(lambda e, d, detail: self.events.append((e, d.id)))
 
     def make_manager(self) -> SubscriptionManager:
-        manager = SubscriptionManager(self.clock, self.db, self.store, self.runner,
+        manager = SubscriptionManager(self.clock, SQLiteDeliveryQueue(self.db), self.store, self.runner,
                                       poster=self.post, retry_base=10.0, retry_cap=600.0)
         self.addCleanup(manager.stop)
         return manager

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.agent.dispatch import DeliveryError, Reply
-from medagent.db import Database
+from medagent.storage.sqlite.database import Database
 
 log = Logger()
 

@@ -50,7 +50,7 @@ from medagent.agent.dispatch import (
     http_status,
     in_doubt,
 )
-from medagent.db import Database
+from medagent.storage.sqlite.database import Database
 from medagent.destination import DestinationError, lane_key, parse_destination
 
 log = Logger()

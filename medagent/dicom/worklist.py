@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, suc
 from twisted.logger import Logger
 
 from medagent.agent.dispatch import JSON, DeliveryError, Reply
-from medagent.db import Database
+from medagent.storage.sqlite.database import Database
 from medagent.destination import Destination
 from medagent.dicom import dimse, mapping, matching, pdu
 from medagent.dicom.association import AcceptorPolicy, DicomServerFactory
