@@ -11,12 +11,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from medagent import wire
 from medagent.fhir import FHIRError
-from medagent.storage import journal as j
 from medagent.relay.auth import Authority
-from medagent.storage.sqlite.clients import SQLiteClientRegistry
 from medagent.relay.hub import Hub
-from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.relay.push import PushService
+from medagent.storage import journal as j
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 
@@ -45,8 +45,8 @@ class _HubCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + SQLiteJournal.schema(),
-                             self.clock)
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema()
+                             + SQLiteJournal.schema(), self.clock)
         self.store = SQLiteStore(db)
         self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock))
         self.journal = SQLiteJournal(db, clock=self.clock)

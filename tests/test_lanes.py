@@ -591,7 +591,8 @@ class JournalUpgradeTests(SynchronousTestCase):
         conn.executescript(old_schema)
         conn.close()
         clock = InlineReactor()
-        db = Database(clock, path, schema=sqlite_journal.SQLiteJournal.schema(), threadpool=InlineThreadPool(),
+        db = Database(clock, path, schema=sqlite_journal.SQLiteJournal.schema(),
+                      threadpool=InlineThreadPool(),
                       migrations=[sqlite_journal.SQLiteJournal.migrate])
         db.start()
         self.addCleanup(db.stop)

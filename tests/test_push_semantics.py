@@ -29,17 +29,17 @@ from twisted.web.client import HTTPConnectionPool
 
 from medagent import destination as destination_module
 from medagent import wire
-from medagent.storage.sqlite.database import Database
 from medagent.fhir import FHIRError
-from medagent.storage import journal as j
-from medagent.relay.auth import Authority
-from medagent.storage.sqlite.clients import SQLiteClientRegistry
-from medagent.relay.hub import Hub
 from medagent.relay.access import EXT_DEVICE
-from medagent.storage.journal import Push, message_hash
-from medagent.storage.sqlite.journal import SQLiteJournal
+from medagent.relay.auth import Authority
+from medagent.relay.hub import Hub
 from medagent.relay.push import MAX_TTL_S, PushService, parse_push_body
 from medagent.relay.service import RelayService
+from medagent.storage import journal as j
+from medagent.storage.journal import Push, message_hash
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, InlineThreadPool, inline_database
@@ -71,8 +71,8 @@ class RepeatRules(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + SQLiteJournal.schema(),
-                             self.clock)
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema()
+                             + SQLiteJournal.schema(), self.clock)
         self.db = db
         self.store = SQLiteStore(db)
         self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock))
@@ -404,8 +404,8 @@ class JournalMigration(SynchronousTestCase):
     def open(self) -> Journal:
         clock = InlineReactor()
         clock.advance(self.now)
-        db = Database(clock, self.path, schema=SQLiteJournal.schema(), threadpool=InlineThreadPool(),
-                      migrations=[SQLiteJournal.migrate])
+        db = Database(clock, self.path, schema=SQLiteJournal.schema(),
+                      threadpool=InlineThreadPool(), migrations=[SQLiteJournal.migrate])
         db.start()
         self.addCleanup(db.stop)
         return SQLiteJournal(db, clock=clock)

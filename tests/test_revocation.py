@@ -20,13 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from medagent import wire
-from medagent.storage.sqlite.database import Database
 from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority
-from medagent.storage.sqlite.clients import SQLiteClientRegistry
 from medagent.relay.hub import Hub
-from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.relay.service import RelayService
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, inline_database
@@ -133,10 +133,11 @@ class HubRevocation(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + SQLiteJournal.schema(),
-                             self.clock)
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema()
+                             + SQLiteJournal.schema(), self.clock)
         self.store = SQLiteStore(db)
-        self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock), token_lifetime=60)
+        self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock),
+                              token_lifetime=60)
         self.hub = Hub(self.clock, self.auth, self.store, SQLiteJournal(db, clock=self.clock),
                        heartbeat_interval=10)
         self.addCleanup(self.hub.close)

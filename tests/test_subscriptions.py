@@ -16,8 +16,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from medagent.relay import bots as b
-from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
-from medagent.storage.sqlite.store import SQLiteStore
 from medagent.relay.subscriptions import (
     CANCELLED,
     DELIVERED,
@@ -31,6 +29,8 @@ from medagent.relay.subscriptions import (
     sign,
     subscription_spec,
 )
+from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
+from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 
 MEDPLUM = "https://medplum.com/fhir/StructureDefinition/"
@@ -192,8 +192,8 @@ class ManagerTests(SynchronousTestCase):
         self.manager.observers.append(lambda e, d, detail: self.events.append((e, d.id)))
 
     def make_manager(self) -> SubscriptionManager:
-        manager = SubscriptionManager(self.clock, SQLiteDeliveryQueue(self.db), self.store, self.runner,
-                                      poster=self.post, retry_base=10.0, retry_cap=600.0)
+        manager = SubscriptionManager(self.clock, SQLiteDeliveryQueue(self.db), self.store,
+                                      self.runner, poster=self.post, retry_base=10.0, retry_cap=600.0)
         self.addCleanup(manager.stop)
         return manager
 

@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from medagent import wire
 from medagent.destination import lane_key
 from medagent.fhir import FHIRError
-from medagent.storage import journal as j
 from medagent.relay.auth import CLIENT_REVOKED, TOKEN_EXPIRED, Authority
+from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
 from medagent.storage.journal import Push
 

@@ -16,10 +16,10 @@ from twisted.python.failure import Failure
 
 from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent.fhir import HL7_V2, FHIRError, bad_request, not_found, parameters_to_dict
-from medagent.storage import journal as j
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
+from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
 from medagent.storage.journal import Push, message_hash
 from medagent.storage.resources import search_one

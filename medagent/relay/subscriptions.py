@@ -37,10 +37,10 @@ from twisted.logger import Logger
 
 from medagent.fhir import FHIR_JSON
 from medagent.relay import bots as b
+from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem
 from medagent.storage.interfaces import DeliveryQueue, Transaction
 from medagent.storage.records import CANCELLED, DELIVERED, FAILED, PENDING, Delivery, NewDelivery
 from medagent.storage.resources import SEARCH_PARAMS, index_values
-from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem
 
 log = Logger()
 

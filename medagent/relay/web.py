@@ -30,12 +30,12 @@ from medagent.fhir import (
     operation_outcome,
 )
 from medagent.relay import access
-from medagent.storage import journal as j
 from medagent.relay.auth import AGENT, Authority, Principal
 from medagent.relay.hub import Hub
+from medagent.relay.push import PushResult, PushService
+from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
 from medagent.storage.journal import Push
-from medagent.relay.push import PushResult, PushService
 from medagent.storage.resources import RESOURCE_TYPES
 
 log = Logger()
