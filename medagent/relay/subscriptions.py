@@ -39,7 +39,14 @@ from medagent.fhir import FHIR_JSON
 from medagent.relay import bots as b
 from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem
 from medagent.storage.interfaces import DeliveryQueue, Transaction
-from medagent.storage.records import CANCELLED, DELIVERED, FAILED, PENDING, Delivery, NewDelivery
+from medagent.storage.records import (  # the states are also this module's vocabulary
+    CANCELLED,
+    DELIVERED,
+    FAILED,
+    PENDING,
+    Delivery,
+    NewDelivery,
+)
 from medagent.storage.resources import SEARCH_PARAMS, index_values
 
 log = Logger()
