@@ -480,3 +480,109 @@ class DeliveryQueueContract:
         self.assertEqual(await self.queue.sweep(finished_before=101.0, failed_before=100.0), 2)
         self.assertEqual(await self.queue.sweep(finished_before=101.0, failed_before=101.0), 1)
         self.assertEqual([d.id for d in await self.queue.list()], ["d3"])
+
+
+# -- the agent's queues --------------------------------------------------------------------
+
+
+class OutboxStoreContract:
+    """L{OutboxStore}: rows kept in the order they were added until removed."""
+
+    def make_outbox(self) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.outbox = self.make_outbox()
+
+    def row(self, callback: str) -> dict[str, Any]:
+        return {"callback": callback, "channel": "lab", "remote": "mllp://dev:1",
+                "content_type": "x-application/hl7-v2+er7", "body": "MSH|"}
+
+    async def test_add_pending_remove_count(self) -> None:
+        for callback in ("c2", "c1", "c3"):
+            await self.outbox.add(self.row(callback), 5.0)
+        self.assertEqual(await self.outbox.count(), 3)
+        pending = await self.outbox.pending(2)
+        self.assertEqual([r["callback"] for r in pending], ["c2", "c1"])
+        self.assertEqual({k: pending[0][k] for k in self.row("c2")}, self.row("c2"))
+        await self.outbox.remove("c1")
+        await self.outbox.remove("nobody")
+        self.assertEqual([r["callback"] for r in await self.outbox.pending(10)], ["c2", "c3"])
+        self.assertEqual(await self.outbox.count(), 2)
+
+
+class InboxStoreContract:
+    """L{InboxStore}: held once per push id, state moves, cancel only while queued, confirm."""
+
+    def make_inbox(self) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.inbox = self.make_inbox()
+
+    async def put(self, push_id: str, state: str = "queued", now: float = 1.0) -> Any:
+        return await self.inbox.store((push_id, "mllp://dev:1", "text/plain", "body", "{}",
+                                       f"cb-{push_id}", state, 0, now, now))
+
+    async def test_store_is_once_per_push_id(self) -> None:
+        new, seq = await self.put("p1")
+        self.assertTrue(new)
+        self.assertEqual(await self.put("p1"), (False, ("queued", None)))
+        _, seq2 = await self.put("p2")
+        self.assertLess(seq, seq2)
+
+    async def test_claim_mark_answer_confirm_prune(self) -> None:
+        _, seq = await self.put("p1")
+        row = await self.inbox.claim(seq, "queued", 2.0)  # the mark comes later
+        self.assertEqual((row["state"], row["attempts"], row["push_id"]), ("queued", 1, "p1"))
+        await self.inbox.mark_delivering(seq, 3.0, lambda: ValueError("not queued"))
+        try:
+            await self.inbox.mark_delivering(seq, 3.0, lambda: ValueError("not queued"))
+        except ValueError:
+            pass
+        else:
+            self.fail("marked an entry that is not queued")
+        self.assertEqual((await self.inbox.claim(seq, "delivering", 4.0))["attempts"], 1)
+        await self.inbox.answer(seq, {"pushId": "p1", "statusCode": 200}, None, 5.0)
+        self.assertEqual(await self.inbox.unconfirmed(10),
+                         [{"pushId": "p1", "statusCode": 200, "callback": "cb-p1"}])
+        self.assertEqual(await self.inbox.prune(100.0), 0)  # not confirmed yet
+        await self.inbox.confirm("p1")
+        self.assertEqual(await self.inbox.unconfirmed(10), [])
+        self.assertEqual(await self.inbox.prune(5.0), 0)  # not older than the cutoff
+        self.assertEqual(await self.inbox.prune(6.0), 1)
+
+    async def test_cancel_only_while_queued(self) -> None:
+        _, seq = await self.put("p1")
+        _, seq2 = await self.put("p2", state="delivering")
+        answer = {"delivery": "cancelled"}
+        self.assertEqual(await self.inbox.cancel("p1", 2.0, "why", lambda r, c: answer),
+                         ("cancelled", (seq, "mllp://dev:1")))
+        self.assertEqual(await self.inbox.cancel("p1", 2.0, "why", lambda r, c: answer),
+                         ("done", None))
+        self.assertEqual(await self.inbox.cancel("p2", 2.0, "why", lambda r, c: answer),
+                         ("delivering", None))
+        self.assertEqual(await self.inbox.cancel("p9", 2.0, "why", lambda r, c: answer),
+                         ("unknown", None))
+        self.assertEqual(await self.inbox.unconfirmed(10),
+                         [{"delivery": "cancelled", "callback": "cb-p1"}])
+
+    async def test_recover_requeue_and_ages(self) -> None:
+        _, s1 = await self.put("p1", state="delivering", now=1.0)
+        _, s2 = await self.put("p2", state="delivering", now=2.0)
+        _, s3 = await self.put("p3", now=3.0)
+        self.assertEqual(sorted(await self.inbox.oldest_open()), [("mllp://dev:1", 1.0)])
+
+        def resolve(remote: str, callback: Any, push_id: str) -> Any:
+            return None if push_id == "p1" else ("in doubt", {"pushId": push_id})
+
+        queued, delivering = await self.inbox.recover(10.0, resolve)
+        self.assertEqual(delivering, 2)
+        self.assertEqual([q[:2] for q in queued], [(s1, "p1"), (s3, "p3")])
+        self.assertEqual(await self.inbox.unconfirmed(10),
+                         [{"pushId": "p2", "callback": "cb-p2"}])
+        await self.inbox.claim(s3, "delivering", 11.0)
+        await self.inbox.requeue(s3, "refused", 12.0)
+        row = await self.inbox.claim(s3, "delivering", 13.0)
+        self.assertEqual((row["state"], row["attempts"], row["last_error"]),
+                         ("delivering", 2, "refused"))

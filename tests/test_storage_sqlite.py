@@ -24,12 +24,20 @@ from medagent.storage.sqlite import (
     SQLiteStore,
 )
 from tests.fakes import InlineReactor, InlineThreadPool, inline_database
+from medagent.storage.sqlite.agent_queue import SQLiteInbox
+from medagent.storage.sqlite.outbox import SQLiteOutboxStore
 from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
+    InboxStoreContract,
+    OutboxStoreContract,
     PushJournalContract,
     ResourceStoreContract,
 )
+
+
+#: The agent's tables (another file in production; here they share the test's database).
+AGENT_SCHEMA = SQLiteInbox.schema() + SQLiteOutboxStore.schema()
 
 
 class _Inline:
@@ -39,7 +47,7 @@ class _Inline:
 
     def database(self) -> Database:
         if getattr(self, "_db", None) is None:
-            self._db = inline_database(self, RELAY_SCHEMA)
+            self._db = inline_database(self, RELAY_SCHEMA + AGENT_SCHEMA)
         return self._db
 
 
@@ -53,7 +61,7 @@ class _Threaded:
             folder = self.mktemp()
             os.makedirs(folder)
             self._db = Database(reactor, os.path.join(folder, "relay.sqlite"),
-                                schema=RELAY_SCHEMA, name="test-relay-db",
+                                schema=RELAY_SCHEMA + AGENT_SCHEMA, name="test-relay-db",
                                 migrations=[SQLiteJournal.migrate])
             self._db.start()
             self.addCleanup(self._db.stop)
@@ -72,6 +80,12 @@ class _Factories:
 
     def make_registry(self) -> SQLiteClientRegistry:
         return SQLiteClientRegistry(self.database())
+
+    def make_inbox(self) -> SQLiteInbox:
+        return SQLiteInbox(self.database())
+
+    def make_outbox(self) -> SQLiteOutboxStore:
+        return SQLiteOutboxStore(self.database())
 
 
 class InlineResourceStoreTests(_Inline, _Factories, ResourceStoreContract, TestCase):
@@ -103,6 +117,22 @@ class InlineDeliveryQueueTests(_Inline, _Factories, DeliveryQueueContract, TestC
 
 
 class ThreadedDeliveryQueueTests(_Threaded, _Factories, DeliveryQueueContract, TestCase):
+    pass
+
+
+class InlineInboxStoreTests(_Inline, _Factories, InboxStoreContract, TestCase):
+    pass
+
+
+class ThreadedInboxStoreTests(_Threaded, _Factories, InboxStoreContract, TestCase):
+    pass
+
+
+class InlineOutboxStoreTests(_Inline, _Factories, OutboxStoreContract, TestCase):
+    pass
+
+
+class ThreadedOutboxStoreTests(_Threaded, _Factories, OutboxStoreContract, TestCase):
     pass
 
 
