@@ -25,7 +25,7 @@ subclassing their mixins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -76,7 +76,8 @@ class WriteHook(Protocol):
         Reactor thread, before the write goes to the database: read whatever application
         state the hook needs and capture it in the returned (immutable) plan.  C{resource}
         is the resource as it will be written (without the new C{meta}); C{None} for a
-        delete.  Raising fails the write, which then never reaches the database.
+        delete.  The plan must copy what it needs: the store completes C{resource} on the
+        database thread.  Raising fails the write, which then never reaches the database.
         """
 
     def committed(self, token: Any) -> None:
@@ -102,6 +103,7 @@ class ResourceStore(Protocol):
     """
 
     write_hooks: list[WriteHook]
+    listeners: list[Callable[[str, dict[str, Any] | None, dict[str, Any] | None], None]]
 
     def create(self, resource: dict[str, Any]) -> Deferred[dict[str, Any]]: ...
 
