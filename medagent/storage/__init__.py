@@ -6,6 +6,5 @@ Durable storage of the relay and the agent, behind interfaces.
 - L{medagent.storage.resources}, L{medagent.storage.journal}, L{medagent.storage.records}:
   the records and rules every implementation shares (no SQL).
 - L{medagent.storage.sqlite}: the embedded SQLite implementation; every SQL string of the
-  relay and the agent's queues lives under it (the DICOM worklist's tables are
-  the one exception, in L{medagent.dicom.worklist}).
+  relay and the agent (queues, DICOM worklist) lives under it.
 """
