@@ -57,19 +57,19 @@ def cmd_client_create(args: argparse.Namespace) -> int:
 
 
 def cmd_client_list(args: argparse.Namespace) -> int:
-    import sqlite3
+    from medagent.relay.auth import Authority
+    from medagent.relay.service import open_database
+    from medagent.storage.sqlite import SQLiteClientRegistry
 
     path = os.path.join(args.data, "relay.sqlite")
     if not os.path.exists(path):
         print(f"medagent: no relay database in {args.data} (run medagent init)", file=sys.stderr)
         return 2
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    rows = [
-        {"clientId": r["client_id"], "role": r["role"], "agents": json.loads(r["agents"]),
-         "name": r["name"], "revoked": bool(r["revoked"])}
-        for r in conn.execute("SELECT * FROM clients ORDER BY created")
-    ]
+    db = open_database(None, args.data)
+    try:
+        rows = [Authority.client_json(c) for c in SQLiteClientRegistry(db).list_sync()]
+    finally:
+        db.stop()
     print(json.dumps(rows, indent=2))
     return 0
 

@@ -2,8 +2,8 @@
 Verified fakes shared by the unit tests.
 
 L{InlineThreadPool} + L{InlineReactor} run "threaded" work synchronously, so code built on
-L{medagent.db.Database} can be tested with C{SynchronousTestCase}; the same code runs on
-the real thread pool in the integration tests.
+L{medagent.storage.sqlite.database.Database} can be tested with C{SynchronousTestCase}; the same
+code runs on the real thread pool in the integration tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from twisted.internet.task import Clock
 
-from medagent.db import Database
+from medagent.storage.sqlite.database import Database
 
 
 class InlineThreadPool:

@@ -16,8 +16,9 @@ from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay.auth import (BOT, EXT_BOT_ACCESS, Authority, Principal, bot_grants)
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal
-from medagent.relay.store import SQLiteStore
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.journal import SQLiteJournal as Journal
+from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 from tests.test_hub import FakeConnection, _Wall
 
@@ -33,8 +34,8 @@ def forged(claims: dict[str, Any]) -> str:
 
 class TokenLifetimeTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.auth = Authority(inline_database(self, Authority.schema()), KEY,
-                              token_lifetime=3600)
+        registry = SQLiteClientRegistry(inline_database(self, SQLiteClientRegistry.schema()))
+        self.auth = Authority(registry, KEY, token_lifetime=3600)
 
     def refused(self, token: str) -> str:
         e = self.assertRaises(FHIRError, self.auth.verify_token, token)
@@ -99,10 +100,10 @@ class AgentSessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(time.time())
-        db = inline_database(self, SQLiteStore.schema() + Authority.schema() + Journal.schema(),
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + Journal.schema(),
                              self.clock)
         self.store = SQLiteStore(db)
-        self.auth = Authority(db, KEY, clock=_Wall(self.clock))
+        self.auth = Authority(SQLiteClientRegistry(db), KEY, clock=_Wall(self.clock))
         self.hub = Hub(self.clock, self.auth, self.store, Journal(db, clock=self.clock),
                        heartbeat_interval=10)
         self.addCleanup(self.hub.close)

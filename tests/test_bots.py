@@ -30,7 +30,7 @@ from twisted.web.client import HTTPConnectionPool
 from medagent.relay import bots as b
 from medagent.relay import botworker
 from medagent.relay.service import RelayService
-from medagent.relay.store import SQLiteStore
+from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.procs import TEST_BOT_ID, bot_sandbox  # noqa: F401 (used by other tests)
 from tests.fakes import InlineReactor, inline_database

@@ -21,7 +21,7 @@ from medagent import wire
 from medagent.relay import bots as b
 from medagent.relay.channels import ChannelRouter
 from medagent.relay.service import RelayService
-from medagent.relay.store import SQLiteStore
+from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, inline_database
 from tests.test_hub import FakeConnection

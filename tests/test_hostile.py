@@ -30,10 +30,11 @@ from medagent import jsonsafe, wire
 from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority
 from medagent.relay.hub import MAX_FRAMES_BEFORE_CONNECT, Hub
-from medagent.relay.journal import Journal
 from medagent.relay.limits import ConnectionLimits, LoginThrottle
 from medagent.relay.service import RelayService
-from medagent.relay.store import SQLiteStore
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.journal import SQLiteJournal as Journal
+from medagent.storage.sqlite.store import SQLiteStore
 from medagent.relay.web import RelaySite
 from tests.fakes import InlineReactor, inline_database
 from tests.procs import free_port
@@ -88,10 +89,10 @@ class HubHostileTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + Authority.schema() + Journal.schema(),
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + Journal.schema(),
                              self.clock)
         self.store = SQLiteStore(db)
-        self.auth = Authority(db, b"k" * 32, clock=_Wall(self.clock))
+        self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock))
         self.journal = Journal(db, clock=self.clock)
         self.hub = Hub(self.clock, self.auth, self.store, self.journal, connect_timeout=10)
         self.addCleanup(self.hub.close)

@@ -11,12 +11,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from medagent import wire
 from medagent.fhir import FHIRError
-from medagent.relay import journal as j
 from medagent.relay.auth import Authority
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal
 from medagent.relay.push import PushService
-from medagent.relay.store import SQLiteStore
+from medagent.storage import journal as j
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.journal import SQLiteJournal
+from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 
 HL7 = "MSH|^~\\&|SEND|FAC|RECV|FAC|20240101120000||ADT^A01|MSG0001|P|2.5\rPID|1||123"
@@ -44,11 +45,11 @@ class _HubCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + Authority.schema() + Journal.schema(),
-                             self.clock)
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema()
+                             + SQLiteJournal.schema(), self.clock)
         self.store = SQLiteStore(db)
-        self.auth = Authority(db, b"k" * 32, clock=_Wall(self.clock))
-        self.journal = Journal(db, clock=self.clock)
+        self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock))
+        self.journal = SQLiteJournal(db, clock=self.clock)
         self.hub = Hub(self.clock, self.auth, self.store, self.journal, heartbeat_interval=10)
         self.pushes = PushService(self.hub, self.store, self.journal, self.clock)
         self.agent = self.successResultOf(self.store.create({"resourceType": "Agent",

@@ -30,7 +30,8 @@ from medagent.agent.queue import DurableQueue
 from medagent.destination import lane_key, normalise_host, parse_destination
 from medagent.hl7.client import CLOSE_AFTER_ACK_WINDOW, NotSent
 from medagent.hl7.sender import FIRST_REUSE_GRACE, MLLPSender
-from medagent.relay import journal as j
+from medagent.storage import journal as j
+from medagent.storage.sqlite import journal as sqlite_journal
 from tests.fakes import InlineReactor, inline_database
 from tests.test_agent import FakeSender, Tokens
 from tests.hl7_fakes import FakeEndpoint, failure_of, frames_written, orm, result_of
@@ -576,21 +577,22 @@ class JournalUpgradeTests(SynchronousTestCase):
         import sqlite3
         import tempfile
 
-        from medagent.db import Database
+        from medagent.storage.sqlite.database import Database
         from tests.fakes import InlineThreadPool
 
-        old_schema = j.SCHEMA.replace(",\n    in_doubt INTEGER NOT NULL DEFAULT 0", "")
+        old_schema = sqlite_journal.SCHEMA.replace(",\n    in_doubt INTEGER NOT NULL DEFAULT 0", "")
         self.assertNotIn("in_doubt", old_schema)
         path = os.path.join(tempfile.mkdtemp(prefix="medagent-indoubt-"), "relay.sqlite")
         conn = sqlite3.connect(path)
         conn.executescript(old_schema)
         conn.close()
         clock = InlineReactor()
-        db = Database(clock, path, schema=j.Journal.schema(), threadpool=InlineThreadPool(),
-                      migrations=[j.Journal.migrate])
+        db = Database(clock, path, schema=sqlite_journal.SQLiteJournal.schema(),
+                      threadpool=InlineThreadPool(),
+                      migrations=[sqlite_journal.SQLiteJournal.migrate])
         db.start()
         self.addCleanup(db.stop)
-        journal = j.Journal(db, clock=clock)
+        journal = sqlite_journal.SQLiteJournal(db, clock=clock)
         pushes = [self.successResultOf(journal.create(j.Push(
             id=f"p{i}", agent_id="a1", destination="d", remote="mllp://h:1",
             content_type=HL7_V2, body="x"))) for i in range(2)]

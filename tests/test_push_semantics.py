@@ -29,16 +29,18 @@ from twisted.web.client import HTTPConnectionPool
 
 from medagent import destination as destination_module
 from medagent import wire
-from medagent.db import Database
 from medagent.fhir import FHIRError
-from medagent.relay import journal as j
+from medagent.relay.access import EXT_DEVICE
 from medagent.relay.auth import Authority
 from medagent.relay.hub import Hub
-from medagent.relay.access import EXT_DEVICE
-from medagent.relay.journal import Journal, Push, message_hash
 from medagent.relay.push import MAX_TTL_S, PushService, parse_push_body
 from medagent.relay.service import RelayService
-from medagent.relay.store import SQLiteStore
+from medagent.storage import journal as j
+from medagent.storage.journal import Push, message_hash
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.journal import SQLiteJournal
+from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, InlineThreadPool, inline_database
 from tests.peerenv import FIXTURES
@@ -69,12 +71,12 @@ class RepeatRules(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + Authority.schema() + Journal.schema(),
-                             self.clock)
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema()
+                             + SQLiteJournal.schema(), self.clock)
         self.db = db
         self.store = SQLiteStore(db)
-        self.auth = Authority(db, b"k" * 32, clock=_Wall(self.clock))
-        self.journal = Journal(db, clock=self.clock)
+        self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock))
+        self.journal = SQLiteJournal(db, clock=self.clock)
         self.hub = Hub(self.clock, self.auth, self.store, self.journal, heartbeat_interval=10)
         self.addCleanup(self.hub.close)
         self.pushes = PushService(self.hub, self.store, self.journal, self.clock)
@@ -399,14 +401,14 @@ class JournalMigration(SynchronousTestCase):
         conn.commit()
         conn.close()
 
-    def open(self) -> Journal:
+    def open(self) -> SQLiteJournal:
         clock = InlineReactor()
         clock.advance(self.now)
-        db = Database(clock, self.path, schema=Journal.schema(), threadpool=InlineThreadPool(),
-                      migrations=[Journal.migrate])
+        db = Database(clock, self.path, schema=SQLiteJournal.schema(),
+                      threadpool=InlineThreadPool(), migrations=[SQLiteJournal.migrate])
         db.start()
         self.addCleanup(db.stop)
-        return Journal(db, clock=clock)
+        return SQLiteJournal(db, clock=clock)
 
     def test_upgrade(self) -> None:
         journal = self.open()

@@ -10,11 +10,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from medagent import wire
 from medagent.fhir import FHIRError
-from medagent.relay import journal as j
 from medagent.relay.auth import Authority, Principal
-from medagent.relay.journal import Journal, Push
 from medagent.relay.push import hl7_control_id, parse_push_body
-from medagent.relay.store import SQLiteStore, search_one
+from medagent.storage import journal as j
+from medagent.storage.journal import Push
+from medagent.storage.resources import search_one
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.journal import SQLiteJournal
+from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 
 
@@ -104,8 +107,8 @@ class StoreTests(SynchronousTestCase):
 
 class AuthTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.db = inline_database(self, Authority.schema())
-        self.auth = Authority(self.db, b"k" * 32)
+        self.db = inline_database(self, SQLiteClientRegistry.schema())
+        self.auth = Authority(SQLiteClientRegistry(self.db), b"k" * 32)
 
     def test_token_round_trip(self) -> None:
         client = result_of(self, self.auth.create_client("pusher", ["a1"]))
@@ -139,7 +142,7 @@ class AuthTests(SynchronousTestCase):
                 return self.now
 
         clock = Frozen()
-        auth = Authority(self.db, b"k" * 32, token_lifetime=10, clock=clock)
+        auth = Authority(SQLiteClientRegistry(self.db), b"k" * 32, token_lifetime=10, clock=clock)
         client = result_of(self, auth.create_client("admin"))
         token = result_of(self, auth.issue_token(client["clientId"], client["clientSecret"]))
         auth.verify_token(token["access_token"])
@@ -167,7 +170,7 @@ class JournalTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = InlineReactor()
         self.reactor.advance(1_700_000_000)
-        self.journal = Journal(inline_database(self, Journal.schema(), self.reactor),
+        self.journal = SQLiteJournal(inline_database(self, SQLiteJournal.schema(), self.reactor),
                                clock=self.reactor)
 
     def push(self, key: str | None = None, agent: str = "a1", requester: str = "c1") -> Push:

@@ -20,13 +20,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from medagent import wire
-from medagent.db import Database
 from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal
 from medagent.relay.service import RelayService
-from medagent.relay.store import SQLiteStore
+from medagent.storage.sqlite.clients import SQLiteClientRegistry
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.journal import SQLiteJournal
+from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, inline_database
 from tests.test_hub import FakeConnection, _Wall
@@ -69,8 +70,8 @@ def token_of(testcase: SynchronousTestCase, auth: Authority, client: dict[str, A
 
 class AuthorityRevocation(SynchronousTestCase):
     def setUp(self) -> None:
-        self.db = inline_database(self, Authority.schema())
-        self.auth = Authority(self.db, b"k" * 32)
+        self.db = inline_database(self, SQLiteClientRegistry.schema())
+        self.auth = Authority(SQLiteClientRegistry(self.db), b"k" * 32)
 
     def test_revoked_token_fails_at_once(self) -> None:
         client = self.successResultOf(self.auth.create_client("pusher", ["a1"]))
@@ -87,10 +88,10 @@ class AuthorityRevocation(SynchronousTestCase):
         pool = _HeldThreadPool()
         folder = tempfile.mkdtemp(prefix="medagent-test-")
         db = Database(InlineReactor(), os.path.join(folder, "t.sqlite"),
-                      schema=Authority.schema(), threadpool=pool)
+                      schema=SQLiteClientRegistry.schema(), threadpool=pool)
         db.start()
         self.addCleanup(db.stop)
-        auth = Authority(db, b"k" * 32)
+        auth = Authority(SQLiteClientRegistry(db), b"k" * 32)
         created = auth.create_client("agent", ["a1"])
         pool.release()
         client = self.successResultOf(created)
@@ -121,7 +122,7 @@ class AuthorityRevocation(SynchronousTestCase):
         heard: list[str] = []
         self.auth.revocation_listeners.append(heard.append)
         # another relay node, or `medagent client revoke --data`, on the same database
-        Authority(self.db, b"k" * 32).revoke_client_sync(client["clientId"])
+        Authority(SQLiteClientRegistry(self.db), b"k" * 32).revoke_client_sync(client["clientId"])
         self.assertEqual(self.successResultOf(self.auth.refresh_revocations()), 1)
         self.assertEqual(heard, [client["clientId"]])
         e = self.assertRaises(FHIRError, self.auth.verify_token, token)
@@ -132,11 +133,12 @@ class HubRevocation(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + Authority.schema() + Journal.schema(),
-                             self.clock)
+        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema()
+                             + SQLiteJournal.schema(), self.clock)
         self.store = SQLiteStore(db)
-        self.auth = Authority(db, b"k" * 32, clock=_Wall(self.clock), token_lifetime=60)
-        self.hub = Hub(self.clock, self.auth, self.store, Journal(db, clock=self.clock),
+        self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock),
+                              token_lifetime=60)
+        self.hub = Hub(self.clock, self.auth, self.store, SQLiteJournal(db, clock=self.clock),
                        heartbeat_interval=10)
         self.addCleanup(self.hub.close)
         self.agent = self.successResultOf(self.store.create({"resourceType": "Agent"}))

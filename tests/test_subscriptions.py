@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import threading
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from medagent.relay import bots as b
-from medagent.relay.store import SQLiteStore
 from medagent.relay.subscriptions import (
     CANCELLED,
     DELIVERED,
@@ -30,6 +32,9 @@ from medagent.relay.subscriptions import (
     sign,
     subscription_spec,
 )
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
+from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 
 MEDPLUM = "https://medplum.com/fhir/StructureDefinition/"
@@ -180,7 +185,7 @@ class ManagerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        self.db = inline_database(self, SQLiteStore.schema() + SubscriptionManager.schema(),
+        self.db = inline_database(self, SQLiteStore.schema() + SQLiteDeliveryQueue.schema(),
                                   self.clock)
         self.store = SQLiteStore(self.db)
         self.runner = FakeRunner()
@@ -191,8 +196,8 @@ class ManagerTests(SynchronousTestCase):
         self.manager.observers.append(lambda e, d, detail: self.events.append((e, d.id)))
 
     def make_manager(self) -> SubscriptionManager:
-        manager = SubscriptionManager(self.clock, self.db, self.store, self.runner,
-                                      poster=self.post, retry_base=10.0, retry_cap=600.0)
+        manager = SubscriptionManager(self.clock, SQLiteDeliveryQueue(self.db), self.store,
+                                      self.runner, poster=self.post, retry_base=10.0, retry_cap=600.0)
         self.addCleanup(manager.stop)
         return manager
 
@@ -454,3 +459,56 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual([d.state for d in self.deliveries()], [FAILED])
         self.clock.advance(30 * 86400)
         self.assertEqual(self.deliveries(), [])
+
+
+class _WatchedIndex(dict):
+    """The manager's Subscriptions-by-type index, recording the thread of every read."""
+
+    def __init__(self, threads: list[str], *a: Any) -> None:
+        super().__init__(*a)
+        self.threads = threads
+
+    def get(self, *a: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return super().get(*a)
+
+
+class ReactorThreadTests(TestCase):
+    """
+    On a real database thread: the manager's state is read (matching) only on the reactor
+    thread, before the write goes to the database; the deliveries still commit with it.
+    """
+
+    def setUp(self) -> None:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        self.db = Database(reactor, os.path.join(folder, "relay.sqlite"),
+                           schema=SQLiteStore.schema() + SQLiteDeliveryQueue.schema(),
+                           name="test-subscriptions-db")
+        self.db.start()
+        self.addCleanup(self.db.stop)
+        self.store = SQLiteStore(self.db)
+        self.runner = FakeRunner()
+        self.manager = SubscriptionManager(reactor, SQLiteDeliveryQueue(self.db), self.store,
+                                           self.runner)
+        self.addCleanup(self.manager.stop)
+
+    async def test_matching_reads_manager_state_on_the_reactor_thread_only(self) -> None:
+        await self.manager.start()
+        await self.store.create(subscription("ServiceRequest?status=active",
+                                             interactions=("create", "delete")))
+        threads: list[str] = []
+        self.manager._by_type = _WatchedIndex(threads, self.manager._by_type)
+        match = self.manager.match
+
+        def watched_match(*a: Any, **kw: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return match(*a, **kw)
+
+        self.manager.match = watched_match  # type: ignore[method-assign]
+        sr = await self.store.create({k: v for k, v in SR.items() if k != "id"})
+        await self.store.delete("ServiceRequest", sr["id"])
+        self.assertTrue(threads)
+        self.assertEqual(set(threads), {threading.current_thread().name})
+        found = await self.manager.deliveries()
+        self.assertEqual(sorted(d.interaction for d in found), ["create", "delete"])

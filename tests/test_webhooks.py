@@ -16,7 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from medagent.relay.store import SQLiteStore
 from medagent.relay.subscriptions import SubscriptionManager, subscription_spec, treq_poster
 from medagent.relay.webhooks import (
     WebhookPolicy,
@@ -24,6 +23,8 @@ from medagent.relay.webhooks import (
     forbidden_address,
     header_problem,
 )
+from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
+from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
 from tests.test_subscriptions import SR, FakeRunner, subscription
 
@@ -172,11 +173,12 @@ class LoopTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = InlineReactor()
-        self.db = inline_database(self, SQLiteStore.schema() + SubscriptionManager.schema(),
+        self.db = inline_database(self, SQLiteStore.schema() + SQLiteDeliveryQueue.schema(),
                                   self.clock)
         self.store = SQLiteStore(self.db)
         self.runner = FakeRunner()
-        self.manager = SubscriptionManager(self.clock, self.db, self.store, self.runner)
+        self.manager = SubscriptionManager(self.clock, SQLiteDeliveryQueue(self.db), self.store,
+                                           self.runner)
         self.addCleanup(self.manager.stop)
         self.successResultOf(self.manager.start())
 

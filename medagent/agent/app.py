@@ -21,7 +21,7 @@ from medagent import wire
 from medagent.agent.dispatch import Dispatcher
 from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
-from medagent.db import Database
+from medagent.storage.sqlite.database import Database
 
 log = Logger()
 

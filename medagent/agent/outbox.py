@@ -23,21 +23,10 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.delivery import DeliveryError, Reply
-from medagent.db import Database
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.outbox import SQLiteOutboxStore
 
 log = Logger()
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    callback TEXT NOT NULL UNIQUE,
-    channel TEXT NOT NULL,
-    remote TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    body TEXT NOT NULL,
-    created REAL NOT NULL
-);
-"""
 
 DEFAULT_ANSWER_TIMEOUT = 55.0
 RESEND_PAGE = 500
@@ -62,6 +51,8 @@ class Outbox:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        #: the rows (all of the outbox's SQL is in L{medagent.storage.sqlite.outbox})
+        self.rows = SQLiteOutboxStore(db)
         self.clock = clock
         self.agent_id = agent_id
         self.send = send  # returns False when the link is down (the message waits on disk)
@@ -72,7 +63,7 @@ class Outbox:
 
     @staticmethod
     def schema() -> str:
-        return SCHEMA
+        return SQLiteOutboxStore.schema()
 
     def _request(self, row: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -93,13 +84,6 @@ class Outbox:
                "content_type": content_type, "body": body}
         now = self.wall()
 
-        def txn(conn: Any) -> None:
-            conn.execute(
-                "INSERT INTO outbox (callback, channel, remote, content_type, body, created)"
-                " VALUES (?,?,?,?,?,?)",
-                (callback, channel, remote, content_type, body, now),
-            )
-
         answer: Deferred[Reply | None] = Deferred()
 
         def stored(_: Any) -> Stored:
@@ -110,7 +94,7 @@ class Outbox:
             self.send(self._request(row))
             return Stored(answer)
 
-        return self.db.run_batched(txn).addCallback(stored)
+        return self.rows.add(row, now).addCallback(stored)
 
     def forward_and_wait(self, channel: str, content_type: str, body: str, remote: str
                          ) -> Deferred[Reply | None]:
@@ -131,8 +115,7 @@ class Outbox:
         callback = msg.get("callback")
         if not isinstance(callback, str) or not callback.startswith(f"Agent/{self.agent_id}-"):
             return False
-        self.db.run_batched(lambda conn: conn.execute("DELETE FROM outbox WHERE callback=?",
-                                                      (callback,)))
+        self.rows.remove(callback)
         self.stats["answered"] += 1
         d = self.waiting.pop(callback, None)
         if d is not None and not d.called:
@@ -150,18 +133,13 @@ class Outbox:
         callback = msg.get("callback")
         if not isinstance(callback, str) or callback not in self.waiting:
             return False
-        self.db.run_batched(lambda conn: conn.execute("DELETE FROM outbox WHERE callback=?",
-                                                      (callback,)))
+        self.rows.remove(callback)
         self.waiting.pop(callback).errback(Failure(DeliveryError(
             f"relay refused the message: {msg.get('body')}", transient=False)))
         return True
 
     def resend_pending(self) -> Deferred[int]:
         """After a reconnect: everything not answered yet goes again, oldest first."""
-
-        def txn(conn: Any) -> list[dict[str, Any]]:
-            return [dict(r) for r in conn.execute(
-                "SELECT * FROM outbox ORDER BY seq LIMIT ?", (RESEND_PAGE,))]
 
         def send(rows: list[dict[str, Any]]) -> int:
             for row in rows:
@@ -173,9 +151,8 @@ class Outbox:
                          n=len(rows))
             return len(rows)
 
-        return self.db.run(txn).addCallback(send)
+        return self.rows.pending(RESEND_PAGE).addCallback(send)
 
     def depth(self) -> Deferred[int]:
-        return self.db.run(lambda conn: conn.execute("SELECT count(*) FROM outbox")
-                           .fetchone()[0])
+        return self.rows.count()
 

@@ -49,36 +49,12 @@ from medagent.delivery import (
     http_status,
     in_doubt,
 )
-from medagent.db import Database
 from medagent.destination import DestinationError, lane_key, parse_destination
+from medagent.storage.sqlite.agent_queue import (  # noqa: F401 (DONE: one of the states)
+    DELIVERING, DONE, QUEUED, SQLiteInbox)
+from medagent.storage.sqlite.database import Database
 
 log = Logger()
-
-QUEUED = "queued"
-DELIVERING = "delivering"
-DONE = "done"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    push_id TEXT NOT NULL UNIQUE,
-    remote TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    body TEXT NOT NULL,
-    options TEXT NOT NULL DEFAULT '{}',
-    callback TEXT,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    answer TEXT,
-    confirmed INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS inbox_open ON inbox (state, seq);
-CREATE INDEX IF NOT EXISTS inbox_unconfirmed ON inbox (confirmed, state);
-"""
-
 
 @attr.s(auto_attribs=True)
 class _Lane:
@@ -109,6 +85,8 @@ class DurableQueue:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        #: the entries on disk (all of the inbox's SQL is in L{medagent.storage.sqlite})
+        self.inbox = SQLiteInbox(db)
         self.dispatcher = dispatcher
         self.clock = clock
         self.send = send
@@ -123,7 +101,7 @@ class DurableQueue:
 
     @staticmethod
     def schema() -> str:
-        return SCHEMA
+        return SQLiteInbox.schema()
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -131,31 +109,13 @@ class DurableQueue:
         """End in-doubt entries (or re-queue them), then rebuild the lanes from disk."""
         now = self.wall()
 
-        def recover(conn: Any) -> list[tuple[int, str, str]]:
-            rows = conn.execute(
-                "SELECT seq, push_id, remote, callback FROM inbox WHERE state=? ORDER BY seq",
-                (DELIVERING,),
-            ).fetchall()
-            for row in rows:
-                if _in_doubt_policy(row["remote"]) == "resend":
-                    conn.execute("UPDATE inbox SET state=?, updated=? WHERE seq=?",
-                                 (QUEUED, now, row["seq"]))
-                    continue
-                reason = (f"Agent restarted while delivering: {IN_DOUBT_PHRASE}; not re-sent "
-                          "to avoid a duplicate")
-                answer = _failed_answer(row["push_id"], row["remote"], row["callback"],
-                                        reason, status=502, transient=False, doubt=True)
-                conn.execute(
-                    "UPDATE inbox SET state=?, last_error=?, answer=?, updated=? WHERE seq=?",
-                    (DONE, reason, json.dumps(answer), now, row["seq"]),
-                )
-            return [
-                (r["seq"], r["push_id"], r["remote"], r["content_type"])
-                for r in conn.execute(
-                    "SELECT seq, push_id, remote, content_type FROM inbox WHERE state=?"
-                    " ORDER BY seq", (QUEUED,),
-                )
-            ], len(rows)
+        def resolve(remote: str, callback: Any, push_id: str) -> Any:
+            if _in_doubt_policy(remote) == "resend":
+                return None
+            reason = (f"Agent restarted while delivering: {IN_DOUBT_PHRASE}; not re-sent "
+                      "to avoid a duplicate")
+            return reason, _failed_answer(push_id, remote, callback, reason, status=502,
+                                          transient=False, doubt=True)
 
         def rebuilt(result: Any) -> None:
             entries, in_doubt = result
@@ -175,7 +135,7 @@ class DurableQueue:
             for key in list(self.lanes):
                 self._pump(key)
 
-        return self.db.run(recover).addCallback(rebuilt)
+        return self.inbox.recover(now, resolve).addCallback(rebuilt)
 
     def stop(self) -> None:
         self._stopped = True
@@ -216,18 +176,6 @@ class DurableQueue:
         row_values = (push_id, remote, msg["contentType"], msg["body"], json.dumps(options),
                       msg.get("callback"), state, attempts, now, now)
 
-        def txn(conn: Any) -> tuple[bool, Any]:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO inbox (push_id, remote, content_type, body, options,"
-                " callback, state, attempts, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                row_values,
-            )
-            if cur.rowcount == 1:
-                return True, cur.lastrowid
-            row = conn.execute("SELECT state, answer FROM inbox WHERE push_id=?",
-                               (push_id,)).fetchone()
-            return False, (row["state"], row["answer"])
-
         def stored(result: tuple[bool, Any]) -> None:
             lane.storing -= 1
             new, info = result
@@ -266,7 +214,7 @@ class DurableQueue:
             self.send(wire.error(f"Agent could not store the message: {f.getErrorMessage()}",
                                  msg.get("callback")))
 
-        return self.db.run_batched(txn).addCallbacks(stored, failed)
+        return self.inbox.store(row_values).addCallbacks(stored, failed)
 
     def _accepted(self, msg: Mapping[str, Any], push_id: str) -> None:
         self.send(wire.transmit_response(msg, status_code=202, content_type="text/plain",
@@ -290,13 +238,6 @@ class DurableQueue:
         # Unknown kind: mark now (pessimistic, never wrong).
         marks = kind is not None and self._marks_later(*kind)
 
-        def claim(conn: Any) -> Any:
-            conn.execute(
-                "UPDATE inbox SET state=?, attempts=attempts+1, updated=? WHERE seq=? AND"
-                " state=?", (QUEUED if marks else DELIVERING, now, seq, QUEUED),
-            )
-            return conn.execute("SELECT * FROM inbox WHERE seq=?", (seq,)).fetchone()
-
         def claimed(row: Any) -> None:
             lane.kinds.pop(seq, None)
             expected = QUEUED if marks else DELIVERING
@@ -312,7 +253,8 @@ class DurableQueue:
             log.failure("Queue database error on lane {remote}", f, remote=_safe(key))
             self._schedule_retry(key, lane, self.retry_cap)
 
-        self.db.run_batched(claim).addCallbacks(claimed, claim_failed)
+        self.inbox.claim(seq, QUEUED if marks else DELIVERING, now).addCallbacks(
+            claimed, claim_failed)
 
     def _marks_later(self, remote: str, content_type: str) -> bool:
         """
@@ -341,12 +283,8 @@ class DurableQueue:
                 return _succeeded()
             attempt["marked"] = True
 
-            def mark(conn: Any) -> None:
-                marked_rows = conn.execute(
-                    "UPDATE inbox SET state=?, updated=? WHERE seq=? AND state=?",
-                    (DELIVERING, self.wall(), seq, QUEUED)).rowcount
-                if marked_rows != 1:  # no longer ours to send (e.g. cancelled meanwhile)
-                    raise NotWritten("Message is no longer queued; not sent")
+            def refused() -> Exception:  # no longer ours to send (e.g. cancelled meanwhile)
+                return NotWritten("Message is no longer queued; not sent")
 
             def not_marked(f: Failure) -> Failure:
                 attempt["marked"] = False
@@ -356,7 +294,7 @@ class DurableQueue:
                             push_id=row["push_id"])
                 raise NotWritten("Agent could not record the message as in flight; not sent")
 
-            return self.db.run_batched(mark).addErrback(not_marked)
+            return self.inbox.mark_delivering(seq, self.wall(), refused).addErrback(not_marked)
 
         options = json.loads(row["options"] or "{}")
         if not marked:
@@ -429,13 +367,7 @@ class DurableQueue:
         now = self.wall()
         stored = {k: v for k, v in answer.items() if k != "callback" and v is not None}
 
-        def txn(conn: Any) -> None:
-            conn.execute(
-                "UPDATE inbox SET state=?, answer=?, last_error=?, updated=? WHERE seq=?",
-                (DONE, json.dumps(stored), answer.get("error"), now, seq),
-            )
-
-        self.db.run_batched(txn).addErrback(
+        self.inbox.answer(seq, stored, answer.get("error"), now).addErrback(
             lambda f: log.failure("Could not record the answer of push {push_id}", f,
                                   push_id=answer.get("pushId")))
         if lane.waiting and lane.waiting[0][0] == seq:
@@ -454,11 +386,6 @@ class DurableQueue:
                  "{delay:.1f}s", push_id=row["push_id"], phase=err.phase, reason=err.reason,
                  n=row["attempts"], delay=delay)
 
-        def requeue(conn: Any) -> None:
-            conn.execute("UPDATE inbox SET state=?, last_error=?, updated=? WHERE seq=? AND"
-                         " state IN (?, ?)",
-                         (QUEUED, err.reason, self.wall(), row["seq"], QUEUED, DELIVERING))
-
         def requeued(_: Any) -> None:
             lane.busy = False
             lane.kinds[row["seq"]] = (row["remote"], row["content_type"])
@@ -470,7 +397,7 @@ class DurableQueue:
                 error=f"{err.reason} (attempt {row['attempts']}, retrying)"))
             self._schedule_retry(key, lane, delay)
 
-        self.db.run_batched(requeue).addBoth(requeued)
+        self.inbox.requeue(row["seq"], err.reason, self.wall()).addBoth(requeued)
 
     def _schedule_retry(self, key: str, lane: _Lane, delay: float) -> None:
         """One backoff timer per lane: a new one replaces (cancels) the old one."""
@@ -501,26 +428,18 @@ class DurableQueue:
                 return succeed((409, DELIVERING))  # claimed or on its way to the device
         now = self.wall()
 
-        def txn(conn: Any) -> tuple[int, str, Any]:
-            row = conn.execute("SELECT seq, remote, callback, state FROM inbox WHERE push_id=?",
-                               (push_id,)).fetchone()
-            if row is None:
-                return 404, "unknown", None
-            if row["state"] != QUEUED:
-                return 409, row["state"], None
-            reason = "Cancelled by the relay before delivery"
+        reason = "Cancelled by the relay before delivery"
+
+        def answer_for(remote: str, callback: Any) -> dict[str, Any]:
             answer = wire.transmit_response(
-                {"remote": row["remote"], "callback": row["callback"], "channel": None},
+                {"remote": remote, "callback": callback, "channel": None},
                 status_code=200, content_type="text/plain", body=reason, pushId=push_id,
                 delivery="cancelled")
-            stored = {k: v for k, v in answer.items() if k != "callback" and v is not None}
-            conn.execute("UPDATE inbox SET state=?, answer=?, last_error=?, updated=? "
-                         "WHERE seq=? AND state=?",
-                         (DONE, json.dumps(stored), reason, now, row["seq"], QUEUED))
-            return 200, "cancelled", (row["seq"], row["remote"])
+            return {k: v for k, v in answer.items() if k != "callback" and v is not None}
 
-        def done(result: tuple[int, str, Any]) -> tuple[int, str]:
-            status, state, where = result
+        def done(result: tuple[str, Any]) -> tuple[int, str]:
+            state, where = result
+            status = 200 if where is not None else 404 if state == "unknown" else 409
             if where is not None:
                 entry = (where[0], push_id)
                 for key, lane in list(self.lanes.items()):
@@ -534,41 +453,25 @@ class DurableQueue:
             return status, state
 
         # batched: ordered with the claims, so a message is either claimed or cancelled
-        return self.db.run_batched(txn).addCallback(done)
+        return self.inbox.cancel(push_id, now, reason, answer_for).addCallback(done)
 
     # -- answers and confirmations -----------------------------------------------------------
 
     def confirm(self, push_id: str) -> Deferred[None]:
         """The relay has recorded our answer: it need not be sent again."""
 
-        def txn(conn: Any) -> None:
-            conn.execute("UPDATE inbox SET confirmed=1 WHERE push_id=? AND state=?",
-                         (push_id, DONE))
-
-        return self.db.run_batched(txn)
+        return self.inbox.confirm(push_id)
 
     def unconfirmed(self, limit: int = 1000) -> Deferred[list[dict[str, Any]]]:
         """Answers the relay has not confirmed yet (re-sent after a reconnect)."""
 
-        def txn(conn: Any) -> list[dict[str, Any]]:
-            return [
-                dict(json.loads(r["answer"]), callback=r["callback"])
-                for r in conn.execute(
-                    "SELECT answer, callback FROM inbox WHERE state=? AND confirmed=0 "
-                    "ORDER BY seq LIMIT ?", (DONE, limit))
-            ]
-
-        return self.db.run(txn)
+        return self.inbox.unconfirmed(limit)
 
     def prune(self, older_than: float) -> Deferred[int]:
         """Forget confirmed answers older than C{older_than} seconds (payloads with them)."""
         cutoff = self.wall() - older_than
 
-        def txn(conn: Any) -> int:
-            return conn.execute("DELETE FROM inbox WHERE state=? AND confirmed=1 AND updated<?",
-                                (DONE, cutoff)).rowcount
-
-        return self.db.run(txn)
+        return self.inbox.prune(cutoff)
 
     def snapshot(self) -> dict[str, Any]:
         """For ``$stats``: per lane depth, in flight, failures and the last error."""
@@ -591,15 +494,14 @@ class DurableQueue:
     def oldest_ages(self) -> Deferred[dict[str, float]]:
         now = self.wall()
 
-        def txn(conn: Any) -> dict[str, float]:
+        def by_device(rows: list[tuple[str, float]]) -> dict[str, float]:
             ages: dict[str, float] = {}
-            for r in conn.execute("SELECT remote, min(created) AS t FROM inbox WHERE state"
-                                  " IN (?, ?) GROUP BY remote", (QUEUED, DELIVERING)):
-                key = _safe(lane_key(r["remote"]))
-                ages[key] = max(ages.get(key, 0.0), round(now - r["t"], 3))
+            for remote, created in rows:
+                key = _safe(lane_key(remote))
+                ages[key] = max(ages.get(key, 0.0), round(now - created, 3))
             return ages
 
-        return self.db.run(txn)
+        return self.inbox.oldest_open().addCallback(by_device)
 
 
 def _failed_answer(push_id: str, remote: str, callback: str | None, reason: str, *,

@@ -26,8 +26,8 @@ from medagent.agent.outbox import Outbox
 from medagent.agent.queue import DurableQueue
 from medagent.agent.uplink import uplink_service
 from medagent.client import MedagentClient
-from medagent.db import Database
 from medagent.delivery import Sender
+from medagent.storage.sqlite.database import Database
 from medagent.logbuffer import LogBuffer
 
 log = Logger()

@@ -19,34 +19,15 @@ from twisted.logger import Logger
 
 from medagent.contenttypes import JSON
 from medagent.delivery import DeliveryError, Reply
-from medagent.db import Database
 from medagent.destination import Destination
 from medagent.dicom import dimse, mapping, matching, pdu
 from medagent.dicom.association import AcceptorPolicy, DicomServerFactory
 from medagent.dicom.instance import valid_uid
 from medagent.dicom.scp import Forward, _ListeningService, echo_handler, supported_contexts
+from medagent.storage.sqlite.database import Database
+from medagent.storage.sqlite.worklist import SCHEMA, SQLiteWorklistStore
 
 log = Logger()
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS dicom_worklist (
-    channel TEXT NOT NULL,
-    accession TEXT NOT NULL,
-    sps_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (channel, accession, sps_id)
-);
-CREATE TABLE IF NOT EXISTS dicom_mpps (
-    channel TEXT NOT NULL,
-    sop_instance TEXT NOT NULL,
-    status TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (channel, sop_instance)
-);
-"""
 
 DONE_STATUSES = {"COMPLETED", "DISCONTINUED"}
 MPPS_TO_SPS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED",
@@ -98,6 +79,8 @@ class WorklistChannel(_ListeningService):
         self.db = database or Database(reactor, db_path, schema=SCHEMA,
                                        name=f"medagent-worklist-{self.name}")
         self._own_db = database is None
+        #: the rows (the SQL is in L{medagent.storage.sqlite.worklist})
+        self.rows = SQLiteWorklistStore(self.db, self.name)
         self.items: dict[tuple[str, str], Dataset] = {}
         self.mpps: dict[str, tuple[str, Dataset]] = {}
         self.loaded: Deferred | None = None
@@ -119,13 +102,6 @@ class WorklistChannel(_ListeningService):
         if self.loaded is not None:
             return self.loaded
 
-        def read(conn: Any) -> tuple[list, list]:
-            items = conn.execute("SELECT accession, sps_id, dataset FROM dicom_worklist "
-                                 "WHERE channel = ?", (self.name,)).fetchall()
-            mpps = conn.execute("SELECT sop_instance, status, dataset FROM dicom_mpps "
-                                "WHERE channel = ?", (self.name,)).fetchall()
-            return ([(r[0], r[1], r[2]) for r in items], [(r[0], r[1], r[2]) for r in mpps])
-
         def fill(rows: tuple[list, list]) -> None:
             for accession, sps_id, text in rows[0]:
                 self.items[(accession, sps_id)] = _from_json(text)
@@ -134,7 +110,7 @@ class WorklistChannel(_ListeningService):
             log.info("DICOM worklist {name}: {n} items loaded", name=self.name,
                      n=len(self.items))
 
-        self.loaded = self.db.run(read).addCallback(fill)
+        self.loaded = self.rows.load().addCallback(fill)
         return self.loaded
 
     def startService(self) -> Deferred:
@@ -174,16 +150,6 @@ class WorklistChannel(_ListeningService):
         text = _to_json(ds)
         status = mapping.sps_status(ds)
 
-        def write(conn: Any) -> bool:
-            existed = conn.execute(
-                "SELECT 1 FROM dicom_worklist WHERE channel=? AND accession=? AND sps_id=?",
-                (self.name, accession, sps_id)).fetchone() is not None
-            conn.execute(
-                "INSERT OR REPLACE INTO dicom_worklist (channel, accession, sps_id, status, "
-                "dataset, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                (self.name, accession, sps_id, status, text, time.time()))
-            return existed
-
         def stored(existed: bool) -> dict:
             self.items[(accession, sps_id)] = ds
             log.info("DICOM worklist {name}: item {action}", name=self.name,
@@ -193,16 +159,12 @@ class WorklistChannel(_ListeningService):
                     "studyInstanceUID": str(ds.StudyInstanceUID), "status": status,
                     "items": len(self.items)}
 
-        return self.load().addCallback(lambda _: self.db.run(write)).addCallback(stored)
+        return self.load().addCallback(
+            lambda _: self.rows.put_item(accession, sps_id, status, text, time.time())
+        ).addCallback(stored)
 
     def cancel(self, key: str) -> Deferred[dict]:
         """Remove the items whose Accession Number or SPS ID is C{key}."""
-
-        def delete(conn: Any) -> int:
-            cur = conn.execute(
-                "DELETE FROM dicom_worklist WHERE channel=? AND (accession=? OR sps_id=?)",
-                (self.name, key, key))
-            return cur.rowcount
 
         def deleted(count: int) -> dict:
             for k in [k for k in self.items if key in k]:
@@ -212,7 +174,8 @@ class WorklistChannel(_ListeningService):
             return {"action": "cancelled", "channel": self.name, "key": key,
                     "removed": count, "items": len(self.items)}
 
-        return self.load().addCallback(lambda _: self.db.run(delete)).addCallback(deleted)
+        return self.load().addCallback(lambda _: self.rows.remove_items(key)).addCallback(
+            deleted)
 
     def _set_status(self, keys: list[tuple[str, str]], status: str) -> Deferred:
         updates = []
@@ -221,13 +184,8 @@ class WorklistChannel(_ListeningService):
             if ds is None:
                 continue
             mapping.set_sps_status(ds, status)
-            updates.append((status, _to_json(ds), time.time(), self.name, key[0], key[1]))
-
-        def write(conn: Any) -> None:
-            conn.executemany("UPDATE dicom_worklist SET status=?, dataset=?, updated=? "
-                             "WHERE channel=? AND accession=? AND sps_id=?", updates)
-
-        return self.db.run(write) if updates else succeed(None)
+            updates.append((key[0], key[1], status, _to_json(ds), time.time()))
+        return self.rows.set_items(updates) if updates else succeed(None)
 
     # -- C-FIND ----------------------------------------------------------------------------
 
@@ -335,12 +293,7 @@ class WorklistChannel(_ListeningService):
         text = _to_json(ds)
         keys = self._linked_items(ds)
 
-        def write(conn: Any) -> None:
-            conn.execute("INSERT OR REPLACE INTO dicom_mpps (channel, sop_instance, status, "
-                         "dataset, updated) VALUES (?, ?, ?, ?, ?)",
-                         (self.name, uid, status, text, time.time()))
-
-        d = self.db.run(write)
+        d = self.rows.put_mpps(uid, status, text, time.time())
         d.addCallback(lambda _: self._set_status(keys, MPPS_TO_SPS[status]))
 
         def notify(_: Any) -> None:

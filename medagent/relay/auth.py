@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import time
@@ -40,11 +39,12 @@ from typing import Any, Callable, Iterable
 
 import attr
 import jwt
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
-from medagent.db import Database
 from medagent.fhir import FHIRError, bad_request, forbidden, not_found, unauthorized
+from medagent.storage.interfaces import ClientRegistry
+from medagent.storage.records import StoredClient
 
 log = Logger()
 
@@ -70,20 +70,6 @@ DEFAULT_TOKEN_LIFETIME = 3600
 #: why a live agent session is ended (L{Authority.session_problem})
 CLIENT_REVOKED = "client revoked"
 TOKEN_EXPIRED = "access token expired"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS clients (
-    client_id TEXT PRIMARY KEY,
-    salt BLOB NOT NULL,
-    secret_hash BLOB NOT NULL,
-    role TEXT NOT NULL,
-    agents TEXT NOT NULL DEFAULT '[]',
-    name TEXT,
-    created REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-"""
-
 
 @attr.s(frozen=True, auto_attribs=True)
 class Principal:
@@ -223,14 +209,14 @@ class Authority:
 
     def __init__(
         self,
-        db: Database,
+        clients: ClientRegistry,
         key: bytes,
         *,
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
         issuer: str = "medagent-relay",
         clock: Any = time,
     ) -> None:
-        self._db = db
+        self._clients = clients
         self._key = key
         self._lifetime = token_lifetime
         #: no token living longer than this is accepted, whoever signed it
@@ -246,16 +232,12 @@ class Authority:
         #: agent sockets); also for revocations that L{refresh_revocations} finds.
         self.revocation_listeners: list[Callable[[str], None]] = []
 
-    @staticmethod
-    def schema() -> str:
-        return SCHEMA
-
     # -- clients ---------------------------------------------------------------------
 
     @staticmethod
-    def _insert_client(
-        conn: Any, role: str, agents: Iterable[str], name: str | None
-    ) -> dict[str, Any]:
+    def _new_client(
+        role: str, agents: Iterable[str], name: str | None
+    ) -> tuple[StoredClient, dict[str, Any]]:
         if role not in ROLES:
             raise bad_request(f"role must be one of {', '.join(ROLES)}")
         agents = sorted(set(agents))
@@ -264,12 +246,9 @@ class Authority:
         client_id = str(uuid.uuid4())
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
-        conn.execute(
-            "INSERT INTO clients (client_id, salt, secret_hash, role, agents, name, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (client_id, salt, _hash(salt, secret), role, json.dumps(agents), name, time.time()),
-        )
-        return {
+        stored = StoredClient(client_id=client_id, salt=salt, secret_hash=_hash(salt, secret),
+                              role=role, agents=tuple(agents), name=name, created=time.time())
+        return stored, {
             "clientId": client_id,
             "clientSecret": secret,
             "role": role,
@@ -281,34 +260,38 @@ class Authority:
         self, role: str, agents: Iterable[str] = (), name: str | None = None
     ) -> Deferred[dict[str, Any]]:
         """Register a client; the result holds its secret, which is never shown again."""
-        return self._db.run(self._insert_client, role, list(agents), name)
+        try:
+            stored, shown = self._new_client(role, list(agents), name)
+        except FHIRError as e:
+            return fail(e)
+        return self._clients.add(stored).addCallback(lambda _: shown)
 
     def create_client_sync(
         self, role: str, agents: Iterable[str] = (), name: str | None = None
     ) -> dict[str, Any]:
         """The same, for the CLI before any reactor runs."""
-        return self._db.run_sync(self._insert_client, role, list(agents), name)
-
-    def list_clients(self) -> Deferred[list[dict[str, Any]]]:
-        def txn(conn: Any) -> list[dict[str, Any]]:
-            return [
-                {
-                    "clientId": r["client_id"],
-                    "role": r["role"],
-                    "agents": json.loads(r["agents"]),
-                    "name": r["name"],
-                    "revoked": bool(r["revoked"]),
-                }
-                for r in conn.execute("SELECT * FROM clients ORDER BY created")
-            ]
-
-        return self._db.run(txn)
+        stored, shown = self._new_client(role, list(agents), name)
+        self._clients.add_sync(stored)
+        return shown
 
     @staticmethod
-    def _set_revoked(conn: Any, client_id: str) -> None:
-        if conn.execute(
-            "UPDATE clients SET revoked=1 WHERE client_id=?", (client_id,)
-        ).rowcount == 0:
+    def client_json(client: StoredClient) -> dict[str, Any]:
+        """A client as listed (never its secret hash)."""
+        return {
+            "clientId": client.client_id,
+            "role": client.role,
+            "agents": list(client.agents),
+            "name": client.name,
+            "revoked": client.revoked,
+        }
+
+    def list_clients(self) -> Deferred[list[dict[str, Any]]]:
+        return self._clients.list().addCallback(
+            lambda clients: [self.client_json(c) for c in clients])
+
+    @staticmethod
+    def _known(found: bool, client_id: str) -> None:
+        if not found:
             raise not_found(f"No client {client_id}")
 
     def revoke_client(self, client_id: str) -> Deferred[None]:
@@ -330,7 +313,8 @@ class Authority:
                     self._revoked.discard(client_id)
             return f
 
-        d = self._db.run(self._set_revoked, client_id).addErrback(unknown)
+        d = self._clients.revoke(client_id).addCallback(self._known, client_id)
+        d.addErrback(unknown)
         if newly:
             # an unknown id has no tokens and no sockets; notifying for it is harmless
             self._notify_revoked(client_id)
@@ -338,7 +322,7 @@ class Authority:
 
     def revoke_client_sync(self, client_id: str) -> None:
         """The same in the database only, for the CLI without a relay (no reactor runs)."""
-        self._db.run_sync(self._set_revoked, client_id)
+        self._known(self._clients.revoke_sync(client_id), client_id)
 
     def _notify_revoked(self, client_id: str) -> None:
         for listener in list(self.revocation_listeners):
@@ -359,10 +343,6 @@ class Authority:
         and periodically by the relay service.
         """
 
-        def txn(conn: Any) -> set[str]:
-            return {r["client_id"] for r in
-                    conn.execute("SELECT client_id FROM clients WHERE revoked=1")}
-
         def loaded(revoked: set[str]) -> int:
             first = self._revoked is None
             new = revoked - (self._revoked or set())
@@ -374,7 +354,7 @@ class Authority:
                     self._notify_revoked(client_id)
             return len(new)
 
-        return self._db.run(txn).addCallback(loaded)
+        return self._clients.revoked().addCallback(loaded)
 
     def _ensure_loaded(self) -> None:
         """Start reading the revoked set if nobody has; 503 until it is known."""
@@ -407,15 +387,12 @@ class Authority:
     def issue_token(self, client_id: str, client_secret: str) -> Deferred[dict[str, Any]]:
         """The OAuth2 token response for a client-credentials grant."""
 
-        def txn(conn: Any) -> Principal | None:
-            row = conn.execute(
-                "SELECT * FROM clients WHERE client_id=? AND revoked=0", (client_id,)
-            ).fetchone()
-            if row is None or not hmac.compare_digest(
-                bytes(row["secret_hash"]), _hash(bytes(row["salt"]), client_secret)
+        def check(client: StoredClient | None) -> Principal | None:
+            if client is None or client.revoked or not hmac.compare_digest(
+                client.secret_hash, _hash(client.salt, client_secret)
             ):
                 return None
-            return Principal(row["client_id"], row["role"], frozenset(json.loads(row["agents"])))
+            return Principal(client.client_id, client.role, frozenset(client.agents))
 
         def issue(principal: Principal | None) -> dict[str, Any]:
             if principal is not None and self.is_revoked(principal.client_id):
@@ -431,7 +408,7 @@ class Authority:
                 "scope": principal.role,
             }
 
-        return self._db.run(txn).addCallback(issue)
+        return self._clients.lookup(client_id).addCallback(check).addCallback(issue)
 
     def mint_token(self, principal: Principal, lifetime: int) -> str:
         """

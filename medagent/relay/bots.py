@@ -1021,7 +1021,7 @@ class BotRunner:
     async def execute_http(self, request: Any, principal: Principal, bot_id: str | None,
                            query: Mapping[str, list[str]]) -> Any:
         """The ``$execute`` operation: the request body is the input, the answer the result."""
-        from medagent.relay.store import search_one
+        from medagent.storage.resources import search_one
         from medagent.relay.web import Response, json_response
 
         if request.method != b"POST":

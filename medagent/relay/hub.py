@@ -22,9 +22,10 @@ from twisted.python.failure import Failure
 from medagent import wire
 from medagent.destination import lane_key
 from medagent.fhir import FHIRError
-from medagent.relay import journal as j
 from medagent.relay.auth import AGENT, CLIENT_REVOKED, TOKEN_EXPIRED, Authority
-from medagent.relay.journal import Journal, Push
+from medagent.storage import journal as j
+from medagent.storage.interfaces import PushJournal as Journal
+from medagent.storage.journal import Push
 
 log = Logger()
 

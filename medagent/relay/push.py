@@ -20,12 +20,13 @@ from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent import schemes, wire
 from medagent.contenttypes import HL7_V2, PING
 from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
-from medagent.relay import journal as j
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal, Push, message_hash
-from medagent.relay.store import search_one
+from medagent.storage import journal as j
+from medagent.storage.interfaces import PushJournal as Journal
+from medagent.storage.journal import Push, message_hash
+from medagent.storage.resources import search_one
 
 log = Logger()
 

@@ -12,12 +12,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from medagent import wire
-from medagent.db import Database
 from medagent.relay.auth import Authority, load_or_create_key
 from medagent.relay.bots import BotRunner, BotsService, WorkerPool, base_url_from_listen
 from medagent.relay.channels import ChannelRouter
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
@@ -25,7 +23,6 @@ from medagent.relay.limits import (
     LoginThrottle,
 )
 from medagent.relay.push import PushService
-from medagent.relay.store import SQLiteStore
 from medagent.relay.subscriptions import SubscriptionManager, treq_poster
 from medagent.relay.webhooks import WebhookPolicy
 from medagent.relay.web import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, Api, RelaySite, Root
@@ -33,6 +30,15 @@ from medagent.relay.ws import (
     DEFAULT_MAX_PENDING,
     DEFAULT_MAX_PENDING_PER_PEER,
     websocket_resource,
+)
+from medagent.storage.interfaces import PushJournal
+from medagent.storage.sqlite import (
+    Database,
+    SQLiteClientRegistry,
+    SQLiteDeliveryQueue,
+    SQLiteJournal,
+    SQLiteStore,
+    open_relay_database,
 )
 
 log = Logger()
@@ -42,14 +48,12 @@ DEFAULT_DATA = "./relay-data"
 
 
 def open_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> Database:
-    schema = (SQLiteStore.schema() + Authority.schema() + Journal.schema()
-              + SubscriptionManager.schema())
-    return Database(reactor, os.path.join(data_dir, "relay.sqlite"), schema=schema,
-                    synchronous=synchronous, name="relay-db", migrations=[Journal.migrate])
+    return open_relay_database(reactor, data_dir, synchronous)
 
 
 def open_authority(db: Database, data_dir: str, **kw: Any) -> Authority:
-    return Authority(db, load_or_create_key(os.path.join(data_dir, "token.key")), **kw)
+    return Authority(SQLiteClientRegistry(db),
+                     load_or_create_key(os.path.join(data_dir, "token.key")), **kw)
 
 
 class _DatabaseService(service.Service):
@@ -109,7 +113,7 @@ class _HubService(service.Service):
 class _Housekeeping(service.Service):
     """Expires overdue queued pushes every minute; prunes old final ones every hour."""
 
-    def __init__(self, reactor: Any, journal: Journal, retention: float) -> None:
+    def __init__(self, reactor: Any, journal: PushJournal, retention: float) -> None:
         self.reactor = reactor
         self.journal = journal
         self.retention = retention
@@ -183,7 +187,7 @@ class RelayService(service.MultiService):
         self.store = SQLiteStore(self.db)
         self.authority = open_authority(self.db, data_dir, token_lifetime=token_lifetime)
         _RevocationRefresh(reactor, self.authority).setServiceParent(self)
-        self.journal = Journal(self.db)
+        self.journal = SQLiteJournal(self.db)
         self.hub = Hub(
             reactor,
             self.authority,
@@ -211,7 +215,8 @@ class RelayService(service.MultiService):
                               insecure_loopback=bot_base_url is None)
         policy = WebhookPolicy(webhook_allow)
         post, close_post = treq_poster(reactor, policy)
-        self.subscriptions = SubscriptionManager(reactor, self.db, self.store, self.bots,
+        self.subscriptions = SubscriptionManager(reactor, SQLiteDeliveryQueue(self.db),
+                                                 self.store, self.bots,
                                                  poster=post, policy=policy,
                                                  retry_base=subscription_retry_base)
         self.channels = ChannelRouter(self.store, self.bots)

@@ -1,10 +1,12 @@
 """
 FHIR Subscriptions (``rest-hook``) with durable, retried, ordered delivery.
 
-Inside each write's own transaction (L{SQLiteStore.write_hooks}) we match the resource
-against the active Subscriptions (kept in memory, refreshed after Subscription writes) and
-queue one delivery per match in the same transaction: a committed write always has its
-deliveries, a failed one none.  Deliveries run outside the HTTP request that
+Before each write goes to the database (the store's C{write_hooks},
+L{medagent.storage.interfaces.WriteHook}) we match the resource against the active
+Subscriptions (kept in memory, refreshed after Subscription writes) on the reactor thread; the
+write's own transaction then queues one delivery per match
+(L{medagent.storage.interfaces.Transaction.enqueue_deliveries}): a committed write always has
+its deliveries, a failed one none.  Deliveries run outside the HTTP request that
 wrote the resource: to a Bot (``channel.endpoint: Bot/{id}``) through the L{BotRunner}, or
 as an HTTP POST of the resource to an ``http(s)`` URL, signed with HMAC-SHA256
 (``X-Signature``) when the Subscription has a secret.
@@ -35,8 +37,17 @@ from twisted.logger import Logger
 
 from medagent.contenttypes import FHIR_JSON
 from medagent.relay import bots as b
-from medagent.relay.store import SEARCH_PARAMS, index_values
 from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem
+from medagent.storage.interfaces import DeliveryQueue, Transaction
+from medagent.storage.records import (  # the states are also this module's vocabulary
+    CANCELLED,
+    DELIVERED,
+    FAILED,
+    PENDING,  # noqa: F401 (re-exported: the states)
+    Delivery,
+    NewDelivery,
+)
+from medagent.storage.resources import SEARCH_PARAMS, index_values
 
 log = Logger()
 
@@ -55,34 +66,6 @@ SKIP_TYPES = frozenset(["AuditEvent"])
 
 #: Bytes of a webhook's answer we read (and drop) before giving up on the connection.
 MAX_HOOK_RESPONSE = 64 * 1024
-
-PENDING, DELIVERED, FAILED, CANCELLED = "pending", "delivered", "failed", "cancelled"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS subscription_deliveries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    subscription_id TEXT NOT NULL,
-    interaction TEXT NOT NULL,
-    resource_type TEXT NOT NULL,
-    resource_id TEXT NOT NULL,
-    version_id TEXT,
-    payload TEXT,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    max_attempts INTEGER NOT NULL,
-    leased INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_error TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS subscription_deliveries_due
-    ON subscription_deliveries (state, next_attempt);
-CREATE INDEX IF NOT EXISTS subscription_deliveries_lane
-    ON subscription_deliveries (subscription_id, resource_type, resource_id, state);
-"""
-
 
 # -- criteria ------------------------------------------------------------------------------
 
@@ -288,53 +271,6 @@ def retry_delay(attempts: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempts - 1)))
 
 
-@attr.s(auto_attribs=True)
-class Delivery:
-    """One queued delivery (a row of ``subscription_deliveries``)."""
-
-    id: str
-    seq: int
-    subscription_id: str
-    interaction: str
-    resource_type: str
-    resource_id: str
-    version_id: str | None
-    payload: dict[str, Any] | None
-    state: str
-    attempts: int
-    max_attempts: int
-    next_attempt: float
-    last_error: str | None
-    created: float
-    updated: float
-
-    @classmethod
-    def from_row(cls, row: Any) -> "Delivery":
-        return cls(
-            id=row["id"], seq=row["seq"], subscription_id=row["subscription_id"],
-            interaction=row["interaction"], resource_type=row["resource_type"],
-            resource_id=row["resource_id"], version_id=row["version_id"],
-            payload=json.loads(row["payload"]) if row["payload"] else None,
-            state=row["state"], attempts=row["attempts"], max_attempts=row["max_attempts"],
-            next_attempt=row["next_attempt"], last_error=row["last_error"],
-            created=row["created"], updated=row["updated"],
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "subscription": f"Subscription/{self.subscription_id}",
-            "interaction": self.interaction,
-            "resource": f"{self.resource_type}/{self.resource_id}",
-            "versionId": self.version_id,
-            "state": self.state,
-            "attempts": self.attempts,
-            "maxAttempts": self.max_attempts,
-            "nextAttempt": b.now_iso(self.next_attempt) if self.state == PENDING else None,
-            "lastError": self.last_error,
-        }
-
-
 Poster = Callable[[str, bytes, Mapping[str, str], float], Deferred]
 
 
@@ -381,7 +317,7 @@ class SubscriptionManager:
     def __init__(
         self,
         clock: Any,
-        db: Any,
+        queue: DeliveryQueue,
         store: Any,
         runner: Any,
         *,
@@ -397,7 +333,7 @@ class SubscriptionManager:
     ) -> None:
         self.clock = clock
         self.policy = policy or WebhookPolicy()
-        self.db = db
+        self.queue = queue
         self.store = store
         self.runner = runner
         self.poster = poster
@@ -421,10 +357,6 @@ class SubscriptionManager:
         #: called as (event, delivery, detail) on queued/delivered/retry/failed: demo, tests
         self.observers: list[Callable[[str, Delivery, str], None]] = []
 
-    @staticmethod
-    def schema() -> str:
-        return SCHEMA
-
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
@@ -438,7 +370,7 @@ class SubscriptionManager:
 
     async def _start(self) -> None:
         try:
-            await self.db.run(self._recover, self.clock.seconds())
+            await self.queue.recover(self.clock.seconds())
             offset = 0
             while True:
                 page = await self.store.search("Subscription", {"_count": ["1000"],
@@ -470,14 +402,6 @@ class SubscriptionManager:
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
 
-    @staticmethod
-    def _recover(conn: Any, now: float) -> int:
-        """Attempts cut short by a stop or crash are due again, and get their try back."""
-        return conn.execute(
-            "UPDATE subscription_deliveries SET leased=0, next_attempt=?, "
-            "attempts=MAX(0, attempts-1) WHERE state=? AND leased=1", (now, PENDING)
-        ).rowcount
-
     # -- the subscription cache -----------------------------------------------------------
 
     def _remember(self, resource: Mapping[str, Any]) -> None:
@@ -485,7 +409,7 @@ class SubscriptionManager:
         self._forget(spec.id)
         self.specs[spec.id] = spec
         if spec.criteria is not None:
-            # copy on write: the database thread matches against these lists concurrently
+            # copy on write: a prepared write keeps the list it matched against
             rtype = spec.criteria.resource_type
             self._by_type[rtype] = [*self._by_type.get(rtype, ()), spec]
         if spec.active and spec.problem:
@@ -500,26 +424,30 @@ class SubscriptionManager:
 
     # -- matching (store listener) ---------------------------------------------------------
 
-    def in_transaction(self, conn: Any, interaction: str, resource: dict[str, Any] | None,
-                       previous: dict[str, Any] | None) -> Any:
+    def prepare(self, resource_type: str, id: str,
+                resource: dict[str, Any] | None) -> "_Plan":
         """
-        Runs inside the store's write transaction, on the database thread: the deliveries a
-        write triggers commit together with the write (no crash window between them).
-        Subscription writes and writes before the subscriptions are loaded are handled after
-        the commit instead (L{on_write}).
+        The store's L{medagent.storage.interfaces.WriteHook}: on the reactor thread, before
+        the write is handed to the database, match it against the Subscriptions.  The
+        deliveries it triggers are then queued in the write's own transaction (no crash
+        window between them).  Subscription writes and writes before the subscriptions are
+        loaded are handled after the commit instead (L{on_write}).
         """
-        target = resource if resource is not None else previous
-        if target is None:
-            return None
-        resource_type = target.get("resourceType")
         if (not self._loaded or not self._running or resource_type == "Subscription"
                 or resource_type in SKIP_TYPES):
-            return ("later", interaction, resource, previous)
-        specs = self.match(interaction, target)
-        if not specs:
-            return None
-        return ("queued", interaction, target,
-                self._insert(conn, self._delivery_rows(specs, interaction, resource, previous)))
+            return _Plan(later=True)
+        now = self.clock.seconds()
+        if resource is not None:
+            # create or update: only the store knows which; match for both
+            return _Plan(now=now, matched={
+                interaction: tuple(self.match(interaction, resource, now))
+                for interaction in ("create", "update")})
+        # a delete fires on the version it deletes, which only the transaction reads: the
+        # plan carries the candidates, and the pure criteria test runs on that version
+        candidates = tuple(spec for spec in self._by_type.get(resource_type, ())
+                           if spec.live(now) and "delete" in spec.interactions
+                           and spec.criteria is not None)
+        return _Plan(now=now, matched={"delete": candidates}, recheck=True)
 
     def committed(self, token: Any) -> None:
         if token is None:
@@ -532,7 +460,7 @@ class SubscriptionManager:
 
     def on_write(self, interaction: str, resource: dict[str, Any] | None,
                  previous: dict[str, Any] | None) -> None:
-        """After a commit, for what L{in_transaction} left for later; never raises."""
+        """After a commit, for what L{prepare} left for later; never raises."""
         if not self._loaded:
             self._backlog.append((interaction, resource, previous))
             return
@@ -551,13 +479,14 @@ class SubscriptionManager:
         if found and self._running:
             self.enqueue(found, interaction, resource, previous)
 
-    def match(self, interaction: str, resource: Mapping[str, Any]) -> list[Spec]:
+    def match(self, interaction: str, resource: Mapping[str, Any],
+              now: float | None = None) -> list[Spec]:
         """
         The Subscriptions this write fires.  A write by a Bot never fires a Subscription that
         delivers to that same Bot: without this rule a Bot that updates what it is subscribed
         to would run forever.
         """
-        now = self.clock.seconds()
+        now = self.clock.seconds() if now is None else now
         meta = resource.get("meta") if isinstance(resource.get("meta"), Mapping) else {}
         author = meta.get("author") if isinstance(meta.get("author"), Mapping) else {}
         by = author.get("reference") if interaction != "delete" else None
@@ -567,30 +496,6 @@ class SubscriptionManager:
             and spec.criteria is not None and matches(spec.criteria, resource)
             and not (spec.kind == "bot" and by == spec.endpoint)
         ]
-
-    def _delivery_rows(self, specs: Sequence[Spec], interaction: str, resource: Any,
-                       previous: Any) -> list[tuple[Any, ...]]:
-        target = resource if resource is not None else previous
-        now = self.clock.seconds()
-        payload = json.dumps({"resource": resource, "previous": previous},
-                             separators=(",", ":"))
-        return [
-            (uuid.uuid4().hex, spec.id, interaction, target["resourceType"], str(target["id"]),
-             str((target.get("meta") or {}).get("versionId") or ""), payload, PENDING,
-             spec.max_attempts, now, now, now)
-            for spec in specs
-        ]
-
-    @staticmethod
-    def _insert(conn: Any, rows: list[tuple[Any, ...]]) -> list[Delivery]:
-        conn.executemany(
-            "INSERT INTO subscription_deliveries (id, subscription_id, interaction, "
-            "resource_type, resource_id, version_id, payload, state, max_attempts, "
-            "next_attempt, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        marks = ",".join("?" * len(rows))
-        return [Delivery.from_row(r) for r in conn.execute(
-            f"SELECT * FROM subscription_deliveries WHERE id IN ({marks}) ORDER BY seq",
-            [r[0] for r in rows])]
 
     def _queued(self, interaction: str, deliveries: list[Delivery]) -> list[Delivery]:
         for delivery in deliveries:
@@ -606,13 +511,13 @@ class SubscriptionManager:
                 previous: Any) -> Deferred[list[Delivery]]:
         """Queue deliveries in a transaction of their own (writes seen only after commit)."""
         target = resource if resource is not None else previous
-        rows = self._delivery_rows(specs, interaction, resource, previous)
+        rows = delivery_rows(specs, interaction, resource, previous, self.clock.seconds())
 
         def failed(f: Any) -> None:
             log.failure("Could not queue {n} subscription deliveries for {type}/{id}", f,
                         n=len(rows), type=target["resourceType"], id=target["id"])
 
-        d = self.db.run(self._insert, rows)
+        d = self.queue.enqueue(rows)
         d.addCallbacks(lambda deliveries: self._queued(interaction, deliveries), failed)
         return d
 
@@ -632,34 +537,6 @@ class SubscriptionManager:
         now = self.clock.seconds()
         lease = self._lease()
 
-        def claim(conn: Any) -> tuple[list[Delivery], float | None]:
-            rows = conn.execute(
-                "SELECT * FROM subscription_deliveries d WHERE d.state=? AND d.leased=0 AND "
-                "d.next_attempt<=? AND NOT EXISTS (SELECT 1 FROM subscription_deliveries e "
-                "WHERE e.state=? AND e.subscription_id=d.subscription_id AND "
-                "e.resource_type=d.resource_type AND e.resource_id=d.resource_id AND "
-                "e.seq<d.seq) ORDER BY d.seq LIMIT ?",
-                (PENDING, now, PENDING, free)).fetchall()
-            claimed = []
-            for row in rows:
-                conn.execute(
-                    "UPDATE subscription_deliveries SET leased=1, attempts=attempts+1, "
-                    "next_attempt=?, updated=? WHERE id=?", (now + lease, now, row["id"]))
-                delivery = Delivery.from_row(row)
-                delivery.attempts += 1
-                claimed.append(delivery)
-            # The next time something becomes due by itself; rows due now but left for lack
-            # of a free slot, or waiting behind an older one, are picked up when an attempt
-            # finishes.
-            nxt = conn.execute(
-                "SELECT MIN(d.next_attempt) FROM subscription_deliveries d WHERE d.state=? AND "
-                "d.leased=0 AND d.next_attempt>? AND NOT EXISTS (SELECT 1 FROM "
-                "subscription_deliveries e WHERE e.state=? AND "
-                "e.subscription_id=d.subscription_id AND e.resource_type=d.resource_type AND "
-                "e.resource_id=d.resource_id AND e.seq<d.seq)",
-                (PENDING, now, PENDING)).fetchone()[0]
-            return claimed, nxt
-
         def claimed(result: tuple[list[Delivery], float | None]) -> None:
             deliveries, nxt = result
             self._pumping = False
@@ -677,7 +554,7 @@ class SubscriptionManager:
             log.failure("Reading the subscription delivery queue failed", f)
             self._schedule(self.clock.seconds() + 5.0)
 
-        self.db.run(claim).addCallbacks(claimed, failed)
+        self.queue.claim(now, lease, free).addCallbacks(claimed, failed)
 
     def _lease(self) -> float:
         limit = getattr(self.runner, "max_time_limit", b.MAX_TIME_LIMIT)
@@ -816,17 +693,12 @@ class SubscriptionManager:
         delivery.next_attempt = now + delay
         delivery.last_error = detail
 
-        def txn(conn: Any) -> None:
-            conn.execute(
-                "UPDATE subscription_deliveries SET leased=0, attempts=?, next_attempt=?, "
-                "last_error=?, updated=? WHERE id=?",
-                (attempts, now + delay, detail[:1000], now, delivery.id))
-
         log.warn("Subscription/{sub} delivery {id} attempt {n}/{max} failed; retry in "
                  "{delay:g}s", sub=delivery.subscription_id, id=delivery.id,
                  n=delivery.attempts, max=delivery.max_attempts, delay=delay)
         self._notify("retry", delivery, detail)
-        self._write(txn, delivery)
+        self._write(self.queue.retry(delivery.id, attempts=attempts, next_attempt=now + delay,
+                                     error=detail, now=now), delivery)
 
     def _finish(self, delivery: Delivery, state: str, detail: str) -> None:
         now = self.clock.seconds()
@@ -834,20 +706,14 @@ class SubscriptionManager:
         delivery.last_error = None if state == DELIVERED else detail
         keep_payload = state == FAILED  # kept (until the sweep) so it can be examined
 
-        def txn(conn: Any) -> None:
-            conn.execute(
-                "UPDATE subscription_deliveries SET state=?, leased=0, last_error=?, "
-                "updated=?, payload=CASE WHEN ? THEN payload ELSE NULL END WHERE id=?",
-                (state, delivery.last_error and delivery.last_error[:1000], now,
-                 1 if keep_payload else 0, delivery.id))
-
         (log.info if state == DELIVERED else log.warn)(
             "Subscription/{sub} delivery {id} {state} after {n} attempt(s)",
             sub=delivery.subscription_id, id=delivery.id, state=state, n=delivery.attempts)
         self._notify(state, delivery, detail)
-        self._write(txn, delivery)
+        self._write(self.queue.finish(delivery.id, state, error=delivery.last_error, now=now,
+                                      keep_payload=keep_payload), delivery)
 
-    def _write(self, txn: Callable[[Any], None], delivery: Delivery) -> None:
+    def _write(self, written: Deferred[None], delivery: Delivery) -> None:
         def done(_: Any) -> None:
             self._in_flight.pop(delivery.id, None)
             self._pump()
@@ -856,7 +722,7 @@ class SubscriptionManager:
             self._in_flight.pop(delivery.id, None)
             log.failure("Recording subscription delivery {id} failed", f, id=delivery.id)
 
-        self.db.run(txn).addCallbacks(done, failed)
+        written.addCallbacks(done, failed)
 
     def _notify(self, event: str, delivery: Delivery, detail: str) -> None:
         for observer in list(self.observers):
@@ -871,33 +737,59 @@ class SubscriptionManager:
         """Delete finished deliveries past their retention (and failed ones later)."""
         now = self.clock.seconds()
 
-        def txn(conn: Any) -> int:
-            n = conn.execute(
-                "DELETE FROM subscription_deliveries WHERE state IN (?, ?) AND updated<?",
-                (DELIVERED, CANCELLED, now - self.retention)).rowcount
-            n += conn.execute(
-                "DELETE FROM subscription_deliveries WHERE state=? AND updated<?",
-                (FAILED, now - self.failed_retention)).rowcount
-            return n
-
-        d = self.db.run(txn)
+        d = self.queue.sweep(finished_before=now - self.retention,
+                             failed_before=now - self.failed_retention)
         d.addErrback(lambda f: log.failure("Sweeping subscription deliveries failed", f))
         return d
 
     def deliveries(self, subscription_id: str | None = None, state: str | None = None,
                    limit: int = 100) -> Deferred[list[Delivery]]:
         """Queued and finished deliveries, newest first (for tools and tests)."""
-        def txn(conn: Any) -> list[Delivery]:
-            clauses, args = [], []
-            if subscription_id:
-                clauses.append("subscription_id=?")
-                args.append(subscription_id)
-            if state:
-                clauses.append("state=?")
-                args.append(state)
-            where = " AND ".join(clauses) or "1=1"
-            return [Delivery.from_row(r) for r in conn.execute(
-                f"SELECT * FROM subscription_deliveries WHERE {where} ORDER BY seq DESC "
-                "LIMIT ?", (*args, limit))]
+        return self.queue.list(subscription_id, state, limit)
 
-        return self.db.run(txn)
+
+def delivery_rows(specs: Sequence[Spec], interaction: str, resource: Any, previous: Any,
+                  now: float) -> list[NewDelivery]:
+    """The deliveries a write fires, one per Subscription (pure: safe on any thread)."""
+    target = resource if resource is not None else previous
+    payload = json.dumps({"resource": resource, "previous": previous}, separators=(",", ":"))
+    return [
+        NewDelivery(id=uuid.uuid4().hex, subscription_id=spec.id, interaction=interaction,
+                    resource_type=target["resourceType"], resource_id=str(target["id"]),
+                    version_id=str((target.get("meta") or {}).get("versionId") or ""),
+                    payload=payload, max_attempts=spec.max_attempts, next_attempt=now,
+                    created=now)
+        for spec in specs
+    ]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _Plan:
+    """
+    L{SubscriptionManager.prepare}'s plan for one write: what was matched on the reactor
+    thread.  Its C{in_transaction} runs on the database thread and uses nothing else.
+    """
+
+    later: bool = False
+    now: float = 0.0
+    matched: Mapping[str, tuple[Spec, ...]] = attr.ib(factory=dict)
+    #: the candidates' criteria still have to be tested against the stored version (delete)
+    recheck: bool = False
+
+    def in_transaction(self, tx: Transaction, interaction: str,
+                       resource: dict[str, Any] | None,
+                       previous: dict[str, Any] | None) -> Any:
+        target = resource if resource is not None else previous
+        if target is None:
+            return None
+        if self.later:
+            return ("later", interaction, resource, previous)
+        specs = self.matched.get(interaction, ())
+        if self.recheck:
+            specs = tuple(spec for spec in specs
+                          if spec.criteria is not None and matches(spec.criteria, target))
+        if not specs:
+            return None
+        return ("queued", interaction, target,
+                tx.enqueue_deliveries(delivery_rows(specs, interaction, resource, previous,
+                                                    self.now)))

@@ -33,12 +33,13 @@ from medagent.fhir import (
 from medagent.relay import access
 from medagent.jsonsafe import JSONInputError
 from medagent.jsonsafe import loads as json_loads
-from medagent.relay import journal as j
 from medagent.relay.auth import AGENT, BOT, Authority, Principal
 from medagent.relay.hub import Hub
-from medagent.relay.journal import Journal, Push
 from medagent.relay.push import PushResult, PushService
-from medagent.relay.store import RESOURCE_TYPES
+from medagent.storage import journal as j
+from medagent.storage.interfaces import PushJournal as Journal
+from medagent.storage.journal import Push
+from medagent.storage.resources import RESOURCE_TYPES
 
 log = Logger()
 

@@ -1,55 +1,38 @@
 """
-The relay's FHIR resource store: JSON resources with versions, searchable by a few parameters.
+The relay's FHIR resource store in SQLite: JSON resources with versions, searchable by a few
+parameters.
 
-L{ResourceStore} is the interface (so PostgreSQL can come later); L{SQLiteStore} is the
-embedded default.  Reads by id are served from a bounded write-through cache, since every
-write in this process goes through the store.
+L{medagent.storage.interfaces.ResourceStore} is the contract; what a resource is and how it
+is indexed is L{medagent.storage.resources}.  Reads by id are served from a bounded
+write-through cache, since every write in this process goes through the store (one relay
+node per database file).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections import OrderedDict
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
-from medagent.db import Database
 from medagent.fhir import FHIRError, bad_request, not_found
+from medagent.storage.interfaces import PreparedWrite, WriteHook
+from medagent.storage.records import Delivery, NewDelivery
+from medagent.storage.resources import (
+    MAX_RESOURCE_BYTES,
+    SEARCH_PARAMS,
+    check_resource,
+    index_values,
+    int_param,
+    now_iso,
+)
+from medagent.storage.sqlite import deliveries
+from medagent.storage.sqlite.database import Database
 
 log = Logger()
-
-#: Resource types this relay keeps.
-RESOURCE_TYPES = frozenset(
-    [
-        "Agent",
-        "Device",
-        "Endpoint",
-        "Bot",
-        "Subscription",
-        "ClientApplication",
-        "ServiceRequest",
-        "Patient",
-        "Practitioner",
-        "Specimen",
-        "Organization",
-        "Observation",
-        "DiagnosticReport",
-        "Binary",
-        "AuditEvent",
-        "ImagingStudy",
-        "Task",
-    ]
-)
-
-#: Search parameters we index, and where their values come from.
-SEARCH_PARAMS = ("_id", "identifier", "name", "url", "status", "address", "subject", "code")
-
-MAX_RESOURCE_BYTES = 16 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -73,104 +56,17 @@ CREATE INDEX IF NOT EXISTS search_by_id ON search_index (type, id);
 """
 
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def index_values(resource: Mapping[str, Any]) -> list[tuple[str, str | None, str]]:
+class SQLiteTransaction:
     """
-    The (param, system, value) rows a resource is found by.  Strings are lower-cased for
-    ``name``; tokens keep their case, as FHIR says.
+    The L{medagent.storage.interfaces.Transaction} handle of one SQLite write: what a write
+    hook may do inside the write's transaction, and nothing else (no connection escapes).
     """
-    rows: list[tuple[str, str | None, str]] = []
-    for ident in _as_list(resource.get("identifier")):
-        if isinstance(ident, Mapping) and isinstance(ident.get("value"), str):
-            rows.append(("identifier", _str_or_none(ident.get("system")), ident["value"]))
-    for name in _names(resource.get("name")):
-        rows.append(("name", None, name.lower()))
-    for key in ("url", "status", "address"):
-        if isinstance(resource.get(key), str):
-            rows.append((key, None, resource[key]))
-    subject = resource.get("subject")
-    if isinstance(subject, Mapping) and isinstance(subject.get("reference"), str):
-        rows.append(("subject", None, subject["reference"]))
-    code = resource.get("code")
-    if isinstance(code, Mapping):
-        for coding in _as_list(code.get("coding")):
-            if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
-                rows.append(("code", _str_or_none(coding.get("system")), coding["code"]))
-    return rows
 
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
 
-def _str_or_none(value: Any) -> str | None:
-    """A system that is not a string cannot be searched for: index the value without it."""
-    return value if isinstance(value, str) else None
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
-
-
-def _names(value: Any) -> Iterable[str]:
-    for item in _as_list(value):
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, Mapping):
-            if isinstance(item.get("text"), str):
-                yield item["text"]
-            if isinstance(item.get("family"), str):
-                yield item["family"]
-            for given in _as_list(item.get("given")):
-                if isinstance(given, str):
-                    yield given
-            if isinstance(item.get("name"), str):  # Device.deviceName[].name
-                yield item["name"]
-    return
-
-
-def check_resource(resource: Any, resource_type: str) -> None:
-    if not isinstance(resource, dict):
-        raise bad_request("Resource must be a JSON object")
-    if resource.get("resourceType") != resource_type:
-        raise bad_request(
-            f"resourceType {resource.get('resourceType')!r} does not match {resource_type}"
-        )
-    if resource_type not in RESOURCE_TYPES:
-        raise not_found(f"Unsupported resource type {resource_type}")
-    # The store writes meta and id itself and indexes a few fields: a wrong shape there is the
-    # caller's mistake (400), never a crash inside the write transaction (500).
-    meta = resource.get("meta")
-    if meta is not None and not isinstance(meta, dict):
-        raise bad_request("meta must be a JSON object")
-    for key in ("versionId", "lastUpdated"):
-        if isinstance(meta, dict) and not isinstance(meta.get(key, ""), str):
-            raise bad_request(f"meta.{key} must be a string")
-    rid = resource.get("id")
-    if rid is not None and not (isinstance(rid, str) and _FHIR_ID.fullmatch(rid)):
-        raise bad_request("id must be 1-64 characters: letters, digits, '-' and '.'")
-
-
-class ResourceStore(Protocol):
-    """What the relay needs from a resource store; every call returns a Deferred."""
-
-    def create(self, resource: dict[str, Any]) -> Deferred[dict[str, Any]]: ...
-
-    def read(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]: ...
-
-    def update(
-        self, resource: dict[str, Any], if_match: str | None = None
-    ) -> Deferred[dict[str, Any]]: ...
-
-    def delete(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]: ...
-
-    def search(
-        self, resource_type: str, params: Mapping[str, list[str]]
-    ) -> Deferred[list[dict[str, Any]]]: ...
+    def enqueue_deliveries(self, rows: Sequence[NewDelivery]) -> list[Delivery]:
+        return deliveries.insert(self._conn, rows)
 
 
 class SQLiteStore:
@@ -184,17 +80,29 @@ class SQLiteStore:
         #: interaction ``create``/``update``/``delete``; Subscriptions hang off this.
         self.listeners: list[Callable[[str, dict[str, Any] | None, dict[str, Any] | None],
                                       None]] = []
-        #: objects with C{in_transaction(conn, interaction, resource, previous) -> token}, run
-        #: inside the write's own transaction, and C{committed(token)} after it commits: what
-        #: a write triggers (Subscription deliveries) is stored with the write, or not at all.
-        self.write_hooks: list[Any] = []
+        #: L{WriteHook}s: each is asked on the reactor thread, before a write goes to the
+        #: database thread, for a L{PreparedWrite}; that runs inside the write's own
+        #: transaction with a L{SQLiteTransaction}, and the hook's C{committed(token)} runs on
+        #: the reactor thread after the commit.  What a write triggers (Subscription
+        #: deliveries) is stored with the write, or not at all.
+        self.write_hooks: list[WriteHook] = []
 
-    def _run_hooks(self, conn: Any, interaction: str, resource: dict[str, Any] | None,
-                   previous: dict[str, Any] | None) -> list[tuple[Any, Any]]:
-        return [(hook, hook.in_transaction(conn, interaction, resource, previous))
+    def _prepare(self, resource_type: str, id: str, resource: dict[str, Any] | None
+                 ) -> list[tuple[WriteHook, PreparedWrite]]:
+        """Reactor thread: every hook's plan for this write (a hook that raises fails it)."""
+        return [(hook, hook.prepare(resource_type, id, resource))
                 for hook in list(self.write_hooks)]
 
-    def _committed(self, tokens: list[tuple[Any, Any]]) -> None:
+    @staticmethod
+    def _run_hooks(conn: Any, plans: list[tuple[WriteHook, PreparedWrite]], interaction: str,
+                   resource: dict[str, Any] | None, previous: dict[str, Any] | None
+                   ) -> list[tuple[WriteHook, Any]]:
+        """Database thread, inside the write's transaction: only the plans run here."""
+        tx = SQLiteTransaction(conn)
+        return [(hook, plan.in_transaction(tx, interaction, resource, previous))
+                for hook, plan in plans]
+
+    def _committed(self, tokens: list[tuple[WriteHook, Any]]) -> None:
         for hook, token in tokens:
             try:
                 hook.committed(token)
@@ -245,6 +153,10 @@ class SQLiteStore:
         text = json.dumps(resource, separators=(",", ":"))
         if len(text) > MAX_RESOURCE_BYTES:
             raise FHIRError(413, "Resource too large", "too-costly")
+        try:
+            plans = self._prepare(resource["resourceType"], resource["id"], resource)
+        except Exception as e:
+            return fail(e)
 
         def txn(conn: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
             row = conn.execute(
@@ -284,7 +196,8 @@ class SQLiteStore:
                 json.loads(row["content"]) if row is not None and not row["deleted"] else None
             )
             interaction = "update" if previous is not None else "create"
-            return resource, previous, self._run_hooks(conn, interaction, resource, previous)
+            return resource, previous, self._run_hooks(conn, plans, interaction, resource,
+                                                       previous)
 
         d = self._db.run(txn)
 
@@ -299,6 +212,11 @@ class SQLiteStore:
         return d.addCallback(remember)
 
     def delete(self, resource_type: str, id: str) -> Deferred[dict[str, Any]]:
+        try:
+            plans = self._prepare(resource_type, id, None)
+        except Exception as e:
+            return fail(e)
+
         def txn(conn: Any) -> dict[str, Any]:
             row = conn.execute(
                 "SELECT content FROM resources WHERE type=? AND id=? AND deleted=0",
@@ -312,7 +230,7 @@ class SQLiteStore:
             )
             conn.execute("DELETE FROM search_index WHERE type=? AND id=?", (resource_type, id))
             previous = json.loads(row["content"])
-            return previous, self._run_hooks(conn, "delete", None, previous)
+            return previous, self._run_hooks(conn, plans, "delete", None, previous)
 
         d = self._db.run(txn)
 
@@ -333,7 +251,7 @@ class SQLiteStore:
             cached = self._cache[key]
             self._cache.move_to_end(key)
             if cached is None:
-                return _failed(not_found(f"{resource_type}/{id} not found"))
+                return fail(not_found(f"{resource_type}/{id} not found"))
             return succeed(cached)
 
         def txn(conn: Any) -> dict[str, Any] | None:
@@ -361,7 +279,7 @@ class SQLiteStore:
         try:
             query, args = _search_sql(resource_type, params)
         except FHIRError as e:
-            return _failed(e)
+            return fail(e)
 
         def txn(conn: Any) -> list[dict[str, Any]]:
             return [json.loads(row["content"]) for row in conn.execute(query, args)]
@@ -378,10 +296,10 @@ def _search_sql(resource_type: str, params: Mapping[str, list[str]]) -> tuple[st
     for raw_name, values in params.items():
         name, _, modifier = raw_name.partition(":")
         if name == "_count":
-            count = _int_param(name, values[-1], 0, 1000)
+            count = int_param(name, values[-1], 0, 1000)
             continue
         if name == "_offset":
-            offset = _int_param(name, values[-1], 0, 10**9)
+            offset = int_param(name, values[-1], 0, 10**9)
             continue
         if name.startswith("_") and name != "_id":
             continue  # _sort, _total, _format...: accepted, ignored
@@ -405,16 +323,6 @@ def _search_sql(resource_type: str, params: Mapping[str, list[str]]) -> tuple[st
     return query, args
 
 
-def _int_param(name: str, value: str, low: int, high: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer")
-    if not low <= n <= high:
-        raise bad_request(f"{name} must be between {low} and {high}")
-    return n
-
-
 def _clause(name: str, modifier: str, value: str) -> tuple[str, list[Any]]:
     if name == "_id":
         return "r.id = ?", [value]
@@ -436,20 +344,3 @@ def _clause(name: str, modifier: str, value: str) -> tuple[str, list[Any]]:
             return base + " AND s.value LIKE ? ESCAPE '\\')", [name, f"%{escaped}%"]
         return base + " AND s.value LIKE ? ESCAPE '\\')", [name, f"{escaped}%"]
     return base + " AND s.value=?)", [name, value]
-
-
-def _failed(exc: Exception) -> Deferred[Any]:
-    from twisted.internet.defer import fail
-
-    return fail(exc)
-
-
-@inlineCallbacks
-def search_one(store: ResourceStore, resource_type: str, params: Mapping[str, list[str]]):
-    """The single match of a search; 404 when none, 400 when several."""
-    found = yield store.search(resource_type, {**params, "_count": ["2"]})
-    if not found:
-        raise not_found(f"No {resource_type} matches the search")
-    if len(found) > 1:
-        raise bad_request(f"Search matches more than one {resource_type}")
-    return found[0]

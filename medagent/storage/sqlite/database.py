@@ -1,5 +1,9 @@
 """
-SQLite behind an owned single-thread pool.
+SQLite behind an owned single-thread pool: the connection, its PRAGMAs and group commit.
+
+Everything SQLite-specific about opening and driving the file lives here; the SQL of each
+store is in its sibling module (L{medagent.storage.sqlite.store}, C{journal}, C{clients},
+C{deliveries}).
 
 SQLite calls block (and a commit may fsync), so they never run on the reactor thread: every
 statement runs in one dedicated worker thread that owns the connection.  One thread also gives
@@ -13,7 +17,7 @@ import sqlite3
 import threading
 from typing import Any, Callable, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +25,10 @@ from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
 log = Logger()
+
+
+class DatabaseStopped(RuntimeError):
+    """A call reached a L{Database} after its C{stop()}: the work was not run."""
 
 
 class Database:
@@ -56,13 +64,17 @@ class Database:
         self._local = threading.local()
         self._pool = threadpool or ThreadPool(minthreads=1, maxthreads=1, name=name)
         self._started = False
+        #: set by C{stop()}: later calls fail instead of silently starting a new pool
+        self._stopped = False
         self._connections: list[sqlite3.Connection] = []
         self._batch: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._flushing = False
 
     def start(self) -> None:
+        """Start the worker thread (also after a C{stop()}, when called explicitly)."""
         if self._started:
             return
+        self._stopped = False
         if self.path != ":memory:":
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
@@ -103,7 +115,13 @@ class Database:
         return result
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run C{fn(conn, *args)} in one transaction on the database thread."""
+        """
+        Run C{fn(conn, *args)} in one transaction on the database thread.  The first call
+        starts the thread; a call after C{stop()} fires its Deferred with L{DatabaseStopped}
+        (it never raises and never brings a stopped pool back to life).
+        """
+        if self._stopped:
+            return fail(DatabaseStopped(f"database {self.path} is stopped"))
         if not self._started:
             self.start()
         return deferToThreadPool(self._reactor, self._pool, self._in_transaction, fn, *args)
@@ -158,6 +176,8 @@ class Database:
         return self._in_transaction(fn, *args)
 
     def stop(self) -> None:
+        """Close the connection and stop the thread; later calls fail (L{run})."""
+        self._stopped = True
         if not self._started:
             return
         self._started = False

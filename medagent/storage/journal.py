@@ -1,0 +1,145 @@
+"""
+The push journal's record and state machine, whatever database keeps it.
+
+States: ``queued`` (stored, not yet on the websocket) → ``sent`` (written to the agent's
+socket) → ``accepted`` (a durable agent has it on its disk) → ``delivered`` (the device
+acknowledged) | ``failed`` (with the reason) | ``expired`` | ``cancelled``.  The contract of a
+journal is L{medagent.storage.interfaces.PushJournal}; the SQLite one is
+L{medagent.storage.sqlite.journal.SQLiteJournal}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any
+
+import attr
+
+from medagent.fhir import HL7_V2
+from medagent.hl7.message import HL7Error, normalise
+
+QUEUED = "queued"
+SENT = "sent"
+ACCEPTED = "accepted"
+DELIVERED = "delivered"
+FAILED = "failed"
+EXPIRED = "expired"
+CANCELLED = "cancelled"
+
+STATES = (QUEUED, SENT, ACCEPTED, DELIVERED, FAILED, EXPIRED, CANCELLED)
+FINAL_STATES = frozenset([DELIVERED, FAILED, EXPIRED, CANCELLED])
+#: States in which the agent still owes an answer.
+OPEN_STATES = (QUEUED, SENT, ACCEPTED)
+
+#: How long an idempotency key (and a message, for the same-message rule) is remembered.
+IDEMPOTENCY_WINDOW = 24 * 3600
+
+def message_hash(content_type: str, body: str) -> str:
+    """
+    The identity of a message's content: SHA-256 of its content type and its body as the device
+    gets it.  HL7 v2 is normalised the way the agent sends it (a ``\\n`` or a trailing newline
+    does not make another message) and MSH-7, the time the message was built, is left out: a
+    sender that rebuilds the same message for a retry (our bots' C{order_message} does) stamps
+    a new MSH-7 on the same MSH-10: that is the same message sent again, not a new one.
+    """
+    text = body
+    if content_type == HL7_V2:
+        try:
+            text = normalise(body)
+        except HL7Error:
+            pass
+        else:
+            msh, end, rest = text.partition("\r")
+            fields = msh.split(msh[3])  # fields[n - 1] is MSH-n
+            if len(fields) > 6:
+                fields[6] = ""
+            text = msh[3].join(fields) + end + rest
+    digest = hashlib.sha256(content_type.encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+@attr.s(auto_attribs=True)
+class Push:
+    """One journal entry."""
+
+    id: str
+    agent_id: str
+    destination: str
+    remote: str
+    content_type: str
+    body: str
+    options: dict[str, Any] = attr.ib(factory=dict)
+    idempotency_key: str | None = None
+    state: str = QUEUED
+    created: float = 0.0
+    updated: float = 0.0
+    expires_at: float | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    reply_status: int | None = None
+    reply_content_type: str | None = None
+    reply_body: str | None = None
+    requester: str | None = None
+    #: MSH-10 of an HL7 v2 push (the same-message rule's key)
+    control_id: str | None = None
+    #: L{message_hash} of content type and body
+    body_hash: str | None = None
+    seq: int | None = None
+    #: ended failed after it may have reached the device (the agent's ``inDoubt: true``)
+    in_doubt: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_json(self, *, include_body: bool = False) -> dict[str, Any]:
+        """The status document shown at the push's status URL."""
+        doc: dict[str, Any] = {
+            "resourceType": "AgentPush",
+            "id": self.id,
+            "agent": {"reference": f"Agent/{self.agent_id}"},
+            "destination": self.destination,
+            "remote": self.remote,
+            "contentType": self.content_type,
+            "state": self.state,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+            "attempts": self.attempts,
+        }
+        if self.idempotency_key:
+            doc["idempotencyKey"] = self.idempotency_key
+        expires = _iso(self.expires_at) if self.expires_at else None
+        if expires:
+            doc["expiresAt"] = expires
+        if self.last_error:
+            doc["error"] = self.last_error
+        if self.in_doubt:
+            doc["inDoubt"] = True
+        if self.reply_body is not None:
+            doc["reply"] = {
+                "statusCode": self.reply_status,
+                "contentType": self.reply_content_type,
+                "body": self.reply_body,
+            }
+        if include_body:
+            doc["body"] = self.body
+        return doc
+
+
+def _iso(t: float | None) -> str | None:
+    """
+    An instant as FHIR text; C{None} for a value no calendar has (infinite, NaN, beyond year
+    9999, not a number), so one bad stored value cannot break a status document or a list.
+    """
+    if t is None or isinstance(t, bool) or not isinstance(t, (int, float)):
+        return None
+    if not math.isfinite(t) or not -62135596800 <= t < 253402300800:
+        return None
+    try:
+        return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+                + f".{int(t * 1000) % 1000:03d}Z")
+    except (OverflowError, ValueError, OSError):
+        return None

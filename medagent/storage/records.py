@@ -1,0 +1,88 @@
+"""
+The plain records the storage interfaces hand back and take in (no SQL, no database types):
+a registered client (L{StoredClient}), a subscription delivery to queue (L{NewDelivery}) and
+a queued one (L{Delivery}).  The push journal's record, L{medagent.storage.journal.Push},
+lives with its state machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+
+from medagent.storage.resources import now_iso
+
+# -- clients -------------------------------------------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class StoredClient:
+    """One OAuth2 client as a L{ClientRegistry} keeps it: never its secret, only a hash."""
+
+    client_id: str
+    salt: bytes
+    secret_hash: bytes
+    role: str
+    agents: tuple[str, ...]
+    name: str | None
+    created: float
+    revoked: bool = False
+
+
+# -- subscription deliveries ---------------------------------------------------------------
+
+PENDING, DELIVERED, FAILED, CANCELLED = "pending", "delivered", "failed", "cancelled"
+DELIVERY_STATES = (PENDING, DELIVERED, FAILED, CANCELLED)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class NewDelivery:
+    """A delivery to queue: pending, not leased, no attempts yet, due at C{next_attempt}."""
+
+    id: str
+    subscription_id: str
+    interaction: str
+    resource_type: str
+    resource_id: str
+    version_id: str | None
+    #: JSON text of C{{"resource": ..., "previous": ...}}
+    payload: str | None
+    max_attempts: int
+    next_attempt: float
+    created: float
+
+
+@attr.s(auto_attribs=True)
+class Delivery:
+    """One queued delivery (a row of the delivery queue)."""
+
+    id: str
+    seq: int
+    subscription_id: str
+    interaction: str
+    resource_type: str
+    resource_id: str
+    version_id: str | None
+    payload: dict[str, Any] | None
+    state: str
+    attempts: int
+    max_attempts: int
+    next_attempt: float
+    last_error: str | None
+    created: float
+    updated: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "subscription": f"Subscription/{self.subscription_id}",
+            "interaction": self.interaction,
+            "resource": f"{self.resource_type}/{self.resource_id}",
+            "versionId": self.version_id,
+            "state": self.state,
+            "attempts": self.attempts,
+            "maxAttempts": self.max_attempts,
+            "nextAttempt": now_iso(self.next_attempt) if self.state == PENDING else None,
+            "lastError": self.last_error,
+        }

@@ -1,0 +1,100 @@
+"""
+The OAuth2 client registry in SQLite (L{medagent.storage.interfaces.ClientRegistry}).
+
+Only storage: secrets, roles and tokens are L{medagent.relay.auth.Authority}'s business.  The
+C{*_sync} calls run on the calling thread, for the CLI before (or without) a reactor.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from medagent.storage.records import StoredClient
+from medagent.storage.sqlite.database import Database
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    salt BLOB NOT NULL,
+    secret_hash BLOB NOT NULL,
+    role TEXT NOT NULL,
+    agents TEXT NOT NULL DEFAULT '[]',
+    name TEXT,
+    created REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def _from_row(row: Any) -> StoredClient:
+    return StoredClient(
+        client_id=row["client_id"], salt=bytes(row["salt"]),
+        secret_hash=bytes(row["secret_hash"]), role=row["role"],
+        agents=tuple(json.loads(row["agents"])), name=row["name"], created=row["created"],
+        revoked=bool(row["revoked"]))
+
+
+def _add(conn: Any, client: StoredClient) -> None:
+    conn.execute(
+        "INSERT INTO clients (client_id, salt, secret_hash, role, agents, name, created)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (client.client_id, client.salt, client.secret_hash, client.role,
+         json.dumps(list(client.agents)), client.name, client.created),
+    )
+
+
+def _list(conn: Any) -> list[StoredClient]:
+    return [_from_row(r) for r in conn.execute("SELECT * FROM clients ORDER BY created")]
+
+
+def _revoke(conn: Any, client_id: str) -> bool:
+    return conn.execute(
+        "UPDATE clients SET revoked=1 WHERE client_id=?", (client_id,)
+    ).rowcount > 0
+
+
+class SQLiteClientRegistry:
+    """L{ClientRegistry} on a L{Database}; see the interface for what each call guarantees."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @staticmethod
+    def schema() -> str:
+        return SCHEMA
+
+    def add(self, client: StoredClient) -> Deferred[None]:
+        return self._db.run(_add, client)
+
+    def add_sync(self, client: StoredClient) -> None:
+        self._db.run_sync(_add, client)
+
+    def list(self) -> Deferred[list[StoredClient]]:
+        return self._db.run(_list)
+
+    def list_sync(self) -> list[StoredClient]:
+        return self._db.run_sync(_list)
+
+    def lookup(self, client_id: str) -> Deferred[StoredClient | None]:
+        def txn(conn: Any) -> StoredClient | None:
+            row = conn.execute("SELECT * FROM clients WHERE client_id=?",
+                               (client_id,)).fetchone()
+            return _from_row(row) if row is not None else None
+
+        return self._db.run(txn)
+
+    def revoke(self, client_id: str) -> Deferred[bool]:
+        return self._db.run(_revoke, client_id)
+
+    def revoke_sync(self, client_id: str) -> bool:
+        return self._db.run_sync(_revoke, client_id)
+
+    def revoked(self) -> Deferred[set[str]]:
+        def txn(conn: Any) -> set[str]:
+            return {r["client_id"] for r in
+                    conn.execute("SELECT client_id FROM clients WHERE revoked=1")}
+
+        return self._db.run(txn)

@@ -1,0 +1,193 @@
+"""
+The SQLite implementation of L{medagent.storage.interfaces} against the contract suites
+(C{tests/storage_contract.py}), twice: driven inline (L{tests.fakes}: the "thread" is the
+caller, so failures show as plain tracebacks) and on a real file with its own worker thread
+(what the relay runs).  Plus what is specific to L{Database}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from medagent.storage.sqlite import (
+    RELAY_SCHEMA,
+    Database,
+    DatabaseStopped,
+    SQLiteClientRegistry,
+    SQLiteDeliveryQueue,
+    SQLiteJournal,
+    SQLiteStore,
+)
+from tests.fakes import InlineReactor, InlineThreadPool, inline_database
+from medagent.storage.sqlite.agent_queue import SQLiteInbox
+from medagent.storage.sqlite.outbox import SQLiteOutboxStore
+from tests.storage_contract import (
+    ClientRegistryContract,
+    DeliveryQueueContract,
+    InboxStoreContract,
+    OutboxStoreContract,
+    PushJournalContract,
+    ResourceStoreContract,
+)
+
+
+#: The agent's tables (another file in production; here they share the test's database).
+AGENT_SCHEMA = SQLiteInbox.schema() + SQLiteOutboxStore.schema()
+
+
+class _Inline:
+    """One relay database per test, driven synchronously (L{tests.fakes})."""
+
+    separate_database_thread = False
+
+    def database(self) -> Database:
+        if getattr(self, "_db", None) is None:
+            self._db = inline_database(self, RELAY_SCHEMA + AGENT_SCHEMA)
+        return self._db
+
+
+class _Threaded:
+    """One relay database file per test on its own worker thread and the real reactor."""
+
+    separate_database_thread = True
+
+    def database(self) -> Database:
+        if getattr(self, "_db", None) is None:
+            folder = self.mktemp()
+            os.makedirs(folder)
+            self._db = Database(reactor, os.path.join(folder, "relay.sqlite"),
+                                schema=RELAY_SCHEMA + AGENT_SCHEMA, name="test-relay-db",
+                                migrations=[SQLiteJournal.migrate])
+            self._db.start()
+            self.addCleanup(self._db.stop)
+        return self._db
+
+
+class _Factories:
+    def make_store(self) -> SQLiteStore:
+        return SQLiteStore(self.database())
+
+    def make_queue(self) -> SQLiteDeliveryQueue:
+        return SQLiteDeliveryQueue(self.database())
+
+    def make_journal(self, clock: Clock) -> SQLiteJournal:
+        return SQLiteJournal(self.database(), clock=clock)
+
+    def make_registry(self) -> SQLiteClientRegistry:
+        return SQLiteClientRegistry(self.database())
+
+    def make_inbox(self) -> SQLiteInbox:
+        return SQLiteInbox(self.database())
+
+    def make_outbox(self) -> SQLiteOutboxStore:
+        return SQLiteOutboxStore(self.database())
+
+
+class InlineResourceStoreTests(_Inline, _Factories, ResourceStoreContract, TestCase):
+    pass
+
+
+class ThreadedResourceStoreTests(_Threaded, _Factories, ResourceStoreContract, TestCase):
+    pass
+
+
+class InlinePushJournalTests(_Inline, _Factories, PushJournalContract, TestCase):
+    pass
+
+
+class ThreadedPushJournalTests(_Threaded, _Factories, PushJournalContract, TestCase):
+    pass
+
+
+class InlineClientRegistryTests(_Inline, _Factories, ClientRegistryContract, TestCase):
+    pass
+
+
+class ThreadedClientRegistryTests(_Threaded, _Factories, ClientRegistryContract, TestCase):
+    pass
+
+
+class InlineDeliveryQueueTests(_Inline, _Factories, DeliveryQueueContract, TestCase):
+    pass
+
+
+class ThreadedDeliveryQueueTests(_Threaded, _Factories, DeliveryQueueContract, TestCase):
+    pass
+
+
+class InlineInboxStoreTests(_Inline, _Factories, InboxStoreContract, TestCase):
+    pass
+
+
+class ThreadedInboxStoreTests(_Threaded, _Factories, InboxStoreContract, TestCase):
+    pass
+
+
+class InlineOutboxStoreTests(_Inline, _Factories, OutboxStoreContract, TestCase):
+    pass
+
+
+class ThreadedOutboxStoreTests(_Threaded, _Factories, OutboxStoreContract, TestCase):
+    pass
+
+
+class _CountingPool(InlineThreadPool):
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+
+
+class DatabaseTests(SynchronousTestCase):
+    def make(self) -> tuple[Database, _CountingPool]:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        pool = _CountingPool()
+        db = Database(InlineReactor(), os.path.join(folder, "t.sqlite"),
+                      schema="CREATE TABLE IF NOT EXISTS t (x INTEGER);", threadpool=pool)
+        self.addCleanup(db.stop)
+        return db, pool
+
+    def test_run_after_stop_fails_its_deferred_and_does_not_restart(self) -> None:
+        db, pool = self.make()
+        ran: list[Any] = []
+        self.assertEqual(self.successResultOf(db.run(lambda conn: ran.append(1) or 1)), 1)
+        db.stop()
+        d = db.run(lambda conn: ran.append(2))  # must not raise
+        self.failureResultOf(d, DatabaseStopped)
+        self.failureResultOf(db.run_batched(lambda conn: ran.append(3)), DatabaseStopped)
+        self.assertEqual((ran, pool.starts), ([1], 1))
+
+    def test_stop_before_start_also_refuses_later_calls(self) -> None:
+        db, pool = self.make()
+        db.stop()
+        self.failureResultOf(db.run(lambda conn: None), DatabaseStopped)
+        self.assertEqual(pool.starts, 0)
+
+    def test_explicit_start_after_stop_serves_again(self) -> None:
+        db, pool = self.make()
+        db.start()
+        db.stop()
+        db.start()
+        self.assertEqual(self.successResultOf(db.run(lambda conn: 7)), 7)
+        self.assertEqual(pool.starts, 2)
+
+    def test_batched_calls_are_isolated_in_one_commit(self) -> None:
+        db, _ = self.make()
+
+        def boom(conn: Any) -> None:
+            conn.execute("INSERT INTO t VALUES (2)")
+            raise ValueError("no")
+
+        ok = db.run_batched(lambda conn: conn.execute("INSERT INTO t VALUES (1)").rowcount)
+        bad = db.run_batched(boom)
+        self.assertEqual(self.successResultOf(ok), 1)
+        self.failureResultOf(bad, ValueError)
+        rows = self.successResultOf(db.run(lambda c: [r[0] for r in c.execute("SELECT x FROM t")]))
+        self.assertEqual(rows, [1])
