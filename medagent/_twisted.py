@@ -86,6 +86,12 @@ class ListeningPort(Protocol):
     def getHost(self) -> Any: ...
 
 
+def maybe_transport(protocol: Any) -> TCPTransport | None:
+    """The transport of a protocol, typed, or C{None} before C{makeConnection}."""
+    transport: TCPTransport | None = protocol.transport
+    return transport
+
+
 def transport_of(protocol: Any) -> TCPTransport:
     """
     The transport of a connected protocol, typed.  C{Protocol.transport} is C{None} until
