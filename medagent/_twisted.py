@@ -78,6 +78,14 @@ class ClientEndpoint(Protocol):
     def connect(self, protocolFactory: Any) -> Deferred[Any]: ...
 
 
+class ChildService(Protocol):
+    """C{IService}, the part a parent calls to start and stop a child service."""
+
+    def setServiceParent(self, parent: Any) -> Any: ...
+
+    def disownServiceParent(self) -> Any: ...
+
+
 class ListeningPort(Protocol):
     """C{IListeningPort}."""
 

@@ -84,7 +84,10 @@ def read_secret_file(path: str) -> str:
 
 
 def parse_properties(text: str) -> dict[str, str]:
-    """Lines of ``key=value``; ``#``/``!`` comments; the value is everything after the first ``=``."""
+    """
+    Lines of ``key=value``; ``#``/``!`` comments; the value is everything after the first
+    ``=``.
+    """
     out: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
