@@ -23,7 +23,7 @@ from typing import Callable
 
 import attr
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -215,7 +215,7 @@ class ASTMLink(Protocol):
         log.info("ASTM link {name} up", name=self.name)
         self._kick()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         was = self.state
         self.connected_ = False
         self._cancel_timer()

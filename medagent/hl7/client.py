@@ -364,7 +364,7 @@ class MLLPClientProtocol(LostWaiters, Protocol):
             transport.loseConnection()
         return d
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self.connected = False
         why = reason.getErrorMessage() if reason is not None else "closed"

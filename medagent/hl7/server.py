@@ -198,7 +198,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
             transport = transport_of(self)
             getattr(transport, "abortConnection", transport.loseConnection)()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self.connected = False
         self.channel.connections.discard(self)

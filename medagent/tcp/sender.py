@@ -118,7 +118,7 @@ class FramedClientProtocol(Protocol):
         if frames and self._waiting is not None:
             self._finish(frames[0])
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.gone = True
         self._finish(DeliveryError("Peer closed the connection before answering",
                                    phase="ack"))
