@@ -5,9 +5,111 @@ pool can use them too).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+
+
+# Structural types for the few Twisted interfaces this code calls.  Twisted declares them as
+# zope.interface Interfaces, whose methods have no ``self``; plain mypy (mypy-zope does not work
+# with mypy 2.x) then rejects every call through them.  These Protocols say the same thing in a
+# form mypy checks, and anything providing the interface (reactor, task.Clock, a transport)
+# satisfies them at run time.
+
+
+class DelayedCall(Protocol):
+    """What C{IReactorTime.callLater} returns (the part we use)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def reset(self, secondsFromNow: float) -> None: ...
+
+    def getTime(self) -> float: ...
+
+
+class Clock(Protocol):
+    """C{IReactorTime}: the reactor or a C{task.Clock} in tests."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kw: Any) -> DelayedCall: ...
+
+
+class Transport(Protocol):
+    """The transport methods the device protocols call (C{ITCPTransport} and friends)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def getPeer(self) -> Any: ...
+
+    def getHost(self) -> Any: ...
+
+
+class TCPTransport(Transport, Protocol):
+    """A transport that can also be aborted and paused (TCP, TLS, serial)."""
+
+    def abortConnection(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+
+class ProtocolFactory(Protocol):
+    """C{IProtocolFactory}: builds the protocol for a new connection."""
+
+    def buildProtocol(self, addr: Any) -> Any: ...
+
+    def doStart(self) -> None: ...
+
+    def doStop(self) -> None: ...
+
+
+class ClientEndpoint(Protocol):
+    """C{IStreamClientEndpoint}."""
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]: ...
+
+
+class ChildService(Protocol):
+    """C{IService}, the part a parent calls to start and stop a child service."""
+
+    def setServiceParent(self, parent: Any) -> Any: ...
+
+    def disownServiceParent(self) -> Any: ...
+
+
+class ListeningPort(Protocol):
+    """C{IListeningPort}."""
+
+    def stopListening(self) -> Deferred[None] | None: ...
+
+    def getHost(self) -> Any: ...
+
+
+def maybe_transport(protocol: Any) -> TCPTransport | None:
+    """The transport of a protocol, typed, or C{None} before C{makeConnection}."""
+    transport: TCPTransport | None = protocol.transport
+    return transport
+
+
+def transport_of(protocol: Any) -> TCPTransport:
+    """
+    The transport of a connected protocol, typed.  C{Protocol.transport} is C{None} until
+    C{makeConnection}; calling this earlier is a programming error, so it raises rather than
+    letting C{None.write} fail further away.
+    """
+    transport = protocol.transport
+    if transport is None:
+        raise RuntimeError(f"{type(protocol).__name__} is not connected")
+    return transport
 
 
 class LostWaiters:

@@ -43,6 +43,15 @@ class Destination:
     def param(self, name: str, default: str | None = None) -> str | None:
         return self.params.get(name, default)
 
+    def require_port(self) -> int:
+        """
+        The port of a network destination.  L{parse_destination} already refuses a network URL
+        without one; this is for code that needs an C{int} from a destination it did not parse.
+        """
+        if self.port is None:
+            raise DestinationError(f"Destination has no port: {self.url!r}")
+        return self.port
+
     def int_param(self, name: str, default: int) -> int:
         raw = self.params.get(name)
         if raw is None or raw == "":

@@ -38,6 +38,8 @@ def tcp_ping(
     from twisted.internet.defer import fail
     from twisted.internet.protocol import Protocol as _P
 
+    from medagent._twisted import transport_of
+
     if destination.port is None:
         return fail(DeliveryError("Ping needs a host and port", transient=False))
     started = time.monotonic()
@@ -46,7 +48,7 @@ def tcp_ping(
 
     def connected(proto: _P) -> Reply:
         rtt_ms = (time.monotonic() - started) * 1000
-        proto.transport.loseConnection()
+        transport_of(proto).loseConnection()
         return Reply(
             body=f"PING {destination.host}:{destination.port}: connected in {rtt_ms:.1f} ms",
             content_type=PING,

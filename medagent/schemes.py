@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Tuple
 import attr
 
 if TYPE_CHECKING:
-    from twisted.application.service import IService
     from twisted.internet.defer import Deferred
 
+    from medagent._twisted import ChildService
     from medagent.delivery import Sender
     from medagent.destination import Destination
 
@@ -79,7 +79,7 @@ class ChannelContext:
 
 SenderFactory = Callable[[Any, SenderContext], "Sender"]
 #: returns the service to run and the application object behind it
-ChannelFactory = Callable[[Any, ChannelContext], Tuple["IService", Any]]
+ChannelFactory = Callable[[Any, ChannelContext], Tuple["ChildService", Any]]
 
 
 def _registries() -> list[Any]:

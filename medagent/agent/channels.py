@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from medagent import schemes
+from medagent._twisted import ChildService
 from medagent.agent.outbox import Outbox
 from medagent.destination import Destination, DestinationError, parse_destination
 
@@ -63,7 +64,7 @@ class ChannelManager(service.MultiService):
         self.data_dir = data_dir
         #: (path, content type) → Deferred[reference]: a stored instance becomes a Binary
         self.upload_binary = upload_binary
-        self.running_specs: dict[str, tuple[ChannelSpec, service.IService, Any]] = {}
+        self.running_specs: dict[str, tuple[ChannelSpec, ChildService, Any]] = {}
         self.worklists: dict[str, Any] = {}
 
     # -- configuration -----------------------------------------------------------------------
@@ -152,7 +153,8 @@ class ChannelManager(service.MultiService):
         path.  A failure leaves the instance pending; the channel forwards it again later.
         """
         forward = self._waiting_forward(name)
-        if self.upload_binary is None:
+        upload_binary = self.upload_binary
+        if upload_binary is None:
             return forward
 
         def instance(ct: str, body: str, remote: str) -> Deferred:
@@ -164,7 +166,7 @@ class ChannelManager(service.MultiService):
                 info.pop("path", None)
                 return forward(ct, json.dumps(doc), remote)
 
-            return self.upload_binary(info["path"], "application/dicom").addCallback(uploaded)
+            return upload_binary(info["path"], "application/dicom").addCallback(uploaded)
 
         return instance
 

@@ -84,7 +84,10 @@ def read_secret_file(path: str) -> str:
 
 
 def parse_properties(text: str) -> dict[str, str]:
-    """Lines of ``key=value``; ``#``/``!`` comments; the value is everything after the first ``=``."""
+    """
+    Lines of ``key=value``; ``#``/``!`` comments; the value is everything after the first
+    ``=``.
+    """
     out: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -139,8 +142,11 @@ def load_config(options: Mapping[str, object]) -> AgentConfig:
             f"Refusing plain http:// to {host}: the client secret and patient data would "
             "cross the network unencrypted. Use https://, or --insecure if you really mean it.")
     if "heartbeat_interval" in values:
+        raw = values["heartbeat_interval"]
         try:
-            interval = float(values["heartbeat_interval"])  # type: ignore[arg-type]
+            if not isinstance(raw, (str, int, float)):
+                raise TypeError(type(raw).__name__)
+            interval = float(raw)
         except (TypeError, ValueError):
             raise ConfigError("--heartbeat-interval must be a number of seconds")
         if not 1.0 <= interval <= 300.0:
@@ -150,4 +156,6 @@ def load_config(options: Mapping[str, object]) -> AgentConfig:
         DestinationPolicy.from_setting(str(values.get("allow_destinations") or ""))
     except PolicyError as e:
         raise ConfigError(str(e))
+    # Keys and values come from the table above and the checks here: mypy cannot follow a
+    # dict[str, object] into the keyword arguments.
     return AgentConfig(**values)  # type: ignore[arg-type]

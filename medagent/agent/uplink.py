@@ -20,10 +20,10 @@ from autobahn.twisted.websocket import (  # noqa: E402
 )
 from twisted.application.internet import ClientService  # noqa: E402
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS  # noqa: E402
-from twisted.internet.interfaces import IStreamClientEndpoint  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
 from medagent import wire  # noqa: E402
+from medagent._twisted import ClientEndpoint  # noqa: E402
 from medagent.agent.app import AgentApp  # noqa: E402
 from medagent.net import no_delay  # noqa: E402
 
@@ -37,16 +37,17 @@ def websocket_url(relay_url: str) -> str:
     return f"{scheme}://{parts.netloc}/ws/agent"
 
 
-def relay_endpoint(reactor: Any, relay_url: str, timeout: float = 10.0) -> IStreamClientEndpoint:
+def relay_endpoint(reactor: Any, relay_url: str, timeout: float = 10.0) -> ClientEndpoint:
     parts = urlsplit(relay_url)
     secure = parts.scheme in ("https", "wss")
     host = parts.hostname or "localhost"
     port = parts.port or (443 if secure else 80)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint: ClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if secure:
         from twisted.internet.ssl import optionsForClientTLS
 
-        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        # HostnameEndpoint provides IStreamClientEndpoint via @implementer, unseen by mypy.
+        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)  # type: ignore[arg-type]
     return endpoint
 
 
@@ -61,6 +62,12 @@ def medplum_backoff(
         return min(base * factor ** max(attempt - 1, 0), cap)
 
     return policy
+
+
+class _RelayFactory(WebSocketClientFactory):
+    """The websocket factory, carrying the L{AgentApp} its L{RelaySocket}s talk to."""
+
+    app: AgentApp
 
 
 class RelaySocket(WebSocketClientProtocol):
@@ -87,9 +94,10 @@ class RelaySocket(WebSocketClientProtocol):
 
 
 def uplink_service(
-    reactor: Any, relay_url: str, app: AgentApp, *, retry_policy: Callable[[int], float] | None = None
+    reactor: Any, relay_url: str, app: AgentApp, *,
+    retry_policy: Callable[[int], float] | None = None,
 ) -> ClientService:
-    factory = WebSocketClientFactory(websocket_url(relay_url), reactor=reactor)
+    factory = _RelayFactory(websocket_url(relay_url), reactor=reactor)
     factory.protocol = RelaySocket
     factory.app = app
     slack = 1024 * 1024
@@ -100,9 +108,10 @@ def uplink_service(
         closeHandshakeTimeout=3,
         autoPingInterval=0,
     )
+    # Both provide the interfaces ClientService wants (@implementer), which mypy cannot see.
     return ClientService(
-        relay_endpoint(reactor, relay_url),
-        factory,
+        relay_endpoint(reactor, relay_url),  # type: ignore[arg-type]
+        factory,  # type: ignore[arg-type]
         retryPolicy=retry_policy or medplum_backoff(),
         clock=reactor,
     )

@@ -17,12 +17,13 @@ from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from medagent._twisted import ClientEndpoint, ListeningPort, ProtocolFactory, maybe_transport
 from medagent.contenttypes import ASTM
 from medagent.astm.link import ASTMLink, LinkConfig
 from medagent.astm.serial import SerialClientEndpoint, no_jitter, reopen_policy
@@ -116,7 +117,7 @@ class _SerialLinkFactory(Factory):
 class _ReportingEndpoint:
     """Says why an open failed (C{ClientService} only says it will try again)."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint,
+    def __init__(self, endpoint: ClientEndpoint,
                  failed: Callable[[Failure], None]) -> None:
         self._endpoint = endpoint
         self._failed = failed
@@ -124,7 +125,7 @@ class _ReportingEndpoint:
     def __repr__(self) -> str:
         return repr(self._endpoint)
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
+    def connect(self, protocolFactory: ProtocolFactory) -> Deferred[Any]:
         def report(f: Failure) -> Failure:
             if not f.check(CancelledError):
                 self._failed(f)
@@ -162,11 +163,12 @@ class ASTMChannel(Service):
         max_reopen_delay: float = 30.0,
         reopen_jitter: Callable[[], float] | None = None,
         name: str = "astm",
-        serial_endpoint: Callable[[Destination], IStreamClientEndpoint] | None = None,
+        serial_endpoint: Callable[[Destination], ClientEndpoint] | None = None,
     ) -> None:
         if (endpoint is None) == (serial is None):
             raise ValueError("ASTMChannel needs exactly one of endpoint or serial")
-        self.name = name
+        # Twisted's Service says ``name = None``, which mypy takes as the type None.
+        self.name = name  # type: ignore[assignment]
         self._reactor = reactor
         self._endpoint = endpoint
         self._serial_dest: Destination | None = None
@@ -183,14 +185,16 @@ class ASTMChannel(Service):
                     SerialClientEndpoint(reactor, self._serial_dest.path, settings))
             policy = reopen_policy(reopen_delay, max_reopen_delay,
                                    jitter=reopen_jitter or no_jitter)
+            # Both provide the interfaces ClientService wants via @implementer / Factory,
+            # which mypy cannot see.
             self._client = ClientService(
-                _ReportingEndpoint(line, self._open_failed),
-                _SerialLinkFactory(self, self._serial_dest.url),
+                _ReportingEndpoint(line, self._open_failed),  # type: ignore[arg-type]
+                _SerialLinkFactory(self, self._serial_dest.url),  # type: ignore[arg-type]
                 retryPolicy=policy, clock=reactor, prepareConnection=self._opened)
         self.inbound = InboundHandler(forward, max_pending=max_pending,
                                       reply_to_device=reply_to_device, name=name)
         self.links: set[ASTMLink] = set()
-        self.port: IListeningPort | None = None
+        self.port: ListeningPort | None = None
         self._listening: Deferred | None = None
         self._listen_error: Failure | None = None
         self._opening: ASTMLink | None = None
@@ -207,7 +211,7 @@ class ASTMChannel(Service):
         self._listening = ep.listen(_LinkFactory(self))
         self._listening.addCallbacks(self._listened, self._listen_failed)
 
-    def _listened(self, port: IListeningPort) -> None:
+    def _listened(self, port: ListeningPort) -> None:
         self.port = port
         log.info("ASTM channel {name} listening on {endpoint}", name=self.name,
                  endpoint=self._endpoint)
@@ -241,11 +245,12 @@ class ASTMChannel(Service):
             waits.append(maybeDeferred(self.port.stopListening))
             self.port = None
         for link in list(self.links):
-            if link.transport is not None:
+            transport = maybe_transport(link)
+            if transport is not None:
                 d: Deferred = Deferred()
                 self._stopped.append(d)
                 waits.append(d)
-                link.transport.loseConnection()
+                transport.loseConnection()
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     # ------------------------------------------------------------------ links

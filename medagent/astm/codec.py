@@ -78,7 +78,10 @@ def build_frame(number: int, text: bytes, final: bool = True) -> bytes:
 
 @dataclass(frozen=True)
 class Frame:
-    """A checked frame: its number, its text (between FN and ETB/ETX) and whether it is the end frame."""
+    """
+    A checked frame: its number, its text (between FN and ETB/ETX) and whether it is the end
+    frame.
+    """
 
     number: int
     text: bytes

@@ -23,11 +23,11 @@ from typing import Callable
 
 import attr
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent._twisted import Clock, DelayedCall, maybe_transport
 from medagent.astm import codec
 from medagent.astm.codec import ACK, ENQ, EOT, NAK
 from medagent.net import no_delay
@@ -121,7 +121,7 @@ class ASTMLink(Protocol):
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         config: LinkConfig | None = None,
         *,
         on_message: Callable[[str], None] | None = None,
@@ -144,8 +144,8 @@ class ASTMLink(Protocol):
             "ignored_bytes": 0,
         }
         self._queue: deque[_Outgoing] = deque()
-        self._timer: IDelayedCall | None = None
-        self._holdoff: IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
+        self._holdoff: DelayedCall | None = None
         self._decoder = codec.FrameDecoder(self.config.max_input_frame_text)
         self._assembler = codec.MessageAssembler()
         self._last_fn: int | None = None
@@ -215,7 +215,7 @@ class ASTMLink(Protocol):
         log.info("ASTM link {name} up", name=self.name)
         self._kick()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         was = self.state
         self.connected_ = False
         self._cancel_timer()
@@ -266,8 +266,9 @@ class ASTMLink(Protocol):
     # ------------------------------------------------------------------ helpers
 
     def _write(self, data: bytes) -> None:
-        if self.connected_ and self.transport is not None:
-            self.transport.write(data)
+        transport = maybe_transport(self)
+        if self.connected_ and transport is not None:
+            transport.write(data)
 
     def _set_timer(self, delay: float, fn: Callable[[], None]) -> None:
         self._cancel_timer()
@@ -323,7 +324,7 @@ class ASTMLink(Protocol):
         self._write(EOT)
         self.state = NEUTRAL
 
-    # ------------------------------------------------------------------ byte handling (not receiving)
+    # ------------------------------------------------------------ byte handling (not receiving)
 
     def _on_byte(self, b: bytes) -> None:
         state = self.state

@@ -175,7 +175,7 @@ def service_request_to_astm(
                    (_SEX.get(p.get("gender", ""), "U") if p.get("gender") else None) if p else None]
     status = service_request.get("status")
     collected = (specimen or {}).get("collection") or {}
-    order = [None] * 26
+    order: list[Any] = [None] * 26
     order[0] = "O"
     order[1] = "1"
     order[2] = _specimen_id(service_request, specimen)

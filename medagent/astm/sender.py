@@ -17,11 +17,11 @@ from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, fail, succeed,
 )
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent._twisted import ClientEndpoint, maybe_transport
 from medagent.contenttypes import ASTM, JSON, PING
 from medagent.delivery import DeliveryError, Reply
 from medagent.astm import codec
@@ -105,7 +105,7 @@ class ASTMSender:
         open_backoff: Callable[[int], float] | None = None,
         ping_timeout: float = 5.0,
         max_pending_inbound: int = 100,
-        endpoint_factory: Callable[[Destination], IStreamClientEndpoint] | None = None,
+        endpoint_factory: Callable[[Destination], ClientEndpoint] | None = None,
     ) -> None:
         self._reactor = reactor
         self._base = link_config or LinkConfig()
@@ -181,8 +181,9 @@ class ASTMSender:
             waits.append(device.lost)
             if device.connecting is not None:
                 device.connecting.cancel()
-            elif device.link is not None and device.link.transport is not None:
-                device.link.transport.loseConnection()
+            elif device.link is not None and (
+                    transport := maybe_transport(device.link)) is not None:
+                transport.loseConnection()
         if not waits:
             return succeed(None)
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
@@ -198,11 +199,11 @@ class ASTMSender:
             serial_settings(destination)
         return link_settings(destination, self._base)
 
-    def _default_endpoint(self, destination: Destination) -> IStreamClientEndpoint:
+    def _default_endpoint(self, destination: Destination) -> ClientEndpoint:
         if destination.scheme == SCHEME_SERIAL:
             return SerialClientEndpoint(self._reactor, destination.path,
                                         serial_settings(destination))
-        return HostnameEndpoint(self._reactor, destination.host, destination.port,
+        return HostnameEndpoint(self._reactor, destination.host, destination.require_port(),
                                 timeout=self._connect_timeout)
 
     def _failed(self, f: Failure, destination: Destination) -> Failure:

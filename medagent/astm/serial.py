@@ -15,11 +15,11 @@ from typing import Any, Callable, Mapping
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import (
-    IDelayedCall, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from medagent._twisted import Clock, ClientEndpoint, DelayedCall, ProtocolFactory
 
 
 def no_jitter() -> float:
@@ -73,7 +73,7 @@ class SerialClientEndpoint:
     def __repr__(self) -> str:
         return f"<SerialClientEndpoint {self._device}>"
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
+    def connect(self, protocolFactory: ProtocolFactory) -> Deferred[Any]:
         """Open the device now; the Deferred has already fired when this returns."""
         try:
             if self._port_factory is None:
@@ -88,9 +88,9 @@ class SerialClientEndpoint:
         return succeed(protocol)
 
 
-def connect_with_backoff(clock: IReactorTime, endpoint: IStreamClientEndpoint,
-                         factory: IProtocolFactory, *, attempts: int,
-                         policy: Callable[[int], float]) -> Deferred:
+def connect_with_backoff(clock: Clock, endpoint: ClientEndpoint,
+                         factory: ProtocolFactory, *, attempts: int,
+                         policy: Callable[[int], float]) -> Deferred[Any]:
     """
     Connect once, and after the C{n}th failure try again in C{policy(n)} seconds, for at
     most C{attempts} tries in all; fires with the protocol, or fails with the last
@@ -102,7 +102,7 @@ def connect_with_backoff(clock: IReactorTime, endpoint: IStreamClientEndpoint,
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
-    waiting: list[IDelayedCall] = []
+    waiting: list[DelayedCall] = []
     current: list[Deferred] = []
     failures = 0
     cancelled = False
@@ -125,7 +125,7 @@ def connect_with_backoff(clock: IReactorTime, endpoint: IStreamClientEndpoint,
         current.append(d)
         d.addCallbacks(connected, failed)
 
-    def connected(protocol: IProtocol) -> None:
+    def connected(protocol: Any) -> None:
         current.clear()
         if not result.called:
             result.callback(protocol)

@@ -22,10 +22,11 @@ from pynetdicom.presentation import (
     negotiate_as_requestor,
 )
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent._twisted import DelayedCall, maybe_transport, transport_of
 from medagent.dicom import dimse, pdu
 from medagent.net import no_delay
 
@@ -102,14 +103,14 @@ class _AssociationBase(Protocol):
         self.called_ae = ""
         self.failure: AssociationError | None = None
         self.closed: Deferred[None] = Deferred()
-        self._timer = None
+        self._timer: DelayedCall | None = None
         self._timer_what = ""
         self.peer = "?"
 
     # -- plumbing ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = transport_of(self).getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         no_delay(self.transport)  # PDUs are request/response
 
@@ -143,15 +144,17 @@ class _AssociationBase(Protocol):
         self._drop()
 
     def _write_pdu(self, p) -> None:
-        if self.transport is not None and self.state != "closed":
-            self.transport.write(p.encode())
+        transport = maybe_transport(self)
+        if transport is not None and self.state != "closed":
+            transport.write(p.encode())
 
     def _drop(self) -> None:
         if self.state != "closed":
             self.state = "closing"
         self._cancel_timer()
-        if self.transport is not None:
-            self.transport.loseConnection()
+        transport = maybe_transport(self)
+        if transport is not None:
+            transport.loseConnection()
 
     def _fail(self, error: AssociationError) -> None:
         """Remember the first reason things went wrong; subclasses fail their waiters."""
@@ -233,7 +236,7 @@ class _AssociationBase(Protocol):
     def _message_received(self, message) -> None:
         raise NotImplementedError
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         was = self.state
         self.state = "closed"
         self._cancel_timer()
@@ -248,10 +251,11 @@ class _AssociationBase(Protocol):
         return self.accepted.get(context_id)
 
     def send_message(self, message, context_id: int) -> None:
-        if self.transport is None or self.state not in ("established", "releasing"):
+        transport = maybe_transport(self)
+        if transport is None or self.state not in ("established", "releasing"):
             return
-        self.transport.writeSequence(list(dimse.message_pdus(message, context_id,
-                                                             self.send_max_pdu)))
+        transport.writeSequence(list(dimse.message_pdus(message, context_id,
+                                                        self.send_max_pdu)))
 
 
 # -- requestor (SCU side) -------------------------------------------------------------------
@@ -301,7 +305,9 @@ class AssociationRequestor(_AssociationBase):
         results = negotiate_as_requestor(
             self.requested, primitive.presentation_context_definition_results_list
         )
-        self.accepted = {cx.context_id: cx for cx in results if cx.result == 0}
+        # A negotiated context carries the id it was proposed with (never None here).
+        self.accepted = {cx.context_id: cx for cx in results
+                         if cx.result == 0 and cx.context_id is not None}
         self.rejected = [cx for cx in results if cx.result != 0]
         self.peer_max_pdu = primitive.maximum_length_received or 0
         self.decoder.max_length = self.max_pdu
@@ -410,7 +416,11 @@ class AssociationRequestor(_AssociationBase):
         if self.state == "closed":
             d.callback(None)
         else:
-            self.closed.addBoth(lambda r: (d.callback(None), r)[1])
+            def fire(result: object) -> object:
+                d.callback(None)
+                return result
+
+            self.closed.addBoth(fire)
         return d
 
     def _fail(self, error: AssociationError) -> None:
@@ -553,7 +563,9 @@ class AssociationAcceptor(_AssociationBase):
         results, role_items = negotiate_as_acceptor(
             primitive.presentation_context_definition_list, self.policy.contexts, roles
         )
-        self.accepted = {cx.context_id: cx for cx in results if cx.result == 0}
+        # A negotiated context carries the id it was proposed with (never None here).
+        self.accepted = {cx.context_id: cx for cx in results
+                         if cx.result == 0 and cx.context_id is not None}
         self.rejected = [cx for cx in results if cx.result != 0]
         self.peer_max_pdu = primitive.maximum_length_received or 0
         self._write_pdu(pdu.associate_ac(primitive, results, self.max_pdu, role_items))
@@ -716,7 +728,9 @@ class DicomServerFactory(ServerFactory):
         self.protocol_kw = protocol_kw
         self.live: set[AssociationAcceptor] = set()
 
-    def buildProtocol(self, addr) -> AssociationAcceptor:
+    # Twisted types Factory.buildProtocol's result as a protocol whose ``factory`` is always a
+    # Factory; ours is None until this method sets it (the base Protocol types it as Any).
+    def buildProtocol(self, addr: Any) -> AssociationAcceptor:  # type: ignore[override]
         p = AssociationAcceptor(self.clock, self.policy, **self.protocol_kw)
         p.factory = self
         return p

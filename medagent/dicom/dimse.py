@@ -10,7 +10,7 @@ C{max_message_bytes}), the ordering checks a stream needs, and the status words.
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Iterator
+from typing import Any, Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -180,7 +180,8 @@ def c_find_rsp(
     if identifier is not None:
         p.Identifier = BytesIO(identifier)
     if error_comment:
-        p.ErrorComment = error_comment[:64]
+        # pynetdicom's primitives set ``ErrorComment = None`` untyped: mypy takes it as None.
+        p.ErrorComment = error_comment[:64]  # type: ignore[assignment]
     return _message(msgs.C_FIND_RSP, p)
 
 
@@ -197,7 +198,8 @@ def n_create_rsp(
     if attributes:
         p.AttributeList = BytesIO(attributes)
     if error_comment:
-        p.ErrorComment = error_comment[:64]
+        # pynetdicom's primitives set ``ErrorComment = None`` untyped: mypy takes it as None.
+        p.ErrorComment = error_comment[:64]  # type: ignore[assignment]
     return _message(msgs.N_CREATE_RSP, p)
 
 
@@ -213,7 +215,8 @@ def n_set_rsp(
     if attributes:
         p.AttributeList = BytesIO(attributes)
     if error_comment:
-        p.ErrorComment = error_comment[:64]
+        # pynetdicom's primitives set ``ErrorComment = None`` untyped: mypy takes it as None.
+        p.ErrorComment = error_comment[:64]  # type: ignore[assignment]
     return _message(msgs.N_SET_RSP, p)
 
 
@@ -224,7 +227,8 @@ def generic_failure_rsp(request: msgs.DIMSEMessage, status: int) -> msgs.DIMSEMe
         return None
     rsp_cls = msgs._MESSAGE_TYPES[code | 0x8000][1]
     name = rsp_cls.__name__
-    primitive = msgs._MSG_TO_PRIMITVE[name[: name.rfind("_R")]]()
+    # The primitive class is looked up by message type: its attributes are known at run time.
+    primitive: Any = msgs._MSG_TO_PRIMITVE[name[: name.rfind("_R")]]()
     primitive.MessageIDBeingRespondedTo = request.command_set.MessageID
     cs = request.command_set
     sop_class = cs.get("AffectedSOPClassUID") or cs.get("RequestedSOPClassUID")
@@ -276,6 +280,8 @@ class MessageAssembler:
         for item in pdu.presentation_data_value_items:
             cid = item.presentation_context_id
             data = item.presentation_data_value
+            if cid is None or not data:  # pdu.decode_pdu already refuses both
+                raise DimseError("PDV without a context id or a value")
             if self._current is None:
                 if not data[0] & 1:
                     raise DimseError("data set fragment before its command set")
@@ -293,7 +299,8 @@ class MessageAssembler:
             if not data[0] & 1 and type(current) is msgs.DIMSEMessage:
                 raise DimseError("data set fragment before the last command fragment")
             primitive = P_DATA()
-            primitive.presentation_data_value_list = [[cid, data]]
+            # pynetdicom annotates the items as tuples but its setter accepts only lists.
+            primitive.presentation_data_value_list = [[cid, data]]  # type: ignore[list-item]
             try:
                 complete = current.decode_msg(primitive)
             except DimseError:

@@ -60,7 +60,7 @@ def set_sps_status(ds: Dataset, status: str) -> None:
         step.ScheduledProcedureStepStatus = status
 
 
-def _codings(concept: Mapping[str, Any] | None) -> list[dict]:
+def _codings(concept: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     if not isinstance(concept, Mapping):
         return []
     return [c for c in concept.get("coding") or [] if isinstance(c, Mapping)]
@@ -135,7 +135,7 @@ def _resolve(reference: str | None, resources: list[Mapping[str, Any]],
 
 def _collect(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     if body.get("resourceType") == "Bundle":
-        out = []
+        out: list[Mapping[str, Any]] = []
         for entry in body.get("entry") or []:
             res = entry.get("resource") if isinstance(entry, Mapping) else None
             if isinstance(res, Mapping):

@@ -99,6 +99,9 @@ class _ListeningService(service.Service):
 
     endpoint: str | None
     _factory: DicomServerFactory
+    _reactor: Any
+    kind: str
+    ae_title: str
 
     def __init__(self) -> None:
         self._port = None
@@ -328,7 +331,8 @@ class StorageChannel(_ListeningService):
         path = note[: -len(".pending")]
         ds = dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
-        ds.file_meta = None
+        # pydicom types file_meta as FileMetaDataset, but None is how one drops it.
+        ds.file_meta = None  # type: ignore[assignment]
         body = self._forward_body(
             ds, {"callingAeTitle": None, "calledAeTitle": self.ae_title}, path,
             os.path.getsize(path), str(meta.MediaStorageSOPInstanceUID),

@@ -73,6 +73,13 @@ def _delivery_error(error: Any, phase: str) -> DeliveryError:
                          transient=True, phase=phase)
 
 
+def _result_name(result: int | None) -> str:
+    """The A-ASSOCIATE-AC name of a presentation context result, for errors."""
+    if result is None:
+        return "None"
+    return pdu.CONTEXT_RESULTS.get(result, str(result))
+
+
 class _Peer:
     def __init__(self, destination: Destination, default_calling: str) -> None:
         if destination.port is None:
@@ -286,7 +293,7 @@ class DICOMSender:
                     raise _delivery_error(e, "association")
             cx = self._context(assoc, instance)
             if cx is None:
-                why = ", ".join(sorted({pdu.CONTEXT_RESULTS.get(c.result, str(c.result))
+                why = ", ".join(sorted({_result_name(c.result)
                                         for c in assoc.rejected})) or "not accepted"
                 self._park(peer, assoc)
                 if instance.not_convertible:

@@ -72,7 +72,8 @@ class WorklistChannel(_ListeningService):
         super().__init__()
         self._forward = forward
         self._reactor = reactor
-        self.name = name.lower()
+        # Twisted's Service says ``name = None``, which mypy takes as the type None.
+        self.name = name.lower()  # type: ignore[assignment]
         self.ae_title = ae_title.strip()
         self.endpoint = endpoint
         self.max_answers = max_answers
@@ -123,7 +124,11 @@ class WorklistChannel(_ListeningService):
     def stopService(self) -> Deferred:
         d = super().stopService()
         if self._own_db:
-            d.addBoth(lambda r: (self.db.stop(), r)[1])
+            def stop_db(result: object) -> object:
+                self.db.stop()
+                return result
+
+            d.addBoth(stop_db)
         return d
 
     # -- items (the WorklistSender's side) -------------------------------------------------

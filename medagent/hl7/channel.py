@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent._twisted import Clock
 from medagent.contenttypes import HL7_V2
 from medagent.delivery import DeliveryError, Reply
 from medagent.hl7 import acking
@@ -65,7 +65,7 @@ class MLLPChannel(Factory):
         encoding: str | None = None,
         app_level_ack: str = "AL",
         max_message_size: int = DEFAULT_MAX_SIZE,
-        clock: IReactorTime,
+        clock: Clock,
         forward_timeout: float = 60.0,
         idle_timeout: float | None = None,
         max_queued: int = 64,

@@ -15,13 +15,15 @@ from typing import Any, Callable
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from medagent._twisted import LostWaiters, peer_name
+from medagent._twisted import (
+    Clock, DelayedCall, LostWaiters, maybe_transport, peer_name, transport_of,
+)
 from medagent.delivery import DeliveryError
 from medagent.hl7 import message as hl7msg
 from medagent.hl7.message import HL7Error
@@ -55,7 +57,7 @@ class _PendingSend:
     control_id: str
     return_ack: str
     timeout: float
-    timer: IDelayedCall
+    timer: DelayedCall
     size: int
     started: float
 
@@ -72,7 +74,7 @@ class MLLPClientProtocol(LostWaiters, Protocol):
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         *,
         ack_timeout: float = 30.0,
         max_message_size: int = DEFAULT_MAX_SIZE,
@@ -194,7 +196,7 @@ class MLLPClientProtocol(LostWaiters, Protocol):
             size=len(payload),
             return_ack=return_ack,
         )
-        self.transport.write(data)
+        transport_of(self).write(data)
         return d
 
     def _cancelled(self, d: Deferred[bytes]) -> None:
@@ -338,13 +340,14 @@ class MLLPClientProtocol(LostWaiters, Protocol):
             pending.deferred.errback(Failure(error))
 
     def _abort(self) -> None:
-        if self.transport is None or self._lost:
+        transport = maybe_transport(self)
+        if transport is None or self._lost:
             return
-        abort = getattr(self.transport, "abortConnection", None)
+        abort = getattr(transport, "abortConnection", None)
         if abort is not None:
             abort()
         else:
-            self.transport.loseConnection()
+            transport.loseConnection()
 
     def close(self, reason: str = "connection closed by the agent") -> Deferred[None]:
         """Close the connection; fail an in-flight send with C{reason}.  Fires when closed."""
@@ -357,11 +360,11 @@ class MLLPClientProtocol(LostWaiters, Protocol):
                 DeliveryError(f"{reason} before ACK for control id {self._pending.control_id}",
                               phase="ack")
             )
-        elif self.transport is not None:
-            self.transport.loseConnection()
+        elif (transport := maybe_transport(self)) is not None:
+            transport.loseConnection()
         return d
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self.connected = False
         why = reason.getErrorMessage() if reason is not None else "closed"

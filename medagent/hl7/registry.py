@@ -31,7 +31,8 @@ def mllp_channel(reactor: Any, context: ChannelContext) -> tuple[Any, Any]:
         clock=reactor,
         name=context.name,
     )
-    return strports.service(context.endpoint, app, reactor=reactor), app
+    # MLLPChannel is a Factory, which provides IProtocolFactory via @implementer (unseen by mypy).
+    return strports.service(context.endpoint, app, reactor=reactor), app  # type: ignore[arg-type]
 
 
 SENDERS = {"mllp": mllp_sender, "mllps": mllp_sender}

@@ -23,10 +23,10 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent._twisted import ClientEndpoint, DelayedCall
 from medagent.contenttypes import HL7_V2
 from medagent.delivery import BEFORE_WRITE, DeliveryError, Reply
 from medagent.net import tcp_ping
@@ -128,14 +128,14 @@ class _Link:
     #: what the pooled connection was opened with (scheme, TLS settings): a message asking
     #: for another transport to the same device gets a new connection
     transport: tuple[Any, ...] | None = None
-    idle_timer: IDelayedCall | None = None
+    idle_timer: DelayedCall | None = None
     connecting: Deferred | None = None
     closes_after_ack: bool = False
     #: connections in a row that the device closed right after an ACK
     closed_after_ack_seen: int = 0
 
 
-EndpointFactory = Callable[[Destination, MLLPSettings], IStreamClientEndpoint]
+EndpointFactory = Callable[[Destination, MLLPSettings], ClientEndpoint]
 
 
 class MLLPSender:
@@ -185,7 +185,7 @@ class MLLPSender:
         self.max_message_size = max_message_size
         self._endpoint_factory = endpoint_factory or self._default_endpoint
         self._links: dict[str, _Link] = {}
-        self._sleeps: dict[Deferred[None], IDelayedCall] = {}
+        self._sleeps: dict[Deferred[None], DelayedCall] = {}
         self._closed = False
         self._pem_cache: dict[str, bytes] = {}
 
@@ -243,9 +243,9 @@ class MLLPSender:
         self._links.clear()
         if not waits:
             return succeed(None)
-        d = DeferredList(waits, consumeErrors=True)
-        d.addTimeout(5.0, self._reactor)
-        return d.addBoth(lambda _: None)
+        all_closed = DeferredList(waits, consumeErrors=True)
+        all_closed.addTimeout(5.0, self._reactor)
+        return all_closed.addBoth(lambda _: None)
 
     # -- one message
 
@@ -558,11 +558,12 @@ class MLLPSender:
 
     def _default_endpoint(
         self, destination: Destination, settings: MLLPSettings
-    ) -> IStreamClientEndpoint:
+    ) -> ClientEndpoint:
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
         endpoint = HostnameEndpoint(
-            self._reactor, destination.host, destination.port, timeout=settings.connect_timeout
+            self._reactor, destination.host, destination.require_port(),
+            timeout=settings.connect_timeout,
         )
         if destination.scheme != "mllps":
             return endpoint
@@ -589,7 +590,8 @@ class MLLPSender:
         options = optionsForClientTLS(
             destination.host, trustRoot=trust, clientCertificate=client_cert
         )
-        return wrapClientTLS(options, endpoint)
+        # HostnameEndpoint provides IStreamClientEndpoint via @implementer, which mypy cannot see.
+        return wrapClientTLS(options, endpoint)  # type: ignore[arg-type]
 
     def _pem(self, path: str) -> bytes:
         # Small local files, read once per path.

@@ -13,12 +13,11 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from medagent._twisted import LostWaiters, peer_name
+from medagent._twisted import Clock, DelayedCall, LostWaiters, peer_name, transport_of
 from medagent.hl7.mllp import DEFAULT_MAX_SIZE, FrameTooLarge, MLLPDecoder, frame
 from medagent.net import no_delay
 
@@ -43,7 +42,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
     def __init__(
         self,
         channel: "MLLPChannel",
-        clock: IReactorTime,
+        clock: Clock,
         *,
         max_message_size: int = DEFAULT_MAX_SIZE,
         max_queued: int = 64,
@@ -61,7 +60,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
         self._paused = False
         self._lost = False
         self._stop_reading = False
-        self._idle_call: IDelayedCall | None = None
+        self._idle_call: DelayedCall | None = None
         self._lost_waiters: list[Deferred[None]] = []
         self._close_when_idle = False
 
@@ -90,7 +89,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
             self._stop_reading = True
         if len(self._queue) >= self.max_queued and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            transport_of(self).pauseProducing()
         self._pump()
 
     def _pump(self) -> None:
@@ -102,7 +101,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
                 kind, item = self._queue.popleft()
                 if self._paused and len(self._queue) < self.max_queued // 2:
                     self._paused = False
-                    self.transport.resumeProducing()
+                    transport_of(self).resumeProducing()
                 if kind == "oversize":
                     self._respond(self.channel.oversize_nak(item.max_size))
                     log.warn(
@@ -113,7 +112,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
                         limit=item.max_size,
                     )
                     self._queue.clear()
-                    self.transport.loseConnection()
+                    transport_of(self).loseConnection()
                     return
                 self._busy = True
                 d = maybeDeferred(self.channel.handle, item, self.remote, self._respond)
@@ -133,7 +132,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
     def _handled(self, _: Any) -> None:
         self._busy = False
         if self._close_when_idle and not self._lost:
-            self.transport.loseConnection()
+            transport_of(self).loseConnection()
             return
         self._touch()
         self._pump()
@@ -146,7 +145,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
                 remote=self.remote,
             )
             return
-        self.transport.write(frame(payload))
+        transport_of(self).write(frame(payload))
 
     def _touch(self) -> None:
         if not self.idle_timeout or self._lost:
@@ -167,7 +166,7 @@ class MLLPServerProtocol(LostWaiters, Protocol):
             remote=self.remote,
             seconds=self.idle_timeout,
         )
-        self.transport.loseConnection()
+        transport_of(self).loseConnection()
 
     def close(self, grace: float = 10.0) -> Deferred[None]:
         """
@@ -181,18 +180,25 @@ class MLLPServerProtocol(LostWaiters, Protocol):
         self._stop_reading = True
         self._queue.clear()
         abort = self.clock.callLater(grace, self._abort)
-        d.addBoth(lambda r: (abort.cancel() if abort.active() else None, r)[1])
+
+        def cancel_abort(result: object) -> object:
+            if abort.active():
+                abort.cancel()
+            return result
+
+        d.addBoth(cancel_abort)
         if self._busy:
             self._close_when_idle = True
         else:
-            self.transport.loseConnection()
+            transport_of(self).loseConnection()
         return d
 
     def _abort(self) -> None:
         if not self._lost:
-            getattr(self.transport, "abortConnection", self.transport.loseConnection)()
+            transport = transport_of(self)
+            getattr(transport, "abortConnection", transport.loseConnection)()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self.connected = False
         self.channel.connections.discard(self)

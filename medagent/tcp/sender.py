@@ -18,11 +18,11 @@ from typing import Any, Callable, Mapping
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from medagent._twisted import Clock, ClientEndpoint, DelayedCall, maybe_transport, transport_of
 from medagent.contenttypes import OCTET_STREAM, TEXT
 from medagent.delivery import BEFORE_WRITE, DeliveryError, Reply
 from medagent.destination import Destination, DestinationError
@@ -39,11 +39,11 @@ from medagent.tcp.framing import (
 log = Logger()
 
 #: (reactor, host, port, connect timeout) → the endpoint to connect with (tests swap it)
-EndpointFactory = Callable[[Any, str, int, float], IStreamClientEndpoint]
+EndpointFactory = Callable[[Any, str, int, float], ClientEndpoint]
 
 
 def _hostname_endpoint(reactor: Any, host: str, port: int,
-                       timeout: float) -> IStreamClientEndpoint:
+                       timeout: float) -> ClientEndpoint:
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
@@ -80,13 +80,13 @@ class FramedClientProtocol(Protocol):
     ``protocol``: an oversize answer).  Its timer runs on C{clock}.
     """
 
-    def __init__(self, clock: IReactorTime, start: int, end: int,
+    def __init__(self, clock: Clock, start: int, end: int,
                  max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.clock = clock
         self.start, self.end = start, end
         self.decoder = FrameDecoder(start, end, max_size)
         self._waiting: Deferred[bytes] | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
         self.gone = False
 
     def connectionMade(self) -> None:
@@ -101,7 +101,7 @@ class FramedClientProtocol(Protocol):
         d: Deferred[bytes] = Deferred()
         self._waiting = d
         self._timer = self.clock.callLater(timeout, self._timed_out, timeout)
-        self.transport.write(frame(payload, self.start, self.end))
+        transport_of(self).write(frame(payload, self.start, self.end))
         return d
 
     def dataReceived(self, data: bytes) -> None:
@@ -113,12 +113,12 @@ class FramedClientProtocol(Protocol):
                 self._finish(DeliveryError(
                     f"Answer larger than {e.max_size} bytes", transient=False,
                     phase="protocol"))
-                self.transport.abortConnection()
+                transport_of(self).abortConnection()
                 return
         if frames and self._waiting is not None:
             self._finish(frames[0])
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.gone = True
         self._finish(DeliveryError("Peer closed the connection before answering",
                                    phase="ack"))
@@ -127,7 +127,7 @@ class FramedClientProtocol(Protocol):
         self._timer = None
         self._finish(DeliveryError(f"No answer within {timeout:g} s (timeout)", phase="ack",
                                    timed_out=True))
-        self.transport.abortConnection()
+        transport_of(self).abortConnection()
 
     def _finish(self, outcome: bytes | DeliveryError) -> None:
         d, self._waiting = self._waiting, None
@@ -167,6 +167,7 @@ class TCPSender:
         try:
             settings = TCPSettings.from_destination(destination, self.connect_timeout,
                                                     self.ack_timeout)
+            port = destination.require_port()
         except DestinationError as e:
             return fail(DeliveryError(str(e), transient=False, phase="destination"))
         binary = content_type == OCTET_STREAM
@@ -186,7 +187,7 @@ class TCPSender:
         before_write = options.get(BEFORE_WRITE)
         proto = FramedClientProtocol(self._reactor, settings.start, settings.end,
                                      self.max_message_size)
-        endpoint = self._endpoint(self._reactor, destination.host, destination.port,
+        endpoint = self._endpoint(self._reactor, destination.host, port,
                                   settings.connect_timeout)
         connected = connectProtocol(endpoint, proto)
 
@@ -211,8 +212,9 @@ class TCPSender:
 
         def done(result: Any) -> Any:
             self._open.discard(proto)
-            if proto.transport is not None and not proto.gone:
-                proto.transport.loseConnection()
+            transport = maybe_transport(proto)
+            if transport is not None and not proto.gone:
+                transport.loseConnection()
             return result
 
         d = connected.addCallbacks(write, connect_failed)
@@ -223,7 +225,8 @@ class TCPSender:
 
     def close(self) -> Deferred[None]:
         for proto in list(self._open):
-            if proto.transport is not None:
-                proto.transport.abortConnection()
+            transport = maybe_transport(proto)
+            if transport is not None:
+                transport.abortConnection()
         self._open.clear()
         return succeed(None)
