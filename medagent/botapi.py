@@ -11,8 +11,8 @@ aliases (``createResource``), so a bot ported from TypeScript reads the same.
 Inside the relay's bot sandbox there is no network: the client reaches the relay through the
 Unix socket the relay binds into the sandbox (C{unix_socket}); C{base_url} is then only the
 name in the URLs.  Every call is bounded by the bot's remaining run time.
-``push_to_agent`` carries an idempotency key (MSH-10 for HL7 v2, a key per call otherwise) and retries a lost connection
-with it, so a retried push never reaches the device twice.
+``push_to_agent`` carries an idempotency key (MSH-10 for HL7 v2, a key per call otherwise) and
+retries a lost connection with it, so a retried push never reaches the device twice.
 """
 
 from __future__ import annotations

@@ -17,10 +17,27 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 from medagent.contenttypes import HL7_V2
 from medagent.relay.service import DEFAULT_DATA
+
+
+class ReactorLoop(Protocol):
+    """The part of the global reactor a command's composition root drives.
+
+    ``twisted.internet.reactor`` is typed as zope interfaces, which mypy cannot call through
+    without the mypy-zope plugin; the commands cast it to this structural type instead.
+    """
+
+    running: bool
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def callWhenRunning(self, f: Callable[..., object], *args: object,
+                        **kwargs: object) -> object: ...
 
 
 def _authority(data_dir: str):
@@ -104,10 +121,12 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
 
     from urllib.parse import quote
 
-    from twisted.internet import reactor  # composition root of this command
+    from twisted.internet import reactor as _reactor  # composition root of this command
     from twisted.internet.defer import ensureDeferred
 
     from medagent.client import MedagentClient, RelayError
+
+    reactor = cast(ReactorLoop, _reactor)
 
     result: dict[str, Any] = {"rc": 0}
 
@@ -126,16 +145,21 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
         finally:
             await client.close()
 
-    reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(lambda _: reactor.stop()))
+    def stop(_: object) -> None:
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(stop))
     reactor.run()
     return result["rc"]
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor  # composition root of this command
+    from twisted.internet import reactor as _reactor  # composition root of this command
     from twisted.internet.defer import ensureDeferred
 
     from medagent.client import MedagentClient, RelayError
+
+    reactor = cast(ReactorLoop, _reactor)
 
     if args.file:
         with open(args.file, encoding="utf-8") as f:
@@ -171,7 +195,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         finally:
             await client.close()
 
-    def stop(_: Any) -> None:
+    def stop(_: object) -> None:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(stop))

@@ -145,11 +145,12 @@ class MedagentClient:
             hdrs["Content-Type"] = FHIR_JSON
             data = json.dumps(json_body).encode("utf-8")
         hdrs.update(headers or {})
+        wire_headers: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in hdrs.items()}
         response = await treq.request(
             method,
             url,
             data=data,
-            headers={k: [v] for k, v in hdrs.items()},
+            headers=wire_headers,
             pool=self.pool,
             reactor=self.reactor,
             timeout=timeout or self.timeout,

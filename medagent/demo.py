@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
@@ -140,7 +140,12 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
                     data_dir=os.path.join(data_dir, "agent")),
     )
     live: Deferred[None] = Deferred()
-    agent_service.app.on_live.append(lambda: live.called or live.callback(None))
+
+    def went_live() -> None:
+        if not live.called:
+            live.callback(None)
+
+    agent_service.app.on_live.append(went_live)
     agent_service.startService()
     stack.append(agent_service.stopService)
     await live
@@ -202,14 +207,18 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
         return
 
     token = await client.access_token()
+    example = {"destination": "Device/" + device["id"], "contentType": HL7_V2,
+               "waitForResponse": True, "body": SAMPLE_ORDER.format(ctrl="DEMO0002")}
+    admin_creds = {"clientId": admin["clientId"], "clientSecret": admin["clientSecret"]}
     print(
         "\nThe demo keeps running. Push another order with curl (token valid 1 hour):\n\n"
         f"  curl -s -X POST '{base}/fhir/R4/Agent/{agent['id']}/$push' \\\n"
         f"    -H 'Authorization: Bearer {token}' \\\n"
         "    -H 'Content-Type: application/fhir+json' \\\n"
-        f"    -d '{json.dumps({'destination': 'Device/' + device['id'], 'contentType': HL7_V2, 'waitForResponse': True, 'body': SAMPLE_ORDER.format(ctrl='DEMO0002')})}'\n\n"
-        f"  Status of a push:  curl -s -H 'Authorization: Bearer ...' {base}/fhir/R4/AgentPush/{push_id}\n"
-        f"  Admin credentials: {json.dumps({'clientId': admin['clientId'], 'clientSecret': admin['clientSecret']})}\n"
+        f"    -d '{json.dumps(example)}'\n\n"
+        "  Status of a push:  curl -s -H 'Authorization: Bearer ...' "
+        f"{base}/fhir/R4/AgentPush/{push_id}\n"
+        f"  Admin credentials: {json.dumps(admin_creds)}\n"
         "  Stop with Ctrl-C.",
         flush=True,
     )
@@ -238,13 +247,19 @@ async def _main(reactor: Any, args: argparse.Namespace, data_dir: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor  # composition root of the demo
+    from twisted.internet import reactor as _reactor  # composition root of the demo
     from twisted.logger import globalLogBeginner, LogLevel, FilteringLogObserver, \
-        LogLevelFilterPredicate, textFileLogObserver
+        ILogFilterPredicate, ILogObserver, LogLevelFilterPredicate, textFileLogObserver
 
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    from medagent.cli import ReactorLoop
+
+    reactor = cast(ReactorLoop, _reactor)
+    # The casts below only restate @implementer declarations, which mypy does not read
+    # without the mypy-zope plugin.
+    predicate = cast(ILogFilterPredicate, LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn))
+    observer = cast(ILogObserver, textFileLogObserver(sys.stderr))
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+        [cast(ILogObserver, FilteringLogObserver(observer, [predicate]))],
         redirectStandardIO=False,
     )
     data_dir = args.data or tempfile.mkdtemp(prefix="medagent-demo-")

@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, cast
 
 import attr
 from twisted.internet import error as ierror
@@ -191,6 +191,17 @@ def _failure_reply(outcome: str, error: str, logs: str = "") -> dict[str, Any]:
     return {"type": "result", "ok": False, "outcome": outcome, "error": error, "logs": logs}
 
 
+class _ProcessTransport(Protocol):
+    """What the pool uses of a worker's C{IProcessTransport} (zope interfaces are not
+    callable types to mypy without the mypy-zope plugin)."""
+
+    pid: int | None
+
+    def write(self, data: bytes) -> None: ...
+
+    def signalProcess(self, signalID: str | int) -> None: ...  # noqa: N802,N803 (Twisted)
+
+
 class _Worker(ProcessProtocol):
     """The parent's end of one worker process."""
 
@@ -212,8 +223,14 @@ class _Worker(ProcessProtocol):
         self.exit: str = ""
         self.startup_timer: Any = None
 
+    def _process(self) -> _ProcessTransport:
+        """The worker's process transport; spawnProcess sets it before any callback."""
+        if self.transport is None:
+            raise RuntimeError("the bot worker process is not running")
+        return cast(_ProcessTransport, self.transport)
+
     def connectionMade(self) -> None:  # noqa: N802 (Twisted name)
-        self.pid = self.transport.pid
+        self.pid = self._process().pid
 
     def outReceived(self, data: bytes) -> None:  # noqa: N802
         self.buffer += data
@@ -257,7 +274,7 @@ class _Worker(ProcessProtocol):
             except OSError:
                 pass
         try:
-            self.transport.signalProcess("KILL")
+            self._process().signalProcess("KILL")
         except (ierror.ProcessExitedAlready, OSError):
             pass
 
@@ -351,8 +368,8 @@ class WorkerPool:
         ids = None
         if os.geteuid() == 0:
             ids, problem = resolve_bot_ids(self.bot_user)
-            if problem is not None:
-                return {}, problem
+            if problem is not None or ids is None:
+                return {}, problem or "no bot uid"
             for path in self.hide:
                 if _enterable_by(path, *ids):
                     return {}, (f"the bot uid could open {path}; it must be mode 0700, owned "
@@ -480,7 +497,7 @@ class WorkerPool:
             worker.job = job
             worker.runs += 1
             job.seq = worker.runs
-            worker.transport.write(job.line)
+            worker._process().write(job.line)
             # The run's supervisor enforces the limit itself (and keeps the worker); this
             # is the backstop should it not answer.
             job.run_timer = self.reactor.callLater(job.time_limit + BACKSTOP_GRACE,
@@ -1033,7 +1050,8 @@ class BotRunner:
             except FHIRError:
                 raise not_found(f"Bot/{bot_id} not found")
         else:
-            identifier = (query.get("identifier") or [None])[-1]
+            identifiers = query.get("identifier") or []
+            identifier = identifiers[-1] if identifiers else None
             if not identifier:
                 raise bad_request("Bot/$execute needs a Bot id or ?identifier=")
             bot = await search_one(self.store, "Bot", {"identifier": [identifier]})

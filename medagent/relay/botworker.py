@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from medagent.contenttypes import HL7_TYPES
 
@@ -140,7 +140,7 @@ def serialize(value: Any) -> tuple[str, str | None]:
 
 def _bot_traceback(exc: BaseException, filename: str) -> str:
     """The traceback from the bot's own frames on (our wrapper frames left out)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames: Sequence[traceback.FrameSummary] = traceback.extract_tb(exc.__traceback__)
     for i, frame in enumerate(frames):
         if frame.filename == filename:
             frames = frames[i:]
@@ -282,7 +282,9 @@ def _unshare(flags: int) -> None:
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
-    enc = (lambda v: None if v is None else v.encode())
+    def enc(v: str | None) -> bytes | None:
+        return None if v is None else v.encode()
+
     _check(_libc().mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
            f"mount {target}")
 
@@ -487,6 +489,8 @@ def _bot_process(config: Mapping[str, Any], request: Mapping[str, Any], reply_fd
         except OSError:
             pass
         if uid is not None:
+            if gid is None:
+                raise SandboxError("a bot uid needs a gid")
             os.setgroups([])
             os.setresgid(int(gid), int(gid), int(gid))
             os.setresuid(int(uid), int(uid), int(uid))

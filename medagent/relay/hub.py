@@ -46,6 +46,13 @@ def _safe(key: str) -> str:
     return key.split("?", 1)[0]
 
 
+def _stored_seq(push: Push) -> int:
+    """The journal position of a push read from the journal (it assigns one on insert)."""
+    if push.seq is None:
+        raise ValueError(f"push {push.id} read from the journal has no seq")
+    return push.seq
+
+
 @attr.s(auto_attribs=True, eq=False)
 class _Lane:
     """One device of one agent, as the relay sees it: what is on the agent, what waits."""
@@ -207,7 +214,7 @@ class Hub:
         self._requests: dict[str, Deferred[dict[str, Any]]] = {}
         #: pushes someone waits on, so a late answer updates the copy the waiter holds
         self._pending_pushes: dict[str, Push] = {}
-        authority.revocation_listeners.append(self.close_client)
+        authority.revocation_listeners.append(self._client_revoked)
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -469,6 +476,10 @@ class Hub:
         session.conn.close(problem)
         self.connection_lost(session, problem)
 
+    def _client_revoked(self, client_id: str) -> None:
+        """The authority's revocation listener (which returns nothing): L{close_client}."""
+        self.close_client(client_id)
+
     def close_client(self, client_id: str) -> int:
         """A client was revoked: close every agent session it authenticated; how many."""
         ended = [s for s in list(self.sessions.values())
@@ -715,7 +726,7 @@ class Hub:
             lane.loading = False
             if session.closed:
                 return
-            next_seq: int | None = None if len(pushes) < limit else pushes[-1].seq + 1
+            next_seq: int | None = None if len(pushes) < limit else _stored_seq(pushes[-1]) + 1
             for push in pushes:
                 live = self.live_push(push)
                 if live.final or live.id in session.in_flight:
@@ -1074,7 +1085,12 @@ class Hub:
                 return live
             d = self._finish(live, j.CANCELLED, error=f"Cancelled by {by} (dropped by the agent "
                              "before delivery)")
-            d.addCallback(lambda done: (self._confirm(session, push.id), done)[1])
+
+            def confirm(done: Push) -> Push:
+                self._confirm(session, push.id)
+                return done
+
+            d.addCallback(confirm)
             self._refill(session, lane)
             return d
         if status == 404 and not session.closed and push.id not in session.in_flight \

@@ -10,7 +10,6 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
@@ -47,12 +46,17 @@ class ConnectionLimits(WrappingFactory):
         self.by_peer: dict[str, int] = {}
         self.refused = 0
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    # Twisted annotates WrappingFactory.buildProtocol as never returning None, but
+    # IProtocolFactory.buildProtocol may return None to refuse a connection, which is our job.
+    def buildProtocol(  # type: ignore[override]
+            self, addr: IAddress | None) -> ProtocolWrapper | None:
         host = peer_host(addr)
         if len(self.protocols) >= self.max_connections:
-            return self._refuse(host, "connections in all", len(self.protocols))
+            self._refuse(host, "connections in all", len(self.protocols))
+            return None
         if self.by_peer.get(host, 0) >= self.max_per_peer:
-            return self._refuse(host, "connections from this address", self.by_peer[host])
+            self._refuse(host, "connections from this address", self.by_peer[host])
+            return None
         protocol = super().buildProtocol(addr)
         if protocol is not None:
             protocol._medagent_host = host  # type: ignore[attr-defined]
@@ -65,7 +69,6 @@ class ConnectionLimits(WrappingFactory):
             log.warn("Refusing a connection from {host}: {n} {what} already "
                      "({refused} refused so far)", host=host, n=n, what=what,
                      refused=self.refused)
-        return None
 
     def unregisterProtocol(self, protocol: ProtocolWrapper) -> None:
         super().unregisterProtocol(protocol)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Protocol, cast
 from urllib.parse import parse_qs, unquote, urlencode
 
 import attr
 from twisted.internet.defer import CancelledError, ensureDeferred, gatherResults
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from medagent import wire
@@ -86,6 +89,13 @@ def stamp_author(resource: dict[str, Any], principal: Principal) -> None:
 PRE_AUTH_MAX_BODY = 64 * 1024
 
 
+def _read_body(request: Request, size: int = -1) -> bytes:
+    """A request's body (up to C{size} bytes); Twisted sets C{content} before processing,
+    so a request without one has an empty body."""
+    content = request.content
+    return b"" if content is None else content.read(size)
+
+
 class LimitedRequest(Request):
     """
     A request that stops buffering a body larger than its limit (answered 413): the site's
@@ -98,7 +108,8 @@ class LimitedRequest(Request):
 
     def _limit(self) -> int:
         if self.body_limit is None:
-            site = self.channel.site
+            # Site.buildProtocol sets channel.site; Twisted does not declare the attribute
+            site = self.channel.site  # type: ignore[attr-defined]
             limit = getattr(site, "max_body", DEFAULT_MAX_BODY)
             check = getattr(site, "authenticate", None)
             if check is not None and limit > PRE_AUTH_MAX_BODY:
@@ -120,10 +131,11 @@ class LimitedRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
-        if self.content.tell() + len(data) > self._limit():
+        content = self.content  # set by gotLength, before any chunk
+        if content is not None and content.tell() + len(data) > self._limit():
             self.too_large = True
-            self.content.seek(0)
-            self.content.truncate()
+            content.seek(0)
+            content.truncate()
             return
         super().handleContentChunk(data)
 
@@ -135,6 +147,17 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 
 
+class _Transport(Protocol):
+    """What the channel uses of its C{ITransport} (zope interfaces are not callable types to
+    mypy without the mypy-zope plugin)."""
+
+    def getPeer(self) -> object: ...  # noqa: N802 (Twisted name)
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...  # noqa: N802
+
+
 class DeadlineChannel(HTTPChannel):
     """
     An HTTP channel with a total deadline per request: the idle timeout alone is reset by
@@ -144,6 +167,8 @@ class DeadlineChannel(HTTPChannel):
     """
 
     _deadline: Any = None
+    #: set by Site.buildProtocol (Twisted does not declare it on HTTPChannel)
+    site: Site
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -169,7 +194,7 @@ class DeadlineChannel(HTTPChannel):
         # keep-alive: the next request's clock starts with its first byte (dataReceived);
         # a connection idle between requests is closed by the site's idle timeout
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
 
@@ -177,17 +202,20 @@ class DeadlineChannel(HTTPChannel):
         self._deadline = None
         if self.transport is None or self._handlingRequest:
             return
+        transport = cast(_Transport, self.transport)
         log.info("Closing HTTP connection from {peer}: request not complete within "
-                 "{timeout}s", peer=str(self.transport.getPeer()),
+                 "{timeout}s", peer=str(transport.getPeer()),
                  timeout=getattr(self.site, "request_timeout", DEFAULT_REQUEST_TIMEOUT))
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
-                             b"Content-Length: 0\r\n\r\n")
-        self.transport.loseConnection()
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                        b"Content-Length: 0\r\n\r\n")
+        transport.loseConnection()
 
 
 class RelaySite(Site):
     requestFactory = LimitedRequest
-    protocol = DeadlineChannel
+    # Twisted types HTTPFactory.protocol as its HTTP/1-or-2 wrapper factory; a plain
+    # HTTPChannel subclass is what buildProtocol has always accepted
+    protocol = DeadlineChannel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -201,7 +229,7 @@ class RelaySite(Site):
         #: checks an Authorization header (raises if invalid); None: no pre-auth body limit
         self.authenticate = authenticate
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         # Access log without query strings (they may carry identifiers); debug level.
         log.debug(
             "{method} {path} {code}",
@@ -261,7 +289,7 @@ class Api(Resource):
 
         def write(response: Response) -> None:
             finished[0] = True
-            if request._disconnected:  # type: ignore[attr-defined]
+            if request._disconnected:
                 return
             request.setResponseCode(response.status)
             request.setHeader(b"Content-Type", response.content_type.encode())
@@ -280,7 +308,8 @@ class Api(Resource):
         try:
             if getattr(request, "too_large", False):
                 limit = getattr(request, "body_limit", None) or DEFAULT_MAX_BODY
-                if limit < getattr(request.channel.site, "max_body", limit):
+                site = request.channel.site  # type: ignore[attr-defined]  # see LimitedRequest
+                if limit < getattr(site, "max_body", limit):
                     # refused for want of a valid token: say so (401), so a client refreshes
                     # its token and sends again, as it would have after reading the body
                     self._principal(request)
@@ -316,7 +345,7 @@ class Api(Resource):
                 f"{ctype or 'missing'}",
                 "invalid",
             )
-        raw = request.content.read()
+        raw = _read_body(request)
         try:
             return json_loads(raw)
         except JSONInputError as e:
@@ -335,12 +364,13 @@ class Api(Resource):
     # -- routing -------------------------------------------------------------------------
 
     async def _route(self, request: Request) -> Response:
-        segments = [s for s in request.prepath + request.postpath if s]
-        segments = [unquote(s.decode("utf-8", "replace")) for s in segments]
+        raw_segments = [s for s in (request.prepath or []) + (request.postpath or []) if s]
+        segments = [unquote(s.decode("utf-8", "replace")) for s in raw_segments]
         method = request.method.decode("ascii")
+        args: dict[bytes, list[bytes]] = request.args or {}
         query = {
             k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
-            for k, vs in request.args.items()
+            for k, vs in args.items()
         }
         if segments == ["healthz"]:
             return json_response({"status": "ok", "agentsConnected": len(self.hub.sessions)})
@@ -379,7 +409,7 @@ class Api(Resource):
         import base64
 
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").lower()
-        raw = request.content.read(MAX_TOKEN_BODY + 1)
+        raw = _read_body(request, MAX_TOKEN_BODY + 1)
         if len(raw) > MAX_TOKEN_BODY:
             raise FHIRError(413, f"Token request too large (limit {MAX_TOKEN_BODY} bytes)",
                             "too-costly")
@@ -575,7 +605,8 @@ class Api(Resource):
         agent_id = rest[1] if len(rest) == 3 else None
         if len(rest) not in (2, 3):
             raise not_found("No such Agent operation path")
-        identifier = (query.get("identifier") or [None])[-1]
+        identifiers = query.get("identifier") or []
+        identifier = identifiers[-1] if identifiers else None
         if op == "$push":
             if method != "POST":
                 raise FHIRError(405, "$push needs POST", "not-supported")
@@ -655,7 +686,7 @@ class Api(Resource):
             self._raise_agent_error(answer)
             logs = answer.get("logs") or []
             return {"resourceType": "Parameters", "parameter": [
-                {"name": "logs", "valueString": "\n".join(json.dumps(l) for l in logs)}]}
+                {"name": "logs", "valueString": "\n".join(json.dumps(line) for line in logs)}]}
         # $stats: the relay's own counts always; the agent's part when it gives one (Medplum's
         # agent before 2026 has no agent:stats and never answers it).
         relay_side = await self.journal.counts(agent_id)
@@ -729,7 +760,8 @@ class Api(Resource):
                 diagnostics=location,
             )
             return json_response(outcome, 502, **headers)
-        if push.reply_status is not None and push.reply_status < 400 and push.reply_body is not None:
+        if (push.reply_status is not None and push.reply_status < 400
+                and push.reply_body is not None):
             return Response(push.reply_status, push.reply_body.encode("utf-8"),
                             push.reply_content_type or "text/plain", headers)
         status = push.reply_status if push.reply_status and push.reply_status >= 400 else 502
@@ -843,10 +875,13 @@ class Root(Resource):
         super().__init__()
         self.api = api
         ws = Resource()
-        ws.putChild(b"agent", websocket)
-        self.putChild(b"ws", ws)
+        # Resource is @implementer(IResource), which mypy cannot see without mypy-zope
+        ws.putChild(b"agent", cast(IResource, websocket))
+        self.putChild(b"ws", cast(IResource, ws))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        request.postpath.insert(0, path)
-        request.prepath.pop()
+        # Site.getResourceFor sets both paths before traversal
+        if request.postpath is not None and request.prepath is not None:
+            request.postpath.insert(0, path)
+            request.prepath.pop()
         return self.api

@@ -184,9 +184,9 @@ class _GuardedEndpoint:
         receiver = _Collect()
         self.reactor.nameResolver.resolveHostName(receiver, host, port)
         resolved: Sequence[Any] = yield receiver.done
-        addresses = [_literal(a.host) for a in resolved
-                     if isinstance(a, (IPv4Address, IPv6Address))]
-        addresses = [a for a in addresses if a is not None]
+        literals = [_literal(a.host) for a in resolved
+                    if isinstance(a, (IPv4Address, IPv6Address))]
+        addresses = [a for a in literals if a is not None]
         if not addresses:
             raise DNSLookupError(f"rest-hook host {host!r} did not resolve")
         if not allowed:

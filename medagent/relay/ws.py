@@ -39,6 +39,19 @@ def _host(transport: Any) -> str:
         return "?"
 
 
+class AgentSocketFactory(WebSocketServerFactory):
+    """The factory of L{AgentSocket}s: the hub they talk to and the pending-socket counts
+    the sockets share (set up by L{websocket_resource})."""
+
+    hub: Hub
+    max_pending: int
+    max_pending_per_peer: int
+    pending_total: int
+    pending: dict[str, int]
+    refused: int
+    authenticated_limit: int
+
+
 class AgentSocket(WebSocketServerProtocol):
     """
     autobahn sets C{self.peer} (``tcp:host:port``), which the hub logs.  Until the hub says
@@ -114,7 +127,7 @@ def websocket_resource(reactor: Any, hub: Hub, *, max_pending: int = DEFAULT_MAX
     closes the socket with 1009 before its payload is buffered), and at most C{max_pending}
     sockets (C{max_pending_per_peer} from one address) may be waiting to authenticate.
     """
-    factory = WebSocketServerFactory(reactor=reactor)
+    factory = AgentSocketFactory(reactor=reactor)
     factory.protocol = AgentSocket
     factory.hub = hub
     factory.max_pending = max_pending
