@@ -24,7 +24,9 @@ def _device_ext(device: dict[str, Any]) -> dict[str, Any]:
     return {"url": EXT_DEVICE, "valueReference": {"reference": f"Device/{device['id']}"}}
 
 
-class Scopes(TestCase):
+class _ScopedRelay(TestCase):
+    """An in-process relay with two sites, their devices, and a client of every role."""
+
     timeout = 60
 
     def setUp(self) -> Deferred:
@@ -99,6 +101,8 @@ class Scopes(TestCase):
         self.assertEqual(outcome["issue"][0]["details"]["text"],
                          f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]} not found")
 
+
+class Scopes(_ScopedRelay):
     def test_pusher_reads_no_clinical_resources(self) -> Deferred:
         async def go() -> None:
             for path in ("/fhir/R4/Patient", f"/fhir/R4/Patient/{self.patient['id']}",
@@ -214,7 +218,7 @@ class Scopes(TestCase):
         return ensureDeferred(go())
 
 
-class PushDestinations(Scopes):
+class PushDestinations(_ScopedRelay):
     """A pusher aiming its agent at hosts that are not the Agent's Devices (a port scan)."""
 
     def push(self, token: str, destination: str, content_type: str = "x-application/ping",
@@ -250,5 +254,39 @@ class PushDestinations(Scopes):
             # admins may use any destination (the agent's allowlist still applies)
             code, outcome = await self.push(self.admin, "mllp://127.0.0.1:22")
             self.assertEqual(code, 202, outcome)
+
+        return ensureDeferred(go())
+
+
+    def test_pusher_sees_only_its_own_pushes(self) -> Deferred:
+        async def go() -> None:
+            a = self.agent_a["id"]
+            code, mine = await self.push(self.pusher, f"Device/{self.dev_a['id']}")
+            self.assertEqual(code, 202, mine)
+            code, theirs = await self.push(self.star, f"Device/{self.dev_a2['id']}")
+            self.assertEqual(code, 202, theirs)
+            code, listed = await self.call(self.pusher, "GET", f"/fhir/R4/AgentPush?agent={a}")
+            self.assertEqual(code, 200, listed)
+            own = [e["resource"]["id"] for e in listed.get("entry", [])]
+            self.assertEqual(listed["total"], 1)
+            # the caller cannot widen the filter to another client's pushes
+            code, widened = await self.call(
+                self.pusher, "GET", f"/fhir/R4/AgentPush?agent={a}&requester=anyone")
+            self.assertEqual([e["resource"]["id"] for e in widened.get("entry", [])], own)
+            code, everything = await self.call(self.admin, "GET",
+                                               f"/fhir/R4/AgentPush?agent={a}")
+            self.assertEqual(everything["total"], 2)
+            other = [e["resource"]["id"] for e in everything["entry"] if e["resource"]["id"]
+                     not in own][0]
+            code, outcome = await self.call(self.pusher, "GET", f"/fhir/R4/AgentPush/{other}")
+            self.assertEqual(code, 404, outcome)  # like a missing push: nothing leaks
+            code, missing = await self.call(self.pusher, "GET", "/fhir/R4/AgentPush/nope")
+            self.assertEqual(code, 404)
+            for action in ("$cancel", "$retry"):
+                code, outcome = await self.call(self.pusher, "POST",
+                                                f"/fhir/R4/AgentPush/{other}/{action}")
+                self.assertEqual(code, 404, outcome)
+            code, doc = await self.call(self.pusher, "GET", f"/fhir/R4/AgentPush/{own[0]}")
+            self.assertEqual(code, 200, doc)
 
         return ensureDeferred(go())

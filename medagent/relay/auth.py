@@ -122,9 +122,10 @@ class Principal:
         return self.role == PUSHER and bool(agent_id) and self.can_push(str(agent_id))
 
     def may_read_push(self, agent_id: str, requester: str | None) -> bool:
-        if self.role == BOT:
-            return requester == self.client_id and self.can_push(agent_id)
-        return self.can_push(agent_id)
+        """Admins read every push; pushers and Bots only their own, of agents in scope."""
+        if self.role == ADMIN:
+            return True
+        return requester == self.client_id and self.can_push(agent_id)
 
     def require_admin(self) -> None:
         if not self.is_admin:

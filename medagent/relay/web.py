@@ -810,12 +810,15 @@ class Api(Resource):
         if len(rest) == 1 and method == "GET":
             params = {k: v[-1] for k, v in query.items()}
             agent = params.get("agent", "").removeprefix("Agent/")
+            params.pop("requester", None)  # not a filter callers choose
             if agent:
                 params["agent"] = agent
                 if not principal.may_list_pushes(agent):
                     raise forbidden(f"This client may not read pushes of Agent/{agent}")
             else:
                 principal.require_admin()
+            if not principal.is_admin:
+                params["requester"] = principal.client_id  # a pusher lists its own pushes
             if params.get("state") and params["state"] not in j.STATES:
                 raise bad_request(f"state must be one of {', '.join(j.STATES)}")
             count = _int_param(params, "_count", DEFAULT_PAGE, 0, MAX_PAGE)
@@ -826,7 +829,8 @@ class Api(Resource):
         if len(rest) >= 2:
             push = await self.journal.get(rest[1])
             if not principal.may_read_push(push.agent_id, push.requester):
-                raise forbidden("This client may not read this push")
+                # another client's push looks exactly like a missing one
+                raise not_found(f"No push {push.id}")
             if len(rest) == 2 and method == "GET":
                 return json_response(_push_doc(self.hub.live_push(push)))
             if len(rest) == 3 and method == "POST" and rest[2] == "$retry":

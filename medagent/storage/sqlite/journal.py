@@ -108,7 +108,8 @@ def _row_to_push(row: Any) -> Push:
 
 
 #: Filters of the push list: query parameter → column.
-_FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"))
+_FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
+            ("requester", "requester"))
 
 
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
