@@ -33,7 +33,7 @@ import treq  # noqa: E402
 from twisted.internet import defer, reactor  # noqa: E402
 from twisted.web.client import HTTPConnectionPool  # noqa: E402
 
-from medagent.contenttypes import HL7_V2
+from medagent.contenttypes import HL7_V2  # noqa: E402
 from medagent.destination import parse_destination  # noqa: E402
 from medagent.hl7.sender import MLLPSender  # noqa: E402
 from tests.procs import TWISTD, Proc, free_port  # noqa: E402

@@ -210,7 +210,7 @@ class RecordTests(SynchronousTestCase):
                "O|1|SID0001||^^^GLU\\^^^CREA|R|20240115100000|20240115093000||||N||||SERUM"
                "||||||||||O\r"
                "L|1|N\r")
-        h, p, o, l = codec.decode_message(msg)
+        h, p, o, last = codec.decode_message(msg)
         self.assertEqual(h[:2], ["H", "\\^&"])
         self.assertEqual(codec.get_field(h, 5), "LIS")
         self.assertEqual(codec.get_field(h, 10), "ANALYZER1")
@@ -223,9 +223,9 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(codec.get_field(o, 12), "N")
         self.assertEqual(codec.get_field(o, 26), "O")
         self.assertEqual(codec.get_field(o, 40), "")
-        self.assertEqual(l, ["L", "1", "N"])
+        self.assertEqual(last, ["L", "1", "N"])
         # And back, byte for byte.
-        self.assertEqual(codec.encode_message([h, p, o, l]), msg)
+        self.assertEqual(codec.encode_message([h, p, o, last]), msg)
 
     def test_escapes_round_trip(self) -> None:
         value = "a|b^c\\d&e"
@@ -236,12 +236,12 @@ class RecordTests(SynchronousTestCase):
     def test_escapes_with_declared_delimiters(self) -> None:
         """GeneXpert-style header H|@^\\ : repeat @, escape backslash (protocols.md 2.7.1)."""
         msg = "H|@^\\|||GeneXpert\rR|1|^^^FLU@^^^RSV|NEG\\R\\POS\rL|1|N\r"
-        h, r, l = codec.decode_message(msg)
+        h, r, last = codec.decode_message(msg)
         self.assertEqual(h[1], "@^\\")
         self.assertEqual(codec.get_field(r, 3), [["", "", "", "FLU"], ["", "", "", "RSV"]])
         self.assertEqual(codec.get_field(r, 4), "NEG@POS")
         d = Delimiters.from_header(msg)
-        self.assertEqual(codec.encode_message([h, r, l], d), msg)
+        self.assertEqual(codec.encode_message([h, r, last], d), msg)
 
     def test_unknown_and_stray_escapes_kept(self) -> None:
         self.assertEqual(codec.unescape("x&H&y&Xa0&z"), "x&H&y&Xa0&z")

@@ -100,8 +100,9 @@ class AgentSessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(time.time())
-        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + Journal.schema(),
-                             self.clock)
+        db = inline_database(
+            self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + Journal.schema(),
+            self.clock)
         self.store = SQLiteStore(db)
         self.auth = Authority(SQLiteClientRegistry(db), KEY, clock=_Wall(self.clock))
         self.hub = Hub(self.clock, self.auth, self.store, Journal(db, clock=self.clock),

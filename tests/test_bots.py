@@ -310,7 +310,8 @@ class WorkerRunTests(SynchronousTestCase):
         self.assertIn("got x-application/hl7-v2+er7 v", reply["logs"])
         self.assertIn("careful", reply["logs"])
         reply = run("def handler(m, e):\n    return {'n': [1, 2]}")
-        self.assertEqual((reply["resultType"], json.loads(reply["result"])), ("json", {"n": [1, 2]}))
+        self.assertEqual((reply["resultType"], json.loads(reply["result"])),
+                         ("json", {"n": [1, 2]}))
         reply = run("def handler(m, e):\n    pass")
         self.assertEqual((reply["ok"], reply["resultType"], reply["result"]), (True, "none", None))
         reply = run("async def handler(m, e):\n    return 'async ok'")

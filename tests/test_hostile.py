@@ -89,8 +89,9 @@ class HubHostileTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = InlineReactor()
         self.clock.advance(1_700_000_000)
-        db = inline_database(self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + Journal.schema(),
-                             self.clock)
+        db = inline_database(
+            self, SQLiteStore.schema() + SQLiteClientRegistry.schema() + Journal.schema(),
+            self.clock)
         self.store = SQLiteStore(db)
         self.auth = Authority(SQLiteClientRegistry(db), b"k" * 32, clock=_Wall(self.clock))
         self.journal = Journal(db, clock=self.clock)

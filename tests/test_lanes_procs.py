@@ -14,7 +14,6 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from medagent.client import RelayError
-from tests import procs
 from tests import test_faults
 from tests.test_faults import order
 

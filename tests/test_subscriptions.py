@@ -197,7 +197,8 @@ class ManagerTests(SynchronousTestCase):
 
     def make_manager(self) -> SubscriptionManager:
         manager = SubscriptionManager(self.clock, SQLiteDeliveryQueue(self.db), self.store,
-                                      self.runner, poster=self.post, retry_base=10.0, retry_cap=600.0)
+                                      self.runner, poster=self.post, retry_base=10.0,
+                                      retry_cap=600.0)
         self.addCleanup(manager.stop)
         return manager
 

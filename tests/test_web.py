@@ -85,7 +85,8 @@ class RelayHTTP(TestCase):
                 "client_secret": "wrong"}, pool=self.pool)
             self.assertEqual(r.code, 401)
             self.assertEqual((await r.json())["error"], "invalid_client")
-            r = await treq.post(self.base + "/oauth2/token", data={"grant_type": "password"}, pool=self.pool)
+            r = await treq.post(self.base + "/oauth2/token", data={"grant_type": "password"},
+                                pool=self.pool)
             self.assertEqual(r.code, 400)
             self.assertEqual((await r.json())["error"], "unsupported_grant_type")
             basic = base64.b64encode(
@@ -163,7 +164,8 @@ class RelayHTTP(TestCase):
             self.assertIn("Invalid JSON", self.text(outcome))
             code, outcome, _ = await self.call("POST", path, raw=b"x", ctype="text/plain")
             self.assertEqual(code, 415)
-            code, outcome, _ = await self.call("POST", path, raw=b'{"body":"' + b"x" * 70000 + b'"}')
+            code, outcome, _ = await self.call("POST", path,
+                                               raw=b'{"body":"' + b"x" * 70000 + b'"}')
             self.assertEqual(code, 413)
             code, outcome, _ = await self.call("POST", "/fhir/R4/Agent/nope/$push",
                                                self.push_body())

@@ -72,8 +72,9 @@ class WorklistChannel(_ListeningService):
         super().__init__()
         self._forward = forward
         self._reactor = reactor
+        channel = name.lower()
         # Twisted's Service says ``name = None``, which mypy takes as the type None.
-        self.name = name.lower()  # type: ignore[assignment]
+        self.name = channel  # type: ignore[assignment]
         self.ae_title = ae_title.strip()
         self.endpoint = endpoint
         self.max_answers = max_answers
@@ -81,7 +82,7 @@ class WorklistChannel(_ListeningService):
                                        name=f"medagent-worklist-{self.name}")
         self._own_db = database is None
         #: the rows (the SQL is in L{medagent.storage.sqlite.worklist})
-        self.rows = SQLiteWorklistStore(self.db, self.name)
+        self.rows = SQLiteWorklistStore(self.db, channel)
         self.items: dict[tuple[str, str], Dataset] = {}
         self.mpps: dict[str, tuple[str, Dataset]] = {}
         self.loaded: Deferred | None = None

@@ -208,8 +208,10 @@ def subscription_spec(resource: Mapping[str, Any],
         elif name == EXT_FHIRPATH:
             # Firing without the filter could send orders the user meant to hold back.
             problems.append("fhir-path-criteria-expression is not supported by this relay")
-    channel = resource.get("channel") if isinstance(resource.get("channel"), Mapping) else {}
-    endpoint = channel.get("endpoint") if isinstance(channel.get("endpoint"), str) else ""
+    raw_channel = resource.get("channel")
+    channel: Mapping[str, Any] = raw_channel if isinstance(raw_channel, Mapping) else {}
+    raw_endpoint = channel.get("endpoint")
+    endpoint: str = raw_endpoint if isinstance(raw_endpoint, str) else ""
     kind = ""
     if channel.get("type") != "rest-hook":
         problems.append(f"channel.type {channel.get('type')!r} is not supported "
@@ -223,13 +225,13 @@ def subscription_spec(resource: Mapping[str, Any],
             problems.append(problem)
     else:
         problems.append("channel.endpoint must be Bot/{id} or an https URL")
-    end = None
+    end: float | None = None
     if resource.get("end") is not None:
         try:
-            end = datetime.fromisoformat(str(resource["end"]).replace("Z", "+00:00"))
-            if end.tzinfo is None:
-                end = end.replace(tzinfo=timezone.utc)
-            end = end.timestamp()
+            when = datetime.fromisoformat(str(resource["end"]).replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            end = when.timestamp()
         except ValueError:
             problems.append(f"Subscription.end {resource['end']!r} is not a dateTime")
     headers = []
@@ -292,8 +294,10 @@ def treq_poster(reactor: Any, policy: WebhookPolicy | None = None
     client = HTTPClient(agent)
 
     async def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
-        response = await client.post(url, data=body,
-                                     headers={k: [v] for k, v in headers.items()},
+        # treq's stub wants exactly this (invariant) dict type.
+        request_headers: dict[bytes | str, list[bytes | str]] = {
+            k: [v] for k, v in headers.items()}
+        response = await client.post(url, data=body, headers=request_headers,
                                      allow_redirects=False, timeout=timeout)
         seen = [0]
 
@@ -487,8 +491,10 @@ class SubscriptionManager:
         to would run forever.
         """
         now = self.clock.seconds() if now is None else now
-        meta = resource.get("meta") if isinstance(resource.get("meta"), Mapping) else {}
-        author = meta.get("author") if isinstance(meta.get("author"), Mapping) else {}
+        raw_meta = resource.get("meta")
+        meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
+        raw_author = meta.get("author")
+        author: Mapping[str, Any] = raw_author if isinstance(raw_author, Mapping) else {}
         by = author.get("reference") if interaction != "delete" else None
         return [
             spec for spec in self._by_type.get(str(resource.get("resourceType")), ())

@@ -25,6 +25,7 @@ subclassing their mixins.
 
 from __future__ import annotations
 
+import builtins
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
@@ -225,7 +226,8 @@ class ClientRegistry(Protocol):
     def list(self) -> Deferred[list["StoredClient"]]:
         """Every client, revoked ones too, oldest first."""
 
-    def list_sync(self) -> list["StoredClient"]: ...
+    # builtins.list: the method C{list} above shadows the builtin inside this class body.
+    def list_sync(self) -> builtins.list["StoredClient"]: ...
 
     def lookup(self, client_id: str) -> Deferred["StoredClient | None"]:
         """The client (revoked or not), or C{None}: the token endpoint's read."""

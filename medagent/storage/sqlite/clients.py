@@ -7,6 +7,7 @@ C{*_sync} calls run on the calling thread, for the CLI before (or without) a rea
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
@@ -75,7 +76,8 @@ class SQLiteClientRegistry:
     def list(self) -> Deferred[list[StoredClient]]:
         return self._db.run(_list)
 
-    def list_sync(self) -> list[StoredClient]:
+    # builtins.list: the method C{list} above shadows the builtin inside this class body.
+    def list_sync(self) -> builtins.list[StoredClient]:
         return self._db.run_sync(_list)
 
     def lookup(self, client_id: str) -> Deferred[StoredClient | None]:

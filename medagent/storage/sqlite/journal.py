@@ -386,7 +386,8 @@ class SQLiteJournal:
         return self._db.run(txn)
 
     def open_for_agent(
-        self, agent_id: str, *, after_seq: int = 0, limit: int = 500, states: Iterable[str] = OPEN_STATES
+        self, agent_id: str, *, after_seq: int = 0, limit: int = 500,
+        states: Iterable[str] = OPEN_STATES,
     ) -> Deferred[list[Push]]:
         """
         The next page of pushes the agent still owes an answer for, oldest first.  Paged so a

@@ -158,7 +158,8 @@ class SQLiteStore:
         except Exception as e:
             return fail(e)
 
-        def txn(conn: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        def txn(conn: Any) -> tuple[dict[str, Any], dict[str, Any] | None,
+                                    list[tuple[WriteHook, Any]]]:
             row = conn.execute(
                 "SELECT version, deleted, content FROM resources WHERE type=? AND id=?",
                 (resource["resourceType"], resource["id"]),
@@ -201,8 +202,8 @@ class SQLiteStore:
 
         d = self._db.run(txn)
 
-        def remember(result: tuple[dict[str, Any], dict[str, Any] | None, list[Any]]
-                     ) -> dict[str, Any]:
+        def remember(result: tuple[dict[str, Any], dict[str, Any] | None,
+                                   list[tuple[WriteHook, Any]]]) -> dict[str, Any]:
             stored, previous, tokens = result
             self._remember((stored["resourceType"], stored["id"]), stored)
             self._committed(tokens)
@@ -217,7 +218,7 @@ class SQLiteStore:
         except Exception as e:
             return fail(e)
 
-        def txn(conn: Any) -> dict[str, Any]:
+        def txn(conn: Any) -> tuple[dict[str, Any], list[tuple[WriteHook, Any]]]:
             row = conn.execute(
                 "SELECT content FROM resources WHERE type=? AND id=? AND deleted=0",
                 (resource_type, id),
@@ -234,7 +235,7 @@ class SQLiteStore:
 
         d = self._db.run(txn)
 
-        def forget(result: tuple[dict[str, Any], list[Any]]) -> dict[str, Any]:
+        def forget(result: tuple[dict[str, Any], list[tuple[WriteHook, Any]]]) -> dict[str, Any]:
             resource, tokens = result
             self._remember((resource_type, id), None)
             self._committed(tokens)
