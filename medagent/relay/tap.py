@@ -1,0 +1,138 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+``twistd medagent-relay``: the relay's command-line options and its service.
+
+Shaped like L{twisted.web.tap}: L{Options} parses and checks every setting (numbers coerced
+and range-checked, a bad value a L{usage.UsageError}, never a traceback), ``--listen`` may be
+given several times (each a listener on the one site), L{Options.postOptions} fills the
+defaults, and L{makeService} only wires.  Every default is a constant of
+L{medagent.relay.service}, so the plugin, L{RelayService} and ``tac/relay.tac`` agree.
+
+``tac/relay.tac`` uses the same L{Options} through L{options_from_env} (``MEDAGENT_*``
+environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.python import usage
+
+from medagent.options import argv_from_env, http_url, number, synchronous
+from medagent.relay import service as defaults
+from medagent.relay.bots import MAX_TIME_LIMIT
+
+MIB = 1024 * 1024
+
+
+def _origins(text: str) -> list[str]:
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    for item in origins:
+        http_url(item)
+    return origins
+
+
+_origins.coerceDoc = "Comma-separated."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    """The relay's settings (the same for twistd and tac/relay.tac)."""
+
+    synopsis = "[options]"
+    longdesc = ("The medagent relay: HTTP API, agent websocket, store and push journal. "
+                "Settings can also come from MEDAGENT_* environment variables (tac/relay.tac).")
+
+    optParameters = [
+        ["data", "d", defaults.DEFAULT_DATA, "Data folder (SQLite database, token key)"],
+        ["base-url", None, None, "Public base URL (for status links); default: from Host",
+         http_url],
+        ["max-body", None, defaults.DEFAULT_MAX_BODY, "Largest HTTP request body, bytes",
+         number(int, 1024, 4096 * MIB)],
+        ["max-message", None, defaults.DEFAULT_MAX_MESSAGE, "Largest websocket message, bytes",
+         number(int, 1024, 4096 * MIB)],
+        ["heartbeat-interval", None, defaults.DEFAULT_HEARTBEAT_INTERVAL,
+         "Seconds between heartbeats to each agent", number(float, 1, 300, " seconds")],
+        ["token-lifetime", None, defaults.DEFAULT_TOKEN_LIFETIME,
+         "Access token lifetime, seconds", number(int, 60, 7 * 86400, " seconds")],
+        ["synchronous", None, defaults.DEFAULT_SYNCHRONOUS,
+         "SQLite synchronous: NORMAL (crash-safe) or FULL", synchronous],
+        ["retention-days", None, defaults.DEFAULT_RETENTION_DAYS,
+         "Days to keep finished pushes (and payloads)", number(float, 0.001, 36500, " days")],
+        ["bot-workers", None, defaults.DEFAULT_WORKERS, "Bot worker processes (kept warm, reused)",
+         number(int, 1, 256)],
+        ["bot-memory-mb", None, defaults.DEFAULT_MEMORY_MB, "Memory limit of one bot worker, MiB",
+         number(int, 16, 1024 * 1024, " MiB")],
+        ["bot-time-limit", None, defaults.DEFAULT_TIME_LIMIT, "Seconds one bot run may take",
+         number(float, 0.1, MAX_TIME_LIMIT, " seconds")],
+        ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)",
+         http_url],
+        ["bot-user", None, defaults.DEFAULT_BOT_USER,
+         "Dedicated user (name or UID:GID) bots run as, in their sandbox"],
+        ["webhook-allow", None, [],
+         "Comma-separated origins (scheme://host:port) Subscription rest-hooks may reach "
+         "although plain http or a private/loopback address", _origins],
+    ]
+    optFlags = [
+        ["bots-unsandboxed", None,
+         "Development only: run bots without the sandbox (e.g. a relay that is not root)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint string to listen on; repeat for several listeners on the one site
+        (default: tcp:8103:interface=127.0.0.1)"""
+        if not description.strip():
+            raise usage.UsageError("--listen needs an endpoint string, e.g. tcp:8103")
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [defaults.DEFAULT_LISTEN]
+        if not self["bot-user"]:
+            raise usage.UsageError("--bot-user must name a user (or UID:GID)")
+        self["bots-unsandboxed"] = bool(self["bots-unsandboxed"])
+
+    def service_kwargs(self) -> dict[str, Any]:
+        """L{RelayService}'s keyword arguments."""
+        return {
+            "data_dir": self["data"],
+            "listen": list(self["listen"]),
+            "base_url": self["base-url"],
+            "max_body": self["max-body"],
+            "max_message_size": self["max-message"],
+            "heartbeat_interval": self["heartbeat-interval"],
+            "token_lifetime": self["token-lifetime"],
+            "synchronous": self["synchronous"],
+            "retention_days": self["retention-days"],
+            "bot_workers": self["bot-workers"],
+            "bot_memory_mb": self["bot-memory-mb"],
+            "bot_time_limit": self["bot-time-limit"],
+            "bot_base_url": self["bot-base-url"],
+            "bot_user": self["bot-user"],
+            "bots_unsandboxed": self["bots-unsandboxed"],
+            "webhook_allow": list(self["webhook-allow"]),
+        }
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> Options:
+    """L{Options} from the environment (tac/relay.tac); C{MEDAGENT_LISTEN} may hold several
+    endpoints separated by spaces."""
+    options = Options()
+    options.parseOptions(argv_from_env(Options, os.environ if environ is None else environ,
+                                       {"listen": " "}))
+    return options
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """The relay's service tree from parsed L{Options}; the global reactor unless given."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from medagent.relay.service import RelayService
+
+    return RelayService(reactor, **options.service_kwargs())
