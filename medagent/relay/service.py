@@ -87,6 +87,8 @@ class _RelayDatabase(Database):
 
     async def drain(self, clock: Any, timeout: float = DRAIN_TIMEOUT) -> None:
         """Wait (up to C{timeout}s) until no call is in flight, follow-up calls included."""
+        if not self.pending:
+            return
         deadline = clock.seconds() + timeout
         while self.pending:
             remaining = deadline - clock.seconds()
@@ -421,5 +423,7 @@ class RelayService(service.MultiService):
             for ok, value in results:
                 if not ok:
                     log.failure("Stopping a relay service failed", value)
-        await self.db.drain(self.reactor)
-        self._db_service.stopService()
+        try:
+            await self.db.drain(self.reactor)
+        finally:
+            self._db_service.stopService()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from twisted.internet import endpoints
 from twisted.python import usage
 
 from medagent.options import argv_from_env, http_url, number, synchronous
@@ -87,6 +88,12 @@ class Options(usage.Options):
         (default: tcp:8103:interface=127.0.0.1)"""
         if not description.strip():
             raise usage.UsageError("--listen needs an endpoint string, e.g. tcp:8103")
+        try:
+            # parses only: the reactor is used once the relay listens
+            endpoints.serverFromString(None, description)
+        except Exception as e:
+            raise usage.UsageError(f"--listen {description!r} is not an endpoint string "
+                                   f"(e.g. tcp:8103:interface=127.0.0.1): {e}")
         self["listen"].append(description)
 
     opt_l = opt_listen
