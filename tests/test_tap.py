@@ -16,7 +16,7 @@ from twisted.application import service
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -226,6 +226,28 @@ class MakeServiceTests(SynchronousTestCase):
             "--agent-id", "a", "--data", data), MemoryReactor())
         self.assertEqual(agent.config.data_dir, data)
         self.assertFalse(os.path.exists(data))
+
+
+class ListenerTests(SynchronousTestCase):
+    def test_says_its_address_once_started(self) -> None:
+        """twistd binds in privilegedStartService; "listening" is said once started (the
+        relay's listeners start last), with the address the port got."""
+        said: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            if event.get("log_format", "").startswith("medagent relay listening on"):
+                said.append(event["url"])
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        memory = MemoryReactor()
+        listener = Listener(memory, "tcp:0:interface=127.0.0.1", object())
+        listener.privilegedStartService()
+        self.assertEqual((len(memory.tcpServers), said), (1, []))
+        listener.startService()
+        self.assertEqual((len(memory.tcpServers), said), (1, ["http://127.0.0.1:0"]))
+        self.successResultOf(listener.stopService())
+        self.assertIsNone(listener.port)
 
 
 class TacTests(SynchronousTestCase):

@@ -172,14 +172,22 @@ class Listener(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.privilegedStartService()
+        if self._listening is None:
+            self.privilegedStartService()  # _bound says the address (now or once bound)
+        elif self.port is not None:
+            self._say()
 
     def _bound(self, port: Any) -> Any:
         self.port = port
-        log.info("medagent relay listening on {url}", url=self.url() or self.description)
         for observer in self.on_bound:
             observer(self)
+        if self.running:
+            self._say()
         return port
+
+    def _say(self) -> None:
+        """Once started (the relay's listeners start last): the address this port got."""
+        log.info("medagent relay listening on {url}", url=self.url() or self.description)
 
     def _failed(self, f: Any) -> None:
         if f.check(defer.CancelledError):
