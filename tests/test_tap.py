@@ -28,7 +28,8 @@ from medagent.options import argv_from_env
 from medagent.relay import tap as relay_tap
 from medagent.relay.auth import ADMIN, Principal
 from medagent.relay.service import (DEFAULT_DATA, DEFAULT_LISTEN, DEFAULT_MAX_BODY,
-                                    DEFAULT_MAX_MESSAGE, Listener, RelayService)
+                                    DEFAULT_MAX_MESSAGE, DatabaseClosed, Listener,
+                                    RelayService)
 from tests.peerenv import ROOT
 
 HL7 = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01|{ctrl}|P|2.5\rPID|1"
@@ -367,6 +368,8 @@ class ShutdownTests(TestCase):
             await stopped
             self.assertEqual(late, [])
             self.assertFalse(result.waited)
+            # a caller that outlives the relay gets a failed Deferred, not a restarted pool
+            self.failureResultOf(relay.db.run(lambda conn: None), DatabaseClosed)
 
             again = RelayService(reactor, **options)
             again.startService()

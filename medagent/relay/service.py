@@ -53,6 +53,7 @@ DEFAULT_SUBSCRIPTION_RETRY_BASE = 10.0
 #: seconds a stop waits for the database calls still in flight before it closes it anyway
 DRAIN_TIMEOUT = 10.0
 
+
 class DatabaseClosed(Exception):
     """A database call after the relay closed its database (a caller that outlived it)."""
 
