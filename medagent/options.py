@@ -18,6 +18,10 @@ from twisted.python import usage
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
+def _shown(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def number(kind: type, low: float, high: float, unit: str = "") -> Callable[[str], Any]:
     """A coercion that parses C{kind} (int or float) and refuses values outside [low, high]
     (NaN and infinities included)."""
@@ -28,10 +32,11 @@ def number(kind: type, low: float, high: float, unit: str = "") -> Callable[[str
         except (TypeError, ValueError):
             raise ValueError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
         if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"{text!r} is not between {low:g} and {high:g}{unit}")
+            raise ValueError(f"{text!r} is not between {_shown(low)} and {_shown(high)}{unit}")
         return value
 
-    coerce.coerceDoc = f"Between {low:g} and {high:g}{unit}."  # type: ignore[attr-defined]
+    coerce.coerceDoc = (  # type: ignore[attr-defined]
+        f"Between {_shown(low)} and {_shown(high)}{unit}.")
     return coerce
 
 

@@ -21,7 +21,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from medagent.options import argv_from_env, http_url, number, synchronous
-from medagent.relay import service as defaults
+from medagent.relay import service as relay_service
 from medagent.relay.bots import MAX_TIME_LIMIT
 
 MIB = 1024 * 1024
@@ -45,32 +45,32 @@ class Options(usage.Options):
                 "Settings can also come from MEDAGENT_* environment variables (tac/relay.tac).")
 
     optParameters = [
-        ["data", "d", defaults.DEFAULT_DATA, "Data folder (SQLite database, token key)"],
+        ["data", "d", relay_service.DEFAULT_DATA, "Data folder (SQLite database, token key)"],
         ["base-url", None, None, "Public base URL (for status links); default: from Host",
          http_url],
-        ["max-body", None, defaults.DEFAULT_MAX_BODY, "Largest HTTP request body, bytes",
+        ["max-body", None, relay_service.DEFAULT_MAX_BODY, "Largest HTTP request body, bytes",
          number(int, 1024, 4096 * MIB)],
-        ["max-message", None, defaults.DEFAULT_MAX_MESSAGE, "Largest websocket message, bytes",
+        ["max-message", None, relay_service.DEFAULT_MAX_MESSAGE, "Largest websocket message, bytes",
          number(int, 1024, 4096 * MIB)],
-        ["heartbeat-interval", None, defaults.DEFAULT_HEARTBEAT_INTERVAL,
+        ["heartbeat-interval", None, relay_service.DEFAULT_HEARTBEAT_INTERVAL,
          "Seconds between heartbeats to each agent", number(float, 1, 300, " seconds")],
-        ["token-lifetime", None, defaults.DEFAULT_TOKEN_LIFETIME,
+        ["token-lifetime", None, relay_service.DEFAULT_TOKEN_LIFETIME,
          "Access token lifetime, seconds", number(int, 60, 7 * 86400, " seconds")],
-        ["synchronous", None, defaults.DEFAULT_SYNCHRONOUS,
+        ["synchronous", None, relay_service.DEFAULT_SYNCHRONOUS,
          "SQLite synchronous: NORMAL (crash-safe) or FULL", synchronous],
-        ["retention-days", None, defaults.DEFAULT_RETENTION_DAYS,
+        ["retention-days", None, relay_service.DEFAULT_RETENTION_DAYS,
          "Days to keep finished pushes (and payloads)", number(float, 0.001, 36500, " days")],
-        ["bot-workers", None, defaults.DEFAULT_WORKERS, "Bot worker processes (kept warm, reused)",
-         number(int, 1, 256)],
-        ["bot-memory-mb", None, defaults.DEFAULT_MEMORY_MB, "Memory limit of one bot worker, MiB",
-         number(int, 16, 1024 * 1024, " MiB")],
-        ["bot-time-limit", None, defaults.DEFAULT_TIME_LIMIT, "Seconds one bot run may take",
+        ["bot-workers", None, relay_service.DEFAULT_WORKERS,
+         "Bot worker processes (kept warm, reused)", number(int, 1, 256)],
+        ["bot-memory-mb", None, relay_service.DEFAULT_MEMORY_MB,
+         "Memory limit of one bot worker, MiB", number(int, 16, 1024 * 1024, " MiB")],
+        ["bot-time-limit", None, relay_service.DEFAULT_TIME_LIMIT, "Seconds one bot run may take",
          number(float, 0.1, MAX_TIME_LIMIT, " seconds")],
         ["bot-base-url", None, None, "URL bots use to reach this relay (default: from --listen)",
          http_url],
-        ["bot-user", None, defaults.DEFAULT_BOT_USER,
+        ["bot-user", None, relay_service.DEFAULT_BOT_USER,
          "Dedicated user (name or UID:GID) bots run as, in their sandbox"],
-        ["webhook-allow", None, [],
+        ["webhook-allow", None, None,
          "Comma-separated origins (scheme://host:port) Subscription rest-hooks may reach "
          "although plain http or a private/loopback address", _origins],
     ]
@@ -84,8 +84,7 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Endpoint string to listen on; repeat for several listeners on the one site
-        (default: tcp:8103:interface=127.0.0.1)"""
+        # the help text (this method's docstring) is set below, from DEFAULT_LISTEN
         if not description.strip():
             raise usage.UsageError("--listen needs an endpoint string, e.g. tcp:8103")
         try:
@@ -96,11 +95,13 @@ class Options(usage.Options):
                                    f"(e.g. tcp:8103:interface=127.0.0.1): {e}")
         self["listen"].append(description)
 
+    opt_listen.__doc__ = ("Endpoint string to listen on, repeatable "
+                          f"(default: {relay_service.DEFAULT_LISTEN})")
     opt_l = opt_listen
 
     def postOptions(self) -> None:
         if not self["listen"]:
-            self["listen"] = [defaults.DEFAULT_LISTEN]
+            self["listen"] = [relay_service.DEFAULT_LISTEN]
         if not self["bot-user"]:
             raise usage.UsageError("--bot-user must name a user (or UID:GID)")
         self["bots-unsandboxed"] = bool(self["bots-unsandboxed"])
@@ -123,7 +124,7 @@ class Options(usage.Options):
             "bot_base_url": self["bot-base-url"],
             "bot_user": self["bot-user"],
             "bots_unsandboxed": self["bots-unsandboxed"],
-            "webhook_allow": list(self["webhook-allow"]),
+            "webhook_allow": list(self["webhook-allow"] or []),
         }
 
 
@@ -140,6 +141,5 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     """The relay's service tree from parsed L{Options}; the global reactor unless given."""
     if reactor is None:
         from twisted.internet import reactor
-    from medagent.relay.service import RelayService
 
-    return RelayService(reactor, **options.service_kwargs())
+    return relay_service.RelayService(reactor, **options.service_kwargs())
