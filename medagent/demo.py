@@ -105,14 +105,13 @@ def _demo_bot_options() -> dict[str, Any]:
 
 
 async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: list) -> None:
-    relay_port = args.port or _free_port()
     relay = RelayService(reactor, data_dir=os.path.join(data_dir, "relay"),
-                         listen=f"tcp:{relay_port}:interface=127.0.0.1",
+                         listen=f"tcp:{args.port or 0}:interface=127.0.0.1",
                          **_demo_bot_options())
     relay.startService()
     stack.append(relay.stopService)
     admin = await relay.authority.create_client("admin", name="demo admin")
-    base = f"http://127.0.0.1:{relay_port}"
+    base = relay.urls()[0]  # the port it got (a free one unless --port)
     say("relay", f"listening on {base} (data in {data_dir})")
 
     instrument = Instrument()
@@ -223,14 +222,6 @@ async def _run(reactor: Any, args: argparse.Namespace, data_dir: str, stack: lis
         flush=True,
     )
     await Deferred()  # run until interrupted
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _main(reactor: Any, args: argparse.Namespace, data_dir: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal as signals
 import socket
 import sys
@@ -25,6 +26,11 @@ TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twi
 
 
 def free_port() -> int:
+    """
+    A port that was free a moment ago.  Racy (another process may take it before the test
+    binds it): only for a third-party peer that must be told its port up front; our own
+    servers listen on port 0 and say the port they got (L{RelayFixture}).
+    """
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -160,15 +166,29 @@ def bot_sandbox_args() -> list[str]:
     return ["--bot-user", options["bot_user"]]
 
 
+#: what the relay logs once a listener is bound (L{medagent.relay.service.Listener})
+LISTENING = re.compile(rb"medagent relay listening on (http://127\.0\.0\.1:(\d+))")
+
+
 class RelayFixture:
-    """A real ``twistd medagent-relay`` with an admin client, an Agent and its credentials."""
+    """
+    A real ``twistd medagent-relay`` with an admin client, an Agent and its credentials.
+
+    Without C{port} the first start listens on port 0 and learns the port from the relay's
+    "listening on" line (no free-port race); a restart reuses that port, so agents find it.
+    """
 
     def __init__(self, testcase: Any, data_dir: str | None = None, port: int | None = None):
         self.testcase = testcase
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="medagent-relay-")
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port
         self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("The relay's port is known once it has started")
+        return f"http://127.0.0.1:{self.port}"
 
     def create_client(self, role: str, agents: list[str] = ()) -> dict[str, Any]:
         from medagent.relay.service import open_authority, open_database
@@ -180,10 +200,14 @@ class RelayFixture:
         self.proc = python(
             self.testcase, "relay",
             ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", self.data_dir,
-             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *bot_sandbox_args(),
+             "--listen", f"tcp:{self.port or 0}:interface=127.0.0.1", *bot_sandbox_args(),
              *extra],
         )
-        await self.proc.wait_for("medagent relay listening", timeout=30)
+        await self.proc.wait_for("medagent relay listening on http://", timeout=30)
+        found = LISTENING.search(bytes(self.proc.output))
+        if found is None:
+            raise RuntimeError(f"relay did not say its port:\n{self.proc.text[-3000:]}")
+        self.port = int(found.group(2))
         return self
 
     async def stop(self, sig: int = signals.SIGTERM) -> None:

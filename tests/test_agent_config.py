@@ -74,9 +74,8 @@ class NumberTests(SynchronousTestCase):
 
 class PluginTests(SynchronousTestCase):
     def test_bad_settings_are_a_usage_error_not_a_traceback(self) -> None:
-        from twisted.plugins.medagent_plugins import AgentServiceMaker
+        from twisted.plugins.medagent_plugins import agent as maker
 
-        maker = AgentServiceMaker()
         options = maker.options()
         options.parseOptions(["--relay", "http://relay.example.org", "--client-id", "c",
                               "--client-secret-file", "/nonexistent", "--agent-id", "a"])

@@ -17,7 +17,6 @@ from twisted.web.client import HTTPConnectionPool
 
 from medagent.relay.access import EXT_DEVICE
 from medagent.relay.service import RelayService
-from tests.procs import free_port
 
 
 def _device_ext(device: dict[str, Any]) -> dict[str, Any]:
@@ -33,12 +32,11 @@ class _ScopedRelay(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-authz-"),
-                                  listen=f"tcp:{self.port}:interface=127.0.0.1")
+                                  listen="tcp:0:interface=127.0.0.1")
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
+        self.base = self.relay.urls()[0]
         self.pool = HTTPConnectionPool(reactor)
         self.addCleanup(self.pool.closeCachedConnections)
         store = self.relay.store

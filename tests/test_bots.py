@@ -450,15 +450,14 @@ class RelayBotsBase(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.port = procs.free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.data_dir = tempfile.mkdtemp(prefix="relay-bots-")
         self.relay = RelayService(reactor, data_dir=self.data_dir,
-                                  listen=f"tcp:{self.port}:interface=127.0.0.1",
+                                  listen="tcp:0:interface=127.0.0.1",
                                   bot_workers=self.workers, bot_time_limit=10.0,
                                   subscription_retry_base=0.5, **bot_sandbox())
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
+        self.base = self.relay.urls()[0]
         self.pool = HTTPConnectionPool(reactor)
         self.addCleanup(self.pool.closeCachedConnections)
         admin = await self.relay.authority.create_client("admin")

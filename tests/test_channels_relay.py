@@ -142,9 +142,8 @@ class HubChannelIntegration(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        port = procs.free_port()
         self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-chan-"),
-                                  listen=f"tcp:{port}:interface=127.0.0.1", bot_workers=1,
+                                  listen="tcp:0:interface=127.0.0.1", bot_workers=1,
                                   **procs.bot_sandbox())
         self.relay.startService()
         self.addCleanup(self.relay.stopService)

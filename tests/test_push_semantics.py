@@ -465,9 +465,7 @@ class ExistingRelayFile(TestCase):
                  "msh10:UPG1", "delivered", time.time(), time.time()))
             conn.commit()
             conn.close()
-            port = procs.free_port()
-            relay = RelayService(reactor, data_dir=data_dir,
-                                 listen=f"tcp:{port}:interface=127.0.0.1")
+            relay = RelayService(reactor, data_dir=data_dir, listen="tcp:0:interface=127.0.0.1")
             relay.startService()
             self.addCleanup(relay.stopService)
             await relay.store.update({"resourceType": "Agent", "id": "lab-1", "name": "A"})
@@ -494,12 +492,11 @@ class RelayHTTP(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.port = procs.free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-push-"),
-                                  listen=f"tcp:{self.port}:interface=127.0.0.1")
+                                  listen="tcp:0:interface=127.0.0.1")
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
+        self.base = self.relay.urls()[0]
         self.pool = HTTPConnectionPool(reactor)
         self.addCleanup(self.pool.closeCachedConnections)
         self.agent = await self.relay.store.create({"resourceType": "Agent", "name": "A"})

@@ -296,12 +296,11 @@ class RevokeOverHTTP(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        port = procs.free_port()
-        self.base = f"http://127.0.0.1:{port}"
         self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-revoke-"),
-                                  listen=f"tcp:{port}:interface=127.0.0.1")
+                                  listen="tcp:0:interface=127.0.0.1")
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
+        self.base = self.relay.urls()[0]
         self.pool = HTTPConnectionPool(reactor)
         self.addCleanup(self.pool.closeCachedConnections)
         self.agent = await self.relay.store.create({"resourceType": "Agent"})

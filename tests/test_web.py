@@ -17,7 +17,6 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from medagent.relay.service import RelayService
-from tests.procs import free_port
 
 HL7 = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01|{ctrl}|P|2.5\rPID|1"
 
@@ -29,13 +28,12 @@ class RelayHTTP(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-web-"),
-                                  listen=f"tcp:{self.port}:interface=127.0.0.1",
+                                  listen="tcp:0:interface=127.0.0.1",
                                   max_body=64 * 1024)
         self.relay.startService()
         self.addCleanup(self.relay.stopService)
+        self.base = self.relay.urls()[0]
         self.pool = HTTPConnectionPool(reactor)
         self.addCleanup(self.pool.closeCachedConnections)
         self.admin = await self.relay.authority.create_client("admin")

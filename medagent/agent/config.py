@@ -30,6 +30,15 @@ PROPERTY_KEYS = {
 }
 
 
+# The agent's defaults, one place each: used by AgentConfig, medagent.agent.tap (twistd
+# options) and tac/agent.tac.
+DEFAULT_DATA_DIR = "./agent-data"
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_SYNCHRONOUS = "NORMAL"
+#: the range --heartbeat-interval (or the properties file) may ask for, seconds
+HEARTBEAT_RANGE = (1.0, 300.0)
+
+
 class ConfigError(ValueError):
     """A setting that is missing or wrong, said in words for the person starting the agent."""
 
@@ -40,11 +49,11 @@ class AgentConfig:
     client_id: str
     client_secret: str
     agent_id: str
-    data_dir: str = "./agent-data"
+    data_dir: str = DEFAULT_DATA_DIR
     log_level: str = "info"
-    heartbeat_interval: float = 10.0
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     #: SQLite durability of the queue: NORMAL survives kill -9, FULL also power loss
-    synchronous: str = "NORMAL"
+    synchronous: str = DEFAULT_SYNCHRONOUS
     #: confirmed answers (and their payloads) are kept this long, then deleted
     retention_seconds: float = 86400.0
     #: plain http:// to a relay that is not on this machine was asked for explicitly
@@ -149,7 +158,7 @@ def load_config(options: Mapping[str, object]) -> AgentConfig:
             interval = float(raw)
         except (TypeError, ValueError):
             raise ConfigError("--heartbeat-interval must be a number of seconds")
-        if not 1.0 <= interval <= 300.0:
+        if not HEARTBEAT_RANGE[0] <= interval <= HEARTBEAT_RANGE[1]:
             raise ConfigError("--heartbeat-interval must be between 1 and 300 seconds")
         values["heartbeat_interval"] = interval
     try:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 from medagent import schemes
@@ -67,8 +67,8 @@ class AgentService(service.MultiService):
         self.dispatcher.policy = DestinationPolicy.from_setting(config.allow_destinations)
         self.logs = LogBuffer()
         self.db = Database(reactor, os.path.join(config.data_dir, "agent.sqlite"),
-                           schema=DurableQueue.schema() + Outbox.schema(), synchronous=config.synchronous,
-                           name="agent-db")
+                           schema=DurableQueue.schema() + Outbox.schema(),
+                           synchronous=config.synchronous, name="agent-db")
         self.app = AgentApp(
             reactor,
             config.agent_id,
@@ -79,7 +79,8 @@ class AgentService(service.MultiService):
             log_buffer=self.logs.newest,
             reload_config=self.reload_channels,
         )
-        self.channels = ChannelManager(reactor, self.app.outbox, self._fetch_config,
+        self.channels = ChannelManager(reactor, self.app.outbox,
+                                       lambda: Deferred.fromCoroutine(self._fetch_config()),
                                        config.data_dir, upload_binary=self._upload_binary)
         self._files = ThreadPool(minthreads=0, maxthreads=2, name="agent-files")
         # Analyzer results arriving on an ASTM push link (contention) go up like a channel's,
@@ -98,7 +99,7 @@ class AgentService(service.MultiService):
         self.uplink.setServiceParent(self)
 
     def startService(self) -> None:
-        globalLogPublisher.addObserver(self.logs)
+        globalLogPublisher.addObserver(cast(ILogObserver, self.logs))
         log.info("medagent agent {agent_id} starting; relay {relay}",
                  agent_id=self.config.agent_id, relay=self.config.relay)
         if self.dispatcher.policy.open:
@@ -157,9 +158,12 @@ class AgentService(service.MultiService):
                                         "on the next connect", error=f.getErrorMessage()))
 
     def _prune(self) -> None:
+        def pruned(n: int) -> None:
+            if n:
+                log.info("Pruned {n} confirmed answer(s) from the queue", n=n)
+
         self.app.queue.prune(self.config.retention_seconds).addCallbacks(
-            lambda n: n and log.info("Pruned {n} confirmed answer(s) from the queue", n=n),
-            lambda f: log.failure("Pruning the queue failed", f))
+            pruned, lambda f: log.failure("Pruning the queue failed", f))
 
     def stopService(self) -> Deferred[Any]:
         self.app.stop()
@@ -170,7 +174,7 @@ class AgentService(service.MultiService):
         d = super().stopService() or Deferred.fromCoroutine(_none())
 
         def closed(_: Any) -> Deferred[Any]:
-            globalLogPublisher.removeObserver(self.logs)
+            globalLogPublisher.removeObserver(cast(ILogObserver, self.logs))
             d2 = DeferredList([self.dispatcher.close(), self.client.close()],
                               consumeErrors=True)
             return d2.addCallback(lambda _: self.db.stop())

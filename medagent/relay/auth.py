@@ -211,7 +211,7 @@ class Authority:
     def __init__(
         self,
         clients: ClientRegistry,
-        key: bytes,
+        key: bytes | None,
         *,
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
         issuer: str = "medagent-relay",
@@ -232,6 +232,17 @@ class Authority:
         #: called with a client id as soon as that client is revoked (the hub closes its
         #: agent sockets); also for revocations that L{refresh_revocations} finds.
         self.revocation_listeners: list[Callable[[str], None]] = []
+
+    def set_key(self, key: bytes) -> None:
+        """The signing key, given at start (reading or creating it is I/O: not in a
+        constructor); until then tokens are answered 503."""
+        self._key = key
+
+    def _signing_key(self) -> bytes:
+        if self._key is None:
+            raise FHIRError(503, "The relay is starting; try again in a moment", "transient",
+                            headers={"Retry-After": "1"})
+        return self._key
 
     # -- clients ---------------------------------------------------------------------
 
@@ -433,14 +444,14 @@ class Authority:
         if principal.role == BOT:
             claims["read"] = sorted(principal.read)
             claims["write"] = sorted(principal.write)
-        return jwt.encode(claims, self._key, algorithm="HS256")
+        return jwt.encode(claims, self._signing_key(), algorithm="HS256")
 
     def verify_token(self, token: str) -> Principal:
         """The caller behind a bearer token, or 401."""
         try:
             claims = jwt.decode(
                 token,
-                self._key,
+                self._signing_key(),
                 algorithms=["HS256"],
                 # expiry is checked below against our (injectable) clock
                 options={"verify_aud": False, "verify_exp": False, "verify_iat": False,

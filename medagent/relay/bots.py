@@ -1154,8 +1154,9 @@ def base_url_from_listen(listen: str) -> str | None:
 
 class BotsService(service.Service):
     """Starts the relay's API socket for bots, the worker pool and the subscription
-    deliveries; stops them before the database closes (the relay adds this service before
-    its listener, after the database)."""
+    deliveries; stops them, and its Deferred fires once the workers are gone.  The relay
+    closes its database only after that (L{medagent.relay.service.RelayService.stopService}
+    waits for it)."""
 
     def __init__(self, pool: WorkerPool, runner: BotRunner, subscriptions: Any = None,
                  closers: Sequence[Callable[[], Any]] = (), reactor: Any = None) -> None:

@@ -1,21 +1,33 @@
 """
-Composition of the relay: database, store, auth, journal, hub, HTTP site and listener.
+Composition of the relay: database, store, auth, journal, hub, HTTP site and listeners.
+
+Building a L{RelayService} only wires objects; it touches no disk and opens no socket.  The
+data folder and the token key are made in C{privilegedStartService} (as the user twistd
+starts as, like before), the database opens and the listeners bind on start.  Stopping is
+ordered and waited for: listeners, then hub/bots/subscriptions/timers, then the database
+once its in-flight calls are done (L{RelayService.stopService}).
+
+Command line and .tac settings: L{medagent.relay.tap}.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from twisted.application import service, strports
-from twisted.internet.task import LoopingCall
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from medagent import wire
-from medagent.relay.auth import Authority, load_or_create_key
-from medagent.relay.bots import BotRunner, BotsService, WorkerPool, base_url_from_listen
+from medagent.relay.auth import DEFAULT_TOKEN_LIFETIME, Authority, load_or_create_key
+from medagent.relay.bots import (DEFAULT_BOT_USER, DEFAULT_MEMORY_MB, DEFAULT_TIME_LIMIT,
+                                 DEFAULT_WORKERS, BotRunner, BotsService, WorkerPool,
+                                 base_url_from_listen)
 from medagent.relay.channels import ChannelRouter
-from medagent.relay.hub import Hub
+from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
@@ -33,22 +45,89 @@ from medagent.relay.ws import (
 )
 from medagent.storage.interfaces import PushJournal
 from medagent.storage.sqlite import (
+    RELAY_SCHEMA,
     Database,
     SQLiteClientRegistry,
     SQLiteDeliveryQueue,
     SQLiteJournal,
     SQLiteStore,
-    open_relay_database,
+    open_relay_database,  # noqa: F401 (the CLI's database, without a running relay)
 )
 
 log = Logger()
 
+# The relay's defaults, one place each: used by RelayService, medagent.relay.tap (twistd
+# options) and tac/relay.tac.  Others live with their subsystem and are re-exported here:
+# DEFAULT_MAX_BODY (web), DEFAULT_MAX_MESSAGE (wire), DEFAULT_TOKEN_LIFETIME (auth),
+# DEFAULT_WORKERS, DEFAULT_MEMORY_MB, DEFAULT_TIME_LIMIT, DEFAULT_BOT_USER (bots).
 DEFAULT_LISTEN = "tcp:8103:interface=127.0.0.1"
 DEFAULT_DATA = "./relay-data"
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_SYNCHRONOUS = "NORMAL"
+DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_MAX_MESSAGE = wire.DEFAULT_MAX_MESSAGE_SIZE
+DEFAULT_SUBSCRIPTION_RETRY_BASE = 10.0
+#: seconds a stop waits for the database calls still in flight before it closes it anyway
+DRAIN_TIMEOUT = 10.0
+#: failed /oauth2/token attempts per client id, per address, and the window they count in
+DEFAULT_LOGIN_FAILURES_PER_CLIENT = 10
+DEFAULT_LOGIN_FAILURES_PER_ADDRESS = 30
+DEFAULT_LOGIN_FAILURE_WINDOW = 300.0
 
 
-def open_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> Database:
-    return open_relay_database(reactor, data_dir, synchronous)
+class _RelayDatabase(Database):
+    """
+    The relay's database: it knows its unfinished calls, so a stop can wait for them (a push
+    or a bot's write in flight finishes, its follow-up writes included); a call after the
+    stop fails as a Deferred (L{DatabaseStopped}), as for every L{Database}.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.pending: set[Deferred[Any]] = set()
+
+    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        d = super().run(fn, *args)
+        self.pending.add(d)
+
+        def done(result: Any) -> Any:
+            self.pending.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    async def drain(self, clock: Any, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait (up to C{timeout}s) until no call is in flight, follow-up calls included."""
+        if not self.pending:
+            return
+        deadline = clock.seconds() + timeout
+        while self.pending:
+            remaining = deadline - clock.seconds()
+            if remaining <= 0:
+                log.warn("Closing the database with {n} call(s) still in flight",
+                         n=len(self.pending))
+                return
+            # a gate of our own: a timeout must not cancel the callers' Deferreds
+            gate: Deferred[None] = Deferred()
+
+            def open_gate(_: Any = None) -> None:
+                if not gate.called:
+                    gate.callback(None)
+
+            DeferredList(list(self.pending)).addCallback(open_gate)
+            timer = clock.callLater(remaining, open_gate)
+            await gate
+            if timer.active():
+                timer.cancel()
+            # a follow-up may be issued on the next turn (callFromThread, callLater(0))
+            await deferLater(clock, 0, lambda: None)
+
+
+def open_database(reactor: Any, data_dir: str,
+                  synchronous: str = DEFAULT_SYNCHRONOUS) -> "_RelayDatabase":
+    return _RelayDatabase(reactor, os.path.join(data_dir, "relay.sqlite"), schema=RELAY_SCHEMA,
+                          synchronous=synchronous, name="relay-db",
+                          migrations=[SQLiteJournal.migrate])
 
 
 def open_authority(db: Database, data_dir: str, **kw: Any) -> Authority:
@@ -56,7 +135,15 @@ def open_authority(db: Database, data_dir: str, **kw: Any) -> Authority:
                      load_or_create_key(os.path.join(data_dir, "token.key")), **kw)
 
 
+def prepare_data_dir(data_dir: str) -> None:
+    """The data folder, the relay's user only: it holds the token key and the database."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+
+
 class _DatabaseService(service.Service):
+    """Opens the database on start; closing it is L{RelayService.stopService}'s last step."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -67,6 +154,80 @@ class _DatabaseService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.db.stop()
+
+
+class Listener(service.Service):
+    """
+    One endpoint (a strports string) serving C{factory}.  Like
+    L{twisted.application.strports.service}, it binds in C{privilegedStartService} (ports
+    below 1024 before twistd sheds root), and it keeps the port, so the relay can say (and a
+    test can learn) the address it really got (C{tcp:0}).
+    """
+
+    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port: Any = None
+        #: called with this listener once its port is bound
+        self.on_bound: list[Callable[[Listener], None]] = []
+        self._listening: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._listening is None:
+            endpoint = endpoints.serverFromString(self.reactor, self.description)
+            self._listening = endpoint.listen(self.factory)
+            self._listening.addCallbacks(self._bound, self._failed)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()  # _bound says the address (now or once bound)
+        elif self.port is not None:
+            self._say()
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        for observer in self.on_bound:
+            observer(self)
+        if self.running:
+            self._say()
+        return port
+
+    def _say(self) -> None:
+        """Once started (the relay's listeners start last): the address this port got."""
+        log.info("medagent relay listening on {url}", url=self.url() or self.description)
+
+    def _failed(self, f: Any) -> None:
+        if f.check(defer.CancelledError):
+            return
+        log.failure("Could not listen on {listen}", f, listen=self.description)
+
+    def url(self) -> str | None:
+        """C{http://host:port} of the bound TCP port (None until bound, or not TCP)."""
+        host = getattr(self.port.getHost(), "host", None) if self.port is not None else None
+        if host is None or not hasattr(self.port.getHost(), "port"):
+            return None
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.description.lower().startswith("ssl") else "http"
+        return f"{scheme}://{host}:{self.port.getHost().port}"
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return defer.succeed(None)
+        if self.port is None:
+            listening.cancel()
+            return defer.succeed(None)
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening)
 
 
 #: Seconds between re-reads of the revoked clients (revocations made on another node, or by
@@ -135,57 +296,74 @@ class _Housekeeping(service.Service):
         return super().stopService()
 
     def expire(self) -> None:
+        def expired(n: int) -> None:
+            if n:
+                log.info("{n} queued push(es) expired", n=n)
+
         self.journal.expire_overdue().addCallbacks(
-            lambda n: n and log.info("{n} queued push(es) expired", n=n),
-            lambda f: log.failure("Expiring pushes failed", f))
+            expired, lambda f: log.failure("Expiring pushes failed", f))
 
     def prune(self) -> None:
+        def pruned(n: int) -> None:
+            if n:
+                log.info("Pruned {n} old push(es) and their payloads", n=n)
+
         self.journal.prune(self.retention).addCallbacks(
-            lambda n: n and log.info("Pruned {n} old push(es) and their payloads", n=n),
-            lambda f: log.failure("Pruning the journal failed", f))
+            pruned, lambda f: log.failure("Pruning the journal failed", f))
 
 
 class RelayService(service.MultiService):
-    """The relay's service tree; attributes expose the parts to tests and tools."""
+    """
+    The relay's service tree; attributes expose the parts to tests and tools.
+
+    C{listen} is one strports string or several (each a listener on the same site).
+    """
 
     def __init__(
         self,
         reactor: Any,
         *,
         data_dir: str = DEFAULT_DATA,
-        listen: str = DEFAULT_LISTEN,
+        listen: str | Sequence[str] = DEFAULT_LISTEN,
         base_url: str | None = None,
         max_body: int = DEFAULT_MAX_BODY,
-        max_message_size: int = wire.DEFAULT_MAX_MESSAGE_SIZE,
-        heartbeat_interval: float = 10.0,
-        token_lifetime: int = 3600,
-        synchronous: str = "NORMAL",
-        retention_days: float = 30.0,
-        bot_workers: int = 2,
-        bot_memory_mb: int = 256,
-        bot_time_limit: float = 10.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
+        synchronous: str = DEFAULT_SYNCHRONOUS,
+        retention_days: float = DEFAULT_RETENTION_DAYS,
+        bot_workers: int = DEFAULT_WORKERS,
+        bot_memory_mb: int = DEFAULT_MEMORY_MB,
+        bot_time_limit: float = DEFAULT_TIME_LIMIT,
         bot_base_url: str | None = None,
-        bot_user: str | None = "medagent-bot",
+        bot_user: str | None = DEFAULT_BOT_USER,
         bots_unsandboxed: bool = False,
-        subscription_retry_base: float = 10.0,
+        subscription_retry_base: float = DEFAULT_SUBSCRIPTION_RETRY_BASE,
         webhook_allow: Sequence[str] = (),
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
         max_pending_agents: int = DEFAULT_MAX_PENDING,
         max_pending_agents_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        connect_timeout: float = 10.0,
-        login_failures_per_client: int = 10,
-        login_failures_per_address: int = 30,
-        login_failure_window: float = 300.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        login_failures_per_client: int = DEFAULT_LOGIN_FAILURES_PER_CLIENT,
+        login_failures_per_address: int = DEFAULT_LOGIN_FAILURES_PER_ADDRESS,
+        login_failure_window: float = DEFAULT_LOGIN_FAILURE_WINDOW,
     ) -> None:
         super().__init__()
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        os.chmod(data_dir, 0o700)  # the key and the database: the relay's user only
+        self.reactor = reactor
+        self.data_dir = data_dir
+        self.listen = [listen] if isinstance(listen, str) else list(listen)
+        if not self.listen:
+            raise ValueError("The relay needs at least one listen endpoint")
+        self._prepared = False
         self.db = open_database(reactor, data_dir, synchronous)
-        _DatabaseService(self.db).setServiceParent(self)
+        self._db_service = _DatabaseService(self.db)
+        self._db_service.setServiceParent(self)
         self.store = SQLiteStore(self.db)
-        self.authority = open_authority(self.db, data_dir, token_lifetime=token_lifetime)
+        # the key is read (or made) at start: L{_prepare}
+        self.authority = Authority(SQLiteClientRegistry(self.db), None,
+                                   token_lifetime=token_lifetime)
         _RevocationRefresh(reactor, self.authority).setServiceParent(self)
         self.journal = SQLiteJournal(self.db)
         self.hub = Hub(
@@ -210,7 +388,7 @@ class RelayService(service.MultiService):
                                    bot_user=bot_user, unsandboxed=bots_unsandboxed,
                                    hide=[data_dir])
         self.bots = BotRunner(reactor, self.store, self.authority, self.bot_pool,
-                              base_url=bot_base_url or base_url_from_listen(listen),
+                              base_url=bot_base_url or base_url_from_listen(self.listen[0]),
                               default_time_limit=bot_time_limit,
                               insecure_loopback=bot_base_url is None)
         policy = WebhookPolicy(webhook_allow)
@@ -227,16 +405,71 @@ class RelayService(service.MultiService):
         bots_service.setServiceParent(self)
         ws = websocket_resource(reactor, self.hub, max_pending=max_pending_agents,
                                 max_pending_per_peer=max_pending_agents_per_peer)
-        self.site = RelaySite(Root(self.api, ws), max_body=max_body,
+        self.site = RelaySite(Root(self.api, ws),  # type: ignore[arg-type]  # autobahn's
+                              # WebSocketResource provides IResource via zope, unseen by mypy
+                              max_body=max_body,
                               request_timeout=request_timeout,
                               authenticate=self.authority.authenticate, reactor=reactor)
         bots_service.site = self.site
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)
-        self.listener = strports.service(listen, self.limits, reactor=reactor)
-        self.listener.setServiceParent(self)
-        self.listen = listen
+        self.listeners = [Listener(reactor, description, self.limits)
+                          for description in self.listen]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+        if self.bots.base_url is None:
+            # e.g. tcp:0: the first listener's address, once it has one
+            self.listeners[0].on_bound.append(self._bot_url_from_listener)
+
+    @property
+    def listener(self) -> Listener:
+        """The first listener (most relays have one)."""
+        return self.listeners[0]
+
+    def urls(self) -> list[str]:
+        """The bound listeners' C{http(s)://host:port} (after start)."""
+        return [url for url in (lst.url() for lst in self.listeners) if url]
+
+    def _prepare(self) -> None:
+        """The disk work a constructor must not do: the data folder and the token key."""
+        if self._prepared:
+            return
+        prepare_data_dir(self.data_dir)
+        self.authority.set_key(load_or_create_key(os.path.join(self.data_dir, "token.key")))
+        self._prepared = True
+
+    def privilegedStartService(self) -> None:
+        self._prepare()
+        super().privilegedStartService()
 
     def startService(self) -> None:
+        self._prepare()
         super().startService()
-        log.info("medagent relay listening on {listen}", listen=self.listen)
+
+    def _bot_url_from_listener(self, listener: Listener) -> None:
+        if self.bots.base_url is None:
+            self.bots.base_url = listener.url()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        In order, each step waited for (L{service.MultiService} stops all children at once,
+        so the database could close under a write still in flight): the listeners; then the
+        hub, bots, subscriptions and timers; then, once its in-flight calls are done, the
+        database.
+        """
+        service.Service.stopService(self)
+        children = list(self)[::-1]
+        listeners = [c for c in children if isinstance(c, Listener)]
+        middle = [c for c in children if c not in listeners and c is not self._db_service]
+        return Deferred.fromCoroutine(self._stop(listeners, middle))
+
+    async def _stop(self, listeners: list[Any], middle: list[Any]) -> None:
+        for group in (listeners, middle):
+            results = await DeferredList([maybeDeferred(c.stopService) for c in group])
+            for ok, value in results:
+                if not ok:
+                    log.failure("Stopping a relay service failed", value)
+        try:
+            await self.db.drain(self.reactor)
+        finally:
+            self._db_service.stopService()
