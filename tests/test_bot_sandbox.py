@@ -228,7 +228,7 @@ class NetworkTests(SandboxBase):
                 "            got[str(port)] = 'refused: %s' % e.errno\n"
                 "    got['api'] = medplum.request('GET', '/healthz')[0]\n"
                 "    return got\n",
-                {"ports": [port.getHost().port, self.port]})
+                {"ports": [port.getHost().port, int(self.base.rsplit(":", 1)[1])]})
             self.assertEqual(status, 200, seen)
             self.assertEqual(seen.pop("api"), 200)  # the relay, through its API socket
             for target, what in seen.items():
