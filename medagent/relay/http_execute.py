@@ -54,7 +54,7 @@ async def execute_bot(runner: BotRunner, request: Request, principal: Principal,
         bot = await search_one(runner.store, "Bot", {"identifier": [identifier]})
     ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").strip()
     ctype = ctype or "text/plain"
-    raw = request.content.read()
+    raw = request.content.read() if request.content is not None else b""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
