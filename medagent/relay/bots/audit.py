@@ -36,6 +36,8 @@ AUDIT_OUTCOME = {SUCCESS: "0", ERROR: "4", INVALID: "4", NOT_FOUND: "4", TIMEOUT
 
 
 def fhir_reference(ref: Any) -> dict[str, Any] | None:
+    """A Reference to put in an AuditEvent: C{"Type/id"}, or a Reference's own
+    C{reference}/C{display} (nothing else of it: no payload); None when there is none."""
     if isinstance(ref, str) and ref:
         return {"reference": ref}
     if isinstance(ref, Mapping) and (ref.get("reference") or ref.get("display")):

@@ -15,6 +15,7 @@ run, never the relay.
 from __future__ import annotations
 
 import collections
+import grp
 import json
 import os
 import pwd
@@ -574,9 +575,6 @@ def unused_id(first: int = 61000, last: int = 65000) -> int:
     A uid (and gid) that no user, group or running process has: a dedicated bot id when no
     ``medagent-bot`` account exists (the demo, the tests).
     """
-    import grp
-    import pwd
-
     used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
     for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
         try:
