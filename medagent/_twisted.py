@@ -1,13 +1,16 @@
 """
 Small Twisted helpers shared by the device protocols (MLLP today; DICOM and the bots' worker
-pool can use them too).
+pool can use them too) and the relay (L{shielded}).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.python.failure import Failure
+
+_T = TypeVar("_T")
 
 
 # Structural types for the few Twisted interfaces this code calls.  Twisted declares them as
@@ -147,3 +150,26 @@ def peer_name(transport: Any) -> str:
         return f"{peer.host}:{peer.port}"
     except Exception:
         return "?"
+
+
+def shielded(inner: Deferred[_T],
+             late_failure: Callable[[Failure], None] | None = None) -> Deferred[_T]:
+    """
+    A Deferred for C{inner}'s result whose cancellation stops the wait, never C{inner}: when an
+    HTTP caller goes away, the push being written is still written and sent, the bot run still
+    runs and is audited.  The caller's Deferred then fails with C{CancelledError} at once.
+
+    A failure of C{inner} after its caller left has nobody to go to: it is given to
+    C{late_failure} (to log it; a C{CancelledError} is not) or else dropped.
+    """
+    outer: Deferred[_T] = Deferred()
+
+    def relay(result: Any) -> None:
+        if not outer.called:
+            outer.errback(result) if isinstance(result, Failure) else outer.callback(result)
+        elif (isinstance(result, Failure) and late_failure is not None
+              and not result.check(CancelledError)):
+            late_failure(result)
+
+    inner.addBoth(relay)
+    return outer

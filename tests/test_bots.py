@@ -267,6 +267,24 @@ class PoolTests(SynchronousTestCase):
         self.ready(self.worker())
         self.assertEqual(self.pool._early_deaths, 0)
 
+    def test_early_death_backoff_is_injectable(self) -> None:
+        # twisted's backoffPolicy shape: the policy gets the count of deaths in a row
+        asked: list[int] = []
+        self.pool.stop()
+        pool = self.make_pool(size=1, respawn_policy=lambda n: asked.append(n) or 7.0)
+        before = len(self.reactor.spawned)
+        self.end(self.worker(), ProcessDone(1))
+        self.reactor.advance(6.9)
+        self.assertEqual(len(self.reactor.spawned), before)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.reactor.spawned), before + 1)
+        self.assertEqual(asked, [1])
+        self.assertEqual(pool._early_deaths, 1)
+
+    def test_default_respawn_backoff_doubles_to_30s(self) -> None:
+        self.assertEqual([b.RESPAWN_BACKOFF(n) for n in range(1, 8)],
+                         [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+
     def test_startup_timeout(self) -> None:
         worker = self.worker()
         self.reactor.advance(b.STARTUP_TIMEOUT)

@@ -21,7 +21,7 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
     negotiate_as_requestor,
 )
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -373,10 +373,10 @@ class AssociationRequestor(_AssociationBase):
         C{multiple}, pending C-FIND responses before it).  Fails with an AssociationError.
         """
         if self.state != "established":
-            return _failed(self.failure or ConnectionClosed("association is not established"))
+            return fail(self.failure or ConnectionClosed("association is not established"))
         if self._pending is not None:
-            return _failed(AssociationError("a DIMSE request is already in flight",
-                                            transient=False))
+            return fail(AssociationError("a DIMSE request is already in flight",
+                                         transient=False))
         d: Deferred[list] = Deferred()
         self._pending = (message.command_set.MessageID, d, [], multiple)
         self.requests_sent += 1
@@ -442,11 +442,6 @@ class AssociationRequestor(_AssociationBase):
     def _lost(self) -> None:
         self._fail_waiters()
 
-
-def _failed(error: Exception) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(Failure(error))
-    return d
 
 
 # -- acceptor (SCP side) --------------------------------------------------------------------

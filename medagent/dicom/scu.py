@@ -18,6 +18,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
+    fail,
     inlineCallbacks,
     succeed,
 )
@@ -198,7 +199,7 @@ class DICOMSender:
 
     def _connect(self, peer: _Peer, contexts: list[tuple[str, list[str]]]) -> Deferred:
         if self._closed:
-            return _failed(DeliveryError("DICOM sender is closed", phase="connect"))
+            return fail(DeliveryError("DICOM sender is closed", phase="connect"))
         proto = AssociationRequestor(
             self._reactor, calling_ae=peer.calling, called_ae=peer.called, contexts=contexts,
             max_pdu=self.max_pdu, acse_timeout=self.acse_timeout,
@@ -416,8 +417,3 @@ class DICOMSender:
         return Reply(body=body, content_type=JSON, delivered=(category == "Success"),
                      detail=f"{rtt:.3f}")
 
-
-def _failed(error: Exception) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(Failure(error))
-    return d

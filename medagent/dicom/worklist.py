@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 from pydicom.dataset import Dataset
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from medagent.contenttypes import JSON
@@ -138,13 +138,13 @@ class WorklistChannel(_ListeningService):
         """Add or replace an item (keyed by Accession Number + SPS ID)."""
         accession, sps_id = mapping.item_keys(ds)
         if not accession and not sps_id:
-            return _failed(DeliveryError("a worklist item needs an Accession Number or a "
-                                         "Scheduled Procedure Step ID", transient=False,
-                                         phase="decode"))
+            return fail(DeliveryError("a worklist item needs an Accession Number or a "
+                                      "Scheduled Procedure Step ID", transient=False,
+                                      phase="decode"))
         if not ds.get("ScheduledProcedureStepSequence"):
-            return _failed(DeliveryError("a worklist item needs a Scheduled Procedure Step "
-                                         "Sequence (0040,0100)", transient=False,
-                                         phase="decode"))
+            return fail(DeliveryError("a worklist item needs a Scheduled Procedure Step "
+                                      "Sequence (0040,0100)", transient=False,
+                                      phase="decode"))
         if not mapping.sps_status(ds):
             mapping.set_sps_status(ds, "SCHEDULED")
         if not ds.get("StudyInstanceUID"):
@@ -331,13 +331,6 @@ def _asks_status(query: Dataset) -> bool:
     return False
 
 
-def _failed(error: Exception) -> Deferred:
-    from twisted.python.failure import Failure
-
-    d: Deferred = Deferred()
-    d.errback(Failure(error))
-    return d
-
 
 class WorklistSender:
     """
@@ -419,7 +412,7 @@ class WorklistSender:
         try:
             channel = self._channel(destination)
         except DeliveryError as e:
-            return _failed(e)
+            return fail(e)
         return channel.load().addCallback(lambda _: Reply(
             body=json.dumps({"channel": channel.name, "items": len(channel.items)}),
             content_type=JSON))

@@ -12,12 +12,12 @@ import re
 from typing import Any, Mapping
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent import schemes, wire
+from medagent._twisted import shielded
 from medagent.contenttypes import HL7_V2, PING
 from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.relay.access import check_push_destination
@@ -221,21 +221,6 @@ def _difference(earlier: Push, new: Push) -> str:
     return "another body"
 
 
-def _shielded(d: Deferred[Any]) -> Deferred[Any]:
-    """
-    A Deferred for C{d}'s result whose cancellation (the HTTP caller went away) does not
-    cancel C{d}: a push being written is written and sent, whoever still waits for it.
-    """
-    out: Deferred[Any] = Deferred()
-
-    def relay(result: Any) -> None:
-        if not out.called:
-            out.errback(result) if isinstance(result, Failure) else out.callback(result)
-
-    d.addBoth(relay)
-    return out
-
-
 class PushService:
     def __init__(self, hub: Hub, store: Any, journal: Journal, clock: Any) -> None:
         self.hub = hub
@@ -387,7 +372,7 @@ class PushService:
             return f
 
         created.addCallbacks(stored, not_stored)
-        push = yield _shielded(created)
+        push = yield shielded(created)
         result = yield self._maybe_wait(push, request)
         return result
 

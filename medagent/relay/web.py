@@ -395,8 +395,10 @@ class Api(Resource):
         if resource_type == "Bot" and rest[-1] == "$execute" and len(rest) in (2, 3):
             if self.bots is None:
                 raise not_found("Bots are not enabled on this relay")
-            return await self.bots.execute_http(request, principal,
-                                                rest[1] if len(rest) == 3 else None, query)
+            # imported here: http_execute builds this module's Response
+            from medagent.relay.http_execute import execute_bot
+            return await execute_bot(self.bots, request, principal,
+                                     rest[1] if len(rest) == 3 else None, query)
         if resource_type == "ClientApplication" and len(rest) == 3 and rest[2] == "$revoke":
             return await self._revoke(principal, method, rest[1])
         if resource_type not in RESOURCE_TYPES:

@@ -1,5 +1,6 @@
 """
-FHIR Subscriptions (``rest-hook``) with durable, retried, ordered delivery.
+L{SubscriptionManager}: match writes to Subscriptions and deliver them, durably, retried and
+in order.
 
 Before each write goes to the database (the store's C{write_hooks},
 L{medagent.storage.interfaces.WriteHook}) we match the resource against the active
@@ -8,311 +9,62 @@ write's own transaction then queues one delivery per match
 (L{medagent.storage.interfaces.Transaction.enqueue_deliveries}): a committed write always has
 its deliveries, a failed one none.  Deliveries run outside the HTTP request that
 wrote the resource: to a Bot (``channel.endpoint: Bot/{id}``) through the L{BotRunner}, or
-as an HTTP POST of the resource to an ``http(s)`` URL, signed with HMAC-SHA256
-(``X-Signature``) when the Subscription has a secret.
+as an HTTP POST of the resource to an ``http(s)`` URL (L{medagent.relay.subscriptions.webhook}),
+signed with HMAC-SHA256 (``X-Signature``) when the Subscription has a secret.
 
-A failed attempt is retried with exponential backoff up to the Subscription's max attempts
-(default 4).  Deliveries for the same Subscription and resource go one at a time, oldest
-first, so a cancel never overtakes the order it cancels.  Every attempt is recorded as an
-C{AuditEvent} (the bot run's, or one for the HTTP POST), naming the Subscription and the
-resource; the queue row keeps the attempt count, the next attempt time and the last error.
+A failed attempt is retried with exponential backoff (L{retry_delay}) up to the
+Subscription's max attempts (default 4).  Deliveries for the same Subscription and resource
+go one at a time, oldest first, so a cancel never overtakes the order it cancels.  Every
+attempt is recorded as an C{AuditEvent} (the bot run's, or one for the HTTP POST), naming the
+Subscription and the resource; the queue row keeps the attempt count, the next attempt time
+and the last error.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import re
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
-from urllib.parse import parse_qsl
+from typing import Any, Callable, Mapping, Sequence
 
 import attr
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from medagent.contenttypes import FHIR_JSON
-from medagent.relay import bots as b
-from medagent.relay.webhooks import GuardedEndpointFactory, WebhookPolicy, header_problem
+from medagent.relay.bots.audit import audit_event
+from medagent.relay.bots.outcomes import BUSY, ERROR, STOPPED, SUCCESS
+from medagent.relay.bots.runner import MAX_TIME_LIMIT
+from medagent.relay.subscriptions.criteria import matches
+from medagent.relay.subscriptions.spec import DEFAULT_MAX_ATTEMPTS, Spec, subscription_spec
+from medagent.relay.subscriptions.webhook import Poster, sign
+from medagent.relay.webhooks import WebhookPolicy
 from medagent.storage.interfaces import DeliveryQueue, Transaction
-from medagent.storage.records import (  # the states are also this module's vocabulary
-    CANCELLED,
-    DELIVERED,
-    FAILED,
-    PENDING,  # noqa: F401 (re-exported: the states)
-    Delivery,
-    NewDelivery,
-)
-from medagent.storage.resources import SEARCH_PARAMS, index_values
+from medagent.storage.records import CANCELLED, DELIVERED, FAILED, Delivery, NewDelivery
 
 log = Logger()
 
-EXT_INTERACTION = "subscription-supported-interaction"
-EXT_SECRET = "subscription-secret"
-EXT_MAX_ATTEMPTS = "subscription-max-attempts"
-EXT_FHIRPATH = "fhir-path-criteria-expression"
-_MEDPLUM_EXT = re.compile(r"^https?://(?:www\.)?medplum\.com/fhir/StructureDefinition/(.+)$")
-
-INTERACTIONS = ("create", "update", "delete")
-DEFAULT_MAX_ATTEMPTS = 4
-MAX_ATTEMPTS_CAP = 18
 #: Resource types whose writes never fire Subscriptions: bot runs write AuditEvents, and a
 #: Subscription on them would feed itself.
 SKIP_TYPES = frozenset(["AuditEvent"])
 
-#: Bytes of a webhook's answer we read (and drop) before giving up on the connection.
-MAX_HOOK_RESPONSE = 64 * 1024
 
-# -- criteria ------------------------------------------------------------------------------
-
-
-class CriteriaError(ValueError):
-    """A Subscription.criteria we cannot evaluate; the text says why."""
+def no_jitter() -> float:
+    """No jitter: retries come exactly when L{retry_delay} says (the default)."""
+    return 0.0
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class Criteria:
-    """``Type?param=a,b&other=c``: AND across parameters, OR across comma values."""
-
-    resource_type: str
-    params: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
-
-
-def parse_criteria(text: Any) -> Criteria:
-    """Parse ``ServiceRequest`` or ``ServiceRequest?status=active`` (the store's params)."""
-    if not isinstance(text, str) or not text.strip():
-        raise CriteriaError("Subscription.criteria is required")
-    text = text.strip()
-    resource_type, _, query = text.partition("?")
-    if not re.fullmatch(r"[A-Z][A-Za-z]{1,63}", resource_type):
-        raise CriteriaError(f"Subscription.criteria must start with a resource type, not "
-                            f"{resource_type!r}")
-    params = []
-    for raw_name, value in parse_qsl(query, keep_blank_values=True):
-        name, _, modifier = raw_name.partition(":")
-        if name.startswith("_") and name != "_id":
-            continue  # _count, _sort...: meaningless for one resource
-        if name not in SEARCH_PARAMS:
-            raise CriteriaError(f"Unsupported search parameter {name!r} in criteria "
-                                f"(supported: {', '.join(SEARCH_PARAMS)})")
-        if modifier and not (name == "name" and modifier in ("exact", "contains")):
-            raise CriteriaError(f"Unsupported modifier {raw_name!r} in criteria")
-        params.append((name, modifier, tuple(value.split(","))))
-    return Criteria(resource_type, tuple(params))
-
-
-def _value_matches(name: str, modifier: str, wanted: str,
-                   rows: Sequence[tuple[str, str | None, str]], resource_id: Any) -> bool:
-    if name == "_id":
-        return resource_id == wanted
-    if name in ("identifier", "code"):
-        if "|" in wanted:
-            system, _, token = wanted.partition("|")
-            return any(p == name and v == token and (s == system if system else s is None)
-                       for p, s, v in rows)
-        return any(p == name and v == wanted for p, s, v in rows)
-    if name == "name":
-        wanted = wanted.lower()
-        if modifier == "exact":
-            return any(p == name and v == wanted for p, _, v in rows)
-        if modifier == "contains":
-            return any(p == name and wanted in v for p, _, v in rows)
-        return any(p == name and v.startswith(wanted) for p, _, v in rows)
-    return any(p == name and v == wanted for p, _, v in rows)
-
-
-def matches(criteria: Criteria, resource: Mapping[str, Any]) -> bool:
-    """Does C{resource} satisfy C{criteria} (same semantics as the store's search)?"""
-    if resource.get("resourceType") != criteria.resource_type:
-        return False
-    if not criteria.params:
-        return True
-    rows = index_values(resource)
-    return all(
-        any(_value_matches(name, modifier, alt, rows, resource.get("id")) for alt in alts)
-        for name, modifier, alts in criteria.params
-    )
-
-
-# -- subscriptions -------------------------------------------------------------------------
-
-
-def _extensions(resource: Mapping[str, Any]) -> Iterable[tuple[str, Mapping[str, Any]]]:
-    for ext in resource.get("extension") or []:
-        if isinstance(ext, Mapping) and isinstance(ext.get("url"), str):
-            m = _MEDPLUM_EXT.match(ext["url"])
-            yield (m.group(1) if m else ext["url"]), ext
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Spec:
-    """What we need from one Subscription resource, checked once when it is written."""
-
-    id: str
-    resource: Mapping[str, Any]
-    active: bool
-    criteria: Criteria | None
-    interactions: frozenset[str]
-    endpoint: str
-    kind: str  # "bot" | "url" | ""
-    secret: str | None
-    max_attempts: int
-    headers: tuple[tuple[str, str], ...]
-    problem: str | None  # why it can never fire, if it cannot
-    end: float | None = None  # Subscription.end: no notifications after it
-
-    @property
-    def usable(self) -> bool:
-        return self.active and self.problem is None
-
-    def live(self, now: float) -> bool:
-        return self.usable and (self.end is None or now < self.end)
-
-
-def subscription_spec(resource: Mapping[str, Any],
-                      default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                      policy: WebhookPolicy | None = None) -> Spec:
+def retry_delay(attempts: int, base: float, cap: float,
+                jitter: Callable[[], float] = no_jitter) -> float:
     """
-    What a Subscription resource asks for, and why it can never fire if it cannot: an
-    unusable Subscription is kept (and reported), never half-applied.
+    Seconds to wait after the C{attempts}-th failed attempt: base, 2·base, 4·base... ≤ cap
+    (Twisted's C{backoffPolicy}, whose attempt 0 is our first failure), plus C{jitter()}.
     """
-    policy = policy or WebhookPolicy()
-    problems: list[str] = []
-    criteria: Criteria | None = None
-    try:
-        criteria = parse_criteria(resource.get("criteria"))
-    except CriteriaError as e:
-        problems.append(str(e))
-    interactions: set[str] = set()
-    secret = None
-    max_attempts = default_max_attempts
-    for name, ext in _extensions(resource):
-        if name == EXT_INTERACTION:
-            code = ext.get("valueCode")
-            if code not in INTERACTIONS:
-                problems.append(f"supported-interaction must be one of "
-                                f"{', '.join(INTERACTIONS)}, not {code!r}")
-            else:
-                interactions.add(code)
-        elif name == EXT_SECRET:
-            if isinstance(ext.get("valueString"), str) and ext["valueString"]:
-                secret = ext["valueString"]
-        elif name == EXT_MAX_ATTEMPTS:
-            value = ext.get("valueInteger")
-            if isinstance(value, int) and not isinstance(value, bool):
-                max_attempts = max(1, min(MAX_ATTEMPTS_CAP, value))
-        elif name == EXT_FHIRPATH:
-            # Firing without the filter could send orders the user meant to hold back.
-            problems.append("fhir-path-criteria-expression is not supported by this relay")
-    raw_channel = resource.get("channel")
-    channel: Mapping[str, Any] = raw_channel if isinstance(raw_channel, Mapping) else {}
-    raw_endpoint = channel.get("endpoint")
-    endpoint: str = raw_endpoint if isinstance(raw_endpoint, str) else ""
-    kind = ""
-    if channel.get("type") != "rest-hook":
-        problems.append(f"channel.type {channel.get('type')!r} is not supported "
-                        "(only rest-hook)")
-    elif re.fullmatch(r"Bot/[A-Za-z0-9\-.]{1,64}", endpoint):
-        kind = "bot"
-    elif re.match(r"https?://", endpoint, re.I):
-        kind = "url"
-        problem = policy.url_problem(endpoint)
-        if problem:
-            problems.append(problem)
-    else:
-        problems.append("channel.endpoint must be Bot/{id} or an https URL")
-    end: float | None = None
-    if resource.get("end") is not None:
-        try:
-            when = datetime.fromisoformat(str(resource["end"]).replace("Z", "+00:00"))
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            end = when.timestamp()
-        except ValueError:
-            problems.append(f"Subscription.end {resource['end']!r} is not a dateTime")
-    headers = []
-    for header in channel.get("header") or []:
-        key, _, value = header.partition(":") if isinstance(header, str) else ("", "", "")
-        key, value = key.strip(), value.strip()
-        if not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", key) or len(value) > 1024:
-            problems.append("channel.header entries must be 'Name: value' (a token name, "
-                            "at most 1024 characters of value)")
-            continue
-        problem = header_problem(key, value)
-        if problem:
-            problems.append(problem)
-        else:
-            headers.append((key, value))
-    return Spec(
-        id=str(resource.get("id")),
-        resource=resource,
-        active=resource.get("status") == "active",
-        criteria=criteria,
-        interactions=frozenset(interactions) or frozenset(INTERACTIONS),
-        endpoint=endpoint,
-        kind=kind,
-        secret=secret,
-        max_attempts=max_attempts,
-        headers=tuple(headers),
-        problem="; ".join(problems) or None,
-        end=end,
-    )
+    return backoffPolicy(initialDelay=base, maxDelay=cap, factor=2.0,
+                         jitter=jitter)(max(0, attempts - 1))
 
-
-def sign(secret: str, body: bytes) -> str:
-    """``X-Signature``: hex HMAC-SHA256 of the exact body bytes, keyed by the secret."""
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
-
-
-def retry_delay(attempts: int, base: float, cap: float) -> float:
-    """Seconds to wait after the C{attempts}-th failed attempt: base, 2·base, 4·base... ≤ cap."""
-    return min(cap, base * (2 ** max(0, attempts - 1)))
-
-
-Poster = Callable[[str, bytes, Mapping[str, str], float], Deferred]
-
-
-def treq_poster(reactor: Any, policy: WebhookPolicy | None = None
-                ) -> tuple[Poster, Callable[[], Deferred]]:
-    """
-    An HTTP POST for URL endpoints (treq, own pool) and the function that closes it.  Every
-    connection goes through L{GuardedEndpointFactory}: resolved, checked against the
-    L{WebhookPolicy}, connected to the checked address; redirects are not followed.
-    """
-    import treq
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 4
-    agent = Agent.usingEndpointFactory(
-        reactor, GuardedEndpointFactory(reactor, policy or WebhookPolicy()), pool=pool)
-    client = HTTPClient(agent)
-
-    async def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
-        # treq's stub wants exactly this (invariant) dict type.
-        request_headers: dict[bytes | str, list[bytes | str]] = {
-            k: [v] for k, v in headers.items()}
-        response = await client.post(url, data=body, headers=request_headers,
-                                     allow_redirects=False, timeout=timeout)
-        seen = [0]
-
-        def drain(data: bytes) -> None:
-            seen[0] += len(data)
-            if seen[0] > MAX_HOOK_RESPONSE:
-                raise ValueError("webhook response too large")
-
-        try:
-            await treq.collect(response, drain)  # read it, so the connection can be reused
-        except Exception:
-            pass  # the status is what counts; an oversized body just loses the connection
-        return response.code
-
-    return ((lambda *a: ensureDeferred(post(*a))), pool.closeCachedConnections)
 
 
 class SubscriptionManager:
@@ -334,6 +86,7 @@ class SubscriptionManager:
         retention: float = 7 * 86400.0,
         failed_retention: float = 30 * 86400.0,
         policy: WebhookPolicy | None = None,
+        retry_jitter: Callable[[], float] = no_jitter,
     ) -> None:
         self.clock = clock
         self.policy = policy or WebhookPolicy()
@@ -344,6 +97,8 @@ class SubscriptionManager:
         self.concurrency = concurrency
         self.retry_base = retry_base
         self.retry_cap = retry_cap
+        #: seconds added to each retry delay (none by default: the documented schedule)
+        self.retry_jitter = retry_jitter
         self.http_timeout = http_timeout
         self.default_max_attempts = default_max_attempts
         self.retention = retention
@@ -563,7 +318,7 @@ class SubscriptionManager:
         self.queue.claim(now, lease, free).addCallbacks(claimed, failed)
 
     def _lease(self) -> float:
-        limit = getattr(self.runner, "max_time_limit", b.MAX_TIME_LIMIT)
+        limit = getattr(self.runner, "max_time_limit", MAX_TIME_LIMIT)
         return max(limit, self.http_timeout) + 60.0
 
     def _schedule(self, when: float | None) -> None:
@@ -639,7 +394,7 @@ class SubscriptionManager:
         if run.ok:
             return True, f"Bot/{run.bot_id} ran ({run.outcome})", True
         # A shutdown or a full queue is not the bot's failure: the attempt does not count.
-        counts = run.outcome not in (b.STOPPED, b.BUSY)
+        counts = run.outcome not in (STOPPED, BUSY)
         return False, run.error_text(), counts
 
     async def _to_url(self, spec: Spec, delivery: Delivery) -> tuple[bool, str, bool]:
@@ -663,10 +418,10 @@ class SubscriptionManager:
             ok = False
             detail = f"{type(e).__name__}: {str(e)[:200]}"
         ended = time.time()
-        outcome = b.SUCCESS if ok else b.ERROR
+        outcome = SUCCESS if ok else ERROR
         if getattr(self.runner, "audit", False) and not getattr(self.runner, "stopped", False) \
                 and self._running:
-            event = b.audit_event(
+            event = audit_event(
                 trigger="subscription", outcome=outcome, started=started, ended=ended,
                 summary=f"Subscription delivery to {spec.endpoint}: {detail}",
                 entities=[f"Subscription/{spec.id}",
@@ -691,7 +446,8 @@ class SubscriptionManager:
         if counts and attempts >= delivery.max_attempts:
             self._finish(delivery, FAILED, detail)
             return
-        delay = retry_delay(max(1, attempts), self.retry_base, self.retry_cap)
+        delay = retry_delay(max(1, attempts), self.retry_base, self.retry_cap,
+                            self.retry_jitter)
         if not counts:
             delay = min(delay, 5.0)
         now = self.clock.seconds()
