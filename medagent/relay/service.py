@@ -12,6 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from medagent import wire
+from medagent.metrics import metrics_service, relay_metrics
 from medagent.relay.auth import Authority, load_or_create_key
 from medagent.relay.bots import BotRunner, BotsService, WorkerPool, base_url_from_listen
 from medagent.relay.channels import ChannelRouter
@@ -178,6 +179,7 @@ class RelayService(service.MultiService):
         login_failures_per_client: int = 10,
         login_failures_per_address: int = 30,
         login_failure_window: float = 300.0,
+        metrics: str | None = None,
     ) -> None:
         super().__init__()
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -215,7 +217,8 @@ class RelayService(service.MultiService):
                               insecure_loopback=bot_base_url is None)
         policy = WebhookPolicy(webhook_allow)
         post, close_post = treq_poster(reactor, policy)
-        self.subscriptions = SubscriptionManager(reactor, SQLiteDeliveryQueue(self.db),
+        deliveries = SQLiteDeliveryQueue(self.db)
+        self.subscriptions = SubscriptionManager(reactor, deliveries,
                                                  self.store, self.bots,
                                                  poster=post, policy=policy,
                                                  retry_base=subscription_retry_base)
@@ -236,6 +239,10 @@ class RelayService(service.MultiService):
         self.listener = strports.service(listen, self.limits, reactor=reactor)
         self.listener.setServiceParent(self)
         self.listen = listen
+        # Metrics (/metrics on a listener of its own, off unless --metrics names one).
+        self.metrics = relay_metrics(self.hub, self.bots, deliveries.backlog, reactor)
+        if metrics:
+            metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

@@ -45,6 +45,8 @@ class RelayOptions(usage.Options):
         ["login-failures-per-address", None, "30",
          "Failed /oauth2/token attempts per source address per window (then 429)"],
         ["login-failure-window", None, "300", "Window of the login failure limits, seconds"],
+        ["metrics", None, None,
+         "Endpoint serving Prometheus /metrics, e.g. tcp:9465:interface=127.0.0.1 (default: off)"],
     ]
     optFlags = [
         ["bots-unsandboxed", None,
@@ -74,6 +76,8 @@ class AgentOptions(usage.Options):
         ["tls-ca", None, None, "PEM trust root for mllps:// (default: the platform's)"],
         ["tls-cert", None, None, "PEM client certificate for mllps://"],
         ["tls-key", None, None, "PEM private key of --tls-cert"],
+        ["metrics", None, None,
+         "Endpoint serving Prometheus /metrics, e.g. tcp:9464:interface=127.0.0.1 (default: off)"],
     ]
 
 
@@ -115,6 +119,7 @@ class RelayServiceMaker:
             login_failures_per_client=int(options["login-failures-per-client"]),
             login_failures_per_address=int(options["login-failures-per-address"]),
             login_failure_window=float(options["login-failure-window"]),
+            metrics=options["metrics"],
         )
 
 
@@ -151,7 +156,7 @@ class AgentServiceMaker:
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))
-        return AgentService(reactor, config)
+        return AgentService(reactor, config, metrics=options["metrics"])
 
 
 relay = RelayServiceMaker()
