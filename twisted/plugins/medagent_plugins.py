@@ -6,10 +6,17 @@ The global reactor is imported here, in ``makeService``, and nowhere else.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
+
+
+def _check_log_format(options: usage.Options) -> None:
+    if options["log-format"] not in ("text", "json"):
+        raise usage.UsageError("--log-format must be text or json")
 
 
 class RelayOptions(usage.Options):
@@ -47,7 +54,12 @@ class RelayOptions(usage.Options):
         ["login-failure-window", None, "300", "Window of the login failure limits, seconds"],
         ["metrics", None, None,
          "Endpoint serving Prometheus /metrics, e.g. tcp:9465:interface=127.0.0.1 (default: off)"],
+        ["log-format", None, "text",
+         "text (twistd's) or json (one JSON object a line on stdout; run with -n)"],
     ]
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted name)
+        _check_log_format(self)
     optFlags = [
         ["bots-unsandboxed", None,
          "Development only: run bots without the sandbox (e.g. a relay that is not root)"],
@@ -78,7 +90,12 @@ class AgentOptions(usage.Options):
         ["tls-key", None, None, "PEM private key of --tls-cert"],
         ["metrics", None, None,
          "Endpoint serving Prometheus /metrics, e.g. tcp:9464:interface=127.0.0.1 (default: off)"],
+        ["log-format", None, "text",
+         "text (twistd's) or json (one JSON object a line on stdout; run with -n)"],
     ]
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted name)
+        _check_log_format(self)
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -90,9 +107,10 @@ class RelayServiceMaker:
     def makeService(self, options: RelayOptions):
         from twisted.internet import reactor
 
+        from medagent.logs import with_log_format
         from medagent.relay.service import RelayService
 
-        return RelayService(
+        return with_log_format(RelayService(
             reactor,
             data_dir=options["data"],
             listen=options["listen"],
@@ -120,7 +138,7 @@ class RelayServiceMaker:
             login_failures_per_address=int(options["login-failures-per-address"]),
             login_failure_window=float(options["login-failure-window"]),
             metrics=options["metrics"],
-        )
+        ), options["log-format"], sys.stdout)
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -156,7 +174,10 @@ class AgentServiceMaker:
             )
         except ConfigError as e:
             raise usage.UsageError(str(e))
-        return AgentService(reactor, config, metrics=options["metrics"])
+        from medagent.logs import with_log_format
+
+        return with_log_format(AgentService(reactor, config, metrics=options["metrics"]),
+                               options["log-format"], sys.stdout)
 
 
 relay = RelayServiceMaker()
