@@ -312,7 +312,8 @@ class AgentMetrics(Metrics):
 
         def collect() -> Iterator[Metric]:
             depth = GaugeMetricFamily("medagent_agent_lane_depth",
-                                      "Messages waiting on a device lane (in flight included)",
+                                      "Messages waiting on a device lane (in flight included); "
+                                      "a lane with none is not listed",
                                       labels=["lane"])
             busy = GaugeMetricFamily("medagent_agent_lane_in_flight",
                                      "1 while a lane's message is with its device",
@@ -392,6 +393,7 @@ class MetricsResource(Resource):
 def metrics_site(metrics: Metrics, clock: Any) -> Site:
     site = Site(MetricsResource(metrics, clock))
     site.displayTracebacks = False
+    site.log = lambda request: None  # a scrape every few seconds is not worth a log line
     return site
 
 

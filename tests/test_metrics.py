@@ -6,16 +6,22 @@ scraping real twistd relay and agent processes over loopback while pushes flow.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
+import treq
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
 
 from medagent import wire
+from medagent.client import MedagentClient
 from medagent.delivery import DeliveryError, Reply
 from medagent.destination import lane_key
 from medagent.metrics import (
@@ -29,6 +35,9 @@ from medagent.metrics import (
     relay_metrics,
 )
 from medagent.storage import journal as j
+from tests import procs
+from tests.peerenv import FIXTURES
+from tests.test_e2e import hl7
 from tests.test_hub import HL7, _HubCase
 from tests.test_lanes import QueueBase
 
@@ -300,3 +309,118 @@ class ResourceTests(SynchronousTestCase):
     def test_other_paths_are_404(self) -> None:
         request = self.render(RelayMetrics(), Clock(), b"admin")
         self.assertEqual(request.responseCode, 404)
+
+
+class MetricsIntegration(TestCase):
+    """
+    Real twistd relay and agent with ``--metrics`` and ``--log-format json``, a real MLLP
+    device (python-hl7's server): both endpoints scraped over loopback while pushes flow.
+    """
+
+    timeout = 120
+
+    def test_scrape_relay_and_agent_while_pushes_flow(self) -> Deferred:
+        return ensureDeferred(self._go())
+
+    async def scrape(self, port: int) -> Samples:
+        response = await treq.get(f"http://127.0.0.1:{port}/metrics", timeout=10,
+                                  pool=self.pool)
+        self.assertEqual(response.code, 200)
+        self.assertIn("version=0.0.4", response.headers.getRawHeaders("content-type")[0])
+        text = (await response.content()).decode("utf-8")
+        for secret in ("12345", "DOE^JANE", "MET0000"):
+            self.assertNotIn(secret, text)
+        return scrape_text(text)
+
+    async def _go(self) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        relay_metrics_port, agent_metrics_port = procs.free_port(), procs.free_port()
+        relay = procs.RelayFixture(self)
+        admin_creds = relay.create_client("admin")
+        await relay.start([f"--metrics=tcp:{relay_metrics_port}:interface=127.0.0.1",
+                           "--log-format=json"])
+        admin = MedagentClient(reactor, relay.url, admin_creds["clientId"],
+                               admin_creds["clientSecret"])
+        self.addCleanup(admin.close)
+        agent = await admin.create({"resourceType": "Agent", "name": "lab", "status": "active"})
+        agent_creds = relay.create_client("agent", [agent["id"]])
+        mllp_port = procs.free_port()
+        device_proc = procs.python(
+            self, "python-hl7-server",
+            [os.path.join(FIXTURES, "hl7", "pyhl7_server.py"), str(mllp_port)])
+        await device_proc.wait_for("MLLP server on", timeout=20)
+        device = await admin.create({"resourceType": "Device",
+                                     "url": f"mllp://127.0.0.1:{mllp_port}"})
+        agent = await admin.update({**agent, "device": {"reference": f"Device/{device['id']}"}})
+
+        before = await self.scrape(relay_metrics_port)
+        self.assertEqual(value(before, "medagent_relay_connected_agents"), 0)
+        self.assertIsNone(value(before, "medagent_relay_pushes_total", state="delivered"))
+
+        agent_proc = procs.agent_process(
+            self, relay.url, agent_creds, agent["id"],
+            [f"--metrics=tcp:{agent_metrics_port}:interface=127.0.0.1", "--log-format=json"])
+
+        async def connected() -> bool:
+            s = await self.scrape(relay_metrics_port)
+            return value(s, "medagent_relay_connected_agents") == 1
+
+        await procs.wait_until(connected, timeout=30, interval=0.2, what="agent connected")
+
+        for i in range(3):
+            ack = await admin.push_to_agent(agent, f"Device/{device['id']}",
+                                            hl7(f"MET0000{i}"), "x-application/hl7-v2+er7",
+                                            True)
+            self.assertIn(f"MSA|AA|MET0000{i}", ack)
+            s = await self.scrape(relay_metrics_port)
+            self.assertEqual(value(s, "medagent_relay_pushes_total", state="delivered"), i + 1)
+            self.assertEqual(value(s, "medagent_relay_push_latency_seconds_count",
+                                   state="delivered"), i + 1)
+
+        async def agent_counted() -> Samples | None:
+            s = await self.scrape(agent_metrics_port)
+            return s if value(s, "medagent_agent_deliveries_total",
+                              outcome="delivered") == 3 else None
+
+        s = await procs.wait_until(agent_counted, timeout=20, interval=0.2,
+                                   what="agent metrics")
+        self.assertEqual(value(s, "medagent_agent_device_latency_seconds_count", scheme="mllp"),
+                         3)
+        lane = lane_label(f"mllp://127.0.0.1:{mllp_port}")
+        self.assertIsNone(value(s, "medagent_agent_lane_depth", lane=lane))  # empty: unlisted
+        self.assertEqual(value(s, "medagent_agent_relay_connected"), 1)
+        self.assertEqual(value(s, "medagent_agent_relay_connects_total"), 1)
+        relay_s = await self.scrape(relay_metrics_port)
+        self.assertEqual(value(relay_s, "medagent_relay_agent_connects_total"), 1)
+        self.assertEqual(value(relay_s, "medagent_relay_subscription_backlog"), 0)
+
+        # a device that is down: errors by destination on the agent, the lane holds it
+        down_port = procs.free_port()
+        down = await admin.create({"resourceType": "Device",
+                                   "url": f"mllp://127.0.0.1:{down_port}"})
+        agent = await admin.update({**agent, "device": [
+            {"reference": f"Device/{device['id']}"}, {"reference": f"Device/{down['id']}"}]})
+        await admin.push_to_agent(agent, f"Device/{down['id']}", hl7("MET00009"),
+                                  "x-application/hl7-v2+er7")
+
+        async def errors_counted() -> Samples | None:
+            s = await self.scrape(agent_metrics_port)
+            n = value(s, "medagent_agent_device_errors_total",
+                      destination=f"127.0.0.1:{down_port}", phase="connect")
+            return s if n and value(s, "medagent_agent_lane_depth",
+                                    lane=lane_label(f"mllp://127.0.0.1:{down_port}")) == 1 \
+                else None
+
+        await procs.wait_until(errors_counted, timeout=20, interval=0.2, what="device errors")
+
+        # --log-format json: one object a line, fields, never the payload
+        for proc in (relay.proc, agent_proc):
+            assert proc is not None
+            lines = [json.loads(line) for line in proc.text.splitlines()
+                     if line.startswith("{")]
+            self.assertTrue(any(e.get("log_namespace", "").startswith("medagent")
+                                for e in lines), proc.name)
+            for secret in ("12345", "DOE^JANE"):
+                self.assertNotIn(secret, proc.text)
+        await agent_proc.stop()
+        await relay.stop()
