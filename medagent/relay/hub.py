@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.destination import lane_key
-from medagent.metrics import RelayMetrics
 from medagent.fhir import FHIRError
+from medagent.metrics import RelayMetrics
 from medagent.relay.auth import AGENT, CLIENT_REVOKED, TOKEN_EXPIRED, Authority
 from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
