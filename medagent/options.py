@@ -60,6 +60,43 @@ def http_url(text: str) -> str:
 http_url.coerceDoc = "An http:// or https:// URL."  # type: ignore[attr-defined]
 
 
+def endpoint(text: str) -> str:
+    """A server endpoint string (e.g. ``tcp:9465:interface=127.0.0.1``), parsed, not bound."""
+    from twisted.internet import endpoints
+
+    try:
+        endpoints.serverFromString(None, text)  # parse only
+    except Exception as e:
+        raise ValueError(f"{text!r} is not an endpoint string "
+                         f"(e.g. tcp:9465:interface=127.0.0.1): {e}")
+    return text
+
+
+endpoint.coerceDoc = "An endpoint string."  # type: ignore[attr-defined]
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
+log_format.coerceDoc = "text or json."  # type: ignore[attr-defined]
+
+def operations_options(metrics_example: str) -> list[list[Any]]:
+    """The operations options both services take: ``--metrics`` and ``--log-format``."""
+    return [
+        ["metrics", None, None,
+         f"Endpoint serving Prometheus /metrics, e.g. {metrics_example} (default: off)",
+         endpoint],
+        ["log-format", None, "text",
+         "text (twistd's) or json (one JSON object a line on stdout; run with -n)",
+         log_format],
+    ]
+
+
 def env_name(option: str) -> str:
     """C{max-body} -> C{MEDAGENT_MAX_BODY}."""
     return "MEDAGENT_" + option.upper().replace("-", "_")

@@ -203,12 +203,22 @@ class RelayFixture:
              "--listen", f"tcp:{self.port or 0}:interface=127.0.0.1", *bot_sandbox_args(),
              *extra],
         )
-        await self.proc.wait_for("medagent relay listening on http://", timeout=30)
-        found = LISTENING.search(bytes(self.proc.output))
-        if found is None:
-            raise RuntimeError(f"relay did not say its port:\n{self.proc.text[-3000:]}")
-        self.port = int(found.group(2))
+        # the text line, or with --log-format json the event's url field
+        await self.proc.wait_for("medagent relay listening on", timeout=30)
+        self.port = self._bound_port()
         return self
+
+    def _bound_port(self) -> int:
+        assert self.proc is not None
+        found = LISTENING.search(bytes(self.proc.output))
+        if found is not None:
+            return int(found.group(2))
+        for line in self.proc.text.splitlines():
+            if "medagent relay listening on" in line and line.startswith("{"):
+                url = json.loads(line).get("url", "")
+                if url.startswith("http://127.0.0.1:"):
+                    return int(url.rsplit(":", 1)[1])
+        raise RuntimeError(f"relay did not say its port:\n{self.proc.text[-3000:]}")
 
     async def stop(self, sig: int = signals.SIGTERM) -> None:
         if self.proc is not None:

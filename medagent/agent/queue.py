@@ -50,6 +50,7 @@ from medagent.delivery import (
     in_doubt,
 )
 from medagent.destination import DestinationError, lane_key, parse_destination
+from medagent.metrics import AgentMetrics
 from medagent.storage.sqlite.agent_queue import (  # noqa: F401 (DONE: one of the states)
     DELIVERING, DONE, QUEUED, SQLiteInbox)
 from medagent.storage.sqlite.database import Database
@@ -97,6 +98,8 @@ class DurableQueue:
         self.lanes: dict[str, _Lane] = {}
         self.stats = {"received": 0, "duplicates": 0, "delivered": 0, "failed": 0,
                       "retries": 0, "inDoubt": 0}
+        #: delivery counters and latency; a private registry unless the service sets one
+        self.metrics = AgentMetrics()
         self._stopped = False
 
     @staticmethod
@@ -299,12 +302,14 @@ class DurableQueue:
         options = json.loads(row["options"] or "{}")
         if not marked:
             options[BEFORE_WRITE] = before_write
+        started = self.clock.seconds()
         d = maybeDeferred(self.dispatcher.dispatch, row["remote"], row["content_type"],
                           row["body"], options)
-        d.addBoth(lambda outcome: self._delivered(key, lane, row, outcome, attempt["marked"]))
+        d.addBoth(lambda outcome: self._delivered(key, lane, row, outcome, attempt["marked"],
+                                                  self.clock.seconds() - started))
 
     def _delivered(self, key: str, lane: _Lane, row: Any, outcome: Reply | Failure,
-                   marked: bool = True) -> None:
+                   marked: bool = True, seconds: float | None = None) -> None:
         push_id = row["push_id"]
         msg = {"remote": row["remote"], "callback": row["callback"], "channel": None}
         if isinstance(outcome, Failure) and isinstance(outcome.value, DeliveryError) and \
@@ -319,6 +324,7 @@ class DurableQueue:
                 if err.transient and not doubt and \
                         (err.phase in RETRYABLE_PHASES or err.reply is not None) and \
                         row["attempts"] < _attempt_limit(row["remote"], err):
+                    self.metrics.delivery(row["remote"], "retrying", seconds, err.phase)
                     self._retry_later(key, lane, row, err)
                     return
                 reason, transient = err.reason, err.transient
@@ -334,6 +340,8 @@ class DurableQueue:
                 self.stats["inDoubt"] += 1
             answer = _failed_answer(push_id, row["remote"], row["callback"], reason,
                                     status=status, transient=transient, doubt=doubt)
+            self.metrics.delivery(row["remote"], "failed", seconds,
+                                  err.phase if isinstance(err, DeliveryError) else "internal")
             lane.failed += 1
             lane.last_error = reason
             self.stats["failed"] += 1
@@ -344,6 +352,8 @@ class DurableQueue:
                 msg, status_code=reply.status_code, content_type=reply.content_type,
                 body=reply.body, pushId=push_id,
                 delivery="delivered" if reply.delivered else "failed", detail=reply.detail)
+            self.metrics.delivery(row["remote"], "delivered" if reply.delivered else "refused",
+                                  seconds)
             if reply.delivered:
                 lane.delivered += 1
                 self.stats["delivered"] += 1

@@ -29,6 +29,7 @@ from medagent.client import MedagentClient
 from medagent.delivery import Sender
 from medagent.storage.sqlite.database import Database
 from medagent.logbuffer import LogBuffer
+from medagent.metrics import agent_metrics, metrics_service
 
 log = Logger()
 
@@ -57,6 +58,7 @@ class AgentService(service.MultiService):
         config: AgentConfig,
         *,
         senders: Mapping[str, Sender] | None = None,
+        metrics: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -97,6 +99,10 @@ class AgentService(service.MultiService):
         self.app.on_live.append(self._first_live)
         self.uplink = uplink_service(reactor, config.relay, self.app)
         self.uplink.setServiceParent(self)
+        # Metrics (/metrics on a listener of its own, off unless --metrics names one).
+        self.metrics = agent_metrics(self.app)
+        if metrics:
+            metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 
     def startService(self) -> None:
         globalLogPublisher.addObserver(cast(ILogObserver, self.logs))

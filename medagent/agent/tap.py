@@ -15,6 +15,7 @@ environment variables).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Mapping
 
 from twisted.python import usage
@@ -22,7 +23,8 @@ from twisted.python import usage
 from medagent.agent.config import (DEFAULT_DATA_DIR, DEFAULT_HEARTBEAT_INTERVAL,
                                    DEFAULT_SYNCHRONOUS, HEARTBEAT_RANGE, AgentConfig,
                                    ConfigError, load_config)
-from medagent.options import argv_from_env, number, synchronous
+from medagent.logs import with_log_format
+from medagent.options import argv_from_env, number, operations_options, synchronous
 
 
 class Options(usage.Options):
@@ -58,6 +60,7 @@ class Options(usage.Options):
         ["tls-ca", None, None, "PEM trust root for mllps:// (default: the platform's)"],
         ["tls-cert", None, None, "PEM client certificate for mllps://"],
         ["tls-key", None, None, "PEM private key of --tls-cert"],
+        *operations_options("tcp:9464:interface=127.0.0.1"),
     ]
 
     def postOptions(self) -> None:
@@ -106,4 +109,6 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         from twisted.internet import reactor
     from medagent.agent.service import AgentService
 
-    return AgentService(reactor, agent_config(options))
+    return with_log_format(AgentService(reactor, agent_config(options),
+                                        metrics=options["metrics"]),
+                           options["log-format"], sys.stdout)

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from medagent import wire
 from medagent.destination import lane_key
 from medagent.fhir import FHIRError
+from medagent.metrics import RelayMetrics
 from medagent.relay.auth import AGENT, CLIENT_REVOKED, TOKEN_EXPIRED, Authority
 from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
@@ -128,6 +129,8 @@ class Session:
         #: closes the socket unless it authenticates in time (cancelled when it does)
         self.connect_deadline: Any = None
         self.frames_before_connect = 0
+        #: when the heartbeat request now unanswered was sent (clock seconds), for its RTT
+        self.heartbeat_sent_at: float | None = None
 
     @property
     def refreshes_token(self) -> bool:
@@ -214,6 +217,8 @@ class Hub:
         self._requests: dict[str, Deferred[dict[str, Any]]] = {}
         #: pushes someone waits on, so a late answer updates the copy the waiter holds
         self._pending_pushes: dict[str, Push] = {}
+        #: counters and histograms moved here; a private registry unless the service sets one
+        self.metrics = RelayMetrics()
         authority.revocation_listeners.append(self._client_revoked)
 
     # -- connection lifecycle ----------------------------------------------------------
@@ -251,6 +256,7 @@ class Hub:
         if agent_id is None or self.sessions.get(agent_id) is not session:
             return
         del self.sessions[agent_id]
+        self.metrics.agent_disconnected()
         self._status[agent_id] = {
             "status": "disconnected",
             "version": session.version or "unknown",
@@ -319,6 +325,10 @@ class Hub:
                 session.conn.send_message(wire.heartbeat_response())
             elif kind == wire.HEARTBEAT_RESPONSE:
                 session.outstanding_heartbeats = 0
+                if session.heartbeat_sent_at is not None:
+                    self.metrics.heartbeat_answered(self.clock.seconds()
+                                                    - session.heartbeat_sent_at)
+                    session.heartbeat_sent_at = None
                 if isinstance(msg.get("version"), str):
                     session.version = msg["version"]
                 if not session.ever_ready:
@@ -411,6 +421,8 @@ class Hub:
             session.principal = principal
             session.connected_at = self.clock.seconds()
             self.sessions[agent_id] = session
+            if first:
+                self.metrics.agent_connected(agent_id)
             self._cancel_connect_deadline(session)
             authenticated = getattr(session.conn, "authenticated", None)
             if authenticated is not None:
@@ -466,6 +478,7 @@ class Hub:
             session.conn.close("missed heartbeats")
             return
         session.outstanding_heartbeats += 1
+        session.heartbeat_sent_at = self.clock.seconds()
         session.conn.send_message({"type": wire.HEARTBEAT_REQUEST})
 
     def _end_session(self, session: Session, problem: str) -> None:
@@ -645,6 +658,7 @@ class Hub:
         session.conn.send_message(msg)
         if push.state != j.ACCEPTED:
             self.journal.transition(push, j.SENT, count_attempt=True)
+            self.metrics.push_state(j.SENT)
         # Until its answer only the record is kept, not the payload (someone waiting holds
         # the full push anyway): a window of thousands stays small in memory.
         session.in_flight[push.id] = (
@@ -841,6 +855,8 @@ class Hub:
         in_doubt: bool = False,
     ) -> Deferred[Push]:
         d = self.journal.transition(push, state, error=error, reply=reply, in_doubt=in_doubt)
+        self.metrics.push_finished(
+            state, self.clock.seconds() - push.created if push.created else None)
         self._pending_pushes.pop(push.id, None)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
@@ -909,6 +925,8 @@ class Hub:
         if delivery == "accepted":
             error = msg.get("error") if isinstance(msg.get("error"), str) else None
             if push.state != j.ACCEPTED or error:
+                if push.state != j.ACCEPTED:
+                    self.metrics.push_state(j.ACCEPTED)
                 self.journal.transition(push, j.ACCEPTED, error=error)
             if error:
                 self._answer_retrying(push)

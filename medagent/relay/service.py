@@ -22,6 +22,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from medagent import wire
+from medagent.metrics import metrics_service, relay_metrics
 from medagent.relay.auth import DEFAULT_TOKEN_LIFETIME, Authority, load_or_create_key
 from medagent.relay.bots import (DEFAULT_BOT_USER, DEFAULT_MEMORY_MB, DEFAULT_TIME_LIMIT,
                                  DEFAULT_WORKERS, BotRunner, BotsService, WorkerPool,
@@ -349,6 +350,7 @@ class RelayService(service.MultiService):
         login_failures_per_client: int = DEFAULT_LOGIN_FAILURES_PER_CLIENT,
         login_failures_per_address: int = DEFAULT_LOGIN_FAILURES_PER_ADDRESS,
         login_failure_window: float = DEFAULT_LOGIN_FAILURE_WINDOW,
+        metrics: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -393,7 +395,8 @@ class RelayService(service.MultiService):
                               insecure_loopback=bot_base_url is None)
         policy = WebhookPolicy(webhook_allow)
         post, close_post = treq_poster(reactor, policy)
-        self.subscriptions = SubscriptionManager(reactor, SQLiteDeliveryQueue(self.db),
+        deliveries = SQLiteDeliveryQueue(self.db)
+        self.subscriptions = SubscriptionManager(reactor, deliveries,
                                                  self.store, self.bots,
                                                  poster=post, policy=policy,
                                                  retry_base=subscription_retry_base)
@@ -420,6 +423,11 @@ class RelayService(service.MultiService):
         if self.bots.base_url is None:
             # e.g. tcp:0: the first listener's address, once it has one
             self.listeners[0].on_bound.append(self._bot_url_from_listener)
+
+        # Metrics (/metrics on a listener of its own, off unless --metrics names one).
+        self.metrics = relay_metrics(self.hub, self.bots, deliveries.backlog, reactor)
+        if metrics:
+            metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 
     @property
     def listener(self) -> Listener:

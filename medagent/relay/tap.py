@@ -15,12 +15,15 @@ environment variables).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Mapping
 
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from medagent.options import argv_from_env, http_url, number, synchronous
+from medagent.logs import with_log_format
+from medagent.options import (argv_from_env, http_url, number, operations_options,
+                              synchronous)
 from medagent.relay import service as relay_service
 from medagent.relay.bots import MAX_TIME_LIMIT
 
@@ -94,6 +97,7 @@ class Options(usage.Options):
          number(int, 1, 1_000_000)],
         ["login-failure-window", None, relay_service.DEFAULT_LOGIN_FAILURE_WINDOW,
          "Window of the login failure limits, seconds", number(float, 1, 86400, " seconds")],
+        *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
         ["bots-unsandboxed", None,
@@ -155,6 +159,7 @@ class Options(usage.Options):
             "login_failures_per_client": self["login-failures-per-client"],
             "login_failures_per_address": self["login-failures-per-address"],
             "login_failure_window": self["login-failure-window"],
+            "metrics": self["metrics"],
         }
 
 
@@ -172,4 +177,5 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     if reactor is None:
         from twisted.internet import reactor
 
-    return relay_service.RelayService(reactor, **options.service_kwargs())
+    return with_log_format(relay_service.RelayService(reactor, **options.service_kwargs()),
+                           options["log-format"], sys.stdout)

@@ -285,6 +285,9 @@ class DeliveryQueue(Protocol):
              limit: int = 100) -> Deferred[list["Delivery"]]:
         """Deliveries (optionally of one Subscription / in one state), newest first."""
 
+    def backlog(self) -> Deferred[tuple[int, float | None]]:
+        """(pending deliveries, creation time of the oldest pending one or None): metrics."""
+
 
 # -- the agent's durable queues ------------------------------------------------------------
 

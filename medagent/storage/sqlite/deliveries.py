@@ -182,3 +182,12 @@ class SQLiteDeliveryQueue:
                 "LIMIT ?", (*args, limit))]
 
         return self._db.run(txn)
+
+    def backlog(self) -> Deferred[tuple[int, float | None]]:
+        def txn(conn: Any) -> tuple[int, float | None]:
+            row = conn.execute(
+                "SELECT count(*) AS n, min(created) AS t FROM subscription_deliveries "
+                "WHERE state=?", (PENDING,)).fetchone()
+            return int(row["n"]), row["t"]
+
+        return self._db.run(txn)
