@@ -254,8 +254,10 @@ class MedplumAgent:
         self.proc: procs.Proc | None = None
 
     async def start(self) -> procs.Proc:
+        # its pid file lives in os.tmpdir(): one of its own, so no other run's agent counts
         self.proc = procs.spawn(self.testcase, "medplum-agent",
-                                [self.node, "-r", self.shim, self.script], cwd=self.cwd)
+                                [self.node, "-r", self.shim, self.script], cwd=self.cwd,
+                                env={"TMPDIR": self.cwd})
         await self.proc.wait_for(READY, timeout=40)
         return self.proc
 

@@ -57,9 +57,11 @@ class MedplumAgentOrderTest(TestCase):
                         f"clientSecret={creds['clientSecret']}\nagentId={agent['id']}\n"
                         "logLevel=INFO\nlogger.main.logDir=./logs\n"
                         "logger.channel.logDir=./logs\n")
+            # its pid file lives in os.tmpdir(): one of its own, so no other run's agent counts
             procs.spawn(self, "medplum-agent",
                         [node, "-r", os.path.join(folder, "loopback-listen.cjs"),
-                         os.path.join(folder, "agent.cjs")], cwd=workdir)
+                         os.path.join(folder, "agent.cjs")], cwd=workdir,
+                        env={"TMPDIR": workdir})
 
             def sink_ids() -> list[str]:
                 with open(sink_log, encoding="ascii") as f:
