@@ -123,6 +123,16 @@ class AgentAppTests(SynchronousTestCase):
         self.assertEqual([c[0] for c in self.sender.calls],
                          ["mllp://dev:1", "mllp://other:2", "mllp://dev:1"])
 
+    def test_retry_delays_double_up_to_the_cap_times_jitter(self) -> None:
+        """The queue's backoff: 1, 2, 4 ... capped at 60 s, scaled 0.5x .. 1.5x by C{rng}."""
+        queue = self.app.queue
+        self.assertEqual([queue.retry_delay(n) for n in range(1, 9)],
+                         [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0])
+        queue.rng = lambda: 0.0
+        self.assertEqual([queue.retry_delay(n) for n in (1, 3, 7, 500)], [0.5, 2.0, 30.0, 30.0])
+        queue.rng = lambda: 0.999
+        self.assertAlmostEqual(queue.retry_delay(7), 60.0 * 1.499)
+
     def test_transient_failure_retried_with_backoff(self) -> None:
         self.go_live()
         self.push("p1")
