@@ -302,7 +302,7 @@ class PushTests(SynchronousTestCase):
                                  token=r.pusher)
         params = {p["name"]: p for p in json.loads(body)["parameter"]}
         self.assertEqual((status, params["status"]["valueCode"]), (200, "disconnected"))
-        status, _, body = r.call("GET", f"/fhir/R4/Agent/a/b/$status", token=r.pusher)
+        status, _, body = r.call("GET", "/fhir/R4/Agent/a/b/$status", token=r.pusher)
         self.assertEqual((status, outcome_text(body)), (404, "No such Agent operation path"))
 
 

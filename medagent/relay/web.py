@@ -192,4 +192,4 @@ class Root(Resource):
         self.putChild(b"ws", cast(IResource, ws))
 
     def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802
-        return cast(Resource, self.api.getChildWithDefault(path, request))
+        return self.api.getChildWithDefault(path, request)
