@@ -10,12 +10,17 @@ answers of the router itself (404, 405, 415, 401), plus the route table's patter
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
 from urllib.parse import urlencode
 
 from treq.testing import StubTreq
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from medagent import wire
 from medagent.relay.access import EXT_DEVICE
@@ -30,6 +35,7 @@ from medagent.storage.sqlite.clients import SQLiteClientRegistry
 from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.storage.sqlite.store import SQLiteStore
 from tests.fakes import InlineReactor, inline_database
+from tests.test_hub import FakeConnection
 
 HL7_V2 = "x-application/hl7-v2+er7"
 BASE = "http://relay.test"
@@ -340,19 +346,20 @@ class RouteTableTests(SynchronousTestCase):
         self.assertEqual(Route(ANY, "a", router.health).match("PATCH", ["a"]), {})
 
 
-class WireIsUntouched(SynchronousTestCase):
-    """Not waited, the push is journaled and sent to a connected agent as before."""
+class ConnectedAgentTests(SynchronousTestCase):
+    """Pushes through the API to an agent connected to the hub (a fake connection)."""
 
-    def test_push_to_connected_agent_is_sent(self) -> None:
-        from tests.test_hub import FakeConnection
-
-        r = InMemoryRelay(self)
+    def setUp(self) -> None:
+        r = self.relay = InMemoryRelay(self)
         agent_client = r.ok(r.auth.create_client("agent", [r.agent["id"]]))
-        conn = FakeConnection()
-        session = r.hub.connection_made(conn)
-        r.hub.frame_received(session, wire.encode({
+        self.conn = conn = FakeConnection()
+        self.session = r.hub.connection_made(conn)
+        r.hub.frame_received(self.session, wire.encode({
             "type": wire.CONNECT_REQUEST, "agentId": r.agent["id"],
             "accessToken": r.token(agent_client), "capabilities": [wire.CAP_DURABLE]}))
+
+    def test_push_to_connected_agent_is_sent(self) -> None:
+        r, conn = self.relay, self.conn
         status, headers, _ = r.call(
             "POST", f"/fhir/R4/Agent/{r.agent['id']}/$push", token=r.pusher,
             body={"destination": f"Device/{r.device['id']}", "contentType": HL7_V2,
@@ -360,3 +367,26 @@ class WireIsUntouched(SynchronousTestCase):
         self.assertEqual(status, 202)
         [sent] = conn.of_type(wire.TRANSMIT_REQUEST)
         self.assertEqual(sent["pushId"], headers["x-medagent-push-id"])
+
+    def test_caller_gone_during_a_waited_push(self) -> None:
+        """Nothing is written to a gone caller (the 499 stays internal); the push goes on."""
+        r = self.relay
+        request = DummyRequest([b"fhir", b"R4", b"Agent", r.agent["id"].encode(), b"$push"])
+        request.method = b"POST"
+        request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {r.pusher}".encode()])
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/fhir+json"])
+        request.content = BytesIO(json.dumps({
+            "destination": f"Device/{r.device['id']}", "contentType": HL7_V2,
+            "body": HL7.format(ctrl="G1"), "waitForResponse": True}).encode())
+        resource = getChildForRequest(r.root, request)
+        self.assertEqual(resource.render(request), NOT_DONE_YET)
+        [sent] = self.conn.of_type(wire.TRANSMIT_REQUEST)
+        request._disconnected = True  # what Request.connectionLost does, then:
+        request.processingFailed(Failure(ConnectionDone()))
+        self.assertEqual((request.written, request.finished, request.responseCode),
+                         ([], 0, None))
+        r.hub.frame_received(self.session, wire.encode({
+            "type": wire.TRANSMIT_RESPONSE, "remote": sent["remote"],
+            "callback": sent["callback"], "contentType": HL7_V2, "statusCode": 200,
+            "body": "MSH|^~\\&|LIS\rMSA|AA|G1"}))
+        self.assertEqual(r.ok(r.journal.get(sent["pushId"])).state, j.DELIVERED)
