@@ -123,6 +123,16 @@ class AgentAppTests(SynchronousTestCase):
         self.assertEqual([c[0] for c in self.sender.calls],
                          ["mllp://dev:1", "mllp://other:2", "mllp://dev:1"])
 
+    def test_retry_delays_double_up_to_the_cap_times_jitter(self) -> None:
+        """The queue's backoff: 1, 2, 4 ... capped at 60 s, scaled 0.5x .. 1.5x by C{rng}."""
+        queue = self.app.queue
+        self.assertEqual([queue.retry_delay(n) for n in range(1, 9)],
+                         [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0])
+        queue.rng = lambda: 0.0
+        self.assertEqual([queue.retry_delay(n) for n in (1, 3, 7, 500)], [0.5, 2.0, 30.0, 30.0])
+        queue.rng = lambda: 0.999
+        self.assertAlmostEqual(queue.retry_delay(7), 60.0 * 1.499)
+
     def test_transient_failure_retried_with_backoff(self) -> None:
         self.go_live()
         self.push("p1")
@@ -254,11 +264,9 @@ class AgentAppTests(SynchronousTestCase):
         """A message stored after its lane emptied and was retired is still delivered."""
         self.go_live()
         self.push("p1")  # in flight
-        self.db._flushing = True  # hold the next commit, as a busy database thread would
-        self.push("p2")  # arrives while p1's lane is busy
-        self.sender.calls[0][2].callback(Reply("A1"))  # p1 done: the empty lane is retired
-        self.db._flushing = False
-        self.db._flush()  # now p2 is stored
+        with self.db.hold():  # hold the next commit, as a busy database thread would
+            self.push("p2")  # arrives while p1's lane is busy
+            self.sender.calls[0][2].callback(Reply("A1"))  # p1 done: the empty lane is retired
         self.assertEqual(len(self.sender.calls), 2)
         self.sender.calls[1][2].callback(Reply("A2"))
         self.assertEqual([a["body"] for a in self.answers()], ["A1", "A2"])
@@ -267,12 +275,10 @@ class AgentAppTests(SynchronousTestCase):
         """The case a websocket cut produces: stores of one lane overlap its idle moment."""
         self.go_live()
         self.push("p1")  # in flight
-        self.db._flushing = True
-        self.push("p2")  # lane busy: queued
-        self.sender.calls[0][2].callback(Reply("A1"))  # p1 done, p2 not stored yet
-        self.push("p3")  # must not jump ahead of p2, nor be delivered twice
-        self.db._flushing = False
-        self.db._flush()
+        with self.db.hold():
+            self.push("p2")  # lane busy: queued
+            self.sender.calls[0][2].callback(Reply("A1"))  # p1 done, p2 not stored yet
+            self.push("p3")  # must not jump ahead of p2, nor be delivered twice
         for i in (1, 2):
             self.sender.calls[i][2].callback(Reply(f"A{i + 1}"))
         self.clock.advance(100)
@@ -338,12 +344,10 @@ class AgentAppTests(SynchronousTestCase):
         self.go_live()
         self.push("p1")
         self.push("p2")
-        self.db._flushing = True  # hold commits: the claim of p2 and the cancel queue up
-        self.sender.calls[0][2].callback(Reply("A1"))  # lane claims p2 (queued write)
-        self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": "p2",
-                                             "callback": "c1"}))
-        self.db._flushing = False
-        self.db._flush()
+        with self.db.hold():  # hold commits: the claim of p2 and the cancel queue up
+            self.sender.calls[0][2].callback(Reply("A1"))  # lane claims p2 (queued write)
+            self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": "p2",
+                                                 "callback": "c1"}))
         [answer] = self.conn.of_type(wire.TRANSMIT_CANCEL_RESPONSE)
         self.assertEqual(answer["statusCode"], 409)
         self.assertEqual(len(self.sender.calls), 2)
@@ -352,12 +356,10 @@ class AgentAppTests(SynchronousTestCase):
         self.go_live()
         for push_id in ("p1", "p2", "p3"):
             self.push(push_id)
-        self.db._flushing = True  # hold commits: the cancel, then the claim of p2, queue up
-        self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": "p2",
-                                             "callback": "c1"}))
-        self.sender.calls[0][2].callback(Reply("A1"))  # p1 done: the lane claims p2
-        self.db._flushing = False
-        self.db._flush()
+        with self.db.hold():  # hold commits: the cancel, then the claim of p2, queue up
+            self.app.frame_received(wire.encode({"type": wire.TRANSMIT_CANCEL, "pushId": "p2",
+                                                 "callback": "c1"}))
+            self.sender.calls[0][2].callback(Reply("A1"))  # p1 done: the lane claims p2
         [answer] = self.conn.of_type(wire.TRANSMIT_CANCEL_RESPONSE)
         self.assertEqual(answer["statusCode"], 200)
         self.assertEqual(len(self.sender.calls), 2)  # p3, never p2

@@ -247,13 +247,11 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual(len(self.sent()), 2)
 
     def test_repeat_while_the_first_is_being_written(self) -> None:
-        self.db._flushing = True  # the first push's journal write is in progress
-        first = self.push(order("ORD10"), key="w1")
-        other_key = self.push(order("ORD10"), key="w2")
-        no_key = self.push(order("ORD10"))
-        conflict = self.push(order("ORD10", test="K^Potassium"), key="w1")
-        self.db._flushing = False
-        self.db._flush()
+        with self.db.hold():  # the first push's journal write is in progress
+            first = self.push(order("ORD10"), key="w1")
+            other_key = self.push(order("ORD10"), key="w2")
+            no_key = self.push(order("ORD10"))
+            conflict = self.push(order("ORD10", test="K^Potassium"), key="w1")
         pushed = self.successResultOf(first).push
         for d in (other_key, no_key):
             result = self.successResultOf(d)

@@ -275,3 +275,28 @@ class PushBodyTests(SynchronousTestCase):
         for bad in ("PID|1", "MSH|^~\\&|A|B|C|D|2024||ADT^A01||P|2.5", "MSH|"):
             self.assertRaises(FHIRError, hl7_control_id, bad)
 
+    def test_hl7_control_id_is_the_hl7_packages_msh10(self) -> None:
+        """One MSH parser: the relay reads MSH-10 as the agent and the journal do."""
+        from medagent.hl7 import message
+
+        for text in ("MSH|^~\\&|A|B|C|D|2024||ADT^A01| CTRL1 |P|2.5\rPID|1",
+                     "  MSH|^~\\&|A|B|C|D|2024||ADT^A01|C2\r\nPID|1",
+                     "MSH|^~\\&|A|B|C|D|2024||ADT^A01|C3",
+                     "MSH*^~\\&*A*B*C*D*2024**ADT^A01*C4*P*2.5\nPID*1"):
+            first = text.lstrip().replace("\r\n", "\r").replace("\n", "\r")
+            self.assertEqual(hl7_control_id(text), message.control_id(first))
+        texts = {"PID|1": "HL7 message must start with an MSH segment",
+                 "MSH|": "HL7 MSH segment is too short",
+                 "MSH|^~\\&": "HL7 message has no MSH-10 (message control id)",
+                 "MSH|^~\\&|A|B": "HL7 message has no MSH-10 (message control id)",
+                 "MSH|^~\\&XYZ": "HL7 message has no MSH-10 (message control id)",
+                 "MSH|^~\\&|A|B|C|D|2024||ADT^A01|  |P": "HL7 message has no MSH-10 "
+                                                        "(message control id)"}
+        for bad, text in texts.items():
+            e = self.assertRaises(FHIRError, hl7_control_id, bad)
+            self.assertEqual((e.status, e.message), (400, text))
+        # separators the HL7 package refuses (a letter reads back as other segments) are
+        # refused here too, with its reason, rather than journaled for the agent to reject
+        e = self.assertRaises(FHIRError, hl7_control_id, "MSHa^~\\&aAaBaCaDa2024aaADTaX1")
+        self.assertIn("separators must not be letters", e.message)
+

@@ -191,3 +191,25 @@ class DatabaseTests(SynchronousTestCase):
         self.failureResultOf(bad, ValueError)
         rows = self.successResultOf(db.run(lambda c: [r[0] for r in c.execute("SELECT x FROM t")]))
         self.assertEqual(rows, [1])
+
+    def test_hold_gathers_batched_calls_into_one_commit_at_its_end(self) -> None:
+        db, _ = self.make()
+        transactions: list[int] = []
+        run = db.run
+
+        def counting_run(fn: Any, *args: Any) -> Any:
+            transactions.append(1)
+            return run(fn, *args)
+
+        db.run = counting_run  # type: ignore[method-assign]
+        with db.hold():
+            first = db.run_batched(lambda conn: conn.execute("INSERT INTO t VALUES (1)").rowcount)
+            second = db.run_batched(lambda conn: conn.execute("INSERT INTO t VALUES (2)").rowcount)
+            self.assertNoResult(first)
+            self.assertNoResult(second)
+            self.assertEqual(transactions, [])
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 1))
+        self.assertEqual(transactions, [1])
+        with db.hold():
+            pass  # nothing held: no empty transaction
+        self.assertEqual(transactions, [1])

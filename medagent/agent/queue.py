@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 import attr
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -386,12 +387,22 @@ class DurableQueue:
         self.send(answer)
         self._pump(key)
 
+    def retry_delay(self, failures: int) -> float:
+        """
+        Seconds before the next attempt after C{failures} failed ones: Twisted's
+        L{backoffPolicy} doubling from C{retry_base} up to C{retry_cap}, times a jitter of
+        0.5x .. 1.5x from C{rng} (injectable; a test sets C{rng = lambda: 0.5} for exact delays).
+        The jitter scales the capped delay too, so lanes that failed together spread out.
+        """
+        exponential = backoffPolicy(initialDelay=self.retry_base, maxDelay=self.retry_cap,
+                                    factor=2.0, jitter=lambda: 0.0)
+        return exponential(failures - 1) * (0.5 + self.rng())
+
     def _retry_later(self, key: str, lane: _Lane, row: Any, err: DeliveryError) -> None:
         lane.failures += 1
         lane.last_error = err.reason
         self.stats["retries"] += 1
-        delay = min(self.retry_base * 2 ** (lane.failures - 1), self.retry_cap)
-        delay *= 0.5 + self.rng()  # jitter: 0.5x .. 1.5x
+        delay = self.retry_delay(lane.failures)
         log.warn("Push {push_id} not delivered ({phase}: {reason}); attempt {n}, retrying in "
                  "{delay:.1f}s", push_id=row["push_id"], phase=err.phase, reason=err.reason,
                  n=row["attempts"], delay=delay)

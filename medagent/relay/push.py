@@ -20,6 +20,8 @@ from medagent import schemes, wire
 from medagent._twisted import shielded
 from medagent.contenttypes import HL7_V2, PING
 from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
+from medagent.hl7.message import HL7Error
+from medagent.hl7.message import control_id as msh_control_id
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
@@ -188,12 +190,14 @@ def hl7_control_id(body: str) -> str:
     first = text.replace("\r\n", "\r").replace("\n", "\r").split("\r", 1)[0]
     if len(first) < 8:
         raise bad_request("HL7 MSH segment is too short")
-    fields = first.split(first[3])
-    # fields[0] = 'MSH', fields[1] = encoding characters (MSH-2), so MSH-n = fields[n-1]
-    control_id = fields[9].strip() if len(fields) > 9 else ""
-    if not control_id:
+    if first.find(first[3], 4) < 0:
+        # MSH-1 and MSH-2 only: no field after them, so no MSH-10 either
         raise bad_request("HL7 message has no MSH-10 (message control id)")
-    return control_id
+    try:
+        # the one MSH parser (the agent and the journal read MSH-10 with it too)
+        return msh_control_id(first)
+    except HL7Error as e:
+        raise bad_request(str(e))
 
 
 def _message_scope(push: Push) -> tuple[str, str, str]:

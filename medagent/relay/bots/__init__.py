@@ -7,7 +7,7 @@ own, killed at the end of the run or at its time limit).  L{runner} resolves the
 it a short-lived token for its own identity and runs it; every run is recorded as an
 C{AuditEvent} (L{audit}) without payload.  L{resource} reads what a Bot resource asks for,
 L{outcomes} names how a run ends, L{service} starts and stops it all with the relay.  The
-``$execute`` HTTP operation is the web layer's (L{medagent.relay.http_execute}).
+``$execute`` HTTP operation is the web layer's (L{medagent.relay.http.execute}).
 
 The names other modules use are importable from here (C{from medagent.relay import bots as
 b}; C{b.SUCCESS}, C{b.BotRunner}...).

@@ -3,7 +3,7 @@ L{BotRunner}: resolve a Bot, give it a short-lived token for its own identity (`
 role ``bot``, carrying only what the Bot resource grants), run it on the worker pool, and
 record every run as an C{AuditEvent} (bot, trigger, outcome, duration, sizes, the
 exception's type and line -- never the input, the result, the output or an exception's
-text).  Subscriptions, ``$execute`` (L{medagent.relay.http_execute}) and agent channels run
+text).  Subscriptions, ``$execute`` (L{medagent.relay.http.execute}) and agent channels run
 bots through it.
 """
 

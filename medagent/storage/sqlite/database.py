@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from typing import Any, Callable, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
@@ -138,6 +139,24 @@ class Database:
         if not self._flushing:
             self._flush()
         return d
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """
+        Test seam: L{run_batched} calls made inside the block wait, as they do while the
+        database thread is busy committing a batch, and go in one batch when it ends.  Lets a
+        test put events (a cancel, a lost caller) between a write and its commit without
+        reaching into the group-commit state.
+        """
+        if self._flushing:
+            raise RuntimeError("a batch is already being committed")
+        self._flushing = True
+        try:
+            yield
+        finally:
+            self._flushing = False
+            if self._batch:
+                self._flush()
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []

@@ -27,7 +27,7 @@ from medagent.relay.bots import (
     BotRunner,
     answer_type,
 )
-from medagent.relay.web import Response, json_response
+from medagent.relay.http.context import Response, json_response
 from medagent.storage.resources import search_one
 
 
