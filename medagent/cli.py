@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Protocol, Sequence, cast
+from typing import Any, Awaitable, Callable, Protocol, Sequence, cast
 
 from medagent.contenttypes import HL7_V2
 from medagent.relay.service import DEFAULT_DATA
@@ -121,26 +121,34 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
 
     from urllib.parse import quote
 
-    from twisted.internet import reactor as _reactor  # composition root of this command
+    async def revoke(client: Any) -> None:
+        await client.request_json(
+            "POST", f"/fhir/R4/ClientApplication/{quote(args.client_id, safe='')}/$revoke")
+        print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+
+    return _with_client(args.relay, args.admin_id, args.admin_secret, "revoke", revoke)
+
+
+def _with_client(relay: str, client_id: str, client_secret: str, what: str,
+                 action: Callable[[Any], Awaitable[None]]) -> int:
+    """
+    Run C{action(client)} against the relay on the global reactor (this command is the
+    composition root) and return the exit code: 0, or 1 with C{what} failed and the reason.
+    """
+    from twisted.internet import reactor as _reactor
     from twisted.internet.defer import ensureDeferred
 
-    from medagent.client import MedagentClient, RelayError
+    from medagent.client import MedagentClient
 
     reactor = cast(ReactorLoop, _reactor)
-
     result: dict[str, Any] = {"rc": 0}
 
     async def go() -> None:
-        client = MedagentClient(reactor, args.relay, args.admin_id, args.admin_secret)
+        client = MedagentClient(reactor, relay, client_id, client_secret)
         try:
-            await client.request_json(
-                "POST", f"/fhir/R4/ClientApplication/{quote(args.client_id, safe='')}/$revoke")
-            print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
-        except RelayError as e:
-            print(f"medagent: revoke failed: {e}", file=sys.stderr)
-            result["rc"] = 1
-        except Exception as e:
-            print(f"medagent: revoke failed: {e}", file=sys.stderr)
+            await action(client)
+        except Exception as e:  # RelayError included: the relay's reason, for the operator
+            print(f"medagent: {what} failed: {e}", file=sys.stderr)
             result["rc"] = 1
         finally:
             await client.close()
@@ -150,17 +158,10 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
 
     reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(stop))
     reactor.run()
-    return result["rc"]
+    return int(result["rc"])
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor as _reactor  # composition root of this command
-    from twisted.internet.defer import ensureDeferred
-
-    from medagent.client import MedagentClient, RelayError
-
-    reactor = cast(ReactorLoop, _reactor)
-
     if args.file:
         with open(args.file, encoding="utf-8") as f:
             body = f.read()
@@ -168,39 +169,23 @@ def cmd_push(args: argparse.Namespace) -> int:
         body = args.body
     else:
         body = sys.stdin.read()
-    result: dict[str, Any] = {"rc": 0}
 
-    async def go() -> None:
-        client = MedagentClient(reactor, args.relay, args.client_id, args.client_secret)
-        try:
-            reply = await client.push_to_agent(
-                args.agent,
-                args.destination,
-                body,
-                args.content_type,
-                not args.no_wait,
-                wait_timeout=args.timeout,
-                idempotency_key=args.idempotency_key,
-            )
-            if isinstance(reply, str):
-                print(reply.replace("\r", "\n").rstrip("\n"))
-            else:
-                print(json.dumps(reply, indent=2))
-        except RelayError as e:
-            print(f"medagent: push failed: {e}", file=sys.stderr)
-            result["rc"] = 1
-        except Exception as e:
-            print(f"medagent: push failed: {e}", file=sys.stderr)
-            result["rc"] = 1
-        finally:
-            await client.close()
+    async def push(client: Any) -> None:
+        reply = await client.push_to_agent(
+            args.agent,
+            args.destination,
+            body,
+            args.content_type,
+            not args.no_wait,
+            wait_timeout=args.timeout,
+            idempotency_key=args.idempotency_key,
+        )
+        if isinstance(reply, str):
+            print(reply.replace("\r", "\n").rstrip("\n"))
+        else:
+            print(json.dumps(reply, indent=2))
 
-    def stop(_: object) -> None:
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: ensureDeferred(go()).addBoth(stop))
-    reactor.run()
-    return result["rc"]
+    return _with_client(args.relay, args.client_id, args.client_secret, "push", push)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
