@@ -267,3 +267,22 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()
+
+
+def in_process_relay(testcase: Any, prefix: str, **kw: Any) -> tuple[Any, str, Any]:
+    """
+    A L{RelayService} in this process on a free loopback port (real reactor, real SQLite in a
+    temporary folder), started, with its base URL and an HTTP pool; both stop in cleanup.
+    """
+    from twisted.web.client import HTTPConnectionPool
+
+    from medagent.relay.service import RelayService
+
+    relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix=prefix),
+                         listen="tcp:0:interface=127.0.0.1", **kw)
+    relay.startService()
+    testcase.addCleanup(relay.stopService)
+    pool = HTTPConnectionPool(reactor)
+    testcase.addCleanup(pool.closeCachedConnections)
+    return relay, relay.urls()[0], pool
+

@@ -6,17 +6,14 @@ SQLite): a pusher or an agent credential trying to read or change what is not th
 from __future__ import annotations
 
 import json
-import tempfile
 from typing import Any
 
 import treq
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 
 from medagent.relay.access import EXT_DEVICE
-from medagent.relay.service import RelayService
+from tests import procs
 
 
 def _device_ext(device: dict[str, Any]) -> dict[str, Any]:
@@ -32,13 +29,7 @@ class _ScopedRelay(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-authz-"),
-                                  listen="tcp:0:interface=127.0.0.1")
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
-        self.base = self.relay.urls()[0]
-        self.pool = HTTPConnectionPool(reactor)
-        self.addCleanup(self.pool.closeCachedConnections)
+        self.relay, self.base, self.pool = procs.in_process_relay(self, "relay-authz-")
         store = self.relay.store
         # Created first, so a page of one would show it if the scope were applied after paging.
         self.stray = await store.create({"resourceType": "Device", "url": "mllp://10.9.9.9:1"})

@@ -25,7 +25,6 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import HTTPConnectionPool
 
 from medagent import destination as destination_module
 from medagent import wire
@@ -490,13 +489,7 @@ class RelayHTTP(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-push-"),
-                                  listen="tcp:0:interface=127.0.0.1")
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
-        self.base = self.relay.urls()[0]
-        self.pool = HTTPConnectionPool(reactor)
-        self.addCleanup(self.pool.closeCachedConnections)
+        self.relay, self.base, self.pool = procs.in_process_relay(self, "relay-push-")
         self.agent = await self.relay.store.create({"resourceType": "Agent", "name": "A"})
         self.device = await self.relay.store.create({"resourceType": "Device",
                                                      "url": "mllp://127.0.0.1:1"})

@@ -17,13 +17,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import HTTPConnectionPool
 
 from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority
 from medagent.relay.hub import Hub
-from medagent.relay.service import RelayService
 from medagent.storage.sqlite.clients import SQLiteClientRegistry
 from medagent.storage.sqlite.database import Database
 from medagent.storage.sqlite.journal import SQLiteJournal
@@ -296,13 +294,7 @@ class RevokeOverHTTP(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-revoke-"),
-                                  listen="tcp:0:interface=127.0.0.1")
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
-        self.base = self.relay.urls()[0]
-        self.pool = HTTPConnectionPool(reactor)
-        self.addCleanup(self.pool.closeCachedConnections)
+        self.relay, self.base, self.pool = procs.in_process_relay(self, "relay-revoke-")
         self.agent = await self.relay.store.create({"resourceType": "Agent"})
 
     async def token(self, client: dict[str, Any]) -> str:

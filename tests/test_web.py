@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from typing import Any
 
 import treq
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool
 
-from medagent.relay.service import RelayService
+from tests import procs
+
 
 HL7 = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01|{ctrl}|P|2.5\rPID|1"
 
@@ -28,14 +26,8 @@ class RelayHTTP(TestCase):
         return ensureDeferred(self._setUp())
 
     async def _setUp(self) -> None:
-        self.relay = RelayService(reactor, data_dir=tempfile.mkdtemp(prefix="relay-web-"),
-                                  listen="tcp:0:interface=127.0.0.1",
-                                  max_body=64 * 1024)
-        self.relay.startService()
-        self.addCleanup(self.relay.stopService)
-        self.base = self.relay.urls()[0]
-        self.pool = HTTPConnectionPool(reactor)
-        self.addCleanup(self.pool.closeCachedConnections)
+        self.relay, self.base, self.pool = procs.in_process_relay(self, "relay-web-",
+                                                                  max_body=64 * 1024)
         self.admin = await self.relay.authority.create_client("admin")
         self.token = await self.get_token(self.admin)
         self.agent = await self.relay.store.create({"resourceType": "Agent", "name": "A",
