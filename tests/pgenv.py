@@ -132,6 +132,12 @@ def server_dsn() -> str:
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:
+    """C{dsn} naming database C{dbname} (a URL stays a URL: the relay's option takes URLs)."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(dsn)
+        return urlunsplit(parts._replace(path="/" + dbname))
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     info: dict[str, Any] = conninfo_to_dict(dsn)

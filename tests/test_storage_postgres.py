@@ -8,6 +8,7 @@ specific to L{PgDatabase} and to several relay nodes sharing one database.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -15,9 +16,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from medagent.fhir import FHIRError
+from medagent.storage import journal as j
+from medagent.storage import open_storage
 from medagent.storage.postgres import (
     DATA_TABLES,
     MIGRATIONS,
@@ -34,6 +37,7 @@ from tests.storage_contract import (
     DeliveryQueueContract,
     PushJournalContract,
     ResourceStoreContract,
+    _client,
     _new_delivery,
 )
 
@@ -225,7 +229,6 @@ class PgDatabaseTests(_Pg, TestCase):
         clock = Clock()
         a, b = PgJournal(self.open_database(), clock=clock), PgJournal(self.open_database(),
                                                                          clock=clock)
-        from medagent.storage import journal as j
 
         def push(journal: PgJournal) -> j.Push:
             return j.Push(id=journal.new_id(), agent_id="a1", destination="mllp://d:1",
@@ -235,3 +238,73 @@ class PgDatabaseTests(_Pg, TestCase):
         second = await b.create(push(b))
         self.assertLess(first.seq, second.seq)
         self.assertEqual([p.id for p in await a.open_for_agent("a1")], [first.id, second.id])
+
+
+class OpenStorageTests(SynchronousTestCase):
+    """L{open_storage}: which backend a C{--database} value gives, and what it refuses."""
+
+    def test_no_url_is_the_sqlite_file_in_the_data_folder(self) -> None:
+        folder = self.mktemp()
+        storage = open_storage(None, folder, reactor)
+        self.addCleanup(storage.stop)
+        self.assertEqual((storage.backend, type(storage.store).__name__,
+                          type(storage.journal).__name__, type(storage.registry).__name__,
+                          type(storage.deliveries).__name__),
+                         ("sqlite", "SQLiteStore", "SQLiteJournal", "SQLiteClientRegistry",
+                          "SQLiteDeliveryQueue"))
+        self.assertEqual(storage.db.path, os.path.join(folder, "relay.sqlite"))
+
+    def test_a_postgresql_url_gives_the_postgres_set_without_connecting(self) -> None:
+        # port 9 (discard) on loopback: nothing listens; open_storage must not try
+        storage = open_storage("postgresql://relay@127.0.0.1:9/medagent", self.mktemp(),
+                               reactor)
+        self.assertEqual((storage.backend, type(storage.store), type(storage.journal),
+                          type(storage.registry), type(storage.deliveries)),
+                         ("postgresql", PgStore, PgJournal, PgClientRegistry, PgDeliveryQueue))
+        self.assertIs(storage.store._db, storage.db)
+
+    def test_refusals_never_repeat_the_url(self) -> None:
+        for url, why in [
+            ("mysql://u@127.0.0.1/db", "postgresql:// URL"),
+            ("postgresql://u:s3cret@127.0.0.1/db", "password"),
+            ("postgresql://u@db.example:5432/db", "sslmode"),
+            ("postgresql://u@db.example:5432/db?sslmode=prefer", "sslmode"),
+        ]:
+            with self.assertRaises(ValueError) as caught:
+                open_storage(url, self.mktemp(), reactor)
+            self.assertIn(why, str(caught.exception))
+            self.assertNotIn("s3cret", str(caught.exception))
+            self.assertNotIn("example", str(caught.exception))
+        storage = open_storage("postgresql://u@db.example:5432/db?sslmode=verify-full",
+                               self.mktemp(), reactor)
+        self.assertEqual(storage.backend, "postgresql")
+
+
+class OpenStoragePgTests(_Pg, TestCase):
+    """The set L{open_storage} gives for a URL works on a real server, hooks included."""
+
+    async def test_the_set_shares_one_database_and_transaction(self) -> None:
+        storage = open_storage(self.dsn, self.mktemp(), reactor)
+        self.addCleanup(storage.stop)
+        await storage.start()
+
+        class Hook:
+            def prepare(self, resource_type: str, id: str, resource: Any) -> Any:
+                return self
+
+            def in_transaction(self, tx: Any, interaction: str, resource: Any,
+                               previous: Any) -> Any:
+                return tx.enqueue_deliveries([_new_delivery("d1", resource=resource["id"])])
+
+            def committed(self, token: Any) -> None:
+                pass
+
+        storage.store.write_hooks.append(Hook())
+        await storage.store.create({"resourceType": "Task", "id": "t1"})
+        self.assertEqual([d.id for d in await storage.deliveries.list()], ["d1"])
+        await storage.registry.add(_client("c1", 1.0))
+        self.assertEqual((await storage.registry.lookup("c1")).client_id, "c1")
+        push = await storage.journal.create(j.Push(
+            id=storage.journal.new_id(), agent_id="a1", destination="mllp://d:1",
+            remote="mllp://d:1", content_type="text/plain", body="x"))
+        self.assertEqual((await storage.journal.current(push.id)).state, j.QUEUED)
