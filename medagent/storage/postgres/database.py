@@ -75,6 +75,7 @@ class PgDatabase:
         self._ready: Any = None
         self._lane: list[tuple[bool, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._lane_busy = False
+        self._trigger: Any = None
 
     # -- connections (worker threads) ------------------------------------------------
 
@@ -185,6 +186,10 @@ class PgDatabase:
             self._stopped = False
             self._pool.start()
             self._started = True
+            # as the reactor's own pool: threads left running would keep the process alive
+            add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+            if add_trigger is not None:
+                self._trigger = add_trigger("during", "shutdown", self.stop)
         return self._when_ready()
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -301,6 +306,12 @@ class PgDatabase:
         if not self._started:
             return
         self._started = False
+        trigger, self._trigger = self._trigger, None
+        if trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # already fired: this is the shutdown
         self._pool.stop()
         with self._lock:
             conns, self._connections = self._connections, []
