@@ -31,13 +31,11 @@ from medagent.relay.ws import (
     DEFAULT_MAX_PENDING_PER_PEER,
     websocket_resource,
 )
+from medagent.storage import open_storage
 from medagent.storage.interfaces import PushJournal
 from medagent.storage.sqlite import (
     Database,
     SQLiteClientRegistry,
-    SQLiteDeliveryQueue,
-    SQLiteJournal,
-    SQLiteStore,
     open_relay_database,
 )
 
@@ -178,16 +176,21 @@ class RelayService(service.MultiService):
         login_failures_per_client: int = 10,
         login_failures_per_address: int = 30,
         login_failure_window: float = 300.0,
+        database: str | None = None,
     ) -> None:
         super().__init__()
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         os.chmod(data_dir, 0o700)  # the key and the database: the relay's user only
-        self.db = open_database(reactor, data_dir, synchronous)
+        # --database: SQLite in data_dir (none) or a shared PostgreSQL (postgresql://...)
+        self.storage = open_storage(database, data_dir, reactor, synchronous=synchronous)
+        self.db = self.storage.db
         _DatabaseService(self.db).setServiceParent(self)
-        self.store = SQLiteStore(self.db)
-        self.authority = open_authority(self.db, data_dir, token_lifetime=token_lifetime)
+        self.store = self.storage.store
+        self.authority = Authority(self.storage.registry,
+                                   load_or_create_key(os.path.join(data_dir, "token.key")),
+                                   token_lifetime=token_lifetime)
         _RevocationRefresh(reactor, self.authority).setServiceParent(self)
-        self.journal = SQLiteJournal(self.db)
+        self.journal = self.storage.journal
         self.hub = Hub(
             reactor,
             self.authority,
@@ -215,7 +218,7 @@ class RelayService(service.MultiService):
                               insecure_loopback=bot_base_url is None)
         policy = WebhookPolicy(webhook_allow)
         post, close_post = treq_poster(reactor, policy)
-        self.subscriptions = SubscriptionManager(reactor, SQLiteDeliveryQueue(self.db),
+        self.subscriptions = SubscriptionManager(reactor, self.storage.deliveries,
                                                  self.store, self.bots,
                                                  poster=post, policy=policy,
                                                  retry_base=subscription_retry_base)

@@ -22,6 +22,8 @@ class RelayOptions(usage.Options):
         ["heartbeat-interval", None, "10", "Seconds between heartbeats to each agent"],
         ["token-lifetime", None, "3600", "Access token lifetime, seconds"],
         ["synchronous", None, "NORMAL", "SQLite synchronous: NORMAL (crash-safe) or FULL"],
+        ["database", None, None, "Shared PostgreSQL for several relay nodes,"
+         " postgresql://user@host:port/db (password in ~/.pgpass; default: SQLite in --data)"],
         ["retention-days", None, "30", "Days to keep finished pushes (and payloads)"],
         ["bot-workers", None, "2", "Bot worker processes (kept warm, reused)"],
         ["bot-memory-mb", None, "256", "Memory limit of one bot worker, MiB"],
@@ -98,6 +100,7 @@ class RelayServiceMaker:
             heartbeat_interval=float(options["heartbeat-interval"]),
             token_lifetime=int(options["token-lifetime"]),
             synchronous=options["synchronous"],
+            database=options["database"],
             retention_days=float(options["retention-days"]),
             bot_workers=int(options["bot-workers"]),
             bot_memory_mb=int(options["bot-memory-mb"]),
