@@ -32,6 +32,7 @@ from medagent.storage.postgres import (
 )
 from medagent.storage.sqlite.database import DatabaseStopped
 from tests import pgenv
+from tests.peerenv import ROOT
 from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
@@ -308,3 +309,36 @@ class OpenStoragePgTests(_Pg, TestCase):
             id=storage.journal.new_id(), agent_id="a1", destination="mllp://d:1",
             remote="mllp://d:1", content_type="text/plain", body="x"))
         self.assertEqual((await storage.journal.current(push.id)).state, j.QUEUED)
+
+
+_FORGOTTEN_STOP = """
+import sys
+from twisted.internet import reactor
+from medagent.storage.postgres import MIGRATIONS, PgDatabase
+db = PgDatabase(reactor, sys.argv[1], migrations=MIGRATIONS)
+def done(value):
+    print("answered", value, flush=True)
+    reactor.stop()  # db.stop() forgotten: the process must exit all the same
+db.run(lambda c: c.execute("SELECT 41 + 1 AS n").fetchone()["n"]).addBoth(done)
+reactor.run()
+"""
+
+
+class PgDatabaseShutdownTests(_Pg, TestCase):
+    async def test_a_database_not_stopped_does_not_keep_the_process_alive(self) -> None:
+        import subprocess
+        import sys
+
+        def child() -> subprocess.CompletedProcess[bytes]:
+            try:
+                return subprocess.run([sys.executable, "-c", _FORGOTTEN_STOP, self.dsn],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      timeout=30, env={**os.environ,
+                                                       "PYTHONPATH": ROOT + os.pathsep
+                                                       + os.environ.get("PYTHONPATH", "")})
+            except subprocess.TimeoutExpired as e:  # the process is killed by run()
+                raise AssertionError("the process did not exit after reactor.stop()") from e
+
+        result = await deferToThread(child)
+        self.assertIn(b"answered 42", result.stdout)
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:])
