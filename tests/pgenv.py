@@ -1,13 +1,14 @@
 """
 A throwaway PostgreSQL for the test run, or the one named by ``MEDAGENT_PG_DSN``.
 
-L{cluster} starts, once per test process and only when a test asks, a private cluster: a
+L{server_dsn} starts, once per test process and only when a test asks, a private cluster: a
 temporary folder, C{initdb} (as ``nobody`` when the tests run as root: PostgreSQL refuses to
 run as root), C{pg_ctl start} listening on 127.0.0.1 only, on a free port, with its socket in
 that folder.  It is stopped and the folder removed when the process exits (C{atexit}: also
-after failing tests).  ``MEDAGENT_PG_DSN`` (a role allowed to C{CREATE DATABASE}) reuses a
-running server instead.  Without PostgreSQL the tests skip, or fail in CI
-(``MEDAGENT_REQUIRE_PEERS=1``, L{tests.peerenv.need}); ``.ci/peers-postgres.sh`` installs it.
+after failing tests); a cluster whose test process was killed is swept by the next run.
+``MEDAGENT_PG_DSN`` (a role allowed to C{CREATE DATABASE}) reuses a running server instead.
+Without PostgreSQL the tests skip, or fail in CI (``MEDAGENT_REQUIRE_PEERS=1``,
+L{tests.peerenv.need}); ``.ci/peers-postgres.sh`` installs it.
 """
 
 from __future__ import annotations
@@ -51,12 +52,53 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_PREFIX = "medagent-pg-"
+#: written into a cluster's folder: the test process that owns it
+_OWNER = "owner.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans(bindir: str) -> int:
+    """
+    Stop and remove the clusters of test processes that died without their C{atexit}
+    (C{kill -9}, a CI timeout); a live owner's cluster is left alone.  How many.
+    """
+    swept = 0
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), _PREFIX + "*")):
+        try:
+            with open(os.path.join(folder, _OWNER)) as f:
+                owner = int(f.read().strip())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being set up
+        if _alive(owner):
+            continue
+        orphan = Cluster.__new__(Cluster)
+        orphan.bindir, orphan.folder = bindir, folder
+        orphan.data = os.path.join(folder, "data")
+        orphan._as = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        try:
+            orphan.stop()
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+        swept += 1
+    return swept
+
+
 class Cluster:
     """A private PostgreSQL cluster in a temporary folder, loopback only."""
 
     def __init__(self, bindir: str) -> None:
         self.bindir = bindir
-        self.folder = tempfile.mkdtemp(prefix="medagent-pg-")
+        self.folder = tempfile.mkdtemp(prefix=_PREFIX)
         self.data = os.path.join(self.folder, "data")
         self.port = 0
         self._as: list[str] = []
@@ -74,6 +116,8 @@ class Cluster:
                                f" {output}")
 
     def start(self) -> None:
+        with open(os.path.join(self.folder, _OWNER), "w") as f:
+            f.write(str(os.getpid()))
         self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", _USER,
                   "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
         last: Exception | None = None
@@ -124,6 +168,7 @@ def server_dsn() -> str:
                 import psycopg  # noqa: F401
             except ImportError:
                 need(False, "psycopg (pip install 'psycopg[binary]')")
+            sweep_orphans(bindir)  # type: ignore[arg-type]
             cluster = Cluster(bindir)  # type: ignore[arg-type]
             atexit.register(cluster.stop)
             cluster.start()
