@@ -5,6 +5,8 @@ than C{schema_version} at start).  Never edit a released migration: add the next
 JSON (resources, push options, delivery payloads) is kept as C{text}, byte for byte what the
 SQLite backend keeps: nothing searches inside it in SQL (the C{search_index} rows do), and
 C{jsonb} would refuse some strings JSON allows (``\\u0000``, lone surrogates in escapes).
+Ordered and prefix-searched text is C{COLLATE "C"}: byte order whatever the cluster's locale
+(ISO instants sort as times; C{LIKE 'x%'} can use the index).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ CREATE TABLE resources (
     type TEXT NOT NULL,
     id TEXT NOT NULL,
     version INTEGER NOT NULL,
-    last_updated TEXT NOT NULL,
+    last_updated TEXT COLLATE "C" NOT NULL,
     write_seq BIGINT NOT NULL,
     deleted BOOLEAN NOT NULL DEFAULT false,
     content TEXT NOT NULL,
@@ -27,7 +29,7 @@ CREATE TABLE search_index (
     id TEXT NOT NULL,
     param TEXT NOT NULL,
     system TEXT,
-    value TEXT NOT NULL
+    value TEXT COLLATE "C" NOT NULL
 );
 CREATE INDEX search_by_value ON search_index (type, param, value);
 CREATE INDEX search_by_id ON search_index (type, id);
