@@ -433,6 +433,15 @@ class DeliveryQueueContract:
         self.assertEqual([d.id for d in await self.queue.list(state=DELIVERED)], [])
         self.assertEqual([d.id for d in await self.queue.list(limit=1)], ["d2"])
 
+    async def test_backlog_counts_pending_and_the_oldest(self) -> None:
+        self.assertEqual(await self.queue.backlog(), (0, None))
+        await self.queue.enqueue([_new_delivery("d1"), _new_delivery("d2", resource="r2")])
+        count, oldest = await self.queue.backlog()
+        self.assertEqual(count, 2)
+        self.assertIsNotNone(oldest)
+        await self.queue.finish("d1", DELIVERED, error=None, now=101.0, keep_payload=False)
+        self.assertEqual((await self.queue.backlog())[0], 1)
+
     async def test_claim_one_per_lane_when_due_with_a_lease(self) -> None:
         await self.queue.enqueue([
             _new_delivery("d1"), _new_delivery("d2"),  # one lane

@@ -44,6 +44,7 @@ from medagent.relay.ws import (
     DEFAULT_MAX_PENDING_PER_PEER,
     websocket_resource,
 )
+from medagent.storage import open_storage
 from medagent.storage.interfaces import PushJournal
 from medagent.storage.sqlite import (
     RELAY_SCHEMA,
@@ -351,6 +352,7 @@ class RelayService(service.MultiService):
         login_failures_per_address: int = DEFAULT_LOGIN_FAILURES_PER_ADDRESS,
         login_failure_window: float = DEFAULT_LOGIN_FAILURE_WINDOW,
         metrics: str | None = None,
+        database: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -359,15 +361,22 @@ class RelayService(service.MultiService):
         if not self.listen:
             raise ValueError("The relay needs at least one listen endpoint")
         self._prepared = False
-        self.db = open_database(reactor, data_dir, synchronous)
+        # --database: SQLite in data_dir (none) or a shared PostgreSQL (postgresql://...)
+        storage = open_storage(database, data_dir, reactor, synchronous=synchronous) \
+            if database else None
+        self.db = storage.db if storage is not None else \
+            open_database(reactor, data_dir, synchronous)
         self._db_service = _DatabaseService(self.db)
         self._db_service.setServiceParent(self)
-        self.store = SQLiteStore(self.db)
+        self.store = storage.store if storage is not None else SQLiteStore(self.db)
+        registry = storage.registry if storage is not None else SQLiteClientRegistry(self.db)
+        deliveries = storage.deliveries if storage is not None else \
+            SQLiteDeliveryQueue(self.db)
         # the key is read (or made) at start: L{_prepare}
-        self.authority = Authority(SQLiteClientRegistry(self.db), None,
+        self.authority = Authority(registry, None,
                                    token_lifetime=token_lifetime)
         _RevocationRefresh(reactor, self.authority).setServiceParent(self)
-        self.journal = SQLiteJournal(self.db)
+        self.journal = storage.journal if storage is not None else SQLiteJournal(self.db)
         self.hub = Hub(
             reactor,
             self.authority,
@@ -395,7 +404,6 @@ class RelayService(service.MultiService):
                               insecure_loopback=bot_base_url is None)
         policy = WebhookPolicy(webhook_allow)
         post, close_post = treq_poster(reactor, policy)
-        deliveries = SQLiteDeliveryQueue(self.db)
         self.subscriptions = SubscriptionManager(reactor, deliveries,
                                                  self.store, self.bots,
                                                  poster=post, policy=policy,
@@ -478,6 +486,7 @@ class RelayService(service.MultiService):
                 if not ok:
                     log.failure("Stopping a relay service failed", value)
         try:
-            await self.db.drain(self.reactor)
+            if isinstance(self.db, _RelayDatabase):  # (PostgreSQL: its pool finishes its work)
+                await self.db.drain(self.reactor)
         finally:
             self._db_service.stopService()

@@ -97,6 +97,9 @@ class Options(usage.Options):
          number(int, 1, 1_000_000)],
         ["login-failure-window", None, relay_service.DEFAULT_LOGIN_FAILURE_WINDOW,
          "Window of the login failure limits, seconds", number(float, 1, 86400, " seconds")],
+        ["database", None, None,
+         "postgresql://user@host:port/db to share the relay's data with other nodes "
+         "(default: SQLite in --data; no password in the URL: use ~/.pgpass)"],
         *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
@@ -160,6 +163,7 @@ class Options(usage.Options):
             "login_failures_per_address": self["login-failures-per-address"],
             "login_failure_window": self["login-failure-window"],
             "metrics": self["metrics"],
+            "database": self["database"],
         }
 
 

@@ -11,11 +11,13 @@ L{medagent.storage.sqlite.journal.SQLiteJournal}.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from typing import Any
 
 import attr
+from twisted.logger import Logger
 
 from medagent.fhir import HL7_V2
 from medagent.hl7.message import HL7Error, normalise
@@ -32,6 +34,8 @@ STATES = (QUEUED, SENT, ACCEPTED, DELIVERED, FAILED, EXPIRED, CANCELLED)
 FINAL_STATES = frozenset([DELIVERED, FAILED, EXPIRED, CANCELLED])
 #: States in which the agent still owes an answer.
 OPEN_STATES = (QUEUED, SENT, ACCEPTED)
+
+log = Logger()
 
 #: How long an idempotency key (and a message, for the same-message rule) is remembered.
 IDEMPOTENCY_WINDOW = 24 * 3600
@@ -143,3 +147,28 @@ def _iso(t: float | None) -> str | None:
                 + f".{int(t * 1000) % 1000:03d}Z")
     except (OverflowError, ValueError, OSError):
         return None
+
+
+#: The columns of a journal row that are L{Push} fields as they are (plus C{options}, JSON
+#: text, and C{in_doubt}, a flag).
+PUSH_COLUMNS = (
+    "seq id agent_id destination remote content_type body options idempotency_key state created "
+    "updated expires_at attempts last_error reply_status reply_content_type reply_body requester "
+    "control_id body_hash"
+).split()
+
+
+def push_from_row(row: Any) -> Push:
+    """A journal row (a mapping by column) as a L{Push}; damaged C{options} read as none."""
+    values = {c: row[c] for c in PUSH_COLUMNS}
+    try:
+        options = json.loads(values["options"] or "{}")
+    except (TypeError, ValueError):
+        options = None
+    if not isinstance(options, dict):
+        log.warn("Push {push_id} has unreadable options in the journal; ignored",
+                 push_id=values["id"])
+        options = {}
+    values["options"] = options
+    values["in_doubt"] = bool(row["in_doubt"])
+    return Push(**values)

@@ -7,6 +7,7 @@ lives with its state machine.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attr
@@ -86,3 +87,16 @@ class Delivery:
             "nextAttempt": now_iso(self.next_attempt) if self.state == PENDING else None,
             "lastError": self.last_error,
         }
+
+
+def delivery_from_row(row: Any) -> Delivery:
+    """A delivery queue row (a mapping by column; C{payload} is JSON text) as a L{Delivery}."""
+    return Delivery(
+        id=row["id"], seq=row["seq"], subscription_id=row["subscription_id"],
+        interaction=row["interaction"], resource_type=row["resource_type"],
+        resource_id=row["resource_id"], version_id=row["version_id"],
+        payload=json.loads(row["payload"]) if row["payload"] else None,
+        state=row["state"], attempts=row["attempts"], max_attempts=row["max_attempts"],
+        next_attempt=row["next_attempt"], last_error=row["last_error"],
+        created=row["created"], updated=row["updated"],
+    )

@@ -9,7 +9,6 @@ L{medagent.storage.sqlite.store.SQLiteTransaction.enqueue_deliveries}) or in one
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, fail
@@ -21,6 +20,7 @@ from medagent.storage.records import (
     PENDING,
     Delivery,
     NewDelivery,
+    delivery_from_row,
 )
 from medagent.storage.sqlite.database import Database
 
@@ -57,16 +57,8 @@ _FIRST_IN_LANE = (
 )
 
 
-def from_row(row: Any) -> Delivery:
-    return Delivery(
-        id=row["id"], seq=row["seq"], subscription_id=row["subscription_id"],
-        interaction=row["interaction"], resource_type=row["resource_type"],
-        resource_id=row["resource_id"], version_id=row["version_id"],
-        payload=json.loads(row["payload"]) if row["payload"] else None,
-        state=row["state"], attempts=row["attempts"], max_attempts=row["max_attempts"],
-        next_attempt=row["next_attempt"], last_error=row["last_error"],
-        created=row["created"], updated=row["updated"],
-    )
+#: shared with the other backends (L{medagent.storage.records.delivery_from_row})
+from_row = delivery_from_row
 
 
 def insert(conn: Any, rows: Sequence[NewDelivery]) -> list[Delivery]:

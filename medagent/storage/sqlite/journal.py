@@ -30,6 +30,7 @@ from medagent.storage.journal import (
     STATES,
     Push,
     message_hash,
+    push_from_row,
 )
 from medagent.storage.sqlite.database import Database
 
@@ -75,12 +76,6 @@ CREATE TABLE IF NOT EXISTS push_keys (
 CREATE INDEX IF NOT EXISTS push_keys_push ON push_keys (push_id);
 """
 
-_COLUMNS = (
-    "seq id agent_id destination remote content_type body options idempotency_key state created "
-    "updated expires_at attempts last_error reply_status reply_content_type reply_body requester "
-    "control_id body_hash"
-).split()
-
 #: Columns added after the first release, with their SQL types (see L{SQLiteJournal.migrate}).
 _ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "TEXT"),
                   ("in_doubt", "INTEGER NOT NULL DEFAULT 0"))
@@ -91,20 +86,8 @@ class _WallClock:
         return time.time()
 
 
-def _row_to_push(row: Any) -> Push:
-    """A journal row as a L{Push}; a damaged C{options} value reads as no options."""
-    values = {c: row[c] for c in _COLUMNS}
-    try:
-        options = json.loads(values["options"] or "{}")
-    except (TypeError, ValueError):
-        options = None
-    if not isinstance(options, dict):
-        log.warn("Push {push_id} has unreadable options in the journal; ignored",
-                 push_id=values["id"])
-        options = {}
-    values["options"] = options
-    values["in_doubt"] = bool(row["in_doubt"])
-    return Push(**values)
+#: shared with the other backends (L{medagent.storage.journal.push_from_row})
+_row_to_push = push_from_row
 
 
 #: Filters of the push list: query parameter → column.

@@ -1,0 +1,324 @@
+"""
+PostgreSQL behind an owned thread pool (psycopg 3): connections, the schema version table and
+the ordered write lane.
+
+psycopg calls block, so they never run on the reactor thread: every statement runs in one of
+a few worker threads this object owns, each holding its own connection.  Reads (L{run}) may
+run side by side; writes that must keep their call order (L{run_ordered}, L{run_batched})
+go through one lane, one transaction at a time, in the order they were issued on this node --
+what the storage interfaces promise ("writes issued from the reactor thread are applied in
+the order they were issued").  Across relay nodes, row locks (C{FOR UPDATE},
+C{SKIP LOCKED}) keep writers apart.
+
+The schema is a list of numbered migrations; C{schema_version} records the highest applied.
+They run once at start, under an advisory lock, so two nodes starting together do not race.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from medagent.storage.sqlite.database import DatabaseStopped
+
+T = TypeVar("T")
+log = Logger()
+
+#: Arbitrary, fixed: the advisory lock that serialises migrations across nodes.
+_MIGRATION_LOCK = 0x6D656461  # "meda"
+
+#: Bounds on every wait inside the database (milliseconds): no call hangs for ever.
+_SESSION_OPTIONS = ("-c statement_timeout=30000 -c lock_timeout=15000"
+                    " -c idle_in_transaction_session_timeout=60000")
+
+
+class PgDatabase:
+    """
+    One PostgreSQL database, C{size} worker threads with a connection each.
+    C{run(fn, *args)} calls C{fn(connection, *args)} on a worker inside a transaction and fires
+    on the reactor thread with its result.  C{migrations} is a sequence of
+    C{(version, sql)} pairs, applied in version order at start.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        dsn: str,
+        *,
+        migrations: Sequence[tuple[int, str]] = (),
+        size: int = 4,
+        name: str = "medagent-pg",
+        connect_timeout: int = 10,
+    ) -> None:
+        import psycopg  # noqa: F401  (fail at construction, not in a thread, when missing)
+
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.dsn = dsn
+        self._reactor = reactor
+        self._migrations = sorted(migrations)
+        self._connect_timeout = connect_timeout
+        self._local = threading.local()
+        self._pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+        self._started = False
+        self._stopped = False
+        #: None: not migrated yet; True: migrated; a list: waiters of a migration under way
+        self._ready: Any = None
+        self._lane: list[tuple[bool, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._lane_busy = False
+        self._trigger: Any = None
+
+    # -- connections (worker threads) ------------------------------------------------
+
+    def _connect(self) -> Any:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        return psycopg.connect(self.dsn, autocommit=False, row_factory=dict_row,
+                               connect_timeout=self._connect_timeout,
+                               options=_SESSION_OPTIONS)
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and (conn.closed or conn.broken):
+            self._forget(conn)
+            conn = None
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _forget(self, conn: Any) -> None:
+        self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    def _in_transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._connection()
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            try:
+                conn.rollback()
+            except Exception:
+                self._forget(conn)
+            raise
+        try:
+            conn.commit()
+        except BaseException:
+            # the outcome of a commit that broke is unknown: never reuse that connection
+            self._forget(conn)
+            raise
+        return result
+
+    # -- migrations ------------------------------------------------------------------
+
+    def _migrate(self, conn: Any) -> int:
+        """Worker thread: apply every migration newer than C{schema_version}."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                     " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)")
+        row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
+        current = row["v"] or 0
+        for version, sql in self._migrations:
+            if version <= current:
+                continue
+            conn.execute(sql)
+            conn.execute("INSERT INTO schema_version (version, applied) VALUES (%s, %s)",
+                         (version, time.time()))
+            current = version
+        return current
+
+    def migrate_sync(self) -> int:
+        """Apply the migrations on the calling thread (tools, tests); the schema version."""
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                return self._migrate(conn)
+        finally:
+            conn.close()
+
+    def _when_ready(self) -> Deferred[None]:
+        if self._ready is True:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        if isinstance(self._ready, list):
+            self._ready.append(d)
+            return d
+        self._ready = [d]
+
+        def done(result: Any) -> None:
+            waiters, self._ready = self._ready, None
+            if isinstance(result, Failure):
+                log.error("PostgreSQL schema migration failed: {error}",
+                          error=result.getErrorMessage())
+            else:
+                self._ready = True
+                log.info("PostgreSQL schema at version {version}", version=result)
+            for w in waiters:
+                w.callback(None) if not isinstance(result, Failure) else w.errback(result)
+
+        deferToThreadPool(self._reactor, self._pool, self._in_transaction,
+                          self._migrate).addBoth(done)
+        return d
+
+    # -- the public calls (reactor thread) --------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Start the workers and apply the migrations; fires when the schema is ready."""
+        if not self._started:
+            self._stopped = False
+            self._pool.start()
+            self._started = True
+            # as the reactor's own pool: threads left running would keep the process alive
+            add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+            if add_trigger is not None:
+                self._trigger = add_trigger("during", "shutdown", self.stop)
+        return self._when_ready()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run C{fn(conn, *args)} in one transaction on a worker; calls may run side by side.
+        A call after C{stop()} fails with L{DatabaseStopped}.
+        """
+        if self._stopped:
+            return fail(DatabaseStopped(f"database {self._safe_name()} is stopped"))
+        if not self._started:
+            self.start()
+
+        def go(_: None) -> Deferred[T]:
+            if self._stopped:
+                raise DatabaseStopped(f"database {self._safe_name()} is stopped")
+            return deferToThreadPool(self._reactor, self._pool, self._in_transaction, fn,
+                                     *args)
+
+        return self._when_ready().addCallback(go)
+
+    def run_ordered(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """L{run} in the write lane: one transaction at a time, in call order."""
+        return self._enqueue(False, fn, args)
+
+    def run_batched(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        In the write lane, grouped with the batched calls next to it into one transaction
+        (group commit), each call in its own savepoint so one failing call does not undo
+        the others.
+        """
+        return self._enqueue(True, fn, args)
+
+    def _enqueue(self, batched: bool, fn: Callable[..., Any], args: tuple[Any, ...]
+                 ) -> Deferred[Any]:
+        if self._stopped:
+            return fail(DatabaseStopped(f"database {self._safe_name()} is stopped"))
+        d: Deferred[Any] = Deferred()
+        self._lane.append((batched, fn, args, d))
+        if not self._lane_busy:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        if not self._lane:
+            self._lane_busy = False
+            return
+        self._lane_busy = True
+        if not self._lane[0][0]:
+            _, fn, args, d = self._lane.pop(0)
+
+            def one(result: Any) -> None:
+                d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+                self._next()
+
+            self.run(fn, *args).addBoth(one)
+            return
+        batch = []
+        while self._lane and self._lane[0][0]:
+            batch.append(self._lane.pop(0))
+
+        def apply(conn: Any) -> list[tuple[bool, Any]]:
+            results: list[tuple[bool, Any]] = []
+            for _, fn, args, _ in batch:
+                conn.execute("SAVEPOINT call")
+                try:
+                    results.append((True, fn(conn, *args)))
+                except Exception as e:
+                    conn.execute("ROLLBACK TO SAVEPOINT call")
+                    results.append((False, e))
+                conn.execute("RELEASE SAVEPOINT call")
+            return results
+
+        def done(results: Any) -> None:
+            if isinstance(results, Failure):
+                for _, _, _, d in batch:
+                    d.errback(results)
+            else:
+                for (ok, value), (_, _, _, d) in zip(results, batch):
+                    d.callback(value) if ok else d.errback(Failure(value))
+            self._next()
+
+        self.run(apply).addBoth(done)
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """
+        Run on the calling thread with a connection of its own (migrating first).  Only for
+        tools that run without a reactor (the CLI), never from the reactor thread.
+        """
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                self._migrate(conn)
+            with conn.transaction():
+                return fn(conn, *args)
+        finally:
+            conn.close()
+
+    def _safe_name(self) -> str:
+        """The database without credentials, for errors and logs."""
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            info = conninfo_to_dict(self.dsn)
+            return f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        except Exception:
+            return "(postgresql)"
+
+    def stop(self) -> None:
+        """Stop the workers and close their connections; later calls fail (L{run})."""
+        self._stopped = True
+        lane, self._lane = self._lane, []
+        for _, _, _, d in lane:
+            d.errback(DatabaseStopped(f"database {self._safe_name()} is stopped"))
+        if not self._started:
+            return
+        self._started = False
+        trigger, self._trigger = self._trigger, None
+        if trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # already fired: this is the shutdown
+        self._pool.stop()
+        with self._lock:
+            conns, self._connections = self._connections, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._ready = None
+        self._pool = ThreadPool(minthreads=1, maxthreads=self._pool.max, name=self._pool.name)

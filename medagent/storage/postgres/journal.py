@@ -1,0 +1,284 @@
+"""
+The push journal in PostgreSQL (L{medagent.storage.interfaces.PushJournal}); the record and
+its states are L{medagent.storage.journal}.  Writes are group committed in the database's
+ordered lane (L{PgDatabase.run_batched}); C{seq} is an identity column, read back with
+C{RETURNING}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Iterable, Mapping
+
+from twisted.internet.defer import Deferred
+
+from medagent.destination import lane_key
+from medagent.fhir import not_found
+from medagent.storage.journal import (
+    EXPIRED,
+    FINAL_STATES,
+    IDEMPOTENCY_WINDOW,
+    OPEN_STATES,
+    QUEUED,
+    STATES,
+    Push,
+    push_from_row,
+)
+from medagent.storage.postgres.database import PgDatabase
+
+
+class _WallClock:
+    def seconds(self) -> float:
+        return time.time()
+
+
+#: Filters of the push list: query parameter → column.
+_FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
+            ("requester", "requester"))
+
+
+def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
+    clauses, args = [], []
+    for key, column in _FILTERS:
+        if params.get(key):
+            clauses.append(f"{column}=%s")
+            args.append(params[key])
+    return " AND ".join(clauses) or "true", args
+
+
+def _get(conn: Any, push_id: str) -> Push:
+    row = conn.execute("SELECT * FROM pushes WHERE id=%s", (push_id,)).fetchone()
+    if row is None:
+        raise not_found(f"No push {push_id}")
+    return push_from_row(row)
+
+
+class PgJournal:
+    """L{PushJournal} on a L{PgDatabase}; see the interface for what each call guarantees."""
+
+    def __init__(self, db: PgDatabase, *, clock: Any = None) -> None:
+        self._db = db
+        self._clock = clock if clock is not None else _WallClock()
+
+    def new_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def create(self, push: Push) -> Deferred[Push]:
+        now = self._clock.seconds()
+        push.created = push.updated = now
+        values = (push.id, push.agent_id, push.destination, push.remote, push.content_type,
+                  push.body, json.dumps(push.options), push.idempotency_key, push.state,
+                  push.created, push.updated, push.expires_at, push.requester,
+                  push.control_id, push.body_hash)
+
+        def txn(conn: Any) -> Push:
+            row = conn.execute(
+                "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
+                " options, idempotency_key, state, created, updated, expires_at, requester,"
+                " control_id, body_hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " RETURNING seq", values).fetchone()
+            push.seq = row["seq"]
+            return push
+
+        return self._db.run_batched(txn)
+
+    def find_by_key(self, requester: str, key: str) -> Deferred[Push | None]:
+        since = self._clock.seconds() - IDEMPOTENCY_WINDOW
+
+        def txn(conn: Any) -> Push | None:
+            row = conn.execute(
+                "SELECT * FROM pushes WHERE requester=%s AND idempotency_key=%s"
+                " AND created>=%s AND state <> 'cancelled' ORDER BY seq LIMIT 1",
+                (requester, key, since)).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "SELECT p.* FROM push_keys k JOIN pushes p ON p.id=k.push_id"
+                    " WHERE k.requester=%s AND k.idempotency_key=%s AND k.created>=%s"
+                    " AND p.state <> 'cancelled'",
+                    (requester, key, since)).fetchone()
+            return push_from_row(row) if row is not None else None
+
+        return self._db.run(txn)
+
+    def remember_key(self, requester: str, key: str, push_id: str) -> Deferred[None]:
+        now = self._clock.seconds()
+
+        def txn(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO push_keys (requester, idempotency_key, push_id, created)"
+                " VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                (requester, key, push_id, now))
+
+        return self._db.run_batched(txn)
+
+    def find_same_message(
+        self, agent_id: str, device: str, control_id: str, body_hash: str
+    ) -> Deferred[Push | None]:
+        since = self._clock.seconds() - IDEMPOTENCY_WINDOW
+
+        def txn(conn: Any) -> Push | None:
+            rows = conn.execute(
+                "SELECT * FROM pushes WHERE agent_id=%s AND control_id=%s AND body_hash=%s"
+                " AND created>=%s AND state <> 'cancelled' ORDER BY seq LIMIT 100",
+                (agent_id, control_id, body_hash, since))
+            for row in rows:
+                if lane_key(row["remote"]) == device:
+                    return push_from_row(row)
+            return None
+
+        return self._db.run(txn)
+
+    def transition(
+        self,
+        push: Push,
+        state: str,
+        *,
+        error: str | None = None,
+        reply: tuple[int, str, str] | None = None,
+        count_attempt: bool = False,
+        in_doubt: bool = False,
+    ) -> Deferred[Push]:
+        push.state = state
+        if in_doubt:
+            push.in_doubt = True
+        push.updated = self._clock.seconds()
+        if count_attempt:
+            push.attempts += 1
+        if error is not None:
+            push.last_error = error
+        if reply is not None:
+            push.reply_status, push.reply_content_type, push.reply_body = reply
+        values = (push.state, push.updated, push.attempts, push.last_error, push.reply_status,
+                  push.reply_content_type, push.reply_body, bool(in_doubt), push.id)
+
+        def txn(conn: Any) -> Push:
+            conn.execute(
+                "UPDATE pushes SET state=%s, updated=%s, attempts=%s, last_error=%s,"
+                " reply_status=%s, reply_content_type=%s, reply_body=%s,"
+                " in_doubt=(in_doubt OR %s) WHERE id=%s", values)
+            return push
+
+        return self._db.run_batched(txn)
+
+    def expire_overdue(self) -> Deferred[int]:
+        now = self._clock.seconds()
+
+        def txn(conn: Any) -> int:
+            return conn.execute(
+                "UPDATE pushes SET state=%s, updated=%s, last_error=%s WHERE state=%s AND"
+                " expires_at IS NOT NULL AND expires_at<=%s",
+                (EXPIRED, now, "Expired before it could be sent", QUEUED, now)).rowcount
+
+        return self._db.run_ordered(txn)
+
+    def prune(self, older_than: float) -> Deferred[int]:
+        now = self._clock.seconds()
+        cutoff, key_cutoff = now - older_than, now - IDEMPOTENCY_WINDOW
+        finals = sorted(FINAL_STATES)
+
+        def txn(conn: Any) -> int:
+            conn.execute("DELETE FROM push_keys WHERE created<%s", (key_cutoff,))
+            return conn.execute(
+                "DELETE FROM pushes WHERE state = ANY(%s) AND updated<%s",
+                (finals, cutoff)).rowcount
+
+        return self._db.run_ordered(txn)
+
+    def flushed(self) -> Deferred[None]:
+        return self._db.run_batched(lambda conn: None)
+
+    def get(self, push_id: str) -> Deferred[Push]:
+        return self._db.run(_get, push_id)
+
+    def current(self, push_id: str) -> Deferred[Push]:
+        return self._db.run_batched(_get, push_id)
+
+    def open_for_agent(
+        self, agent_id: str, *, after_seq: int = 0, limit: int = 500,
+        states: Iterable[str] = OPEN_STATES,
+    ) -> Deferred[list[Push]]:
+        return self._db.run(self._open_txn, agent_id, list(states), None, [], after_seq,
+                            limit)
+
+    def open_pushes(
+        self,
+        agent_id: str,
+        *,
+        after_seq: int = 0,
+        remotes: Iterable[str] | None = None,
+        exclude_remotes: Iterable[str] = (),
+        limit: int = 500,
+        states: Iterable[str] = OPEN_STATES,
+    ) -> Deferred[list[Push]]:
+        return self._db.run_batched(
+            self._open_txn, agent_id, list(states),
+            None if remotes is None else list(remotes), list(exclude_remotes), after_seq, limit)
+
+    @staticmethod
+    def _open_txn(conn: Any, agent_id: str, states: list[str], remotes: list[str] | None,
+                  exclude: list[str], after_seq: int, limit: int) -> list[Push]:
+        clauses = ["agent_id=%s", "state = ANY(%s)", "seq>%s"]
+        args: list[Any] = [agent_id, states, after_seq]
+        if remotes is not None:
+            clauses.append("remote = ANY(%s)")
+            args.append(remotes)
+        if exclude:
+            clauses.append("NOT (remote = ANY(%s))")
+            args.append(exclude)
+        rows = conn.execute(
+            f"SELECT * FROM pushes WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT %s",
+            (*args, limit))
+        return [push_from_row(r) for r in rows]
+
+    def search(self, params: Mapping[str, str], limit: int = 100) -> Deferred[list[Push]]:
+        where, args = _where(params)
+
+        def txn(conn: Any) -> list[Push]:
+            rows = conn.execute(
+                f"SELECT * FROM pushes WHERE {where} ORDER BY seq DESC LIMIT %s",
+                (*args, limit))
+            return [push_from_row(r) for r in rows]
+
+        return self._db.run(txn)
+
+    def search_page(
+        self, params: Mapping[str, str], *, count: int, before_seq: int | None = None
+    ) -> Deferred[tuple[list[Push], int, int | None]]:
+        where, args = _where(params)
+
+        def txn(conn: Any) -> tuple[list[Push], int, int | None]:
+            total = conn.execute(f"SELECT count(*) AS n FROM pushes WHERE {where}",
+                                 args).fetchone()["n"]
+            if count <= 0:
+                return [], total, None
+            page_where, page_args = where, list(args)
+            if before_seq is not None:
+                page_where, page_args = f"({where}) AND seq<%s", [*args, before_seq]
+            rows = conn.execute(
+                f"SELECT * FROM pushes WHERE {page_where} ORDER BY seq DESC LIMIT %s",
+                (*page_args, count + 1)).fetchall()
+            pushes = [push_from_row(r) for r in rows[:count]]
+            more = len(rows) > count
+            return pushes, total, (pushes[-1].seq if more and pushes else None)
+
+        return self._db.run(txn)
+
+    def counts(self, agent_id: str) -> Deferred[dict[str, Any]]:
+        now = self._clock.seconds()
+
+        def txn(conn: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {s: 0 for s in STATES}
+            for row in conn.execute(
+                    "SELECT state, count(*) AS n FROM pushes WHERE agent_id=%s GROUP BY state",
+                    (agent_id,)):
+                out[row["state"]] = row["n"]
+            oldest = conn.execute(
+                "SELECT min(created) AS t FROM pushes WHERE agent_id=%s AND state = ANY(%s)",
+                (agent_id, list(OPEN_STATES))).fetchone()
+            out["oldestOpenAgeSeconds"] = (
+                round(now - oldest["t"], 3) if oldest["t"] is not None else None)
+            return out
+
+        return self._db.run(txn)

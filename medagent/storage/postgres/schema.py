@@ -1,0 +1,114 @@
+"""
+The relay's PostgreSQL schema, as numbered migrations (L{PgDatabase} applies the ones newer
+than C{schema_version} at start).  Never edit a released migration: add the next one.
+
+JSON (resources, push options, delivery payloads) is kept as C{text}, byte for byte what the
+SQLite backend keeps: nothing searches inside it in SQL (the C{search_index} rows do), and
+C{jsonb} would refuse some strings JSON allows (``\\u0000``, lone surrogates in escapes).
+Ordered and prefix-searched text is C{COLLATE "C"}: byte order whatever the cluster's locale
+(ISO instants sort as times; C{LIKE 'x%'} can use the index).
+"""
+
+from __future__ import annotations
+
+V1 = """
+CREATE SEQUENCE resource_write_seq;
+CREATE TABLE resources (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    last_updated TEXT COLLATE "C" NOT NULL,
+    write_seq BIGINT NOT NULL,
+    deleted BOOLEAN NOT NULL DEFAULT false,
+    content TEXT NOT NULL,
+    PRIMARY KEY (type, id)
+);
+CREATE INDEX resources_order ON resources (type, last_updated, write_seq);
+CREATE TABLE search_index (
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    param TEXT NOT NULL,
+    system TEXT,
+    value TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX search_by_value ON search_index (type, param, value);
+CREATE INDEX search_by_id ON search_index (type, id);
+
+CREATE TABLE clients (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    client_id TEXT PRIMARY KEY,
+    salt BYTEA NOT NULL,
+    secret_hash BYTEA NOT NULL,
+    role TEXT NOT NULL,
+    agents TEXT NOT NULL DEFAULT '[]',
+    name TEXT,
+    created DOUBLE PRECISION NOT NULL,
+    revoked BOOLEAN NOT NULL DEFAULT false
+);
+
+CREATE TABLE pushes (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    agent_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    remote TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    options TEXT NOT NULL DEFAULT '{}',
+    idempotency_key TEXT,
+    state TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    reply_status INTEGER,
+    reply_content_type TEXT,
+    reply_body TEXT,
+    requester TEXT,
+    control_id TEXT,
+    body_hash TEXT,
+    in_doubt BOOLEAN NOT NULL DEFAULT false
+);
+CREATE INDEX pushes_open ON pushes (agent_id, state, seq);
+CREATE INDEX pushes_agent_seq ON pushes (agent_id, seq);
+CREATE INDEX pushes_key ON pushes (requester, idempotency_key);
+CREATE INDEX pushes_message ON pushes (agent_id, control_id, body_hash);
+CREATE TABLE push_keys (
+    requester TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    push_id TEXT NOT NULL REFERENCES pushes (id) ON DELETE CASCADE,
+    created DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (requester, idempotency_key)
+);
+CREATE INDEX push_keys_push ON push_keys (push_id);
+
+CREATE TABLE subscription_deliveries (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    subscription_id TEXT NOT NULL,
+    interaction TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    version_id TEXT,
+    payload TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    leased BOOLEAN NOT NULL DEFAULT false,
+    next_attempt DOUBLE PRECISION NOT NULL,
+    last_error TEXT,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX subscription_deliveries_due ON subscription_deliveries (state, next_attempt);
+CREATE INDEX subscription_deliveries_lane
+    ON subscription_deliveries (subscription_id, resource_type, resource_id, state);
+"""
+
+#: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1),)
+
+#: The tables holding data (what a test empties between tests; never C{schema_version}).
+DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
+               "subscription_deliveries")

@@ -1,0 +1,94 @@
+"""
+A real ``twistd medagent-relay --database postgresql://...`` (L{tests.pgenv}'s throwaway
+cluster, loopback), a real agent process and a real third-party MLLP listener (python-hl7):
+a push journaled in PostgreSQL while the agent is away is delivered once it connects, and
+the relay keeps no SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from medagent.client import MedagentClient
+from medagent.relay.auth import Authority, load_or_create_key
+from medagent.storage.postgres import MIGRATIONS, PgClientRegistry, PgDatabase
+from tests import pgenv, procs
+from tests.peerenv import FIXTURES
+from tests.test_e2e import hl7
+
+
+class RelayOnPostgres(TestCase):
+    timeout = 120
+
+    def setUp(self) -> Deferred[None]:
+        return ensureDeferred(self._setUp())
+
+    def create_client(self, role: str, agents: list[str] = ()) -> Deferred[dict[str, Any]]:
+        """A client in the relay's PostgreSQL registry (on a thread: it blocks)."""
+
+        def make() -> dict[str, Any]:
+            db = PgDatabase(reactor, self.dsn, migrations=MIGRATIONS)
+            key = load_or_create_key(os.path.join(self.data_dir, "token.key"))
+            return Authority(PgClientRegistry(db), key).create_client_sync(role, list(agents))
+
+        return deferToThread(make)
+
+    async def _setUp(self) -> None:
+        self.dsn = await deferToThread(pgenv.fresh_database, "medagent_relay_e2e")
+        self.data_dir = tempfile.mkdtemp(prefix="medagent-relay-pg-")
+        admin = await self.create_client("admin")
+        self.relay = procs.RelayFixture(self, self.data_dir)
+        await self.relay.start(["--database", self.dsn])
+        self.admin = MedagentClient(reactor, self.relay.url, admin["clientId"],
+                                    admin["clientSecret"])
+        self.addCleanup(self.admin.close)
+        self.mllp_port = procs.free_port()
+        self.device_proc = procs.python(
+            self, "python-hl7-server",
+            [os.path.join(FIXTURES, "hl7", "pyhl7_server.py"), str(self.mllp_port)])
+        await self.device_proc.wait_for("MLLP server on", timeout=20)
+
+    def test_a_push_journaled_in_postgres_is_delivered_through_the_agent(self) -> Deferred:
+        async def go() -> None:
+            agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
+                                             "status": "active"})
+            device = await self.admin.create(
+                {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
+            agent = await self.admin.update(
+                {**agent, "device": {"reference": f"Device/{device['id']}"}})
+            agent_creds = await self.create_client("agent", [agent["id"]])
+            # queued while the agent is not connected: only the journal has it
+            accepted = await self.admin.push_to_agent(
+                agent, f"Device/{device['id']}", hl7("PG000001"), "x-application/hl7-v2+er7")
+            path = accepted["issue"][0]["diagnostics"].split(self.relay.url, 1)[1]
+            self.assertEqual((await self.admin.request_json("GET", path))["state"], "queued")
+            db = PgDatabase(reactor, self.dsn)
+            self.addCleanup(db.stop)
+            rows = await db.run(lambda c: c.execute(
+                "SELECT state, agent_id FROM pushes").fetchall())
+            self.assertEqual(rows, [{"state": "queued", "agent_id": agent["id"]}])
+
+            procs.agent_process(self, self.relay.url, agent_creds, agent["id"])
+
+            async def delivered() -> Any:
+                doc = await self.admin.request_json("GET", path)
+                return doc if doc["state"] == "delivered" else None
+
+            doc = await procs.wait_until(delivered, timeout=30, what="push delivered")
+            self.assertIn("MSA|AA|PG000001", doc["reply"]["body"])
+            await self.device_proc.wait_for("PG000001", timeout=5)
+            self.assertEqual(self.device_proc.count("RECV from"), 1)
+            rows = await db.run(lambda c: c.execute(
+                "SELECT state, reply_body FROM pushes").fetchall())
+            self.assertEqual([r["state"] for r in rows], ["delivered"])
+            self.assertIn("MSA|AA|PG000001", rows[0]["reply_body"])
+            self.assertFalse(os.path.exists(os.path.join(self.data_dir, "relay.sqlite")))
+
+        return ensureDeferred(go())

@@ -1,0 +1,344 @@
+"""
+The PostgreSQL implementation of L{medagent.storage.interfaces} against the same contract
+suites as SQLite (C{tests/storage_contract.py}), on a real server (L{tests.pgenv}: a throwaway
+cluster on a loopback port, or ``MEDAGENT_PG_DSN``), each store on its own worker threads and
+the real reactor.  One database per test class, emptied before each test.  Plus what is
+specific to L{PgDatabase} and to several relay nodes sharing one database.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from medagent.fhir import FHIRError
+from medagent.storage import journal as j
+from medagent.storage import open_storage
+from medagent.storage.postgres import (
+    DATA_TABLES,
+    MIGRATIONS,
+    PgClientRegistry,
+    PgDatabase,
+    PgDeliveryQueue,
+    PgJournal,
+    PgStore,
+)
+from medagent.storage.sqlite.database import DatabaseStopped
+from tests import pgenv
+from tests.peerenv import ROOT
+from tests.storage_contract import (
+    ClientRegistryContract,
+    DeliveryQueueContract,
+    PushJournalContract,
+    ResourceStoreContract,
+    _client,
+    _new_delivery,
+)
+
+_databases: dict[str, str] = {}
+_databases_lock = threading.Lock()
+
+
+def _class_database(cls: type) -> str:
+    """Worker thread: the (migrated) database of test class C{cls}, created on first use."""
+    with _databases_lock:
+        if cls.__name__ not in _databases:
+            dsn = pgenv.fresh_database("medagent_" + cls.__name__.lower())
+            PgDatabase(reactor, dsn, migrations=MIGRATIONS).migrate_sync()
+            _databases[cls.__name__] = dsn
+        return _databases[cls.__name__]
+
+
+def _truncate(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY CASCADE")
+
+
+class _Pg:
+    """A fresh (emptied) class database per test, behind a L{PgDatabase} of its own."""
+
+    separate_database_thread = True
+    dsn: str
+
+    def setUp(self) -> Deferred[None]:
+        def prepare() -> str:
+            dsn = _class_database(type(self))
+            _truncate(dsn)
+            return dsn
+
+        def ready(dsn: str) -> None:
+            self.dsn = dsn
+            super(_Pg, self).setUp()  # type: ignore[misc]
+
+        # the blocking set-up runs on a thread: the reactor keeps turning meanwhile
+        return deferToThread(prepare).addCallback(ready)
+
+    def database(self) -> PgDatabase:
+        if getattr(self, "_db", None) is None:
+            self._db = self.open_database()
+        return self._db
+
+    def open_database(self, size: int = 4) -> PgDatabase:
+        db = PgDatabase(reactor, self.dsn, migrations=MIGRATIONS, size=size,
+                        name="test-relay-pg")
+        self.addCleanup(db.stop)  # type: ignore[attr-defined]
+        return db
+
+    def make_store(self) -> PgStore:
+        return PgStore(self.database())
+
+    def make_queue(self) -> PgDeliveryQueue:
+        return PgDeliveryQueue(self.database())
+
+    def make_journal(self, clock: Clock) -> PgJournal:
+        return PgJournal(self.database(), clock=clock)
+
+    def make_registry(self) -> PgClientRegistry:
+        return PgClientRegistry(self.database())
+
+
+class PgResourceStoreTests(_Pg, ResourceStoreContract, TestCase):
+    pass
+
+
+class PgPushJournalTests(_Pg, PushJournalContract, TestCase):
+    pass
+
+
+class PgClientRegistryTests(_Pg, ClientRegistryContract, TestCase):
+    pass
+
+
+class PgDeliveryQueueTests(_Pg, DeliveryQueueContract, TestCase):
+    pass
+
+
+class PgDatabaseTests(_Pg, TestCase):
+    """The database object, and two relay nodes (two L{PgDatabase}s) on one database."""
+
+    async def test_schema_version_is_recorded_and_migrating_again_changes_nothing(self) -> None:
+        db = self.database()
+        await db.start()
+        rows = await db.run(lambda c: c.execute(
+            "SELECT version FROM schema_version ORDER BY version").fetchall())
+        self.assertEqual([r["version"] for r in rows], [v for v, _ in MIGRATIONS])
+        other = self.open_database()
+        await other.start()  # a second node starting on the same database
+        self.assertEqual(await deferToThread(other.migrate_sync), MIGRATIONS[-1][0])
+        rows = await db.run(lambda c: c.execute("SELECT count(*) AS n FROM schema_version")
+                            .fetchone())
+        self.assertEqual(rows["n"], len(MIGRATIONS))
+
+    async def test_work_runs_off_the_reactor_thread(self) -> None:
+        main = threading.current_thread().name
+        names = await self.database().run(lambda c: threading.current_thread().name)
+        self.assertNotEqual(names, main)
+
+    async def test_a_failing_call_rolls_back_and_the_connection_serves_again(self) -> None:
+        db = self.database()
+
+        def boom(conn: Any) -> None:
+            conn.execute("INSERT INTO clients (client_id, salt, secret_hash, role, created)"
+                         " VALUES ('x', '', '', 'admin', 1)")
+            conn.execute("SELECT no_such_column FROM clients")
+
+        try:
+            await db.run(boom)
+        except Exception as e:
+            self.assertIn("no_such_column", str(e))
+        else:
+            self.fail("a failing statement did not fail the call")
+        count = await db.run(lambda c: c.execute("SELECT count(*) AS n FROM clients")
+                             .fetchone()["n"])
+        self.assertEqual(count, 0)
+
+    async def test_batched_calls_are_isolated_in_one_commit(self) -> None:
+        db = self.database()
+
+        def add(conn: Any, id: str) -> int:
+            return conn.execute("INSERT INTO clients (client_id, salt, secret_hash, role,"
+                                " created) VALUES (%s, '', '', 'admin', 1)", (id,)).rowcount
+
+        ok = db.run_batched(add, "a")
+        bad = db.run_batched(add, "a")  # duplicate key: only this call fails
+        also = db.run_batched(add, "b")
+        self.assertEqual(await ok, 1)
+        try:
+            await bad
+        except Exception:
+            pass
+        else:
+            self.fail("a duplicate insert succeeded")
+        self.assertEqual(await also, 1)
+        ids = await db.run(lambda c: [r["client_id"] for r in c.execute(
+            "SELECT client_id FROM clients ORDER BY client_id")])
+        self.assertEqual(ids, ["a", "b"])
+
+    async def test_ordered_writes_keep_call_order(self) -> None:
+        db = self.open_database(size=4)
+        store = PgStore(db)
+        first = await store.create({"resourceType": "Task", "id": "t", "status": "draft"})
+        writes = [store.update({**first, "status": f"s{i}"}) for i in range(20)]
+        results = await DeferredList(writes, fireOnOneErrback=True, consumeErrors=True)
+        versions = [r["meta"]["versionId"] for _, r in results]
+        self.assertEqual(versions, [str(i) for i in range(2, 22)])
+        self.assertEqual((await store.read("Task", "t"))["status"], "s19")
+
+    async def test_call_after_stop_fails_its_deferred(self) -> None:
+        db = self.database()
+        self.assertEqual(await db.run(lambda c: 7), 7)
+        db.stop()
+        for d in (db.run(lambda c: 1), db.run_ordered(lambda c: 1),
+                  db.run_batched(lambda c: 1)):
+            try:
+                await d
+            except DatabaseStopped:
+                pass
+            else:
+                self.fail("a call after stop() ran")
+
+    async def test_two_nodes_never_lease_one_delivery_twice(self) -> None:
+        a, b = PgDeliveryQueue(self.open_database()), PgDeliveryQueue(self.open_database())
+        await a.enqueue([_new_delivery(f"d{i}", resource=f"r{i}") for i in range(40)])
+        claims = [q.claim(100.0, 60.0, 3) for _ in range(8) for q in (a, b)]
+        results = await DeferredList(claims, fireOnOneErrback=True, consumeErrors=True)
+        leased = [d.id for _, (claimed, _) in results for d in claimed]
+        self.assertEqual(len(leased), len(set(leased)))  # nobody leased a delivery twice
+        self.assertEqual(sorted(leased), sorted(f"d{i}" for i in range(40)))
+
+    async def test_two_nodes_creating_one_id_one_wins(self) -> None:
+        a, b = PgStore(self.open_database()), PgStore(self.open_database())
+        results = await DeferredList(
+            [s.create({"resourceType": "Device", "id": "dev", "status": n})
+             for s, n in ((a, "a"), (b, "b"))], consumeErrors=True)
+        won = [r for ok, r in results if ok]
+        lost = [r.value for ok, r in results if not ok]
+        self.assertEqual(len(won), 1)
+        self.assertEqual([(type(e), e.status) for e in lost], [(FHIRError, 409)])
+        self.assertEqual((await a.read("Device", "dev"))["status"], won[0]["status"])
+
+    async def test_journal_seq_is_shared_by_nodes(self) -> None:
+        clock = Clock()
+        a, b = PgJournal(self.open_database(), clock=clock), PgJournal(self.open_database(),
+                                                                         clock=clock)
+
+        def push(journal: PgJournal) -> j.Push:
+            return j.Push(id=journal.new_id(), agent_id="a1", destination="mllp://d:1",
+                          remote="mllp://d:1", content_type="text/plain", body="x")
+
+        first = await a.create(push(a))
+        second = await b.create(push(b))
+        self.assertLess(first.seq, second.seq)
+        self.assertEqual([p.id for p in await a.open_for_agent("a1")], [first.id, second.id])
+
+
+class OpenStorageTests(SynchronousTestCase):
+    """L{open_storage}: which backend a C{--database} value gives, and what it refuses."""
+
+    def test_no_url_is_the_sqlite_file_in_the_data_folder(self) -> None:
+        folder = self.mktemp()
+        storage = open_storage(None, folder, reactor)
+        self.addCleanup(storage.stop)
+        self.assertEqual((storage.backend, type(storage.store).__name__,
+                          type(storage.journal).__name__, type(storage.registry).__name__,
+                          type(storage.deliveries).__name__),
+                         ("sqlite", "SQLiteStore", "SQLiteJournal", "SQLiteClientRegistry",
+                          "SQLiteDeliveryQueue"))
+        self.assertEqual(storage.db.path, os.path.join(folder, "relay.sqlite"))
+
+    def test_a_postgresql_url_gives_the_postgres_set_without_connecting(self) -> None:
+        # port 9 (discard) on loopback: nothing listens; open_storage must not try
+        storage = open_storage("postgresql://relay@127.0.0.1:9/medagent", self.mktemp(),
+                               reactor)
+        self.assertEqual((storage.backend, type(storage.store), type(storage.journal),
+                          type(storage.registry), type(storage.deliveries)),
+                         ("postgresql", PgStore, PgJournal, PgClientRegistry, PgDeliveryQueue))
+        self.assertIs(storage.store._db, storage.db)
+
+    def test_refusals_never_repeat_the_url(self) -> None:
+        for url, why in [
+            ("mysql://u@127.0.0.1/db", "postgresql:// URL"),
+            ("postgresql://u:s3cret@127.0.0.1/db", "password"),
+            ("postgresql://u@db.example:5432/db", "sslmode"),
+            ("postgresql://u@db.example:5432/db?sslmode=prefer", "sslmode"),
+        ]:
+            with self.assertRaises(ValueError) as caught:
+                open_storage(url, self.mktemp(), reactor)
+            self.assertIn(why, str(caught.exception))
+            self.assertNotIn("s3cret", str(caught.exception))
+            self.assertNotIn("example", str(caught.exception))
+        storage = open_storage("postgresql://u@db.example:5432/db?sslmode=verify-full",
+                               self.mktemp(), reactor)
+        self.assertEqual(storage.backend, "postgresql")
+
+
+class OpenStoragePgTests(_Pg, TestCase):
+    """The set L{open_storage} gives for a URL works on a real server, hooks included."""
+
+    async def test_the_set_shares_one_database_and_transaction(self) -> None:
+        storage = open_storage(self.dsn, self.mktemp(), reactor)
+        self.addCleanup(storage.stop)
+        await storage.start()
+
+        class Hook:
+            def prepare(self, resource_type: str, id: str, resource: Any) -> Any:
+                return self
+
+            def in_transaction(self, tx: Any, interaction: str, resource: Any,
+                               previous: Any) -> Any:
+                return tx.enqueue_deliveries([_new_delivery("d1", resource=resource["id"])])
+
+            def committed(self, token: Any) -> None:
+                pass
+
+        storage.store.write_hooks.append(Hook())
+        await storage.store.create({"resourceType": "Task", "id": "t1"})
+        self.assertEqual([d.id for d in await storage.deliveries.list()], ["d1"])
+        await storage.registry.add(_client("c1", 1.0))
+        self.assertEqual((await storage.registry.lookup("c1")).client_id, "c1")
+        push = await storage.journal.create(j.Push(
+            id=storage.journal.new_id(), agent_id="a1", destination="mllp://d:1",
+            remote="mllp://d:1", content_type="text/plain", body="x"))
+        self.assertEqual((await storage.journal.current(push.id)).state, j.QUEUED)
+
+
+_FORGOTTEN_STOP = """
+import sys
+from twisted.internet import reactor
+from medagent.storage.postgres import MIGRATIONS, PgDatabase
+db = PgDatabase(reactor, sys.argv[1], migrations=MIGRATIONS)
+def done(value):
+    print("answered", value, flush=True)
+    reactor.stop()  # db.stop() forgotten: the process must exit all the same
+db.run(lambda c: c.execute("SELECT 41 + 1 AS n").fetchone()["n"]).addBoth(done)
+reactor.run()
+"""
+
+
+class PgDatabaseShutdownTests(_Pg, TestCase):
+    async def test_a_database_not_stopped_does_not_keep_the_process_alive(self) -> None:
+        import subprocess
+        import sys
+
+        def child() -> subprocess.CompletedProcess[bytes]:
+            try:
+                return subprocess.run([sys.executable, "-c", _FORGOTTEN_STOP, self.dsn],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      timeout=30, env={**os.environ,
+                                                       "PYTHONPATH": ROOT + os.pathsep
+                                                       + os.environ.get("PYTHONPATH", "")})
+            except subprocess.TimeoutExpired as e:  # the process is killed by run()
+                raise AssertionError("the process did not exit after reactor.stop()") from e
+
+        result = await deferToThread(child)
+        self.assertIn(b"answered 42", result.stdout)
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:])
