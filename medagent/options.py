@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
-#: SQLite's PRAGMA synchronous values (L{medagent.db.Database})
+#: SQLite's PRAGMA synchronous values (L{medagent.storage.sqlite.database.Database})
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
