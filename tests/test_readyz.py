@@ -205,3 +205,18 @@ class PostgresOutageTests(_RelayCalls, TestCase):
             self.assertEqual(rows[1]["state"], "queued")
 
         return ensureDeferred(go())
+
+    def test_a_restart_between_calls_fails_no_call(self) -> Deferred:
+        """The pool's idle connections died with the server: dropped before use, not used."""
+        async def go() -> None:
+            code, _, _ = await self.push("RZPG0101")
+            self.assertEqual(code, 202)
+            await deferToThread(_stop_server, self.cluster)
+            await deferToThread(_start_server, self.cluster)
+            code, _, _ = await self.push("RZPG0102")
+            self.assertEqual(code, 202)
+            code, body, _ = await self.call("GET", "/readyz", token=False)
+            self.assertEqual((code, body), (200, {"status": "ready"}))
+            self.assertEqual(len(await self.journaled()), 2)
+
+        return ensureDeferred(go())
