@@ -220,3 +220,20 @@ class PostgresOutageTests(_RelayCalls, TestCase):
             self.assertEqual(len(await self.journaled()), 2)
 
         return ensureDeferred(go())
+
+    def test_a_schema_missing_a_migration_is_not_ready(self) -> Deferred:
+        async def go() -> None:
+            await self.relay.db.run(lambda c: c.execute(
+                "DELETE FROM schema_version WHERE version = 1"))
+            try:
+                code, body, headers = await self.call("GET", "/readyz", token=False)
+                self.assert_unavailable(code, body, headers)
+                self.assertEqual(body["issue"][0]["details"]["text"],
+                                 "The database schema is not current")
+            finally:
+                await self.relay.db.run(lambda c: c.execute(
+                    "INSERT INTO schema_version (version, applied) VALUES (1, 0)"))
+            code, body, _ = await self.call("GET", "/readyz", token=False)
+            self.assertEqual((code, body), (200, {"status": "ready"}))
+
+        return ensureDeferred(go())
