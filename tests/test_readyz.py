@@ -33,8 +33,11 @@ class _NeverRuns:
     def stop(self) -> None:
         pass
 
+    def __init__(self) -> None:
+        self.taken = 0
+
     def callInThreadWithCallback(self, *args: Any, **kw: Any) -> None:  # noqa: N802
-        pass
+        self.taken += 1
 
 
 class PingTimeoutTests(SynchronousTestCase):
@@ -49,6 +52,22 @@ class PingTimeoutTests(SynchronousTestCase):
         self.assertIsInstance(self.failureResultOf(d, DatabaseUnavailable).value,
                               DatabaseUnavailable)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_one_probe_in_flight_at_a_time(self) -> None:
+        """A load balancer polling a stuck database does not pile probes onto its pool."""
+        clock = Clock()
+        pool = _NeverRuns()
+        db = Database(reactor, ":memory:", threadpool=pool)
+        first = db.ping(clock, timeout=2.0)
+        clock.advance(1)
+        second = db.ping(clock, timeout=2.0)
+        self.assertEqual(pool.taken, 1)
+        clock.advance(1)
+        self.failureResultOf(first, DatabaseUnavailable)
+        self.assertNoResult(second)
+        clock.advance(1)
+        self.failureResultOf(second, DatabaseUnavailable)
+        self.assertEqual(pool.taken, 1)
 
     def test_a_stopped_database_fails_at_once(self) -> None:
         clock = Clock()

@@ -27,7 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from medagent.storage.sqlite.database import DatabaseStopped, DatabaseUnavailable, _bounded
+from medagent.storage.sqlite.database import (
+    DatabaseStopped,
+    DatabaseUnavailable,
+    _bounded,
+    _SharedProbe,
+)
 
 T = TypeVar("T")
 log = Logger()
@@ -89,6 +94,7 @@ class PgDatabase:
         self._lane: list[tuple[bool, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._lane_busy = False
         self._trigger: Any = None
+        self._probe = _SharedProbe()
 
     # -- connections (worker threads) ------------------------------------------------
 
@@ -259,7 +265,7 @@ class PgDatabase:
                 raise DatabaseUnavailable(
                     f"schema not current: migration(s) {sorted(missing)} not applied", schema=True)
 
-        return _bounded(self.run(check), clock, timeout)
+        return _bounded(self._probe(lambda: self.run(check)), clock, timeout)
 
     def run_ordered(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """L{run} in the write lane: one transaction at a time, in call order."""

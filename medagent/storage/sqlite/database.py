@@ -74,6 +74,32 @@ def _bounded(work: Deferred[Any], clock: Any, timeout: float) -> Deferred[None]:
     return d
 
 
+class _SharedProbe:
+    """
+    At most one readiness round trip in flight: a probe asked for while one runs waits for
+    that one (each caller with its own timeout), so a load balancer polling a database that
+    hangs does not pile work onto the pool.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: list[Deferred[Any]] | None = None
+
+    def __call__(self, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self._waiters is not None:
+            self._waiters.append(d)
+            return d
+        self._waiters = [d]
+
+        def done(result: Any) -> None:
+            waiters, self._waiters = self._waiters or [], None
+            for w in waiters:
+                w.errback(result) if isinstance(result, Failure) else w.callback(result)
+
+        start().addBoth(done)
+        return d
+
+
 class Database:
     """
     One SQLite file, one worker thread.  C{run(fn, *args)} calls C{fn(connection, *args)} in
@@ -112,6 +138,7 @@ class Database:
         self._connections: list[sqlite3.Connection] = []
         self._batch: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._flushing = False
+        self._probe = _SharedProbe()
 
     def start(self) -> None:
         """Start the worker thread (also after a C{stop()}, when called explicitly)."""
@@ -176,8 +203,9 @@ class Database:
         Fails with L{DatabaseUnavailable} when stopped, failing, or not done within
         C{timeout} seconds on C{clock} (the worker may be stuck behind a long write).
         """
-        return _bounded(self.run(lambda conn: conn.execute("SELECT 1").fetchone()),
-                        clock, timeout)
+        return _bounded(self._probe(
+            lambda: self.run(lambda conn: conn.execute("SELECT 1").fetchone())),
+            clock, timeout)
 
     def run_batched(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """
