@@ -256,3 +256,18 @@ class PostgresOutageTests(_RelayCalls, TestCase):
             self.assertEqual((code, body), (200, {"status": "ready"}))
 
         return ensureDeferred(go())
+
+    def test_a_timeout_in_a_batched_write_is_unavailable(self) -> Deferred:
+        """One call of a group commit hitting PostgreSQL's statement timeout: 503, not 500."""
+        def slow(conn: Any) -> None:
+            conn.execute("SET LOCAL statement_timeout = 50")
+            conn.execute("SELECT pg_sleep(2)")
+
+        async def go() -> None:
+            d = self.relay.db.run_batched(slow)
+            ok = self.relay.db.run_batched(lambda c: c.execute("SELECT 1").fetchone())
+            with self.assertRaises(DatabaseUnavailable):
+                await d
+            self.assertEqual(await ok, {"?column?": 1})
+
+        return ensureDeferred(go())

@@ -333,7 +333,10 @@ async def ready(ctx: RouteContext) -> Response:
     if db is None or not hasattr(db, "ping"):
         return json_response({"status": "ready"})
     try:
-        await db.ping(api.clock, READY_TIMEOUT)
+        clock = api.clock
+        if clock is None:  # an Api built without a push service clock (tools, tests)
+            from twisted.internet import reactor as clock
+        await db.ping(clock, READY_TIMEOUT)
     except DatabaseUnavailable as e:
         log.warn("Not ready: {error}", error=str(e))
         what = ("The database schema is not current" if e.schema

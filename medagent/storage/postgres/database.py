@@ -57,6 +57,17 @@ def _hung_up(conn: Any) -> bool:
         return True
 
 
+def _as_unavailable(e: Exception) -> Exception:
+    """C{e}, or a L{DatabaseUnavailable} for PostgreSQL's operational errors (a timeout)."""
+    import psycopg
+
+    if isinstance(e, psycopg.OperationalError):
+        unavailable = DatabaseUnavailable(f"PostgreSQL unavailable ({type(e).__name__})")
+        unavailable.__cause__ = e
+        return unavailable
+    return e
+
+
 class PgDatabase:
     """
     One PostgreSQL database, C{size} worker threads with a connection each.
@@ -139,8 +150,7 @@ class PgDatabase:
         try:
             return self._transaction(fn, *args)
         except psycopg.OperationalError as e:
-            raise DatabaseUnavailable(
-                f"PostgreSQL unavailable ({type(e).__name__})") from e
+            raise _as_unavailable(e) from e
 
     def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._connection()
@@ -315,7 +325,7 @@ class PgDatabase:
                     results.append((True, fn(conn, *args)))
                 except Exception as e:
                     conn.execute("ROLLBACK TO SAVEPOINT call")
-                    results.append((False, e))
+                    results.append((False, _as_unavailable(e)))
                 conn.execute("RELEASE SAVEPOINT call")
             return results
 
