@@ -36,6 +36,7 @@ from medagent.relay.hub import Hub
 from medagent.relay.push import PushService
 from medagent.storage.interfaces import PushJournal as Journal
 from medagent.storage.resources import RESOURCE_TYPES
+from medagent.storage.sqlite.database import DatabaseUnavailable
 
 log = Logger()
 
@@ -236,6 +237,16 @@ class Endpoint(Resource):
             return Response(499, b"", "text/plain")
         except FHIRError as e:
             return json_response(e.outcome(), e.status, **e.headers)
+        except DatabaseUnavailable as e:
+            # the one place a database outage becomes HTTP: transient, nothing said about
+            # the database itself (its name, URL or driver text stay in the log)
+            log.warn("Database unavailable for {method} {path}: {error}",
+                     method=request.method.decode("ascii", "replace"),
+                     path=request.path.decode("ascii", "replace"), error=str(e))
+            return json_response(
+                operation_outcome("The database is unavailable; try again in a moment",
+                                  code="transient", severity="error"),
+                503, **{"Retry-After": str(RETRY_AFTER)})
         except Exception:
             log.failure("Unhandled error for {method} {path}",
                         method=request.method.decode("ascii", "replace"),
@@ -305,6 +316,36 @@ async def health(ctx: RouteContext) -> Response:
     return json_response({"status": "ok", "agentsConnected": len(ctx.api.hub.sessions)})
 
 
+#: Seconds a client (or load balancer) is told to wait after a 503 for want of a database.
+RETRY_AFTER = 5
+#: Seconds ``/readyz`` waits for the database's answer.
+READY_TIMEOUT = 2.0
+
+
+async def ready(ctx: RouteContext) -> Response:
+    """
+    ``/readyz`` (any method, no token), for a load balancer: 200 when a trivial round trip
+    through the storage's own pool succeeds within L{READY_TIMEOUT} and its schema is the
+    current one; else 503 saying which (never the database's name or URL).
+    """
+    api = ctx.api
+    db = api.database if api.database is not None else getattr(api.journal, "database", None)
+    if db is None or not hasattr(db, "ping"):
+        return json_response({"status": "ready"})
+    try:
+        clock = api.clock
+        if clock is None:  # an Api built without a push service clock (tools, tests)
+            from twisted.internet import reactor as clock
+        await db.ping(clock, READY_TIMEOUT)
+    except DatabaseUnavailable as e:
+        log.warn("Not ready: {error}", error=str(e))
+        what = ("The database schema is not current" if e.schema
+                else "The database is unreachable")
+        return json_response(operation_outcome(what, code="transient", severity="error"),
+                             503, **{"Retry-After": str(RETRY_AFTER)})
+    return json_response({"status": "ready"})
+
+
 class Api(Endpoint):
     """
     The root of every HTTP route except the websocket, and what the handlers use of the
@@ -315,6 +356,8 @@ class Api(Endpoint):
     bots: Any = None
     #: the L{medagent.relay.limits.LoginThrottle} of ``/oauth2/token`` (set by the service)
     login_throttle: Any = None
+    #: the database ``/readyz`` pings (default: the journal's, L{ready})
+    database: Any = None
 
     def __init__(
         self,
@@ -333,8 +376,11 @@ class Api(Endpoint):
         self.hub = hub
         self.pushes = pushes
         self.base_url = base_url
+        #: the clock of every timeout here (the push service's)
+        self.clock: Any = getattr(pushes, "clock", None)
         self.routes: dict[str, Resource] = {
             "healthz": _Leaf(self, health, None),
+            "readyz": _Leaf(self, ready, None),
             "oauth2": _Fixed(self, {"token": _Leaf(self, oauth.token, frozenset({"POST"}))}),
             "auth": _Fixed(self, {"me": _Leaf(self, oauth.me, frozenset({"GET"}))}),
             "fhir": _Fixed(self, {"R4": FhirResources(self)}),

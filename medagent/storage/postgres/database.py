@@ -16,6 +16,7 @@ They run once at start, under an advisory lock, so two nodes starting together d
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from typing import Any, Callable, Sequence, TypeVar
@@ -26,7 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from medagent.storage.sqlite.database import DatabaseStopped
+from medagent.storage.sqlite.database import (
+    DatabaseStopped,
+    DatabaseUnavailable,
+    _bounded,
+    _SharedProbe,
+)
 
 T = TypeVar("T")
 log = Logger()
@@ -37,6 +43,29 @@ _MIGRATION_LOCK = 0x6D656461  # "meda"
 #: Bounds on every wait inside the database (milliseconds): no call hangs for ever.
 _SESSION_OPTIONS = ("-c statement_timeout=30000 -c lock_timeout=15000"
                     " -c idle_in_transaction_session_timeout=60000")
+
+
+def _hung_up(conn: Any) -> bool:
+    """
+    An idle connection whose socket is readable: the server closed it or said goodbye (a
+    restart, an administrator's terminate), as we never LISTEN.  Dropped before use, so the
+    first call after PostgreSQL came back does not fail on a dead connection.
+    """
+    try:
+        return bool(select.select([conn.fileno()], [], [], 0)[0])
+    except Exception:  # closed under us, or no socket: not usable either
+        return True
+
+
+def _as_unavailable(e: Exception) -> Exception:
+    """C{e}, or a L{DatabaseUnavailable} for PostgreSQL's operational errors (a timeout)."""
+    import psycopg
+
+    if isinstance(e, psycopg.OperationalError):
+        unavailable = DatabaseUnavailable(f"PostgreSQL unavailable ({type(e).__name__})")
+        unavailable.__cause__ = e
+        return unavailable
+    return e
 
 
 class PgDatabase:
@@ -76,6 +105,7 @@ class PgDatabase:
         self._lane: list[tuple[bool, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._lane_busy = False
         self._trigger: Any = None
+        self._probe = _SharedProbe()
 
     # -- connections (worker threads) ------------------------------------------------
 
@@ -89,7 +119,7 @@ class PgDatabase:
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is not None and (conn.closed or conn.broken):
+        if conn is not None and (conn.closed or conn.broken or _hung_up(conn)):
             self._forget(conn)
             conn = None
         if conn is None:
@@ -110,6 +140,19 @@ class PgDatabase:
             pass
 
     def _in_transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        """
+        Worker thread: C{fn} in one transaction.  PostgreSQL's operational errors (no server,
+        a connection lost, a timeout) come out as L{DatabaseUnavailable}: transient, so the
+        relay answers 503 and the next call connects again (a broken connection is dropped).
+        """
+        import psycopg
+
+        try:
+            return self._transaction(fn, *args)
+        except psycopg.OperationalError as e:
+            raise _as_unavailable(e) from e
+
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._connection()
         try:
             result = fn(conn, *args)
@@ -210,6 +253,30 @@ class PgDatabase:
 
         return self._when_ready().addCallback(go)
 
+    def ping(self, clock: Any, timeout: float = 2.0) -> Deferred[None]:
+        """
+        Readiness: C{SELECT 1} through this pool and every migration of this build recorded
+        in C{schema_version}; fails with L{DatabaseUnavailable} when not, or when no answer
+        came within C{timeout} seconds on C{clock}.  A failed migration at start is tried
+        again here (L{run}), so a node whose database came back becomes ready by itself.
+        """
+        wanted = {version for version, _ in self._migrations}
+
+        def check(conn: Any) -> None:
+            conn.execute("SELECT 1").fetchone()
+            if not wanted:
+                return
+            if conn.execute("SELECT to_regclass('schema_version') AS t").fetchone()["t"] is None:
+                raise DatabaseUnavailable("schema not current: no schema_version table",
+                                          schema=True)
+            rows = conn.execute("SELECT version FROM schema_version").fetchall()
+            missing = wanted - {r["version"] for r in rows}
+            if missing:
+                raise DatabaseUnavailable(
+                    f"schema not current: migration(s) {sorted(missing)} not applied", schema=True)
+
+        return _bounded(self._probe(lambda: self.run(check)), clock, timeout)
+
     def run_ordered(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """L{run} in the write lane: one transaction at a time, in call order."""
         return self._enqueue(False, fn, args)
@@ -258,7 +325,7 @@ class PgDatabase:
                     results.append((True, fn(conn, *args)))
                 except Exception as e:
                     conn.execute("ROLLBACK TO SAVEPOINT call")
-                    results.append((False, e))
+                    results.append((False, _as_unavailable(e)))
                 conn.execute("RELEASE SAVEPOINT call")
             return results
 

@@ -62,6 +62,11 @@ class PgJournal:
         self._db = db
         self._clock = clock if clock is not None else _WallClock()
 
+    @property
+    def database(self) -> PgDatabase:
+        """The database this journal writes to (the relay's C{/readyz} pings it)."""
+        return self._db
+
     def new_id(self) -> str:
         return uuid.uuid4().hex
 

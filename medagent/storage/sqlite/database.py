@@ -28,8 +28,76 @@ T = TypeVar("T")
 log = Logger()
 
 
-class DatabaseStopped(RuntimeError):
+class DatabaseUnavailable(RuntimeError):
+    """
+    The database cannot do the work now (stopped, unreachable, timed out, schema not
+    current): transient, so the HTTP layer answers 503 with Retry-After.  The message is
+    for logs only (it may name the database); callers never show it.  C{schema}: the
+    database answers but its schema is not the one this build needs.
+    """
+
+    def __init__(self, message: str = "database unavailable", *, schema: bool = False) -> None:
+        super().__init__(message)
+        self.schema = schema
+
+
+class DatabaseStopped(DatabaseUnavailable):
     """A call reached a L{Database} after its C{stop()}: the work was not run."""
+
+
+def _bounded(work: Deferred[Any], clock: Any, timeout: float) -> Deferred[None]:
+    """
+    C{work}'s outcome as None or L{DatabaseUnavailable}, within C{timeout}s on C{clock}; the
+    work itself is not cancelled (it runs on a worker thread), only no longer waited for.
+    """
+    d: Deferred[None] = Deferred()
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if d.called:
+            return
+        if isinstance(result, Failure):
+            if result.check(DatabaseUnavailable):
+                d.errback(result)
+            else:
+                d.errback(DatabaseUnavailable(f"database check failed: {result.type.__name__}"))
+        else:
+            d.callback(None)
+
+    def expired() -> None:
+        if not d.called:
+            d.errback(DatabaseUnavailable(f"no answer from the database within {timeout}s"))
+
+    timer = clock.callLater(timeout, expired)
+    work.addBoth(settle)
+    return d
+
+
+class _SharedProbe:
+    """
+    At most one readiness round trip in flight: a probe asked for while one runs waits for
+    that one (each caller with its own timeout), so a load balancer polling a database that
+    hangs does not pile work onto the pool.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: list[Deferred[Any]] | None = None
+
+    def __call__(self, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self._waiters is not None:
+            self._waiters.append(d)
+            return d
+        self._waiters = [d]
+
+        def done(result: Any) -> None:
+            waiters, self._waiters = self._waiters or [], None
+            for w in waiters:
+                w.errback(result) if isinstance(result, Failure) else w.callback(result)
+
+        start().addBoth(done)
+        return d
 
 
 class Database:
@@ -70,6 +138,7 @@ class Database:
         self._connections: list[sqlite3.Connection] = []
         self._batch: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._flushing = False
+        self._probe = _SharedProbe()
 
     def start(self) -> None:
         """Start the worker thread (also after a C{stop()}, when called explicitly)."""
@@ -126,6 +195,17 @@ class Database:
         if not self._started:
             self.start()
         return deferToThreadPool(self._reactor, self._pool, self._in_transaction, fn, *args)
+
+    def ping(self, clock: Any, timeout: float = 2.0) -> Deferred[None]:
+        """
+        Readiness: a trivial round trip (C{SELECT 1}) on the database thread, which also
+        opens the file with its schema (a file that cannot be opened or migrated fails).
+        Fails with L{DatabaseUnavailable} when stopped, failing, or not done within
+        C{timeout} seconds on C{clock} (the worker may be stuck behind a long write).
+        """
+        return _bounded(self._probe(
+            lambda: self.run(lambda conn: conn.execute("SELECT 1").fetchone())),
+            clock, timeout)
 
     def run_batched(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """

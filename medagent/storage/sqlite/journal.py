@@ -111,6 +111,11 @@ class SQLiteJournal:
         self._db = db
         self._clock = clock if clock is not None else _WallClock()
 
+    @property
+    def database(self) -> Database:
+        """The database this journal writes to (the relay's C{/readyz} pings it)."""
+        return self._db
+
     @staticmethod
     def schema() -> str:
         return SCHEMA
