@@ -391,6 +391,7 @@ class RelayService(service.MultiService):
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)
         self.api = Api(self.authority, self.store, self.journal, self.hub, self.pushes,
                        base_url=base_url)
+        self.api.database = self.db  # /readyz probes it
         self.api.login_throttle = LoginThrottle(
             reactor, max_failures_per_client=login_failures_per_client,
             max_failures_per_address=login_failures_per_address, window=login_failure_window)
