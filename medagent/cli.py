@@ -113,10 +113,8 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
         print("# Written to the database; a running relay applies it within a few seconds.",
               file=sys.stderr)
         return 0
-    if not args.admin_id or not args.admin_secret:
-        print("medagent: revoking through the relay needs an admin client: --client-id and "
-              "--client-secret (or MEDAGENT_CLIENT_ID/MEDAGENT_CLIENT_SECRET); or use --data",
-              file=sys.stderr)
+    creds = _credentials(args)
+    if creds is None:
         return 2
 
     from urllib.parse import quote
@@ -126,7 +124,19 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
             "POST", f"/fhir/R4/ClientApplication/{quote(args.client_id, safe='')}/$revoke")
         print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
 
-    return _with_client(args.relay, args.admin_id, args.admin_secret, "revoke", revoke)
+    return _with_client(creds.relay, creds.client_id or "", creds.client_secret or "",
+                        "revoke", revoke)
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    """The command's L{cli_config.Credentials}, or None after saying why (exit code 2)."""
+    from medagent.cli_config import ConfigError, require, resolve
+
+    try:
+        return require(resolve(args))
+    except ConfigError as e:
+        print(f"medagent: {e}", file=sys.stderr)
+        return None
 
 
 def _with_client(relay: str, client_id: str, client_secret: str, what: str,
@@ -162,6 +172,9 @@ def _with_client(relay: str, client_id: str, client_secret: str, what: str,
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    creds = _credentials(args)
+    if creds is None:
+        return 2
     if args.file:
         with open(args.file, encoding="utf-8") as f:
             body = f.read()
@@ -185,7 +198,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(reply, indent=2))
 
-    return _with_client(args.relay, args.client_id, args.client_secret, "push", push)
+    return _with_client(creds.relay, creds.client_id, creds.client_secret, "push", push)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -195,6 +208,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medagent.cli_config import add_connection_flags
+
     parser = argparse.ArgumentParser(prog="medagent", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -217,11 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_client_list)
     p = client.add_parser("revoke", help="revoke a client (through the relay, or with --data)")
     p.add_argument("client_id", help="the clientId to revoke")
-    p.add_argument("--relay", default=os.environ.get("MEDAGENT_RELAY", "http://127.0.0.1:8103"))
-    p.add_argument("--client-id", dest="admin_id", default=os.environ.get("MEDAGENT_CLIENT_ID"),
-                   help="an admin client")
-    p.add_argument("--client-secret", dest="admin_secret",
-                   default=os.environ.get("MEDAGENT_CLIENT_SECRET"))
+    add_connection_flags(p)
     p.add_argument("--data", default=None,
                    help="write to this relay data folder instead of calling the relay")
     p.set_defaults(func=cmd_client_revoke)
@@ -235,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="queue and return at once (202)")
     p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
     p.add_argument("--idempotency-key", default=None)
-    p.add_argument("--relay", default=os.environ.get("MEDAGENT_RELAY", "http://127.0.0.1:8103"))
-    p.add_argument("--client-id", default=os.environ.get("MEDAGENT_CLIENT_ID"))
-    p.add_argument("--client-secret", default=os.environ.get("MEDAGENT_CLIENT_SECRET"))
+    add_connection_flags(p)
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("demo", help="relay + agent + simulated lab instrument, on this machine")
