@@ -105,11 +105,11 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         try:
-            _authority(args.data).revoke_client_sync(args.client_id)
+            _authority(args.data).revoke_client_sync(args.target)
         except FHIRError as e:
             print(f"medagent: {e.message}", file=sys.stderr)
             return 2
-        print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+        print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
         print("# Written to the database; a running relay applies it within a few seconds.",
               file=sys.stderr)
         return 0
@@ -121,8 +121,8 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
 
     async def revoke(client: Any) -> None:
         await client.request_json(
-            "POST", f"/fhir/R4/ClientApplication/{quote(args.client_id, safe='')}/$revoke")
-        print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+            "POST", f"/fhir/R4/ClientApplication/{quote(args.target, safe='')}/$revoke")
+        print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
 
     return _with_client(creds.relay, creds.client_id or "", creds.client_secret or "",
                         "revoke", revoke)
@@ -171,19 +171,51 @@ def _with_client(relay: str, client_id: str, client_secret: str, what: str,
     return int(result["rc"])
 
 
-def cmd_push(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, what: str, action: Callable[[Any], Awaitable[None]]) -> int:
+    """L{_with_client} with the command's credentials; 2 when they are missing or bad."""
     creds = _credentials(args)
     if creds is None:
         return 2
-    if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            body = f.read()
+    return _with_client(creds.relay, creds.client_id, creds.client_secret, what, action)
+
+
+def _ops(name: str) -> Callable[[argparse.Namespace], int]:
+    """The L{cli_ops} command C{name}, run on the relay of its arguments."""
+    def command(args: argparse.Namespace) -> int:
+        from medagent import cli_ops
+
+        return int(getattr(cli_ops, name)(args, _run))
+
+    return command
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if args.file and args.file != "-" and os.path.isdir(args.file):
+        if args.body is not None or args.no_wait or args.idempotency_key:
+            print("medagent: a folder is pushed file by file, waited: no BODY, --no-wait "
+                  "or --idempotency-key with it", file=sys.stderr)
+            return 2
+        return _ops("cmd_push_folder")(args)
+    creds = _credentials(args)
+    if creds is None:
+        return 2
+    if args.file and args.file != "-":
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                body = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"medagent: cannot read {args.file}: {type(e).__name__}", file=sys.stderr)
+            return 2
     elif args.body is not None:
         body = args.body
     else:
         body = sys.stdin.read()
 
+    rejected: list[str] = []
+
     async def push(client: Any) -> None:
+        from medagent.cli_ops import hl7_ack_code
+
         reply = await client.push_to_agent(
             args.agent,
             args.destination,
@@ -197,8 +229,15 @@ def cmd_push(args: argparse.Namespace) -> int:
             print(reply.replace("\r", "\n").rstrip("\n"))
         else:
             print(json.dumps(reply, indent=2))
+        code = hl7_ack_code(reply)
+        if code is not None and code not in ("AA", "CA"):
+            rejected.append(code)
 
-    return _with_client(creds.relay, creds.client_id, creds.client_secret, "push", push)
+    rc = _with_client(creds.relay, creds.client_id, creds.client_secret, "push", push)
+    if rc == 0 and rejected:
+        print(f"medagent: the device answered {rejected[0]}", file=sys.stderr)
+        return 1
+    return rc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -231,17 +270,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
     p.set_defaults(func=cmd_client_list)
     p = client.add_parser("revoke", help="revoke a client (through the relay, or with --data)")
-    p.add_argument("client_id", help="the clientId to revoke")
+    p.add_argument("target", metavar="CLIENT_ID", help="the clientId to revoke")
     add_connection_flags(p)
     p.add_argument("--data", default=None,
                    help="write to this relay data folder instead of calling the relay")
     p.set_defaults(func=cmd_client_revoke)
 
-    p = sub.add_parser("push", help="push a message to a device through an agent")
+    def relay_command(parent: Any, name: str, func: str, help: str) -> argparse.ArgumentParser:
+        q = parent.add_parser(name, help=help, description=help)
+        add_connection_flags(q)
+        q.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
+        q.set_defaults(func=_ops(func))
+        return q
+
+    relay_command(sub, "agents", "cmd_agents", "list agents with their connection status")
+    p = relay_command(sub, "status", "cmd_status", "one agent's connection status and version")
+    p.add_argument("agent", help="Agent id")
+    pushes = sub.add_parser("pushes", help="list, show, retry or cancel pushes").add_subparsers(
+        dest="pushes_command", required=True)
+    p = relay_command(pushes, "list", "cmd_pushes_list", "pushes, newest first")
+    p.add_argument("--agent", default=None, help="only this Agent id's pushes")
+    p.add_argument("--state", default=None,
+                   help="only pushes in this state (queued, sent, delivered, failed, ...)")
+    p.add_argument("--count", type=int, default=20, help="at most this many (default 20)")
+    for name, verb in (("show", "a push's status"), ("retry", "retry a failed push"),
+                       ("cancel", "cancel a queued push")):
+        p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)
+        p.add_argument("id", help="AgentPush id")
+    p = relay_command(sub, "ping", "cmd_ping", "ping a device through an agent")
+    p.add_argument("agent", help="Agent id")
+    p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")
+    p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
+    p = relay_command(sub, "reload-config", "cmd_reload_config",
+                      "make an agent reload its configuration")
+    p.add_argument("agent", help="Agent id")
+    p = relay_command(sub, "logs", "cmd_logs", "an agent's recent log lines")
+    p.add_argument("agent", help="Agent id")
+    p.add_argument("--limit", type=int, default=20, help="lines, 1-1000 (default 20)")
+
+    p = sub.add_parser("push", help="push a message (or every file of a folder) to a device")
     p.add_argument("agent", help="Agent id")
     p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")
     p.add_argument("body", nargs="?", help="message (default: --file or standard input)")
-    p.add_argument("--file", "-f")
+    p.add_argument("--file", "-f", help="a file, '-' for standard input, or a folder: each "
+                   "regular file in it, in name order, one waited push each")
+    p.add_argument("--json", action="store_true", help="a folder's summary as JSON")
     p.add_argument("--content-type", default=HL7_V2)
     p.add_argument("--no-wait", action="store_true", help="queue and return at once (202)")
     p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
