@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default=None, help="only this Agent id's pushes")
     p.add_argument("--state", default=None,
                    help="only pushes in this state (queued, sent, delivered, failed, ...)")
-    p.add_argument("--count", type=int, default=20, help="at most this many (default 20)")
+    p.add_argument("--count", type=int, default=20, help="at most this many (default 20); "
+                   "the relay's next links are followed until there are")
+    p.add_argument("--page-size", type=int, default=100, help="pushes per request (1-100)")
     for name, verb in (("show", "a push's status"), ("retry", "retry a failed push"),
                        ("cancel", "cancel a queued push")):
         p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)

@@ -7,12 +7,23 @@ real twistd agent and a python-hl7 MLLP listener (all on loopback).
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import tempfile
+from contextlib import redirect_stdout
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from medagent import cli
 from medagent.cli_config import ConfigError, Credentials, require, resolve
+from medagent.client import MedagentClient
+from medagent.contenttypes import HL7_V2
+from tests import procs
+from tests.peerenv import FIXTURES
 
 
 def _args(**kw: object) -> argparse.Namespace:
@@ -94,3 +105,253 @@ class WhereCredentialsComeFrom(SynchronousTestCase):
 
     def test_relay_must_be_http(self) -> None:
         self.assertRaises(ConfigError, resolve, _args(relay="ftp://127.0.0.1"), {})
+
+
+HL7 = ("MSH|^~\\&|EHR|HOSP|LIS|LAB|20240101120000||ORM^O01|{ctrl}|P|2.5.1\r"
+       "PID|1||12345^^^MRN||DOE^JANE||19800101|F\rORC|NW|{ctrl}\rOBR|1|{ctrl}||GLU^Glucose")
+
+
+class _CLI:
+    """Runs ``python -m medagent.cli`` as a subprocess with the admin's credentials in env."""
+
+    testcase: Any
+    base: str
+    admin_creds: dict[str, Any]
+
+    async def cli(self, *argv: str, env: dict[str, str] | None = None,
+                  creds: bool = True) -> procs.Proc:
+        full = {"MEDAGENT_RELAY": self.base}
+        if creds:
+            full.update(MEDAGENT_CLIENT_ID=self.admin_creds["clientId"],
+                        MEDAGENT_CLIENT_SECRET=self.admin_creds["clientSecret"])
+        full.update(env or {})
+        proc = procs.python(self.testcase, "cli", ["-m", "medagent.cli", *argv], env=full)
+        await proc.ended
+        return proc
+
+    def stdout(self, proc: procs.Proc) -> str:
+        return proc.text
+
+
+class OperatorCommands(TestCase, _CLI):
+    """agents, status, pushes list/show/retry/cancel against an in-process relay."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred:
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.testcase = self
+        self.relay, self.base, _ = procs.in_process_relay(self, "relay-cli-")
+        self.admin_creds = await self.relay.authority.create_client("admin")
+        self.admin = MedagentClient(reactor, self.base, self.admin_creds["clientId"],
+                                    self.admin_creds["clientSecret"])
+        self.addCleanup(self.admin.close)
+        self.agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
+                                              "status": "active"})
+
+    async def queue(self, n: int) -> list[str]:
+        ids = []
+        for i in range(n):
+            outcome = await self.admin.push_to_agent(
+                self.agent["id"], "mllp://127.0.0.1:9", HL7.format(ctrl=f"Q{i}"), HL7_V2, False)
+            ids.append(outcome["issue"][0]["diagnostics"].rsplit("/", 1)[-1])
+        return ids
+
+    def test_agents_and_status(self) -> Deferred:
+        async def go() -> None:
+            proc = await self.cli("agents", "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            rows = json.loads(proc.text)
+            self.assertEqual([(r["id"], r["name"], r["status"]) for r in rows],
+                             [(self.agent["id"], "Lab agent", "disconnected")])
+            proc = await self.cli("agents")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            header, row = proc.text.splitlines()
+            self.assertEqual(header.split(), ["ID", "NAME", "STATUS", "VERSION"])
+            self.assertTrue(row.startswith(self.agent["id"]), row)
+            self.assertIn("disconnected", row)
+            proc = await self.cli("status", self.agent["id"], "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertEqual(json.loads(proc.text)["status"], "disconnected")
+            proc = await self.cli("status", "no-such-agent")
+            self.assertEqual(proc.exit_code, 1, proc.text)
+            self.assertIn("status failed: HTTP 404", proc.text)
+
+        return ensureDeferred(go())
+
+    def test_pushes_list_follows_next_links_and_filters(self) -> Deferred:
+        async def go() -> None:
+            ids = await self.queue(5)
+            proc = await self.cli("pushes", "list", "--agent", self.agent["id"], "--count", "3",
+                                  "--page-size", "2", "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            page = json.loads(proc.text)
+            self.assertEqual(page["total"], 5)
+            self.assertEqual([p["id"] for p in page["pushes"]], ids[::-1][:3])  # newest first
+            proc = await self.cli("pushes", "list", "--state", "delivered", "--json")
+            self.assertEqual(json.loads(proc.text)["pushes"], [])
+            proc = await self.cli("pushes", "list", "--state", "nonsense")
+            self.assertEqual(proc.exit_code, 1, proc.text)
+            proc = await self.cli("pushes", "list")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            lines = proc.text.splitlines()
+            self.assertEqual(lines[0].split()[:3], ["ID", "AGENT", "STATE"])
+            self.assertEqual(len(lines), 1 + 5 + 1, proc.text)
+            self.assertEqual(lines[-1], "# 5 shown of 5")
+
+        return ensureDeferred(go())
+
+    def test_pushes_show_cancel_retry(self) -> Deferred:
+        async def go() -> None:
+            [push_id] = await self.queue(1)
+            proc = await self.cli("pushes", "show", push_id, "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertEqual(json.loads(proc.text)["state"], "queued")
+            proc = await self.cli("pushes", "cancel", push_id, "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertEqual(json.loads(proc.text)["state"], "cancelled")
+            self.assertEqual((await self.admin.read("AgentPush", push_id))["state"],
+                             "cancelled")
+            proc = await self.cli("pushes", "retry", push_id)
+            self.assertEqual(proc.exit_code, 1, proc.text)  # the relay says no: not retryable
+            self.assertIn("pushes retry failed: HTTP", proc.text)
+            proc = await self.cli("pushes", "show", "no-such-push")
+            self.assertEqual(proc.exit_code, 1, proc.text)
+
+        return ensureDeferred(go())
+
+    def test_exit_2_for_usage_and_config_errors(self) -> Deferred:
+        async def go() -> None:
+            proc = await self.cli("agents", creds=False)
+            self.assertEqual(proc.exit_code, 2, proc.text)
+            self.assertIn("no client credentials", proc.text)
+            proc = await self.cli("pushes", "list", "--count", "0")
+            self.assertEqual(proc.exit_code, 2, proc.text)
+            proc = await self.cli("logs", "x", "--limit", "5000")
+            self.assertEqual(proc.exit_code, 2, proc.text)
+            proc = await self.cli("status")  # argparse: AGENT missing
+            self.assertEqual(proc.exit_code, 2, proc.text)
+            proc = await self.cli("agents", "--profile", "nope", env={
+                "MEDAGENT_PROFILES": "/nonexistent/profiles.ini"})
+            self.assertEqual(proc.exit_code, 2, proc.text)
+            proc = await self.cli("agents", "--client-secret", "wrong")
+            self.assertEqual(proc.exit_code, 1, proc.text)  # the relay said no
+
+        return ensureDeferred(go())
+
+    def test_credentials_from_a_profile(self) -> Deferred:
+        async def go() -> None:
+            folder = tempfile.mkdtemp(prefix="medagent-cli-")
+            path = os.path.join(folder, "profiles.ini")
+            with open(path, "w") as f:
+                f.write(f"[lab]\nrelay = {self.base}\nclient_id = {self.admin_creds['clientId']}"
+                        f"\nclient_secret = {self.admin_creds['clientSecret']}\n")
+            os.chmod(path, 0o600)
+            env = {"MEDAGENT_PROFILES": path, "MEDAGENT_RELAY": "http://127.0.0.1:9"}
+            proc = await self.cli("agents", "--profile", "lab", "--json", env=env, creds=False)
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertEqual(len(json.loads(proc.text)), 1)
+            os.chmod(path, 0o644)
+            proc = await self.cli("agents", "--profile", "lab", env=env, creds=False)
+            self.assertEqual(proc.exit_code, 2, proc.text)
+            self.assertIn("group or others", proc.text)
+            self.assertNotIn(self.admin_creds["clientSecret"], proc.text)
+
+        return ensureDeferred(go())
+
+    def test_every_command_has_help(self) -> None:
+        for argv in (["agents"], ["status"], ["pushes", "list"], ["pushes", "show"],
+                     ["pushes", "retry"], ["pushes", "cancel"], ["ping"], ["reload-config"],
+                     ["logs"], ["push"], ["client", "create"], ["client", "list"],
+                     ["client", "revoke"], ["init"], ["demo"]):
+            out = io.StringIO()
+            with redirect_stdout(out):
+                e = self.assertRaises(SystemExit, cli.main, [*argv, "--help"])
+            self.assertEqual(e.code, 0, argv)
+            self.assertIn("usage: medagent " + " ".join(argv), out.getvalue())
+
+
+class ThroughAnAgent(TestCase, _CLI):
+    """ping, reload-config, logs and a folder push through a real twistd agent."""
+
+    timeout = 90
+
+    def setUp(self) -> Deferred:
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.testcase = self
+        self.relay, self.base, _ = procs.in_process_relay(self, "relay-cli-agent-")
+        self.admin_creds = await self.relay.authority.create_client("admin")
+        self.admin = MedagentClient(reactor, self.base, self.admin_creds["clientId"],
+                                    self.admin_creds["clientSecret"])
+        self.addCleanup(self.admin.close)
+        self.mllp_port = procs.free_port()
+        device_proc = procs.python(self, "python-hl7-server", [
+            os.path.join(FIXTURES, "hl7", "pyhl7_server.py"), str(self.mllp_port)])
+        await device_proc.wait_for("MLLP server on", timeout=20)
+        self.device = await self.admin.create(
+            {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
+        self.agent = await self.admin.create({
+            "resourceType": "Agent", "name": "Lab agent", "status": "active",
+            "device": {"reference": f"Device/{self.device['id']}"}})
+        creds = await self.relay.authority.create_client("agent", [self.agent["id"]])
+        agent_proc = procs.agent_process(self, self.base, creds, self.agent["id"])
+        await agent_proc.wait_for(f"Connected to the relay as Agent/{self.agent['id']}",
+                                  timeout=30)
+
+    def test_ping_reload_config_logs(self) -> Deferred:
+        async def go() -> None:
+            dest = f"Device/{self.device['id']}"
+            proc = await self.cli("ping", self.agent["id"], dest, "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertEqual(json.loads(proc.text)["destination"], dest)
+            proc = await self.cli("ping", self.agent["id"], "mllp://127.0.0.1:1")
+            self.assertEqual(proc.exit_code, 1, proc.text)  # not the agent's device: refused
+            proc = await self.cli("reload-config", self.agent["id"])
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertIn("configuration reloaded", proc.text)
+            proc = await self.cli("logs", self.agent["id"], "--limit", "5", "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            self.assertIsInstance(json.loads(proc.text), list)
+            self.assertLessEqual(len(json.loads(proc.text)), 5)
+
+        return ensureDeferred(go())
+
+    def test_push_a_folder(self) -> Deferred:
+        async def go() -> None:
+            folder = tempfile.mkdtemp(prefix="medagent-cli-batch-")
+            for i in (2, 1, 3):
+                with open(os.path.join(folder, f"order{i}.hl7"), "w") as f:
+                    f.write(HL7.format(ctrl=f"B{i}"))
+            os.mkdir(os.path.join(folder, "sub"))  # not a regular file: not pushed
+            dest = f"Device/{self.device['id']}"
+            proc = await self.cli("push", self.agent["id"], dest, "--file", folder)
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            lines = proc.text.splitlines()
+            self.assertEqual(lines[:3], [f"[{i}/3] order{i}.hl7 ... delivered"
+                                         for i in (1, 2, 3)])
+            self.assertEqual(lines[3], "3 files: 3 delivered, 0 rejected, 0 failed")
+            delivered = await self.admin.request_json(
+                "GET", "/fhir/R4/AgentPush", params={"agent": self.agent["id"],
+                                                     "state": "delivered"})
+            self.assertEqual(delivered["total"], 3)
+            # one file that cannot be pushed: the others still go, exit 1
+            with open(os.path.join(folder, "order4.hl7"), "wb") as f:
+                f.write(b"\xff\xfe not utf-8")
+            proc = await self.cli("push", self.agent["id"], dest, "--file", folder, "--json")
+            self.assertEqual(proc.exit_code, 1, proc.text)
+            self.assertIn("[4/4] order4.hl7 ... failed (not UTF-8 text)", proc.text)
+            summary = json.loads(proc.text[proc.text.index("{"):])
+            self.assertEqual((summary["total"], summary["delivered"], summary["failed"]),
+                             (4, 3, 1))
+            # a device that refuses: exit 1 as well
+            proc = await self.cli("push", self.agent["id"], "mllp://127.0.0.1:1", "--file",
+                                  folder)
+            self.assertEqual(proc.exit_code, 1, proc.text)
+            self.assertIn("[1/4] order1.hl7 ... failed (HTTP", proc.text)
+            self.assertIn("4 files: 0 delivered, 0 rejected, 4 failed", proc.text)
+
+        return ensureDeferred(go())
