@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from medagent import cli
@@ -129,8 +129,9 @@ class _CLI:
         await proc.ended
         return proc
 
-    def stdout(self, proc: procs.Proc) -> str:
-        return proc.text
+    async def clis(self, *argvs: list[str], **kw: Any) -> list[procs.Proc]:
+        """Several independent commands at once (each is a Python start-up, ~1 s)."""
+        return list(await gatherResults([ensureDeferred(self.cli(*a, **kw)) for a in argvs]))
 
 
 class OperatorCommands(TestCase, _CLI):
@@ -161,23 +162,22 @@ class OperatorCommands(TestCase, _CLI):
 
     def test_agents_and_status(self) -> Deferred:
         async def go() -> None:
-            proc = await self.cli("agents", "--json")
-            self.assertEqual(proc.exit_code, 0, proc.text)
-            rows = json.loads(proc.text)
+            as_json, as_table, status, missing = await self.clis(
+                ["agents", "--json"], ["agents"], ["status", self.agent["id"], "--json"],
+                ["status", "no-such-agent"])
+            self.assertEqual(as_json.exit_code, 0, as_json.text)
+            rows = json.loads(as_json.text)
             self.assertEqual([(r["id"], r["name"], r["status"]) for r in rows],
                              [(self.agent["id"], "Lab agent", "disconnected")])
-            proc = await self.cli("agents")
-            self.assertEqual(proc.exit_code, 0, proc.text)
-            header, row = proc.text.splitlines()
+            self.assertEqual(as_table.exit_code, 0, as_table.text)
+            header, row = as_table.text.splitlines()
             self.assertEqual(header.split(), ["ID", "NAME", "STATUS", "VERSION"])
             self.assertTrue(row.startswith(self.agent["id"]), row)
             self.assertIn("disconnected", row)
-            proc = await self.cli("status", self.agent["id"], "--json")
-            self.assertEqual(proc.exit_code, 0, proc.text)
-            self.assertEqual(json.loads(proc.text)["status"], "disconnected")
-            proc = await self.cli("status", "no-such-agent")
-            self.assertEqual(proc.exit_code, 1, proc.text)
-            self.assertIn("status failed: HTTP 404", proc.text)
+            self.assertEqual(status.exit_code, 0, status.text)
+            self.assertEqual(json.loads(status.text)["status"], "disconnected")
+            self.assertEqual(missing.exit_code, 1, missing.text)
+            self.assertIn("status failed: HTTP 404", missing.text)
 
         return ensureDeferred(go())
 
@@ -224,20 +224,18 @@ class OperatorCommands(TestCase, _CLI):
 
     def test_exit_2_for_usage_and_config_errors(self) -> Deferred:
         async def go() -> None:
-            proc = await self.cli("agents", creds=False)
-            self.assertEqual(proc.exit_code, 2, proc.text)
-            self.assertIn("no client credentials", proc.text)
-            proc = await self.cli("pushes", "list", "--count", "0")
-            self.assertEqual(proc.exit_code, 2, proc.text)
-            proc = await self.cli("logs", "x", "--limit", "5000")
-            self.assertEqual(proc.exit_code, 2, proc.text)
-            proc = await self.cli("status")  # argparse: AGENT missing
-            self.assertEqual(proc.exit_code, 2, proc.text)
-            proc = await self.cli("agents", "--profile", "nope", env={
-                "MEDAGENT_PROFILES": "/nonexistent/profiles.ini"})
-            self.assertEqual(proc.exit_code, 2, proc.text)
-            proc = await self.cli("agents", "--client-secret", "wrong")
-            self.assertEqual(proc.exit_code, 1, proc.text)  # the relay said no
+            no_creds, = await self.clis(["agents"], creds=False)
+            self.assertEqual(no_creds.exit_code, 2, no_creds.text)
+            self.assertIn("no client credentials", no_creds.text)
+            procs_ = await self.clis(
+                ["pushes", "list", "--count", "0"], ["logs", "x", "--limit", "5000"],
+                ["status"],  # argparse: AGENT missing
+                ["agents", "--profile", "nope"], ["agents", "--relay", "ftp://127.0.0.1"],
+                env={"MEDAGENT_PROFILES": "/nonexistent/profiles.ini"})
+            for proc in procs_:
+                self.assertEqual(proc.exit_code, 2, proc.text)
+            wrong, = await self.clis(["agents", "--client-secret", "wrong"])
+            self.assertEqual(wrong.exit_code, 1, wrong.text)  # the relay said no
 
         return ensureDeferred(go())
 
