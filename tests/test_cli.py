@@ -345,11 +345,22 @@ class ThroughAnAgent(TestCase, _CLI):
             summary = json.loads(proc.text[proc.text.index("{"):])
             self.assertEqual((summary["total"], summary["delivered"], summary["failed"]),
                              (4, 3, 1))
-            # a device that refuses: exit 1 as well
-            proc = await self.cli("push", self.agent["id"], "mllp://127.0.0.1:1", "--file",
-                                  folder)
+            # a device that answers AE to each: every file rejected, exit 1
+            ae_port = procs.free_port()
+            ae_proc = procs.python(self, "python-hl7-server-ae", [
+                os.path.join(FIXTURES, "hl7", "pyhl7_server.py"), str(ae_port), "AE"])
+            await ae_proc.wait_for("MLLP server on", timeout=20)
+            os.remove(os.path.join(folder, "order4.hl7"))
+            proc = await self.cli("push", self.agent["id"], f"mllp://127.0.0.1:{ae_port}",
+                                  "--file", folder)
             self.assertEqual(proc.exit_code, 1, proc.text)
-            self.assertIn("[1/4] order1.hl7 ... failed (HTTP", proc.text)
-            self.assertIn("4 files: 0 delivered, 0 rejected, 4 failed", proc.text)
+            self.assertIn("[1/3] order1.hl7 ... rejected (AE)", proc.text)
+            self.assertIn("3 files: 0 delivered, 3 rejected, 0 failed", proc.text)
+            # a single push NAKed: exit 1 too, the ACK still printed
+            proc = await self.cli("push", self.agent["id"], f"mllp://127.0.0.1:{ae_port}",
+                                  "--file", os.path.join(folder, "order1.hl7"))
+            self.assertEqual(proc.exit_code, 1, proc.text)
+            self.assertIn("MSA|AE|B1", proc.text)
+            self.assertIn("the device answered AE", proc.text)
 
         return ensureDeferred(go())
