@@ -5,10 +5,17 @@ The ``medagent`` command.
     medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
     medagent client list                            list clients (never their secrets)
     medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
-    medagent push AGENT DESTINATION BODY...         push a message through the relay
+    medagent push AGENT DESTINATION [BODY|--file F|--file FOLDER]
+                                                    push a message (or each file of a folder)
+    medagent agents | status AGENT                  agents and their connection status
+    medagent pushes list|show|retry|cancel          the push journal
+    medagent ping AGENT DESTINATION                 ping a device through an agent
+    medagent reload-config AGENT | logs AGENT       agent operations
     medagent demo                                   run relay + agent + a simulated lab instrument
 
-Credentials are printed once, as JSON, and stored hashed.
+Credentials are printed once, as JSON, and stored hashed.  Commands that call the relay take
+its URL and credentials from flags, a profile or the environment (L{medagent.cli_config});
+exit codes: 0 ok, 1 the relay or device said no, 2 a usage or configuration error.
 """
 
 from __future__ import annotations
