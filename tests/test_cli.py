@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import tempfile
 from contextlib import redirect_stdout
 from typing import Any
@@ -336,6 +337,16 @@ class ThroughAnAgent(TestCase, _CLI):
                 "GET", "/fhir/R4/AgentPush", params={"agent": self.agent["id"],
                                                      "state": "delivered"})
             self.assertEqual(delivered["total"], 3)
+            # one message from standard input (--file -)
+            stdin = procs.spawn(self, "cli-stdin", [
+                "/bin/sh", "-c", f'exec "{sys.executable}" -m medagent.cli push '
+                f'{self.agent["id"]} {dest} --file - < "{folder}/order2.hl7"'], env={
+                    "MEDAGENT_RELAY": self.base,
+                    "MEDAGENT_CLIENT_ID": self.admin_creds["clientId"],
+                    "MEDAGENT_CLIENT_SECRET": self.admin_creds["clientSecret"]})
+            await stdin.ended
+            self.assertEqual(stdin.exit_code, 0, stdin.text)
+            self.assertIn("MSA|AA|B2", stdin.text)
             # one file that cannot be pushed: the others still go, exit 1
             with open(os.path.join(folder, "order4.hl7"), "wb") as f:
                 f.write(b"\xff\xfe not utf-8")
