@@ -115,9 +115,14 @@ def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
                         if link.get("relation") == "next"), None)
             if nxt is None or not page.get("entry"):
                 break
-            # the next link's path and query, on the relay this command was given
-            parts = urlsplit(nxt)
-            path, query = parts.path + (f"?{parts.query}" if parts.query else ""), None
+            # the next link on the relay this command was given (the link's host may be
+            # the relay's own idea of its name; a base URL with a path prefix stays whole)
+            if nxt.startswith(client.base_url + "/"):
+                path = nxt[len(client.base_url):]
+            else:
+                parts = urlsplit(nxt)
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+            query = None
         found = found[:args.count]
         emit(args, {"total": total, "pushes": found},
              lambda: table([_push_row(p) for p in found], PUSH_HEADER)
