@@ -5,10 +5,17 @@ The ``medagent`` command.
     medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
     medagent client list                            list clients (never their secrets)
     medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
-    medagent push AGENT DESTINATION BODY...         push a message through the relay
+    medagent push AGENT DESTINATION [BODY|--file F|--file FOLDER]
+                                                    push a message (or each file of a folder)
+    medagent agents | status AGENT                  agents and their connection status
+    medagent pushes list|show|retry|cancel          the push journal
+    medagent ping AGENT DESTINATION                 ping a device through an agent
+    medagent reload-config AGENT | logs AGENT       agent operations
     medagent demo                                   run relay + agent + a simulated lab instrument
 
-Credentials are printed once, as JSON, and stored hashed.
+Credentials are printed once, as JSON, and stored hashed.  Commands that call the relay take
+its URL and credentials from flags, a profile or the environment (L{medagent.cli_config});
+exit codes: 0 ok, 1 the relay or device said no, 2 a usage or configuration error.
 """
 
 from __future__ import annotations
@@ -105,28 +112,38 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         try:
-            _authority(args.data).revoke_client_sync(args.client_id)
+            _authority(args.data).revoke_client_sync(args.target)
         except FHIRError as e:
             print(f"medagent: {e.message}", file=sys.stderr)
             return 2
-        print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+        print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
         print("# Written to the database; a running relay applies it within a few seconds.",
               file=sys.stderr)
         return 0
-    if not args.admin_id or not args.admin_secret:
-        print("medagent: revoking through the relay needs an admin client: --client-id and "
-              "--client-secret (or MEDAGENT_CLIENT_ID/MEDAGENT_CLIENT_SECRET); or use --data",
-              file=sys.stderr)
+    creds = _credentials(args)
+    if creds is None:
         return 2
 
     from urllib.parse import quote
 
     async def revoke(client: Any) -> None:
         await client.request_json(
-            "POST", f"/fhir/R4/ClientApplication/{quote(args.client_id, safe='')}/$revoke")
-        print(json.dumps({"clientId": args.client_id, "revoked": True}, indent=2))
+            "POST", f"/fhir/R4/ClientApplication/{quote(args.target, safe='')}/$revoke")
+        print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
 
-    return _with_client(args.relay, args.admin_id, args.admin_secret, "revoke", revoke)
+    return _with_client(creds.relay, creds.client_id or "", creds.client_secret or "",
+                        "revoke", revoke)
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    """The command's L{cli_config.Credentials}, or None after saying why (exit code 2)."""
+    from medagent.cli_config import ConfigError, require, resolve
+
+    try:
+        return require(resolve(args))
+    except ConfigError as e:
+        print(f"medagent: {e}", file=sys.stderr)
+        return None
 
 
 def _with_client(relay: str, client_id: str, client_secret: str, what: str,
@@ -161,16 +178,51 @@ def _with_client(relay: str, client_id: str, client_secret: str, what: str,
     return int(result["rc"])
 
 
+def _run(args: argparse.Namespace, what: str, action: Callable[[Any], Awaitable[None]]) -> int:
+    """L{_with_client} with the command's credentials; 2 when they are missing or bad."""
+    creds = _credentials(args)
+    if creds is None:
+        return 2
+    return _with_client(creds.relay, creds.client_id, creds.client_secret, what, action)
+
+
+def _ops(name: str) -> Callable[[argparse.Namespace], int]:
+    """The L{cli_ops} command C{name}, run on the relay of its arguments."""
+    def command(args: argparse.Namespace) -> int:
+        from medagent import cli_ops
+
+        return int(getattr(cli_ops, name)(args, _run))
+
+    return command
+
+
 def cmd_push(args: argparse.Namespace) -> int:
-    if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            body = f.read()
+    if args.file and args.file != "-" and os.path.isdir(args.file):
+        if args.body is not None or args.no_wait or args.idempotency_key:
+            print("medagent: a folder is pushed file by file, waited: no BODY, --no-wait "
+                  "or --idempotency-key with it", file=sys.stderr)
+            return 2
+        return _ops("cmd_push_folder")(args)
+    creds = _credentials(args)
+    if creds is None:
+        return 2
+    if args.file and args.file != "-":
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                body = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"medagent: cannot read {args.file}: {type(e).__name__}", file=sys.stderr)
+            return 2
     elif args.body is not None:
         body = args.body
     else:
         body = sys.stdin.read()
 
+    rejected: list[str] = []
+
     async def push(client: Any) -> None:
+        from medagent.cli_ops import hl7_ack_code
+
         reply = await client.push_to_agent(
             args.agent,
             args.destination,
@@ -184,8 +236,15 @@ def cmd_push(args: argparse.Namespace) -> int:
             print(reply.replace("\r", "\n").rstrip("\n"))
         else:
             print(json.dumps(reply, indent=2))
+        code = hl7_ack_code(reply)
+        if code is not None and code not in ("AA", "CA"):
+            rejected.append(code)
 
-    return _with_client(args.relay, args.client_id, args.client_secret, "push", push)
+    rc = _with_client(creds.relay, creds.client_id, creds.client_secret, "push", push)
+    if rc == 0 and rejected:
+        print(f"medagent: the device answered {rejected[0]}", file=sys.stderr)
+        return 1
+    return rc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -195,6 +254,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medagent.cli_config import add_connection_flags
+
     parser = argparse.ArgumentParser(prog="medagent", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -216,28 +277,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
     p.set_defaults(func=cmd_client_list)
     p = client.add_parser("revoke", help="revoke a client (through the relay, or with --data)")
-    p.add_argument("client_id", help="the clientId to revoke")
-    p.add_argument("--relay", default=os.environ.get("MEDAGENT_RELAY", "http://127.0.0.1:8103"))
-    p.add_argument("--client-id", dest="admin_id", default=os.environ.get("MEDAGENT_CLIENT_ID"),
-                   help="an admin client")
-    p.add_argument("--client-secret", dest="admin_secret",
-                   default=os.environ.get("MEDAGENT_CLIENT_SECRET"))
+    p.add_argument("target", metavar="CLIENT_ID", help="the clientId to revoke")
+    add_connection_flags(p)
     p.add_argument("--data", default=None,
                    help="write to this relay data folder instead of calling the relay")
     p.set_defaults(func=cmd_client_revoke)
 
-    p = sub.add_parser("push", help="push a message to a device through an agent")
+    def relay_command(parent: Any, name: str, func: str, help: str) -> argparse.ArgumentParser:
+        q = parent.add_parser(name, help=help, description=help)
+        add_connection_flags(q)
+        q.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
+        q.set_defaults(func=_ops(func))
+        return q
+
+    relay_command(sub, "agents", "cmd_agents", "list agents with their connection status")
+    p = relay_command(sub, "status", "cmd_status", "one agent's connection status and version")
+    p.add_argument("agent", help="Agent id")
+    pushes = sub.add_parser("pushes", help="list, show, retry or cancel pushes").add_subparsers(
+        dest="pushes_command", required=True)
+    p = relay_command(pushes, "list", "cmd_pushes_list", "pushes, newest first")
+    p.add_argument("--agent", default=None, help="only this Agent id's pushes")
+    p.add_argument("--state", default=None,
+                   help="only pushes in this state (queued, sent, delivered, failed, ...)")
+    p.add_argument("--count", type=int, default=20, help="at most this many (default 20); "
+                   "the relay's next links are followed until there are")
+    p.add_argument("--page-size", type=int, default=100, help="pushes per request (1-100)")
+    for name, verb in (("show", "a push's status"), ("retry", "retry a failed push"),
+                       ("cancel", "cancel a queued push")):
+        p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)
+        p.add_argument("id", help="AgentPush id")
+    p = relay_command(sub, "ping", "cmd_ping", "ping a device through an agent")
+    p.add_argument("agent", help="Agent id")
+    p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")
+    p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
+    p = relay_command(sub, "reload-config", "cmd_reload_config",
+                      "make an agent reload its configuration")
+    p.add_argument("agent", help="Agent id")
+    p = relay_command(sub, "logs", "cmd_logs", "an agent's recent log lines")
+    p.add_argument("agent", help="Agent id")
+    p.add_argument("--limit", type=int, default=20, help="lines, 1-1000 (default 20)")
+
+    p = sub.add_parser("push", help="push a message (or every file of a folder) to a device")
     p.add_argument("agent", help="Agent id")
     p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")
     p.add_argument("body", nargs="?", help="message (default: --file or standard input)")
-    p.add_argument("--file", "-f")
+    p.add_argument("--file", "-f", help="a file, '-' for standard input, or a folder: each "
+                   "regular file in it, in name order, one waited push each")
+    p.add_argument("--json", action="store_true", help="a folder's summary as JSON")
     p.add_argument("--content-type", default=HL7_V2)
     p.add_argument("--no-wait", action="store_true", help="queue and return at once (202)")
     p.add_argument("--timeout", type=int, default=None, help="wait timeout, ms (max 55000)")
     p.add_argument("--idempotency-key", default=None)
-    p.add_argument("--relay", default=os.environ.get("MEDAGENT_RELAY", "http://127.0.0.1:8103"))
-    p.add_argument("--client-id", default=os.environ.get("MEDAGENT_CLIENT_ID"))
-    p.add_argument("--client-secret", default=os.environ.get("MEDAGENT_CLIENT_SECRET"))
+    add_connection_flags(p)
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("demo", help="relay + agent + simulated lab instrument, on this machine")

@@ -1,0 +1,272 @@
+"""
+The ``medagent`` operator commands that call a running relay: agents, status, pushes,
+ping, reload-config, logs and the batch form of push.  Each maps to one of the relay's HTTP
+endpoints (medagent/relay/http/); a table for people, ``--json`` for scripts.
+
+Exit codes: 0 ok, 1 the relay or the device said no (or could not be reached), 2 a usage
+or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Awaitable, Callable, Sequence
+from urllib.parse import quote, urlsplit
+
+from medagent.contenttypes import PING
+
+#: the relay's largest AgentPush page (MAX_PAGE in medagent/relay/http/pushes.py)
+PAGE = 100
+#: largest --count of ``pushes list`` (pages followed: at most MAX_COUNT / PAGE)
+MAX_COUNT = 10_000
+#: largest file ``push`` reads (the relay refuses larger bodies anyway)
+MAX_FILE = 16 * 1024 * 1024
+
+Runner = Callable[[argparse.Namespace, str, Callable[[Any], Awaitable[None]]], int]
+
+
+def _q(id: str) -> str:
+    return quote(id, safe="")
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Left-aligned columns, two spaces apart; None shows as '-'."""
+    cells = [[str(h) for h in header]] + [["-" if c is None else str(c) for c in r]
+                                          for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else text())
+
+
+def _params(parameters: Any) -> dict[str, Any]:
+    """A FHIR Parameters resource as {name: value}."""
+    out: dict[str, Any] = {}
+    for p in (parameters or {}).get("parameter") or []:
+        value = next((v for k, v in p.items() if k.startswith("value")), None)
+        out[str(p.get("name"))] = value
+    return out
+
+
+def _push_row(p: dict[str, Any]) -> list[Any]:
+    agent = ((p.get("agent") or {}).get("reference") or "").removeprefix("Agent/")
+    return [p.get("id"), agent, p.get("state"), p.get("destination"), p.get("attempts"),
+            p.get("updated"), p.get("error")]
+
+
+PUSH_HEADER = ["ID", "AGENT", "STATE", "DESTINATION", "ATTEMPTS", "UPDATED", "ERROR"]
+
+
+def cmd_agents(args: argparse.Namespace, run: Runner) -> int:
+    async def go(client: Any) -> None:
+        agents = await client.search("Agent", {"_count": "1000"})
+        rows = []
+        for a in agents:
+            st = _params(await client.request_json("GET", f"/fhir/R4/Agent/{_q(a['id'])}/$status"))
+            rows.append({"id": a["id"], "name": a.get("name"), "status": st.get("status"),
+                         "version": st.get("version"), "lastUpdated": st.get("lastUpdated")})
+        emit(args, rows, lambda: table(
+            [[r["id"], r["name"], r["status"], r["version"]] for r in rows],
+            ["ID", "NAME", "STATUS", "VERSION"]))
+
+    return run(args, "agents", go)
+
+
+def cmd_status(args: argparse.Namespace, run: Runner) -> int:
+    async def go(client: Any) -> None:
+        st = _params(await client.request_json(
+            "GET", f"/fhir/R4/Agent/{_q(args.agent)}/$status"))
+        data = {"id": args.agent, **st}
+        emit(args, data, lambda: table([[data.get(k) for k in ("id", "status", "version",
+                                                               "lastUpdated")]],
+                                       ["ID", "STATUS", "VERSION", "LAST UPDATED"]))
+
+    return run(args, "status", go)
+
+
+def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
+    if not 1 <= args.count <= MAX_COUNT:
+        print(f"medagent: --count must be between 1 and {MAX_COUNT}", file=sys.stderr)
+        return 2
+    if not 1 <= args.page_size <= PAGE:
+        print(f"medagent: --page-size must be between 1 and {PAGE}", file=sys.stderr)
+        return 2
+
+    async def go(client: Any) -> None:
+        params = {"_count": str(min(args.page_size, args.count))}
+        if args.agent:
+            params["agent"] = args.agent
+        if args.state:
+            params["state"] = args.state
+        found: list[dict[str, Any]] = []
+        path: str | None = "/fhir/R4/AgentPush"
+        query: dict[str, str] | None = params
+        total = None
+        while path is not None and len(found) < args.count:
+            page = await client.request_json("GET", path, params=query)
+            total = page.get("total", total)
+            found += [e["resource"] for e in page.get("entry") or []]
+            nxt = next((link["url"] for link in page.get("link") or []
+                        if link.get("relation") == "next"), None)
+            if nxt is None or not page.get("entry"):
+                break
+            # the next link on the relay this command was given (the link's host may be
+            # the relay's own idea of its name; a base URL with a path prefix stays whole)
+            if nxt.startswith(client.base_url + "/"):
+                path = nxt[len(client.base_url):]
+            else:
+                parts = urlsplit(nxt)
+                path = parts.path + (f"?{parts.query}" if parts.query else "")
+            query = None
+        found = found[:args.count]
+        emit(args, {"total": total, "pushes": found},
+             lambda: table([_push_row(p) for p in found], PUSH_HEADER)
+             + f"\n# {len(found)} shown of {total}")
+
+    return run(args, "pushes list", go)
+
+
+def _push_op(args: argparse.Namespace, run: Runner, method: str, suffix: str,
+             what: str) -> int:
+    async def go(client: Any) -> None:
+        p = await client.request_json(method, f"/fhir/R4/AgentPush/{_q(args.id)}{suffix}")
+        emit(args, p, lambda: table([_push_row(p)], PUSH_HEADER))
+
+    return run(args, what, go)
+
+
+def cmd_pushes_show(args: argparse.Namespace, run: Runner) -> int:
+    return _push_op(args, run, "GET", "", "pushes show")
+
+
+def cmd_pushes_retry(args: argparse.Namespace, run: Runner) -> int:
+    return _push_op(args, run, "POST", "/$retry", "pushes retry")
+
+
+def cmd_pushes_cancel(args: argparse.Namespace, run: Runner) -> int:
+    return _push_op(args, run, "POST", "/$cancel", "pushes cancel")
+
+
+def cmd_ping(args: argparse.Namespace, run: Runner) -> int:
+    async def go(client: Any) -> None:
+        reply = await client.push_to_agent(args.agent, args.destination, "PING", PING, True,
+                                           wait_timeout=args.timeout)
+        emit(args, {"agent": args.agent, "destination": args.destination, "reply": reply},
+             lambda: reply if isinstance(reply, str) else json.dumps(reply))
+
+    return run(args, "ping", go)
+
+
+def cmd_reload_config(args: argparse.Namespace, run: Runner) -> int:
+    async def go(client: Any) -> None:
+        outcome = await client.request_json(
+            "GET", f"/fhir/R4/Agent/{_q(args.agent)}/$reload-config")
+        emit(args, outcome, lambda: f"Agent/{args.agent}: configuration reloaded")
+
+    return run(args, "reload-config", go)
+
+
+def cmd_logs(args: argparse.Namespace, run: Runner) -> int:
+    if not 1 <= args.limit <= 1000:
+        print("medagent: --limit must be between 1 and 1000", file=sys.stderr)
+        return 2
+
+    async def go(client: Any) -> None:
+        answer = await client.request_json(
+            "GET", f"/fhir/R4/Agent/{_q(args.agent)}/$fetch-logs",
+            params={"limit": str(args.limit)})
+        text = _params(answer).get("logs") or ""
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        emit(args, lines, lambda: "\n".join(
+            line if isinstance(line, str) else json.dumps(line) for line in lines))
+
+    return run(args, "logs", go)
+
+
+# -- push of a folder ----------------------------------------------------------------------
+
+def hl7_ack_code(reply: Any) -> str | None:
+    """MSA-1 of an HL7 v2 reply (AA, AE, AR, CA, CE, CR), or None when it is not one."""
+    if not isinstance(reply, str):
+        return None
+    for segment in reply.replace("\n", "\r").split("\r"):
+        if segment.startswith("MSA") and len(segment) > 4:
+            return segment[4:].split(segment[3], 1)[0] or None
+    return None
+
+
+def folder_files(folder: str) -> list[str]:
+    """Every regular file directly in C{folder}, sorted by name (hidden ones included)."""
+    names = sorted(os.listdir(folder))
+    return [n for n in names if os.path.isfile(os.path.join(folder, n))
+            and not os.path.islink(os.path.join(folder, n))]
+
+
+def cmd_push_folder(args: argparse.Namespace, run: Runner) -> int:
+    """
+    One waited push per file, in name order: a progress line per file on stderr, a summary
+    on stdout, exit 1 when any file was not delivered (refused, failed, or a negative ACK).
+    A file is pushed whole as text; a file that is not UTF-8 is reported and skipped.
+    """
+    folder = args.file
+    try:
+        names = folder_files(folder)
+    except OSError as e:
+        print(f"medagent: cannot list {folder}: {e.strerror}", file=sys.stderr)
+        return 2
+    if not names:
+        print(f"medagent: no files in {folder}", file=sys.stderr)
+        return 2
+    results: list[dict[str, Any]] = []
+
+    async def go(client: Any) -> None:
+        from medagent.client import RelayError
+
+        n = len(names)
+        for i, name in enumerate(names, 1):
+            result: dict[str, Any] = {"file": name}
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    raw = f.read(MAX_FILE + 1)
+                if len(raw) > MAX_FILE:
+                    raise ValueError(f"larger than {MAX_FILE} bytes")
+                body = raw.decode("utf-8")
+            except (OSError, ValueError) as e:
+                result.update(result="failed", error=f"not read: {type(e).__name__}: {e}"
+                              if not isinstance(e, UnicodeDecodeError) else "not UTF-8 text")
+            else:
+                try:
+                    reply = await client.push_to_agent(
+                        args.agent, args.destination, body, args.content_type, True,
+                        wait_timeout=args.timeout)
+                except RelayError as e:
+                    result.update(result="failed", status=e.status, error=str(e),
+                                  location=e.headers.get("content-location"))
+                except Exception as e:  # the relay unreachable: this file failed
+                    result.update(result="failed", error=f"{type(e).__name__}: {e}")
+                else:
+                    code = hl7_ack_code(reply)
+                    if code is not None and code not in ("AA", "CA"):
+                        result.update(result="rejected", ack=code)
+                    else:
+                        result.update(result="delivered", ack=code)
+            results.append(result)
+            outcome = result["result"]
+            detail = result.get("ack") if outcome == "rejected" else result.get("error")
+            suffix = f" ({detail})" if detail and outcome != "delivered" else ""
+            print(f"[{i}/{n}] {name} ... {outcome}{suffix}", file=sys.stderr, flush=True)
+        summary = {k: sum(1 for r in results if r["result"] == k)
+                   for k in ("delivered", "rejected", "failed")}
+        emit(args, {"total": n, **summary, "files": results},
+             lambda: f"{n} files: {summary['delivered']} delivered, {summary['rejected']} "
+                     f"rejected, {summary['failed']} failed")
+
+    rc = run(args, "push", go)
+    if rc == 0 and any(r["result"] != "delivered" for r in results):
+        return 1
+    return rc
