@@ -37,7 +37,7 @@ from medagent.storage.sqlite.journal import SQLiteJournal as Journal
 from medagent.storage.sqlite.store import SQLiteStore
 from medagent.relay.web import RelaySite
 from tests.fakes import InlineReactor, inline_database
-from tests.procs import free_port
+from tests.procs import free_port, wait_until
 from tests.test_hub import FakeConnection, _Wall
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -430,7 +430,8 @@ class LiveAttacks(TestCase):
                 ws.transport.abortConnection()
                 await ws.closed
             # and the relay has seen it go (no close handshake timer left behind)
-            await _until(lambda: not self.relay.hub.sessions, "relay forgets the socket")
+            await wait_until(lambda: not self.relay.hub.sessions, timeout=5,
+                             what="relay forgets the socket")
 
         self.addCleanup(lambda: ensureDeferred(gone()))
         await within(ws.handshake, 5, "websocket handshake")
@@ -453,11 +454,11 @@ class LiveAttacks(TestCase):
             token = await self.login(self.agent_client)
             ws.send_text(wire.encode({"type": wire.CONNECT_REQUEST, "agentId": self.agent["id"],
                                       "accessToken": token, "callback": "c1"}))
-            await _until(lambda: ws.messages(), "connect response")
+            await wait_until(lambda: ws.messages(), timeout=5, what="connect response")
             self.assertEqual(ws.messages()[0]["type"], wire.CONNECT_RESPONSE)
             big = wire.encode({"type": wire.HEARTBEAT_REQUEST, "pad": "x" * 200_000})
             ws.send_text(big)
-            await _until(lambda: len(ws.messages()) >= 2, "heartbeat answer")
+            await wait_until(lambda: len(ws.messages()) >= 2, timeout=5, what="heartbeat answer")
             self.assertEqual(ws.messages()[1]["type"], wire.HEARTBEAT_RESPONSE)
             await deferLater(reactor, 1.5, lambda: None)  # past the connect deadline
             self.assertFalse(ws.closed.called)
@@ -477,7 +478,7 @@ class LiveAttacks(TestCase):
         async def go() -> None:
             ws = await self.raw_socket()
             ws.send_text(json.dumps({"type": "t" * 60_000, "callback": "cb"}).encode())
-            await _until(lambda: ws.messages(), "agent:error")
+            await wait_until(lambda: ws.messages(), timeout=5, what="agent:error")
             error = ws.messages()[0]
             self.assertEqual((error["type"], error["callback"]), (wire.ERROR, "cb"))
             self.assertLess(len(error["body"]), 300)
@@ -495,7 +496,8 @@ class LiveAttacks(TestCase):
             self.assertEqual(refused.status, 503)
             sockets[0].transport.loseConnection()
             await within(sockets[0].closed, 5, "close")
-            await _until(lambda: ws_factory.pending_total == 2, "pending count drops")
+            await wait_until(lambda: ws_factory.pending_total == 2, timeout=5,
+                             what="pending count drops")
             again = await self.raw_socket()
             self.assertEqual(again.status, 101)
 
@@ -613,15 +615,6 @@ class _Recorder(protocol.Protocol):
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.callback(None)
-
-
-async def _until(predicate: Any, what: str, timeout: float = 5.0) -> None:
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
 
 
 class BotInputDepthTests(SynchronousTestCase):
