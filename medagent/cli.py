@@ -1,7 +1,9 @@
 """
 The ``medagent`` command.
 
-    medagent init [--data DIR]                      create the relay's database and an admin client
+    medagent init [--data DIR|--database URL]       create the relay's database and an admin client
+    medagent db upgrade|status [--data DIR|--database URL]
+                                                    apply / check the database schema migrations
     medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
     medagent client list                            list clients (never their secrets)
     medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
@@ -47,7 +49,18 @@ class ReactorLoop(Protocol):
                         **kwargs: object) -> object: ...
 
 
-def _authority(data_dir: str):
+def _authority(data_dir: str, database: str | None = None):
+    """
+    The relay's client registry behind an authority: the SQLite file in C{data_dir}, or the
+    shared PostgreSQL database at C{database} (migrated first; no token key is needed to
+    create, list or revoke clients).
+    """
+    if database:
+        from medagent.relay.auth import Authority
+
+        storage = _pg_storage(database)
+        storage.db.migrate_sync()
+        return Authority(storage.registry, None)
     from medagent.relay.service import open_authority, open_database
 
     db = open_database(None, data_dir)
@@ -55,9 +68,97 @@ def _authority(data_dir: str):
     return open_authority(db, data_dir)
 
 
+def _pg_storage(database: str) -> Any:
+    """
+    The relay's PostgreSQL storage set for a tool (nothing connects until a C{*_sync} call);
+    the URL rules of L{medagent.storage.open_storage} hold (no password in it, TLS off this
+    machine), and a refusal is a L{ValueError} that never repeats the URL.
+    """
+    from medagent.storage import open_storage
+
+    return open_storage(database, "", None)
+
+
+def _database_errors(command: Callable[[argparse.Namespace], int]
+                     ) -> Callable[[argparse.Namespace], int]:
+    """
+    A command that opens the relay database: a refused URL is a usage error (exit 2), a
+    database that cannot be reached exit 1, each a one-line message without the URL.
+    """
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ValueError as e:
+            print(f"medagent: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            if type(e).__module__.startswith("psycopg"):
+                print(f"medagent: the PostgreSQL database cannot be used now "
+                      f"({type(e).__name__}); is it running, and may this user connect?",
+                      file=sys.stderr)
+                return 1
+            raise
+
+    run.__doc__ = command.__doc__
+    return run
+
+
+@_database_errors
+def cmd_db(args: argparse.Namespace) -> int:
+    """
+    C{db upgrade}: apply the schema migrations this build has and the database lacks (a relay
+    also does on start; this is for upgrading before the nodes restart).  C{db status}: the
+    version the database is at and the one this build wants; exit 1 when they differ.
+    """
+    if args.database:
+        storage = _pg_storage(args.database)
+        db = storage.db
+        before = db.schema_version_sync()
+        wanted = db.wanted_version
+        if args.db_command == "upgrade":
+            after = db.migrate_sync()
+            print(json.dumps({"backend": "postgresql", "before": before, "after": after,
+                              "wanted": wanted}))
+            return 0
+        print(json.dumps({"backend": "postgresql", "version": before, "wanted": wanted,
+                          "current": before >= wanted}))
+        if before > wanted:
+            print("medagent: the database was migrated by a newer medagent; upgrade this one",
+                  file=sys.stderr)
+        return 0 if before == wanted else 1
+    from medagent.relay.service import open_database
+
+    path = os.path.join(args.data, "relay.sqlite")
+    exists = os.path.exists(path)
+    if args.db_command == "status":
+        print(json.dumps({"backend": "sqlite", "exists": exists, "current": exists}))
+        if not exists:
+            print(f"medagent: no relay database in {args.data} (run medagent init)",
+                  file=sys.stderr)
+        return 0 if exists else 1
+    if not exists:
+        print(f"medagent: no relay database in {args.data} (run medagent init)",
+              file=sys.stderr)
+        return 2
+    db = open_database(None, args.data)  # opening the file applies the schema and upgrades
+    try:
+        db.run_sync(lambda conn: None)
+    finally:
+        db.stop()
+    print(json.dumps({"backend": "sqlite", "current": True}))
+    return 0
+
+
+@_database_errors
 def cmd_init(args: argparse.Namespace) -> int:
-    authority = _authority(args.data)
+    authority = _authority(args.data, args.database)
     client = authority.create_client_sync("admin", name=args.name or "admin")
+    if args.database:
+        print(json.dumps(client, indent=2))
+        print("# Clients are in the PostgreSQL database. Start each relay node with:\n"
+              "#   twistd -n medagent-relay --database <the same URL> --data <its own folder>",
+              file=sys.stderr)
+        return 0
     print(json.dumps({**client, "dataDir": os.path.abspath(args.data)}, indent=2))
     print(
         f"# Relay data is in {os.path.abspath(args.data)}. Start the relay with:\n"
@@ -67,10 +168,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@_database_errors
 def cmd_client_create(args: argparse.Namespace) -> int:
     from medagent.fhir import FHIRError
 
-    authority = _authority(args.data)
+    authority = _authority(args.data, args.database)
     try:
         client = authority.create_client_sync(args.role, args.agent or [], args.name)
     except FHIRError as e:
@@ -80,11 +182,16 @@ def cmd_client_create(args: argparse.Namespace) -> int:
     return 0
 
 
+@_database_errors
 def cmd_client_list(args: argparse.Namespace) -> int:
     from medagent.relay.auth import Authority
     from medagent.relay.service import open_database
     from medagent.storage.sqlite import SQLiteClientRegistry
 
+    if args.database:
+        registry = _pg_storage(args.database).registry
+        print(json.dumps([Authority.client_json(c) for c in registry.list_sync()], indent=2))
+        return 0
     path = os.path.join(args.data, "relay.sqlite")
     if not os.path.exists(path):
         print(f"medagent: no relay database in {args.data} (run medagent init)", file=sys.stderr)
@@ -98,6 +205,7 @@ def cmd_client_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_database_errors
 def cmd_client_revoke(args: argparse.Namespace) -> int:
     """
     Through the relay's API by default (admin credentials): the relay refuses the client's
@@ -106,6 +214,16 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
     """
     from medagent.fhir import FHIRError
 
+    if args.database:
+        try:
+            _authority("", args.database).revoke_client_sync(args.target)
+        except FHIRError as e:
+            print(f"medagent: {e.message}", file=sys.stderr)
+            return 2
+        print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
+        print("# Written to the database; every relay node applies it within a few seconds.",
+              file=sys.stderr)
+        return 0
     if args.data is not None:
         if not os.path.exists(os.path.join(args.data, "relay.sqlite")):
             print(f"medagent: no relay database in {args.data} (run medagent init)",
@@ -259,15 +377,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medagent", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    database_help = ("the relay nodes' shared PostgreSQL database, postgresql://user@host:port/db"
+                     " (no password in it: ~/.pgpass or PGPASSFILE); default: the SQLite file"
+                     " in --data, or $MEDAGENT_DATABASE")
+
+    def database_flag(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--database", default=os.environ.get("MEDAGENT_DATABASE") or None,
+                       help=database_help)
+
     p = sub.add_parser("init", help="create the relay database and an admin client")
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    database_flag(p)
     p.add_argument("--name", default=None)
     p.set_defaults(func=cmd_init)
+
+    db = sub.add_parser("db", help="the relay database's schema").add_subparsers(
+        dest="db_command", required=True)
+    for name, help in (("upgrade", "apply the schema migrations the database lacks"),
+                       ("status", "the schema version, and whether it is current (exit 1 if"
+                        " not)")):
+        p = db.add_parser(name, help=help, description=help)
+        p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+        database_flag(p)
+        p.set_defaults(func=cmd_db)
 
     client = sub.add_parser("client", help="manage OAuth2 clients").add_subparsers(
         dest="client_command", required=True)
     p = client.add_parser("create", help="create a client and print its credentials")
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    database_flag(p)
     p.add_argument("--role", choices=["admin", "pusher", "agent"], required=True)
     p.add_argument("--agent", action="append",
                    help="agent id this client may push to (pusher) or is (agent); '*' = all")
@@ -275,12 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_client_create)
     p = client.add_parser("list", help="list clients")
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    database_flag(p)
     p.set_defaults(func=cmd_client_list)
     p = client.add_parser("revoke", help="revoke a client (through the relay, or with --data)")
     p.add_argument("target", metavar="CLIENT_ID", help="the clientId to revoke")
     add_connection_flags(p)
     p.add_argument("--data", default=None,
                    help="write to this relay data folder instead of calling the relay")
+    database_flag(p)
     p.set_defaults(func=cmd_client_revoke)
 
     def relay_command(parent: Any, name: str, func: str, help: str) -> argparse.ArgumentParser:

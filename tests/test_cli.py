@@ -264,7 +264,8 @@ class OperatorCommands(TestCase, _CLI):
         for argv in (["agents"], ["status"], ["pushes", "list"], ["pushes", "show"],
                      ["pushes", "retry"], ["pushes", "cancel"], ["ping"], ["reload-config"],
                      ["logs"], ["push"], ["client", "create"], ["client", "list"],
-                     ["client", "revoke"], ["init"], ["demo"]):
+                     ["client", "revoke"], ["init"], ["db", "upgrade"], ["db", "status"],
+                     ["demo"]):
             out = io.StringIO()
             with redirect_stdout(out):
                 e = self.assertRaises(SystemExit, cli.main, [*argv, "--help"])

@@ -197,6 +197,24 @@ class PgDatabase:
         finally:
             conn.close()
 
+    @property
+    def wanted_version(self) -> int:
+        """The schema version this build's migrations bring the database to."""
+        return max((version for version, _ in self._migrations), default=0)
+
+    def schema_version_sync(self) -> int:
+        """The version the database is at (0: never migrated), on the calling thread (tools)."""
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                if conn.execute("SELECT to_regclass('schema_version') AS t"
+                                ).fetchone()["t"] is None:
+                    return 0
+                return int(conn.execute("SELECT max(version) AS v FROM schema_version"
+                                        ).fetchone()["v"] or 0)
+        finally:
+            conn.close()
+
     def _when_ready(self) -> Deferred[None]:
         if self._ready is True:
             return succeed(None)
