@@ -92,3 +92,51 @@ class RelayOnPostgres(TestCase):
             self.assertFalse(os.path.exists(os.path.join(self.data_dir, "relay.sqlite")))
 
         return ensureDeferred(go())
+
+
+class TwoNodesOneAgent(TestCase):
+    """
+    Two ``twistd medagent-relay`` nodes on one PostgreSQL database and two real agent
+    processes with the same agent id, one dialling each node: the second node refuses while
+    the first holds the session; once the first node is killed (``kill -9``, no goodbye) its
+    lease lapses and the second node takes the agent.
+    """
+
+    timeout = 150
+    setUp = RelayOnPostgres.setUp
+    _setUp = RelayOnPostgres._setUp
+    create_client = RelayOnPostgres.create_client
+
+    def test_same_agent_on_two_nodes_one_refused_then_taken_over(self) -> Deferred:
+        async def go() -> None:
+            import shutil
+            import signal
+
+            agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
+                                             "status": "active"})
+            creds = await self.create_client("agent", [agent["id"]])
+            data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
+            shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
+            node_b = procs.RelayFixture(self, data_b)
+            await node_b.start(["--database", self.dsn, "--node-id", "node-b"])
+            await self.relay.proc.wait_for("medagent relay listening on", timeout=5)
+
+            first = procs.agent_process(self, self.relay.url, creds, agent["id"],
+                                        ["--data", tempfile.mkdtemp(prefix="agent-a-")])
+            await self.relay.proc.wait_for(f"Agent/{agent['id']} connected", timeout=30)
+            second = procs.agent_process(self, node_b.url, creds, agent["id"],
+                                         ["--data", tempfile.mkdtemp(prefix="agent-b-")])
+            await node_b.proc.wait_for(f"Refused connection for Agent/{agent['id']}",
+                                       timeout=30)
+            self.assertNotIn(f"Agent/{agent['id']} connected from".encode(),
+                             bytes(node_b.proc.output))
+            self.assertNotIn(f"Agent/{agent['id']} disconnected".encode(),
+                             bytes(self.relay.proc.output))
+            self.assertIsNone(first.exit_code)
+
+            # node A dies without a word: its lease (20 s) lapses, node B takes the agent
+            await self.relay.stop(signal.SIGKILL)
+            await node_b.proc.wait_for(f"Agent/{agent['id']} connected from", timeout=60)
+            self.assertIsNone(second.exit_code)
+
+        return ensureDeferred(go())

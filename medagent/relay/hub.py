@@ -25,6 +25,7 @@ from medagent.fhir import FHIRError
 from medagent.metrics import RelayMetrics
 from medagent.relay.auth import AGENT, CLIENT_REVOKED, TOKEN_EXPIRED, Authority
 from medagent.storage import journal as j
+from medagent.storage.interfaces import AgentSessions
 from medagent.storage.interfaces import PushJournal as Journal
 from medagent.storage.journal import Push
 
@@ -76,6 +77,10 @@ class _Lane:
     #: "lane is holding back" was logged for the current episode
     hold_logged: bool = False
 
+#: Seconds an agent's session lease lasts on a cluster (L{Hub.agent_sessions}) unless its node
+#: renews it: a node that died gives its agents up within this time.
+SESSION_LEASE = 20.0
+
 #: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Frames a socket may send before it has authenticated (a real agent needs one or two).
@@ -97,6 +102,8 @@ class Session:
 
     def __init__(self, conn: AgentConnection) -> None:
         self.conn = conn
+        #: this connection's id in the cluster's session table (L{Hub.agent_sessions})
+        self.id = uuid.uuid4().hex
         self.agent_id: str | None = None
         self.capabilities: frozenset[str] = frozenset()
         self.version: str | None = None
@@ -220,6 +227,13 @@ class Hub:
         #: counters and histograms moved here; a private registry unless the service sets one
         self.metrics = RelayMetrics()
         authority.revocation_listeners.append(self._client_revoked)
+        #: relay nodes sharing a database: which node holds each agent (None: one node, the
+        #: sessions in memory are the whole truth); see L{_claim} and L{renew_sessions}
+        self.agent_sessions: AgentSessions | None = None
+        self.node_id = "local"
+        #: seconds a session's lease lasts without renewal; renewed every third of it
+        self.session_lease = SESSION_LEASE
+        self._renewed_at: float | None = None
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -256,6 +270,11 @@ class Hub:
         if agent_id is None or self.sessions.get(agent_id) is not session:
             return
         del self.sessions[agent_id]
+        if self.agent_sessions is not None:
+            self.agent_sessions.release(agent_id, session.id).addErrback(
+                lambda f: log.warn("Could not release the session of Agent/{agent_id} "
+                                   "({error}); its lease runs out by itself",
+                                   agent_id=agent_id, error=f.getErrorMessage()))
         self.metrics.agent_disconnected()
         self._status[agent_id] = {
             "status": "disconnected",
@@ -412,6 +431,12 @@ class Hub:
                 )
                 session.conn.close("duplicate agent connection")
                 return
+            if self.agent_sessions is not None and session.agent_id is None:
+                self._claim(session, agent_id, callback, lambda: accept(agent))
+                return
+            accept(agent)
+
+        def accept(agent: dict[str, Any]) -> None:
             caps = msg.get("capabilities")
             session.capabilities = frozenset(
                 c for c in (caps if isinstance(caps, list) else []) if isinstance(c, str)
@@ -458,6 +483,81 @@ class Hub:
             session.conn.send_message(wire.error(text, callback))
 
         self.store.read("Agent", agent_id).addCallbacks(found, missing)
+
+    def _claim(self, session: Session, agent_id: str, callback: Any,
+               accept: Callable[[], None]) -> None:
+        """
+        On a cluster: take the agent's session in the shared table before accepting the
+        socket; one held by another node (whose lease is live) refuses this one, and the
+        agent tries again (through the balancer) until that node lets go or its lease ends.
+        """
+        sessions = self.agent_sessions
+        assert sessions is not None
+
+        def claimed(holder: str | None) -> None:
+            if holder is not None:
+                log.warn("Refused connection for Agent/{agent_id} from {peer}: relay node "
+                         "{holder} holds its session", agent_id=agent_id,
+                         peer=session.conn.peer, holder=holder)
+                session.conn.send_message(wire.error(
+                    f"Agent/{agent_id} is already connected to relay node {holder}; only one "
+                    "connection per agent is allowed", callback))
+                session.conn.close("agent connected to another relay node")
+                return
+            if session.closed or (agent_id in self.sessions
+                                  and self.sessions[agent_id] is not session):
+                sessions.release(agent_id, session.id)
+                if not session.closed:
+                    session.conn.send_message(
+                        wire.error(f"Agent/{agent_id} is already connected", callback))
+                    session.conn.close("duplicate agent connection")
+                return
+            accept()
+
+        def failed(f: Failure) -> None:
+            log.warn("Could not record the session of Agent/{agent_id} ({error}); refusing "
+                     "its connection", agent_id=agent_id, error=f.getErrorMessage())
+            if not session.closed:
+                session.conn.send_message(wire.error(
+                    "The relay cannot record this connection now (database unavailable); "
+                    "try again", callback))
+                session.conn.close("session table unavailable")
+
+        sessions.claim(agent_id, self.node_id, session.id, self.session_lease).addCallbacks(
+            claimed, failed)
+
+    def renew_sessions(self) -> Deferred[None]:
+        """
+        On a cluster, every third of a lease: extend this node's sessions.  A session the
+        table no longer gives this node (taken over after a lapse) is closed at once; if no
+        renewal has succeeded for a whole lease, every session is closed, since another node
+        may have taken them meanwhile.
+        """
+        sessions = self.agent_sessions
+        if sessions is None:
+            return succeed(None)
+        live = {s.id: s for s in self.sessions.values()}
+        started = self.clock.seconds()
+
+        def renewed(held: set[str]) -> None:
+            self._renewed_at = started
+            for session_id, session in live.items():
+                if session_id not in held and not session.closed \
+                        and self.sessions.get(session.agent_id or "") is session:
+                    self._end_session(session, "session taken over by another relay node")
+
+        def failed(f: Failure) -> None:
+            last = self._renewed_at
+            log.warn("Could not renew {n} agent session lease(s) ({error})", n=len(live),
+                     error=f.getErrorMessage())
+            if last is not None and self.clock.seconds() - last >= self.session_lease:
+                for session in list(self.sessions.values()):
+                    self._end_session(session, "session lease lapsed (database unavailable)")
+
+        if self._renewed_at is None:
+            self._renewed_at = started
+        return sessions.renew(self.node_id, sorted(live), self.session_lease).addCallbacks(
+            renewed, failed)
 
     def _heartbeat(self, session: Session) -> None:
         problem = (self.authority.session_problem(session.principal)

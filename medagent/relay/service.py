@@ -264,11 +264,31 @@ class _RevocationRefresh(service.Service):
             lambda f: log.failure("Reading revoked clients failed", f))
 
 
+def default_node_id() -> str:
+    """This relay node's name in the cluster's session table: host and process."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class _HubService(service.Service):
+    """Closes the agents' sockets on stop; on a cluster, renews their session leases."""
+
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self.renewal: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.hub.agent_sessions is not None:
+            self.renewal = LoopingCall(self.hub.renew_sessions)
+            self.renewal.clock = self.hub.clock
+            self.renewal.start(self.hub.session_lease / 3, now=False)
 
     def stopService(self) -> None:
+        if self.renewal is not None and self.renewal.running:
+            self.renewal.stop()
+        self.renewal = None
         self.hub.close()
         return super().stopService()
 
@@ -353,6 +373,7 @@ class RelayService(service.MultiService):
         login_failure_window: float = DEFAULT_LOGIN_FAILURE_WINDOW,
         metrics: str | None = None,
         database: str | None = None,
+        node_id: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -386,6 +407,12 @@ class RelayService(service.MultiService):
             max_message_size=max_message_size,
             connect_timeout=connect_timeout,
         )
+        if storage is not None and storage.backend == "postgresql":
+            # relay nodes on one database: one session per agent across all of them
+            from medagent.storage.postgres import PgAgentSessions
+
+            self.hub.agent_sessions = PgAgentSessions(storage.db)
+            self.hub.node_id = node_id or default_node_id()
         _HubService(self.hub).setServiceParent(self)
         _Housekeeping(reactor, self.journal, retention_days * 86400).setServiceParent(self)
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)

@@ -100,6 +100,9 @@ class Options(usage.Options):
         ["database", None, None,
          "postgresql://user@host:port/db to share the relay's data with other nodes "
          "(default: SQLite in --data; no password in the URL: use ~/.pgpass)"],
+        ["node-id", None, None,
+         "This node's name in the cluster's agent session table (--database postgresql:"
+         " default <hostname>-<pid>)"],
         *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
@@ -164,6 +167,7 @@ class Options(usage.Options):
             "login_failure_window": self["login-failure-window"],
             "metrics": self["metrics"],
             "database": self["database"],
+            "node_id": self["node-id"],
         }
 
 

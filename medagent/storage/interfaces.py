@@ -289,6 +289,35 @@ class DeliveryQueue(Protocol):
         """(pending deliveries, creation time of the oldest pending one or None): metrics."""
 
 
+# -- agent sessions across relay nodes ----------------------------------------------------
+
+
+class AgentSessions(Protocol):
+    """
+    Which relay node holds each agent's websocket, for relay nodes that share a database: at
+    most one live session per agent id across all of them.  A session is a lease of C{lease}
+    seconds on the database's clock, renewed by its node; one not renewed in time is free for
+    any node to take (its node died or lost the database).
+    """
+
+    def claim(self, agent_id: str, node_id: str, session_id: str, lease: float
+              ) -> Deferred[str | None]:
+        """
+        Take C{agent_id}'s session for C{session_id} on C{node_id}: fires with C{None} when
+        taken (the row was free, expired, or C{node_id}'s own), else with the node holding it.
+        """
+
+    def renew(self, node_id: str, session_ids: Sequence[str], lease: float
+              ) -> Deferred[set[str]]:
+        """Extend these sessions of C{node_id}; fires with the ones it still holds."""
+
+    def release(self, agent_id: str, session_id: str) -> Deferred[None]:
+        """Give the session up (only if C{session_id} still holds it)."""
+
+    def holder(self, agent_id: str) -> Deferred[str | None]:
+        """The node holding a live session for C{agent_id}, or C{None}."""
+
+
 # -- the agent's durable queues ------------------------------------------------------------
 
 

@@ -106,9 +106,21 @@ CREATE INDEX subscription_deliveries_lane
     ON subscription_deliveries (subscription_id, resource_type, resource_id, state);
 """
 
+#: Which relay node holds each agent's websocket (L{medagent.storage.postgres.sessions}).
+V2 = """
+CREATE TABLE agent_sessions (
+    agent_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    connected_at TIMESTAMPTZ NOT NULL,
+    lease_expires TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX agent_sessions_node ON agent_sessions (node_id);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1),)
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
-               "subscription_deliveries")
+               "subscription_deliveries", "agent_sessions")
