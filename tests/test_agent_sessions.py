@@ -193,3 +193,47 @@ class OnPostgres(TestCase):
             self.assertEqual(await t.renew("A", ["s1"], 20), set(), "A lost it")
 
         return ensureDeferred(go())
+
+
+class AcrossNodes(TwoNodes):
+    """A push accepted by node B for the agent node A holds: A sends it, B's caller hears."""
+
+    def test_a_push_journaled_by_b_is_sent_by_a_and_answered_to_bs_caller(self) -> None:
+        from medagent.relay.push import PushService
+
+        conn_a, session_a = self.connect_to(self.hub_a)
+        pushes_b = PushService(self.hub_b, self.store, self.journal, self.clock)
+        payload = {"destination": f"Device/{self.device['id']}",
+                   "contentType": "x-application/hl7-v2+er7",
+                   "body": "MSH|^~\\&|S|F|R|F|20240101120000||ADT^A01|XN1|P|2.5\rPID|1",
+                   "waitForResponse": True}
+        waited = pushes_b.push(self.admin, (self.agent["id"], None), payload)
+        self.assertNoResult(waited)
+        self.assertEqual(conn_a.of_type(wire.TRANSMIT_REQUEST), [],
+                         "node B does not hold the agent: nothing sent yet")
+        self.hub_a.poll_cluster()
+        [request] = conn_a.of_type(wire.TRANSMIT_REQUEST)
+        self.hub_a.poll_cluster()
+        self.assertEqual(len(conn_a.of_type(wire.TRANSMIT_REQUEST)), 1, "sent once")
+        self.answer(conn_a, session_a, request)
+        self.assertNoResult(waited)
+        self.hub_b.poll_cluster()
+        result = self.successResultOf(waited)
+        self.assertEqual(result.push.state, "delivered")
+        self.assertIn("MSA|AA", result.push.reply_body)
+
+    def test_a_waited_push_to_an_agent_no_node_holds_is_503(self) -> None:
+        from medagent.fhir import FHIRError
+        from medagent.relay.push import PushService
+
+        pushes_b = PushService(self.hub_b, self.store, self.journal, self.clock)
+        payload = {"destination": f"Device/{self.device['id']}",
+                   "contentType": "x-application/hl7-v2+er7",
+                   "body": "MSH|^~\\&|S|F|R|F|20240101120000||ADT^A01|XN2|P|2.5\rPID|1",
+                   "waitForResponse": True}
+        f = self.failureResultOf(pushes_b.push(self.admin, (self.agent["id"], None), payload),
+                                 FHIRError)
+        self.assertEqual(f.value.status, 503)
+        self.connect_to(self.hub_a)
+        self.assertNoResult(pushes_b.push(self.admin, (self.agent["id"], None),
+                                          dict(payload, body=payload["body"] + "X")))

@@ -140,3 +140,70 @@ class TwoNodesOneAgent(TestCase):
             self.assertIsNone(second.exit_code)
 
         return ensureDeferred(go())
+
+
+class PushesThroughEitherNode(TestCase):
+    """
+    Two ``twistd medagent-relay`` nodes on one PostgreSQL database, the agent on node A, a
+    real MLLP device (python-hl7): a push accepted by node B is read from the journal and
+    delivered by node A; a waited push on node B gets the device's answer; a waited push to an
+    agent no node holds is 503 at once.
+    """
+
+    timeout = 150
+    setUp = RelayOnPostgres.setUp
+    _setUp = RelayOnPostgres._setUp
+    create_client = RelayOnPostgres.create_client
+
+    def test_push_via_the_other_node(self) -> Deferred:
+        async def go() -> None:
+            import shutil
+
+            from medagent.client import RelayError
+
+            agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
+                                             "status": "active"})
+            idle = await self.admin.create({"resourceType": "Agent", "name": "Idle agent",
+                                            "status": "active"})
+            device = await self.admin.create(
+                {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
+            creds = await self.create_client("agent", [agent["id"]])
+            data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
+            shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
+            node_b = procs.RelayFixture(self, data_b)
+            await node_b.start(["--database", self.dsn, "--node-id", "node-b"])
+            admin_b = MedagentClient(reactor, node_b.url, self.admin.client_id,
+                                     self.admin.client_secret)
+            self.addCleanup(admin_b.close)
+
+            procs.agent_process(self, self.relay.url, creds, agent["id"],
+                                ["--data", tempfile.mkdtemp(prefix="agent-a-")])
+            await self.relay.proc.wait_for(f"Agent/{agent['id']} connected", timeout=30)
+
+            accepted = await admin_b.push_to_agent(
+                agent, f"Device/{device['id']}", hl7("XN000001"), "x-application/hl7-v2+er7")
+            path = accepted["issue"][0]["diagnostics"].split(node_b.url, 1)[1]
+
+            async def delivered() -> Any:
+                doc = await admin_b.request_json("GET", path)
+                return doc if doc["state"] == "delivered" else None
+
+            doc = await procs.wait_until(delivered, timeout=30, what="push delivered")
+            self.assertIn("MSA|AA|XN000001", doc["reply"]["body"])
+            self.assertIn(b"Push %s to Agent/%s delivered" % (
+                path.rsplit("/", 1)[-1].encode(), agent["id"].encode()),
+                bytes(self.relay.proc.output), "node A, which holds the agent, sent it")
+
+            reply = await admin_b.push_to_agent(
+                agent, f"Device/{device['id']}", hl7("XN000002"), "x-application/hl7-v2+er7",
+                True, wait_timeout=20_000)
+            self.assertIn("MSA|AA|XN000002", reply)
+            await self.device_proc.wait_for("XN000002", timeout=5)
+            self.assertEqual(self.device_proc.count("RECV from"), 2)
+
+            e = await self.assertFailure(admin_b.push_to_agent(
+                idle, f"Device/{device['id']}", hl7("XN000003"), "x-application/hl7-v2+er7",
+                True), RelayError)
+            self.assertEqual(e.status, 503)
+
+        return ensureDeferred(go())

@@ -81,6 +81,10 @@ class _Lane:
 #: renews it: a node that died gives its agents up within this time.
 SESSION_LEASE = 20.0
 
+#: Seconds between a cluster node's reads of the journal for pushes other nodes accepted
+#: (L{Hub.poll_cluster}).
+CLUSTER_POLL = 1.0
+
 #: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Frames a socket may send before it has authenticated (a real agent needs one or two).
@@ -558,6 +562,42 @@ class Hub:
             self._renewed_at = started
         return sessions.renew(self.node_id, sorted(live), self.session_lease).addCallbacks(
             renewed, failed)
+
+    def poll_cluster(self) -> None:
+        """
+        On a cluster, every L{CLUSTER_POLL} seconds: pushes journaled by other nodes for the
+        agents this node holds are read and sent (a rescan of each agent's open pushes, in
+        journal order, skipping what is on the agent already), and callers waiting here on a
+        push whose agent is held elsewhere get its outcome from the journal.
+        """
+        if self.agent_sessions is None:
+            return
+        for session in list(self.sessions.values()):
+            if session.closed or not session.ready or not session.scanned:
+                continue
+            if session.replaying:
+                continue
+            self._replay(session)
+        local = {pid for s in self.sessions.values() for pid in s.in_flight}
+        for push_id in [p for p in self._waiters if p not in local]:
+            self.journal.get(push_id).addCallbacks(
+                self._outcome_elsewhere,
+                lambda f, push_id=push_id: log.warn(
+                    "Could not read push {push_id} for its waiting caller ({error})",
+                    push_id=push_id, error=f.getErrorMessage()))
+
+    def _outcome_elsewhere(self, push: Push) -> None:
+        """A push another node delivers: its waiters get it once it is final or retrying."""
+        if push.final or (push.state == j.ACCEPTED and push.last_error):
+            self._pending_pushes.pop(push.id, None)
+            for d in self._waiters.pop(push.id, []):
+                d.callback(push)
+
+    def held_anywhere(self, agent_id: str) -> Deferred[bool]:
+        """Whether some node (this one included) holds a live session for C{agent_id}."""
+        if agent_id in self.sessions or self.agent_sessions is None:
+            return succeed(agent_id in self.sessions)
+        return self.agent_sessions.holder(agent_id).addCallback(lambda node: node is not None)
 
     def _heartbeat(self, session: Session) -> None:
         problem = (self.authority.session_problem(session.principal)

@@ -352,7 +352,7 @@ class PushService:
             )
             result = yield self._maybe_wait(existing, request, duplicate=True)
             return result
-        if request.wait and not self.hub.is_connected(agent_id):
+        if request.wait and not (yield self.hub.held_anywhere(agent_id)):
             raise FHIRError(
                 503,
                 f"Agent/{agent_id} is not connected; nothing was sent. Push without "

@@ -28,7 +28,7 @@ from medagent.relay.bots import (DEFAULT_BOT_USER, DEFAULT_MEMORY_MB, DEFAULT_TI
                                  DEFAULT_WORKERS, BotRunner, BotsService, WorkerPool,
                                  base_url_from_listen)
 from medagent.relay.channels import ChannelRouter
-from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
+from medagent.relay.hub import CLUSTER_POLL, DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
@@ -277,6 +277,7 @@ class _HubService(service.Service):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.renewal: LoopingCall | None = None
+        self.poll: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -284,11 +285,15 @@ class _HubService(service.Service):
             self.renewal = LoopingCall(self.hub.renew_sessions)
             self.renewal.clock = self.hub.clock
             self.renewal.start(self.hub.session_lease / 3, now=False)
+            self.poll = LoopingCall(self.hub.poll_cluster)
+            self.poll.clock = self.hub.clock
+            self.poll.start(CLUSTER_POLL, now=False)
 
     def stopService(self) -> None:
-        if self.renewal is not None and self.renewal.running:
-            self.renewal.stop()
-        self.renewal = None
+        for call in (self.renewal, self.poll):
+            if call is not None and call.running:
+                call.stop()
+        self.renewal = self.poll = None
         self.hub.close()
         return super().stopService()
 
