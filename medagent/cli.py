@@ -209,34 +209,25 @@ def cmd_client_list(args: argparse.Namespace) -> int:
 def cmd_client_revoke(args: argparse.Namespace) -> int:
     """
     Through the relay's API by default (admin credentials): the relay refuses the client's
-    tokens and closes its agent sockets before it answers.  With C{--data}, in the database
-    only, for a relay that is not running (a running one applies it within seconds).
+    tokens and closes its agent sockets before it answers.  With C{--data} (SQLite) or
+    C{--database} (PostgreSQL), in the database only, for a relay that is not running (a
+    running one applies it within seconds).
     """
     from medagent.fhir import FHIRError
 
-    if args.database:
-        try:
-            _authority("", args.database).revoke_client_sync(args.target)
-        except FHIRError as e:
-            print(f"medagent: {e.message}", file=sys.stderr)
-            return 2
-        print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
-        print("# Written to the database; every relay node applies it within a few seconds.",
-              file=sys.stderr)
-        return 0
-    if args.data is not None:
-        if not os.path.exists(os.path.join(args.data, "relay.sqlite")):
+    if args.database or args.data is not None:
+        if not args.database and not os.path.exists(os.path.join(args.data, "relay.sqlite")):
             print(f"medagent: no relay database in {args.data} (run medagent init)",
                   file=sys.stderr)
             return 2
         try:
-            _authority(args.data).revoke_client_sync(args.target)
+            _authority(args.data or "", args.database).revoke_client_sync(args.target)
         except FHIRError as e:
             print(f"medagent: {e.message}", file=sys.stderr)
             return 2
         print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
-        print("# Written to the database; a running relay applies it within a few seconds.",
-              file=sys.stderr)
+        print("# Written to the database; every running relay node applies it within a few"
+              " seconds.", file=sys.stderr)
         return 0
     creds = _credentials(args)
     if creds is None:

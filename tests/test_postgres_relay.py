@@ -94,7 +94,26 @@ class RelayOnPostgres(TestCase):
         return ensureDeferred(go())
 
 
-class TwoNodesOneAgent(TestCase):
+class _TwoNodes(TestCase):
+    """L{RelayOnPostgres}'s node A, device and admin, and a second node B on the database."""
+
+    timeout = 150
+    setUp = RelayOnPostgres.setUp
+    _setUp = RelayOnPostgres._setUp
+    create_client = RelayOnPostgres.create_client
+
+    async def node_b(self) -> procs.RelayFixture:
+        """Node B (the same token key as node A until keys live in the database)."""
+        import shutil
+
+        data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
+        shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
+        node = procs.RelayFixture(self, data_b)
+        await node.start(["--database", self.dsn, "--node-id", "node-b"])
+        return node
+
+
+class TwoNodesOneAgent(_TwoNodes):
     """
     Two ``twistd medagent-relay`` nodes on one PostgreSQL database and two real agent
     processes with the same agent id, one dialling each node: the second node refuses while
@@ -102,23 +121,14 @@ class TwoNodesOneAgent(TestCase):
     lease lapses and the second node takes the agent.
     """
 
-    timeout = 150
-    setUp = RelayOnPostgres.setUp
-    _setUp = RelayOnPostgres._setUp
-    create_client = RelayOnPostgres.create_client
-
     def test_same_agent_on_two_nodes_one_refused_then_taken_over(self) -> Deferred:
         async def go() -> None:
-            import shutil
             import signal
 
             agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
                                              "status": "active"})
             creds = await self.create_client("agent", [agent["id"]])
-            data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
-            shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
-            node_b = procs.RelayFixture(self, data_b)
-            await node_b.start(["--database", self.dsn, "--node-id", "node-b"])
+            node_b = await self.node_b()
             await self.relay.proc.wait_for("medagent relay listening on", timeout=5)
 
             first = procs.agent_process(self, self.relay.url, creds, agent["id"],
@@ -142,7 +152,7 @@ class TwoNodesOneAgent(TestCase):
         return ensureDeferred(go())
 
 
-class PushesThroughEitherNode(TestCase):
+class PushesThroughEitherNode(_TwoNodes):
     """
     Two ``twistd medagent-relay`` nodes on one PostgreSQL database, the agent on node A, a
     real MLLP device (python-hl7): a push accepted by node B is read from the journal and
@@ -150,15 +160,8 @@ class PushesThroughEitherNode(TestCase):
     agent no node holds is 503 at once.
     """
 
-    timeout = 150
-    setUp = RelayOnPostgres.setUp
-    _setUp = RelayOnPostgres._setUp
-    create_client = RelayOnPostgres.create_client
-
     def test_push_via_the_other_node(self) -> Deferred:
         async def go() -> None:
-            import shutil
-
             from medagent.client import RelayError
 
             agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
@@ -168,10 +171,7 @@ class PushesThroughEitherNode(TestCase):
             device = await self.admin.create(
                 {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
             creds = await self.create_client("agent", [agent["id"]])
-            data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
-            shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
-            node_b = procs.RelayFixture(self, data_b)
-            await node_b.start(["--database", self.dsn, "--node-id", "node-b"])
+            node_b = await self.node_b()
             admin_b = MedagentClient(reactor, node_b.url, self.admin.client_id,
                                      self.admin.client_secret)
             self.addCleanup(admin_b.close)
