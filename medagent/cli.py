@@ -72,11 +72,18 @@ def _pg_storage(database: str) -> Any:
     """
     The relay's PostgreSQL storage set for a tool (nothing connects until a C{*_sync} call);
     the URL rules of L{medagent.storage.open_storage} hold (no password in it, TLS off this
-    machine), and a refusal is a L{ValueError} that never repeats the URL.
+    machine), and a refusal is a L{_Refused} that never repeats the URL.
     """
     from medagent.storage import open_storage
 
-    return open_storage(database, "", None)
+    try:
+        return open_storage(database, "", None)
+    except ValueError as e:
+        raise _Refused(str(e)) from None
+
+
+class _Refused(Exception):
+    """A database URL the relay's rules refuse (L{medagent.storage.open_storage})."""
 
 
 def _database_errors(command: Callable[[argparse.Namespace], int]
@@ -88,7 +95,7 @@ def _database_errors(command: Callable[[argparse.Namespace], int]
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except ValueError as e:
+        except _Refused as e:
             print(f"medagent: {e}", file=sys.stderr)
             return 2
         except Exception as e:

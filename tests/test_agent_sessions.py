@@ -29,11 +29,25 @@ class FakeSessions:
         self.clock = clock
         self.rows: dict[str, tuple[str, str, float]] = {}
         self.down = False
+        #: claims answered only when the test says so (L{answer_claims}); renewals that hang
+        self.hold_claims = False
+        self.held: list[tuple[Deferred[str | None], tuple[Any, ...]]] = []
+        self.hang = False
+
+    def answer_claims(self) -> None:
+        held, self.held = self.held, []
+        self.hold_claims = False
+        for d, args in held:
+            self.claim(*args).chainDeferred(d)
 
     def claim(self, agent_id: str, node_id: str, session_id: str, lease: float
               ) -> Deferred[str | None]:
         if self.down:
             return fail(DatabaseUnavailable("down"))
+        if self.hold_claims:
+            d: Deferred[str | None] = Deferred()
+            self.held.append((d, (agent_id, node_id, session_id, lease)))
+            return d
         now = self.clock.seconds()
         row = self.rows.get(agent_id)
         if row is not None and row[2] >= now and row[0] != node_id:
@@ -45,6 +59,8 @@ class FakeSessions:
               ) -> Deferred[set[str]]:
         if self.down:
             return fail(DatabaseUnavailable("down"))
+        if self.hang:
+            return Deferred()
         held = set()
         for agent_id, (node, sid, _) in list(self.rows.items()):
             if node == node_id and sid in session_ids:
@@ -62,7 +78,7 @@ class FakeSessions:
         return succeed(row[0] if row is not None and row[2] >= self.clock.seconds() else None)
 
 
-class TwoNodes(_HubCase):
+class _TwoHubs(_HubCase):
     """Two hubs (nodes A and B) on one session table; the agent connects to either."""
 
     def setUp(self) -> None:
@@ -81,6 +97,8 @@ class TwoNodes(_HubCase):
         finally:
             self.hub = self.hub_a
 
+
+class TwoNodes(_TwoHubs):
     def test_second_node_refuses_while_the_first_holds_the_agent(self) -> None:
         conn_a, session_a = self.connect_to(self.hub_a)
         self.assertEqual(len(conn_a.of_type(wire.CONNECT_RESPONSE)), 1)
@@ -132,6 +150,30 @@ class TwoNodes(_HubCase):
         self.clock.advance(self.hub_a.session_lease / 2)
         self.hub_a.renew_sessions()
         self.assertEqual(conn_a.closed, "session lease lapsed (database unavailable)")
+
+    def test_a_renewal_that_hangs_counts_as_failed(self) -> None:
+        conn_a, _ = self.connect_to(self.hub_a)
+        self.hub_a.renew_sessions()
+        self.table.hang = True
+        for _ in range(3):  # each hung renewal gives up after a third of a lease
+            self.clock.advance(self.hub_a.session_lease / 3)
+            self.hub_a.renew_sessions()
+        self.clock.advance(self.hub_a.session_lease / 3)
+        self.assertEqual(conn_a.closed, "session lease lapsed (database unavailable)")
+
+    def test_a_client_revoked_while_its_session_is_claimed_is_refused(self) -> None:
+        self.table.hold_claims = True
+        conn, _ = self.connect_to(self.hub_a)
+        self.assertEqual(len(self.table.held), 1)
+        agent_client = next(c for c in self.successResultOf(self.auth.list_clients())
+                            if c["role"] == "agent")
+        self.successResultOf(self.auth.revoke_client(agent_client["clientId"]))
+        self.table.answer_claims()
+        self.assertEqual(conn.of_type(wire.CONNECT_RESPONSE), [])
+        self.assertIn("Access token refused", conn.of_type(wire.ERROR)[-1]["body"])
+        self.assertIsNotNone(conn.closed)
+        self.assertFalse(self.hub_a.is_connected(self.agent["id"]))
+        self.assertEqual(self.table.rows, {}, "the claimed row is given back")
 
     def test_a_table_that_cannot_be_written_refuses_the_connection(self) -> None:
         self.table.down = True
@@ -195,7 +237,7 @@ class OnPostgres(TestCase):
         return ensureDeferred(go())
 
 
-class AcrossNodes(TwoNodes):
+class AcrossNodes(_TwoHubs):
     """A push accepted by node B for the agent node A holds: A sends it, B's caller hears."""
 
     def test_a_push_journaled_by_b_is_sent_by_a_and_answered_to_bs_caller(self) -> None:
@@ -221,6 +263,21 @@ class AcrossNodes(TwoNodes):
         result = self.successResultOf(waited)
         self.assertEqual(result.push.state, "delivered")
         self.assertIn("MSA|AA", result.push.reply_body)
+
+    def test_a_waited_push_that_times_out_is_forgotten(self) -> None:
+        from medagent.relay.push import PushService
+
+        self.connect_to(self.hub_a)
+        pushes_b = PushService(self.hub_b, self.store, self.journal, self.clock)
+        payload = {"destination": f"Device/{self.device['id']}",
+                   "contentType": "x-application/hl7-v2+er7",
+                   "body": "MSH|^~\\&|S|F|R|F|20240101120000||ADT^A01|XN3|P|2.5\rPID|1",
+                   "waitForResponse": True, "waitTimeout": 2000}
+        waited = pushes_b.push(self.admin, (self.agent["id"], None), payload)
+        self.clock.advance(2)
+        self.assertTrue(self.successResultOf(waited).timed_out)
+        self.assertEqual(self.hub_b._waiters, {}, "node B polls it no more")
+        self.assertEqual(self.hub_b._pending_pushes, {})
 
     def test_a_waited_push_to_an_agent_no_node_holds_is_503(self) -> None:
         from medagent.fhir import FHIRError

@@ -238,6 +238,8 @@ class Hub:
         #: seconds a session's lease lasts without renewal; renewed every third of it
         self.session_lease = SESSION_LEASE
         self._renewed_at: float | None = None
+        #: waited pushes of agents held elsewhere whose journal read is under way
+        self._reading: set[str] = set()
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -274,11 +276,7 @@ class Hub:
         if agent_id is None or self.sessions.get(agent_id) is not session:
             return
         del self.sessions[agent_id]
-        if self.agent_sessions is not None:
-            self.agent_sessions.release(agent_id, session.id).addErrback(
-                lambda f: log.warn("Could not release the session of Agent/{agent_id} "
-                                   "({error}); its lease runs out by itself",
-                                   agent_id=agent_id, error=f.getErrorMessage()))
+        self._release(agent_id, session)
         self.metrics.agent_disconnected()
         self._status[agent_id] = {
             "status": "disconnected",
@@ -436,7 +434,17 @@ class Hub:
                 session.conn.close("duplicate agent connection")
                 return
             if self.agent_sessions is not None and session.agent_id is None:
-                self._claim(session, agent_id, callback, lambda: accept(agent))
+                self._claim(session, agent_id, callback, lambda: claimed(agent))
+                return
+            accept(agent)
+
+        def claimed(agent: dict[str, Any]) -> None:
+            problem = self.authority.session_problem(principal)
+            if problem is not None:  # revoked while the session was being claimed
+                self._release(agent_id, session)
+                session.conn.send_message(wire.error(f"Access token refused: {problem}",
+                                                     callback))
+                session.conn.close(problem)
                 return
             accept(agent)
 
@@ -510,7 +518,7 @@ class Hub:
                 return
             if session.closed or (agent_id in self.sessions
                                   and self.sessions[agent_id] is not session):
-                sessions.release(agent_id, session.id)
+                self._release(agent_id, session)
                 if not session.closed:
                     session.conn.send_message(
                         wire.error(f"Agent/{agent_id} is already connected", callback))
@@ -529,6 +537,16 @@ class Hub:
 
         sessions.claim(agent_id, self.node_id, session.id, self.session_lease).addCallbacks(
             claimed, failed)
+
+    def _release(self, agent_id: str, session: Session) -> None:
+        """Give up C{session}'s row in the cluster's table (if any); a failure only waits
+        for the lease to run out."""
+        if self.agent_sessions is None:
+            return
+        self.agent_sessions.release(agent_id, session.id).addErrback(
+            lambda f: log.warn("Could not release the session of Agent/{agent_id} ({error}); "
+                               "its lease runs out by itself", agent_id=agent_id,
+                               error=f.getErrorMessage()))
 
     def renew_sessions(self) -> Deferred[None]:
         """
@@ -560,8 +578,10 @@ class Hub:
 
         if self._renewed_at is None:
             self._renewed_at = started
-        return sessions.renew(self.node_id, sorted(live), self.session_lease).addCallbacks(
-            renewed, failed)
+        # bounded: a renewal that hangs must not keep sessions past their lease unchecked
+        renewal = sessions.renew(self.node_id, sorted(live), self.session_lease)
+        renewal.addTimeout(self.session_lease / 3, self.clock)
+        return renewal.addCallbacks(renewed, failed)
 
     def poll_cluster(self) -> None:
         """
@@ -573,18 +593,27 @@ class Hub:
         if self.agent_sessions is None:
             return
         for session in list(self.sessions.values()):
-            if session.closed or not session.ready or not session.scanned:
-                continue
-            if session.replaying:
-                continue
-            self._replay(session)
-        local = {pid for s in self.sessions.values() for pid in s.in_flight}
-        for push_id in [p for p in self._waiters if p not in local]:
-            self.journal.get(push_id).addCallbacks(
-                self._outcome_elsewhere,
-                lambda f, push_id=push_id: log.warn(
-                    "Could not read push {push_id} for its waiting caller ({error})",
-                    push_id=push_id, error=f.getErrorMessage()))
+            if not session.closed and session.ready and session.scanned \
+                    and not session.replaying:
+                self._replay(session)
+        for push_id in list(self._waiters):
+            push = self._pending_pushes.get(push_id)
+            if push is not None and push.agent_id not in self.sessions \
+                    and push_id not in self._reading:
+                self._read_outcome(push_id)  # (this node's own agents answer in L{_finish})
+
+    def _read_outcome(self, push_id: str) -> None:
+        """One journal read at a time for a waited push whose agent is held elsewhere."""
+        self._reading.add(push_id)
+
+        def failed(f: Failure) -> None:
+            log.warn("Could not read push {push_id} for its waiting caller ({error})",
+                     push_id=push_id, error=f.getErrorMessage())
+
+        def done(_: Any) -> None:
+            self._reading.discard(push_id)
+
+        self.journal.get(push_id).addCallbacks(self._outcome_elsewhere, failed).addBoth(done)
 
     def _outcome_elsewhere(self, push: Push) -> None:
         """A push another node delivers: its waiters get it once it is final or retrying."""
@@ -980,6 +1009,12 @@ class Hub:
             waiters = self._waiters.get(push.id, [])
             if d in waiters:
                 waiters.remove(d)
+            if not waiters:
+                self._waiters.pop(push.id, None)
+                if push.agent_id not in self.sessions:
+                    # nothing here will finish it (its agent is elsewhere or away): forget it,
+                    # or L{poll_cluster} would read it for ever
+                    self._pending_pushes.pop(push.id, None)
 
         d: Deferred[Push] = Deferred(cancel)
         self._waiters.setdefault(push.id, []).append(d)

@@ -57,6 +57,13 @@ def _hung_up(conn: Any) -> bool:
         return True
 
 
+def _applied(conn: Any) -> set[int] | None:
+    """The migrations recorded in C{schema_version}; C{None} when there is no such table."""
+    if conn.execute("SELECT to_regclass('schema_version') AS t").fetchone()["t"] is None:
+        return None
+    return {int(r["version"]) for r in conn.execute("SELECT version FROM schema_version")}
+
+
 def _as_unavailable(e: Exception) -> Exception:
     """C{e}, or a L{DatabaseUnavailable} for PostgreSQL's operational errors (a timeout)."""
     import psycopg
@@ -207,11 +214,7 @@ class PgDatabase:
         conn = self._connect()
         try:
             with conn.transaction():
-                if conn.execute("SELECT to_regclass('schema_version') AS t"
-                                ).fetchone()["t"] is None:
-                    return 0
-                return int(conn.execute("SELECT max(version) AS v FROM schema_version"
-                                        ).fetchone()["v"] or 0)
+                return max(_applied(conn) or {0})
         finally:
             conn.close()
 
@@ -284,11 +287,11 @@ class PgDatabase:
             conn.execute("SELECT 1").fetchone()
             if not wanted:
                 return
-            if conn.execute("SELECT to_regclass('schema_version') AS t").fetchone()["t"] is None:
+            applied = _applied(conn)
+            if applied is None:
                 raise DatabaseUnavailable("schema not current: no schema_version table",
                                           schema=True)
-            rows = conn.execute("SELECT version FROM schema_version").fetchall()
-            missing = wanted - {r["version"] for r in rows}
+            missing = wanted - applied
             if missing:
                 raise DatabaseUnavailable(
                     f"schema not current: migration(s) {sorted(missing)} not applied", schema=True)
