@@ -999,6 +999,11 @@ class Hub:
     def track(self, push: Push) -> None:
         self._pending_pushes[push.id] = push
 
+    def untrack(self, push_id: str) -> None:
+        """A tracked push that was never journaled (its write failed, or it was a repeat)."""
+        if not self._waiters.get(push_id):
+            self._pending_pushes.pop(push_id, None)
+
     def wait_for(self, push: Push) -> Deferred[Push]:
         """Fires with C{push} once it reaches a final state; cancel to stop waiting."""
         if push.final:

@@ -140,7 +140,13 @@ class PushJournal(Protocol):
         """A fresh push id (unique, URL-safe)."""
 
     def create(self, push: "Push") -> Deferred["Push"]:
-        """Store a new push; sets C{created}/C{updated} (now) and C{seq}; fires once durable."""
+        """
+        Store a new push; sets C{created}/C{updated} (now) and C{seq}; fires once durable.
+        Fails with L{medagent.storage.journal.RepeatedPush} (nothing stored) when, checked
+        in the insert's own transaction, an earlier push has the same requester and
+        Idempotency-Key (L{find_by_key}) or is the same message (L{find_same_message}): two
+        relay nodes on one database cannot both journal one message.
+        """
 
     def transition(self, push: "Push", state: str, *, error: str | None = None,
                    reply: tuple[int, str, str] | None = None, count_attempt: bool = False,
