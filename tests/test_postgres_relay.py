@@ -103,11 +103,11 @@ class _TwoNodes(TestCase):
     create_client = RelayOnPostgres.create_client
 
     async def node_b(self) -> procs.RelayFixture:
-        """Node B (the same token key as node A until keys live in the database)."""
-        import shutil
-
+        """
+        Node B, with a data folder of its own (no C{token.key}): the signing keys come from
+        the database, where node A put its C{token.key}, so A's tokens are valid at B.
+        """
         data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
-        shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
         node = procs.RelayFixture(self, data_b)
         await node.start(["--database", self.dsn, "--node-id", "node-b"])
         return node
@@ -172,8 +172,9 @@ class PushesThroughEitherNode(_TwoNodes):
                 {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
             creds = await self.create_client("agent", [agent["id"]])
             node_b = await self.node_b()
-            admin_b = MedagentClient(reactor, node_b.url, self.admin.client_id,
-                                     self.admin.client_secret)
+            # a token node A issued is valid at node B: one signing key ring in the database
+            admin_b = MedagentClient(reactor, node_b.url,
+                                     access_token=await self.admin.access_token())
             self.addCleanup(admin_b.close)
 
             procs.agent_process(self, self.relay.url, creds, agent["id"],
