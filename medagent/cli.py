@@ -484,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("cancel", "cancel a queued push")):
         p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)
         p.add_argument("id", help="AgentPush id")
+    p = relay_command(sub, "tail", "cmd_tail", "follow pushes as they arrive and change state")
+    p.add_argument("--agent", default=None, help="only this Agent id's pushes")
+    p.add_argument("--state", default=None, help="only pushes in this state")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between reads (1)")
+    p.add_argument("--for", dest="seconds", type=float, default=None,
+                   help="stop after this many seconds (default: until Ctrl-C)")
     p = relay_command(sub, "ping", "cmd_ping", "ping a device through an agent")
     p.add_argument("agent", help="Agent id")
     p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")

@@ -342,6 +342,16 @@ class PushJournalContract:
         self.assertEqual([p.state for p in await self.journal.open_pushes("a1")],
                          [j.QUEUED, j.SENT])
 
+    async def test_agents_with_queued_pushes(self) -> None:
+        self.assertEqual(await self.journal.agents_with_queued([]), set())
+        await self.journal.create(self.push(agent="a1"))
+        done = await self.journal.create(self.push(agent="a2"))
+        await self.journal.transition(done, j.SENT)
+        await self.journal.create(self.push(agent="a3"))
+        many = [f"x{i}" for i in range(1200)] + ["a1", "a2", "a3"]  # more than one chunk
+        self.assertEqual(await self.journal.agents_with_queued(many), {"a1", "a3"})
+        self.assertEqual(await self.journal.agents_with_queued(["a2", "a9"]), set())
+
     async def test_search_page_is_newest_first_and_stable(self) -> None:
         pushes = [await self.journal.create(self.push()) for _ in range(5)]
         await self.journal.create(self.push(agent="a2"))

@@ -7,6 +7,7 @@ the relay keeps no SQLite file.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -206,5 +207,23 @@ class PushesThroughEitherNode(_TwoNodes):
                 idle, f"Device/{device['id']}", hl7("XN000003"), "x-application/hl7-v2+er7",
                 True), RelayError)
             self.assertEqual(e.status, 503)
+
+            # agent operations asked of node B are run by node A, which holds the agent
+            base = f"/fhir/R4/Agent/{agent['id']}"
+            status = await admin_b.request_json("GET", f"{base}/$status")
+            self.assertEqual(status["parameter"][0], {"name": "status", "valueCode": "connected"})
+            self.assertNotEqual(status["parameter"][1]["valueString"], "unknown")
+            reloaded = await admin_b.request_json("GET", f"{base}/$reload-config")
+            self.assertEqual(reloaded["resourceType"], "OperationOutcome")
+            self.assertEqual(reloaded["id"], "ok")
+            logs = await admin_b.request_json("GET", f"{base}/$fetch-logs?limit=5")
+            self.assertEqual(logs["parameter"][0]["name"], "logs")
+            stats = json.loads((await admin_b.request_json("GET", f"{base}/$stats")
+                                )["parameter"][0]["valueString"])
+            self.assertIsInstance(stats["agent"], dict, stats.get("agentUnavailable"))
+            self.assertIn("lanes", stats["relay"])
+            idle_stats = json.loads((await admin_b.request_json(
+                "GET", f"/fhir/R4/Agent/{idle['id']}/$stats"))["parameter"][0]["valueString"])
+            self.assertIn("not connected", idle_stats["agentUnavailable"])
 
         return ensureDeferred(go())

@@ -259,6 +259,11 @@ class Authority:
         self._signing_kid = signing
         self._key = keys[signing]
 
+    @property
+    def ready(self) -> bool:
+        """It has its signing keys (until then tokens are answered 503)."""
+        return self._key is not None
+
     def _signing_key(self) -> bytes:
         if self._key is None:
             raise FHIRError(503, "The relay is starting; try again in a moment", "transient",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -598,10 +598,15 @@ class Hub:
         """
         if self.agent_sessions is None:
             return
-        for session in list(self.sessions.values()):
-            if not session.closed and session.ready and session.scanned \
-                    and not session.replaying:
-                self._replay(session)
+        idle = {agent_id: session for agent_id, session in self.sessions.items()
+                if not session.closed and session.ready and session.scanned
+                and not session.replaying}
+        if idle:
+            # one read for every agent held here; a rescan only where something is queued
+            self.journal.agents_with_queued(idle).addCallbacks(
+                self._wake_all,
+                lambda f: log.warn("Could not read which agents have queued pushes ({error})",
+                                   error=f.getErrorMessage()))
         for push_id in list(self._waiters):
             push = self._pending_pushes.get(push_id)
             if push is not None and push.agent_id not in self.sessions \
@@ -637,6 +642,10 @@ class Hub:
             session.rescan = True
         else:
             self._replay(session)
+
+    def _wake_all(self, agent_ids: Iterable[str]) -> None:
+        for agent_id in sorted(agent_ids):
+            self.wake(agent_id)
 
     def outcome_hint(self, push_id: str) -> None:
         """Another node recorded an outcome for C{push_id}: a caller waiting here gets it."""

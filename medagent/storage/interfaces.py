@@ -184,6 +184,10 @@ class PushJournal(Protocol):
                        states: Iterable[str] = ...) -> Deferred[list["Push"]]:
         """Pushes of C{agent_id} in C{states} (default: open) with C{seq > after_seq}, by C{seq}."""
 
+    def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
+        """Which of C{agent_ids} have pushes C{queued} (one read for many agents: a cluster
+        node's poll asks it of every agent it holds)."""
+
     def open_pushes(self, agent_id: str, *, after_seq: int = 0,
                     remotes: Iterable[str] | None = None, exclude_remotes: Iterable[str] = (),
                     limit: int = 500, states: Iterable[str] = ...) -> Deferred[list["Push"]]:

@@ -218,6 +218,19 @@ class PgJournal:
             (*args, limit))
         return [push_from_row(r) for r in rows]
 
+    def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
+        ids = sorted(set(agent_ids))
+
+        def txn(conn: Any) -> set[str]:
+            if not ids:
+                return set()
+            rows = conn.execute(
+                "SELECT a.id FROM unnest(%s::text[]) AS a(id) WHERE EXISTS (SELECT 1 FROM"
+                " pushes WHERE agent_id = a.id AND state = %s)", (ids, QUEUED)).fetchall()
+            return {r["id"] for r in rows}
+
+        return self._db.run(txn)
+
     def search(self, params: Mapping[str, str], limit: int = 100) -> Deferred[list[Push]]:
         where, args = _where(params)
 

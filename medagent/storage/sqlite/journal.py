@@ -461,6 +461,21 @@ class SQLiteJournal:
 
         return self._db.run(txn)
 
+    def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
+        ids = sorted(set(agent_ids))
+
+        def txn(conn: Any) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(ids), 500):  # (SQLite's limit on parameters)
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in conn.execute(
+                    f"SELECT DISTINCT agent_id FROM pushes WHERE state = ? AND agent_id IN"
+                    f" ({marks})", (QUEUED, *chunk)))
+            return found
+
+        return self._db.run(txn)
+
     def counts(self, agent_id: str) -> Deferred[dict[str, Any]]:
         def txn(conn: Any) -> dict[str, Any]:
             out: dict[str, Any] = {s: 0 for s in STATES}
