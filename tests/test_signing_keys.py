@@ -110,6 +110,49 @@ class KeyRing(SynchronousTestCase):
         self.assertEqual(e.exception.status, 503)
 
 
+class _FakeRing:
+    def __init__(self) -> None:
+        self.ring: tuple[dict[str, bytes], str] | None = None
+        self.reads = 0
+
+    def load(self, first: Any = None) -> Deferred[tuple[dict[str, bytes], str]]:
+        from twisted.internet.defer import fail
+
+        self.reads += 1
+        if self.ring is None:
+            return fail(RuntimeError("database down"))
+        return succeed(self.ring)
+
+
+class KeyRingRefresh(SynchronousTestCase):
+    """The relay node's reads of the shared ring: quick until the first, then slow."""
+
+    def test_retried_every_second_until_read_then_every_minute(self) -> None:
+        from twisted.internet.task import Clock
+
+        from medagent.relay.service import KEY_REFRESH, _KeyRingRefresh
+
+        clock, ring, authority = Clock(), _FakeRing(), _authority()
+        refresh = _KeyRingRefresh(clock, authority, ring, "/nonexistent/token.key")
+        refresh.startService()
+        self.addCleanup(refresh.stopService)
+        self.assertFalse(authority.ready)
+        clock.advance(1)
+        self.assertEqual(ring.reads, 2)
+        ring.ring = ({"k1": b"1" * 32}, "k1")
+        clock.advance(1)
+        self.assertTrue(authority.ready)
+        reads = ring.reads
+        ring.ring = ({"k1": b"1" * 32, "k2": b"2" * 32}, "k2")  # rotated
+        clock.advance(KEY_REFRESH - 1)
+        self.assertEqual((ring.reads, authority._signing_kid), (reads, "k1"))
+        clock.advance(1)
+        self.assertEqual((ring.reads, authority._signing_kid), (reads + 1, "k2"))
+        ring.ring = None  # the database goes away: the ring read before stays
+        clock.advance(KEY_REFRESH)
+        self.assertEqual(authority._signing_kid, "k2")
+
+
 class RingInPostgres(TestCase):
     """L{PgSigningKeys} on a real PostgreSQL, two nodes (two databases objects)."""
 

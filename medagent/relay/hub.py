@@ -1500,6 +1500,7 @@ class Hub:
         """L{snapshot}, from the node holding the agent when that is another one."""
         if agent_id in self.sessions or self.cluster is None:
             return succeed(self.snapshot(agent_id))
+
         def unavailable(failure: Failure) -> None:
             failure.trap(FHIRError)
             return None
