@@ -859,6 +859,7 @@ class Hub:
             if key in push.options:
                 msg[key] = push.options[key]
         session.conn.send_message(msg)
+        push.stamp("sent", self.clock.seconds())
         if push.state != j.ACCEPTED:
             self.journal.transition(push, j.SENT, count_attempt=True)
             self.metrics.push_state(j.SENT)
@@ -1143,6 +1144,8 @@ class Hub:
         content_type = msg.get("contentType") or "text/plain"
         if delivery == "accepted":
             error = msg.get("error") if isinstance(msg.get("error"), str) else None
+            if push.state != j.ACCEPTED:
+                push.stamp("accepted", self.clock.seconds())
             if push.state != j.ACCEPTED or error:
                 if push.state != j.ACCEPTED:
                     self.metrics.push_state(j.ACCEPTED)
@@ -1152,6 +1155,7 @@ class Hub:
                 if session is not None:
                     self._stalled(session, push, True)
             return
+        push.stamp("answered", self.clock.seconds())
         lane = None
         if session is not None:
             self._stalled(session, push, False)

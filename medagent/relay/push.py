@@ -331,6 +331,7 @@ class PushService:
         payload: Any,
         idempotency_key: str | None = None,
     ):
+        received = self.clock.seconds()
         agent = yield self.resolve_agent(*agent_ref)
         agent_id = agent["id"]
         principal.require_push(agent_id)
@@ -356,6 +357,7 @@ class PushService:
             control_id=control_id,
             body_hash=message_hash(request.content_type, request.body),
         )
+        push.stamp("received", received)
         existing, by_key = yield self._find_repeat(push)
         if existing is not None:
             result = yield self._repeat(push, existing, by_key, request)
@@ -375,6 +377,7 @@ class PushService:
         created = self.journal.create(push)
 
         def stored(p: Push) -> Push:
+            p.stamp("journaled", self.clock.seconds())  # (written with its next transition)
             self._done_creating(push, p)
             self.hub.submit(p)  # even if the caller has gone meanwhile
             return p
