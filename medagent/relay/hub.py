@@ -1080,7 +1080,9 @@ class Hub:
         self._pending_pushes.pop(push.id, None)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
-        log.info(
+        # a delivery is counted (metrics), not logged at info: one line per message is the
+        # hot path's cost; what went wrong is always a line
+        (log.debug if state == j.DELIVERED else log.info)(
             "Push {push_id} to Agent/{agent_id} {state}{why}",
             push_id=push.id,
             agent_id=push.agent_id,
