@@ -104,6 +104,34 @@ class KeyRing(SynchronousTestCase):
         node.set_keys({FILE_KID: b"f" * 32, "k2": b"2" * 32}, "k2")
         self.assertEqual(node.verify_token(before_rings).client_id, "c1")
 
+    def test_a_remembered_signature_still_expires_and_a_new_ring_forgets_it(self) -> None:
+        from medagent.relay import auth
+
+        class Clock:
+            now = time.time()
+
+            def time(self) -> float:
+                return self.now
+
+        clock = Clock()
+        a = Authority(_NoneRevoked(), None, clock=clock)  # type: ignore[arg-type]
+        a.set_keys({"k1": b"1" * 32}, "k1")
+        token = a.mint_token(_principal(), 60)
+        self.assertEqual(a.verify_token(token).client_id, "c1")
+        self.assertEqual(a.verify_token(token).client_id, "c1")  # (from the cache)
+        clock.now += 60 + auth.CLOCK_SKEW + 1
+        with self.assertRaises(FHIRError) as e:
+            a.verify_token(token)
+        self.assertIn("expired", e.exception.message)
+        clock.now -= 60 + auth.CLOCK_SKEW + 1
+        a.set_keys({"k2": b"2" * 32}, "k2")  # k1 retired
+        with self.assertRaises(FHIRError):
+            a.verify_token(token)
+        self.patch(auth, "VERIFIED_CACHE", 3)
+        for _ in range(5):
+            a.verify_token(a.mint_token(_principal(), 60))
+        self.assertEqual(len(a._verified), 3)
+
     def test_no_ring_yet_is_503(self) -> None:
         with self.assertRaises(FHIRError) as e:
             self.authority().verify_token("x.y.z")
