@@ -456,6 +456,7 @@ class RelayService(service.MultiService):
         metrics: str | None = None,
         database: str | None = None,
         node_id: str | None = None,
+        access_log: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -542,7 +543,8 @@ class RelayService(service.MultiService):
                               # WebSocketResource provides IResource via zope, unseen by mypy
                               max_body=max_body,
                               request_timeout=request_timeout,
-                              authenticate=self.authority.authenticate, reactor=reactor)
+                              authenticate=self.authority.authenticate, reactor=reactor,
+                              access_log=access_log)
         bots_service.site = self.site
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)
