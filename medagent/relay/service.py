@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import LoopingCall, deferLater
@@ -248,7 +249,7 @@ REVOCATION_REFRESH = 5.0
 KEY_REFRESH = 60.0
 
 
-class _KeyRingRefresh(service.Service):
+class _KeyRingRefresh(TimerService):
     """
     On a cluster: reads the signing keys every node shares at start (tokens get 503 until
     then; the data folder's C{token.key}, when there is one, becomes the first key so the
@@ -257,33 +258,24 @@ class _KeyRingRefresh(service.Service):
     """
 
     def __init__(self, reactor: Any, authority: Authority, keys: Any, key_file: str) -> None:
-        self.reactor = reactor
+        super().__init__(1.0, self.refresh)
+        self.clock = reactor
         self.authority = authority
         self.keys = keys
         self.key_file = key_file
         self.first: tuple[str, bytes] | None = None
-        self.call: LoopingCall | None = None
         self.reading = False
         self.failing = False
         self.loaded_at: float | None = None
 
     def startService(self) -> None:
-        super().startService()
         if os.path.exists(self.key_file):
             self.first = (FILE_KID, load_or_create_key(self.key_file))
-        self.call = LoopingCall(self.refresh)
-        self.call.clock = self.reactor
-        self.call.start(1.0, now=True)
-
-    def stopService(self) -> None:
-        if self.call is not None and self.call.running:
-            self.call.stop()
-        self.call = None
-        return super().stopService()
+        super().startService()
 
     def refresh(self) -> None:
         """Every second until the first read succeeds, then every L{KEY_REFRESH} seconds."""
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         if self.reading or (self.authority.ready and self.loaded_at is not None
                             and now - self.loaded_at < KEY_REFRESH):
             return
@@ -307,27 +299,14 @@ class _KeyRingRefresh(service.Service):
         self.keys.load(self.first).addCallbacks(loaded, failed).addBoth(done)
 
 
-class _RevocationRefresh(service.Service):
+class _RevocationRefresh(TimerService):
     """Reads the revoked clients at start (tokens get 503 until then), then periodically."""
 
     def __init__(self, reactor: Any, authority: Authority,
                  interval: float = REVOCATION_REFRESH) -> None:
-        self.reactor = reactor
+        super().__init__(interval, self.refresh)
+        self.clock = reactor
         self.authority = authority
-        self.interval = interval
-        self.call: LoopingCall | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self.call = LoopingCall(self.refresh)
-        self.call.clock = self.reactor
-        self.call.start(self.interval, now=True)
-
-    def stopService(self) -> None:
-        if self.call is not None and self.call.running:
-            self.call.stop()
-        self.call = None
-        return super().stopService()
 
     def refresh(self) -> None:
         self.authority.refresh_revocations().addErrback(
