@@ -1,20 +1,24 @@
 """
 Waited-push latency and throughput, side by side with its baselines, in one run.
 
-Starts real processes: the relay (twistd), the agent (twistd), an MLLP ACK sink, and a bare
-twisted.web server.  Measures
+Starts real processes: the relay (twistd), the agent (twistd), MLLP ACK sinks (one, and
+``--devices`` more), and a bare twisted.web server.  Measures
 
 - waited ``$push`` round trips (HTTP → relay → websocket → agent → MLLP → sink and back),
-  1 client (latency p50/p99, pushes/s) and 16 concurrent clients (pushes/s);
+  1 client (latency p50/p99, pushes/s), 16 concurrent clients to one device, and 16 clients
+  spread over ``--devices`` devices (one lane each);
 - the direct MLLP round trip to the same sink (our MLLP sender, persistent connection);
-- a bare twisted.web POST round trip with the same HTTP client.
+- a bare twisted.web POST round trip with the same HTTP client;
+- where a push's time went: the median of each stage of its timeline (received, journaled,
+  sent, accepted, answered) from the push status documents.
 
 Prints progress, then one JSON object as the last line:
-``push_p50_ms, push_p99_ms, http_p50_ms, mllp_p50_ms, ratio, pushes_per_s_1, pushes_per_s_16``
-with ratio = push_p50 / (http_p50 + mllp_p50).  Targets (issue 2): ratio ≤ 1.5 and
-≥ 1500 waited pushes/s with 16 clients.
+``push_p50_ms, push_p99_ms, http_p50_ms, mllp_p50_ms, ratio, pushes_per_s_1, pushes_per_s_16,
+pushes_per_s_16_devices, stage_p50_ms`` with ratio = push_p50 / (http_p50 + mllp_p50).
+Targets (issue 13): ratio ≤ 2.0; ≥ 1000 waited pushes/s with 16 clients to one device and
+≥ 2000 spread over 16 devices.
 
-    python bench/push_rtt.py [--n 2000] [--concurrency 16]
+    python bench/push_rtt.py [--n 2000] [--concurrency 16] [--devices 16]
 """
 
 from __future__ import annotations
@@ -127,8 +131,12 @@ async def main(args: argparse.Namespace) -> dict:
                                       f"tcp:{relay_port}:interface=127.0.0.1"])
         sink = bench.spawn("sink", [SINK, str(sink_port), os.devnull])
         web = bench.spawn("web", ["-c", WEB, str(web_port)])
+        # 16 devices (one lane each) for the spread measurement
+        device_ports = [free_port() for _ in range(args.devices)]
+        sinks = [bench.spawn(f"sink{i}", [SINK, str(port), os.devnull])
+                 for i, port in enumerate(device_ports)]
         for p, text in ((relay, "relay listening"), (sink, "recording sink on"),
-                        (web, "web listening")):
+                        (web, "web listening"), *((s, "recording sink on") for s in sinks)):
             await p.wait_for(text, timeout=30)
 
         pool = HTTPConnectionPool(reactor)
@@ -153,9 +161,11 @@ async def main(args: argparse.Namespace) -> dict:
         run_id = os.urandom(3).hex()
         sampled: list[str] = []
 
-        async def push(i: int) -> None:
-            body = {"destination": destination, "contentType": HL7_V2, "waitForResponse": True,
-                    "body": HL7.format(ctrl=f"B{run_id}{i:07d}")}
+        spread = [f"mllp://127.0.0.1:{port}" for port in device_ports]
+
+        async def push(i: int, to: str | None = None) -> None:
+            body = {"destination": to or destination, "contentType": HL7_V2,
+                    "waitForResponse": True, "body": HL7.format(ctrl=f"B{run_id}{i:07d}")}
             resp = await treq.post(f"{base}/fhir/R4/Agent/{agent_id}/$push", pool=pool,
                                    headers=headers, data=json.dumps(body).encode())
             content = await resp.content()
@@ -190,6 +200,11 @@ async def main(args: argparse.Namespace) -> dict:
         print(f"measuring waited pushes, {args.concurrency} clients", file=sys.stderr)
         conc_lat, conc_wall = await timed_loop(args.n * 2, args.concurrency,
                                                lambda i: push(args.n + i))
+        print(f"measuring waited pushes, {args.concurrency} clients, {args.devices} devices",
+              file=sys.stderr)
+        spread_lat, spread_wall = await timed_loop(
+            args.n * 2, args.concurrency,
+            lambda i: push(3 * args.n + i, spread[i % len(spread)]))
         await sender.close()
         stages = await stage_medians(base, pool, headers, sampled[warm:])
         await pool.closeCachedConnections()
@@ -207,6 +222,8 @@ async def main(args: argparse.Namespace) -> dict:
             "pushes_per_s_16": round(len(conc_lat) / conc_wall, 1),
             "push_p50_ms_16": round(percentile(conc_lat, 0.5), 3),
             "push_p99_ms_16": round(percentile(conc_lat, 0.99), 3),
+            "pushes_per_s_16_devices": round(len(spread_lat) / spread_wall, 1),
+            "push_p50_ms_16_devices": round(percentile(spread_lat, 0.5), 3),
             # where a waited push's time went (1 client): median ms from the stage before
             # (the push status documents' timeline; received → journaled → sent → answered)
             "stage_p50_ms": stages,
@@ -219,6 +236,8 @@ def run() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--devices", type=int, default=16,
+                        help="devices (MLLP sinks) the spread measurement uses")
     args = parser.parse_args()
     result: dict = {}
 
