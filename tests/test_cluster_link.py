@@ -130,6 +130,39 @@ class Links(_TwoHubs):
         self.assertEqual(result.push.state, "delivered")
         self.assertEqual(len(conn_a.of_type(wire.TRANSMIT_REQUEST)), 1)
 
+    def test_a_clients_pushes_through_two_nodes_keep_their_order(self) -> None:
+        """
+        A client's push through node B (journaled; B's notice not yet arrived), then its
+        next push through node A, which holds the agent: A sends them in journal order,
+        never its own first.
+        """
+        conn_a, _ = self.connect_to(self.hub_a)
+        pushes_a = PushService(self.hub_a, self.store, self.journal, self.clock)
+        first = self.successResultOf(self.push_b("OR1")).push
+        payload = {"destination": f"Device/{self.device['id']}",
+                   "contentType": "x-application/hl7-v2+er7", "body": HL7.format(ctrl="OR2"),
+                   "waitForResponse": False}
+        second = self.successResultOf(
+            pushes_a.push(self.admin, (self.agent["id"], None), payload)).push
+        self.assertEqual([m["pushId"] for m in conn_a.of_type(wire.TRANSMIT_REQUEST)],
+                         [first.id, second.id])
+        self.bus.deliver()  # B's notice, late: nothing is sent twice
+        self.assertEqual(len(conn_a.of_type(wire.TRANSMIT_REQUEST)), 2)
+
+    def test_a_push_retried_on_b_is_sent_by_a(self) -> None:
+        conn_a, session_a = self.connect_to(self.hub_a)
+        pushed = self.successResultOf(self.push_b("RT1")).push
+        self.bus.deliver()
+        [request] = conn_a.of_type(wire.TRANSMIT_REQUEST)
+        self.answer(conn_a, session_a, request, statusCode=400, body="MSA|AE|RT1")
+        self.assertEqual(self.successResultOf(self.journal.get(pushed.id)).state, "failed")
+        self.push_b("RT2")  # the agent's scans have read past the failed push
+        self.bus.deliver()
+        self.successResultOf(self.pushes_b.retry(self.admin, pushed.id))
+        self.bus.deliver()
+        self.assertEqual([m["pushId"] for m in conn_a.of_type(wire.TRANSMIT_REQUEST)
+                          ][-1], pushed.id)
+
     def test_a_notice_during_a_scan_is_read_after_it(self) -> None:
         conn_a, session_a = self.connect_to(self.hub_a)
         real = self.journal.open_pushes
@@ -144,10 +177,10 @@ class Links(_TwoHubs):
         self.hub_a.wake(self.agent["id"])  # a scan starts; its read is slow
         self.push_b("WK2")  # journaled after that read's snapshot
         self.bus.deliver()
-        self.assertTrue(session_a.rescan)
+        self.assertIsNotNone(session_a.rescan)
         first_page.callback([])  # the slow read did not see it
         self.assertEqual(len(conn_a.of_type(wire.TRANSMIT_REQUEST)), 1)
-        self.assertFalse(session_a.rescan)
+        self.assertIsNone(session_a.rescan)
 
     def test_a_lost_notice_costs_one_fallback_poll_never_the_push(self) -> None:
         conn_a, _ = self.connect_to(self.hub_a)

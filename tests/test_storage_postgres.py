@@ -241,6 +241,41 @@ class PgDatabaseTests(_Pg, TestCase):
         self.assertEqual([p.id for p in await a.open_for_agent("a1")], [first.id, second.id])
 
 
+    async def test_per_agent_an_insert_waits_for_the_one_before_to_commit(self) -> None:
+        """
+        Node A's batch holds agent X's scope (a long transaction); node B's push for X waits
+        for A's commit (so per agent, seq order is commit order and a lane's next-seq mark
+        never skips a push committed late); node C's push for agent Y does not wait.
+        """
+        clock = Clock()
+        db_a = self.open_database()
+        b = PgJournal(self.open_database(), clock=clock)
+        done: list[str] = []
+
+        def push(agent: str) -> j.Push:
+            return j.Push(id=b.new_id(), agent_id=agent, destination="mllp://d:1",
+                          remote="mllp://d:1", content_type="text/plain", body="x")
+
+        def long(conn: Any) -> None:
+            conn.execute("SELECT pg_sleep(0.5)")
+
+        held = db_a.run_batched(long, locks=j.write_scopes(push("X"))[:1])
+        held.addCallback(lambda _: done.append("A committed"))
+        from tests.procs import wait_until
+
+        async def a_holds_it() -> bool:
+            rows = await db_a.run(lambda conn: conn.execute(
+                "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
+                " AND granted").fetchone())
+            return bool(rows["n"])
+
+        await wait_until(a_holds_it, timeout=10, what="node A's lock")
+        x = b.create(push("X")).addCallback(lambda p: done.append("B's X") or p)
+        c = PgJournal(self.open_database(), clock=clock)  # (B's own lane is busy with X)
+        y = c.create(push("Y")).addCallback(lambda p: done.append("C's Y") or p)
+        await DeferredList([held, x, y], fireOnOneErrback=True)
+        self.assertEqual(done, ["C's Y", "A committed", "B's X"])
+
     async def test_two_nodes_never_journal_one_message_twice(self) -> None:
         """
         Thirty keys and thirty HL7 messages, each sent to two nodes at once (a client

@@ -12,8 +12,9 @@ L{CLUSTER_POLL} seconds while it does not.
 
 Notices (small mappings, ids only, never content):
 
- - C{{"k": "push", "n": node, "a": agent}}: node C{n} journaled a push for agent C{a} it does
-   not hold; the holder reads that agent's open pushes now;
+ - C{{"k": "push", "n": node, "a": agent, "s": seq}}: node C{n} journaled push C{s} (or put
+   it back to queued) for agent C{a} it does not hold; the holder reads that agent's queued
+   pushes now;
  - C{{"k": "final", "n": node, "p": push}}: push C{p} has an outcome (final, or failing and
    retried): a node with a caller waiting on it reads it now;
  - C{{"k": "call", "to": node, "id": call}} and C{{"k": "answer", "to": node, "id": call}}:
@@ -108,9 +109,10 @@ class ClusterLink:
             lambda f: log.debug("Cluster notice not sent ({error}); the others poll",
                                 error=f.getErrorMessage()))
 
-    def pushed(self, agent_id: str) -> None:
-        """A push journaled here for an agent this node does not hold."""
-        self._notify({"k": "push", "n": self.node_id, "a": agent_id})
+    def pushed(self, agent_id: str, seq: int) -> None:
+        """Push C{seq} journaled (or put back to queued) here for an agent this node does
+        not hold."""
+        self._notify({"k": "push", "n": self.node_id, "a": agent_id, "s": seq})
 
     def outcome(self, push_id: str) -> None:
         """Push C{push_id} has an outcome (final, or failing and retried)."""
@@ -123,7 +125,8 @@ class ClusterLink:
             kind = notice.get("k")
             if kind == "push" and notice.get("n") != self.node_id \
                     and isinstance(notice.get("a"), str):
-                self.hub.wake(notice["a"])
+                seq = notice.get("s")
+                self.hub.journaled(notice["a"], seq if isinstance(seq, int) else 0)
             elif kind == "final" and notice.get("n") != self.node_id \
                     and isinstance(notice.get("p"), str):
                 self.hub.outcome_hint(notice["p"])

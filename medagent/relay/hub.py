@@ -117,8 +117,12 @@ class Session:
         #: pushes written to this socket and not yet answered, by push id
         self.in_flight: dict[str, Push] = {}
         self.replaying = False
-        #: another node journaled pushes for this agent while a replay ran: scan once more
-        self.rescan = False
+        #: woken while a scan ran: scan again after this seq (L{Hub.wake})
+        self.rescan: int | None = None
+        #: on a cluster, the highest seq a scan of this agent's journal has read: per agent,
+        #: seq order is commit order (L{medagent.storage.journal.write_scopes}), so nothing
+        #: committed since can be below it (a push put back to queued is, L{Hub.submit})
+        self.seen_seq = 0
         #: the first replay (all the agent's open pushes, oldest first) has run to its end
         self.scanned = False
         self.closed = False
@@ -633,15 +637,29 @@ class Hub:
             for d in self._waiters.pop(push.id, []):
                 d.callback(push)
 
-    def wake(self, agent_id: str) -> None:
-        """Another node journaled pushes for C{agent_id}: if this node holds it, read them."""
+    def wake(self, agent_id: str, after: int = 0) -> None:
+        """
+        Pushes for C{agent_id} were journaled (here or by another node), with seqs above
+        C{after}: if this node holds it, read its queued ones in journal order and send
+        them.  A scan under way is followed by one more.
+        """
         session = self.sessions.get(agent_id)
         if session is None or session.closed or not session.ready or not session.scanned:
             return  # not taking pushes yet: its first scan (or the next poll) reads them
         if session.replaying:
-            session.rescan = True
+            session.rescan = after if session.rescan is None else min(session.rescan, after)
         else:
-            self._replay(session)
+            self._replay(session, queued_after=after)
+
+    def journaled(self, agent_id: str, seq: int) -> None:
+        """
+        Push C{seq} of C{agent_id} is in the journal (journaled here or by another node, or
+        put back to queued by a retry): L{wake} from what this node has read of that agent,
+        or from the start for a push below it (a retry).
+        """
+        session = self.sessions.get(agent_id)
+        seen = session.seen_seq if session is not None else 0
+        self.wake(agent_id, seen if seq > seen else 0)
 
     def _wake_all(self, agent_ids: Iterable[str]) -> None:
         for agent_id in sorted(agent_ids):
@@ -797,8 +815,15 @@ class Hub:
     def submit(self, push: Push) -> None:
         """A journaled push: send it now if its agent takes it and nothing is ahead on its lane."""
         session = self.sessions.get(push.agent_id)
-        if session is None and self.cluster is not None:
-            self.cluster.pushed(push.agent_id)  # the node holding the agent reads it now
+        if self.cluster is not None:
+            if session is None:
+                # the node holding the agent reads it now
+                self.cluster.pushed(push.agent_id, push.seq or 0)
+            else:
+                # in journal order with what other nodes journaled just before (a client's
+                # previous push may have gone through another node)
+                self.journaled(push.agent_id, push.seq or 0)
+            return
         if session is None or session.closed or not session.scanned or session.replaying:
             return  # stays queued; the replay picks it up in order
         if push.id in session.in_flight:
@@ -974,20 +999,24 @@ class Hub:
         self.journal.open_pushes(agent_id, after_seq=after, remotes=sorted(lane.remotes),
                                  limit=limit, states=states).addCallbacks(got, failed)
 
-    def _replay(self, session: Session) -> None:
+    def _replay(self, session: Session, *, queued_after: int | None = None) -> None:
         """
         Send what the agent still owes an answer for, oldest first, page by page; new pushes
         wait in the journal meanwhile so order is kept.  A lane that fills up (or finds the
         agent's window full) keeps its place (the seq of its first waiting push) and is left
         out of the following pages: it resumes from there on its own, and the scan goes on to
-        the other devices.
+        the other devices.  With C{queued_after} (a cluster's later scans, L{wake}): only
+        queued pushes after that seq.
         """
         if session.replaying:
             return
         session.replaying = True
         agent_id = session.agent_id
         assert agent_id is not None
-        states = j.OPEN_STATES if session.resends_safely else (j.QUEUED,)
+        if queued_after is None:
+            states: tuple[str, ...] = j.OPEN_STATES if session.resends_safely else (j.QUEUED,)
+        else:
+            states = (j.QUEUED,)
 
         def page(after: int) -> None:
             if session.closed:
@@ -1008,11 +1037,12 @@ class Hub:
                 session.replaying = False
                 session.scanned = True
                 self._pump_all(session)
-                if session.rescan:  # woken while this scan ran: what came meanwhile
-                    session.rescan = False
-                    self._replay(session)
+                if session.rescan is not None:  # woken while this scan ran
+                    after, session.rescan = session.rescan, None
+                    self._replay(session, queued_after=min(after, session.seen_seq))
                 return
             for push in pushes:
+                session.seen_seq = max(session.seen_seq, push.seq or 0)
                 lane = self._lane(session, push.remote)
                 live = self.live_push(push)
                 if live.final or live.id in session.in_flight or lane.next_seq is not None:
@@ -1028,7 +1058,7 @@ class Hub:
             log.failure("Replay for Agent/{agent_id} failed", f, agent_id=agent_id)
             self._pause(session, "retry after a journal error")
 
-        page(0)
+        page(queued_after or 0)
 
     def live_push(self, push: Push) -> Push:
         """Prefer the in-memory copy of a push that someone is waiting on."""

@@ -249,7 +249,17 @@ REVOCATION_REFRESH = 5.0
 KEY_REFRESH = 60.0
 
 
-class _KeyRingRefresh(TimerService):
+class _Periodic(TimerService):
+    """A TimerService that may be stopped without having started (the relay stops every
+    child, started or not)."""
+
+    def stopService(self) -> Any:
+        if getattr(self, "_loop", None) is None:
+            return service.Service.stopService(self)
+        return super().stopService()
+
+
+class _KeyRingRefresh(_Periodic):
     """
     On a cluster: reads the signing keys every node shares at start (tokens get 503 until
     then; the data folder's C{token.key}, when there is one, becomes the first key so the
@@ -299,7 +309,7 @@ class _KeyRingRefresh(TimerService):
         self.keys.load(self.first).addCallbacks(loaded, failed).addBoth(done)
 
 
-class _RevocationRefresh(TimerService):
+class _RevocationRefresh(_Periodic):
     """Reads the revoked clients at start (tokens get 503 until then), then periodically."""
 
     def __init__(self, reactor: Any, authority: Authority,

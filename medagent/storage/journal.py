@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import attr
 from twisted.logger import Logger
@@ -257,23 +257,33 @@ def earlier_same_message(conn: Any, mark: str, agent_id: str, device: str, contr
     return None
 
 
-def check_not_repeated(conn: Any, mark: str, push: Push, since: float,
-                       lock: Callable[[str], None] = lambda scope: None) -> None:
+def write_scopes(push: Push) -> list[str]:
+    """
+    What a new push's insert serialises on across relay nodes (PostgreSQL's advisory locks,
+    held to commit): its agent, so that per agent C{seq} order is commit order (a node that
+    has read a push of an agent has read every earlier one: its lanes' next-seq marks hold),
+    and the scopes of the repeat rules (L{check_not_repeated}).
+    """
+    scopes = [f"agent\n{push.agent_id}"]
+    if push.idempotency_key is not None:
+        scopes.append(f"key\n{push.requester or ''}\n{push.idempotency_key}")
+    if push.control_id is not None and push.body_hash is not None:
+        scopes.append(f"message\n{push.agent_id}\n{push.control_id}")
+    return scopes
+
+
+def check_not_repeated(conn: Any, mark: str, push: Push, since: float) -> None:
     """
     Inside L{PushJournal.create}'s transaction, before the insert: raise L{RepeatedPush} if an
-    earlier push has C{push}'s key or is the same message.  C{lock(scope)} serialises writers
-    of one scope across processes until commit (PostgreSQL's advisory locks; SQLite's single
-    writer needs none), so two relay nodes cannot both journal one message.  Scopes are
-    locked key first, then message, always in that order.
+    earlier push has C{push}'s key or is the same message.  Across processes the check and
+    the insert are atomic only if writers of one scope are serialised until commit (see
+    L{write_scopes}; SQLite's single writer needs nothing more).
     """
     if push.idempotency_key is not None:
-        requester = push.requester or ""
-        lock(f"key\n{requester}\n{push.idempotency_key}")
-        earlier = earlier_by_key(conn, mark, requester, push.idempotency_key, since)
+        earlier = earlier_by_key(conn, mark, push.requester or "", push.idempotency_key, since)
         if earlier is not None:
             raise RepeatedPush(earlier, by_key=True)
     if push.control_id is not None and push.body_hash is not None:
-        lock(f"message\n{push.agent_id}\n{push.control_id}")
         earlier = earlier_same_message(conn, mark, push.agent_id, lane_key(push.remote),
                                        push.control_id, push.body_hash, since)
         if earlier is not None:

@@ -16,6 +16,7 @@ They run once at start, under an advisory lock, so two nodes starting together d
 
 from __future__ import annotations
 
+import hashlib
 import select
 import threading
 import time
@@ -75,6 +76,12 @@ def _as_unavailable(e: Exception) -> Exception:
     return e
 
 
+def advisory_key(scope: str) -> int:
+    """A scope's PostgreSQL advisory lock: a stable signed 64-bit hash of its text."""
+    digest = hashlib.blake2b(scope.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 class PgDatabase:
     """
     One PostgreSQL database, C{size} worker threads with a connection each.
@@ -110,6 +117,8 @@ class PgDatabase:
         #: None: not migrated yet; True: migrated; a list: waiters of a migration under way
         self._ready: Any = None
         self._lane: list[tuple[bool, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        #: advisory locks the batched call with this Deferred declared (L{run_batched})
+        self._locks: dict[int, tuple[int, ...]] = {}
         self._lane_busy = False
         self._trigger: Any = None
         self._probe = _SharedProbe()
@@ -302,19 +311,24 @@ class PgDatabase:
         """L{run} in the write lane: one transaction at a time, in call order."""
         return self._enqueue(False, fn, args)
 
-    def run_batched(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+    def run_batched(self, fn: Callable[..., T], *args: Any,
+                    locks: Sequence[str] = ()) -> Deferred[T]:
         """
         In the write lane, grouped with the batched calls next to it into one transaction
         (group commit), each call in its own savepoint so one failing call does not undo
-        the others.
+        the others.  C{locks}: scopes (any text) this call's writers serialise on across
+        every node until commit; the batch takes the locks of all its calls first, in one
+        global order, so batches on two nodes never deadlock on them.
         """
-        return self._enqueue(True, fn, args)
+        return self._enqueue(True, fn, args, tuple(advisory_key(scope) for scope in locks))
 
-    def _enqueue(self, batched: bool, fn: Callable[..., Any], args: tuple[Any, ...]
-                 ) -> Deferred[Any]:
+    def _enqueue(self, batched: bool, fn: Callable[..., Any], args: tuple[Any, ...],
+                 locks: tuple[int, ...] = ()) -> Deferred[Any]:
         if self._stopped:
             return fail(DatabaseStopped(f"database {self._safe_name()} is stopped"))
         d: Deferred[Any] = Deferred()
+        if locks:
+            self._locks[id(d)] = locks
         self._lane.append((batched, fn, args, d))
         if not self._lane_busy:
             self._next()
@@ -337,8 +351,13 @@ class PgDatabase:
         batch = []
         while self._lane and self._lane[0][0]:
             batch.append(self._lane.pop(0))
+        keys = sorted({k for _, _, _, d in batch for k in self._locks.pop(id(d), ())})
 
         def apply(conn: Any) -> list[tuple[bool, Any]]:
+            if keys:  # all of them, ascending: one order on every node (no deadlock)
+                conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM"
+                             " (SELECT k FROM unnest(%s::bigint[]) AS k ORDER BY k) AS s",
+                             (keys,))
             results: list[tuple[bool, Any]] = []
             for _, fn, args, _ in batch:
                 conn.execute("SAVEPOINT call")
@@ -389,6 +408,7 @@ class PgDatabase:
         """Stop the workers and close their connections; later calls fail (L{run})."""
         self._stopped = True
         lane, self._lane = self._lane, []
+        self._locks.clear()
         for _, _, _, d in lane:
             d.errback(DatabaseStopped(f"database {self._safe_name()} is stopped"))
         if not self._started:

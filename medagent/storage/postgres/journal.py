@@ -28,6 +28,7 @@ from medagent.storage.journal import (
     earlier_same_message,
     push_from_row,
     timeline_text,
+    write_scopes,
 )
 from medagent.storage.postgres.database import PgDatabase
 
@@ -83,8 +84,7 @@ class PgJournal:
         since = now - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push:
-            check_not_repeated(conn, "%s", push, since, lambda scope: conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (scope,)))
+            check_not_repeated(conn, "%s", push, since)  # (under the locks below)
             row = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
@@ -94,7 +94,7 @@ class PgJournal:
             push.seq = row["seq"]
             return push
 
-        return self._db.run_batched(txn)
+        return self._db.run_batched(txn, locks=write_scopes(push))
 
     def find_by_key(self, requester: str, key: str) -> Deferred[Push | None]:
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
