@@ -205,21 +205,35 @@ class _Cluster(TestCase):
                                  f" pushes, states {dict(states)}")
         return rows
 
-    def check_device(self, device: Device, sent: list[str], in_doubt: set[str]) -> None:
+    @staticmethod
+    def device_problems(device: Device, sent: list[str], in_doubt: set[str]
+                        ) -> dict[str, Any]:
         """
-        C{device} got every control id of C{sent} once, in that order; a push the journal
-        marks in doubt may be missing or repeated, nothing else.
+        How C{device}'s record differs from C{sent} (every control id once, in that order;
+        a push the journal marks in doubt may be missing or repeated): empty when it does not.
         """
         got = device.received()
         counts = collections.Counter(got)
-        lost = [c for c in sent if counts[c] == 0 and c not in in_doubt]
-        repeated = sorted(c for c, n in counts.items() if n > 1 and c not in in_doubt)
-        strangers = sorted(set(got) - set(sent))
+        problems: dict[str, Any] = {
+            "lost": [c for c in sent if counts[c] == 0 and c not in in_doubt],
+            "repeated": sorted(c for c, n in counts.items() if n > 1 and c not in in_doubt),
+            "unknown": sorted(set(got) - set(sent)),
+        }
         first_seen = list(dict.fromkeys(got))
         in_order = [c for c in sent if c in counts]
-        self.assertEqual((lost, repeated, strangers), ([], [], []),
-                         f"device {device.port}: lost, repeated, unknown")
-        self.assertEqual(first_seen, in_order, f"device {device.port}: order")
+        if first_seen != in_order:
+            at = next(i for i, (a, b) in enumerate(zip(first_seen, in_order)) if a != b)
+            problems["out_of_order"] = sum(a != b for a, b in zip(first_seen, in_order))
+            problems["first_out_of_order"] = (at, first_seen[max(0, at - 2):at + 4])
+        return {k: v for k, v in problems.items() if v}
+
+    def check_devices(self, checks: list[tuple[Device, list[str]]], in_doubt: set[str]
+                      ) -> None:
+        """Every device of C{checks} got its pushes once, in order (all reported at once)."""
+        problems = {d.port: p for d, sent in checks
+                    if (p := self.device_problems(d, sent, in_doubt))}
+        log.info("device problems: {problems}", problems=problems)
+        self.assertEqual(problems, {}, "lost / repeated / unknown / out of order, by device")
 
     async def push_retrying(self, client: MedagentClient, agent: SiteAgent, device: Device,
                             ctrl: str, tally: Tally, deadline: float = 120) -> None:
@@ -286,8 +300,7 @@ class PushesThroughEveryNode(_Cluster):
             rows = await self.all_final(sum(len(s) for s in sent))
             self.assertEqual(collections.Counter(r["state"] for r in rows),
                              {"delivered": 90})
-            for (site, device, _), ctrls in zip(feeds, sent):
-                self.check_device(device, ctrls, set())
+            self.check_devices([(d, ctrls) for (_, d, _), ctrls in zip(feeds, sent)], set())
             for ctrl, reply in replies.items():
                 self.assertIn(f"MSA|AA|{ctrl}", reply)
             self.assertEqual(len(replies), 18)
@@ -337,10 +350,6 @@ class NodeKilledMidRun(_Cluster):
             in_doubt = {r["control_id"] for r in rows if r["in_doubt"]}
             states = collections.Counter(r["state"] for r in rows)
             self.assertEqual(states["delivered"] + len(in_doubt), len(rows), dict(states))
-            for (site, device), tally in zip(plan, tallies):
-                self.assertEqual(tally.accepted, [f"K{plan.index((site, device))}{i:04d}"
-                                                  for i in range(per_device)])
-                self.check_device(device, tally.accepted, in_doubt)
             errors = collections.Counter(str(e) for t in tallies for e in t.errors)
             log.info(
                 "kill -9 {victim} after {n} accepted: pushes done {fed:.1f}s later, agent back"
@@ -349,6 +358,10 @@ class NodeKilledMidRun(_Cluster):
                 fed=fed_in, back=back[sites[0].id], back_in=back_in,
                 retried=sum(t.retried for t in tallies), errors=dict(errors),
                 doubt=len(in_doubt), states=dict(states))
+            for n, tally in enumerate(tallies):
+                self.assertEqual(tally.accepted, [f"K{n}{i:04d}" for i in range(per_device)])
+            self.check_devices([(device, t.accepted) for (_, device), t in zip(plan, tallies)],
+                               in_doubt)
 
         return ensureDeferred(go())
 
@@ -519,8 +532,8 @@ class PostgresRestartMidRun(_Cluster):
             self.assertEqual(in_doubt, set())
             self.assertEqual(collections.Counter(r["state"] for r in rows),
                              {"delivered": 3 * per_device})
-            for device, tally in zip(site.devices, tallies):
-                self.check_device(device, tally.accepted, in_doubt)
+            self.check_devices(list(zip(site.devices, (t.accepted for t in tallies))),
+                               in_doubt)
             self.assertEqual([await self._ready(c) for c in self.direct], [200, 200, 200])
             log.info("PostgreSQL down {down:.1f}s; accepted by then {accepted}; errors"
                      " {errors}", down=down_for, accepted=accepted_while_down,
