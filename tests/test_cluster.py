@@ -93,12 +93,17 @@ class _Cluster(TestCase):
 
     timeout = 240
     nodes_count = 3
+    #: commits flushed before they are acknowledged (the test server runs with
+    #: C{synchronous_commit=off}, which loses the last commits when the server crashes)
+    durable_commits = False
 
     setUp = RelayOnPostgres.setUp
     create_client = RelayOnPostgres.create_client
 
     async def _setUp(self) -> None:
         self.dsn = await deferToThread(pgenv.fresh_database, "medagent_cluster")
+        if self.durable_commits:
+            await deferToThread(_synchronous_commit, self.dsn)
         self.data_dir = tempfile.mkdtemp(prefix="medagent-cluster-")
         self.addCleanup(shutil.rmtree, self.data_dir, True)
         self.admin_creds = await self.create_client("admin")  # (and the token key)
@@ -202,7 +207,7 @@ class _Cluster(TestCase):
         except AssertionError:
             states = collections.Counter(r["state"] for r in rows)
             raise AssertionError(f"journal after {timeout}s: {len(rows)} of {expected}"
-                                 f" pushes, states {dict(states)}")
+                                 f" pushes, states {dict(states)}") from None
         return rows
 
     @staticmethod
@@ -261,6 +266,17 @@ class _Cluster(TestCase):
                 raise AssertionError(f"push {ctrl} not accepted in {deadline}s:"
                                      f" {tally.errors[-5:]}")
             await deferLater(reactor, 0.2, lambda: None)
+
+
+def _synchronous_commit(dsn: str) -> None:
+    """Sessions on C{dsn}'s database wait for their commits to be flushed (blocking)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        name = conn.info.dbname
+        conn.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = on").format(
+            sql.Identifier(name)))
 
 
 def _resource_type(outcome: Any) -> str | None:
@@ -483,11 +499,14 @@ class ThreeNodesOneAgentId(_Cluster):
 
 
 class PostgresRestartMidRun(_Cluster):
+    durable_commits = True  # the server is stopped as if it crashed
+
     def test_503_meanwhile_recovery_and_nothing_accepted_lost(self) -> Deferred:
         """
         One agent with three devices; three clients, each pushing to its own device
         through its own node, retrying 5xx with the same key.  PostgreSQL is stopped (as if
-        it crashed) after 30 pushes and started again once every node has answered 503: the
+        it crashed) after 30 pushes and started again once every client has been answered
+        503 ten times: the
         nodes answer 503 with an OperationOutcome meanwhile (and ``/readyz`` 503), accept
         again by themselves, and every push they accepted is journaled and delivered once,
         in order.
@@ -511,20 +530,28 @@ class PostgresRestartMidRun(_Cluster):
             down_at = reactor.seconds()
             before = [len(t.errors) for t in tallies]
             try:
+                # down until every client has been refused ten times (two seconds or more)
                 await procs.wait_until(
-                    lambda: all(len(t.errors) > b for t, b in zip(tallies, before)),
+                    lambda: all(len(t.errors) >= b + 10 for t, b in zip(tallies, before)),
                     timeout=30, what="every node refusing")
                 readiness = [await self._ready(c) for c in self.direct]
             finally:
                 await deferToThread(cluster.start_server)
-            down_for = reactor.seconds() - down_at
+            up_at = reactor.seconds()
+            down_for = up_at - down_at
             accepted_while_down = [len(t.accepted) for t in tallies]
+            await procs.wait_until(
+                lambda: all(len(t.accepted) > n for t, n in zip(tallies, accepted_while_down)),
+                timeout=60, what="every node accepting again")
+            recovered_in = reactor.seconds() - up_at
             await feeding
+            fed_in = reactor.seconds() - up_at
             self.assertEqual(readiness, [503, 503, 503])
             errors = collections.Counter(e for t in tallies for e in t.errors)
             self.assertEqual(set(errors), {(503, "OperationOutcome")}, dict(errors))
             db = self.database()  # (a connection of its own, opened after the restart)
             rows = await self.all_final(3 * per_device, db=db)
+            final_in = reactor.seconds() - up_at
             journaled = {r["control_id"] for r in rows}
             accepted = [c for t in tallies for c in t.accepted]
             self.assertEqual(sorted(set(accepted) - journaled), [], "2xx but not journaled")
@@ -535,9 +562,11 @@ class PostgresRestartMidRun(_Cluster):
             self.check_devices(list(zip(site.devices, (t.accepted for t in tallies))),
                                in_doubt)
             self.assertEqual([await self._ready(c) for c in self.direct], [200, 200, 200])
-            log.info("PostgreSQL down {down:.1f}s; accepted by then {accepted}; errors"
-                     " {errors}", down=down_for, accepted=accepted_while_down,
-                     errors=dict(errors))
+            log.info("PostgreSQL down {down:.1f}s; accepted by then {accepted}; every node"
+                     " accepting {recovered:.1f}s after the restart, all pushes {fed:.1f}s, all"
+                     " delivered {final:.1f}s; errors {errors}", down=down_for,
+                     accepted=accepted_while_down, recovered=recovered_in, fed=fed_in,
+                     final=final_in, errors=dict(errors))
 
         return ensureDeferred(go())
 
@@ -584,9 +613,12 @@ class SubscriptionOnThreeNodes(_Cluster):
                 await procs.wait_until(delivered, timeout=60, interval=0.25,
                                        what="a delivery per write")
             except AssertionError:
+                tried = collections.Counter((r["state"], r["attempts"]) for r in rows)
                 raise AssertionError(
-                    f"deliveries after 60s: {len(rows)} for {len(patients)} writes (by node:"
-                    f" {self._by_node(patients, rows)})")
+                    f"deliveries after 60s: {len(rows)} for {len(patients)} writes (writes"
+                    f" that fired, by the node that took them: {self._by_node(patients, rows)};"
+                    f" (state, attempts): {dict(tried)})"
+                ) from None
             self.assertEqual(sorted((r["resource_id"], r["state"], r["attempts"]) for r in rows),
                              sorted((p, "delivered", 1) for p in patients))
             notes = await self.direct[1].search("Communication", {"_count": "100"})
