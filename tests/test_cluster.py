@@ -615,17 +615,17 @@ class SubscriptionOnThreeNodes(_Cluster):
         """
         A Bot and a Subscription on Patient created through node 1; three Patients written
         through each node: each write runs the Bot once (one delivery, one attempt, one
-        Communication the Bot writes about that Patient), whichever node took the write.
+        Observation the Bot writes about that Patient), whichever node took the write.
         """
         async def go() -> None:
             bot = await self.direct[0].create({
                 "resourceType": "Bot", "name": "note writer",
                 "code": "def handler(medplum, event):\n"
-                        "    medplum.create_resource({'resourceType': 'Communication',"
-                        " 'status': 'completed',"
+                        "    medplum.create_resource({'resourceType': 'Observation',"
+                        " 'status': 'final', 'code': {'text': 'seen'},"
                         " 'subject': {'reference': 'Patient/' + event.input['id']}})\n"
                         "    return 'ok'\n",
-                "extension": [access(read=["Patient"], write=["Communication"])]})
+                "extension": [access(read=["Patient"], write=["Observation"])]})
             sub = await self.direct[0].create({
                 "resourceType": "Subscription", "status": "active", "reason": "t",
                 "criteria": "Patient", "channel": {"type": "rest-hook",
@@ -656,7 +656,7 @@ class SubscriptionOnThreeNodes(_Cluster):
                 ) from None
             self.assertEqual(sorted((r["resource_id"], r["state"], r["attempts"]) for r in rows),
                              sorted((p, "delivered", 1) for p in patients))
-            notes = await self.direct[1].search("Communication", {"_count": "100"})
+            notes = await self.direct[1].search("Observation", {"_count": "100"})
             self.assertEqual(sorted(n["subject"]["reference"] for n in notes),
                              sorted(f"Patient/{p}" for p in patients))
 
