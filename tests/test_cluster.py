@@ -34,12 +34,11 @@ from medagent.contenttypes import HL7_V2
 from medagent.hl7.message import build_ack, control_id
 from medagent.hl7.mllp import MLLPDecoder, frame
 from medagent.storage.postgres import PgDatabase
-from tests import pgenv, procs
+from tests import pgenv, procs, test_postgres_relay
 from tests.balancer import RoundRobin
 from tests.peerenv import FIXTURES
 from tests.test_bots import access
 from tests.test_e2e import hl7
-from tests.test_postgres_relay import RelayOnPostgres
 
 log = Logger()
 
@@ -97,8 +96,9 @@ class _Cluster(TestCase):
     #: C{synchronous_commit=off}, which loses the last commits when the server crashes)
     durable_commits = False
 
-    setUp = RelayOnPostgres.setUp
-    create_client = RelayOnPostgres.create_client
+    # (the module, not the class: a TestCase imported here would run here too)
+    setUp = test_postgres_relay.RelayOnPostgres.setUp
+    create_client = test_postgres_relay.RelayOnPostgres.create_client
 
     async def _setUp(self) -> None:
         self.dsn = await deferToThread(pgenv.fresh_database, "medagent_cluster")
