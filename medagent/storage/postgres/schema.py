@@ -118,9 +118,32 @@ CREATE TABLE agent_sessions (
 CREATE INDEX agent_sessions_node ON agent_sessions (node_id);
 """
 
+#: Agent operations asked on one node of an agent another node holds
+#: (L{medagent.storage.postgres.calls}); the token signing keys every node shares
+#: (L{medagent.storage.postgres.keys}).
+V3 = """
+CREATE TABLE agent_calls (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    from_node TEXT NOT NULL,
+    request TEXT NOT NULL,
+    answer TEXT,
+    taken BOOLEAN NOT NULL DEFAULT false,
+    deadline TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX agent_calls_open ON agent_calls (node_id) WHERE NOT taken;
+CREATE TABLE signing_keys (
+    kid TEXT PRIMARY KEY,
+    secret BYTEA NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    retired TIMESTAMPTZ
+);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
-               "subscription_deliveries", "agent_sessions")
+               "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys")
