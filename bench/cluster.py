@@ -102,14 +102,15 @@ class Config:
             db.stop()
 
     async def start(self) -> None:
-        for d in self.dirs[1:]:  # one token key for every node
-            shutil.copy(os.path.join(self.dirs[0], "token.key"), d)
+        """Node 1 first (its token.key becomes the cluster's signing key), then the others."""
         for i, d in enumerate(self.dirs):
             extra = [] if self.dsn is None else ["--database", self.dsn,
                                                  "--node-id", f"node-{i + 1}"]
             self.procs.append(self.bench.spawn(self.name, [
                 "-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", d,
                 "--listen", "tcp:0:interface=127.0.0.1", "--bots-unsandboxed", *extra]))
+            if i == 0:
+                await self.procs[0].wait_for("medagent relay listening on", timeout=60)
         for p in self.procs:
             await p.wait_for("medagent relay listening on", timeout=60)
             found = LISTENING.search(bytes(p.output))

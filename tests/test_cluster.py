@@ -106,9 +106,13 @@ class _Cluster(TestCase):
             await deferToThread(_synchronous_commit, self.dsn)
         self.data_dir = tempfile.mkdtemp(prefix="medagent-cluster-")
         self.addCleanup(shutil.rmtree, self.data_dir, True)
+        self.work = tempfile.mkdtemp(prefix="medagent-cluster-work-")  # agents', devices'
+        self.addCleanup(shutil.rmtree, self.work, True)
         self.admin_creds = await self.create_client("admin")  # (and the token key)
-        self.nodes: list[procs.RelayFixture] = list(await gatherResults(
-            [ensureDeferred(self._node(n)) for n in range(1, self.nodes_count + 1)]))
+        # node 1 puts its token.key into the database's signing keys; the others read them
+        first = await self._node(1)
+        self.nodes: list[procs.RelayFixture] = [first, *await gatherResults(
+            [ensureDeferred(self._node(n)) for n in range(2, self.nodes_count + 1)])]
         self.balancer = RoundRobin(reactor, [node.port for node in self.nodes])
         self.balancer.listen()
         self.addCleanup(self.balancer.close)
@@ -118,10 +122,11 @@ class _Cluster(TestCase):
         self.db = self.database()
 
     async def _node(self, n: int) -> procs.RelayFixture:
-        """Node C{n} (the token key shared until keys live in the database)."""
-        data = tempfile.mkdtemp(prefix=f"medagent-cluster-node{n}-")
-        self.addCleanup(shutil.rmtree, data, True)
-        shutil.copy(os.path.join(self.data_dir, "token.key"), data)
+        """Node C{n}: node 1 on the folder with the token key, the others on empty ones."""
+        data = self.data_dir
+        if n > 1:
+            data = tempfile.mkdtemp(prefix=f"medagent-cluster-node{n}-")
+            self.addCleanup(shutil.rmtree, data, True)
         node = procs.RelayFixture(self, data)
         await node.start(["--database", self.dsn, "--node-id", f"node-{n}"])
         return node
@@ -150,7 +155,7 @@ class _Cluster(TestCase):
 
     async def sink(self) -> Device:
         port = procs.free_port()
-        path = os.path.join(self.data_dir, f"sink-{port}.log")
+        path = os.path.join(self.work, f"sink-{port}.log")
         proc = procs.python(self, "recording-sink", [SINK, str(port), path])
         await proc.wait_for("recording sink on", timeout=20)
         device = await self.direct[0].create(
@@ -165,7 +170,7 @@ class _Cluster(TestCase):
         found = [await self.sink() for _ in range(devices)]
         proc = procs.agent_process(self, self.balancer.url, creds, agent["id"],
                                    ["--data", tempfile.mkdtemp(prefix="agent-",
-                                                               dir=self.data_dir)])
+                                                               dir=self.work)])
         return SiteAgent(agent, creds, proc, found)
 
     async def connected(self, *sites: SiteAgent, timeout: float = 60,
@@ -437,7 +442,7 @@ class WaitedPushOnAKilledNode(_Cluster):
         creds = await self.create_client("agent", [agent["id"]])
         proc = procs.agent_process(
             self, self.balancer.url, creds, agent["id"],
-            ["--data", tempfile.mkdtemp(prefix="agent-", dir=self.data_dir)])
+            ["--data", tempfile.mkdtemp(prefix="agent-", dir=self.work)])
         holder = (await self.connected(SiteAgent(agent, creds, proc, [])))[agent["id"]]
         return gate, device, agent, holder
 
@@ -516,11 +521,11 @@ class ThreeNodesOneAgentId(_Cluster):
                                                  "status": "active"})
             creds = await self.create_client("agent", [agent["id"]])
             first = procs.agent_process(self, self.nodes[0].url, creds, agent["id"],
-                                        ["--data", tempfile.mkdtemp(dir=self.data_dir)])
+                                        ["--data", tempfile.mkdtemp(dir=self.work)])
             await self.nodes[0].proc.wait_for(f"Agent/{agent['id']} connected from", 30)
             for node in self.nodes[1:]:
                 procs.agent_process(self, node.url, creds, agent["id"],
-                                    ["--data", tempfile.mkdtemp(dir=self.data_dir)])
+                                    ["--data", tempfile.mkdtemp(dir=self.work)])
             for node in self.nodes[1:]:
                 await node.proc.wait_for(f"Refused connection for Agent/{agent['id']}", 30)
                 self.assertNotIn(f"Agent/{agent['id']} connected from".encode(),
