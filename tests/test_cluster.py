@@ -573,10 +573,15 @@ class PostgresRestartMidRun(_Cluster):
             errors = collections.Counter(e for t in tallies for e in t.errors)
             self.assertEqual(set(errors), {(503, "OperationOutcome")}, dict(errors))
             db = self.database()  # (a connection of its own, opened after the restart)
-            rows = await self.all_final(3 * per_device, db=db)
+            accepted = [c for t in tallies for c in t.accepted]
+            try:
+                rows = await self.all_final(3 * per_device, timeout=60, db=db)
+            except AssertionError as e:
+                journaled = {r["control_id"] for r in await self.journal(db)}
+                raise AssertionError(f"{e}; answered 2xx but not in the journal:"
+                                     f" {sorted(set(accepted) - journaled)}") from None
             final_in = reactor.seconds() - up_at
             journaled = {r["control_id"] for r in rows}
-            accepted = [c for t in tallies for c in t.accepted]
             self.assertEqual(sorted(set(accepted) - journaled), [], "2xx but not journaled")
             in_doubt = {r["control_id"] for r in rows if r["in_doubt"]}
             self.assertEqual(in_doubt, set())
