@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -72,6 +73,19 @@ class Bench:
     async def stop(self) -> None:
         for p in self.procs:
             await p.stop()
+
+
+async def stage_medians(base: str, pool: Any, headers: dict, push_ids: list[str]) -> dict:
+    """The median of each stage's time since the one before, over these pushes' timelines."""
+    gaps: dict[str, list[float]] = {}
+    for push_id in push_ids[:500]:
+        resp = await treq.get(f"{base}/fhir/R4/AgentPush/{push_id}", pool=pool, headers=headers)
+        doc = json.loads(await resp.content())
+        stages = doc.get("timeline") or []
+        for before, after in zip(stages, stages[1:]):
+            gaps.setdefault(f"{before['stage']}->{after['stage']}", []).append(
+                after["sinceReceivedMs"] - before["sinceReceivedMs"])
+    return {k: round(percentile(v, 0.5), 3) for k, v in gaps.items()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,6 +151,7 @@ async def main(args: argparse.Namespace) -> dict:
         await agent.wait_for("Connected to the relay", timeout=30)
         destination = f"mllp://127.0.0.1:{sink_port}"
         run_id = os.urandom(3).hex()
+        sampled: list[str] = []
 
         async def push(i: int) -> None:
             body = {"destination": destination, "contentType": HL7_V2, "waitForResponse": True,
@@ -146,6 +161,8 @@ async def main(args: argparse.Namespace) -> dict:
             content = await resp.content()
             if resp.code != 200 or b"MSA|AA|" not in content:
                 raise RuntimeError(f"push failed: {resp.code} {content[:200]!r}")
+            if len(sampled) < 2000:
+                sampled.extend(resp.headers.getRawHeaders("X-Medagent-Push-Id") or [])
 
         async def web_post(i: int) -> None:
             resp = await treq.post(f"http://127.0.0.1:{web_port}/", pool=pool, headers=headers,
@@ -174,6 +191,7 @@ async def main(args: argparse.Namespace) -> dict:
         conc_lat, conc_wall = await timed_loop(args.n * 2, args.concurrency,
                                                lambda i: push(args.n + i))
         await sender.close()
+        stages = await stage_medians(base, pool, headers, sampled[warm:])
         await pool.closeCachedConnections()
         push_p50 = percentile(push_lat, 0.5)
         http_p50 = percentile(http_lat, 0.5)
@@ -189,6 +207,9 @@ async def main(args: argparse.Namespace) -> dict:
             "pushes_per_s_16": round(len(conc_lat) / conc_wall, 1),
             "push_p50_ms_16": round(percentile(conc_lat, 0.5), 3),
             "push_p99_ms_16": round(percentile(conc_lat, 0.99), 3),
+            # where a waited push's time went (1 client): median ms from the stage before
+            # (the push status documents' timeline; received → journaled → sent → answered)
+            "stage_p50_ms": stages,
         }
     finally:
         await bench.stop()

@@ -4,13 +4,18 @@ The ``medagent`` command.
     medagent init [--data DIR|--database URL]       create the relay's database and an admin client
     medagent db upgrade|status [--data DIR|--database URL]
                                                     apply / check the database schema migrations
+    medagent db keys|rotate-key|retire-key KID --database URL
+                                                    a cluster's shared token signing keys
     medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
     medagent client list                            list clients (never their secrets)
     medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
+                                                    (client commands: through the relay's API,
+                                                    or on the database with --data/--database)
     medagent push AGENT DESTINATION [BODY|--file F|--file FOLDER]
                                                     push a message (or each file of a folder)
     medagent agents | status AGENT                  agents and their connection status
     medagent pushes list|show|retry|cancel          the push journal
+    medagent tail [--agent ID] [--state S]          follow pushes as they come and change state
     medagent ping AGENT DESTINATION                 ping a device through an agent
     medagent reload-config AGENT | logs AGENT       agent operations
     medagent demo                                   run relay + agent + a simulated lab instrument
@@ -29,6 +34,7 @@ import sys
 from typing import Any, Awaitable, Callable, Protocol, Sequence, cast
 
 from medagent.contenttypes import HL7_V2
+from medagent.relay.auth import ROLES
 from medagent.relay.service import DEFAULT_DATA
 
 
@@ -206,11 +212,43 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline(args: argparse.Namespace) -> bool:
+    """A client command on the database itself (C{--data}, C{--database} or their
+    environment variables), not through a running relay's API."""
+    return bool(args.database or args.data is not None or os.environ.get("MEDAGENT_DATA"))
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    return str(args.data or os.environ.get("MEDAGENT_DATA") or DEFAULT_DATA)
+
+
+def _through_relay(args: argparse.Namespace, what: str,
+                   action: Callable[[Any], Awaitable[None]]) -> int:
+    creds = _credentials(args)
+    if creds is None:
+        return 2
+    return _with_client(creds.relay, creds.client_id or "", creds.client_secret or "", what,
+                        action)
+
+
 @_database_errors
 def cmd_client_create(args: argparse.Namespace) -> int:
+    """
+    Through the relay's API (admin credentials: C{ClientApplication/$credentials}); with
+    C{--data} or C{--database}, in the database itself (no relay needed: before the first
+    start, or on a cluster's PostgreSQL).
+    """
     from medagent.fhir import FHIRError
 
-    authority = _authority(args.data, args.database)
+    if not _offline(args):
+        async def create(client: Any) -> None:
+            made = await client.request_json(
+                "POST", "/fhir/R4/ClientApplication/$credentials",
+                json_body={"role": args.role, "agents": args.agent or [], "name": args.name})
+            print(json.dumps(made, indent=2))
+
+        return _through_relay(args, "client create", create)
+    authority = _authority(_data_dir(args), args.database)
     try:
         client = authority.create_client_sync(args.role, args.agent or [], args.name)
     except FHIRError as e:
@@ -222,10 +260,19 @@ def cmd_client_create(args: argparse.Namespace) -> int:
 
 @_database_errors
 def cmd_client_list(args: argparse.Namespace) -> int:
+    """The clients (never a secret): through the relay's API, or with C{--data} or
+    C{--database} from the database itself."""
     from medagent.relay.auth import Authority
     from medagent.relay.service import open_database
     from medagent.storage.sqlite import SQLiteClientRegistry
 
+    if not _offline(args):
+        async def listed(client: Any) -> None:
+            found = await client.request_json("GET", "/fhir/R4/ClientApplication/$credentials")
+            print(json.dumps(found["clients"], indent=2))
+
+        return _through_relay(args, "client list", listed)
+    args.data = _data_dir(args)
     if args.database:
         registry = _pg_storage(args.database).registry
         print(json.dumps([Authority.client_json(c) for c in registry.list_sync()], indent=2))
@@ -253,7 +300,8 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
     """
     from medagent.fhir import FHIRError
 
-    if args.database or args.data is not None:
+    if _offline(args):
+        args.data = _data_dir(args)
         if not args.database and not os.path.exists(os.path.join(args.data, "relay.sqlite")):
             print(f"medagent: no relay database in {args.data} (run medagent init)",
                   file=sys.stderr)
@@ -267,10 +315,6 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
         print("# Written to the database; every running relay node applies it within a few"
               " seconds.", file=sys.stderr)
         return 0
-    creds = _credentials(args)
-    if creds is None:
-        return 2
-
     from urllib.parse import quote
 
     async def revoke(client: Any) -> None:
@@ -278,8 +322,7 @@ def cmd_client_revoke(args: argparse.Namespace) -> int:
             "POST", f"/fhir/R4/ClientApplication/{quote(args.target, safe='')}/$revoke")
         print(json.dumps({"clientId": args.target, "revoked": True}, indent=2))
 
-    return _with_client(creds.relay, creds.client_id or "", creds.client_secret or "",
-                        "revoke", revoke)
+    return _through_relay(args, "revoke", revoke)
 
 
 def _credentials(args: argparse.Namespace) -> Any:
@@ -441,16 +484,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = sub.add_parser("client", help="manage OAuth2 clients").add_subparsers(
         dest="client_command", required=True)
-    p = client.add_parser("create", help="create a client and print its credentials")
-    p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    p = client.add_parser("create", help="create a client and print its credentials (through "
+                          "the relay, or with --data/--database in the database)")
+    add_connection_flags(p)
+    p.add_argument("--data", default=None,
+                   help="write to this relay data folder instead of calling the relay")
     database_flag(p)
-    p.add_argument("--role", choices=["admin", "pusher", "agent"], required=True)
+    p.add_argument("--role", choices=list(ROLES), required=True)
     p.add_argument("--agent", action="append",
                    help="agent id this client may push to (pusher) or is (agent); '*' = all")
     p.add_argument("--name", default=None)
     p.set_defaults(func=cmd_client_create)
-    p = client.add_parser("list", help="list clients")
-    p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
+    p = client.add_parser("list", help="list clients (through the relay, or with "
+                          "--data/--database from the database)")
+    add_connection_flags(p)
+    p.add_argument("--data", default=None,
+                   help="read this relay data folder instead of calling the relay")
     database_flag(p)
     p.set_defaults(func=cmd_client_list)
     p = client.add_parser("revoke", help="revoke a client (through the relay, or with --data)")

@@ -342,6 +342,22 @@ class PushJournalContract:
         self.assertEqual([p.state for p in await self.journal.open_pushes("a1")],
                          [j.QUEUED, j.SENT])
 
+    async def test_timeline_is_kept_with_each_write(self) -> None:
+        p = self.push()
+        p.stamp("received", 100.0)
+        p = await self.journal.create(p)
+        p.stamp("journaled", 100.5)
+        p.stamp("sent", 101.0)
+        await self.journal.transition(p, j.SENT)
+        got = await self.journal.current(p.id)
+        self.assertEqual(got.timeline, {"received": 100.0, "journaled": 100.5, "sent": 101.0})
+        doc = got.to_json()
+        self.assertEqual([(s["stage"], s["sinceReceivedMs"]) for s in doc["timeline"]],
+                         [("received", 0.0), ("journaled", 500.0), ("sent", 1000.0)])
+        self.assertEqual(j.timeline_from_text('{"sent": "x", "other": 1, "answered": 2}'),
+                         {"answered": 2.0})
+        self.assertEqual(j.timeline_from_text("not json"), {})
+
     async def test_agents_with_queued_pushes(self) -> None:
         self.assertEqual(await self.journal.agents_with_queued([]), set())
         await self.journal.create(self.push(agent="a1"))

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from medagent import cli
 from medagent.cli_config import ConfigError, Credentials, require, resolve
-from medagent.client import MedagentClient
+from medagent.client import MedagentClient, RelayError
 from medagent.contenttypes import HL7_V2
 from tests import procs
 from tests.peerenv import FIXTURES
@@ -220,6 +220,40 @@ class OperatorCommands(TestCase, _CLI):
             self.assertIn("pushes retry failed: HTTP", proc.text)
             proc = await self.cli("pushes", "show", "no-such-push")
             self.assertEqual(proc.exit_code, 1, proc.text)
+
+        return ensureDeferred(go())
+
+    def test_client_create_and_list_through_the_relay(self) -> Deferred:
+        async def go() -> None:
+            made, = await self.clis(["client", "create", "--role", "pusher", "--agent",
+                                     self.agent["id"], "--name", "lis"])
+            self.assertEqual(made.exit_code, 0, made.text)
+            creds = json.loads(made.text[made.text.index("{"):])
+            self.assertEqual((creds["role"], creds["agents"]), ("pusher", [self.agent["id"]]))
+            pusher = MedagentClient(reactor, self.base, creds["clientId"],
+                                    creds["clientSecret"])
+            self.addCleanup(pusher.close)
+            await pusher.access_token()  # the new credentials work
+            listed, = await self.clis(["client", "list"])
+            self.assertEqual(listed.exit_code, 0, listed.text)
+            rows = json.loads(listed.text[listed.text.index("["):])
+            self.assertIn(creds["clientId"], [r["clientId"] for r in rows])
+            self.assertNotIn(creds["clientSecret"], listed.text)
+            self.assertNotIn("secret", listed.text.lower())
+            # least privilege: a pusher may not make itself an admin
+            env = {"MEDAGENT_CLIENT_ID": creds["clientId"],
+                   "MEDAGENT_CLIENT_SECRET": creds["clientSecret"]}
+            escalate, peek = await self.clis(["client", "create", "--role", "admin"],
+                                             ["client", "list"], env=env)
+            self.assertEqual(escalate.exit_code, 1, escalate.text)
+            self.assertIn("403", escalate.text)
+            self.assertEqual(peek.exit_code, 1, peek.text)
+            for bad in ({"role": "root"}, {"role": "pusher", "agents": "a1"},
+                        {"role": "pusher", "name": "x" * 201}, ["pusher"]):
+                e = await self.assertFailure(ensureDeferred(self.admin.request_json(
+                    "POST", "/fhir/R4/ClientApplication/$credentials", json_body=bad)),
+                    RelayError)
+                self.assertEqual(e.status, 400, bad)
 
         return ensureDeferred(go())
 

@@ -258,6 +258,19 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(conflict, FHIRError).value.status, 409)
         self.assertEqual([r["pushId"] for r in self.sent()], [pushed.id])
 
+    def test_a_delivered_push_shows_where_its_time_went(self) -> None:
+        d = self.push(order("ORD40"), wait=True)
+        self.clock.advance(0.25)
+        [request] = self.sent()
+        self.answer(request, "MSH|^~\\&|LIS\rMSA|AA|ORD40")
+        push = self.successResultOf(d).push
+        self.assertEqual(list(push.timeline), ["received", "journaled", "sent", "answered"])
+        self.assertEqual(push.timeline["answered"] - push.timeline["received"], 0.25)
+        stored = self.successResultOf(self.journal.current(push.id))
+        self.assertEqual(stored.timeline, push.timeline)
+        self.assertEqual([s["stage"] for s in stored.to_json()["timeline"]],
+                         ["received", "journaled", "sent", "answered"])
+
     def test_a_repeat_journaled_by_another_node_meanwhile(self) -> None:
         """
         Two relay nodes (two L{PushService}s, each with its own in-memory guard) on one

@@ -104,10 +104,81 @@ class KeyRing(SynchronousTestCase):
         node.set_keys({FILE_KID: b"f" * 32, "k2": b"2" * 32}, "k2")
         self.assertEqual(node.verify_token(before_rings).client_id, "c1")
 
+    def test_a_remembered_signature_still_expires_and_a_new_ring_forgets_it(self) -> None:
+        from medagent.relay import auth
+
+        class Clock:
+            now = time.time()
+
+            def time(self) -> float:
+                return self.now
+
+        clock = Clock()
+        a = Authority(_NoneRevoked(), None, clock=clock)  # type: ignore[arg-type]
+        a.set_keys({"k1": b"1" * 32}, "k1")
+        token = a.mint_token(_principal(), 60)
+        self.assertEqual(a.verify_token(token).client_id, "c1")
+        self.assertEqual(a.verify_token(token).client_id, "c1")  # (from the cache)
+        clock.now += 60 + auth.CLOCK_SKEW + 1
+        with self.assertRaises(FHIRError) as e:
+            a.verify_token(token)
+        self.assertIn("expired", e.exception.message)
+        clock.now -= 60 + auth.CLOCK_SKEW + 1
+        a.set_keys({"k2": b"2" * 32}, "k2")  # k1 retired
+        with self.assertRaises(FHIRError):
+            a.verify_token(token)
+        self.patch(auth, "VERIFIED_CACHE", 3)
+        for _ in range(5):
+            a.verify_token(a.mint_token(_principal(), 60))
+        self.assertEqual(len(a._verified), 3)
+
     def test_no_ring_yet_is_503(self) -> None:
         with self.assertRaises(FHIRError) as e:
             self.authority().verify_token("x.y.z")
         self.assertEqual(e.exception.status, 503)
+
+
+class _FakeRing:
+    def __init__(self) -> None:
+        self.ring: tuple[dict[str, bytes], str] | None = None
+        self.reads = 0
+
+    def load(self, first: Any = None) -> Deferred[tuple[dict[str, bytes], str]]:
+        from twisted.internet.defer import fail
+
+        self.reads += 1
+        if self.ring is None:
+            return fail(RuntimeError("database down"))
+        return succeed(self.ring)
+
+
+class KeyRingRefresh(SynchronousTestCase):
+    """The relay node's reads of the shared ring: quick until the first, then slow."""
+
+    def test_retried_every_second_until_read_then_every_minute(self) -> None:
+        from twisted.internet.task import Clock
+
+        from medagent.relay.service import KEY_REFRESH, _KeyRingRefresh
+
+        clock, ring, authority = Clock(), _FakeRing(), _authority()
+        refresh = _KeyRingRefresh(clock, authority, ring, "/nonexistent/token.key")
+        refresh.startService()
+        self.addCleanup(refresh.stopService)
+        self.assertFalse(authority.ready)
+        clock.advance(1)
+        self.assertEqual(ring.reads, 2)
+        ring.ring = ({"k1": b"1" * 32}, "k1")
+        clock.advance(1)
+        self.assertTrue(authority.ready)
+        reads = ring.reads
+        ring.ring = ({"k1": b"1" * 32, "k2": b"2" * 32}, "k2")  # rotated
+        clock.advance(KEY_REFRESH - 1)
+        self.assertEqual((ring.reads, authority._signing_kid), (reads, "k1"))
+        clock.advance(1)
+        self.assertEqual((ring.reads, authority._signing_kid), (reads + 1, "k2"))
+        ring.ring = None  # the database goes away: the ring read before stays
+        clock.advance(KEY_REFRESH)
+        self.assertEqual(authority._signing_kid, "k2")
 
 
 class RingInPostgres(TestCase):

@@ -11,7 +11,7 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import procs
 
@@ -221,3 +221,23 @@ class RelayHTTP(TestCase):
             self.assertEqual(code, 409)
 
         return ensureDeferred(go())
+
+
+class AccessLog(SynchronousTestCase):
+    """One event per request is the push path's cost: written only with --access-log."""
+
+    def test_off_by_default_and_without_the_query(self) -> None:
+        from twisted.logger import capturedLogs, formatEvent
+        from twisted.web.resource import Resource
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from medagent.relay.web import RelaySite
+
+        request = DummyRequest([b"fhir", b"R4", b"Patient"])
+        request.method, request.path, request.code = b"GET", b"/fhir/R4/Patient", 200
+        for enabled, expected in ((False, []), (True, ["GET /fhir/R4/Patient 200"])):
+            site = RelaySite(Resource(), access_log=enabled)
+            with capturedLogs() as events:
+                site.log(request)  # type: ignore[arg-type]
+            self.assertEqual([formatEvent(e) for e in events
+                              if e.get("log_namespace") == "medagent.relay.web"], expected)

@@ -35,6 +35,7 @@ import os
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
 import attr
@@ -188,6 +189,9 @@ def _hash(salt: bytes, secret: str) -> bytes:
     return hashlib.sha256(salt + secret.encode("utf-8")).digest()
 
 
+#: tokens whose signature check L{Authority} remembers, at most
+VERIFIED_CACHE = 10_000
+
 #: the ``kid`` of the data folder's C{token.key} (one node; imported into a cluster's ring)
 FILE_KID = "token.key"
 
@@ -225,6 +229,8 @@ class Authority:
         self._key = key
         self._keys: dict[str, bytes] = {FILE_KID: key} if key is not None else {}
         self._signing_kid = FILE_KID
+        #: token text → claims, for tokens whose signature checked out (L{_signed_claims})
+        self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lifetime = token_lifetime
         #: no token living longer than this is accepted, whoever signed it
         self.max_lifetime = max(1, int(token_lifetime))
@@ -258,6 +264,7 @@ class Authority:
         self._keys = dict(keys)
         self._signing_kid = signing
         self._key = keys[signing]
+        self._verified.clear()  # a retired key verifies nothing more
 
     @property
     def ready(self) -> bool:
@@ -485,8 +492,18 @@ class Authority:
         return jwt.encode(claims, self._signing_key(), algorithm="HS256",
                           headers={"kid": self._signing_kid})
 
-    def verify_token(self, token: str) -> Principal:
-        """The caller behind a bearer token, or 401."""
+    def _signed_claims(self, token: str) -> dict[str, Any]:
+        """
+        The claims of a token whose signature (by a key of the ring) and issuer check out,
+        or 401.  Kept for L{VERIFIED_CACHE} tokens, by their exact text: decoding is most of
+        a request's cost (PyJWT checks every character in Python), and a client sends the
+        same token for its whole life.  What changes with time (expiry, revocation) is
+        checked by L{verify_token} at every call; a new key ring empties the cache.
+        """
+        claims = self._verified.get(token)
+        if claims is not None:
+            self._verified.move_to_end(token)
+            return claims
         try:
             claims = jwt.decode(
                 token,
@@ -499,6 +516,14 @@ class Authority:
             )
         except jwt.InvalidTokenError:
             raise unauthorized("Invalid access token")
+        self._verified[token] = claims
+        while len(self._verified) > VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return claims
+
+    def verify_token(self, token: str) -> Principal:
+        """The caller behind a bearer token, or 401."""
+        claims = self._signed_claims(token)
         now = self._clock.time()
         exp, iat = claims["exp"], claims["iat"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)):

@@ -859,6 +859,7 @@ class Hub:
             if key in push.options:
                 msg[key] = push.options[key]
         session.conn.send_message(msg)
+        push.stamp("sent", self.clock.seconds())
         if push.state != j.ACCEPTED:
             self.journal.transition(push, j.SENT, count_attempt=True)
             self.metrics.push_state(j.SENT)
@@ -1079,7 +1080,9 @@ class Hub:
         self._pending_pushes.pop(push.id, None)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
-        log.info(
+        # a delivery is counted (metrics), not logged at info: one line per message is the
+        # hot path's cost; what went wrong is always a line
+        (log.debug if state == j.DELIVERED else log.info)(
             "Push {push_id} to Agent/{agent_id} {state}{why}",
             push_id=push.id,
             agent_id=push.agent_id,
@@ -1143,6 +1146,8 @@ class Hub:
         content_type = msg.get("contentType") or "text/plain"
         if delivery == "accepted":
             error = msg.get("error") if isinstance(msg.get("error"), str) else None
+            if push.state != j.ACCEPTED:
+                push.stamp("accepted", self.clock.seconds())
             if push.state != j.ACCEPTED or error:
                 if push.state != j.ACCEPTED:
                     self.metrics.push_state(j.ACCEPTED)
@@ -1152,6 +1157,7 @@ class Hub:
                 if session is not None:
                     self._stalled(session, push, True)
             return
+        push.stamp("answered", self.clock.seconds())
         lane = None
         if session is not None:
             self._stalled(session, push, False)
@@ -1500,6 +1506,7 @@ class Hub:
         """L{snapshot}, from the node holding the agent when that is another one."""
         if agent_id in self.sessions or self.cluster is None:
             return succeed(self.snapshot(agent_id))
+
         def unavailable(failure: Failure) -> None:
             failure.trap(FHIRError)
             return None

@@ -331,6 +331,7 @@ class PushService:
         payload: Any,
         idempotency_key: str | None = None,
     ):
+        received = self.clock.seconds()
         agent = yield self.resolve_agent(*agent_ref)
         agent_id = agent["id"]
         principal.require_push(agent_id)
@@ -356,7 +357,11 @@ class PushService:
             control_id=control_id,
             body_hash=message_hash(request.content_type, request.body),
         )
-        existing, by_key = yield self._find_repeat(push)
+        push.stamp("received", received)
+        # A waited push looks first (a repeat is answered even while its agent is away); the
+        # journal's insert checks again in its own transaction either way, so a push not
+        # waited for saves the lookups (L{RepeatedPush} below).
+        existing, by_key = yield self._find_repeat(push, look_up=request.wait)
         if existing is not None:
             result = yield self._repeat(push, existing, by_key, request)
             return result
@@ -375,6 +380,7 @@ class PushService:
         created = self.journal.create(push)
 
         def stored(p: Push) -> Push:
+            p.stamp("journaled", self.clock.seconds())  # (written with its next transition)
             self._done_creating(push, p)
             self.hub.submit(p)  # even if the caller has gone meanwhile
             return p
@@ -412,7 +418,7 @@ class PushService:
         return result
 
     @inlineCallbacks
-    def _find_repeat(self, new: Push):
+    def _find_repeat(self, new: Push, look_up: bool = True):
         """
         The earlier push C{new} repeats (or C{None}), and whether the caller's key found it.
         Two rules, both always applied:
@@ -424,12 +430,13 @@ class PushService:
           on that agent sent it.  Same MSH-10 with another body is another message.
 
         Pushes still being written count too (checked before and after the journal lookup, so
-        a concurrent repeat cannot slip between).
+        a concurrent repeat cannot slip between).  Without C{look_up}, only those: the
+        journal's insert finds the rest (L{RepeatedPush}).
         """
         if new.idempotency_key is not None:
             scope = (new.requester or "", new.idempotency_key)
             earlier = self._creating_by_key.get(scope)
-            if earlier is None:
+            if earlier is None and look_up:
                 earlier = yield self.journal.find_by_key(*scope)
             if earlier is None:
                 earlier = self._creating_by_key.get(scope)
@@ -440,7 +447,7 @@ class PushService:
         if new.control_id is not None and new.body_hash is not None:
             device = lane_key(new.remote)
             earlier = self._creating_message(new, device)
-            if earlier is None:
+            if earlier is None and look_up:
                 earlier = yield self.journal.find_same_message(
                     new.agent_id, device, new.control_id, new.body_hash)
             if earlier is None:

@@ -263,6 +263,9 @@ class _KeyRingRefresh(service.Service):
         self.key_file = key_file
         self.first: tuple[str, bytes] | None = None
         self.call: LoopingCall | None = None
+        self.reading = False
+        self.failing = False
+        self.loaded_at: float | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -270,7 +273,7 @@ class _KeyRingRefresh(service.Service):
             self.first = (FILE_KID, load_or_create_key(self.key_file))
         self.call = LoopingCall(self.refresh)
         self.call.clock = self.reactor
-        self.call.start(KEY_REFRESH, now=True)
+        self.call.start(1.0, now=True)
 
     def stopService(self) -> None:
         if self.call is not None and self.call.running:
@@ -279,13 +282,29 @@ class _KeyRingRefresh(service.Service):
         return super().stopService()
 
     def refresh(self) -> None:
+        """Every second until the first read succeeds, then every L{KEY_REFRESH} seconds."""
+        now = self.reactor.seconds()
+        if self.reading or (self.authority.ready and self.loaded_at is not None
+                            and now - self.loaded_at < KEY_REFRESH):
+            return
+        self.reading = True
+
         def loaded(ring: tuple[dict[str, bytes], str]) -> None:
             keys, signing = ring
             self.authority.set_keys(keys, signing)
+            self.loaded_at = now
+            self.failing = False
 
-        self.keys.load(self.first).addCallbacks(loaded, lambda f: log.warn(
-            "Reading the shared signing keys failed ({error}); keeping the ones read before",
-            error=f.getErrorMessage()))
+        def failed(f: Any) -> None:
+            if not self.failing:  # once per outage, not once a second
+                log.warn("Reading the shared signing keys failed ({error}); keeping the ones "
+                         "read before, trying again", error=f.getErrorMessage())
+            self.failing = True
+
+        def done(_: Any) -> None:
+            self.reading = False
+
+        self.keys.load(self.first).addCallbacks(loaded, failed).addBoth(done)
 
 
 class _RevocationRefresh(service.Service):
@@ -437,6 +456,7 @@ class RelayService(service.MultiService):
         metrics: str | None = None,
         database: str | None = None,
         node_id: str | None = None,
+        access_log: bool = False,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -523,7 +543,8 @@ class RelayService(service.MultiService):
                               # WebSocketResource provides IResource via zope, unseen by mypy
                               max_body=max_body,
                               request_timeout=request_timeout,
-                              authenticate=self.authority.authenticate, reactor=reactor)
+                              authenticate=self.authority.authenticate, reactor=reactor,
+                              access_log=access_log)
         bots_service.site = self.site
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)

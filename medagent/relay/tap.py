@@ -108,6 +108,8 @@ class Options(usage.Options):
     optFlags = [
         ["bots-unsandboxed", None,
          "Development only: run bots without the sandbox (e.g. a relay that is not root)"],
+        ["access-log", None, "Log every HTTP request (method, path without query, status) at "
+         "debug level; off by default: a line per request is the push path's cost"],
     ]
 
     def __init__(self) -> None:
@@ -168,6 +170,7 @@ class Options(usage.Options):
             "metrics": self["metrics"],
             "database": self["database"],
             "node_id": self["node-id"],
+            "access_log": bool(self["access-log"]),
         }
 
 

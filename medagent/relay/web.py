@@ -160,7 +160,8 @@ class RelaySite(Site):
 
     def __init__(self, resource: Resource, *, max_body: int = DEFAULT_MAX_BODY,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 authenticate: Callable[[str | None], Any] | None = None, **kw: Any):
+                 authenticate: Callable[[str | None], Any] | None = None,
+                 access_log: bool = False, **kw: Any):
         kw.setdefault("timeout", DEFAULT_IDLE_TIMEOUT)
         # the token endpoint reads its own form; nothing else wants a POST body in args
         kw.setdefault("parsePOSTFormSubmission", False)
@@ -169,9 +170,13 @@ class RelaySite(Site):
         self.request_timeout = request_timeout
         #: checks an Authorization header (raises if invalid); None: no pre-auth body limit
         self.authenticate = authenticate
+        self.access_log = access_log
 
     def log(self, request: http.Request) -> None:
-        # Access log without query strings (they may carry identifiers); debug level.
+        # Access log without query strings (they may carry identifiers), debug level; only
+        # with --access-log (twistd writes debug events too, one per request adds up)
+        if not self.access_log:
+            return
         log.debug(
             "{method} {path} {code}",
             method=request.method.decode("ascii", "replace"),

@@ -35,6 +35,10 @@ STATES = (QUEUED, SENT, ACCEPTED, DELIVERED, FAILED, EXPIRED, CANCELLED)
 FINAL_STATES = frozenset([DELIVERED, FAILED, EXPIRED, CANCELLED])
 #: States in which the agent still owes an answer.
 OPEN_STATES = (QUEUED, SENT, ACCEPTED)
+#: The stages of a push's L{Push.timeline}, in order: the relay got the request, the push
+#: was on disk, written to the agent's socket, on the agent's disk (a durable agent's
+#: "accepted"), the device's answer back at the relay.
+STAGES = ("received", "journaled", "sent", "accepted", "answered")
 
 log = Logger()
 
@@ -95,6 +99,13 @@ class Push:
     seq: int | None = None
     #: ended failed after it may have reached the device (the agent's ``inDoubt: true``)
     in_doubt: bool = False
+    #: when it reached each of L{STAGES} (relay clock seconds; the last time for a stage
+    #: passed again, a re-send after a reconnect): where its time went, kept with the push
+    timeline: dict[str, float] = attr.ib(factory=dict)
+
+    def stamp(self, stage: str, at: float) -> None:
+        """Record that the push reached C{stage} at C{at}."""
+        self.timeline[stage] = at
 
     @property
     def final(self) -> bool:
@@ -129,6 +140,13 @@ class Push:
                 "contentType": self.reply_content_type,
                 "body": self.reply_body,
             }
+        start = self.timeline.get("received")
+        stages = [{"stage": stage, "at": _iso(self.timeline[stage]),
+                   **({"sinceReceivedMs": round((self.timeline[stage] - start) * 1000, 3)}
+                      if start is not None else {})}
+                  for stage in STAGES if isinstance(self.timeline.get(stage), (int, float))]
+        if stages:
+            doc["timeline"] = stages
         if include_body:
             doc["body"] = self.body
         return doc
@@ -172,7 +190,25 @@ def push_from_row(row: Any) -> Push:
         options = {}
     values["options"] = options
     values["in_doubt"] = bool(row["in_doubt"])
+    values["timeline"] = timeline_from_text(row["timeline"])
     return Push(**values)
+
+
+def timeline_text(push: Push) -> str:
+    """The timeline as stored (JSON text)."""
+    return json.dumps(push.timeline, separators=(",", ":"))
+
+
+def timeline_from_text(text: Any) -> dict[str, float]:
+    """A stored timeline; anything unreadable (or not a stage) is left out, never an error."""
+    try:
+        found = json.loads(text or "{}")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: float(v) for k, v in found.items() if k in STAGES
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class RepeatedPush(Exception):

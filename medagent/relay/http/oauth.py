@@ -1,5 +1,6 @@
 """
-The OAuth2 token endpoint (client credentials), ``auth/me`` and the admin's
+The OAuth2 token endpoint (client credentials), ``auth/me`` and the admin's client
+management: ``ClientApplication/$credentials`` (create, list) and
 ``ClientApplication/{id}/$revoke``.
 """
 
@@ -115,3 +116,41 @@ async def revoke(ctx: RouteContext) -> Response:
     log.info("Client {client_id} revoked by {by}", client_id=client_id,
              by=principal.client_id)
     return json_response(operation_outcome(f"Client {client_id} revoked", id="ok"))
+
+
+#: a credentials request is a role, a few agent ids and a name
+MAX_CREDENTIALS_BODY = 64 * 1024
+
+
+async def credentials(ctx: RouteContext) -> Response:
+    """
+    ``ClientApplication/$credentials`` (admin only): ``GET`` lists the OAuth2 clients
+    (never a secret or its hash); ``POST {"role", "agents", "name"}`` creates one and answers
+    201 with its ``clientSecret``, shown this once and never again.
+    """
+    principal = ctx.principal
+    principal.require_admin()
+    authority = ctx.api.authority
+    if ctx.method == "GET":
+        listed = await authority.list_clients()
+        return json_response({"clients": listed})
+    if ctx.method != "POST":
+        raise FHIRError(405, "$credentials takes GET (list) or POST (create)", "not-supported")
+    try:
+        body = json_loads(read_body(ctx.request, MAX_CREDENTIALS_BODY))
+    except JSONInputError as e:
+        raise bad_request(f"Invalid JSON: {e}")
+    if not isinstance(body, dict):
+        raise bad_request("Expected a JSON object: role, agents, name")
+    role, agents, name = body.get("role"), body.get("agents", []), body.get("name")
+    if not isinstance(role, str):
+        raise bad_request("role is required")
+    if not isinstance(agents, list) or not all(isinstance(a, str) and 0 < len(a) <= 64
+                                               for a in agents) or len(agents) > 1000:
+        raise bad_request("agents must be a list of at most 1000 agent ids")
+    if name is not None and not (isinstance(name, str) and len(name) <= 200):
+        raise bad_request("name must be text of at most 200 characters")
+    created = await authority.create_client(role, agents, name)
+    log.info("Client {client_id} ({role}) created by {by}", client_id=created["clientId"],
+             role=role, by=principal.client_id)
+    return json_response(created, 201)

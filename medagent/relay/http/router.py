@@ -122,6 +122,7 @@ ROUTES: tuple[Route, ...] = (
     Route(ANY, "AgentPush/{id}/**", pushes.not_supported),
     Route(ANY, "Bot/$execute", bot_execute),
     Route(ANY, "Bot/{id}/$execute", bot_execute),
+    Route(ANY, "ClientApplication/$credentials", oauth.credentials),
     Route(ANY, "ClientApplication/{id}/$revoke", oauth.revoke),
     Route("GET", "{type}", fhir_rest.search),
     Route("POST", "{type}", fhir_rest.create),

@@ -27,6 +27,7 @@ from medagent.storage.journal import (
     earlier_by_key,
     earlier_same_message,
     push_from_row,
+    timeline_text,
 )
 from medagent.storage.postgres.database import PgDatabase
 
@@ -78,7 +79,7 @@ class PgJournal:
         values = (push.id, push.agent_id, push.destination, push.remote, push.content_type,
                   push.body, json.dumps(push.options), push.idempotency_key, push.state,
                   push.created, push.updated, push.expires_at, push.requester,
-                  push.control_id, push.body_hash)
+                  push.control_id, push.body_hash, timeline_text(push))
         since = now - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push:
@@ -87,7 +88,8 @@ class PgJournal:
             row = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
-                " control_id, body_hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " control_id, body_hash, timeline)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                 " RETURNING seq", values).fetchone()
             push.seq = row["seq"]
             return push
@@ -137,13 +139,14 @@ class PgJournal:
         if reply is not None:
             push.reply_status, push.reply_content_type, push.reply_body = reply
         values = (push.state, push.updated, push.attempts, push.last_error, push.reply_status,
-                  push.reply_content_type, push.reply_body, bool(in_doubt), push.id)
+                  push.reply_content_type, push.reply_body, bool(in_doubt),
+                  timeline_text(push), push.id)
 
         def txn(conn: Any) -> Push:
             conn.execute(
                 "UPDATE pushes SET state=%s, updated=%s, attempts=%s, last_error=%s,"
                 " reply_status=%s, reply_content_type=%s, reply_body=%s,"
-                " in_doubt=(in_doubt OR %s) WHERE id=%s", values)
+                " in_doubt=(in_doubt OR %s), timeline=%s WHERE id=%s", values)
             return push
 
         return self._db.run_batched(txn)

@@ -141,8 +141,13 @@ CREATE TABLE signing_keys (
 );
 """
 
+#: Where each push's time went (L{medagent.storage.journal.Push.timeline}), JSON text.
+V4 = """
+ALTER TABLE pushes ADD COLUMN timeline TEXT NOT NULL DEFAULT '{}';
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",

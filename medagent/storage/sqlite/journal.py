@@ -33,6 +33,7 @@ from medagent.storage.journal import (
     earlier_same_message,
     message_hash,
     push_from_row,
+    timeline_text,
 )
 from medagent.storage.sqlite.database import Database
 
@@ -61,7 +62,8 @@ CREATE TABLE IF NOT EXISTS pushes (
     requester TEXT,
     control_id TEXT,
     body_hash TEXT,
-    in_doubt INTEGER NOT NULL DEFAULT 0
+    in_doubt INTEGER NOT NULL DEFAULT 0,
+    timeline TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
@@ -80,7 +82,8 @@ CREATE INDEX IF NOT EXISTS push_keys_push ON push_keys (push_id);
 
 #: Columns added after the first release, with their SQL types (see L{SQLiteJournal.migrate}).
 _ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "TEXT"),
-                  ("in_doubt", "INTEGER NOT NULL DEFAULT 0"))
+                  ("in_doubt", "INTEGER NOT NULL DEFAULT 0"),
+                  ("timeline", "TEXT NOT NULL DEFAULT '{}'"))
 
 
 class _WallClock:
@@ -199,7 +202,7 @@ class SQLiteJournal:
             cur = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
-                " control_id, body_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " control_id, body_hash, timeline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     push.id,
                     push.agent_id,
@@ -216,6 +219,7 @@ class SQLiteJournal:
                     push.requester,
                     push.control_id,
                     push.body_hash,
+                    timeline_text(push),
                 ),
             )
             push.seq = cur.lastrowid
@@ -294,13 +298,14 @@ class SQLiteJournal:
             push.reply_status,
             push.reply_content_type,
             push.reply_body,
+            timeline_text(push),
             push.id,
         )
 
         def txn(conn: Any) -> Push:
             conn.execute(
                 "UPDATE pushes SET state=?, updated=?, attempts=?, last_error=?, reply_status=?,"
-                " reply_content_type=?, reply_body=? WHERE id=?",
+                " reply_content_type=?, reply_body=?, timeline=? WHERE id=?",
                 values,
             )
             if mark_in_doubt:
