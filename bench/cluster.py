@@ -13,9 +13,10 @@ configuration:
   devices, from the first push to the last line);
 - waited: M pushes waited for the device's ACK; pushes/s and latency p50/p99.
 
-A push through a node that does not hold its agent reaches it from the journal (read every
-second by the node holding the agent, L{medagent.relay.hub.CLUSTER_POLL}); its waited caller
-gets the outcome from the journal too.  Issue 11's shape: no collapse as nodes are added;
+A push through a node that does not hold its agent reaches it from the journal: the node
+that took it wakes the holder (C{LISTEN/NOTIFY}, L{medagent.relay.cluster}; polls as the
+fallback), and its waited caller gets the outcome from the journal when woken in turn.
+Issue 11's shape: no collapse as nodes are added;
 one PostgreSQL node's waited latency within 1.5x of SQLite.  Last line: one JSON object.
 
     python bench/cluster.py [--n 3000] [--waited 800] [--agents 16] [--concurrency 16]
