@@ -16,8 +16,8 @@ configuration:
 A push through a node that does not hold its agent reaches it from the journal: the node
 that took it wakes the holder (C{LISTEN/NOTIFY}, L{medagent.relay.cluster}; polls as the
 fallback), and its waited caller gets the outcome from the journal when woken in turn.
-Issue 11's shape: no collapse as nodes are added;
-one PostgreSQL node's waited latency within 1.5x of SQLite.  Last line: one JSON object.
+Issue 11's shape: no collapse as nodes are added; one PostgreSQL node's waited latency
+within 1.5x of SQLite.  Last line: one JSON object.
 
     python bench/cluster.py [--n 3000] [--waited 800] [--agents 16] [--concurrency 16]
 """
