@@ -123,17 +123,26 @@ class Cluster:
         last: Exception | None = None
         for _ in range(3):  # a free port can be taken between the probe and the start
             self.port = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder}"
-                       " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-                       " -c max_connections=200")
             try:
-                self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-l",
-                          os.path.join(self.folder, "server.log"), "-w", "-t", "60",
-                          "-o", options, "start")
+                self.start_server()
                 return
             except RuntimeError as e:
                 last = e
         raise RuntimeError(f"PostgreSQL did not start: {last}")
+
+    def start_server(self) -> None:
+        """C{pg_ctl start} on C{self.port} (again, after L{stop_server}: the same port)."""
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder}"
+                   " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+                   " -c max_connections=200")
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-l",
+                  os.path.join(self.folder, "server.log"), "-w", "-t", "60",
+                  "-o", options, "start")
+
+    def stop_server(self) -> None:
+        """C{pg_ctl stop -m immediate}: the server goes as if it crashed; its data stays."""
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", "immediate",
+                  "-w", "-t", "30", "stop", timeout=60)
 
     def stop(self) -> None:
         try:
@@ -203,3 +212,16 @@ def fresh_database(name: str) -> str:
             sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return _with_dbname(server, name)
+
+
+def restartable() -> Cluster:
+    """
+    The private cluster, for tests that stop and start the server (L{Cluster.stop_server},
+    L{Cluster.start_server}); a server named by ``MEDAGENT_PG_DSN`` is not ours to restart
+    (skipped, or failed under ``MEDAGENT_REQUIRE_PEERS=1``).
+    """
+    need(_external is None, "a private PostgreSQL cluster (MEDAGENT_PG_DSN names a shared"
+         " server, which the tests must not restart)")
+    server_dsn()
+    assert _cluster is not None
+    return _cluster

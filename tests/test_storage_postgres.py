@@ -138,6 +138,33 @@ class PgDatabaseTests(_Pg, TestCase):
                             .fetchone())
         self.assertEqual(rows["n"], len(MIGRATIONS))
 
+    async def test_commits_are_durable_whatever_the_server_says(self) -> None:
+        """
+        C{synchronous_commit = off} (here, for the database) would let a crash of PostgreSQL
+        lose commits it acknowledged: the relay's sessions raise it to C{on}; a level an
+        operator chose otherwise (C{local}) is kept.
+        """
+        import psycopg
+        from psycopg import sql
+
+        def set_level(level: str | None) -> None:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                name = sql.Identifier(conn.info.dbname)
+                if level is None:
+                    conn.execute(sql.SQL("ALTER DATABASE {} RESET synchronous_commit")
+                                 .format(name))
+                else:
+                    conn.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = {}")
+                                 .format(name, sql.Literal(level)))
+
+        def level(conn: Any) -> str:
+            return str(conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"])
+
+        self.addCleanup(deferToThread, set_level, None)
+        for server, wanted in (("off", "on"), ("local", "local"), ("on", "on")):
+            await deferToThread(set_level, server)
+            self.assertEqual(await self.open_database().run(level), wanted, server)
+
     async def test_work_runs_off_the_reactor_thread(self) -> None:
         main = threading.current_thread().name
         names = await self.database().run(lambda c: threading.current_thread().name)

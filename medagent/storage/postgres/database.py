@@ -122,6 +122,7 @@ class PgDatabase:
         self._lane_busy = False
         self._trigger: Any = None
         self._probe = _SharedProbe()
+        self._warned_commit_level = False
 
     # -- connections (worker threads) ------------------------------------------------
 
@@ -129,9 +130,33 @@ class PgDatabase:
         import psycopg
         from psycopg.rows import dict_row
 
-        return psycopg.connect(self.dsn, autocommit=False, row_factory=dict_row,
+        conn = psycopg.connect(self.dsn, autocommit=False, row_factory=dict_row,
                                connect_timeout=self._connect_timeout,
                                options=_SESSION_OPTIONS)
+        try:
+            self._durable_commits(conn)
+        except Exception:
+            conn.close()
+            raise
+        return conn
+
+    def _durable_commits(self, conn: Any) -> None:
+        """
+        A commit this session is told of has reached the server's WAL: with the server's (or
+        the database's, or the role's) C{synchronous_commit = off} a crash of PostgreSQL
+        loses the last commits it acknowledged -- pushes answered 202 that the journal then
+        does not have.  Only C{off} is raised (to C{on}); C{local} and the replication
+        levels an operator chose are kept.
+        """
+        level = conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"]
+        if level == "off":
+            conn.execute("SET synchronous_commit = on")
+            if not self._warned_commit_level:
+                self._warned_commit_level = True
+                log.warn("PostgreSQL has synchronous_commit = off for the relay's sessions;"
+                         " the relay sets it on for its own (an acknowledged push must"
+                         " survive a crash of the database)")
+        conn.commit()
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
