@@ -723,3 +723,30 @@ class CancelTests(_HubCase):
         self.answer(conn2, session2, conn.of_type(wire.TRANSMIT_REQUEST)[0], statusCode=200,
                     contentType="text/plain", body="Cancelled", delivery="cancelled")
         self.assertEqual(self.successResultOf(self.journal.get(push.id)).state, j.CANCELLED)
+
+
+class JournalOutage(_HubCase):
+    """A failed journal read holds an agent's pushes for seconds, not the 30 s backoff."""
+
+    def test_a_failed_read_is_tried_again_after_journal_retry(self) -> None:
+        from twisted.internet.defer import fail
+
+        from medagent.relay.hub import JOURNAL_RETRY
+        from medagent.storage.sqlite.database import DatabaseUnavailable
+
+        self.successResultOf(self.push())  # queued while the agent is away
+        real = self.journal.open_pushes
+        calls: list[Any] = []
+
+        def flaky(*args: Any, **kw: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 1:
+                return fail(DatabaseUnavailable("down"))
+            return real(*args, **kw)
+
+        self.patch(self.journal, "open_pushes", flaky)
+        conn, _ = self.connect(caps=["durable"])
+        self.assertEqual(conn.of_type(wire.TRANSMIT_REQUEST), [])
+        self.clock.advance(JOURNAL_RETRY)
+        self.assertEqual(len(conn.of_type(wire.TRANSMIT_REQUEST)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(DatabaseUnavailable)), 1)

@@ -17,6 +17,7 @@ Notices (small mappings, ids only, never content):
    pushes now;
  - C{{"k": "final", "n": node, "p": push}}: push C{p} has an outcome (final, or failing and
    retried): a node with a caller waiting on it reads it now;
+ - C{{"k": "subs", "n": node}}: node C{n} wrote a Subscription; the others read theirs again;
  - C{{"k": "call", "to": node, "id": call}} and C{{"k": "answer", "to": node, "id": call}}:
    an agent call for node C{to} to take, or its answer for node C{to} to read
    (L{medagent.storage.interfaces.AgentCalls}).
@@ -40,6 +41,9 @@ log = Logger()
 CLUSTER_POLL = 1.0
 #: seconds between polls while notices arrive: what a lost notice costs at most
 FALLBACK_POLL = 5.0
+#: seconds between a node's reads of every Subscription (besides the notices): what a lost
+#: notice costs at most
+SUBSCRIPTIONS_POLL = 30.0
 #: seconds a call to another node's agent waits for its answer unless told otherwise
 CALL_TIMEOUT = 10.0
 #: calls this node waits on at once, at most (more are refused 503: a bounded table)
@@ -77,6 +81,10 @@ class ClusterLink:
         #: calls this node placed and waits on: call id → (its Deferred, reading its answer)
         self._waiting: dict[str, list[Any]] = {}
         self._taking = False
+        #: the node's L{medagent.relay.subscriptions.SubscriptionManager}, when it has one:
+        #: its cache of Subscriptions is read again when another node writes one
+        self.subscriptions: Any = None
+        self._last_subscriptions_read: float | None = None
         hub.cluster = self
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -114,6 +122,10 @@ class ClusterLink:
         not hold."""
         self._notify({"k": "push", "n": self.node_id, "a": agent_id, "s": seq})
 
+    def subscriptions_changed(self) -> None:
+        """A Subscription was written on this node: the others read theirs again."""
+        self._notify({"k": "subs", "n": self.node_id})
+
     def outcome(self, push_id: str) -> None:
         """Push C{push_id} has an outcome (final, or failing and retried)."""
         self._notify({"k": "final", "n": self.node_id, "p": push_id})
@@ -130,6 +142,9 @@ class ClusterLink:
             elif kind == "final" and notice.get("n") != self.node_id \
                     and isinstance(notice.get("p"), str):
                 self.hub.outcome_hint(notice["p"])
+            elif kind == "subs" and notice.get("n") != self.node_id \
+                    and self.subscriptions is not None:
+                self.subscriptions.reload()
             elif kind == "call" and notice.get("to") == self.node_id:
                 self._take()
             elif kind == "answer" and notice.get("to") == self.node_id \
@@ -147,6 +162,11 @@ class ClusterLink:
                 or now - self._last_full_poll >= FALLBACK_POLL:
             self._last_full_poll = now
             self.hub.poll_cluster()
+            if self.subscriptions is not None and (
+                    self._last_subscriptions_read is None
+                    or now - self._last_subscriptions_read >= SUBSCRIPTIONS_POLL):
+                self._last_subscriptions_read = now
+                self.subscriptions.reload()
             self._take()
             for call_id in list(self._waiting):
                 self._read_answer(call_id)

@@ -77,6 +77,8 @@ class _Lane:
     #: "lane is holding back" was logged for the current episode
     hold_logged: bool = False
 
+#: Seconds an agent's pushes wait after a journal read failed, before it is read again.
+JOURNAL_RETRY = 2.0
 #: Seconds a call to another relay node waits beyond the agent's own timeout (its hops).
 CALL_MARGIN = 2.0
 #: Seconds an agent's status or snapshot is asked of the node holding it, at most.
@@ -780,11 +782,15 @@ class Hub:
         self._ready_after(session, delay, "retry after not delivered")
 
     def _pause(self, session: Session, why: str) -> None:
-        """Send nothing for C{retry_cap} seconds, then read the journal again."""
+        """
+        A journal read failed (the database is away): send nothing for L{JOURNAL_RETRY}
+        seconds, then read it again (a database back after a second's outage is used within
+        a few, not after the agents' 30 s backoff).
+        """
         if session.closed:
             return
         session.ready = False
-        self._ready_after(session, self.retry_cap, why)
+        self._ready_after(session, min(JOURNAL_RETRY, self.retry_cap), why)
 
     # -- pushes ---------------------------------------------------------------------------
 

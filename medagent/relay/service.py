@@ -520,6 +520,10 @@ class RelayService(service.MultiService):
                                                  self.store, self.bots,
                                                  poster=post, policy=policy,
                                                  retry_base=subscription_retry_base)
+        if self.hub.cluster is not None:  # other nodes' Subscription writes, and ours
+            self.hub.cluster.subscriptions = self.subscriptions
+            self.subscriptions.subscriptions_changed.append(
+                self.hub.cluster.subscriptions_changed)
         self.channels = ChannelRouter(self.store, self.bots)
         self.hub.inbound = self.channels
         self.api.bots = self.bots

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attr
 from twisted.application.internet import backoffPolicy
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -115,6 +115,10 @@ class SubscriptionManager:
         self._sweeper: LoopingCall | None = None
         #: called as (event, delivery, detail) on queued/delivered/retry/failed: demo, tests
         self.observers: list[Callable[[str, Delivery, str], None]] = []
+        #: called after a Subscription was written here (a cluster tells its other nodes,
+        #: which L{reload})
+        self.subscriptions_changed: list[Callable[[], None]] = []
+        self._reloading = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -127,18 +131,22 @@ class SubscriptionManager:
         self._sweeper.start(3600.0, now=False)
         return ensureDeferred(self._start())
 
+    async def _read_all(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = await self.store.search("Subscription", {"_count": ["1000"],
+                                                            "_offset": [str(offset)]})
+            found += page
+            if len(page) < 1000:
+                return found
+            offset += 1000
+
     async def _start(self) -> None:
         try:
             await self.queue.recover(self.clock.seconds())
-            offset = 0
-            while True:
-                page = await self.store.search("Subscription", {"_count": ["1000"],
-                                                                "_offset": [str(offset)]})
-                for resource in page:
-                    self._remember(resource)
-                if len(page) < 1000:
-                    break
-                offset += 1000
+            for resource in await self._read_all():
+                self._remember(resource)
         except Exception:
             log.failure("Loading Subscriptions failed; subscriptions are not active")
             return
@@ -149,6 +157,31 @@ class SubscriptionManager:
         usable = sum(1 for s in self.specs.values() if s.usable)
         log.info("{n} active Subscription(s) loaded", n=usable)
         self._pump()
+
+    def reload(self) -> Deferred[None]:
+        """
+        Read every Subscription again (another relay node wrote one: the cache here would
+        not know).  One reload at a time; a failed one keeps the cache as it was.
+        """
+        if not self._loaded or self._reloading:
+            return succeed(None)
+        self._reloading = True
+
+        async def go() -> None:
+            try:
+                found = await self._read_all()
+            except Exception:
+                log.failure("Reading Subscriptions again failed; the ones read before stay")
+                return
+            finally:
+                self._reloading = False
+            ids = {str(r.get("id")) for r in found}
+            for gone in [i for i in self.specs if i not in ids]:
+                self._forget(gone)
+            for resource in found:
+                self._remember(resource, warn=str(resource.get("id")) not in self.specs)
+
+        return ensureDeferred(go())
 
     def stop(self) -> None:
         """Stop delivering; in-flight attempts finish without being recorded (their lease
@@ -163,7 +196,7 @@ class SubscriptionManager:
 
     # -- the subscription cache -----------------------------------------------------------
 
-    def _remember(self, resource: Mapping[str, Any]) -> None:
+    def _remember(self, resource: Mapping[str, Any], warn: bool = True) -> None:
         spec = subscription_spec(resource, self.default_max_attempts, self.policy)
         self._forget(spec.id)
         self.specs[spec.id] = spec
@@ -171,7 +204,7 @@ class SubscriptionManager:
             # copy on write: a prepared write keeps the list it matched against
             rtype = spec.criteria.resource_type
             self._by_type[rtype] = [*self._by_type.get(rtype, ()), spec]
-        if spec.active and spec.problem:
+        if spec.active and spec.problem and warn:
             log.warn("Subscription/{id} is active but will never fire: {problem}",
                      id=spec.id, problem=spec.problem)
 
@@ -232,6 +265,8 @@ class SubscriptionManager:
                 self._forget(str(target.get("id")))
             else:
                 self._remember(target)
+            for changed in list(self.subscriptions_changed):
+                changed()
         if resource_type in SKIP_TYPES:
             return
         found = self.match(interaction, target)
