@@ -750,3 +750,36 @@ class JournalOutage(_HubCase):
         self.clock.advance(JOURNAL_RETRY)
         self.assertEqual(len(conn.of_type(wire.TRANSMIT_REQUEST)), 1)
         self.assertEqual(len(self.flushLoggedErrors(DatabaseUnavailable)), 1)
+
+    def test_an_outcome_not_written_is_written_again_and_then_confirmed(self) -> None:
+        """
+        The database went away as the answer came: the outcome is written again every
+        JOURNAL_RETRY seconds (it stayed 'sent' for ever before), and the durable agent is
+        told its answer is recorded only once it is.
+        """
+        from twisted.internet.defer import fail
+
+        from medagent.relay.hub import JOURNAL_RETRY
+        from medagent.storage.sqlite.database import DatabaseUnavailable
+
+        conn, session = self.connect(caps=["durable"])
+        pushed = self.successResultOf(self.push()).push
+        [request] = conn.of_type(wire.TRANSMIT_REQUEST)
+        real = self.journal.transition
+        down = [True]
+
+        def flaky(push: Any, state: str, **kw: Any) -> Any:
+            if state == "delivered" and down[0]:
+                return fail(DatabaseUnavailable("down"))
+            return real(push, state, **kw)
+
+        self.patch(self.journal, "transition", flaky)
+        self.answer(conn, session, request)
+        self.clock.advance(JOURNAL_RETRY)
+        self.assertEqual(conn.of_type(wire.TRANSMIT_CONFIRM), [])
+        self.assertEqual(self.successResultOf(self.journal.get(pushed.id)).state, "sent")
+        down[0] = False
+        self.clock.advance(JOURNAL_RETRY)
+        self.assertEqual(self.successResultOf(self.journal.get(pushed.id)).state, "delivered")
+        self.assertEqual([m["pushId"] for m in conn.of_type(wire.TRANSMIT_CONFIRM)],
+                         [pushed.id])

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet import task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +29,7 @@ from medagent.storage import journal as j
 from medagent.storage.interfaces import AgentSessions
 from medagent.storage.interfaces import PushJournal as Journal
 from medagent.storage.journal import Push
+from medagent.storage.sqlite.database import DatabaseStopped, DatabaseUnavailable
 
 log = Logger()
 
@@ -251,6 +253,10 @@ class Hub:
         self._reading: set[str] = set()
         #: this node's link to the others (L{medagent.relay.cluster.ClusterLink}), on a cluster
         self.cluster: Any = None
+        #: outcomes not yet written (the database was away) and the timers writing them again
+        self._unrecorded: set[str] = set()
+        self._retrying_writes: set[Deferred[Any]] = set()
+        self._closing = False
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -1108,7 +1114,7 @@ class Hub:
         reply: tuple[int, str, str] | None = None,
         in_doubt: bool = False,
     ) -> Deferred[Push]:
-        d = self.journal.transition(push, state, error=error, reply=reply, in_doubt=in_doubt)
+        d = self._record(push, state, error=error, reply=reply, in_doubt=in_doubt)
         if self.cluster is not None:
             self.cluster.outcome(push.id)  # (sent after the transition commits)
         self.metrics.push_finished(
@@ -1126,6 +1132,39 @@ class Hub:
             why=f": {wire.clip(error)}" if error else "",
         )
         return d
+
+    def _record(self, push: Push, state: str, **kw: Any) -> Deferred[Push]:
+        """
+        Write a push's outcome; while the database is away, again every L{JOURNAL_RETRY}
+        seconds until it is written (or the relay stops).  What waits on the Deferred (the
+        agent's confirmation: it keeps its answer until then) waits for the write that
+        worked.
+        """
+        def later(f: Failure) -> Any:
+            f.trap(DatabaseUnavailable)
+            if self._closing or isinstance(f.value, DatabaseStopped):
+                return f
+            if push.id not in self._unrecorded:
+                log.warn("Could not record push {push_id} as {state} ({error}); trying again "
+                         "every {s} s", push_id=push.id, state=state,
+                         error=f.getErrorMessage(), s=JOURNAL_RETRY)
+            self._unrecorded.add(push.id)
+            again: Deferred[None] = task.deferLater(self.clock, JOURNAL_RETRY, lambda: None)
+            self._retrying_writes.add(again)
+
+            def retry(result: Any) -> Any:
+                self._retrying_writes.discard(again)
+                if isinstance(result, Failure):
+                    return result
+                return self._record(push, state, **kw)
+
+            return again.addBoth(retry)
+
+        def written(p: Push) -> Push:
+            self._unrecorded.discard(push.id)
+            return p
+
+        return self.journal.transition(push, state, **kw).addCallbacks(written, later)
 
     @staticmethod
     def _push_id(msg: Mapping[str, Any]) -> str | None:
@@ -1563,6 +1602,9 @@ class Hub:
         return True
 
     def close(self) -> None:
+        self._closing = True
+        for d in list(self._retrying_writes):
+            d.cancel()  # the agent keeps its answer and sends it to the next relay
         for session in list(self.sessions.values()):
             session.conn.close("relay shutting down")
             self.connection_lost(session, "relay shutting down")
