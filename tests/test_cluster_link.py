@@ -149,6 +149,20 @@ class Links(_TwoHubs):
         self.bus.deliver()  # B's notice, late: nothing is sent twice
         self.assertEqual(len(conn_a.of_type(wire.TRANSMIT_REQUEST)), 2)
 
+    def test_a_push_taken_while_the_agent_was_paused_goes_when_it_is_ready(self) -> None:
+        from medagent.relay.hub import JOURNAL_RETRY
+
+        conn_a, session_a = self.connect_to(self.hub_a)
+        self.hub_a._pause(session_a, "a journal error")
+        pushes_a = PushService(self.hub_a, self.store, self.journal, self.clock)
+        payload = {"destination": f"Device/{self.device['id']}",
+                   "contentType": "x-application/hl7-v2+er7", "body": HL7.format(ctrl="PA1"),
+                   "waitForResponse": False}
+        self.successResultOf(pushes_a.push(self.admin, (self.agent["id"], None), payload))
+        self.assertEqual(conn_a.of_type(wire.TRANSMIT_REQUEST), [])
+        self.clock.advance(JOURNAL_RETRY)  # ready again: no poll needed
+        self.assertEqual(len(conn_a.of_type(wire.TRANSMIT_REQUEST)), 1)
+
     def test_a_push_retried_on_b_is_sent_by_a(self) -> None:
         conn_a, session_a = self.connect_to(self.hub_a)
         pushed = self.successResultOf(self.push_b("RT1")).push

@@ -770,6 +770,8 @@ class Hub:
             self._replay(session)
         else:
             self._pump_all(session)
+            if self.cluster is not None:  # what was journaled while it was not ready
+                self.wake(session.agent_id or "")
 
     def _not_ready(self, session: Session) -> None:
         """
