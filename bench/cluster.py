@@ -117,6 +117,16 @@ class Config:
             found = LISTENING.search(bytes(p.output))
             assert found is not None, p.text[-2000:]
             self.urls.append(found.group(1).decode())
+        for url in self.urls:  # ready: database reachable, schema current, keys read
+            for _ in range(600):
+                try:
+                    resp = await treq.get(url + "/readyz")
+                    await resp.content()
+                    if resp.code == 200:
+                        break
+                except Exception:
+                    pass
+                await deferLater(reactor, 0.1, lambda: None)
 
     async def stop(self) -> None:
         for p in self.procs:
