@@ -757,3 +757,44 @@ class CommandCodecTests(SynchronousTestCase):
         assembler.feed(read_pdus(pdus[0])[0])
         with self.assertRaises(dimse.DimseError):
             assembler.feed(read_pdus(pdus[0])[0])
+
+
+class SpareFileTests(SynchronousTestCase):
+    """A started channel writes instances and notes through spare files made ahead."""
+
+    def test_spares_made_ahead_taken_and_removed(self) -> None:
+        from medagent.dicom.instance import SpareFiles
+
+        folder = tempfile.mkdtemp(prefix="medagent-dicom-test-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+        leftover = os.path.join(folder, SpareFiles.PREFIX + "crashed.part")
+        open(leftover, "w").close()
+        channel = StorageChannel(lambda ct, body, remote: succeed(None), reactor=Clock(),
+                                 ae_title="AGENTSCP", storage_dir=folder,
+                                 sop_classes=[SR_CLASS], run_blocking=InlineRun())
+        channel.startService()
+        spares = sorted(n for n in os.listdir(folder) if n.startswith(SpareFiles.PREFIX))
+        self.assertEqual(len(spares), channel.spares.keep)
+        self.assertNotIn(os.path.basename(leftover), spares)  # a crash's leftovers go
+        proto = channel.factory().buildProtocol(None)
+        tr = transport()
+        proto.makeConnection(tr)
+        contexts = pdu.build_contexts([(SR_CLASS, [ExplicitVRLittleEndian])])
+        proto.dataReceived(pdu.associate_rq("MODALITY", "AGENTSCP", contexts, 16384).encode())
+        ds = sr_dataset()
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        proto.dataReceived(pdata(dimse.c_store_rq(1, SR_CLASS, ds.SOPInstanceUID, raw),
+                                 1, 16384))
+        names = set(os.listdir(folder))
+        # two spares became the instance and its note (forwarded and removed since); the
+        # channel made new ones
+        self.assertTrue(os.path.exists(os.path.join(folder, ds.SOPInstanceUID + ".dcm")))
+        self.assertEqual(len(set(spares) & names), channel.spares.keep - 2)
+        self.assertEqual(len([n for n in names if n.startswith(SpareFiles.PREFIX)]),
+                         channel.spares.keep)
+        from pydicom import dcmread
+
+        self.assertEqual(dcmread(os.path.join(folder, ds.SOPInstanceUID + ".dcm"))
+                         .SOPInstanceUID, ds.SOPInstanceUID)
+        channel.stopService()
+        self.assertEqual(sorted(os.listdir(folder)), [ds.SOPInstanceUID + ".dcm"])

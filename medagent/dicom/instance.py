@@ -16,6 +16,7 @@ import re
 import struct
 import tempfile
 import types
+from collections import deque
 from io import BytesIO
 from typing import Any
 
@@ -444,14 +445,18 @@ def file_meta_bytes(sop_class: str, sop_instance: str, syntax: str) -> bytes:
 
 
 def atomic_write(path: str, chunks: list[bytes], *, fsync: bool = True,
-                 fsync_folder: bool = True) -> int:
+                 fsync_folder: bool = True, tmp: str | None = None) -> int:
     """
-    Write atomically: a temporary file in the same folder, fsync, rename (and fsync the
-    folder).  Returns the size.  Nothing is left behind on failure.
+    Write atomically: a temporary file in the same folder (C{tmp}, made ahead by
+    L{SpareFiles}, or a new one), fsync, rename (and fsync the folder).  Returns the size.
+    Nothing is left behind on failure.
     """
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
-                               dir=folder)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
+                                   dir=folder)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -471,18 +476,66 @@ def atomic_write(path: str, chunks: list[bytes], *, fsync: bool = True,
     return sum(len(c) for c in chunks)
 
 
-def write_note(path: str, content: bytes) -> None:
+def write_note(path: str, content: bytes, tmp: str | None = None) -> None:
     """
-    Write a small file in place, without fsync: for notes whose existence a later folder
-    fsync makes durable and whose content, if a crash tears it, can be rebuilt.
+    Write a small file without fsync: for notes whose existence a later folder fsync makes
+    durable and whose content, if a crash tears it, can be rebuilt.  With C{tmp} (a spare
+    file) it is written there and renamed into place; without, in place.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    target = path if tmp is None else tmp
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(content)
         while view:
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+    if tmp is not None:
+        os.replace(tmp, path)
+
+
+class SpareFiles:
+    """
+    Empty files made ahead in a folder, taken by L{atomic_write} and L{write_note} as their
+    temporary file.  On ext4 creating a file waits for the journal about as long as an fsync
+    does; made while the peer is busy sending the next instance, that wait is off the path
+    between an instance's arrival and its answer.  Thread-safe (a deque); the names start
+    with L{PREFIX} so that leftovers of a crash are known and removed (L{remove_leftovers}).
+    """
+
+    PREFIX = ".spare-"
+
+    def __init__(self, folder: str, keep: int = 4) -> None:
+        self.folder = folder
+        self.keep = keep
+        self._ready: deque[str] = deque()
+
+    def take(self) -> str | None:
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def refill(self) -> None:
+        """Make files until C{keep} are ready (blocking: in a thread pool)."""
+        while len(self._ready) < self.keep:
+            fd, path = tempfile.mkstemp(prefix=self.PREFIX, suffix=".part", dir=self.folder)
+            os.close(fd)
+            self._ready.append(path)
+
+    def remove_leftovers(self) -> None:
+        """Remove every spare file in the folder, ours or a previous run's (blocking)."""
+        self._ready.clear()
+        for name in os.listdir(self.folder):
+            if name.startswith(self.PREFIX):
+                try:
+                    os.unlink(os.path.join(self.folder, name))
+                except OSError:
+                    pass
 
 
 def fsync_dir(folder: str) -> None:

@@ -40,6 +40,7 @@ from medagent.dicom.instance import (
     file_meta_bytes,
     fsync_dir,
     read_header,
+    SpareFiles,
     valid_uid,
     write_note,
 )
@@ -245,28 +246,47 @@ class StorageChannel(_ListeningService):
         self.forwards: dict[str, Deferred] = {}
         self.stored = 0
         self._commit = GroupCommit(self._run, self._store_group)
+        self.spares = SpareFiles(self.storage_dir)
+        self._refilling = False
 
     # -- service ---------------------------------------------------------------------------
 
     def startService(self) -> Deferred | None:
         os.makedirs(self.storage_dir, exist_ok=True)
         d = super().startService()
-        self.recover()
+        self.recover().addCallback(lambda _: self._refill())
         return d
+
+    def _refill(self) -> None:
+        """Make spare files (L{SpareFiles}) in the pool, one refill at a time."""
+        if self._refilling or self.spares.ready >= self.spares.keep or not self.running:
+            return
+        self._refilling = True
+
+        def done(result: Any) -> None:
+            self._refilling = False
+            if isinstance(result, Failure):
+                log.failure("DICOM storage: cannot make spare files", result)
+
+        self._run(self.spares.refill).addBoth(done)
 
     def stopService(self) -> Deferred:
         d = super().stopService()
+
+        def remove_spares(r: Any) -> Deferred:
+            return self._run(self.spares.remove_leftovers).addBoth(lambda _: r)
 
         def stop_pool(r: Any) -> Any:
             self._runner.stop()
             return r
 
-        return d.addBoth(stop_pool)
+        return d.addBoth(remove_spares).addBoth(stop_pool)
 
     def recover(self) -> Deferred:
         """Forward again what a previous run stored but did not see the relay take."""
 
         def scan() -> list[tuple[str, str, str]]:
+            self.spares.remove_leftovers()
             found = []
             for name in sorted(os.listdir(self.storage_dir)):
                 if name.endswith(".pending") and not name.startswith("."):
@@ -322,6 +342,7 @@ class StorageChannel(_ListeningService):
                          comment=comment)
                 return dimse.c_store_rsp(message, status, comment)
             self.stored += 1
+            self._refill()
             return HandlerResult(
                 [dimse.c_store_rsp(message, dimse.SUCCESS)],
                 sent=lambda: self._start_forward(note, body, remote),
@@ -378,8 +399,10 @@ class StorageChannel(_ListeningService):
             return (0xC000, f"cannot convert to JSON ({e.__class__.__name__})", None, None,
                     None, False)
         fresh = not os.path.exists(path)
-        atomic_write(path, [meta, data], fsync=self.fsync, fsync_folder=False)
-        write_note(note, json.dumps({"body": body, "remote": remote}).encode())
+        atomic_write(path, [meta, data], fsync=self.fsync, fsync_folder=False,
+                     tmp=self.spares.take())
+        write_note(note, json.dumps({"body": body, "remote": remote}).encode(),
+                   tmp=self.spares.take())
         return (dimse.SUCCESS, None, path, note, body, fresh)
 
     @staticmethod
