@@ -363,10 +363,9 @@ class DICOMSender:
             body["offendingElement"] = [f"{int(t):08X}" for t in (
                 offending if isinstance(offending, (list, tuple)) or hasattr(
                     offending, "__iter__") else [offending])]
-        # Per instance: a counter and a debug line, not an info line on the hot path.
+        # Counted, not logged: no line per instance on the hot path (twistd writes debug
+        # lines too); a refusal is in the reply the queue records.
         self.stores[category] = self.stores.get(category, 0) + 1
-        log.debug("DICOM SCU {peer}: C-STORE {size} bytes status 0x{status:04X} ({category})",
-                  peer=str(peer), size=instance.size, status=status, category=category)
         text = json.dumps(body)
         if category == "Success":
             return Reply(body=text, content_type=JSON, delivered=True)
