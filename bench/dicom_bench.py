@@ -4,7 +4,9 @@ DICOM C-STORE throughput, side by side with dcmtk (a C++ tool), in one run:
   SCU: our DICOMSender -> dcmtk storescp   vs   dcmtk storescu -> the same storescp
   SCP: dcmtk storescu -> our StorageChannel vs   dcmtk storescu -> dcmtk storescp
 
-with 100 small instances (Basic Text SR, ~1 kB) and 10 large ones (CT, 5 MB pixel data).
+with 100 small instances (Basic Text SR, ~1 kB) and 10 large ones (CT, 5 MB pixel data);
+and the small set stored by 4 storescu processes at once (4 associations), to our channel
+and to storescp.
 All dcmtk processes run with TCP_NODELAY=1 (dcmtk's fastest setting; with Nagle on, every
 dcmtk exchange waits ~40 ms for a delayed ACK).  Our storage channel fsyncs each instance
 before answering (its custody rule); storescp does not.
@@ -37,6 +39,7 @@ from medagent.dicom.scu import DICOMSender  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 SMALL, LARGE = 100, 10
+PARALLEL = 4  # concurrent storescu associations in the parallel SCP phase
 LARGE_PIXELS = 1600 * 1600  # 16-bit: 5.12 MB of pixel data
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 PHASE_TIMEOUT = 300
@@ -178,6 +181,27 @@ async def main(reactor) -> None:
                 "dcmtk": rates(len(files), sizes[name], t_storescp),
                 "ratio": round(t_storescp / t_channel, 2),
             }
+        # Several modalities at once: PARALLEL storescu processes sharing the small set, each
+        # on its own association - where our channel's writes are grouped (one folder fsync
+        # for the instances that arrive together).
+        async def parallel(to_port: int, aec: str) -> float:
+            shares = [small[i::PARALLEL] for i in range(PARALLEL)]
+            started = time.perf_counter()
+            await defer.gatherResults([defer.ensureDeferred(storescu(share, to_port, aec))
+                                       for share in shares])
+            return time.perf_counter() - started
+
+        groups_before = getattr(getattr(channel, "_commit", None), "groups", None)
+        t_storescp = await parallel(port, "STORESCP")
+        t_channel = await parallel(ch_port, "AGENTSCP")
+        groups = getattr(getattr(channel, "_commit", None), "groups", None)
+        results["scpParallel"] = {
+            "associations": PARALLEL,
+            "ours": rates(SMALL, sizes["small"], t_channel),
+            "dcmtk": rates(SMALL, sizes["small"], t_storescp),
+            "ratio": round(t_storescp / t_channel, 2),
+            "writeGroups": None if groups is None else groups - groups_before,
+        }
         results["forwarded"] = forwarded[0]
         results["notes"] = ("ratio = dcmtk time / our time (>= 1 means we are faster); "
                             "dcmtk with TCP_NODELAY=1; our SCP fsyncs every instance")
@@ -189,6 +213,10 @@ async def main(reactor) -> None:
                 print(f"{direction:<8} {name:<6} {r['ours']['instancesPerSecond']:>12} "
                       f"{r['ours']['MBps']:>10} {r['dcmtk']['instancesPerSecond']:>13} "
                       f"{r['dcmtk']['MBps']:>11} {r['ratio']:>6}")
+        r = results["scpParallel"]
+        print(f"{'scp x' + str(PARALLEL):<8} {'small':<6} {r['ours']['instancesPerSecond']:>12} "
+              f"{r['ours']['MBps']:>10} {r['dcmtk']['instancesPerSecond']:>13} "
+              f"{r['dcmtk']['MBps']:>11} {r['ratio']:>6}")
         print(json.dumps(results))
     finally:
         if channel is not None and channel.running:

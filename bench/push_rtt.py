@@ -92,6 +92,13 @@ async def stage_medians(base: str, pool: Any, headers: dict, push_ids: list[str]
     return {k: round(percentile(v, 0.5), 3) for k, v in gaps.items()}
 
 
+def cpu_ms(proc: Proc) -> float:
+    """CPU time (user + system) the process has used so far, in ms (Linux /proc)."""
+    with open(f"/proc/{proc.transport.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -196,10 +203,13 @@ async def main(args: argparse.Namespace) -> dict:
         print("measuring bare twisted.web POST", file=sys.stderr)
         http_lat, _ = await timed_loop(args.n, 1, web_post)
         print("measuring waited pushes, 1 client", file=sys.stderr)
+        cpu = [(cpu_ms(relay), cpu_ms(agent))]
         push_lat, push_wall = await timed_loop(args.n, 1, lambda i: push(i))
+        cpu.append((cpu_ms(relay), cpu_ms(agent)))
         print(f"measuring waited pushes, {args.concurrency} clients", file=sys.stderr)
         conc_lat, conc_wall = await timed_loop(args.n * 2, args.concurrency,
                                                lambda i: push(args.n + i))
+        cpu.append((cpu_ms(relay), cpu_ms(agent)))
         print(f"measuring waited pushes, {args.concurrency} clients, {args.devices} devices",
               file=sys.stderr)
         spread_lat, spread_wall = await timed_loop(
@@ -227,6 +237,12 @@ async def main(args: argparse.Namespace) -> dict:
             # where a waited push's time went (1 client): median ms from the stage before
             # (the push status documents' timeline; received → journaled → sent → answered)
             "stage_p50_ms": stages,
+            # CPU each process spent per waited push (load on the machine moves it less
+            # than the latencies): where the time goes, relay or agent
+            "relay_cpu_ms_per_push_1": round((cpu[1][0] - cpu[0][0]) / args.n, 3),
+            "agent_cpu_ms_per_push_1": round((cpu[1][1] - cpu[0][1]) / args.n, 3),
+            "relay_cpu_ms_per_push_16": round((cpu[2][0] - cpu[1][0]) / (args.n * 2), 3),
+            "agent_cpu_ms_per_push_16": round((cpu[2][1] - cpu[1][1]) / (args.n * 2), 3),
         }
     finally:
         await bench.stop()

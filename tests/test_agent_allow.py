@@ -82,3 +82,41 @@ class DispatcherTests(SynchronousTestCase):
                 self.assertIn("not allowed", err.reason)
         self.assertEqual(sender.sent, ["mllp://127.0.0.1:2575"])
         self.assertEqual(sender.pinged, [])
+
+    def test_parses_remembered_policy_checked_every_time(self) -> None:
+        from medagent import agent
+        from medagent.destination import lane_key
+
+        sender = _Sender()
+        dispatcher = Dispatcher({"mllp": sender})
+        calls = []
+        real = agent.dispatch.parse_destination
+
+        def counting(url: str, **kw):
+            calls.append(url)
+            return real(url, **kw)
+
+        self.patch(agent.dispatch, "parse_destination", counting)
+        url = "mllp://127.0.0.1:2575?ackTimeout=5"
+        for _ in range(3):
+            self.successResultOf(dispatcher.dispatch(url, "x", "MSH|", {}))
+            self.assertEqual(dispatcher.lane_key(url), lane_key(url))
+        self.assertEqual(calls, [url])
+        # the allowlist still applies to a remembered destination (a reload may change it)
+        dispatcher.policy = DestinationPolicy.from_setting("127.0.0.2:2575")
+        f = self.failureResultOf(dispatcher.dispatch(url, "x", "MSH|", {}))
+        self.assertIn("not allowed", f.value.reason)
+        # an unparsable URL: its error is remembered too, and it is its own lane
+        for _ in range(2):
+            f = self.failureResultOf(dispatcher.dispatch("mllp://:bad", "x", "MSH|", {}))
+            self.assertEqual(f.value.phase, "destination")
+        self.assertEqual(dispatcher.lane_key("mllp://:bad"), "mllp://:bad")
+        self.assertEqual(calls, [url, "mllp://:bad"])
+
+    def test_remembered_parses_are_bounded(self) -> None:
+        from medagent.agent.dispatch import PARSED_URLS
+
+        dispatcher = Dispatcher({"mllp": _Sender()})
+        for port in range(1, PARSED_URLS + 10):
+            dispatcher.parse(f"mllp://127.0.0.1:{port}")
+        self.assertLessEqual(len(dispatcher._parsed), PARSED_URLS)

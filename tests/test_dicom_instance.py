@@ -18,6 +18,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    UID,
     ImplicitVRLittleEndian,
     generate_uid,
 )
@@ -230,3 +231,61 @@ class PooledAssociationTests(SynchronousTestCase):
         sender.close()
         for p in (proto, proto2):
             p.connectionLost(None)
+
+
+class QuickReadTests(SynchronousTestCase):
+    """
+    The file meta we write and the quick Part 10 reader against pydicom / pynetdicom: the
+    same bytes, the same UIDs and data set, and pydicom's reading for everything else.
+    """
+
+    def test_file_meta_bytes_are_pynetdicoms(self) -> None:
+        from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+        from medagent.dicom.instance import file_meta_bytes
+        from medagent.dicom.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+        for sop_instance in ("1.2.3", "1.2.34"):
+            for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                           "1.2.840.10008.1.2.4.50"):
+                meta = create_file_meta(
+                    sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"),
+                    sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax),
+                    implementation_uid=IMPLEMENTATION_CLASS_UID,
+                    implementation_version=IMPLEMENTATION_VERSION_NAME)
+                self.assertEqual(
+                    file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", sop_instance, syntax),
+                    b"\x00" * 128 + b"DICM" + encode_file_meta(meta))
+        with self.assertRaises(InstanceError):
+            file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", "not a uid", "1.2.840.10008.1.2")
+
+    def test_quick_reader_agrees_with_pydicom(self) -> None:
+        from medagent.dicom.instance import _from_part10_quick, dataset_offset, read_header
+
+        quick_ones = 0
+        for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "MR_small_implicit.dcm",
+                     "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm"):
+            data = raw(name)
+            quick = _from_part10_quick(data)
+            meta, offset = dataset_offset(data)
+            syntax = str(meta.TransferSyntaxUID)
+            if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+                self.assertIsNone(quick, name)  # pydicom reads those
+                continue
+            ds = read_header(data[offset:], syntax, stop_after=0x00080018)
+            assert quick is not None
+            quick_ones += 1
+            self.assertEqual((quick.sop_class, quick.sop_instance, quick.transfer_syntax),
+                             (str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax), name)
+            self.assertEqual(quick.data, data[offset:])
+            self.assertEqual(from_part10(data), quick)
+        self.assertGreaterEqual(quick_ones, 3)
+
+    def test_quick_reader_leaves_odd_files_to_pydicom(self) -> None:
+        from medagent.dicom.instance import _from_part10_quick
+
+        data = raw("CT_small.dcm")
+        self.assertIsNone(_from_part10_quick(data[:140]))  # truncated in the file meta
+        self.assertIsNone(_from_part10_quick(b"\x00" * 128 + b"DICX" + data[132:]))
+        with self.assertRaises(InstanceError):
+            from_part10(data[:140])

@@ -243,6 +243,13 @@ class SenderAgainstOrthanc(_Base):
         self.assertEqual(json.loads(ping.body)["status"], "0x0000")
 
 
+def stored_files(channel) -> list[str]:
+    """What is in the channel's folder besides its spare files (L{SpareFiles})."""
+    from medagent.dicom.instance import SpareFiles
+
+    return [n for n in os.listdir(channel.storage_dir) if not n.startswith(SpareFiles.PREFIX)]
+
+
 class DcmtkToStorageChannel(_Base):
     def channel(self, **kw) -> tuple[StorageChannel, list, int]:
         forwarded: list = []
@@ -281,7 +288,7 @@ class DcmtkToStorageChannel(_Base):
         self.assertNotIn("7FE00010", by_uid["1.2.276.0.7230010.3.1.4.1111.1.1"]["dataset"])
         out, code = await run([program("dciodvfy"), stored])
         self.assertNotIn("Error", out, out)
-        self.assertEqual(sorted(n for n in os.listdir(ch.storage_dir)),
+        self.assertEqual(sorted(stored_files(ch)),
                          sorted([sr_uid + ".dcm", "1.2.276.0.7230010.3.1.4.1111.1.1.dcm"]))
 
         # unknown calling AE: rejected with the reason code dcmtk prints
@@ -305,7 +312,7 @@ class DcmtkToStorageChannel(_Base):
                                "127.0.0.1", str(port), ct])
         self.assertNotEqual(code, 0, out)
         self.assertIn("No presentation context", out)
-        self.assertEqual(os.listdir(ch.storage_dir), [])
+        self.assertEqual(stored_files(ch), [])
         self.assertEqual(forwarded, [])
 
     def test_our_sender_to_our_channel(self) -> Deferred:

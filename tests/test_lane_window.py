@@ -75,8 +75,17 @@ class DeviceDownTest(TestCase):
             self.assertEqual(sink_ids(), ids)  # once each, in order
             self.assertLess(elapsed, 1.0, f"10 pushes to a healthy device took {elapsed:.2f}s")
             # the device that is down still has all of its pushes, none lost, none failed
-            params = await client.request_json("GET", f"/fhir/R4/Agent/{agent['id']}/$stats")
-            counts = json.loads(params["parameter"][0]["valueString"])["relay"]
+            counts: dict = {}
+
+            async def relay_has_the_answers() -> bool:
+                # The sink has the 10th message before the relay has its answer: wait for it.
+                params = await client.request_json("GET",
+                                                   f"/fhir/R4/Agent/{agent['id']}/$stats")
+                counts.update(json.loads(params["parameter"][0]["valueString"])["relay"])
+                return counts["delivered"] + counts["failed"] >= len(ids)
+
+            await procs.wait_until(relay_has_the_answers, timeout=10, interval=0.05,
+                                   what="the relay recording the healthy device's answers")
             self.assertEqual((counts["delivered"], counts["failed"]), (len(ids), 0))
             self.assertEqual(counts["queued"] + counts["sent"] + counts["accepted"], DOWN_PUSHES)
             self.assertGreater(counts["queued"], 0)  # beyond its lane window: in the journal

@@ -20,6 +20,10 @@ from medagent.delivery import DeliveryError, Reply, Sender
 from medagent.destination import Destination, DestinationError, parse_destination
 
 
+#: How many destination URLs a dispatcher remembers the parse of (then it starts again).
+PARSED_URLS = 1024
+
+
 class Dispatcher:
     """Scheme → sender lookup, the destination policy check, and ping."""
 
@@ -28,6 +32,9 @@ class Dispatcher:
         self._senders = dict(senders)
         #: where this agent may connect (the site's allowlist; open unless configured)
         self.policy = policy if policy is not None else DestinationPolicy()
+        #: remote URL -> its parse (or why it does not parse): a lane asks several times per
+        #: message (its lane, whether the sender marks, whether it is ready, the dispatch)
+        self._parsed: dict[str, Destination | DestinationError] = {}
 
     def add_sender(self, scheme: str, sender: Sender) -> None:
         self._senders[scheme] = sender
@@ -61,10 +68,9 @@ class Dispatcher:
 
     def resolve(self, remote: str) -> tuple[Destination, Sender]:
         """Parse C{remote} and find its sender; L{DeliveryError} (permanent) if we cannot."""
-        try:
-            destination = parse_destination(remote, needs_port=False)
-        except DestinationError as e:
-            raise DeliveryError(str(e), transient=False, phase="destination")
+        destination = self.parse(remote)
+        if isinstance(destination, DestinationError):
+            raise DeliveryError(str(destination), transient=False, phase="destination")
         if not self.policy.allows(destination):
             raise DeliveryError(self.policy.refusal(destination), transient=False,
                                 phase="destination")
@@ -77,6 +83,24 @@ class Dispatcher:
                 phase="destination",
             )
         return destination, sender
+
+    def parse(self, remote: str) -> Destination | DestinationError:
+        """C{remote} parsed (a frozen L{Destination}), or its error; remembered per URL."""
+        parsed = self._parsed.get(remote)
+        if parsed is None:
+            try:
+                parsed = parse_destination(remote, needs_port=False)
+            except DestinationError as e:
+                parsed = e
+            if len(self._parsed) >= PARSED_URLS:
+                self._parsed.clear()  # bounded: URLs come from the relay
+            self._parsed[remote] = parsed
+        return parsed
+
+    def lane_key(self, remote: str) -> str:
+        """L{medagent.destination.lane_key}, from the remembered parse."""
+        parsed = self.parse(remote)
+        return remote if isinstance(parsed, DestinationError) else parsed.key
 
     def dispatch(
         self, remote: str, content_type: str, body: str, options: Mapping[str, Any] | None = None

@@ -130,7 +130,7 @@ class DurableQueue:
             for seq, push_id, remote, content_type in entries:
                 # Keys are recomputed: rows stored under an older key scheme (the whole URL)
                 # join their device's lane, still in seq order.
-                lane = self._lane(lane_key(remote))
+                lane = self._lane(self.dispatcher.lane_key(remote))
                 lane.waiting.append((seq, push_id))
                 lane.kinds[seq] = (remote, content_type)
             if entries:
@@ -165,7 +165,7 @@ class DurableQueue:
         options = {k: msg[k] for k in ("returnAck", "waitTimeout") if k in msg}
         now = self.wall()
         remote = msg["remote"]
-        key = lane_key(remote)
+        key = self.dispatcher.lane_key(remote)
         lane = self._lane(key)
         # An idle lane takes the message straight to 'delivering' in the same commit that
         # stores it (one write less on the way to the device); the lane is reserved now so
@@ -177,7 +177,8 @@ class DurableQueue:
             lane.busy = True
         marks = direct and self._marks_later(remote, msg["contentType"])
         state, attempts = ((QUEUED if marks else DELIVERING), 1) if direct else (QUEUED, 0)
-        row_values = (push_id, remote, msg["contentType"], msg["body"], json.dumps(options),
+        options_json = json.dumps(options)
+        row_values = (push_id, remote, msg["contentType"], msg["body"], options_json,
                       msg.get("callback"), state, attempts, now, now)
 
         def stored(result: tuple[bool, Any]) -> None:
@@ -192,8 +193,8 @@ class DurableQueue:
                     self._dispatch(key, lane, {
                         "seq": info, "push_id": push_id, "remote": remote,
                         "content_type": msg["contentType"], "body": msg["body"],
-                        "options": json.dumps(options), "callback": msg.get("callback"),
-                        "attempts": 1}, marked=not marks)
+                        "options": options_json, "callback": msg.get("callback"),
+                        "attempts": 1}, marked=not marks, options=options)
                 else:
                     self._pump(key)
                 return
@@ -272,7 +273,7 @@ class DurableQueue:
                 and not self.dispatcher.ready_to_write(remote))
 
     def _dispatch(self, key: str, lane: _Lane, row: Mapping[str, Any], *,
-                  marked: bool) -> None:
+                  marked: bool, options: Mapping[str, Any] | None = None) -> None:
         """
         Hand the entry to the dispatcher.  C{marked}: its 'delivering' mark is on disk
         already; otherwise the sender calls the L{BEFORE_WRITE} hook, which writes it (in the
@@ -300,7 +301,8 @@ class DurableQueue:
 
             return self.inbox.mark_delivering(seq, self.wall(), refused).addErrback(not_marked)
 
-        options = json.loads(row["options"] or "{}")
+        # C{options}: the request's own, on the direct path (not decoded again from the row)
+        options = dict(options) if options is not None else json.loads(row["options"] or "{}")
         if not marked:
             options[BEFORE_WRITE] = before_write
         started = self.clock.seconds()
@@ -361,10 +363,11 @@ class DurableQueue:
             else:
                 lane.failed += 1
                 self.stats["failed"] += 1
-            log.info("Push {push_id} {outcome} ({detail}) after {attempts} attempt(s)",
-                     push_id=push_id, outcome="delivered" if reply.delivered else
-                     "refused by the device", detail=reply.detail or "",
-                     attempts=row["attempts"])
+                log.warn("Push {push_id} refused by the device ({detail}) after {attempts} "
+                         "attempt(s)", push_id=push_id, detail=reply.detail or "",
+                         attempts=row["attempts"])
+            # A delivery is counted (stats, the lane, metrics), not logged: no line per
+            # message on the hot path.
         lane.failures = 0
         self._finish(key, lane, row["seq"], answer)
 

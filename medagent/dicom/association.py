@@ -254,8 +254,7 @@ class _AssociationBase(Protocol):
         transport = maybe_transport(self)
         if transport is None or self.state not in ("established", "releasing"):
             return
-        transport.writeSequence(list(dimse.message_pdus(message, context_id,
-                                                        self.send_max_pdu)))
+        transport.write(dimse.message_bytes(message, context_id, self.send_max_pdu))
 
 
 # -- requestor (SCU side) -------------------------------------------------------------------
@@ -378,7 +377,7 @@ class AssociationRequestor(_AssociationBase):
             return fail(AssociationError("a DIMSE request is already in flight",
                                          transient=False))
         d: Deferred[list] = Deferred()
-        self._pending = (message.command_set.MessageID, d, [], multiple)
+        self._pending = (dimse.field(message, "MessageID"), d, [], multiple)
         self.requests_sent += 1
         self.send_message(message, context_id)
         self._set_timer(timeout or self.dimse_timeout, "DIMSE response")
@@ -640,7 +639,7 @@ class AssociationAcceptor(_AssociationBase):
                 result.unsent()
             return
         pending = [r for r in result.responses
-                   if r.command_set.Status in (dimse.PENDING, dimse.PENDING_WARNING)]
+                   if dimse.field(r, "Status") in (dimse.PENDING, dimse.PENDING_WARNING)]
         if pending:
             self._stream(message, pending, result)
             return
@@ -659,7 +658,7 @@ class AssociationAcceptor(_AssociationBase):
             self.clock.callLater(0, self._stream, message, rest, result)
             return
         finals = [r for r in result.responses
-                  if r.command_set.Status not in (dimse.PENDING, dimse.PENDING_WARNING)]
+                  if dimse.field(r, "Status") not in (dimse.PENDING, dimse.PENDING_WARNING)]
 
         def final() -> None:
             if self._find_stopped(message, result):

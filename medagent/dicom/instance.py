@@ -13,8 +13,10 @@ import binascii
 import json
 import os
 import re
+import struct
 import tempfile
 import types
+from collections import deque
 from io import BytesIO
 from typing import Any
 
@@ -22,7 +24,6 @@ import attr
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_preamble
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from medagent.dicom import dimse
 from medagent.dicom.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -267,8 +268,86 @@ def pad_deflated(data: bytes, syntax: str) -> bytes:
     return data
 
 
+#: Explicit VR elements with a 4-byte length (and 2 reserved bytes) (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+
+
+def _scan_elements(raw: bytes, offset: int, implicit: bool, until: int,
+                   wanted: set[int]) -> tuple[dict[int, bytes], int] | None:
+    """
+    The values of the C{wanted} tags among the little endian elements of C{raw} from
+    C{offset}, stopping before the first tag above C{until}; and where it stopped.  None when
+    something needs a real parser (an undefined length, a truncated element): the caller
+    then asks pydicom.
+    """
+    found: dict[int, bytes] = {}
+    end = len(raw)
+    while offset + 8 <= end:
+        group, element = struct.unpack_from("<HH", raw, offset)
+        tag = (group << 16) | element
+        if tag > until:
+            return found, offset
+        if implicit:
+            length = struct.unpack_from("<I", raw, offset + 4)[0]
+            start = offset + 8
+        else:
+            vr = raw[offset + 4: offset + 6]
+            if vr in _LONG_VRS:
+                if offset + 12 > end:
+                    return None
+                length = struct.unpack_from("<I", raw, offset + 8)[0]
+                start = offset + 12
+            else:
+                length = struct.unpack_from("<H", raw, offset + 6)[0]
+                start = offset + 8
+        if length == 0xFFFFFFFF or start + length > end:
+            return None
+        if tag in wanted:
+            found[tag] = raw[start: start + length]
+        offset = start + length
+    return found, offset
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("ascii").rstrip("\x00 ")
+    except UnicodeDecodeError:
+        return None
+
+
+def _from_part10_quick(raw: bytes) -> Instance | None:
+    """
+    L{from_part10} for the common case - file meta and data set in (Explicit or Implicit
+    VR) Little Endian - by reading only the few elements it needs; None for anything else.
+    """
+    if raw[128:132] != b"DICM":
+        return None
+    meta = _scan_elements(raw, 132, False, 0x0002FFFF, {0x00020002, 0x00020003, 0x00020010})
+    if meta is None:
+        return None
+    values, offset = meta
+    syntax = _text(values.get(0x00020010))
+    if syntax not in (str(ExplicitVRLittleEndian), str(dimse.ImplicitVRLittleEndian)):
+        return None
+    header = _scan_elements(raw, offset, syntax == dimse.ImplicitVRLittleEndian, 0x00080018,
+                            {0x00080016, 0x00080018})
+    if header is None:
+        return None
+    sop_class = _text(header[0].get(0x00080016)) or _text(values.get(0x00020002))
+    sop_instance = _text(header[0].get(0x00080018)) or _text(values.get(0x00020003))
+    if not (valid_uid(sop_class) and valid_uid(sop_instance)):
+        return None  # pydicom's reading says what is wrong
+    return Instance(str(sop_class), str(sop_instance), str(syntax), raw[offset:])
+
+
 def from_part10(raw: bytes) -> Instance:
     """Read a Part 10 file: the SOP UIDs from the data set, the data set bytes as they are."""
+    quick = _from_part10_quick(raw)
+    if quick is not None:
+        return quick
     meta, offset = dataset_offset(raw)
     syntax = meta.get("TransferSyntaxUID")
     if not valid_uid(syntax):
@@ -329,24 +408,55 @@ def from_body(content_type: str, body: str) -> Instance:
     )
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element in Explicit VR Little Endian (PS3.10 7.1)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+_IMPLEMENTATION_ITEMS = (
+    _meta_element(0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID))
+    + _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")
+                    + b" " * (len(IMPLEMENTATION_VERSION_NAME) % 2)))
+
+
 def file_meta_bytes(sop_class: str, sop_instance: str, syntax: str) -> bytes:
-    """Preamble, 'DICM' and the file meta group for a Part 10 file we write."""
-    meta = create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
-                            transfer_syntax=UID(syntax),
-                            implementation_uid=IMPLEMENTATION_CLASS_UID,
-                            implementation_version=IMPLEMENTATION_VERSION_NAME)
-    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+    """
+    Preamble, 'DICM' and the file meta group for a Part 10 file we write: the bytes
+    pydicom's writer makes for pynetdicom's C{create_file_meta}, written directly (this runs
+    once per received instance, and the writer costs more than the rest of a small store).
+    """
+    for uid in (sop_class, sop_instance, syntax):
+        if not valid_uid(uid):
+            raise InstanceError(f"invalid UID for the file meta: {uid!r}")
+    items = (_meta_element(0x0001, b"OB", b"\x00\x01")
+             + _meta_element(0x0002, b"UI", _ui(sop_class))
+             + _meta_element(0x0003, b"UI", _ui(sop_instance))
+             + _meta_element(0x0010, b"UI", _ui(syntax))
+             + _IMPLEMENTATION_ITEMS)
+    return (b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(items)))
+            + items)
 
 
 def atomic_write(path: str, chunks: list[bytes], *, fsync: bool = True,
-                 fsync_folder: bool = True) -> int:
+                 fsync_folder: bool = True, tmp: str | None = None) -> int:
     """
-    Write atomically: a temporary file in the same folder, fsync, rename (and fsync the
-    folder).  Returns the size.  Nothing is left behind on failure.
+    Write atomically: a temporary file in the same folder (C{tmp}, made ahead by
+    L{SpareFiles}, or a new one), fsync, rename (and fsync the folder).  Returns the size.
+    Nothing is left behind on failure.
     """
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
-                               dir=folder)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part",
+                                   dir=folder)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -364,6 +474,68 @@ def atomic_write(path: str, chunks: list[bytes], *, fsync: bool = True,
     if fsync and fsync_folder:
         fsync_dir(folder)
     return sum(len(c) for c in chunks)
+
+
+def write_note(path: str, content: bytes, tmp: str | None = None) -> None:
+    """
+    Write a small file without fsync: for notes whose existence a later folder fsync makes
+    durable and whose content, if a crash tears it, can be rebuilt.  With C{tmp} (a spare
+    file) it is written there and renamed into place; without, in place.
+    """
+    target = path if tmp is None else tmp
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    if tmp is not None:
+        os.replace(tmp, path)
+
+
+class SpareFiles:
+    """
+    Empty files made ahead in a folder, taken by L{atomic_write} and L{write_note} as their
+    temporary file.  On ext4 creating a file waits for the journal about as long as an fsync
+    does; made while the peer is busy sending the next instance, that wait is off the path
+    between an instance's arrival and its answer.  Thread-safe (a deque); the names start
+    with L{PREFIX} so that leftovers of a crash are known and removed (L{remove_leftovers}).
+    """
+
+    PREFIX = ".spare-"
+
+    def __init__(self, folder: str, keep: int = 4) -> None:
+        self.folder = folder
+        self.keep = keep
+        self._ready: deque[str] = deque()
+
+    def take(self) -> str | None:
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def refill(self) -> None:
+        """Make files until C{keep} are ready (blocking: in a thread pool)."""
+        while len(self._ready) < self.keep:
+            fd, path = tempfile.mkstemp(prefix=self.PREFIX, suffix=".part", dir=self.folder)
+            os.close(fd)
+            self._ready.append(path)
+
+    def remove_leftovers(self) -> None:
+        """Remove every spare file in the folder, ours or a previous run's (blocking)."""
+        self._ready.clear()
+        for name in os.listdir(self.folder):
+            if name.startswith(self.PREFIX):
+                try:
+                    os.unlink(os.path.join(self.folder, name))
+                except OSError:
+                    pass
 
 
 def fsync_dir(folder: str) -> None:

@@ -3,7 +3,9 @@ Inbound DICOM: the storage channel, a C-STORE SCP (and C-ECHO) that keeps each i
 the agent's disk and forwards its metadata to the relay.
 
 Order of custody: the Part 10 file (and a ``.pending`` note holding the forward body) are
-written and fsynced *before* the C-STORE response says success; the forward to the relay
+written and fsynced - the file, then the folder for its name and the note - *before* the
+C-STORE response says success (instances arriving together share the folder fsync:
+L{GroupCommit}); the forward to the relay
 starts once the response is on its way, and the note is removed when the relay has it.  An
 instance whose association died before we could answer is deleted (the modality will send it
 again); notes left by a crash are forwarded again on the next start.
@@ -22,6 +24,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from medagent.dicom import dimse, pdu
@@ -37,7 +40,9 @@ from medagent.dicom.instance import (
     file_meta_bytes,
     fsync_dir,
     read_header,
+    SpareFiles,
     valid_uid,
+    write_note,
 )
 
 log = Logger()
@@ -92,6 +97,54 @@ class ThreadRunner:
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+
+
+class GroupCommit:
+    """
+    Instances that arrive while a write is under way are written together: one call of
+    C{work} in the thread pool for the whole group, which fsyncs each file and then the
+    folder once, so several associations storing at once share the folder's fsync.  Each
+    submitter's Deferred fires with its own outcome only after the group's fsyncs: a success
+    response is never sent before its instance (and its directory entry) is durable.
+    """
+
+    def __init__(self, run: Callable[..., Deferred], work: Callable[[list], list],
+                 max_group: int = 64) -> None:
+        self._run = run
+        self._work = work
+        self.max_group = max_group
+        self._waiting: list[tuple[Any, Deferred]] = []
+        self._writing = False
+        self.groups = 0
+
+    def submit(self, job: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiting.append((job, d))
+        self._next()
+        return d
+
+    def _next(self) -> None:
+        if self._writing or not self._waiting:
+            return
+        group = self._waiting[: self.max_group]
+        del self._waiting[: self.max_group]
+        self._writing = True
+        self.groups += 1
+        d = self._run(self._work, [job for job, _ in group])
+
+        def written(outcomes: list) -> None:
+            self._writing = False
+            for (_, waiter), outcome in zip(group, outcomes):
+                waiter.callback(outcome)
+            self._next()
+
+        def failed(f: Any) -> None:
+            self._writing = False
+            for _, waiter in group:
+                waiter.errback(f)
+            self._next()
+
+        d.addCallbacks(written, failed)
 
 
 class _ListeningService(service.Service):
@@ -192,28 +245,48 @@ class StorageChannel(_ListeningService):
             max_message_bytes=max_instance_bytes)
         self.forwards: dict[str, Deferred] = {}
         self.stored = 0
+        self._commit = GroupCommit(self._run, self._store_group)
+        self.spares = SpareFiles(self.storage_dir)
+        self._refilling = False
 
     # -- service ---------------------------------------------------------------------------
 
     def startService(self) -> Deferred | None:
         os.makedirs(self.storage_dir, exist_ok=True)
         d = super().startService()
-        self.recover()
+        self.recover().addCallback(lambda _: self._refill())
         return d
+
+    def _refill(self) -> None:
+        """Make spare files (L{SpareFiles}) in the pool, one refill at a time."""
+        if self._refilling or self.spares.ready >= self.spares.keep or not self.running:
+            return
+        self._refilling = True
+
+        def done(result: Any) -> None:
+            self._refilling = False
+            if isinstance(result, Failure):
+                log.failure("DICOM storage: cannot make spare files", result)
+
+        self._run(self.spares.refill).addBoth(done)
 
     def stopService(self) -> Deferred:
         d = super().stopService()
+
+        def remove_spares(r: Any) -> Deferred:
+            return self._run(self.spares.remove_leftovers).addBoth(lambda _: r)
 
         def stop_pool(r: Any) -> Any:
             self._runner.stop()
             return r
 
-        return d.addBoth(stop_pool)
+        return d.addBoth(remove_spares).addBoth(stop_pool)
 
     def recover(self) -> Deferred:
         """Forward again what a previous run stored but did not see the relay take."""
 
         def scan() -> list[tuple[str, str, str]]:
+            self.spares.remove_leftovers()
             found = []
             for name in sorted(os.listdir(self.storage_dir)):
                 if name.endswith(".pending") and not name.startswith("."):
@@ -257,10 +330,11 @@ class StorageChannel(_ListeningService):
         association = {"callingAeTitle": assoc.calling_ae.strip(),
                        "calledAeTitle": assoc.called_ae.strip()}
         remote = f"dicom://{assoc.calling_ae.strip()}@{assoc.peer}"
-        d = self._run(self._store_blocking, sop_class, sop_instance, syntax, data, association,
-                      remote)
+        d = self._commit.submit((sop_class, sop_instance, syntax, data, association, remote))
 
-        def stored(outcome: tuple) -> Any:
+        def stored(outcome: tuple | Exception) -> Any:
+            if isinstance(outcome, Exception):
+                return failed(Failure(outcome))
             status, comment, path, note, body, fresh = outcome
             if status != dimse.SUCCESS:
                 log.warn("DICOM storage: refused an instance from {calling}: 0x{status:04X} "
@@ -268,6 +342,7 @@ class StorageChannel(_ListeningService):
                          comment=comment)
                 return dimse.c_store_rsp(message, status, comment)
             self.stored += 1
+            self._refill()
             return HandlerResult(
                 [dimse.c_store_rsp(message, dimse.SUCCESS)],
                 sent=lambda: self._start_forward(note, body, remote),
@@ -280,12 +355,29 @@ class StorageChannel(_ListeningService):
 
         return d.addCallbacks(stored, failed)
 
+    def _store_group(self, jobs: list[tuple]) -> list:
+        """
+        Store a group of instances (L{GroupCommit}): each file written and fsynced, then the
+        folder fsynced once for all of them.  An instance that cannot be stored gets its own
+        refusal (or exception, answered 0xA700); a failing folder fsync fails the group.
+        Runs in the channel's thread pool.
+        """
+        outcomes: list = []
+        for job in jobs:
+            try:
+                outcomes.append(self._store_blocking(*job))
+            except Exception as e:
+                outcomes.append(e)
+        if self.fsync and any(not isinstance(o, Exception) and o[0] == dimse.SUCCESS
+                              for o in outcomes):
+            fsync_dir(self.storage_dir)
+        return outcomes
+
     def _store_blocking(self, sop_class: str, sop_instance: str, syntax: str, data: bytes,
                         association: dict, remote: str) -> tuple:
         """
         Parse, check, write + fsync the file; write the note (its existence made durable by
-        the folder fsync; its content can be rebuilt from the file).  Runs in the channel's
-        thread pool.
+        the folder fsync in L{_store_group}; its content can be rebuilt from the file).
         """
         try:
             ds = read_header(data, syntax)
@@ -307,11 +399,10 @@ class StorageChannel(_ListeningService):
             return (0xC000, f"cannot convert to JSON ({e.__class__.__name__})", None, None,
                     None, False)
         fresh = not os.path.exists(path)
-        self._write(path, [meta, data])
-        self._write(note, [json.dumps({"body": body, "remote": remote}).encode()],
-                    fsync=False)
-        if self.fsync:
-            fsync_dir(self.storage_dir)
+        atomic_write(path, [meta, data], fsync=self.fsync, fsync_folder=False,
+                     tmp=self.spares.take())
+        write_note(note, json.dumps({"body": body, "remote": remote}).encode(),
+                   tmp=self.spares.take())
         return (dimse.SUCCESS, None, path, note, body, fresh)
 
     @staticmethod
@@ -338,10 +429,6 @@ class StorageChannel(_ListeningService):
             os.path.getsize(path), str(meta.MediaStorageSOPInstanceUID),
             str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
         return body, "dicom://recovered"
-
-    def _write(self, path: str, chunks: list[bytes], fsync: bool = True) -> None:
-        # the folder is fsynced once for the instance and its note (see _c_store)
-        atomic_write(path, chunks, fsync=self.fsync and fsync, fsync_folder=False)
 
     def _discard(self, path: str | None, note: str) -> None:
         """

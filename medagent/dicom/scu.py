@@ -144,6 +144,8 @@ class DICOMSender:
         self._connecting: set[Deferred] = set()
         self._closed = False
         self.associations_opened = 0
+        #: C-STORE responses received, by status category ("Success", "Warning", "Failure").
+        self.stores: dict[str, int] = {}
 
     # -- Sender API ------------------------------------------------------------------------
 
@@ -361,8 +363,9 @@ class DICOMSender:
             body["offendingElement"] = [f"{int(t):08X}" for t in (
                 offending if isinstance(offending, (list, tuple)) or hasattr(
                     offending, "__iter__") else [offending])]
-        log.info("DICOM SCU {peer}: C-STORE {size} bytes status 0x{status:04X} ({category})",
-                 peer=str(peer), size=instance.size, status=status, category=category)
+        # Counted, not logged: no line per instance on the hot path (twistd writes debug
+        # lines too); a refusal is in the reply the queue records.
+        self.stores[category] = self.stores.get(category, 0) + 1
         text = json.dumps(body)
         if category == "Success":
             return Reply(body=text, content_type=JSON, delivered=True)

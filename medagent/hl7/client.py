@@ -96,6 +96,8 @@ class MLLPClientProtocol(LostWaiters, Protocol):
         self.last_ack_at: float | None = None
         self.closed_after_ack = False
         self.messages = 0
+        #: ACKs received for our messages, by acknowledgment code (AA, AE, AR, CA...)
+        self.acks: dict[str, int] = {}
         self._handshake: Deferred[None] | None = None
         self._handshake_done = False
         # Called once with this protocol when the connection is gone (used by the pool).
@@ -187,15 +189,8 @@ class MLLPClientProtocol(LostWaiters, Protocol):
         self._pending = _PendingSend(
             d, control_id, return_ack, timeout, timer, len(payload), self.clock.seconds()
         )
+        # Counted, not logged: no line per message on the hot path (twistd writes debug too).
         self.messages += 1
-        log.debug(
-            "MLLP {peer}: sent control id {control_id} ({size} bytes), waiting for "
-            "{return_ack} ACK",
-            peer=self.peer,
-            control_id=control_id,
-            size=len(payload),
-            return_ack=return_ack,
-        )
         transport_of(self).write(data)
         return d
 
@@ -263,16 +258,7 @@ class MLLPClientProtocol(LostWaiters, Protocol):
                 pending.timer.cancel()
             self._answered.append(pending.control_id)
             self.last_ack_at = self.clock.seconds()
-            log.info(
-                "MLLP {peer}: {code} for control id {control_id} ({size} bytes sent, "
-                "{ack_size} bytes ACK, {ms:.1f} ms)",
-                peer=self.peer,
-                code=ack.code,
-                control_id=ack.control_id,
-                size=pending.size,
-                ack_size=len(payload),
-                ms=(self.clock.seconds() - pending.started) * 1000,
-            )
+            self.acks[ack.code] = self.acks.get(ack.code, 0) + 1  # counted, not logged
             pending.deferred.callback(payload)
             return
         if ack.control_id in self._answered:
