@@ -94,6 +94,11 @@ class Push:
     seq: int | None = None
     #: ended failed after it may have reached the device (the agent's ``inDoubt: true``)
     in_doubt: bool = False
+    #: the order / accession number of an HL7 v2 push (ORC-2, else OBR-2, else OBR-3), indexed
+    #: for the console's search
+    accession: str | None = None
+    #: the push this one is a resend of (an operator's "resend"), or None
+    resent_from: str | None = None
 
     @property
     def final(self) -> bool:
@@ -122,6 +127,8 @@ class Push:
             doc["error"] = self.last_error
         if self.in_doubt:
             doc["inDoubt"] = True
+        if self.resent_from:
+            doc["resentFrom"] = {"reference": f"AgentPush/{self.resent_from}"}
         if self.reply_body is not None:
             doc["reply"] = {
                 "statusCode": self.reply_status,
@@ -154,7 +161,7 @@ def _iso(t: float | None) -> str | None:
 PUSH_COLUMNS = (
     "seq id agent_id destination remote content_type body options idempotency_key state created "
     "updated expires_at attempts last_error reply_status reply_content_type reply_body requester "
-    "control_id body_hash"
+    "control_id body_hash accession resent_from"
 ).split()
 
 
@@ -172,3 +179,44 @@ def push_from_row(row: Any) -> Push:
     values["options"] = options
     values["in_doubt"] = bool(row["in_doubt"])
     return Push(**values)
+
+
+#: Filters of the push list that are equality on one column: query parameter → column (the
+#: same for every backend; C{since}/C{until} bound C{created}, see L{time_bounds}).
+FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
+           ("requester", "requester"), ("control_id", "control_id"),
+           ("accession", "accession"), ("resent_from", "resent_from"))
+
+
+def time_bounds(params: Any) -> tuple[float | None, float | None]:
+    """C{since} and C{until} of a search (seconds since the epoch, as text), or None each;
+    callers check them first (a bad value here reads as absent)."""
+    out: list[float | None] = []
+    for name in ("since", "until"):
+        raw = params.get(name)
+        try:
+            value = float(raw) if raw not in (None, "") else None
+        except (TypeError, ValueError):
+            value = None
+        out.append(value if value is not None and math.isfinite(value) else None)
+    return out[0], out[1]
+
+
+def lane_summary(rows: Any, now: float) -> list[dict[str, Any]]:
+    """
+    The console's lanes of one agent from the rows of a backend's lane query (C{remote},
+    C{open_count}, C{oldest_open}, C{last_state}, C{last_updated}, C{last_error}); one
+    definition of the fields for every backend.
+    """
+    out = []
+    for r in rows:
+        out.append({
+            "remote": r["remote"],
+            "open": int(r["open_count"] or 0),
+            "oldestOpenAgeSeconds": (round(now - r["oldest_open"], 3)
+                                     if r["oldest_open"] is not None else None),
+            "lastState": r["last_state"],
+            "lastUpdated": r["last_updated"],
+            "lastError": r["last_error"],
+        })
+    return out

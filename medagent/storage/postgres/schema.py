@@ -118,8 +118,18 @@ CREATE TABLE agent_sessions (
 CREATE INDEX agent_sessions_node ON agent_sessions (node_id);
 """
 
+#: The console (issue 12): the order / accession number of a push and the push it resends,
+#: and indexes for its searches (by MSH-10, by order number, failures by time).
+V3 = """
+ALTER TABLE pushes ADD COLUMN accession TEXT;
+ALTER TABLE pushes ADD COLUMN resent_from TEXT;
+CREATE INDEX pushes_control ON pushes (control_id, seq);
+CREATE INDEX pushes_accession ON pushes (accession, seq);
+CREATE INDEX pushes_state_updated ON pushes (state, updated);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
