@@ -4,7 +4,8 @@ The ``medagent`` command.
     medagent init [--data DIR|--database URL]       create the relay's database and an admin client
     medagent db upgrade|status [--data DIR|--database URL]
                                                     apply / check the database schema migrations
-    medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
+    medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent,
+                                                    viewer, operator: the console)
     medagent client list                            list clients (never their secrets)
     medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
     medagent push AGENT DESTINATION [BODY|--file F|--file FOLDER]
@@ -29,6 +30,7 @@ import sys
 from typing import Any, Awaitable, Callable, Protocol, Sequence, cast
 
 from medagent.contenttypes import HL7_V2
+from medagent.relay.auth import ROLES
 from medagent.relay.service import DEFAULT_DATA
 
 
@@ -404,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = client.add_parser("create", help="create a client and print its credentials")
     p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
     database_flag(p)
-    p.add_argument("--role", choices=["admin", "pusher", "agent"], required=True)
+    p.add_argument("--role", choices=list(ROLES), required=True,
+                   help="viewer/operator: the operators' console (/console), read-only or with "
+                   "actions and payloads")
     p.add_argument("--agent", action="append",
                    help="agent id this client may push to (pusher) or is (agent); '*' = all")
     p.add_argument("--name", default=None)

@@ -13,7 +13,7 @@ Command line and .tac settings: L{medagent.relay.tap}.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -28,6 +28,9 @@ from medagent.relay.bots import (DEFAULT_BOT_USER, DEFAULT_MEMORY_MB, DEFAULT_TI
                                  DEFAULT_WORKERS, BotRunner, BotsService, WorkerPool,
                                  base_url_from_listen)
 from medagent.relay.channels import ChannelRouter
+from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
+                                    DEFAULT_OFFLINE_MINUTES as DEFAULT_ALERT_OFFLINE_MINUTES,
+                                    Console, EventBroker, ObservedJournal)
 from medagent.relay.hub import CLUSTER_POLL, DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
@@ -379,6 +382,8 @@ class RelayService(service.MultiService):
         metrics: str | None = None,
         database: str | None = None,
         node_id: str | None = None,
+        console_idle: float = DEFAULT_CONSOLE_IDLE,
+        alert_offline_minutes: float = DEFAULT_ALERT_OFFLINE_MINUTES,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -402,7 +407,11 @@ class RelayService(service.MultiService):
         self.authority = Authority(registry, None,
                                    token_lifetime=token_lifetime)
         _RevocationRefresh(reactor, self.authority).setServiceParent(self)
-        self.journal = storage.journal if storage is not None else SQLiteJournal(self.db)
+        journal = storage.journal if storage is not None else SQLiteJournal(self.db)
+        # the console's live view hears of every push created or moved on this node
+        self.console_events = EventBroker(reactor)
+        self.journal: PushJournal = cast(
+            PushJournal, ObservedJournal(journal, self.console_events, reactor))
         self.hub = Hub(
             reactor,
             self.authority,
@@ -455,6 +464,13 @@ class RelayService(service.MultiService):
                               request_timeout=request_timeout,
                               authenticate=self.authority.authenticate, reactor=reactor)
         bots_service.site = self.site
+        # The operators' console at /console (issue 12).
+        self.console = Console(reactor, self.authority, self.store, self.journal, self.hub,
+                               self.pushes, self.console_events, base_url=base_url,
+                               throttle=self.api.login_throttle, idle=console_idle,
+                               alert_offline=alert_offline_minutes * 60)
+        self.api.routes["console"] = self.console.resource
+        self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)
         self.listeners = [Listener(reactor, description, self.limits)

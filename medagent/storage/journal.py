@@ -184,7 +184,7 @@ def push_from_row(row: Any) -> Push:
 #: Filters of the push list that are equality on one column: query parameter → column (the
 #: same for every backend; C{since}/C{until} bound C{created}, see L{time_bounds}).
 FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
-           ("requester", "requester"), ("control_id", "control_id"),
+           ("requester", "requester"), ("remote", "remote"), ("control_id", "control_id"),
            ("accession", "accession"), ("resent_from", "resent_from"))
 
 

@@ -38,7 +38,8 @@ class _WallClock:
 
 
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     for key, column in FILTERS:
         if params.get(key):
             clauses.append(f"{column}=%s")

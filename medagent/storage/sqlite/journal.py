@@ -101,7 +101,8 @@ _row_to_push = push_from_row
 
 
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     for key, column in FILTERS:
         if params.get(key):
             clauses.append(f"{column}=?")
