@@ -3,7 +3,8 @@ Console alerts: one per condition, raised once when it starts and cleared when i
 alert per retry or per check).  Today's condition: an agent offline longer than
 C{offline_after} seconds (``--alert-offline-minutes`` on the relay).
 
-Checked every C{interval} seconds on the injected clock.  An agent that never connected
+Checked every C{interval} seconds (default 15, or a quarter of a shorter threshold) on the
+injected clock.  An agent that never connected
 since this relay started counts as offline from the start.  In a cluster, an agent held by
 another node is online.
 """
@@ -48,7 +49,9 @@ class Alert:
 class AlertMonitor:
     def __init__(self, clock: Any, hub: Any, store: Any, *,
                  offline_after: float = DEFAULT_OFFLINE_MINUTES * 60,
-                 interval: float = DEFAULT_INTERVAL) -> None:
+                 interval: float | None = None) -> None:
+        if interval is None:  # a short threshold is checked more often (at most each second)
+            interval = min(DEFAULT_INTERVAL, max(1.0, offline_after / 4))
         if offline_after <= 0 or interval <= 0:
             raise ValueError("alert thresholds must be positive")
         self.clock = clock
@@ -56,7 +59,8 @@ class AlertMonitor:
         self.store = store
         self.offline_after = offline_after
         self.interval = interval
-        self.started = clock.seconds()
+        #: when the checks started (set by L{start}: a constructor reads no clock)
+        self.started: float | None = None
         self.active: dict[tuple[str, str], Alert] = {}
         self.history: deque[Alert] = deque(maxlen=HISTORY)
         #: called with (alert, raised?) when one is raised or cleared
@@ -96,6 +100,7 @@ class AlertMonitor:
     async def _check(self) -> None:
         agents = await self.store.search("Agent", {"_count": [str(MAX_AGENTS)]})
         now = self.clock.seconds()
+        started = self.started if self.started is not None else now
         seen = set()
         for agent in agents:
             agent_id = agent["id"]
@@ -110,9 +115,8 @@ class AlertMonitor:
             if key in self.active:
                 continue
             status = self.hub.status(agent_id)
-            since = status.get("lastUpdated") or self.started
-            since = max(float(since), self.started) if isinstance(since, (int, float)) \
-                else self.started
+            last = status.get("lastUpdated")
+            since = max(float(last), started) if isinstance(last, (int, float)) else started
             if now - since >= self.offline_after:
                 alert = Alert(AGENT_OFFLINE, agent_id, since, now)
                 self.active[key] = alert

@@ -26,6 +26,7 @@ from medagent.relay.auth import Principal
 from medagent.relay.http.agent_ops import raise_agent_error
 from medagent.relay.http.context import client_host, read_body
 from medagent.relay.console import html
+from medagent.relay.console.events import push_event, sse_frame
 from medagent.relay.console.sessions import COOKIE, ConsoleSession
 from medagent.storage import journal as j
 from medagent.storage.resources import now_iso
@@ -43,7 +44,8 @@ SECURITY_HEADERS = {
                                 b"frame-ancestors 'none'; base-uri 'none'",
     b"X-Content-Type-Options": b"nosniff",
     b"X-Frame-Options": b"DENY",
-    b"Referrer-Policy": b"no-referrer",
+    # (not no-referrer: browsers then send "Origin: null" with our own forms)
+    b"Referrer-Policy": b"same-origin",
     b"Cache-Control": b"no-store",
 }
 #: what a redirect after an action may say (by code, never text from the request)
@@ -118,10 +120,19 @@ class ConsoleResource(Resource):
         if session is None:
             request.setResponseCode(401)
             return b""
-        if self.console.broker.open(request) is None:
+        stream = self.console.broker.open(request)
+        if stream is None:
             request.setResponseCode(503)
             request.setHeader(b"Retry-After", b"10")
             return b"too many live connections\n"
+        push_id = self._query(request).get("push")
+        if push_id:
+            # a message's page: its state now, which may have moved between the page and
+            # its stream (every (re)connect asks again)
+            def now(push: j.Push) -> None:
+                stream.send(sse_frame("push", push_event(self.console.hub.live_push(push))))
+
+            self.console.journal.get(push_id).addCallbacks(now, lambda f: None)
         return NOT_DONE_YET
 
     def _origin_ok(self, request: Request) -> bool:

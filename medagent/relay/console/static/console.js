@@ -30,7 +30,9 @@
     a.href = href; a.textContent = text; if (name) { a.setAttribute('data-field', name); }
     td.appendChild(a); return td;
   }
-  var source = new EventSource('/console/events');
+  var detail = document.getElementById('detail-state');
+  var source = new EventSource('/console/events' + (detail ?
+    '?push=' + encodeURIComponent(detail.getAttribute('data-push')) : ''));
   source.onopen = function () { live.textContent = 'live'; live.setAttribute('data-state', 'live'); };
   source.onerror = function () { live.textContent = 'reconnecting\u2026'; live.setAttribute('data-state', 'down'); };
   source.addEventListener('agent', function (ev) {
@@ -77,13 +79,13 @@
         body.insertBefore(tr, body.firstChild);
       }
     }
-    var detail = document.getElementById('detail-state');
     if (detail && detail.getAttribute('data-push') === d.id) {
-      setState(field(detail, 'state'), d.state);
+      var shown = field(detail, 'state'), moved = shown.textContent !== d.state;
+      setState(shown, d.state);
       var attempts = document.querySelector('dl.facts [data-field="attempts"]');
       if (attempts) { attempts.textContent = d.attempts; }
       var list = document.getElementById('timeline');
-      if (list) {
+      if (list && moved) {
         var li = document.createElement('li'), t = document.createElement('time');
         t.textContent = when(d.updated); li.appendChild(t);
         li.appendChild(document.createTextNode(' ' + d.state)); list.appendChild(li);
