@@ -335,7 +335,7 @@ class ConsolePages(TestCase):
             self.assertEqual(code, 200)
             self.assertIn(f'id="push-{wanted.id}"', text)
             self.assertEqual(text.count('<tr id="push-'), 1)
-            self.assertIn("1 message(s)", text)
+            self.assertIn('<span data-count="1">1</span> message(s)', text)
             code, text, _ = await b.get("/console/messages?accession=ACC-77")
             self.assertEqual(text.count('<tr id="push-'), 1)
             code, text, _ = await b.get("/console/messages?state=failed")
@@ -403,6 +403,29 @@ class ConsolePages(TestCase):
             self.assertIn(code, (404, 503))  # not connected: said, not a crash
             code, _, _ = await b.get("/console/agent/nobody")
             self.assertEqual(code, 404)
+
+        return ensureDeferred(go())
+
+
+class ConsoleBehindHTTPS(TestCase):
+    """A relay whose public URL is https (behind a TLS proxy): the cookie is Secure, and the
+    origin a form must come from is that URL's."""
+
+    timeout = 30
+
+    def test_secure_cookie_and_the_public_origin(self) -> Deferred:
+        async def go() -> None:
+            relay, base, pool = procs.in_process_relay(
+                self, "relay-console-https-", base_url="https://relay.example.org")
+            creds = await relay.authority.create_client(OPERATOR)
+            b = Browser(self, base, pool)
+            form = {"client_id": creds["clientId"], "client_secret": creds["clientSecret"]}
+            code, _, _ = await b.post("/console/login", form, csrf=False)  # Origin: http://...
+            self.assertEqual(code, 403)
+            code, _, _ = await b.post("/console/login", form, csrf=False,
+                                      origin="https://relay.example.org")
+            self.assertEqual(code, 303)
+            self.assertIn("secure", b.set_cookie.lower())
 
         return ensureDeferred(go())
 

@@ -104,11 +104,15 @@ class Browser:
 
     async def wait(self, condition: Callable[[Any], Any], what: str,
                    timeout: float = WAIT) -> Any:
+        from selenium.common.exceptions import (NoSuchElementException,
+                                                StaleElementReferenceException)
         from selenium.webdriver.support.ui import WebDriverWait
 
         def wait(d: Any) -> Any:
             try:
-                return WebDriverWait(d, timeout, poll_frequency=0.1).until(condition)
+                # a page being replaced (a form's answer) may drop an element mid-check
+                return WebDriverWait(d, timeout, poll_frequency=0.1, ignored_exceptions=(
+                    NoSuchElementException, StaleElementReferenceException)).until(condition)
             except Exception as e:
                 main = d.find_elements("css selector", "main")
                 raise AssertionError(f"timed out after {timeout}s waiting for {what} "
@@ -355,3 +359,17 @@ class ConsoleInBrowser(TestCase):
             self.assertEqual(self.ae_device.count("RECV from"), 1)
 
         return ensureDeferred(go())
+
+
+class MissingBrowser(TestCase):
+    """With MEDAGENT_REQUIRE_PEERS=1 (CI) a missing browser fails the tests, never skips."""
+
+    def test_missing_chromium_fails_when_peers_are_required(self) -> None:
+        import tests.test_console_browser as module
+        from twisted.trial.unittest import SkipTest
+
+        self.patch(module, "CHROMIUM", "/nonexistent/chromium")
+        self.patch(os, "environ", {**os.environ, "MEDAGENT_REQUIRE_PEERS": "1"})
+        self.assertRaises(AssertionError, need_browser)
+        self.patch(os, "environ", {**os.environ, "MEDAGENT_REQUIRE_PEERS": "0"})
+        self.assertRaises(SkipTest, need_browser)

@@ -178,6 +178,7 @@ def push_event(push: Push, created: bool = False) -> dict[str, Any]:
     """What a stream says of a push: never its body or reply."""
     return {"id": push.id, "agent": push.agent_id, "state": push.state,
             "destination": push.destination, "controlId": push.control_id,
+            "accession": push.accession,
             "attempts": push.attempts, "created": push.created, "updated": push.updated,
             "new": created, "resentFrom": push.resent_from}
 

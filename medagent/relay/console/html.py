@@ -120,12 +120,14 @@ def login_page(error: str | None = None, client_id: str = "") -> bytes:
 
 def _table(caption: str, heads: Sequence[str], rows: Iterable[str], *, ident: str = "",
            attrs: str = "", empty: str = "Nothing here yet.") -> str:
+    """A table; C{caption} is HTML (escape what goes into it), the rows are HTML too."""
     rows = list(rows)
     head = "".join(f'<th scope="col">{h(x)}</th>' for x in heads)
     body = "".join(rows) or (f'<tr class="empty"><td colspan="{len(heads)}">{h(empty)}'
                              "</td></tr>")
     ident_attr = f' id="{ident}"' if ident else ""
-    return (f'<div class="scroll"><table{ident_attr}{attrs}><caption>{h(caption)}</caption>'
+    cap = f'<caption id="{ident}-caption">' if ident else "<caption>"
+    return (f'<div class="scroll"><table{ident_attr}{attrs}>{cap}{caption}</caption>'
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
@@ -165,7 +167,7 @@ def fleet_row(row: Mapping[str, Any], now: float) -> str:
 
 
 def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> bytes:
-    table = _table(f"{len(rows)} agent(s)", FLEET_HEADS, (fleet_row(r, now) for r in rows),
+    table = _table(h(f"{len(rows)} agent(s)"), FLEET_HEADS, (fleet_row(r, now) for r in rows),
                    ident="fleet", empty="No agents are registered.")
     return page("Fleet", table, current="fleet", **layout)
 
@@ -206,8 +208,9 @@ def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: 
             f' {h(when(lane.get("lastUpdated")) if lane.get("lastState") else "")}</td>'
             f'<td>{h(lane.get("lastError") or "")}</td>'
             f'<td><a href="{PREFIX}/messages?{h(search)}">messages</a></td></tr>')
-    lanes_table = _table("Lanes (one per device)", ("Destination", "Queued", "Oldest waiting",
-                                                    "Last outcome", "Last error", ""),
+    lanes_table = _table(h("Lanes (one per device)"),
+                         ("Destination", "Queued", "Oldest waiting", "Last outcome",
+                          "Last error", ""),
                          lane_rows, ident="lanes", empty="No pushes to this agent yet.")
     name = row.get("name") or agent_id
     return page(f"Agent {name}", facts + actions + lanes_table, current="fleet", **layout)
@@ -258,7 +261,8 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
     form = (f'<form method="get" action="{PREFIX}/messages" class="search" role="search">'
             + "".join(fields) + '<p><button type="submit">Search</button> '
             f'<a href="{PREFIX}/messages">clear</a></p></form>')
-    table = _table(f"{total} message(s)", MESSAGE_HEADS, (message_row(p) for p in pushes),
+    caption = f'<span data-count="{int(total)}">{int(total)}</span> message(s)'
+    table = _table(caption, MESSAGE_HEADS, (message_row(p) for p in pushes),
                    ident="messages", attrs=f' data-live="{1 if live else 0}"',
                    empty="No message matches.")
     more = ""
@@ -343,7 +347,7 @@ def message_page(push: j.Push, *, timeline: Sequence[tuple[float, str, str | Non
                        "is recorded in the audit log)</p></section>")
     related = ""
     if resends:
-        related = _table("Resends of this message", MESSAGE_HEADS,
+        related = _table(h("Resends of this message"), MESSAGE_HEADS,
                          (message_row(p) for p in resends), ident="resends")
     title = f"Message {push.control_id or push.id}"
     return page(title, dl + actions + timeline_html + payload + related,
@@ -364,10 +368,10 @@ def alerts_page(active: Sequence[Any], history: Sequence[Any], offline_after: fl
 
     intro = (f"<p>An agent offline for more than {h(age(offline_after))} raises one alert; "
              "it clears when the agent is back.</p>")
-    body = intro + _table("Active alerts", ("Alert", "Since", "Raised"),
+    body = intro + _table(h("Active alerts"), ("Alert", "Since", "Raised"),
                           (row(a, False) for a in active), ident="alerts-active",
                           empty="No active alert.")
-    body += _table("Cleared recently", ("Alert", "Since", "Raised", "Cleared"),
+    body += _table(h("Cleared recently"), ("Alert", "Since", "Raised", "Cleared"),
                    (row(a, True) for a in history), ident="alerts-cleared",
                    empty="None.")
     return page("Alerts", body, current="alerts", **layout)

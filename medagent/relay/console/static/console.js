@@ -71,12 +71,17 @@
         tr.appendChild(link('/console/agent/' + encodeURIComponent(d.agent), d.agent));
         tr.appendChild(cell(d.destination));
         tr.appendChild(link('/console/message/' + encodeURIComponent(d.id), d.controlId || d.id.slice(0, 12), 'control'));
-        tr.appendChild(cell(''));
+        tr.appendChild(cell(d.accession || ''));
         var st = document.createElement('td'), span = document.createElement('span');
         span.setAttribute('data-field', 'state'); setState(span, d.state);
         st.appendChild(span); tr.appendChild(st);
         var at = cell(String(d.attempts)); at.setAttribute('data-field', 'attempts'); tr.appendChild(at);
         body.insertBefore(tr, body.firstChild);
+        var count = document.querySelector('#messages-caption [data-count]');
+        if (count) {
+          var n = parseInt(count.getAttribute('data-count'), 10) + 1;
+          count.setAttribute('data-count', String(n)); count.textContent = String(n);
+        }
       }
     }
     if (detail && detail.getAttribute('data-push') === d.id) {
