@@ -217,6 +217,32 @@ class ConsolePages(TestCase):
 
         return ensureDeferred(go())
 
+    def test_console_roles_have_no_rights_in_the_http_api(self) -> Deferred:
+        async def go() -> None:
+            push = await self.failed_push("APIR0001")
+            for creds in (self.viewer_creds, self.operator_creds):
+                r = await treq.post(self.base + "/oauth2/token", data={
+                    "grant_type": "client_credentials", "client_id": creds["clientId"],
+                    "client_secret": creds["clientSecret"]}, pool=self.pool)
+                token = (await r.json())["access_token"]
+                headers = {"Authorization": [f"Bearer {token}"],
+                           "Content-Type": ["application/json"]}
+                for method, path, body in (
+                        ("GET", "/fhir/R4/AgentPush", None),
+                        ("GET", f"/fhir/R4/AgentPush/{push.id}", None),
+                        ("POST", f"/fhir/R4/AgentPush/{push.id}/$retry", b"{}"),
+                        ("GET", f"/fhir/R4/Agent/{self.agent['id']}", None),
+                        ("POST", f"/fhir/R4/Agent/{self.agent['id']}/$push", json.dumps({
+                            "destination": "mllp://127.0.0.1:9", "body": hl7("X1"),
+                            "contentType": "x-application/hl7-v2+er7"}).encode())):
+                    r = await treq.request(method, self.base + path, headers=headers,
+                                           data=body, pool=self.pool)
+                    await r.content()
+                    self.assertIn(r.code, (403, 404), (creds["role"], method, path))
+            self.assertEqual((await self.relay.journal.get(push.id)).state, j.FAILED)
+
+        return ensureDeferred(go())
+
     # -- CSRF, Origin -----------------------------------------------------------------
 
     def test_csrf_attack_without_or_with_a_wrong_token_or_origin_is_refused(self

@@ -128,6 +128,12 @@ class Console:
             since=session.connected_at if session is not None else None,
             version=session.version if session is not None else None)
 
+    def sessions_now(self) -> dict[str, Any]:
+        """The agents this node holds, for a stream that just opened (no payload)."""
+        return {"node": self.hub.node_id, "agents": {
+            agent_id: {"since": session.connected_at, "version": session.version}
+            for agent_id, session in list(self.hub.sessions.items())[:MAX_AGENTS]}}
+
     def publish_queues(self) -> None:
         now = self.now()
 

@@ -125,10 +125,11 @@ class ConsoleResource(Resource):
             request.setResponseCode(503)
             request.setHeader(b"Retry-After", b"10")
             return b"too many live connections\n"
+        # what may have changed between the page and its stream (asked on every (re)connect):
+        # the agents this node holds now, and a message page's push
+        stream.send(sse_frame("sessions", self.console.sessions_now()))
         push_id = self._query(request).get("push")
         if push_id:
-            # a message's page: its state now, which may have moved between the page and
-            # its stream (every (re)connect asks again)
             def now(push: j.Push) -> None:
                 stream.send(sse_frame("push", push_event(self.console.hub.live_push(push))))
 

@@ -46,6 +46,22 @@
       if (field(row, 'node')) { field(row, 'node').textContent = d.node || '\u2014'; }
     } else if (field(row, 'since')) { field(row, 'since').textContent = '\u2014'; }
   });
+  source.addEventListener('sessions', function (ev) {
+    // the agents this node holds as the stream opens: rows that changed meanwhile
+    var d = JSON.parse(ev.data), rows = document.querySelectorAll('[data-agent]');
+    for (var i = 0; i < rows.length; i++) {
+      var row = rows[i], id = row.getAttribute('data-agent'), held = d.agents[id];
+      var node = field(row, 'node'), state = field(row, 'state');
+      if (held && state && state.textContent !== 'online') {
+        setState(state, 'online');
+        if (field(row, 'since')) { field(row, 'since').textContent = when(held.since); }
+        if (node) { node.textContent = d.node; }
+      } else if (!held && state && state.textContent === 'online' && node &&
+                 node.textContent === d.node) {
+        setState(state, 'offline');
+      }
+    }
+  });
   source.addEventListener('queue', function (ev) {
     var d = JSON.parse(ev.data), rows = document.querySelectorAll('#fleet tr[data-agent]');
     for (var i = 0; i < rows.length; i++) {
