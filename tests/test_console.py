@@ -15,7 +15,10 @@ from typing import Any
 from urllib.parse import urlencode
 
 import treq
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -91,6 +94,55 @@ class Browser:
         return code
 
 
+class RawStream(Protocol):
+    """An HTTP/1.1 request written by hand, its answer kept as bytes (an event stream never
+    ends, so treq's buffering reads do not fit)."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.lost: Deferred[None] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def connectionMade(self) -> None:  # noqa: N802
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+        for needle, d in list(self._waiting):
+            if needle in self.data:
+                self._waiting.remove((needle, d))
+                d.callback(None)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+    def wait_for(self, needle: bytes, timeout: float = 10.0) -> Deferred[None]:
+        if needle in self.data:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append((needle, d))
+        return d.addTimeout(timeout, reactor)
+
+
+async def open_stream(testcase: TestCase, base: str, cookie: str | None) -> RawStream:
+    host, port = base.removeprefix("http://").split(":")
+    lines = [b"GET /console/events HTTP/1.1", f"Host: {host}:{port}".encode()]
+    if cookie:
+        lines.append(f"Cookie: {cookie}".encode())
+    proto = RawStream(b"\r\n".join(lines) + b"\r\n\r\n")
+    await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), proto)
+
+    def close() -> Deferred[None]:
+        if proto.transport is not None:
+            proto.transport.loseConnection()
+        return proto.lost
+
+    testcase.addCleanup(close)
+    return proto
+
+
 def _location(headers: Any) -> str:
     return (headers.getRawHeaders("location") or [""])[0]
 
@@ -155,6 +207,11 @@ class ConsolePages(TestCase):
             self.assertIn("script-src 'self'",
                           headers.getRawHeaders("content-security-policy")[0])
             self.assertIn("offline", text)
+            # signing in again replaces the session (never keeps the id the browser had)
+            old = b.cookie
+            self.assertEqual(await b.login(self.viewer_creds), 303)
+            self.assertNotEqual(b.cookie, old)
+            self.assertEqual(len(self.relay.console.sessions), 1)
 
         return ensureDeferred(go())
 
@@ -240,6 +297,37 @@ class ConsolePages(TestCase):
                     await r.content()
                     self.assertIn(r.code, (403, 404), (creds["role"], method, path))
             self.assertEqual((await self.relay.journal.get(push.id)).state, j.FAILED)
+
+        return ensureDeferred(go())
+
+    def test_event_stream_needs_a_session_is_bounded_and_carries_no_payload(self
+                                                                           ) -> Deferred:
+        async def go() -> None:
+            broker = self.relay.console.broker
+            anonymous = await open_stream(self, self.base, None)
+            await anonymous.wait_for(b"HTTP/1.1 401")
+            b = self.browser()
+            self.assertEqual(await b.login(self.operator_creds), 303)
+            broker.max_per_key = 2
+            streams = [await open_stream(self, self.base, b.cookie) for _ in range(2)]
+            for stream in streams:
+                await stream.wait_for(b"event: sessions")
+                self.assertIn(b"text/event-stream", stream.data)
+            third = await open_stream(self, self.base, b.cookie)
+            await third.wait_for(b"HTTP/1.1 503")
+            self.assertEqual(len(broker.streams), 2)
+            push = await self.failed_push("SSE00001", name="SECRET^PATIENT")
+            for stream in streams:
+                await stream.wait_for(f'"id":"{push.id}"'.encode())
+                await stream.wait_for(b'"state":"failed"')
+                self.assertIn(b'"controlId":"SSE00001"', stream.data)
+                self.assertNotIn(b"SECRET", stream.data)
+            for stream in streams:
+                assert stream.transport is not None
+                stream.transport.loseConnection()
+                await stream.lost
+            await procs.wait_until(lambda: not broker.streams, timeout=10,
+                                   what="the streams forgotten")
 
         return ensureDeferred(go())
 
@@ -567,6 +655,14 @@ class Events(SynchronousTestCase):
         clock.advance(20)
         self.assertIn(b": keep-alive\n\n", r2.written)
         r2.finish()  # the browser went away
+        self.assertEqual(broker.streams, [])
+        broker.max_per_key = 1
+        self.assertIsNotNone(broker.open(FakeRequest(), key="session-1"))
+        self.assertIsNone(broker.open(FakeRequest(), key="session-1"))
+        last = FakeRequest()
+        self.assertIsNotNone(broker.open(last, key="session-2"))
+        broker.close()  # the relay stops
+        self.assertTrue(last.finished)
         self.assertEqual(broker.streams, [])
         self.assertEqual(clock.getDelayedCalls(), [])
 

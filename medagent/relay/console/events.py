@@ -30,6 +30,8 @@ from medagent.storage.journal import Push
 log = Logger()
 
 DEFAULT_MAX_CLIENTS = 64
+#: streams of one sign-in session (a few tabs), so one browser cannot take them all
+DEFAULT_MAX_PER_KEY = 8
 DEFAULT_MAX_QUEUED = 256
 #: seconds between keep-alive comments (a dead stream is noticed, proxies keep it open)
 KEEPALIVE = 20.0
@@ -45,9 +47,10 @@ def sse_frame(event: str, data: Any) -> bytes:
 class Stream:
     """One client's event stream (a twisted.web request kept open)."""
 
-    def __init__(self, broker: "EventBroker", request: Any) -> None:
+    def __init__(self, broker: "EventBroker", request: Any, key: str | None = None) -> None:
         self.broker = broker
         self.request = request
+        self.key = key
         self.paused = False
         self.queued: deque[bytes] = deque()
         self.closed = False
@@ -96,9 +99,11 @@ class EventBroker:
     """Bounded fan-out of console events (see the module docstring)."""
 
     def __init__(self, clock: Any, *, max_clients: int = DEFAULT_MAX_CLIENTS,
-                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 max_queued: int = DEFAULT_MAX_QUEUED,
+                 max_per_key: int = DEFAULT_MAX_PER_KEY) -> None:
         self.clock = clock
         self.max_clients = max_clients
+        self.max_per_key = max_per_key
         self.max_queued = max_queued
         self.streams: list[Stream] = []
         self._keepalive: LoopingCall | None = None
@@ -108,11 +113,16 @@ class EventBroker:
         #: seconds pushes changes are gathered before one queue refresh
         self.debounce = 1.0
 
-    def open(self, request: Any) -> Stream | None:
-        """Start a stream on C{request}; None when there are C{max_clients} already."""
+    def open(self, request: Any, key: str | None = None) -> Stream | None:
+        """
+        Start a stream on C{request}; None when there are C{max_clients} already, or
+        C{max_per_key} of this C{key} (a sign-in session).
+        """
         if len(self.streams) >= self.max_clients:
             return None
-        stream = Stream(self, request)
+        if key is not None and sum(s.key == key for s in self.streams) >= self.max_per_key:
+            return None
+        stream = Stream(self, request, key)
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")

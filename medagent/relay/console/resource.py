@@ -120,7 +120,7 @@ class ConsoleResource(Resource):
         if session is None:
             request.setResponseCode(401)
             return b""
-        stream = self.console.broker.open(request)
+        stream = self.console.broker.open(request, key=session.id)
         if stream is None:
             request.setResponseCode(503)
             request.setHeader(b"Retry-After", b"10")
@@ -172,6 +172,14 @@ class ConsoleResource(Resource):
         except FHIRError as e:
             session = self._session(request)
             return e.status, html.error_page(e.status, e.message, **self._layout(session)), \
+                "text/html; charset=utf-8", {}
+        except CancelledError:
+            raise
+        except Exception:
+            # (the text of an unexpected error may quote anything: it goes to the log only)
+            log.failure("Console request failed: {method} {path}", method=method,
+                        path="/".join(path[:1]))
+            return 500, html.error_page(500, "Something went wrong; see the relay's log"), \
                 "text/html; charset=utf-8", {}
 
     def _layout(self, session: ConsoleSession | None) -> dict[str, Any]:
@@ -244,6 +252,9 @@ class ConsoleResource(Resource):
                    else "This client may not use the console (roles: admin, operator, viewer)")
             return 401, html.login_page(why, client_id), _HTML, {}
         throttle.succeeded(client_id)
+        old = request.getCookie(COOKIE)
+        if old:  # a new sign-in never keeps the id the browser had (no session fixation)
+            self.console.sessions.drop(old.decode("ascii", "replace"))
         session = self.console.sessions.create(principal)
         log.info("Console: {client_id} ({role}) signed in from {address}",
                  client_id=principal.client_id, role=principal.role, address=address)
