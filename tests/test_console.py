@@ -24,7 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from medagent.relay.auth import ADMIN, OPERATOR, VIEWER, Principal
 from medagent.relay.console import html
-from medagent.relay.console.alerts import AlertMonitor
+from medagent.metrics import RelayMetrics
+from medagent.relay.console.alerts import KINDS, AlertMonitor
 from medagent.relay.console.events import EventBroker, ObservedJournal
 from medagent.relay.console.sessions import SessionStore
 from medagent.hl7.message import order_number
@@ -724,6 +725,8 @@ class Alerts(SynchronousTestCase):
                                offline_after=300, interval=15)
         seen: list[tuple[str, bool]] = []
         monitor.listeners.append(lambda alert, raised: seen.append((alert.agent_id, raised)))
+        metrics = RelayMetrics()
+        metrics.watch_alerts(monitor, KINDS)
         monitor.start()
         clock.advance(15)
         hub.connected.discard("a1")
@@ -735,10 +738,14 @@ class Alerts(SynchronousTestCase):
             clock.advance(15)
         self.assertEqual(seen, [("a1", True)])
         self.assertEqual(list(monitor.active), [("agent-offline", "a1")])
+        self.assertIn(b'medagent_relay_alerts_active{kind="agent-offline"} 1.0',
+                      metrics.render())
         hub.connected.add("a1")
         clock.advance(15)
         self.assertEqual(seen, [("a1", True), ("a1", False)])
         self.assertEqual(monitor.active, {})
         self.assertEqual(monitor.history[0].agent_id, "a1")
+        self.assertIn(b'medagent_relay_alerts_active{kind="agent-offline"} 0.0',
+                      metrics.render())
         monitor.stop()
         self.assertEqual(clock.getDelayedCalls(), [])

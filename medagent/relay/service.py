@@ -31,6 +31,7 @@ from medagent.relay.channels import ChannelRouter
 from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
                                     DEFAULT_OFFLINE_MINUTES as DEFAULT_ALERT_OFFLINE_MINUTES,
                                     Console, EventBroker, ObservedJournal)
+from medagent.relay.console.alerts import KINDS as ALERT_KINDS
 from medagent.relay.hub import CLUSTER_POLL, DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
@@ -483,6 +484,8 @@ class RelayService(service.MultiService):
 
         # Metrics (/metrics on a listener of its own, off unless --metrics names one).
         self.metrics = relay_metrics(self.hub, self.bots, deliveries.backlog, reactor)
+        if self.console.alerts is not None:
+            self.metrics.watch_alerts(self.console.alerts, ALERT_KINDS)
         if metrics:
             metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 

@@ -22,6 +22,8 @@ from twisted.logger import Logger
 log = Logger()
 
 AGENT_OFFLINE = "agent-offline"
+#: every kind of alert (the metrics list each, 0 included)
+KINDS = (AGENT_OFFLINE,)
 DEFAULT_OFFLINE_MINUTES = 5.0
 DEFAULT_INTERVAL = 15.0
 #: cleared alerts kept for the page
