@@ -63,6 +63,7 @@ class Console:
         authority.revocation_listeners.append(self.sessions.drop_client)
         hub.session_listeners.append(self._agent_changed)
         broker.on_pushes_changed = self.publish_queues
+        broker.key_alive = lambda key: self.sessions.alive(key, authority)
         if self.alerts is not None:
             self.alerts.listeners.append(self._alert_changed)
 

@@ -112,6 +112,9 @@ class EventBroker:
         self._changed_call: Any = None
         #: seconds pushes changes are gathered before one queue refresh
         self.debounce = 1.0
+        #: whether a stream's key (its sign-in session) still holds; checked with every
+        #: keep-alive, so a stream ends within L{KEEPALIVE} of its session
+        self.key_alive: Callable[[str], bool] | None = None
 
     def open(self, request: Any, key: str | None = None) -> Stream | None:
         """
@@ -147,7 +150,16 @@ class EventBroker:
 
     def _ping(self) -> None:
         for stream in list(self.streams):
+            if stream.key is not None and self.key_alive is not None and \
+                    not self.key_alive(stream.key):
+                stream.close()
+                continue
             stream.send(b": keep-alive\n\n")
+
+    def close_key(self, key: str) -> None:
+        """End the streams of one sign-in session (signed out)."""
+        for stream in [s for s in self.streams if s.key == key]:
+            stream.close()
 
     def publish(self, event: str, data: Any) -> None:
         if not self.streams:

@@ -327,6 +327,7 @@ class ConsoleResource(Resource):
         principal = session.principal
         if path == ["logout"]:
             c.sessions.drop(session.id)
+            c.broker.close_key(session.id)
             request.addCookie(COOKIE, b"", path=PREFIX.encode(), httpOnly=True,
                               secure=c.secure_cookies(request), sameSite="strict",
                               max_age="0")

@@ -78,6 +78,18 @@ class SessionStore:
         self._sessions.move_to_end(session_id)
         return session
 
+    def alive(self, session_id: str, authority: Any = None) -> bool:
+        """Whether the session is still live, without counting this as a use (a live stream
+        is not a use: the session still ends after C{idle} without a page or action)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        if self.clock.seconds() - session.last_seen > self.idle or (
+                authority is not None and authority.is_revoked(session.principal.client_id)):
+            del self._sessions[session_id]
+            return False
+        return True
+
     def drop(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
 
