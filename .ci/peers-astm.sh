@@ -19,8 +19,8 @@ if ! command -v socat >/dev/null 2>&1; then
     say "installing socat (apt)"
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends socat
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends socat
 fi
 
 # The driver scripts and the shim are fixtures of this repo; keep the copy in $PEERS current.

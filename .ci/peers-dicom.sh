@@ -13,8 +13,8 @@ if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -q
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}"
 fi
 
 # The Orthanc package may start a system daemon on hosts with a working init; the tests run

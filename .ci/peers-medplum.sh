@@ -15,7 +15,7 @@ need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+  apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
     --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 cd "$PEERS/node"

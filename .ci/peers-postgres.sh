@@ -5,8 +5,8 @@
 set -euo pipefail
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends postgresql >/dev/null
     # Debian's package starts its own cluster; the tests do not use it.
     if command -v pg_ctlcluster >/dev/null 2>&1; then
         for conf in /etc/postgresql/*/main; do

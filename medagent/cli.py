@@ -159,6 +159,37 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 @_database_errors
+def cmd_keys(args: argparse.Namespace) -> int:
+    """
+    C{db keys}: the token signing keys relay nodes on one PostgreSQL database share (kid,
+    created, retired, which signs; never a secret).  C{db rotate-key}: publish a new key;
+    it signs once every node has read it, and older keys keep verifying until retired.
+    C{db retire-key KID}: withdraw a key (a leaked one): its tokens fail at every node
+    within a minute.  One relay on SQLite has one key, its data folder's C{token.key}.
+    """
+    from medagent.storage.postgres import keys
+
+    if not args.database:
+        print("medagent: signing keys are shared through PostgreSQL (--database); one relay "
+              "on SQLite has token.key in its data folder", file=sys.stderr)
+        return 2
+    db = _pg_storage(args.database).db  # (run_sync applies missing migrations first)
+    if args.db_command == "keys":
+        print(json.dumps(db.run_sync(keys.list_keys)))
+        return 0
+    if args.db_command == "rotate-key":
+        print(json.dumps({"kid": db.run_sync(keys.rotate_key),
+                          "signsAfterSeconds": keys.PUBLISH_DELAY}))
+        return 0
+    if not db.run_sync(keys.retire_key, args.kid):
+        print(f"medagent: no key {args.kid!r} that is not retired", file=sys.stderr)
+        return 1
+    _, signing = db.run_sync(keys.load_ring)  # (a new key if that was the last one)
+    print(json.dumps({"retired": args.kid, "signing": signing}))
+    return 0
+
+
+@_database_errors
 def cmd_init(args: argparse.Namespace) -> int:
     authority = _authority(args.data, args.database)
     client = authority.create_client_sync("admin", name=args.name or "admin")
@@ -400,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default=os.environ.get("MEDAGENT_DATA", DEFAULT_DATA))
         database_flag(p)
         p.set_defaults(func=cmd_db)
+    for name, help in (("keys", "the token signing keys relay nodes share (no secrets)"),
+                       ("rotate-key", "publish a new signing key (signs once every node has"
+                        " read it)"),
+                       ("retire-key", "withdraw a signing key: its tokens fail everywhere")):
+        p = db.add_parser(name, help=help, description=help)
+        database_flag(p)
+        if name == "retire-key":
+            p.add_argument("kid", help="the key's id (from medagent db keys)")
+        p.set_defaults(func=cmd_keys)
 
     client = sub.add_parser("client", help="manage OAuth2 clients").add_subparsers(
         dest="client_command", required=True)
@@ -448,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("cancel", "cancel a queued push")):
         p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)
         p.add_argument("id", help="AgentPush id")
+    p = relay_command(sub, "tail", "cmd_tail", "follow pushes as they arrive and change state")
+    p.add_argument("--agent", default=None, help="only this Agent id's pushes")
+    p.add_argument("--state", default=None, help="only pushes in this state")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between reads (1)")
+    p.add_argument("--for", dest="seconds", type=float, default=None,
+                   help="stop after this many seconds (default: until Ctrl-C)")
     p = relay_command(sub, "ping", "cmd_ping", "ping a device through an agent")
     p.add_argument("agent", help="Agent id")
     p.add_argument("destination", help="Device/{id}, Device?search, or a destination URL")

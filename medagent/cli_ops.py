@@ -1,6 +1,6 @@
 """
 The ``medagent`` operator commands that call a running relay: agents, status, pushes,
-ping, reload-config, logs and the batch form of push.  Each maps to one of the relay's HTTP
+tail, ping, reload-config, logs and the batch form of push.  Each maps to one of the relay's HTTP
 endpoints (medagent/relay/http/); a table for people, ``--json`` for scripts.
 
 Exit codes: 0 ok, 1 the relay or the device said no (or could not be reached), 2 a usage
@@ -129,6 +129,58 @@ def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
              + f"\n# {len(found)} shown of {total}")
 
     return run(args, "pushes list", go)
+
+
+#: pushes whose last state ``tail`` remembers, at most (the oldest forgotten first)
+TAIL_MEMORY = 10_000
+
+
+def cmd_tail(args: argparse.Namespace, run: Runner) -> int:
+    """
+    Follow the push journal: every C{--interval} seconds the newest page of pushes (with
+    the filters), printed when a push is new or changed state, oldest change first.  Stops
+    after C{--for} seconds (default: until interrupted).  Memory is bounded
+    (L{TAIL_MEMORY} pushes remembered).
+    """
+    if not 0.2 <= args.interval <= 60:
+        print("medagent: --interval must be between 0.2 and 60 seconds", file=sys.stderr)
+        return 2
+    if args.seconds is not None and not 0 < args.seconds <= 7 * 86400:
+        print("medagent: --for must be between 0 and 604800 seconds", file=sys.stderr)
+        return 2
+
+    async def go(client: Any) -> None:
+        from collections import OrderedDict
+
+        from twisted.internet.task import deferLater
+
+        params = {"_count": str(PAGE)}
+        if args.agent:
+            params["agent"] = args.agent
+        if args.state:
+            params["state"] = args.state
+        seen: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        start = client.reactor.seconds()
+        if not args.json:
+            print("  ".join(PUSH_HEADER), flush=True)
+        while True:
+            page = await client.request_json("GET", "/fhir/R4/AgentPush", params=params)
+            for p in reversed([e["resource"] for e in page.get("entry") or []]):
+                mark = (p.get("state"), p.get("updated"))
+                if seen.get(p.get("id")) == mark:
+                    continue
+                seen[p.get("id")] = mark
+                seen.move_to_end(p.get("id"))
+                while len(seen) > TAIL_MEMORY:
+                    seen.popitem(last=False)
+                print(json.dumps(p) if args.json else
+                      "  ".join("-" if c is None else str(c) for c in _push_row(p)),
+                      flush=True)
+            if args.seconds is not None and client.reactor.seconds() - start >= args.seconds:
+                return
+            await deferLater(client.reactor, args.interval, lambda: None)
+
+    return run(args, "tail", go)
 
 
 def _push_op(args: argparse.Namespace, run: Runner, method: str, suffix: str,

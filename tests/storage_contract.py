@@ -244,9 +244,10 @@ class PushJournalContract:
         self.clock.advance(1_700_000_000)
         self.journal = self.make_journal(self.clock)
 
-    def push(self, agent: str = "a1", remote: str = "mllp://dev:2575", **kw: Any) -> j.Push:
+    def push(self, agent: str = "a1", remote: str = "mllp://dev:2575", body: str = "MSH|",
+             **kw: Any) -> j.Push:
         return j.Push(id=self.journal.new_id(), agent_id=agent, destination=remote,
-                      remote=remote, content_type="x-application/hl7-v2+er7", body="MSH|",
+                      remote=remote, content_type="x-application/hl7-v2+er7", body=body,
                       **kw)
 
     async def test_create_get_and_seq_order(self) -> None:
@@ -277,8 +278,15 @@ class PushJournalContract:
 
     async def test_idempotency_key_is_per_requester_and_windowed(self) -> None:
         p = await self.journal.create(self.push(requester="c1", idempotency_key="k"))
-        await self.journal.create(self.push(requester="c1", idempotency_key="k"))
-        self.assertEqual((await self.journal.find_by_key("c1", "k")).id, p.id)  # the first
+        # the same key again: refused in the insert's own transaction, naming the first
+        try:
+            await self.journal.create(self.push(requester="c1", idempotency_key="k",
+                                                body="MSH|other"))
+        except j.RepeatedPush as e:
+            self.assertEqual((e.earlier.id, e.by_key), (p.id, True))
+        else:
+            self.fail("a second push with the same key was journaled")
+        self.assertEqual((await self.journal.find_by_key("c1", "k")).id, p.id)
         self.assertIsNone(await self.journal.find_by_key("c2", "k"))
         other = await self.journal.create(self.push(requester="c2"))
         await self.journal.remember_key("c2", "k", other.id)
@@ -295,9 +303,20 @@ class PushJournalContract:
         await self.journal.create(self.push(agent="a2", control_id="M1", body_hash="h"))
         same = await self.journal.find_same_message("a1", "mllp://dev:2575", "M1", "h")
         self.assertEqual(same.id, p.id)
+        try:  # the same message again (another caller, no key): refused, naming the first
+            await self.journal.create(self.push(control_id="M1", body_hash="h",
+                                                requester="c9"))
+        except j.RepeatedPush as e:
+            self.assertEqual((e.earlier.id, e.by_key), (p.id, False))
+        else:
+            self.fail("the same message was journaled twice")
         self.assertIsNone(await self.journal.find_same_message("a1", "mllp://dev:9", "M1", "h"))
         self.assertIsNone(await self.journal.find_same_message("a1", "mllp://dev:2575", "M1",
                                                                "other"))
+        # another device, or another body under the same MSH-10: a new message
+        await self.journal.create(self.push(remote="mllp://dev:9", control_id="M1",
+                                            body_hash="h"))
+        await self.journal.create(self.push(control_id="M1", body_hash="h2"))
         self.clock.advance(j.IDEMPOTENCY_WINDOW + 1)
         self.assertIsNone(await self.journal.find_same_message("a1", "mllp://dev:2575", "M1",
                                                                "h"))
@@ -323,6 +342,16 @@ class PushJournalContract:
         self.assertEqual([p.state for p in await self.journal.open_pushes("a1")],
                          [j.QUEUED, j.SENT])
 
+    async def test_agents_with_queued_pushes(self) -> None:
+        self.assertEqual(await self.journal.agents_with_queued([]), set())
+        await self.journal.create(self.push(agent="a1"))
+        done = await self.journal.create(self.push(agent="a2"))
+        await self.journal.transition(done, j.SENT)
+        await self.journal.create(self.push(agent="a3"))
+        many = [f"x{i}" for i in range(1200)] + ["a1", "a2", "a3"]  # more than one chunk
+        self.assertEqual(await self.journal.agents_with_queued(many), {"a1", "a3"})
+        self.assertEqual(await self.journal.agents_with_queued(["a2", "a9"]), set())
+
     async def test_search_page_is_newest_first_and_stable(self) -> None:
         pushes = [await self.journal.create(self.push()) for _ in range(5)]
         await self.journal.create(self.push(agent="a2"))
@@ -340,11 +369,16 @@ class PushJournalContract:
         self.assertEqual(len(found), 1)
 
     async def test_search_by_control_id_accession_time_and_resend_link(self) -> None:
-        first = await self.journal.create(self.push(control_id="CTRL1", accession="ACC9"))
+        first = await self.journal.create(self.push(control_id="CTRL1", accession="ACC9",
+                                                    body_hash="h1"))
         self.clock.advance(10)
         await self.journal.create(self.push(control_id="CTRL2"))
         self.clock.advance(10)
-        again = await self.journal.create(self.push(control_id="CTRL1", resent_from=first.id))
+        # the same message again is a repeat, unless it is an operator's resend
+        with self.assertRaises(j.RepeatedPush):
+            await self.journal.create(self.push(control_id="CTRL1", body_hash="h1"))
+        again = await self.journal.create(self.push(control_id="CTRL1", body_hash="h1",
+                                                    resent_from=first.id))
         got = await self.journal.get(again.id)
         self.assertEqual((got.resent_from, got.accession), (first.id, None))
         self.assertEqual((await self.journal.get(first.id)).accession, "ACC9")

@@ -223,6 +223,33 @@ class OperatorCommands(TestCase, _CLI):
 
         return ensureDeferred(go())
 
+    def test_tail_follows_new_pushes_and_state_changes(self) -> Deferred:
+        async def go() -> None:
+            [first] = await self.queue(1)
+            full = {"MEDAGENT_RELAY": self.base,
+                    "MEDAGENT_CLIENT_ID": self.admin_creds["clientId"],
+                    "MEDAGENT_CLIENT_SECRET": self.admin_creds["clientSecret"]}
+            tail = procs.python(self, "tail", ["-m", "medagent.cli", "tail", "--json",
+                                               "--interval", "0.2", "--for", "30"], env=full)
+            await tail.wait_for(first, timeout=20)  # what was there when it started
+            await self.admin.request_json("POST", f"/fhir/R4/AgentPush/{first}/$cancel")
+            [second] = await self.queue(1)
+            await tail.wait_for(second, timeout=20)
+            await procs.wait_until(lambda: tail.count('"cancelled"') >= 1,
+                                   timeout=20, what="the cancel seen")
+            tail.transport.signalProcess("TERM")
+            await tail.ended
+            events = [json.loads(line) for line in bytes(tail.output).decode().splitlines()
+                      if line.startswith("{")]
+            self.assertEqual([(e["id"], e["state"]) for e in events],
+                             [(first, "queued"), (first, "cancelled"), (second, "queued")]
+                             if events[1]["id"] == first else
+                             [(first, "queued"), (second, "queued"), (first, "cancelled")])
+            bad, = await self.clis(["tail", "--interval", "0"])
+            self.assertEqual(bad.exit_code, 2, bad.text)
+
+        return ensureDeferred(go())
+
     def test_exit_2_for_usage_and_config_errors(self) -> Deferred:
         async def go() -> None:
             no_creds, = await self.clis(["agents"], creds=False)

@@ -2,7 +2,7 @@
 The console on two ``twistd medagent-relay`` nodes sharing one PostgreSQL database
 (L{tests.pgenv}), the agent held by node A: node B's fleet page shows the agent online on
 node A, and node B finds node A's delivered push by MSH-10 (the journal is shared; the
-MSH-10 index is PostgreSQL migration 3).
+MSH-10 index is PostgreSQL migration 4).
 """
 
 from __future__ import annotations

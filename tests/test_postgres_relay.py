@@ -7,6 +7,7 @@ the relay keeps no SQLite file.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -103,11 +104,11 @@ class _TwoNodes(TestCase):
     create_client = RelayOnPostgres.create_client
 
     async def node_b(self) -> procs.RelayFixture:
-        """Node B (the same token key as node A until keys live in the database)."""
-        import shutil
-
+        """
+        Node B, with a data folder of its own (no C{token.key}): the signing keys come from
+        the database, where node A put its C{token.key}, so A's tokens are valid at B.
+        """
         data_b = tempfile.mkdtemp(prefix="medagent-relay-pg-b-")
-        shutil.copy(os.path.join(self.data_dir, "token.key"), data_b)
         node = procs.RelayFixture(self, data_b)
         await node.start(["--database", self.dsn, "--node-id", "node-b"])
         return node
@@ -172,8 +173,9 @@ class PushesThroughEitherNode(_TwoNodes):
                 {"resourceType": "Device", "url": f"mllp://127.0.0.1:{self.mllp_port}"})
             creds = await self.create_client("agent", [agent["id"]])
             node_b = await self.node_b()
-            admin_b = MedagentClient(reactor, node_b.url, self.admin.client_id,
-                                     self.admin.client_secret)
+            # a token node A issued is valid at node B: one signing key ring in the database
+            admin_b = MedagentClient(reactor, node_b.url,
+                                     access_token=await self.admin.access_token())
             self.addCleanup(admin_b.close)
 
             procs.agent_process(self, self.relay.url, creds, agent["id"],
@@ -205,5 +207,24 @@ class PushesThroughEitherNode(_TwoNodes):
                 idle, f"Device/{device['id']}", hl7("XN000003"), "x-application/hl7-v2+er7",
                 True), RelayError)
             self.assertEqual(e.status, 503)
+
+            # agent operations asked of node B are run by node A, which holds the agent
+            base = f"/fhir/R4/Agent/{agent['id']}"
+            status = await admin_b.request_json("GET", f"{base}/$status")
+            self.assertEqual(status["parameter"][0], {"name": "status", "valueCode": "connected"})
+            on_a = await self.admin.request_json("GET", f"{base}/$status")
+            self.assertEqual(status["parameter"][:2], on_a["parameter"][:2])
+            reloaded = await admin_b.request_json("GET", f"{base}/$reload-config")
+            self.assertEqual(reloaded["resourceType"], "OperationOutcome")
+            self.assertEqual(reloaded["id"], "ok")
+            logs = await admin_b.request_json("GET", f"{base}/$fetch-logs?limit=5")
+            self.assertEqual(logs["parameter"][0]["name"], "logs")
+            stats = json.loads((await admin_b.request_json("GET", f"{base}/$stats")
+                                )["parameter"][0]["valueString"])
+            self.assertIsInstance(stats["agent"], dict, stats.get("agentUnavailable"))
+            self.assertIn("lanes", stats["relay"])
+            idle_stats = json.loads((await admin_b.request_json(
+                "GET", f"/fhir/R4/Agent/{idle['id']}/$stats"))["parameter"][0]["valueString"])
+            self.assertIn("not connected", idle_stats["agentUnavailable"])
 
         return ensureDeferred(go())

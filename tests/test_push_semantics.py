@@ -258,6 +258,34 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(conflict, FHIRError).value.status, 409)
         self.assertEqual([r["pushId"] for r in self.sent()], [pushed.id])
 
+    def test_a_repeat_journaled_by_another_node_meanwhile(self) -> None:
+        """
+        Two relay nodes (two L{PushService}s, each with its own in-memory guard) on one
+        journal: the second node's lookups run while the first node's write is uncommitted,
+        so only the journal's own check at insert can see the repeat.
+        """
+        node_b = PushService(self.hub, self.store, self.journal, self.clock)
+
+        def push_b(body: str, who: Any, key: str | None) -> Deferred:
+            payload = {"destination": f"Device/{self.device['id']}", "contentType": HL7_V2,
+                       "body": body, "waitForResponse": False}
+            return node_b.push(who, (self.agent["id"], None), payload, key)
+
+        with self.db.hold():
+            first = self.push(order("ORD30"), key="n1")
+            same_key = push_b(order("ORD30"), self.alice, "n1")
+            same_message = push_b(order("ORD30"), self.bob, None)
+            conflict = push_b(order("ORD30", test="K^Potassium"), self.alice, "n1")
+        pushed = self.successResultOf(first).push
+        for d in (same_key, same_message):
+            result = self.successResultOf(d)
+            self.assertEqual((result.push.id, result.duplicate), (pushed.id, True))
+        self.assertEqual(self.failureResultOf(conflict, FHIRError).value.status, 409)
+        self.assertEqual([r["pushId"] for r in self.sent()], [pushed.id])
+        self.assertEqual([p.id for p in self.successResultOf(self.journal.search({}))],
+                         [pushed.id])
+        self.assertEqual(self.hub._pending_pushes, {})
+
     # -- defect 3: callers -------------------------------------------------------------------
 
     def test_idempotency_keys_are_scoped_to_the_caller(self) -> None:

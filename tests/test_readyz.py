@@ -139,6 +139,20 @@ class SQLiteReadyTests(_RelayCalls, TestCase):
 
         return ensureDeferred(go())
 
+    def test_not_ready_while_the_signing_keys_are_not_loaded(self) -> Deferred:
+        """A cluster node reads its keys from the database after start: not ready until."""
+        async def go() -> None:
+            keys = self.relay.authority._key
+            self.relay.authority._key = None
+            code, body, headers = await self.call("GET", "/readyz", token=False)
+            self.assert_unavailable(code, body, headers)
+            self.assertIn("signing keys", body["issue"][0]["details"]["text"])
+            self.relay.authority._key = keys
+            code, _, _ = await self.call("GET", "/readyz", token=False)
+            self.assertEqual(code, 200)
+
+        return ensureDeferred(go())
+
     def test_a_stopped_database_is_not_ready_and_a_push_gets_503(self) -> Deferred:
         async def go() -> None:
             self.relay.db.stop()
@@ -184,6 +198,7 @@ class PostgresOutageTests(_RelayCalls, TestCase):
         self.relay, self.base, self.pool = procs.in_process_relay(
             self, "relay-readyz-pg-", database=self.dsn)
         await self.relay.db.start()
+        await procs.wait_until(lambda: self.relay.authority.ready, what="the signing keys")
         await self.login(self.relay)
 
     async def journaled(self) -> list[dict[str, Any]]:

@@ -241,6 +241,37 @@ class PgDatabaseTests(_Pg, TestCase):
         self.assertEqual([p.id for p in await a.open_for_agent("a1")], [first.id, second.id])
 
 
+    async def test_two_nodes_never_journal_one_message_twice(self) -> None:
+        """
+        Thirty keys and thirty HL7 messages, each sent to two nodes at once (a client
+        retrying through a balancer): each is journaled once; the loser is told which push
+        won.  Without the insert's own check (under an advisory lock) both batches read
+        "no earlier push" and insert.
+        """
+        clock = Clock()
+        a, b = (PgJournal(self.open_database(), clock=clock) for _ in range(2))
+
+        def push(journal: PgJournal, i: int, by_key: bool) -> j.Push:
+            return j.Push(id=journal.new_id(), agent_id="a1", destination="mllp://d:1",
+                          remote="mllp://d:1", content_type="x-application/hl7-v2+er7",
+                          body=f"MSH|{i}", requester="c1" if by_key else f"c-{journal.new_id()}",
+                          idempotency_key=f"k{i}" if by_key else None,
+                          control_id=None if by_key else f"M{i}",
+                          body_hash=None if by_key else f"h{i}")
+
+        creates = [journal.create(push(journal, i, by_key))
+                   for by_key in (True, False) for i in range(30) for journal in (a, b)]
+        results = await DeferredList(creates, consumeErrors=True)
+        won = [r for ok, r in results if ok]
+        lost = [r.value for ok, r in results if not ok]
+        self.assertEqual(len(won), 60)
+        self.assertEqual([type(e) for e in lost], [j.RepeatedPush] * 60)
+        self.assertEqual(sorted(e.earlier.id for e in lost), sorted(p.id for p in won))
+        self.assertEqual(sorted((e.earlier.body, e.by_key) for e in lost),
+                         sorted((p.body, p.idempotency_key is not None) for p in won))
+        self.assertEqual(len(await a.open_for_agent("a1", limit=500)), 60)
+
+
 class OpenStorageTests(SynchronousTestCase):
     """L{open_storage}: which backend a C{--database} value gives, and what it refuses."""
 
@@ -345,13 +376,13 @@ class PgDatabaseShutdownTests(_Pg, TestCase):
 
 
 class PgConsoleMigration(TestCase):
-    """Migration 3 (the console's columns and indexes) on a database of version 2 that holds
+    """Migration 4 (the console's columns and indexes) on a database of version 3 that holds
     pushes: they stay readable, and the MSH-10 search reads its index."""
 
-    def test_version_2_database_upgrades_with_its_pushes(self) -> Deferred[None]:
+    def test_version_3_database_upgrades_with_its_pushes(self) -> Deferred[None]:
         async def go() -> None:
             dsn = await deferToThread(pgenv.fresh_database, "medagent_console_migration")
-            old = PgDatabase(reactor, dsn, migrations=MIGRATIONS[:2])
+            old = PgDatabase(reactor, dsn, migrations=MIGRATIONS[:3])
             self.addCleanup(old.stop)
             await deferToThread(old.migrate_sync)
             await old.start()
@@ -363,7 +394,7 @@ class PgConsoleMigration(TestCase):
             old.stop()
             db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
             self.addCleanup(db.stop)
-            self.assertEqual(await deferToThread(db.migrate_sync), 3)
+            self.assertEqual(await deferToThread(db.migrate_sync), 4)
             await db.start()
             journal = PgJournal(db)
             push = await journal.get("p1")

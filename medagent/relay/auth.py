@@ -39,7 +39,7 @@ import os
 import secrets
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import attr
 import jwt
@@ -223,6 +223,10 @@ _DUMMY_SALT = secrets.token_bytes(16)
 _DUMMY_HASH = _hash(_DUMMY_SALT, secrets.token_urlsafe(32))
 
 
+#: the ``kid`` of the data folder's C{token.key} (one node; imported into a cluster's ring)
+FILE_KID = "token.key"
+
+
 def load_or_create_key(path: str) -> bytes:
     """The token signing key, created on first start (0600)."""
     try:
@@ -254,6 +258,8 @@ class Authority:
     ) -> None:
         self._clients = clients
         self._key = key
+        self._keys: dict[str, bytes] = {FILE_KID: key} if key is not None else {}
+        self._signing_kid = FILE_KID
         self._lifetime = token_lifetime
         #: no token living longer than this is accepted, whoever signed it
         self.max_lifetime = max(1, int(token_lifetime))
@@ -270,14 +276,46 @@ class Authority:
 
     def set_key(self, key: bytes) -> None:
         """The signing key, given at start (reading or creating it is I/O: not in a
-        constructor); until then tokens are answered 503."""
-        self._key = key
+        constructor); until then tokens are answered 503.  One node: the data folder's
+        C{token.key}."""
+        self.set_keys({FILE_KID: key}, FILE_KID)
+
+    def set_keys(self, keys: Mapping[str, bytes], signing: str) -> None:
+        """
+        The key ring (relay nodes sharing a database: L{medagent.storage.postgres.keys}):
+        tokens are signed with C{keys[signing]} and name it in their ``kid`` header; a token
+        is accepted if signed by any key of the ring (a rotated-out key stays until it is
+        retired, so the tokens it signed live out their time).  A token without ``kid``
+        (issued before key rings) is checked against the C{token.key} one.
+        """
+        if signing not in keys:
+            raise ValueError("the signing key must be in the ring")
+        self._keys = dict(keys)
+        self._signing_kid = signing
+        self._key = keys[signing]
+
+    @property
+    def ready(self) -> bool:
+        """It has its signing keys (until then tokens are answered 503)."""
+        return self._key is not None
 
     def _signing_key(self) -> bytes:
         if self._key is None:
             raise FHIRError(503, "The relay is starting; try again in a moment", "transient",
                             headers={"Retry-After": "1"})
         return self._key
+
+    def _key_of(self, token: str) -> bytes:
+        """The key that must have signed C{token} (by its ``kid``), or 401."""
+        self._signing_key()  # 503 while there is no ring yet
+        try:
+            kid = jwt.get_unverified_header(token).get("kid", FILE_KID)
+        except jwt.InvalidTokenError:
+            raise unauthorized("Invalid access token")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise unauthorized("Invalid access token")
+        return key
 
     # -- clients ---------------------------------------------------------------------
 
@@ -491,14 +529,15 @@ class Authority:
         if principal.role == BOT:
             claims["read"] = sorted(principal.read)
             claims["write"] = sorted(principal.write)
-        return jwt.encode(claims, self._signing_key(), algorithm="HS256")
+        return jwt.encode(claims, self._signing_key(), algorithm="HS256",
+                          headers={"kid": self._signing_kid})
 
     def verify_token(self, token: str) -> Principal:
         """The caller behind a bearer token, or 401."""
         try:
             claims = jwt.decode(
                 token,
-                self._signing_key(),
+                self._key_of(token),
                 algorithms=["HS256"],
                 # expiry is checked below against our (injectable) clock
                 options={"verify_aud": False, "verify_exp": False, "verify_iat": False,

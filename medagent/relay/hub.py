@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import attr
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -77,13 +77,14 @@ class _Lane:
     #: "lane is holding back" was logged for the current episode
     hold_logged: bool = False
 
+#: Seconds a call to another relay node waits beyond the agent's own timeout (its hops).
+CALL_MARGIN = 2.0
+#: Seconds an agent's status or snapshot is asked of the node holding it, at most.
+STATUS_TIMEOUT = 3.0
+
 #: Seconds an agent's session lease lasts on a cluster (L{Hub.agent_sessions}) unless its node
 #: renews it: a node that died gives its agents up within this time.
 SESSION_LEASE = 20.0
-
-#: Seconds between a cluster node's reads of the journal for pushes other nodes accepted
-#: (L{Hub.poll_cluster}).
-CLUSTER_POLL = 1.0
 
 #: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -116,6 +117,8 @@ class Session:
         #: pushes written to this socket and not yet answered, by push id
         self.in_flight: dict[str, Push] = {}
         self.replaying = False
+        #: another node journaled pushes for this agent while a replay ran: scan once more
+        self.rescan = False
         #: the first replay (all the agent's open pushes, oldest first) has run to its end
         self.scanned = False
         self.closed = False
@@ -244,6 +247,8 @@ class Hub:
         self._renewed_at: float | None = None
         #: waited pushes of agents held elsewhere whose journal read is under way
         self._reading: set[str] = set()
+        #: this node's link to the others (L{medagent.relay.cluster.ClusterLink}), on a cluster
+        self.cluster: Any = None
         #: called with (agent id, connected) when an agent's session starts or ends on this
         #: node (the console's live fleet page); see L{_session_changed}
         self.session_listeners: list[Callable[[str, bool], None]] = []
@@ -603,17 +608,23 @@ class Hub:
 
     def poll_cluster(self) -> None:
         """
-        On a cluster, every L{CLUSTER_POLL} seconds: pushes journaled by other nodes for the
-        agents this node holds are read and sent (a rescan of each agent's open pushes, in
-        journal order, skipping what is on the agent already), and callers waiting here on a
-        push whose agent is held elsewhere get its outcome from the journal.
+        On a cluster, at each full poll (L{medagent.relay.cluster.ClusterLink.poll}): pushes
+        journaled by other nodes for the agents this node holds are read and sent (a rescan
+        of each agent's open pushes, in journal order, skipping what is on the agent
+        already), and callers waiting here on a push whose agent is held elsewhere get its
+        outcome from the journal.
         """
         if self.agent_sessions is None:
             return
-        for session in list(self.sessions.values()):
-            if not session.closed and session.ready and session.scanned \
-                    and not session.replaying:
-                self._replay(session)
+        idle = {agent_id: session for agent_id, session in self.sessions.items()
+                if not session.closed and session.ready and session.scanned
+                and not session.replaying}
+        if idle:
+            # one read for every agent held here; a rescan only where something is queued
+            self.journal.agents_with_queued(idle).addCallbacks(
+                self._wake_all,
+                lambda f: log.warn("Could not read which agents have queued pushes ({error})",
+                                   error=f.getErrorMessage()))
         for push_id in list(self._waiters):
             push = self._pending_pushes.get(push_id)
             if push is not None and push.agent_id not in self.sessions \
@@ -639,6 +650,27 @@ class Hub:
             self._pending_pushes.pop(push.id, None)
             for d in self._waiters.pop(push.id, []):
                 d.callback(push)
+
+    def wake(self, agent_id: str) -> None:
+        """Another node journaled pushes for C{agent_id}: if this node holds it, read them."""
+        session = self.sessions.get(agent_id)
+        if session is None or session.closed or not session.ready or not session.scanned:
+            return  # not taking pushes yet: its first scan (or the next poll) reads them
+        if session.replaying:
+            session.rescan = True
+        else:
+            self._replay(session)
+
+    def _wake_all(self, agent_ids: Iterable[str]) -> None:
+        for agent_id in sorted(agent_ids):
+            self.wake(agent_id)
+
+    def outcome_hint(self, push_id: str) -> None:
+        """Another node recorded an outcome for C{push_id}: a caller waiting here gets it."""
+        push = self._pending_pushes.get(push_id)
+        if push_id in self._waiters and push is not None \
+                and push.agent_id not in self.sessions and push_id not in self._reading:
+            self._read_outcome(push_id)
 
     def held_anywhere(self, agent_id: str) -> Deferred[bool]:
         """Whether some node (this one included) holds a live session for C{agent_id}."""
@@ -783,6 +815,8 @@ class Hub:
     def submit(self, push: Push) -> None:
         """A journaled push: send it now if its agent takes it and nothing is ahead on its lane."""
         session = self.sessions.get(push.agent_id)
+        if session is None and self.cluster is not None:
+            self.cluster.pushed(push.agent_id)  # the node holding the agent reads it now
         if session is None or session.closed or not session.scanned or session.replaying:
             return  # stays queued; the replay picks it up in order
         if push.id in session.in_flight:
@@ -991,6 +1025,9 @@ class Hub:
                 session.replaying = False
                 session.scanned = True
                 self._pump_all(session)
+                if session.rescan:  # woken while this scan ran: what came meanwhile
+                    session.rescan = False
+                    self._replay(session)
                 return
             for push in pushes:
                 lane = self._lane(session, push.remote)
@@ -1016,6 +1053,11 @@ class Hub:
 
     def track(self, push: Push) -> None:
         self._pending_pushes[push.id] = push
+
+    def untrack(self, push_id: str) -> None:
+        """A tracked push that was never journaled (its write failed, or it was a repeat)."""
+        if not self._waiters.get(push_id):
+            self._pending_pushes.pop(push_id, None)
 
     def wait_for(self, push: Push) -> Deferred[Push]:
         """Fires with C{push} once it reaches a final state; cancel to stop waiting."""
@@ -1048,6 +1090,8 @@ class Hub:
         in_doubt: bool = False,
     ) -> Deferred[Push]:
         d = self.journal.transition(push, state, error=error, reply=reply, in_doubt=in_doubt)
+        if self.cluster is not None:
+            self.cluster.outcome(push.id)  # (sent after the transition commits)
         self.metrics.push_finished(
             state, self.clock.seconds() - push.created if push.created else None)
         self._pending_pushes.pop(push.id, None)
@@ -1171,6 +1215,8 @@ class Hub:
         caller waiting for this push gets its answer now (502, see L{PushService}); the push
         stays open and is retried.
         """
+        if self.cluster is not None:
+            self.cluster.outcome(push.id)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
 
@@ -1257,8 +1303,28 @@ class Hub:
         says why.
         """
         d = self.journal.current(push_id)  # after every write queued so far
-        d.addCallback(lambda push: self._cancel(self.live_push(push), by))
+        d.addCallback(self._cancel_where_held, by)
         return d
+
+    def _cancel_where_held(self, push: Push, by: str) -> Any:
+        """
+        On a cluster, a push of an agent another node holds is cancelled by that node (it
+        may be sending it this instant; only it can order the two).
+        """
+        if push.final or push.agent_id in self.sessions or self.cluster is None:
+            return self._cancel(self.live_push(push), by)
+
+        def nobody(f: Failure) -> Any:
+            f.trap(FHIRError)
+            if f.value.status != 503:
+                return f
+            return self._cancel(self.live_push(push), by)  # no node holds its agent
+
+        def done(answer: Any) -> Deferred[Push]:
+            return self.journal.get(push.id)
+
+        return self.call_holder(push.agent_id, {"op": "cancel", "pushId": push.id, "by": by}
+                                ).addCallbacks(done, nobody)
 
     def _cancel(self, push: Push, by: str) -> Any:
         session = self.sessions.get(push.agent_id)
@@ -1356,10 +1422,14 @@ class Hub:
 
     def request(self, agent_id: str, message: dict[str, Any], timeout: float | None = None
                 ) -> Deferred[dict[str, Any]]:
-        """Send a control request and wait for the response carrying its callback."""
+        """
+        Send a control request and wait for the response carrying its callback; on a
+        cluster, through the node holding the agent when that is another one.
+        """
         session = self.sessions.get(agent_id)
         if session is None:
-            raise FHIRError(503, f"Agent/{agent_id} is not connected", "transient")
+            return self.call_holder(agent_id, {"op": "request", "message": message,
+                                               "timeout": timeout})
         callback = f"Agent/{agent_id}-{uuid.uuid4()}"
         message = dict(message, callback=callback)
 
@@ -1380,6 +1450,81 @@ class Hub:
             return result
 
         return d.addBoth(done)
+
+    # -- calls between relay nodes (L{medagent.relay.cluster}) -------------------------------
+
+    #: what another node may ask this one to send to an agent it holds
+    CALLABLE_REQUESTS = frozenset([wire.RELOADCONFIG_REQUEST, wire.LOGS_REQUEST,
+                                   wire.STATS_REQUEST])
+
+    def call_holder(self, agent_id: str, call: dict[str, Any]) -> Deferred[Any]:
+        """
+        Run C{call} (see L{serve_call}) on the node holding C{agent_id}: 503 when no node
+        holds it (or only this one, in the instant its session is opening or closing).
+        """
+        if self.cluster is None or self.agent_sessions is None:
+            return fail(FHIRError(503, f"Agent/{agent_id} is not connected", "transient"))
+        timeout = (call.get("timeout") or self.request_timeout) + CALL_MARGIN
+
+        def holder(node: str | None) -> Any:
+            if node is None or node == self.node_id:
+                raise FHIRError(503, f"Agent/{agent_id} is not connected", "transient")
+            return self.cluster.call(agent_id, node, call, timeout)
+
+        return self.agent_sessions.holder(agent_id).addCallback(holder)
+
+    def serve_call(self, agent_id: str, call: Mapping[str, Any]) -> Any:
+        """
+        Another node's call for an agent this node holds: C{request} (a control request,
+        L{CALLABLE_REQUESTS} only, answered with the agent's response), C{snapshot}
+        (L{snapshot}), C{status} (L{status}) or C{cancel} (L{cancel}; the push's new state).
+        """
+        if agent_id not in self.sessions:
+            raise FHIRError(503, f"Agent/{agent_id} is no longer connected to relay node "
+                            f"{self.node_id}", "transient")
+        op = call.get("op")
+        if op == "request":
+            message = call.get("message")
+            timeout = call.get("timeout")
+            if not isinstance(message, dict) or message.get("type") not in \
+                    self.CALLABLE_REQUESTS or not (timeout is None or (
+                        isinstance(timeout, (int, float)) and 0 < timeout <= 300)):
+                raise FHIRError(400, "Not a request another relay node may send", "invalid")
+            return self.request(agent_id, {k: v for k, v in message.items()
+                                           if k != "callback"}, timeout)
+        if op == "snapshot":
+            return self.snapshot(agent_id)
+        if op == "status":
+            return self.status(agent_id)
+        if op == "cancel" and isinstance(call.get("pushId"), str) \
+                and isinstance(call.get("by"), str):
+            return self.cancel(call["pushId"], call["by"]).addCallback(
+                lambda push: {"id": push.id, "state": push.state})
+        raise FHIRError(400, "Unknown call from another relay node", "invalid")
+
+    def status_anywhere(self, agent_id: str) -> Deferred[dict[str, Any]]:
+        """L{status}, from the node holding the agent when that is another one."""
+        if agent_id in self.sessions or self.cluster is None:
+            return succeed(self.status(agent_id))
+
+        def there(failure: Failure) -> dict[str, Any]:
+            failure.trap(FHIRError)
+            return self.status(agent_id)  # nobody holds it (or its node did not answer)
+
+        return self.call_holder(agent_id, {"op": "status", "timeout": STATUS_TIMEOUT}
+                                ).addErrback(there)
+
+    def snapshot_anywhere(self, agent_id: str) -> Deferred[dict[str, Any] | None]:
+        """L{snapshot}, from the node holding the agent when that is another one."""
+        if agent_id in self.sessions or self.cluster is None:
+            return succeed(self.snapshot(agent_id))
+
+        def unavailable(failure: Failure) -> None:
+            failure.trap(FHIRError)
+            return None
+
+        return self.call_holder(agent_id, {"op": "snapshot", "timeout": STATUS_TIMEOUT}
+                                ).addErrback(unavailable)
 
     def _on_request_response(
         self, session: Session, msg: Mapping[str, Any], quiet: bool = False

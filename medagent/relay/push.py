@@ -12,8 +12,9 @@ import re
 from typing import Any, Mapping
 
 import attr
-from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent import schemes, wire
@@ -28,7 +29,7 @@ from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
 from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
-from medagent.storage.journal import Push, message_hash
+from medagent.storage.journal import Push, RepeatedPush, message_hash
 from medagent.storage.resources import search_one
 
 log = Logger()
@@ -215,6 +216,19 @@ def _same_message(a: Push, b: Push) -> bool:
             and _hash_of(a) == _hash_of(b))
 
 
+def _check_same_key(earlier: Push, new: Push) -> None:
+    """The caller's Idempotency-Key names C{earlier}: a repeat if it is the same message,
+    else a 409 (the key was used for another message)."""
+    if not _same_message(earlier, new):
+        raise FHIRError(
+            409,
+            f"Idempotency-Key was already used by this client for a different message "
+            f"(push {earlier.id}: {_difference(earlier, new)}); nothing was sent. "
+            "Use a new key for a new message.",
+            "conflict",
+        )
+
+
 def _difference(earlier: Push, new: Push) -> str:
     """What differs, in words without content (no PHI): for the 409's text."""
     if earlier.agent_id != new.agent_id:
@@ -236,6 +250,8 @@ class PushService:
         #: Idempotency-Key), and by (agent, MSH-10, body hash) for the same-message rule
         self._creating_by_key: dict[tuple[str, str], Push] = {}
         self._creating_by_message: dict[tuple[str, str, str], list[Push]] = {}
+        #: pushes being written (by id): who waits to learn what each turned out to be
+        self._writes: dict[str, list[Deferred[Push]]] = {}
 
     @inlineCallbacks
     def resolve_agent(self, agent_id: str | None, identifier: str | None):
@@ -345,15 +361,7 @@ class PushService:
         )
         existing, by_key = yield self._find_repeat(push)
         if existing is not None:
-            if key is not None and not by_key:
-                yield self._bind_key(push, existing)
-            log.info(
-                "Push to Agent/{agent_id} repeats push {push_id} (same message to the same "
-                "device); not sent again",
-                agent_id=agent_id,
-                push_id=existing.id,
-            )
-            result = yield self._maybe_wait(existing, request, duplicate=True)
+            result = yield self._repeat(push, existing, by_key, request)
             return result
         if request.wait and not (yield self.hub.held_anywhere(agent_id)):
             raise FHIRError(
@@ -370,17 +378,40 @@ class PushService:
         created = self.journal.create(push)
 
         def stored(p: Push) -> Push:
-            self._done_creating(push)
+            self._done_creating(push, p)
             self.hub.submit(p)  # even if the caller has gone meanwhile
             return p
 
         def not_stored(f: Any) -> Any:
-            self._done_creating(push)
+            self._done_creating(push, f.value.earlier if f.check(RepeatedPush) else f)
+            self.hub.untrack(push.id)
             return f
 
         created.addCallbacks(stored, not_stored)
-        push = yield shielded(created)
-        result = yield self._maybe_wait(push, request)
+        try:
+            stored_push = yield shielded(created)
+        except RepeatedPush as e:
+            # found in the insert's own transaction: another relay node (or a request here
+            # that raced this one) journaled it first
+            if e.by_key:
+                _check_same_key(e.earlier, push)
+            result = yield self._repeat(push, e.earlier, e.by_key, request)
+            return result
+        result = yield self._maybe_wait(stored_push, request)
+        return result
+
+    @inlineCallbacks
+    def _repeat(self, new: Push, earlier: Push, by_key: bool, request: PushRequest):
+        """C{new} repeats C{earlier}: nothing is sent again; the caller gets C{earlier}."""
+        if new.idempotency_key is not None and not by_key:
+            yield self._bind_key(new, earlier)
+        log.info(
+            "Push to Agent/{agent_id} repeats push {push_id} (same message to the same "
+            "device); not sent again",
+            agent_id=new.agent_id,
+            push_id=earlier.id,
+        )
+        result = yield self._maybe_wait(earlier, request, duplicate=True)
         return result
 
     @inlineCallbacks
@@ -406,15 +437,9 @@ class PushService:
             if earlier is None:
                 earlier = self._creating_by_key.get(scope)
             if earlier is not None:
-                if _same_message(earlier, new):
-                    return earlier, True
-                raise FHIRError(
-                    409,
-                    f"Idempotency-Key was already used by this client for a different message "
-                    f"(push {earlier.id}: {_difference(earlier, new)}); nothing was sent. "
-                    "Use a new key for a new message.",
-                    "conflict",
-                )
+                earlier = yield self._written(earlier)
+                _check_same_key(earlier, new)
+                return earlier, True
         if new.control_id is not None and new.body_hash is not None:
             device = lane_key(new.remote)
             earlier = self._creating_message(new, device)
@@ -423,6 +448,8 @@ class PushService:
                     new.agent_id, device, new.control_id, new.body_hash)
             if earlier is None:
                 earlier = self._creating_message(new, device)
+            if earlier is not None:
+                earlier = yield self._written(earlier)
             return earlier, False
         return None, False
 
@@ -449,13 +476,27 @@ class PushService:
                 return p
         return None
 
+    def _written(self, push: Push) -> Deferred[Push]:
+        """
+        What C{push} (found by the guards above, maybe still being written) is in the
+        journal: itself once written, or the earlier push its write found it repeats (another
+        node journaled that one); fails as its write failed.
+        """
+        if push.id not in self._writes:
+            return succeed(push)
+        d: Deferred[Push] = Deferred()
+        self._writes[push.id].append(d)
+        return d
+
     def _start_creating(self, push: Push) -> None:
+        self._writes[push.id] = []
         if push.idempotency_key is not None:
             self._creating_by_key[(push.requester or "", push.idempotency_key)] = push
         if push.control_id is not None:
             self._creating_by_message.setdefault(_message_scope(push), []).append(push)
 
-    def _done_creating(self, push: Push) -> None:
+    def _done_creating(self, push: Push, outcome: Push | Failure) -> None:
+        waiting = self._writes.pop(push.id, [])
         if push.idempotency_key is not None:
             scope = (push.requester or "", push.idempotency_key)
             if self._creating_by_key.get(scope) is push:
@@ -467,6 +508,8 @@ class PushService:
                 pending.remove(push)
             if not pending:
                 self._creating_by_message.pop(scope3, None)
+        for d in waiting:
+            d.callback(outcome) if isinstance(outcome, Push) else d.errback(outcome)
 
     @inlineCallbacks
     def _maybe_wait(self, push: Push, request: PushRequest, duplicate: bool = False):

@@ -23,16 +23,22 @@ from twisted.logger import Logger
 
 from medagent import wire
 from medagent.metrics import metrics_service, relay_metrics
-from medagent.relay.auth import DEFAULT_TOKEN_LIFETIME, Authority, load_or_create_key
+from medagent.relay.auth import (
+    DEFAULT_TOKEN_LIFETIME,
+    FILE_KID,
+    Authority,
+    load_or_create_key,
+)
 from medagent.relay.bots import (DEFAULT_BOT_USER, DEFAULT_MEMORY_MB, DEFAULT_TIME_LIMIT,
                                  DEFAULT_WORKERS, BotRunner, BotsService, WorkerPool,
                                  base_url_from_listen)
 from medagent.relay.channels import ChannelRouter
+from medagent.relay.cluster import CLUSTER_POLL, ClusterLink
 from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
                                     DEFAULT_OFFLINE_MINUTES as DEFAULT_ALERT_OFFLINE_MINUTES,
                                     Console, EventBroker, ObservedJournal)
 from medagent.relay.console.alerts import KINDS as ALERT_KINDS
-from medagent.relay.hub import CLUSTER_POLL, DEFAULT_CONNECT_TIMEOUT, Hub
+from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
@@ -241,6 +247,70 @@ class Listener(service.Service):
 REVOCATION_REFRESH = 5.0
 
 
+#: seconds between a cluster node's reads of the shared signing keys (a third of
+#: L{medagent.storage.postgres.keys.PUBLISH_DELAY}: a new key is read before it signs)
+KEY_REFRESH = 60.0
+
+
+class _KeyRingRefresh(service.Service):
+    """
+    On a cluster: reads the signing keys every node shares at start (tokens get 503 until
+    then; the data folder's C{token.key}, when there is one, becomes the first key so the
+    tokens it signed stay valid), then every L{KEY_REFRESH} seconds (rotations, retired
+    keys).  A failed read keeps the ring it has.
+    """
+
+    def __init__(self, reactor: Any, authority: Authority, keys: Any, key_file: str) -> None:
+        self.reactor = reactor
+        self.authority = authority
+        self.keys = keys
+        self.key_file = key_file
+        self.first: tuple[str, bytes] | None = None
+        self.call: LoopingCall | None = None
+        self.reading = False
+        self.failing = False
+        self.loaded_at: float | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if os.path.exists(self.key_file):
+            self.first = (FILE_KID, load_or_create_key(self.key_file))
+        self.call = LoopingCall(self.refresh)
+        self.call.clock = self.reactor
+        self.call.start(1.0, now=True)
+
+    def stopService(self) -> None:
+        if self.call is not None and self.call.running:
+            self.call.stop()
+        self.call = None
+        return super().stopService()
+
+    def refresh(self) -> None:
+        """Every second until the first read succeeds, then every L{KEY_REFRESH} seconds."""
+        now = self.reactor.seconds()
+        if self.reading or (self.authority.ready and self.loaded_at is not None
+                            and now - self.loaded_at < KEY_REFRESH):
+            return
+        self.reading = True
+
+        def loaded(ring: tuple[dict[str, bytes], str]) -> None:
+            keys, signing = ring
+            self.authority.set_keys(keys, signing)
+            self.loaded_at = now
+            self.failing = False
+
+        def failed(f: Any) -> None:
+            if not self.failing:  # once per outage, not once a second
+                log.warn("Reading the shared signing keys failed ({error}); keeping the ones "
+                         "read before, trying again", error=f.getErrorMessage())
+            self.failing = True
+
+        def done(_: Any) -> None:
+            self.reading = False
+
+        self.keys.load(self.first).addCallbacks(loaded, failed).addBoth(done)
+
+
 class _RevocationRefresh(service.Service):
     """Reads the revoked clients at start (tokens get 503 until then), then periodically."""
 
@@ -276,7 +346,10 @@ def default_node_id() -> str:
 
 
 class _HubService(service.Service):
-    """Closes the agents' sockets on stop; on a cluster, renews their session leases."""
+    """
+    Closes the agents' sockets on stop; on a cluster, renews their session leases, listens
+    for the other nodes' notices and polls (L{medagent.relay.cluster.ClusterLink}).
+    """
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -289,7 +362,9 @@ class _HubService(service.Service):
             self.renewal = LoopingCall(self.hub.renew_sessions)
             self.renewal.clock = self.hub.clock
             self.renewal.start(self.hub.session_lease / 3, now=False)
-            self.poll = LoopingCall(self.hub.poll_cluster)
+        if self.hub.cluster is not None:
+            self.hub.cluster.start()
+            self.poll = LoopingCall(self.hub.cluster.poll)
             self.poll.clock = self.hub.clock
             self.poll.start(CLUSTER_POLL, now=False)
 
@@ -298,6 +373,8 @@ class _HubService(service.Service):
             if call is not None and call.running:
                 call.stop()
         self.renewal = self.poll = None
+        if self.hub.cluster is not None:
+            self.hub.cluster.stop()
         self.hub.close()
         return super().stopService()
 
@@ -393,6 +470,7 @@ class RelayService(service.MultiService):
         if not self.listen:
             raise ValueError("The relay needs at least one listen endpoint")
         self._prepared = False
+        self._key_ring: _KeyRingRefresh | None = None
         # --database: SQLite in data_dir (none) or a shared PostgreSQL (postgresql://...)
         storage = open_storage(database, data_dir, reactor, synchronous=synchronous) \
             if database else None
@@ -424,10 +502,21 @@ class RelayService(service.MultiService):
         )
         if storage is not None and storage.backend == "postgresql":
             # relay nodes on one database: one session per agent across all of them
-            from medagent.storage.postgres import PgAgentSessions
+            from medagent.storage.postgres import (
+                PgAgentCalls,
+                PgAgentSessions,
+                PgNotices,
+                PgSigningKeys,
+            )
 
             self.hub.agent_sessions = PgAgentSessions(storage.db)
+            self._key_ring = _KeyRingRefresh(reactor, self.authority,
+                                             PgSigningKeys(storage.db),
+                                             os.path.join(data_dir, "token.key"))
+            self._key_ring.setServiceParent(self)
             self.hub.node_id = node_id or default_node_id()
+            ClusterLink(self.hub, PgNotices(storage.db, reactor), PgAgentCalls(storage.db),
+                        reactor, self.hub.node_id)
         _HubService(self.hub).setServiceParent(self)
         _Housekeeping(reactor, self.journal, retention_days * 86400).setServiceParent(self)
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)
@@ -503,7 +592,9 @@ class RelayService(service.MultiService):
         if self._prepared:
             return
         prepare_data_dir(self.data_dir)
-        self.authority.set_key(load_or_create_key(os.path.join(self.data_dir, "token.key")))
+        if self._key_ring is None:  # (a cluster's keys are in its database)
+            self.authority.set_key(load_or_create_key(os.path.join(self.data_dir,
+                                                                   "token.key")))
         self._prepared = True
 
     def privilegedStartService(self) -> None:

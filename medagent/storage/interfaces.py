@@ -140,7 +140,13 @@ class PushJournal(Protocol):
         """A fresh push id (unique, URL-safe)."""
 
     def create(self, push: "Push") -> Deferred["Push"]:
-        """Store a new push; sets C{created}/C{updated} (now) and C{seq}; fires once durable."""
+        """
+        Store a new push; sets C{created}/C{updated} (now) and C{seq}; fires once durable.
+        Fails with L{medagent.storage.journal.RepeatedPush} (nothing stored) when, checked
+        in the insert's own transaction, an earlier push has the same requester and
+        Idempotency-Key (L{find_by_key}) or is the same message (L{find_same_message}): two
+        relay nodes on one database cannot both journal one message.
+        """
 
     def transition(self, push: "Push", state: str, *, error: str | None = None,
                    reply: tuple[int, str, str] | None = None, count_attempt: bool = False,
@@ -177,6 +183,10 @@ class PushJournal(Protocol):
     def open_for_agent(self, agent_id: str, *, after_seq: int = 0, limit: int = 500,
                        states: Iterable[str] = ...) -> Deferred[list["Push"]]:
         """Pushes of C{agent_id} in C{states} (default: open) with C{seq > after_seq}, by C{seq}."""
+
+    def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
+        """Which of C{agent_ids} have pushes C{queued} (one read for many agents: a cluster
+        node's poll asks it of every agent it holds)."""
 
     def open_pushes(self, agent_id: str, *, after_seq: int = 0,
                     remotes: Iterable[str] | None = None, exclude_remotes: Iterable[str] = (),
@@ -335,6 +345,77 @@ class AgentSessions(Protocol):
 
     def holder(self, agent_id: str) -> Deferred[str | None]:
         """The node holding a live session for C{agent_id}, or C{None}."""
+
+
+class ClusterNotices(Protocol):
+    """
+    Wake-up hints between relay nodes (PostgreSQL's C{LISTEN/NOTIFY}).  Never the only path
+    of anything: a notice is not stored, so one lost (a node reconnecting to the database)
+    costs at most the receiver's next poll, never a message.  Payloads are small mappings of
+    ids (never message content).
+    """
+
+    def notify(self, notice: Mapping[str, Any]) -> Deferred[None]:
+        """Send C{notice} to every listening node once the writes issued before it commit."""
+
+    def listen(self, received: Callable[[list[dict[str, Any]]], None],
+               connected: Callable[[], None], lost: Callable[[str], None]) -> None:
+        """
+        Start receiving (an owned thread with a connection of its own), reconnecting with a
+        backoff: C{received} with each batch of notices, C{connected} each time listening
+        starts (notices may have been missed before: poll everything once), C{lost} when the
+        connection broke; all called on the reactor thread.
+        """
+
+    def stop(self) -> None:
+        """Stop listening (the thread ends within a second)."""
+
+
+class SigningKeys(Protocol):
+    """
+    The token signing keys relay nodes on one database share, so a token from one node is
+    valid at all: a ring of keys, the newest old enough signing, any not retired verifying.
+    """
+
+    def load(self, first: "tuple[str, bytes] | None" = None
+             ) -> Deferred["tuple[dict[str, bytes], str]"]:
+        """The ring (kid → secret) and the kid that signs; with no key yet, C{first} (a
+        node's existing C{token.key}, so its tokens stay valid) or a new random one."""
+
+    def rotate(self) -> Deferred[str]:
+        """Publish a new key (it signs once every node has read it); fires with its kid."""
+
+    def retire(self, kid: str) -> Deferred[bool]:
+        """Withdraw a key: the tokens it signed fail from now on; C{False} if none such."""
+
+    def list(self) -> Deferred[builtins.list[dict[str, Any]]]:
+        """Every key's kid, created, retired and whether it signs (never the secret)."""
+
+
+class AgentCalls(Protocol):
+    """
+    Agent operations (``$reload-config``, ``$fetch-logs``, ``$stats``, cancel) asked on one
+    relay node of an agent another node holds: a row per call, taken and answered by the
+    holding node.  A call is answered at most once, and only before its deadline; the asking
+    node removes it when it has its answer or gives up.
+    """
+
+    def place(self, call_id: str, agent_id: str, node_id: str, from_node: str,
+              request: Mapping[str, Any], timeout: float) -> Deferred[None]:
+        """Ask C{node_id} (the holder of C{agent_id}'s session) to run C{request}."""
+
+    def take(self, node_id: str, limit: int = 100) -> Deferred[list[dict[str, Any]]]:
+        """The calls to C{node_id} nobody took yet and still in time (C{id}, C{agent_id},
+        C{from_node}, C{request}), now taken; calls long past their deadline are removed."""
+
+    def answer(self, call_id: str, answer: Mapping[str, Any]) -> Deferred[None]:
+        """Record a taken call's answer."""
+
+    def result(self, call_id: str) -> Deferred[dict[str, Any] | None]:
+        """The call's answer, or C{None} while there is none."""
+
+    def forget(self, call_id: str) -> Deferred[None]:
+        """Remove the call (answered, or given up on)."""
 
 
 # -- the agent's durable queues ------------------------------------------------------------

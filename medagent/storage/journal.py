@@ -14,11 +14,12 @@ import hashlib
 import json
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import attr
 from twisted.logger import Logger
 
+from medagent.destination import lane_key
 from medagent.fhir import HL7_V2
 from medagent.hl7.message import HL7Error, normalise
 
@@ -220,3 +221,73 @@ def lane_summary(rows: Any, now: float) -> list[dict[str, Any]]:
             "lastError": r["last_error"],
         })
     return out
+
+
+class RepeatedPush(Exception):
+    """
+    L{PushJournal.create} found, in the same transaction, an earlier push the new one repeats
+    (another relay node journaled it meanwhile, or a concurrent request here): nothing was
+    stored.  C{by_key}: found by the caller's Idempotency-Key (the message may differ: the
+    caller decides whether that is a repeat or a conflict); otherwise the same message.
+    """
+
+    def __init__(self, earlier: Push, by_key: bool) -> None:
+        super().__init__(f"repeats push {earlier.id}")
+        self.earlier = earlier
+        self.by_key = by_key
+
+
+def earlier_by_key(conn: Any, mark: str, requester: str, key: str, since: float
+                   ) -> Push | None:
+    """
+    The first push C{requester} created with C{key} since C{since}, or bound to it in
+    C{push_keys}, not cancelled; C{mark} is the driver's placeholder (C{?} or C{%s}).
+    """
+    row = conn.execute(
+        f"SELECT * FROM pushes WHERE requester={mark} AND idempotency_key={mark}"
+        f" AND created>={mark} AND state <> 'cancelled' ORDER BY seq LIMIT 1",
+        (requester, key, since)).fetchone()
+    if row is None:
+        row = conn.execute(
+            f"SELECT p.* FROM push_keys k JOIN pushes p ON p.id=k.push_id"
+            f" WHERE k.requester={mark} AND k.idempotency_key={mark} AND k.created>={mark}"
+            f" AND p.state <> 'cancelled'", (requester, key, since)).fetchone()
+    return push_from_row(row) if row is not None else None
+
+
+def earlier_same_message(conn: Any, mark: str, agent_id: str, device: str, control_id: str,
+                         body_hash: str, since: float) -> Push | None:
+    """The first push through C{agent_id} to C{device} (a lane key) with this MSH-10 and body
+    hash since C{since}, not cancelled, whoever sent it."""
+    rows = conn.execute(
+        f"SELECT * FROM pushes WHERE agent_id={mark} AND control_id={mark} AND body_hash={mark}"
+        f" AND created>={mark} AND state <> 'cancelled' ORDER BY seq LIMIT 100",
+        (agent_id, control_id, body_hash, since))
+    for row in rows:
+        if lane_key(row["remote"]) == device:
+            return push_from_row(row)
+    return None
+
+
+def check_not_repeated(conn: Any, mark: str, push: Push, since: float,
+                       lock: Callable[[str], None] = lambda scope: None) -> None:
+    """
+    Inside L{PushJournal.create}'s transaction, before the insert: raise L{RepeatedPush} if an
+    earlier push has C{push}'s key or is the same message.  C{lock(scope)} serialises writers
+    of one scope across processes until commit (PostgreSQL's advisory locks; SQLite's single
+    writer needs none), so two relay nodes cannot both journal one message.  Scopes are
+    locked key first, then message, always in that order.
+    """
+    if push.idempotency_key is not None:
+        requester = push.requester or ""
+        lock(f"key\n{requester}\n{push.idempotency_key}")
+        earlier = earlier_by_key(conn, mark, requester, push.idempotency_key, since)
+        if earlier is not None:
+            raise RepeatedPush(earlier, by_key=True)
+    if push.control_id is not None and push.body_hash is not None and push.resent_from is None:
+        # (an operator's resend is the same message on purpose: never a repeat)
+        lock(f"message\n{push.agent_id}\n{push.control_id}")
+        earlier = earlier_same_message(conn, mark, push.agent_id, lane_key(push.remote),
+                                       push.control_id, push.body_hash, since)
+        if earlier is not None:
+            raise RepeatedPush(earlier, by_key=False)

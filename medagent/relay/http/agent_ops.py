@@ -91,7 +91,7 @@ async def operation_result(ctx: RouteContext, op: str, agent_id: str) -> dict[st
     """One agent's answer to C{op}: a Parameters or OperationOutcome, or L{FHIRError}."""
     hub, query = ctx.api.hub, ctx.query
     if op in ("$status", "$bulk-status"):
-        return status_parameters(ctx, agent_id)
+        return await status_parameters(ctx, agent_id)
     if op == "$reload-config":
         answer = await hub.request(agent_id, {"type": wire.RELOADCONFIG_REQUEST})
         raise_agent_error(answer)
@@ -113,9 +113,10 @@ async def operation_result(ctx: RouteContext, op: str, agent_id: str) -> dict[st
     # agent before 2026 has no agent:stats and never answers it).
     relay_side = await ctx.api.journal.counts(agent_id)
     stats: dict[str, Any] = {"relay": relay_side, "agent": None}
-    if hub.snapshot(agent_id) is not None:
-        relay_side["lanes"] = hub.snapshot(agent_id)
-    if not hub.is_connected(agent_id):
+    snapshot = await hub.snapshot_anywhere(agent_id)  # (from the node holding it)
+    if snapshot is not None:
+        relay_side["lanes"] = snapshot
+    if snapshot is None:
         stats["agentUnavailable"] = f"Agent/{agent_id} is not connected"
     else:
         try:
@@ -137,8 +138,8 @@ def raise_agent_error(answer: Mapping[str, Any]) -> None:
         raise bad_request(str(answer.get("body") or "Agent reported an error"))
 
 
-def status_parameters(ctx: RouteContext, agent_id: str) -> dict[str, Any]:
-    status = ctx.api.hub.status(agent_id)
+async def status_parameters(ctx: RouteContext, agent_id: str) -> dict[str, Any]:
+    status = await ctx.api.hub.status_anywhere(agent_id)
     last = status.get("lastUpdated")
     params = [
         {"name": "status", "valueCode": status["status"]},

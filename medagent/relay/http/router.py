@@ -326,9 +326,14 @@ async def ready(ctx: RouteContext) -> Response:
     """
     ``/readyz`` (any method, no token), for a load balancer: 200 when a trivial round trip
     through the storage's own pool succeeds within L{READY_TIMEOUT} and its schema is the
-    current one; else 503 saying which (never the database's name or URL).
+    current one, and the token signing keys are loaded; else 503 saying which (never the
+    database's name or URL).
     """
     api = ctx.api
+    if not api.authority.ready:  # (a cluster node reads its signing keys at start)
+        return json_response(operation_outcome(
+            "The relay is starting: its token signing keys are not loaded yet",
+            code="transient", severity="error"), 503, **{"Retry-After": "1"})
     db = api.database if api.database is not None else getattr(api.journal, "database", None)
     if db is None or not hasattr(db, "ping"):
         return json_response({"status": "ready"})

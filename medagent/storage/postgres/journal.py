@@ -14,7 +14,6 @@ from typing import Any, Iterable, Mapping
 
 from twisted.internet.defer import Deferred
 
-from medagent.destination import lane_key
 from medagent.fhir import not_found
 from medagent.storage.journal import (
     EXPIRED,
@@ -25,6 +24,9 @@ from medagent.storage.journal import (
     QUEUED,
     STATES,
     Push,
+    check_not_repeated,
+    earlier_by_key,
+    earlier_same_message,
     lane_summary,
     push_from_row,
     time_bounds,
@@ -83,8 +85,11 @@ class PgJournal:
                   push.body, json.dumps(push.options), push.idempotency_key, push.state,
                   push.created, push.updated, push.expires_at, push.requester,
                   push.control_id, push.body_hash, push.accession, push.resent_from)
+        since = now - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push:
+            check_not_repeated(conn, "%s", push, since, lambda scope: conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (scope,)))
             row = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
@@ -98,21 +103,7 @@ class PgJournal:
 
     def find_by_key(self, requester: str, key: str) -> Deferred[Push | None]:
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
-
-        def txn(conn: Any) -> Push | None:
-            row = conn.execute(
-                "SELECT * FROM pushes WHERE requester=%s AND idempotency_key=%s"
-                " AND created>=%s AND state <> 'cancelled' ORDER BY seq LIMIT 1",
-                (requester, key, since)).fetchone()
-            if row is None:
-                row = conn.execute(
-                    "SELECT p.* FROM push_keys k JOIN pushes p ON p.id=k.push_id"
-                    " WHERE k.requester=%s AND k.idempotency_key=%s AND k.created>=%s"
-                    " AND p.state <> 'cancelled'",
-                    (requester, key, since)).fetchone()
-            return push_from_row(row) if row is not None else None
-
-        return self._db.run(txn)
+        return self._db.run(earlier_by_key, "%s", requester, key, since)
 
     def remember_key(self, requester: str, key: str, push_id: str) -> Deferred[None]:
         now = self._clock.seconds()
@@ -129,18 +120,8 @@ class PgJournal:
         self, agent_id: str, device: str, control_id: str, body_hash: str
     ) -> Deferred[Push | None]:
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
-
-        def txn(conn: Any) -> Push | None:
-            rows = conn.execute(
-                "SELECT * FROM pushes WHERE agent_id=%s AND control_id=%s AND body_hash=%s"
-                " AND created>=%s AND state <> 'cancelled' ORDER BY seq LIMIT 100",
-                (agent_id, control_id, body_hash, since))
-            for row in rows:
-                if lane_key(row["remote"]) == device:
-                    return push_from_row(row)
-            return None
-
-        return self._db.run(txn)
+        return self._db.run(earlier_same_message, "%s", agent_id, device, control_id,
+                            body_hash, since)
 
     def transition(
         self,
@@ -243,6 +224,19 @@ class PgJournal:
             f"SELECT * FROM pushes WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT %s",
             (*args, limit))
         return [push_from_row(r) for r in rows]
+
+    def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
+        ids = sorted(set(agent_ids))
+
+        def txn(conn: Any) -> set[str]:
+            if not ids:
+                return set()
+            rows = conn.execute(
+                "SELECT a.id FROM unnest(%s::text[]) AS a(id) WHERE EXISTS (SELECT 1 FROM"
+                " pushes WHERE agent_id = a.id AND state = %s)", (ids, QUEUED)).fetchall()
+            return {r["id"] for r in rows}
+
+        return self._db.run(txn)
 
     def search(self, params: Mapping[str, str], limit: int = 100) -> Deferred[list[Push]]:
         where, args = _where(params)

@@ -118,9 +118,32 @@ CREATE TABLE agent_sessions (
 CREATE INDEX agent_sessions_node ON agent_sessions (node_id);
 """
 
+#: Agent operations asked on one node of an agent another node holds
+#: (L{medagent.storage.postgres.calls}); the token signing keys every node shares
+#: (L{medagent.storage.postgres.keys}).
+V3 = """
+CREATE TABLE agent_calls (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    from_node TEXT NOT NULL,
+    request TEXT NOT NULL,
+    answer TEXT,
+    taken BOOLEAN NOT NULL DEFAULT false,
+    deadline TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX agent_calls_open ON agent_calls (node_id) WHERE NOT taken;
+CREATE TABLE signing_keys (
+    kid TEXT PRIMARY KEY,
+    secret BYTEA NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    retired TIMESTAMPTZ
+);
+"""
+
 #: The console (issue 12): the order / accession number of a push and the push it resends,
 #: and indexes for its searches (by MSH-10, by order number, failures by time).
-V3 = """
+V4 = """
 ALTER TABLE pushes ADD COLUMN accession TEXT;
 ALTER TABLE pushes ADD COLUMN resent_from TEXT;
 CREATE INDEX pushes_control ON pushes (control_id, seq);
@@ -129,8 +152,8 @@ CREATE INDEX pushes_state_updated ON pushes (state, updated);
 """
 
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
-               "subscription_deliveries", "agent_sessions")
+               "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys")

@@ -16,7 +16,6 @@ from typing import Any, Iterable, Mapping
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from medagent.destination import lane_key
 from medagent.contenttypes import HL7_V2
 from medagent.fhir import not_found
 from medagent.hl7.message import HL7Error, normalise
@@ -30,6 +29,9 @@ from medagent.storage.journal import (
     QUEUED,
     STATES,
     Push,
+    check_not_repeated,
+    earlier_by_key,
+    earlier_same_message,
     lane_summary,
     message_hash,
     push_from_row,
@@ -203,8 +205,10 @@ class SQLiteJournal:
         """Store a new push (group committed); fires once it is on disk."""
         now = self._clock.seconds()
         push.created = push.updated = now
+        since = now - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push:
+            check_not_repeated(conn, "?", push, since)  # (one writer: no lock needed)
             cur = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
@@ -242,22 +246,7 @@ class SQLiteJournal:
         """
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
 
-        def txn(conn: Any) -> Push | None:
-            row = conn.execute(
-                "SELECT * FROM pushes WHERE requester=? AND idempotency_key=?"
-                " AND created>=? AND state != 'cancelled' ORDER BY seq LIMIT 1",
-                (requester, key, since),
-            ).fetchone()
-            if row is None:
-                row = conn.execute(
-                    "SELECT p.* FROM push_keys k JOIN pushes p ON p.id=k.push_id"
-                    " WHERE k.requester=? AND k.idempotency_key=? AND k.created>=?"
-                    " AND p.state != 'cancelled'",
-                    (requester, key, since),
-                ).fetchone()
-            return _row_to_push(row) if row is not None else None
-
-        return self._db.run(txn)
+        return self._db.run(earlier_by_key, "?", requester, key, since)
 
     def remember_key(self, requester: str, key: str, push_id: str) -> Deferred[None]:
         """
@@ -285,18 +274,8 @@ class SQLiteJournal:
         """
         since = self._clock.seconds() - IDEMPOTENCY_WINDOW
 
-        def txn(conn: Any) -> Push | None:
-            rows = conn.execute(
-                "SELECT * FROM pushes WHERE agent_id=? AND control_id=? AND body_hash=?"
-                " AND created>=? AND state != 'cancelled' ORDER BY seq LIMIT 100",
-                (agent_id, control_id, body_hash, since),
-            )
-            for row in rows:
-                if lane_key(row["remote"]) == device:
-                    return _row_to_push(row)
-            return None
-
-        return self._db.run(txn)
+        return self._db.run(earlier_same_message, "?", agent_id, device, control_id,
+                            body_hash, since)
 
     def transition(
         self,
@@ -495,6 +474,21 @@ class SQLiteJournal:
             pushes = [_row_to_push(r) for r in rows[:count]]
             more = len(rows) > count
             return pushes, total, (pushes[-1].seq if more and pushes else None)
+
+        return self._db.run(txn)
+
+    def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
+        ids = sorted(set(agent_ids))
+
+        def txn(conn: Any) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(ids), 500):  # (SQLite's limit on parameters)
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(r[0] for r in conn.execute(
+                    f"SELECT DISTINCT agent_id FROM pushes WHERE state = ? AND agent_id IN"
+                    f" ({marks})", (QUEUED, *chunk)))
+            return found
 
         return self._db.run(txn)
 
