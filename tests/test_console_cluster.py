@@ -52,6 +52,9 @@ class ConsoleOnTwoNodes(_TwoNodes):
             assert row is not None
             self.assertIn(">online<", row.group(0))
             self.assertNotIn("node-b", row.group(0))  # held by node A, named as such
+            code, text, _ = await b.get(f"/console/agent/{agent['id']}")
+            self.assertEqual(code, 200)
+            self.assertIn(f"mllp://127.0.0.1:{self.mllp_port}", text)  # its lane
             code, text, _ = await b.get("/console/messages?control_id=CLUSTER01")
             self.assertEqual(code, 200)
             self.assertEqual(text.count('<tr id="push-'), 1)

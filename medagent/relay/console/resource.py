@@ -277,6 +277,13 @@ class ConsoleResource(Resource):
         if len(path) == 2 and path[0] == "agent":
             agent = await c.store.read("Agent", path[1])
             rows = await c.fleet_rows([agent])
+            if rows[0]["connected"] and rows[0].get("node") != c.hub.node_id:
+                # held by another node: its version as that node sees it (one call)
+                try:
+                    status = await c.hub.status_anywhere(agent["id"])
+                    rows[0]["version"] = status.get("version")
+                except FHIRError:
+                    pass
             lanes = await c.journal.lane_summaries(agent["id"])
             return 200, html.agent_page(rows[0], lanes, c.now(),
                                         can_act=session.principal.may_operate(),
