@@ -225,7 +225,8 @@ MESSAGE_HEADS = ("Created", "Agent", "Destination", "MSH-10", "Order no.", "Stat
 
 def message_row(push: j.Push) -> str:
     return (
-        f'<tr id="push-{h(push.id)}" data-push="{h(push.id)}">'
+        f'<tr id="push-{h(push.id)}" data-push="{h(push.id)}" '
+        f'data-updated="{float(push.updated or 0)!r}">'
         f'<td>{h(when(push.created))}</td>'
         f'<td><a href="{PREFIX}/agent/{h(u(push.agent_id))}">{h(push.agent_id)}</a></td>'
         f'<td>{h(push.destination)}</td>'
@@ -278,7 +279,8 @@ def message_page(push: j.Push, *, timeline: Sequence[tuple[float, str, str | Non
                  payload_shown: bool, csrf: str, **layout: Any) -> bytes:
     facts = [
         ("Id", h(push.id)),
-        ("State", f'<span id="detail-state" data-push="{h(push.id)}">'
+        ("State", f'<span id="detail-state" data-push="{h(push.id)}" '
+                  f'data-updated="{float(push.updated or 0)!r}">'
                   f"{state_badge(push.state)}</span>"),
         ("Agent", f'<a href="{PREFIX}/agent/{h(u(push.agent_id))}">{h(push.agent_id)}</a>'),
         ("Destination", h(push.destination)),

@@ -133,7 +133,9 @@ class ConsoleResource(Resource):
             def now(push: j.Push) -> None:
                 stream.send(sse_frame("push", push_event(self.console.hub.live_push(push))))
 
-            self.console.journal.get(push_id).addCallbacks(now, lambda f: None)
+            # current(): after every write issued before it, so a transition announced
+            # before this stream opened (its write perhaps not committed yet) is seen
+            self.console.journal.current(push_id).addCallbacks(now, lambda f: None)
         return NOT_DONE_YET
 
     def _origin_ok(self, request: Request) -> bool:

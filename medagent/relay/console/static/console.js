@@ -73,9 +73,22 @@
   });
   source.addEventListener('push', function (ev) {
     var d = JSON.parse(ev.data), row = document.getElementById('push-' + d.id);
+    // an older state never replaces a newer one (a read may arrive after a later event)
+    var rank = {queued: 0, sent: 1, accepted: 2};
+    function newer(el) {
+      var shown = parseFloat(el.getAttribute('data-updated') || '0');
+      var was = (field(el, 'state') || {}).textContent;
+      if (d.updated < shown || (d.updated === shown &&
+          (rank[d.state] === undefined ? 3 : rank[d.state]) <
+          (rank[was] === undefined ? 3 : rank[was]))) { return false; }
+      el.setAttribute('data-updated', String(d.updated));
+      return true;
+    }
     if (row) {
-      setState(field(row, 'state'), d.state);
-      field(row, 'attempts').textContent = d.attempts;
+      if (newer(row)) {
+        setState(field(row, 'state'), d.state);
+        field(row, 'attempts').textContent = d.attempts;
+      }
     } else {
       var table = document.getElementById('messages');
       if (table && table.getAttribute('data-live') === '1' && d['new']) {
@@ -83,6 +96,7 @@
         if (empty) { body.removeChild(empty); }
         var tr = document.createElement('tr');
         tr.id = 'push-' + d.id; tr.setAttribute('data-push', d.id);
+        tr.setAttribute('data-updated', String(d.updated));
         tr.appendChild(cell(when(d.created)));
         tr.appendChild(link('/console/agent/' + encodeURIComponent(d.agent), d.agent));
         tr.appendChild(cell(d.destination));
@@ -100,7 +114,7 @@
         }
       }
     }
-    if (detail && detail.getAttribute('data-push') === d.id) {
+    if (detail && detail.getAttribute('data-push') === d.id && newer(detail)) {
       var shown = field(detail, 'state'), moved = shown.textContent !== d.state;
       setState(shown, d.state);
       var attempts = document.querySelector('dl.facts [data-field="attempts"]');
