@@ -6,7 +6,8 @@ The ``medagent`` command.
                                                     apply / check the database schema migrations
     medagent db keys|rotate-key|retire-key KID --database URL
                                                     a cluster's shared token signing keys
-    medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent)
+    medagent client create --role R [--agent ID]    create credentials (admin, pusher, agent,
+                                                    viewer, operator: the console)
     medagent client list                            list clients (never their secrets)
     medagent client revoke CLIENT_ID                revoke a client: its tokens and sockets stop
                                                     (client commands: through the relay's API,
@@ -490,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="write to this relay data folder instead of calling the relay")
     database_flag(p)
-    p.add_argument("--role", choices=list(ROLES), required=True)
+    p.add_argument("--role", choices=list(ROLES), required=True,
+                   help="viewer/operator: the operators' console (/console), read-only or with "
+                   "actions and payloads")
     p.add_argument("--agent", action="append",
                    help="agent id this client may push to (pusher) or is (agent); '*' = all")
     p.add_argument("--name", default=None)

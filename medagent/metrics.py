@@ -221,6 +221,22 @@ class RelayMetrics(Metrics):
 
         self._collector(collect)
 
+    def watch_alerts(self, alerts: Any, kinds: Iterable[str]) -> None:
+        """The console's alerts raised and not cleared (L{medagent.relay.console.alerts}),
+        by kind (every kind listed, 0 included)."""
+        kinds = tuple(kinds)
+
+        def collect() -> Iterator[Metric]:
+            family = GaugeMetricFamily("medagent_relay_alerts_active",
+                                       "Console alerts raised and not yet cleared",
+                                       labels=["kind"])
+            active = [a.kind for a in list(alerts.active.values())]
+            for kind in kinds:
+                family.add_metric([kind], active.count(kind))
+            yield family
+
+        self._collector(collect)
+
     def watch_subscriptions(self, backlog: Callable[[], Deferred[tuple[int, float | None]]],
                             clock: Any) -> None:
         """

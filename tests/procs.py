@@ -227,11 +227,16 @@ class RelayFixture:
 
 async def relay_with_admin(testcase: Any) -> tuple[RelayFixture, Any]:
     """A started relay and a logged-in admin client (closed in cleanup)."""
+    return await relay_with_admin_args(testcase, [])
+
+
+async def relay_with_admin_args(testcase: Any, extra: list[str]) -> tuple[RelayFixture, Any]:
+    """L{relay_with_admin}, the relay started with C{extra} arguments."""
     from medagent.client import MedagentClient
 
     relay = RelayFixture(testcase)
     admin = relay.create_client("admin")
-    await relay.start()
+    await relay.start(extra)
     client = MedagentClient(reactor, relay.url, admin["clientId"], admin["clientSecret"])
     testcase.addCleanup(client.close)
     return relay, client

@@ -384,6 +384,59 @@ class PushJournalContract:
         found = await self.journal.search({"state": j.QUEUED, "agent": "a2"})
         self.assertEqual(len(found), 1)
 
+    async def test_search_by_control_id_accession_time_and_resend_link(self) -> None:
+        first = await self.journal.create(self.push(control_id="CTRL1", accession="ACC9",
+                                                    body_hash="h1"))
+        self.clock.advance(10)
+        await self.journal.create(self.push(control_id="CTRL2"))
+        self.clock.advance(10)
+        # the same message again is a repeat, unless it is an operator's resend
+        with self.assertRaises(j.RepeatedPush):
+            await self.journal.create(self.push(control_id="CTRL1", body_hash="h1"))
+        again = await self.journal.create(self.push(control_id="CTRL1", body_hash="h1",
+                                                    resent_from=first.id))
+        got = await self.journal.get(again.id)
+        self.assertEqual((got.resent_from, got.accession), (first.id, None))
+        self.assertEqual((await self.journal.get(first.id)).accession, "ACC9")
+        found = await self.journal.search({"control_id": "CTRL1"})
+        self.assertEqual([p.id for p in found], [again.id, first.id])
+        self.assertEqual([p.id for p in await self.journal.search({"accession": "ACC9"})],
+                         [first.id])
+        self.assertEqual([p.id for p in await self.journal.search({"resent_from": first.id})],
+                         [again.id])
+        start = first.created
+        page, total, _ = await self.journal.search_page(
+            {"since": str(start + 5), "until": str(start + 15)}, count=10)
+        self.assertEqual((total, [p.control_id for p in page]), (1, ["CTRL2"]))
+        page, total, _ = await self.journal.search_page(
+            {"control_id": "CTRL1", "since": str(start + 15)}, count=10)
+        self.assertEqual([p.id for p in page], [again.id])
+        self.assertEqual(await self.journal.search({"control_id": "nope"}), [])
+
+    async def test_agent_and_lane_summaries(self) -> None:
+        old = await self.journal.create(self.push())
+        self.clock.advance(30)
+        await self.journal.create(self.push(remote="mllp://other:1"))
+        failed = await self.journal.create(self.push(remote="mllp://other:1"))
+        await self.journal.transition(failed, j.FAILED, error="AE from device")
+        done = await self.journal.create(self.push(agent="a2"))
+        await self.journal.transition(done, j.DELIVERED)
+        await self.journal.flushed()
+        now = self.clock.seconds()
+        fleet = await self.journal.agent_summaries(now - 3600)
+        self.assertEqual(fleet["a1"], {"open": 2, "oldestOpen": old.created, "failedSince": 1})
+        self.assertNotIn("a2", fleet)  # nothing open, nothing failed
+        self.assertEqual((await self.journal.agent_summaries(now + 1))["a1"]["failedSince"], 0)
+        lanes = await self.journal.lane_summaries("a1")
+        self.assertEqual([lane["remote"] for lane in lanes],
+                         ["mllp://dev:2575", "mllp://other:1"])
+        self.assertEqual((lanes[0]["open"], lanes[0]["oldestOpenAgeSeconds"],
+                          lanes[0]["lastState"]), (1, 30.0, None))
+        self.assertEqual((lanes[1]["open"], lanes[1]["oldestOpenAgeSeconds"],
+                          lanes[1]["lastState"], lanes[1]["lastError"]),
+                         (1, 0.0, j.FAILED, "AE from device"))
+        self.assertEqual(await self.journal.lane_summaries("nobody"), [])
+
     async def test_counts_expire_and_prune(self) -> None:
         due = await self.journal.create(self.push(expires_at=self.clock.seconds() + 10))
         keep = await self.journal.create(self.push())

@@ -472,7 +472,15 @@ class JournalMigration(SynchronousTestCase):
         conn = sqlite3.connect(self.path)
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(pushes)")}
         conn.close()
-        self.assertTrue({"pushes_key", "pushes_message"} <= indexes, indexes)
+        self.assertTrue({"pushes_key", "pushes_message", "pushes_control", "pushes_accession",
+                         "pushes_state_updated"} <= indexes, indexes)
+        # the console's columns (issue 12): there, empty for old pushes, written for new ones
+        self.assertEqual((old.accession, old.resent_from), (None, None))
+        self.successResultOf(journal.create(Push(
+            id="resent", agent_id="a1", destination="d", remote="mllp://h:1",
+            content_type=HL7_V2, body=order("NEW1"), accession="ACC1", resent_from="new")))
+        again = self.successResultOf(journal.get("resent"))
+        self.assertEqual((again.accession, again.resent_from), ("ACC1", "new"))
         self.assertNotIn("pushes_idem", indexes)
 
     def test_upgrade_twice_is_harmless(self) -> None:

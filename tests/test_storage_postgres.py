@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -435,3 +435,42 @@ class PgDatabaseShutdownTests(_Pg, TestCase):
         result = await deferToThread(child)
         self.assertIn(b"answered 42", result.stdout)
         self.assertEqual(result.returncode, 0, result.stdout[-2000:])
+
+
+class PgConsoleMigration(TestCase):
+    """Migrations 4 and 5 (the timeline; the console's columns and indexes) on a database of
+    version 3 that holds pushes: they stay readable, and the MSH-10 search reads its index."""
+
+    def test_version_3_database_upgrades_with_its_pushes(self) -> Deferred[None]:
+        async def go() -> None:
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_console_migration")
+            old = PgDatabase(reactor, dsn, migrations=MIGRATIONS[:3])
+            self.addCleanup(old.stop)
+            await deferToThread(old.migrate_sync)
+            await old.start()
+            await old.run(lambda c: c.execute(
+                "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
+                " state, created, updated, control_id) VALUES"
+                " ('p1','a1','d','mllp://h:1','x-application/hl7-v2+er7','MSH|','delivered',"
+                " 1, 1, 'OLD1')"))
+            old.stop()
+            db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
+            self.addCleanup(db.stop)
+            self.assertEqual(await deferToThread(db.migrate_sync), 5)
+            await db.start()
+            journal = PgJournal(db)
+            push = await journal.get("p1")
+            self.assertEqual((push.control_id, push.accession, push.resent_from,
+                              push.timeline), ("OLD1", None, None, {}))
+            self.assertEqual([p.id for p in await journal.search({"control_id": "OLD1"})],
+                             ["p1"])
+
+            def plan(c: Any) -> str:
+                c.execute("SET enable_seqscan = off")
+                rows = c.execute("EXPLAIN SELECT * FROM pushes WHERE control_id='OLD1'"
+                                 " ORDER BY seq DESC").fetchall()
+                return " ".join(str(list(r.values())[0]) for r in rows)
+
+            self.assertIn("pushes_control", await db.run(plan))
+
+        return ensureDeferred(go())

@@ -181,6 +181,32 @@ def control_id(text: str) -> str:
     return value
 
 
+def order_number(text: str) -> str | None:
+    """
+    The order (accession) number of a message: ORC-2 (placer order number), else OBR-2, else
+    OBR-3 (filler), first component of the first such segment; None when there is none.
+    For search only (bounded to 100 characters).
+    """
+    try:
+        seps = Separators.from_msh(text)
+    except HL7Error:
+        return None
+    found: dict[tuple[str, int], str] = {}
+    for raw in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
+        name = raw[:3]
+        if name not in ("ORC", "OBR"):
+            continue
+        fields = raw.split(seps.field)
+        for n in ((2,) if name == "ORC" else (2, 3)):
+            value = _components(_get(fields, n), seps)[0].strip()
+            if value:
+                found.setdefault((name, n), value)
+    for key in (("ORC", 2), ("OBR", 2), ("OBR", 3)):
+        if key in found:
+            return found[key][:100]
+    return None
+
+
 def message_type(text: str) -> str:
     """MSH-9 as ``TYPE^TRIGGER`` (``ORM^O01``), always with ``^``, for logs and routing."""
     fields, seps = _msh(text)

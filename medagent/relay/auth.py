@@ -5,9 +5,13 @@ A client is one of three kinds:
 
 - ``admin``: may do everything;
 - ``pusher``: may push to (and read the pushes of) the agents listed in its scope;
-- ``agent``: the credential of one agent, which may connect as that agent only.
+- ``agent``: the credential of one agent, which may connect as that agent only;
+- ``viewer``: the operators' console read-only: the fleet and the push journal, never a
+  payload, no action;
+- ``operator``: the console with its actions (retry, cancel, resend, reload config) and the
+  payloads (each view audited).  Neither console role may push, nor read the FHIR API.
 
-A fourth identity has no client credentials: a running Bot (``Bot/{id}``, role ``bot``), whose
+A fifth identity has no client credentials: a running Bot (``Bot/{id}``, role ``bot``), whose
 token is minted by the relay for its run and carries only what its ``Bot`` resource grants
 (L{bot_grants}): resource types it may read and write, agents it may push to.  Only an agent
 credential may open an agent session (L{Principal.can_connect_as}) -- admin tokens neither.
@@ -53,7 +57,11 @@ ADMIN = "admin"
 PUSHER = "pusher"
 AGENT = "agent"
 BOT = "bot"
-ROLES = (ADMIN, PUSHER, AGENT)
+VIEWER = "viewer"
+OPERATOR = "operator"
+ROLES = (ADMIN, PUSHER, AGENT, VIEWER, OPERATOR)
+#: Roles that may sign in to the operators' console (L{medagent.relay.console}).
+CONSOLE_ROLES = (ADMIN, OPERATOR, VIEWER)
 #: Roles a token may carry: the client roles, and ``bot`` (minted for a Bot's run only).
 TOKEN_ROLES = ROLES + (BOT,)
 #: Seconds of clock skew tolerated on ``iat``/``exp``.
@@ -101,6 +109,28 @@ class Principal:
     def can_connect_as(self, agent_id: str) -> bool:
         """Only the agent's own credential opens its session (admin tokens neither)."""
         return self.role == AGENT and agent_id in self.agents
+
+    # -- the operators' console --------------------------------------------------------
+
+    def may_use_console(self) -> bool:
+        return self.role in CONSOLE_ROLES
+
+    def may_operate(self) -> bool:
+        """Console actions (retry, cancel, resend, reload config): operators and admins."""
+        return self.role in (ADMIN, OPERATOR)
+
+    def may_see_payloads(self) -> bool:
+        """Message bodies and device replies (PHI): operators and admins, never viewers."""
+        return self.role in (ADMIN, OPERATOR)
+
+    def can_manage_push(self, agent_id: str) -> bool:
+        """Retry, cancel or resend a push of C{agent_id}: who may push there, and operators."""
+        return self.role == OPERATOR or self.can_push(agent_id)
+
+    def require_manage_push(self, agent_id: str) -> None:
+        if not self.can_manage_push(agent_id):
+            raise forbidden(f"Client {self.client_id} may not manage pushes of "
+                            f"Agent/{agent_id}")
 
     def may_read(self, resource_type: str) -> bool:
         """Bots: only the types their Bot resource grants (never Bot, Subscription...)."""
@@ -186,7 +216,12 @@ def bot_grants(bot: Any) -> tuple[frozenset[str], frozenset[str], frozenset[str]
 
 
 def _hash(salt: bytes, secret: str) -> bytes:
-    return hashlib.sha256(salt + secret.encode("utf-8")).digest()
+    return hashlib.sha256(salt + secret.encode("utf-8", "surrogatepass")).digest()
+
+
+#: compared against when a client id is unknown (the same work as for a known one)
+_DUMMY_SALT = secrets.token_bytes(16)
+_DUMMY_HASH = _hash(_DUMMY_SALT, secrets.token_urlsafe(32))
 
 
 #: tokens whose signature check L{Authority} remembers, at most
@@ -441,19 +476,31 @@ class Authority:
 
     # -- tokens ----------------------------------------------------------------------
 
-    def issue_token(self, client_id: str, client_secret: str) -> Deferred[dict[str, Any]]:
-        """The OAuth2 token response for a client-credentials grant."""
+    def check_credentials(self, client_id: str, client_secret: str
+                          ) -> Deferred[Principal | None]:
+        """
+        The client behind an id and secret, or None (unknown, revoked, or a wrong secret).
+        The secret is hashed and compared in constant time even for an unknown id, so the
+        answer's timing does not tell which ids exist.  The token endpoint and the console's
+        login both sign in through here.
+        """
 
         def check(client: StoredClient | None) -> Principal | None:
-            if client is None or client.revoked or not hmac.compare_digest(
-                client.secret_hash, _hash(client.salt, client_secret)
-            ):
+            salt, expected = (client.salt, client.secret_hash) if client is not None else (
+                _DUMMY_SALT, _DUMMY_HASH)
+            good = hmac.compare_digest(expected, _hash(salt, client_secret))
+            if client is None or client.revoked or not good or \
+                    self.is_revoked(client.client_id):
+                # (revoked on this node: its database write may still be pending)
                 return None
             return Principal(client.client_id, client.role, frozenset(client.agents))
 
+        return self._clients.lookup(client_id).addCallback(check)
+
+    def issue_token(self, client_id: str, client_secret: str) -> Deferred[dict[str, Any]]:
+        """The OAuth2 token response for a client-credentials grant."""
+
         def issue(principal: Principal | None) -> dict[str, Any]:
-            if principal is not None and self.is_revoked(principal.client_id):
-                principal = None  # revoked on this node; its database write may be pending
             if principal is None:
                 log.warn("Token refused for client {client_id}", client_id=client_id)
                 raise FHIRError(401, "Invalid client credentials", "login")
@@ -465,7 +512,7 @@ class Authority:
                 "scope": principal.role,
             }
 
-        return self._clients.lookup(client_id).addCallback(check).addCallback(issue)
+        return self.check_credentials(client_id, client_secret).addCallback(issue)
 
     def mint_token(self, principal: Principal, lifetime: int) -> str:
         """

@@ -153,6 +153,10 @@ class Session:
         self.frames_before_connect = 0
         #: when the heartbeat request now unanswered was sent (clock seconds), for its RTT
         self.heartbeat_sent_at: float | None = None
+        #: the last heartbeat from the agent (either direction answered), and its RTT: the
+        #: console's fleet page
+        self.last_heartbeat: float | None = None
+        self.heartbeat_rtt: float | None = None
 
     @property
     def refreshes_token(self) -> bool:
@@ -257,6 +261,9 @@ class Hub:
         self._unrecorded: set[str] = set()
         self._retrying_writes: set[Deferred[Any]] = set()
         self._closing = False
+        #: called with (agent id, connected) when an agent's session starts or ends on this
+        #: node (the console's live fleet page); see L{_session_changed}
+        self.session_listeners: list[Callable[[str, bool], None]] = []
 
     # -- connection lifecycle ----------------------------------------------------------
 
@@ -300,6 +307,7 @@ class Hub:
             "version": session.version or "unknown",
             "lastUpdated": self.clock.seconds(),
         }
+        self._session_changed(agent_id, False)
         log.info(
             "Agent/{agent_id} disconnected ({reason}); {n} push(es) unanswered",
             agent_id=agent_id,
@@ -320,6 +328,13 @@ class Hub:
         session.lanes.clear()
         session.blocked.clear()
         session.stalled.clear()
+
+    def _session_changed(self, agent_id: str, connected: bool) -> None:
+        for listener in list(self.session_listeners):
+            try:
+                listener(agent_id, connected)
+            except Exception:
+                log.failure("Session listener failed for Agent/{agent_id}", agent_id=agent_id)
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self.sessions
@@ -358,14 +373,16 @@ class Hub:
                 session.conn.send_message(wire.error("Not connected", msg.get("callback")))
             elif kind == wire.HEARTBEAT_REQUEST:
                 session.outstanding_heartbeats = 0
+                session.last_heartbeat = self.clock.seconds()
                 if msg.get("accessToken"):
                     self._refresh_principal(session, msg["accessToken"])
                 session.conn.send_message(wire.heartbeat_response())
             elif kind == wire.HEARTBEAT_RESPONSE:
                 session.outstanding_heartbeats = 0
+                session.last_heartbeat = self.clock.seconds()
                 if session.heartbeat_sent_at is not None:
-                    self.metrics.heartbeat_answered(self.clock.seconds()
-                                                    - session.heartbeat_sent_at)
+                    session.heartbeat_rtt = self.clock.seconds() - session.heartbeat_sent_at
+                    self.metrics.heartbeat_answered(session.heartbeat_rtt)
                     session.heartbeat_sent_at = None
                 if isinstance(msg.get("version"), str):
                     session.version = msg["version"]
@@ -477,6 +494,7 @@ class Hub:
             self.sessions[agent_id] = session
             if first:
                 self.metrics.agent_connected(agent_id)
+                self._session_changed(agent_id, True)
             self._cancel_connect_deadline(session)
             authenticated = getattr(session.conn, "authenticated", None)
             if authenticated is not None:

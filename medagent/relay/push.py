@@ -23,6 +23,7 @@ from medagent.contenttypes import HL7_V2, PING
 from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
 from medagent.hl7.message import HL7Error
 from medagent.hl7.message import control_id as msh_control_id
+from medagent.hl7.message import order_number
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
 from medagent.relay.hub import Hub
@@ -341,9 +342,10 @@ class PushService:
             raise bad_request("Agent is currently disabled. Agent.status is 'off'")
         remote = yield self.resolve_remote(request, agent_id)
         yield check_push_destination(self.store, principal, agent, remote)
-        control_id = None
+        control_id = accession = None
         if request.content_type == HL7_V2:
             control_id = hl7_control_id(request.body)  # and refuse HL7 without MSH-10
+            accession = order_number(request.body.lstrip())
         push = Push(
             id=self.journal.new_id(),
             agent_id=agent_id,
@@ -356,6 +358,7 @@ class PushService:
             requester=principal.client_id,
             control_id=control_id,
             body_hash=message_hash(request.content_type, request.body),
+            accession=accession,
         )
         push.stamp("received", received)
         # A waited push looks first (a repeat is answered even while its agent is away); the
@@ -542,18 +545,52 @@ class PushService:
         to drop it (409 if it is being delivered, or the agent cannot cancel).
         """
         push = yield self.journal.get(push_id)
-        principal.require_push(push.agent_id)
+        principal.require_manage_push(push.agent_id)
         push = yield self.hub.cancel(push_id, principal.client_id)
         return push
 
     @inlineCallbacks
     def retry(self, principal: Principal, push_id: str):
         push = yield self.journal.get(push_id)
-        principal.require_push(push.agent_id)
+        principal.require_manage_push(push.agent_id)
         if push.state not in (j.FAILED, j.EXPIRED):
             raise FHIRError(409, f"Push {push_id} is {push.state}; only failed or expired "
                             "pushes can be retried", "conflict")
         push.expires_at = None
         yield self.journal.transition(push, j.QUEUED, error="")
+        self.hub.submit(push)
+        return push
+
+    @inlineCallbacks
+    def resend(self, principal: Principal, push_id: str):
+        """
+        Send a finished push's message again as a new push (its C{resent_from} names the
+        original, which is left as it is).  Deliberately not a repeat: the same-message rule
+        is what a resend overrides, so the new push goes to the device even with the same
+        MSH-10 and body.  Only pushes in a final state (an open one is still on its way).
+        """
+        original = yield self.journal.get(push_id)
+        principal.require_manage_push(original.agent_id)
+        if not original.final:
+            raise FHIRError(409, f"Push {push_id} is {original.state}; only a finished push "
+                            "can be resent", "conflict")
+        push = Push(
+            id=self.journal.new_id(),
+            agent_id=original.agent_id,
+            destination=original.destination,
+            remote=original.remote,
+            content_type=original.content_type,
+            body=original.body,
+            options=dict(original.options),
+            requester=principal.client_id,
+            control_id=original.control_id,
+            body_hash=original.body_hash,
+            accession=original.accession,
+            resent_from=original.id,
+        )
+        push = yield self.journal.create(push)
+        log.info("Push {push_id} to Agent/{agent_id} resends push {original} (by {client_id})",
+                 push_id=push.id, agent_id=push.agent_id, original=original.id,
+                 client_id=principal.client_id)
         self.hub.submit(push)
         return push

@@ -13,7 +13,7 @@ Command line and .tac settings: L{medagent.relay.tap}.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from twisted.application import service
 from twisted.application.internet import TimerService
@@ -35,6 +35,10 @@ from medagent.relay.bots import (DEFAULT_BOT_USER, DEFAULT_MEMORY_MB, DEFAULT_TI
                                  base_url_from_listen)
 from medagent.relay.channels import ChannelRouter
 from medagent.relay.cluster import CLUSTER_POLL, ClusterLink
+from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
+                                    DEFAULT_OFFLINE_MINUTES as DEFAULT_ALERT_OFFLINE_MINUTES,
+                                    Console, EventBroker, ObservedJournal)
+from medagent.relay.console.alerts import KINDS as ALERT_KINDS
 from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
@@ -446,6 +450,8 @@ class RelayService(service.MultiService):
         database: str | None = None,
         node_id: str | None = None,
         access_log: bool = False,
+        console_idle: float = DEFAULT_CONSOLE_IDLE,
+        alert_offline_minutes: float = DEFAULT_ALERT_OFFLINE_MINUTES,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -470,7 +476,11 @@ class RelayService(service.MultiService):
         self.authority = Authority(registry, None,
                                    token_lifetime=token_lifetime)
         _RevocationRefresh(reactor, self.authority).setServiceParent(self)
-        self.journal = storage.journal if storage is not None else SQLiteJournal(self.db)
+        journal = storage.journal if storage is not None else SQLiteJournal(self.db)
+        # the console's live view hears of every push created or moved on this node
+        self.console_events = EventBroker(reactor)
+        self.journal: PushJournal = cast(
+            PushJournal, ObservedJournal(journal, self.console_events, reactor))
         self.hub = Hub(
             reactor,
             self.authority,
@@ -539,6 +549,13 @@ class RelayService(service.MultiService):
                               authenticate=self.authority.authenticate, reactor=reactor,
                               access_log=access_log)
         bots_service.site = self.site
+        # The operators' console at /console (issue 12).
+        self.console = Console(reactor, self.authority, self.store, self.journal, self.hub,
+                               self.pushes, self.console_events, base_url=base_url,
+                               throttle=self.api.login_throttle, idle=console_idle,
+                               alert_offline=alert_offline_minutes * 60)
+        self.api.routes["console"] = self.console.resource
+        self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)
         self.listeners = [Listener(reactor, description, self.limits)
@@ -551,6 +568,8 @@ class RelayService(service.MultiService):
 
         # Metrics (/metrics on a listener of its own, off unless --metrics names one).
         self.metrics = relay_metrics(self.hub, self.bots, deliveries.backlog, reactor)
+        if self.console.alerts is not None:
+            self.metrics.watch_alerts(self.console.alerts, ALERT_KINDS)
         if metrics:
             metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 

@@ -103,6 +103,11 @@ class Options(usage.Options):
         ["node-id", None, None,
          "This node's name in the cluster's agent session table (--database postgresql:"
          " default <hostname>-<pid>)"],
+        ["console-idle-minutes", None, relay_service.DEFAULT_CONSOLE_IDLE / 60,
+         "Minutes a console sign-in lasts without use", number(float, 1, 24 * 60, " minutes")],
+        ["alert-offline-minutes", None, relay_service.DEFAULT_ALERT_OFFLINE_MINUTES,
+         "Console alert: an agent offline longer than this many minutes (0: no alerts)",
+         number(float, 0, 7 * 24 * 60, " minutes")],
         *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
@@ -171,6 +176,8 @@ class Options(usage.Options):
             "database": self["database"],
             "node_id": self["node-id"],
             "access_log": bool(self["access-log"]),
+            "console_idle": self["console-idle-minutes"] * 60,
+            "alert_offline_minutes": self["alert-offline-minutes"],
         }
 
 

@@ -194,7 +194,12 @@ class PushJournal(Protocol):
         """L{open_for_agent} restricted to / excluding some remotes, after pending writes."""
 
     def search(self, params: Mapping[str, str], limit: int = 100) -> Deferred[list["Push"]]:
-        """Pushes matching C{agent}/C{state}/C{destination} (each optional), newest first."""
+        """
+        Pushes matching every filter given (L{medagent.storage.journal.FILTERS}: C{agent},
+        C{state}, C{destination}, C{requester}, C{control_id} (MSH-10), C{accession},
+        C{resent_from}; C{since}/C{until}: C{created} in [since, until)), newest first.
+        C{control_id} and C{accession} are indexed.
+        """
 
     def search_page(self, params: Mapping[str, str], *, count: int,
                     before_seq: int | None = None
@@ -207,6 +212,20 @@ class PushJournal(Protocol):
 
     def counts(self, agent_id: str) -> Deferred[dict[str, Any]]:
         """Pushes of C{agent_id} per state (every state present), ``oldestOpenAgeSeconds``."""
+
+    def agent_summaries(self, since: float) -> Deferred[dict[str, dict[str, Any]]]:
+        """
+        By agent id, for agents with open pushes or failures: C{open} (count of queued, sent
+        and accepted), C{oldestOpen} (creation time of the oldest open push, or None) and
+        C{failedSince} (pushes that became failed at or after C{since}).
+        """
+
+    def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
+        """
+        One entry per device URL the agent's pushes went to, by URL (at most 500):
+        C{remote}, C{open}, C{oldestOpenAgeSeconds}, C{lastState}, C{lastUpdated} and
+        C{lastError} of its newest final push (None each when it has none).
+        """
 
     def expire_overdue(self) -> Deferred[int]:
         """Queued pushes whose C{expires_at} has passed become ``expired``; how many."""

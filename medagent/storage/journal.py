@@ -106,6 +106,11 @@ class Push:
     def stamp(self, stage: str, at: float) -> None:
         """Record that the push reached C{stage} at C{at}."""
         self.timeline[stage] = at
+    #: the order / accession number of an HL7 v2 push (ORC-2, else OBR-2, else OBR-3), indexed
+    #: for the console's search
+    accession: str | None = None
+    #: the push this one is a resend of (an operator's "resend"), or None
+    resent_from: str | None = None
 
     @property
     def final(self) -> bool:
@@ -134,6 +139,8 @@ class Push:
             doc["error"] = self.last_error
         if self.in_doubt:
             doc["inDoubt"] = True
+        if self.resent_from:
+            doc["resentFrom"] = {"reference": f"AgentPush/{self.resent_from}"}
         if self.reply_body is not None:
             doc["reply"] = {
                 "statusCode": self.reply_status,
@@ -173,7 +180,7 @@ def _iso(t: float | None) -> str | None:
 PUSH_COLUMNS = (
     "seq id agent_id destination remote content_type body options idempotency_key state created "
     "updated expires_at attempts last_error reply_status reply_content_type reply_body requester "
-    "control_id body_hash"
+    "control_id body_hash accession resent_from"
 ).split()
 
 
@@ -209,6 +216,47 @@ def timeline_from_text(text: Any) -> dict[str, float]:
         return {}
     return {k: float(v) for k, v in found.items() if k in STAGES
             and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+#: Filters of the push list that are equality on one column: query parameter → column (the
+#: same for every backend; C{since}/C{until} bound C{created}, see L{time_bounds}).
+FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
+           ("requester", "requester"), ("remote", "remote"), ("control_id", "control_id"),
+           ("accession", "accession"), ("resent_from", "resent_from"))
+
+
+def time_bounds(params: Any) -> tuple[float | None, float | None]:
+    """C{since} and C{until} of a search (seconds since the epoch, as text), or None each;
+    callers check them first (a bad value here reads as absent)."""
+    out: list[float | None] = []
+    for name in ("since", "until"):
+        raw = params.get(name)
+        try:
+            value = float(raw) if raw not in (None, "") else None
+        except (TypeError, ValueError):
+            value = None
+        out.append(value if value is not None and math.isfinite(value) else None)
+    return out[0], out[1]
+
+
+def lane_summary(rows: Any, now: float) -> list[dict[str, Any]]:
+    """
+    The console's lanes of one agent from the rows of a backend's lane query (C{remote},
+    C{open_count}, C{oldest_open}, C{last_state}, C{last_updated}, C{last_error}); one
+    definition of the fields for every backend.
+    """
+    out = []
+    for r in rows:
+        out.append({
+            "remote": r["remote"],
+            "open": int(r["open_count"] or 0),
+            "oldestOpenAgeSeconds": (round(now - r["oldest_open"], 3)
+                                     if r["oldest_open"] is not None else None),
+            "lastState": r["last_state"],
+            "lastUpdated": r["last_updated"],
+            "lastError": r["last_error"],
+        })
+    return out
 
 
 class RepeatedPush(Exception):
@@ -283,7 +331,8 @@ def check_not_repeated(conn: Any, mark: str, push: Push, since: float) -> None:
         earlier = earlier_by_key(conn, mark, push.requester or "", push.idempotency_key, since)
         if earlier is not None:
             raise RepeatedPush(earlier, by_key=True)
-    if push.control_id is not None and push.body_hash is not None:
+    if push.control_id is not None and push.body_hash is not None and push.resent_from is None:
+        # (an operator's resend is the same message on purpose: never a repeat)
         earlier = earlier_same_message(conn, mark, push.agent_id, lane_key(push.remote),
                                        push.control_id, push.body_hash, since)
         if earlier is not None:

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from medagent.fhir import not_found
 from medagent.storage.journal import (
     EXPIRED,
+    FILTERS,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW,
     OPEN_STATES,
@@ -26,9 +27,11 @@ from medagent.storage.journal import (
     check_not_repeated,
     earlier_by_key,
     earlier_same_message,
+    lane_summary,
     push_from_row,
     timeline_text,
     write_scopes,
+    time_bounds,
 )
 from medagent.storage.postgres.database import PgDatabase
 
@@ -38,17 +41,20 @@ class _WallClock:
         return time.time()
 
 
-#: Filters of the push list: query parameter → column.
-_FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
-            ("requester", "requester"))
-
-
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
-    clauses, args = [], []
-    for key, column in _FILTERS:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for key, column in FILTERS:
         if params.get(key):
             clauses.append(f"{column}=%s")
             args.append(params[key])
+    since, until = time_bounds(params)
+    if since is not None:
+        clauses.append("created>=%s")
+        args.append(since)
+    if until is not None:
+        clauses.append("created<%s")
+        args.append(until)
     return " AND ".join(clauses) or "true", args
 
 
@@ -80,7 +86,8 @@ class PgJournal:
         values = (push.id, push.agent_id, push.destination, push.remote, push.content_type,
                   push.body, json.dumps(push.options), push.idempotency_key, push.state,
                   push.created, push.updated, push.expires_at, push.requester,
-                  push.control_id, push.body_hash, timeline_text(push))
+                  push.control_id, push.body_hash, timeline_text(push), push.accession,
+                  push.resent_from)
         since = now - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push:
@@ -88,8 +95,8 @@ class PgJournal:
             row = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
-                " control_id, body_hash, timeline)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " control_id, body_hash, timeline, accession, resent_from)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                 " RETURNING seq", values).fetchone()
             push.seq = row["seq"]
             return push
@@ -282,5 +289,47 @@ class PgJournal:
             out["oldestOpenAgeSeconds"] = (
                 round(now - oldest["t"], 3) if oldest["t"] is not None else None)
             return out
+
+        return self._db.run(txn)
+
+    def agent_summaries(self, since: float) -> Deferred[dict[str, dict[str, Any]]]:
+        """Per agent: open pushes, the oldest one's creation time, failures since C{since}
+        (the SQLite journal's docstring says more)."""
+
+        def txn(conn: Any) -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for row in conn.execute(
+                    "SELECT agent_id, count(*) AS n, min(created) AS t FROM pushes"
+                    " WHERE state = ANY(%s) GROUP BY agent_id", (list(OPEN_STATES),)):
+                out[row["agent_id"]] = {"open": row["n"], "oldestOpen": row["t"],
+                                        "failedSince": 0}
+            for row in conn.execute(
+                    "SELECT agent_id, count(*) AS n FROM pushes WHERE state='failed'"
+                    " AND updated>=%s GROUP BY agent_id", (since,)):
+                entry = out.setdefault(row["agent_id"], {"open": 0, "oldestOpen": None,
+                                                         "failedSince": 0})
+                entry["failedSince"] = row["n"]
+            return out
+
+        return self._db.run(txn)
+
+    def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
+        """One entry per device URL of the agent's pushes (L{lane_summary})."""
+        now = self._clock.seconds()
+
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT r.remote AS remote, r.open_count, r.oldest_open,"
+                " l.state AS last_state, l.updated AS last_updated, l.last_error AS last_error"
+                " FROM (SELECT remote,"
+                "   count(*) FILTER (WHERE state = ANY(%s)) AS open_count,"
+                "   min(created) FILTER (WHERE state = ANY(%s)) AS oldest_open,"
+                "   max(seq) FILTER (WHERE state = ANY(%s)) AS last_seq"
+                "   FROM pushes WHERE agent_id=%s GROUP BY remote) r"
+                " LEFT JOIN pushes l ON l.seq=r.last_seq ORDER BY r.remote COLLATE \"C\""
+                " LIMIT 500",
+                (list(OPEN_STATES), list(OPEN_STATES), list(FINAL_STATES), agent_id),
+            ).fetchall()
+            return lane_summary(rows, now)
 
         return self._db.run(txn)

@@ -146,8 +146,18 @@ V4 = """
 ALTER TABLE pushes ADD COLUMN timeline TEXT NOT NULL DEFAULT '{}';
 """
 
+#: The console (issue 12): the order / accession number of a push and the push it resends,
+#: and indexes for its searches (by MSH-10, by order number, failures by time).
+V5 = """
+ALTER TABLE pushes ADD COLUMN accession TEXT;
+ALTER TABLE pushes ADD COLUMN resent_from TEXT;
+CREATE INDEX pushes_control ON pushes (control_id, seq);
+CREATE INDEX pushes_accession ON pushes (accession, seq);
+CREATE INDEX pushes_state_updated ON pushes (state, updated);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",

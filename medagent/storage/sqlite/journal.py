@@ -22,6 +22,7 @@ from medagent.hl7.message import HL7Error, normalise
 from medagent.hl7.message import control_id as hl7_control_id
 from medagent.storage.journal import (
     EXPIRED,
+    FILTERS,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW,
     OPEN_STATES,
@@ -31,9 +32,11 @@ from medagent.storage.journal import (
     check_not_repeated,
     earlier_by_key,
     earlier_same_message,
+    lane_summary,
     message_hash,
     push_from_row,
     timeline_text,
+    time_bounds,
 )
 from medagent.storage.sqlite.database import Database
 
@@ -63,13 +66,18 @@ CREATE TABLE IF NOT EXISTS pushes (
     control_id TEXT,
     body_hash TEXT,
     in_doubt INTEGER NOT NULL DEFAULT 0,
-    timeline TEXT NOT NULL DEFAULT '{}'
+    timeline TEXT NOT NULL DEFAULT '{}',
+    accession TEXT,
+    resent_from TEXT
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
 DROP INDEX IF EXISTS pushes_idem;
 CREATE INDEX IF NOT EXISTS pushes_key ON pushes (requester, idempotency_key);
 CREATE INDEX IF NOT EXISTS pushes_message ON pushes (agent_id, control_id, body_hash);
+CREATE INDEX IF NOT EXISTS pushes_control ON pushes (control_id, seq);
+CREATE INDEX IF NOT EXISTS pushes_accession ON pushes (accession, seq);
+CREATE INDEX IF NOT EXISTS pushes_state_updated ON pushes (state, updated);
 CREATE TABLE IF NOT EXISTS push_keys (
     requester TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -83,7 +91,9 @@ CREATE INDEX IF NOT EXISTS push_keys_push ON push_keys (push_id);
 #: Columns added after the first release, with their SQL types (see L{SQLiteJournal.migrate}).
 _ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "TEXT"),
                   ("in_doubt", "INTEGER NOT NULL DEFAULT 0"),
-                  ("timeline", "TEXT NOT NULL DEFAULT '{}'"))
+                  ("timeline", "TEXT NOT NULL DEFAULT '{}'"),
+                  # the console (issue 12): order number search, resend links
+                  ("accession", "TEXT"), ("resent_from", "TEXT"))
 
 
 class _WallClock:
@@ -95,17 +105,20 @@ class _WallClock:
 _row_to_push = push_from_row
 
 
-#: Filters of the push list: query parameter → column.
-_FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
-            ("requester", "requester"))
-
-
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
-    clauses, args = [], []
-    for key, column in _FILTERS:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for key, column in FILTERS:
         if params.get(key):
             clauses.append(f"{column}=?")
             args.append(params[key])
+    since, until = time_bounds(params)
+    if since is not None:
+        clauses.append("created>=?")
+        args.append(since)
+    if until is not None:
+        clauses.append("created<?")
+        args.append(until)
     return " AND ".join(clauses) or "1=1", args
 
 
@@ -202,7 +215,8 @@ class SQLiteJournal:
             cur = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
-                " control_id, body_hash, timeline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " control_id, body_hash, timeline, accession, resent_from)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     push.id,
                     push.agent_id,
@@ -220,6 +234,8 @@ class SQLiteJournal:
                     push.control_id,
                     push.body_hash,
                     timeline_text(push),
+                    push.accession,
+                    push.resent_from,
                 ),
             )
             push.seq = cur.lastrowid
@@ -498,5 +514,61 @@ class SQLiteJournal:
                 round(self._clock.seconds() - oldest["t"], 3) if oldest["t"] is not None else None
             )
             return out
+
+        return self._db.run(txn)
+
+    def agent_summaries(self, since: float) -> Deferred[dict[str, dict[str, Any]]]:
+        """
+        Per agent with open pushes or failures: C{open} (queued, sent, accepted), C{oldestOpen}
+        (creation time of the oldest open one) and C{failedSince} (pushes that ended failed
+        at or after C{since}).  Both read indexes (open states by agent; state and time).
+        """
+        opens = tuple(OPEN_STATES)
+        marks = ",".join("?" * len(opens))
+
+        def txn(conn: Any) -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for row in conn.execute(
+                f"SELECT agent_id, count(*) AS n, min(created) AS t FROM pushes"
+                f" WHERE state IN ({marks}) GROUP BY agent_id", opens,
+            ):
+                out[row["agent_id"]] = {"open": row["n"], "oldestOpen": row["t"],
+                                        "failedSince": 0}
+            for row in conn.execute(
+                "SELECT agent_id, count(*) AS n FROM pushes WHERE state='failed'"
+                " AND updated>=? GROUP BY agent_id", (since,),
+            ):
+                entry = out.setdefault(row["agent_id"], {"open": 0, "oldestOpen": None,
+                                                         "failedSince": 0})
+                entry["failedSince"] = row["n"]
+            return out
+
+        return self._db.run(txn)
+
+    def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
+        """
+        One entry per device URL the agent's pushes went to (L{lane_summary}): open pushes,
+        the oldest one's age, and the last final outcome; by URL.
+        """
+        now = self._clock.seconds()
+        finals = tuple(FINAL_STATES)
+        fmarks = ",".join("?" * len(finals))
+
+        opens = tuple(OPEN_STATES)
+        omarks = ",".join("?" * len(opens))
+
+        def txn(conn: Any) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT r.remote AS remote, r.open_count, r.oldest_open,"
+                " l.state AS last_state, l.updated AS last_updated, l.last_error AS last_error"
+                " FROM (SELECT remote,"
+                f"   sum(CASE WHEN state IN ({omarks}) THEN 1 ELSE 0 END) AS open_count,"
+                f"   min(CASE WHEN state IN ({omarks}) THEN created END) AS oldest_open,"
+                f"   max(CASE WHEN state IN ({fmarks}) THEN seq END) AS last_seq"
+                "   FROM pushes WHERE agent_id=? GROUP BY remote) r"
+                " LEFT JOIN pushes l ON l.seq=r.last_seq ORDER BY r.remote LIMIT 500",
+                (*opens, *opens, *finals, agent_id),
+            ).fetchall()
+            return lane_summary(rows, now)
 
         return self._db.run(txn)

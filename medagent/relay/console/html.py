@@ -1,0 +1,397 @@
+"""
+The console's pages as HTML text: plain functions of plain values, no Twisted, no I/O.
+
+Everything that comes from outside (agent names, ids, destinations, errors, payloads) goes
+through L{h} (HTML escaping, quotes included) and nothing else reaches a page; the only
+script is the static L{CONSOLE_JS}, so the Content-Security-Policy allows no inline code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from html import escape
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import quote, urlencode
+
+from medagent.storage import journal as j
+
+PREFIX = "/console"
+
+
+def h(value: Any) -> str:
+    """Text for HTML (element content and quoted attributes)."""
+    return escape("" if value is None else str(value), quote=True)
+
+
+def u(value: str) -> str:
+    """One path segment."""
+    return quote(value, safe="")
+
+
+def when(t: float | None) -> str:
+    if t is None:
+        return "—"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+    except (OverflowError, ValueError, OSError):
+        return "—"
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _csrf_field(csrf: str) -> str:
+    return f'<input type="hidden" name="csrf" value="{h(csrf)}">'
+
+
+def action_form(path: str, label: str, csrf: str, *, confirm: str | None = None,
+                name: str | None = None) -> str:
+    """A POST button (with the session's CSRF token); C{confirm} asks first (console.js)."""
+    extra = f' data-confirm="{h(confirm)}"' if confirm else ""
+    ident = f' name="{h(name)}"' if name else ""
+    return (f'<form method="post" action="{h(PREFIX + path)}" class="action"{extra}>'
+            f'{_csrf_field(csrf)}<button type="submit"{ident}>{h(label)}</button></form>')
+
+
+def page(title: str, body: str, *, who: Any = None, csrf: str | None = None,
+         current: str = "", alerts: int = 0, flash: str | None = None,
+         live: bool = True) -> bytes:
+    """The layout around every page (C{who}: the signed-in principal, or None)."""
+    nav = ""
+    if who is not None:
+        links = []
+        for key, label, href in (("fleet", "Fleet", "/fleet"),
+                                 ("messages", "Messages", "/messages"),
+                                 ("alerts", "Alerts", "/alerts")):
+            mark = ' aria-current="page"' if key == current else ""
+            badge = (f' <span class="badge" id="alert-count">{alerts}</span>'
+                     if key == "alerts" else "")
+            if key == "alerts" and not alerts:
+                badge = ' <span class="badge" id="alert-count" hidden>0</span>'
+            links.append(f'<li><a href="{PREFIX}{href}"{mark}>{label}{badge}</a></li>')
+        logout = (f'<form method="post" action="{PREFIX}/logout" class="logout">'
+                  f'{_csrf_field(csrf or "")}<button type="submit">Sign out</button></form>')
+        nav = (f'<nav aria-label="Console"><ul>{"".join(links)}</ul>'
+               f'<p class="who">{h(who.client_id)} ({h(who.role)})</p>{logout}'
+               f'<p id="live" class="live" aria-live="polite" '
+               f'data-enabled="{1 if live else 0}">connecting…</p></nav>')
+    note = f'<p class="flash" role="status">{h(flash)}</p>' if flash else ""
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{h(title)} · medagent console</title>"
+        f'<link rel="stylesheet" href="{PREFIX}/static/console.css">'
+        f'<script src="{PREFIX}/static/console.js" defer></script>'
+        '</head><body>'
+        '<a class="skip" href="#main">Skip to content</a>'
+        f'<header><p class="brand">medagent console</p>{nav}</header>'
+        f'<main id="main" tabindex="-1"><h1>{h(title)}</h1>{note}{body}</main>'
+        "</body></html>\n"
+    ).encode("utf-8")
+
+
+def login_page(error: str | None = None, client_id: str = "") -> bytes:
+    err = (f'<p class="error" role="alert" id="login-error">{h(error)}</p>'
+           if error else "")
+    body = (
+        f'{err}<form method="post" action="{PREFIX}/login" class="login">'
+        '<p><label for="client_id">Client id</label>'
+        f'<input id="client_id" name="client_id" autocomplete="username" required '
+        f'value="{h(client_id)}" maxlength="200"></p>'
+        '<p><label for="client_secret">Client secret</label>'
+        '<input id="client_secret" name="client_secret" type="password" '
+        'autocomplete="current-password" required maxlength="500"></p>'
+        '<p><button type="submit">Sign in</button></p></form>'
+    )
+    return page("Sign in", body)
+
+
+def _table(caption: str, heads: Sequence[str], rows: Iterable[str], *, ident: str = "",
+           attrs: str = "", empty: str = "Nothing here yet.") -> str:
+    """A table; C{caption} is HTML (escape what goes into it), the rows are HTML too."""
+    rows = list(rows)
+    head = "".join(f'<th scope="col">{h(x)}</th>' for x in heads)
+    body = "".join(rows) or (f'<tr class="empty"><td colspan="{len(heads)}">{h(empty)}'
+                             "</td></tr>")
+    ident_attr = f' id="{ident}"' if ident else ""
+    cap = f'<caption id="{ident}-caption">' if ident else "<caption>"
+    return (f'<div class="scroll"><table{ident_attr}{attrs}>{cap}{caption}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def state_badge(state: str, field: str = "state") -> str:
+    return f'<span class="state s-{h(state)}" data-field="{field}">{h(state)}</span>'
+
+
+# -- fleet -----------------------------------------------------------------------------------
+
+
+FLEET_HEADS = ("Agent", "State", "Version", "Last heartbeat", "Connected since",
+               "Relay node", "Queued", "Oldest waiting", "Errors (1 h)")
+
+
+def fleet_row(row: Mapping[str, Any], now: float) -> str:
+    agent_id = row["id"]
+    state = "online" if row["connected"] else "offline"
+    rtt = row.get("rtt")
+    beat = when(row.get("last_heartbeat"))
+    if rtt is not None:
+        beat += f" (RTT {rtt * 1000:.0f} ms)"
+    oldest = row.get("oldest_open")
+    return (
+        f'<tr id="agent-{h(agent_id)}" data-agent="{h(agent_id)}" class="{state}">'
+        f'<th scope="row"><a href="{PREFIX}/agent/{h(u(agent_id))}">'
+        f'{h(row.get("name") or agent_id)}</a><br><small>{h(agent_id)}</small></th>'
+        f'<td>{state_badge(state)}</td>'
+        f'<td data-field="version">{h(row.get("version") or "—")}</td>'
+        f'<td data-field="heartbeat">{h(beat)}</td>'
+        f'<td data-field="since">{h(when(row.get("connected_since")))}</td>'
+        f'<td data-field="node">{h(row.get("node") or "—")}</td>'
+        f'<td data-field="open">{int(row.get("open") or 0)}</td>'
+        f'<td data-field="oldest">{h(age(now - oldest) if oldest is not None else "—")}</td>'
+        f'<td data-field="errors">{int(row.get("errors") or 0)}</td>'
+        "</tr>"
+    )
+
+
+def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> bytes:
+    table = _table(h(f"{len(rows)} agent(s)"), FLEET_HEADS, (fleet_row(r, now) for r in rows),
+                   ident="fleet", empty="No agents are registered.")
+    return page("Fleet", table, current="fleet", **layout)
+
+
+# -- agent -----------------------------------------------------------------------------------
+
+
+def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: float, *,
+               can_act: bool, csrf: str, **layout: Any) -> bytes:
+    agent_id = row["id"]
+    state = "online" if row["connected"] else "offline"
+    facts = (
+        f'<dl class="facts" id="agent-{h(agent_id)}" data-agent="{h(agent_id)}">'
+        f"<dt>Id</dt><dd>{h(agent_id)}</dd>"
+        f"<dt>State</dt><dd>{state_badge(state)}</dd>"
+        f'<dt>Version</dt><dd data-field="version">{h(row.get("version") or "—")}</dd>'
+        f'<dt>Last heartbeat</dt><dd data-field="heartbeat">'
+        f'{h(when(row.get("last_heartbeat")))}</dd>'
+        f'<dt>Connected since</dt><dd data-field="since">'
+        f'{h(when(row.get("connected_since")))}</dd>'
+        f'<dt>Relay node</dt><dd data-field="node">{h(row.get("node") or "—")}</dd>'
+        f'<dt>Errors (1 h)</dt><dd>{int(row.get("errors") or 0)}</dd></dl>'
+    )
+    actions = ""
+    if can_act:
+        actions = ('<section aria-labelledby="actions-h"><h2 id="actions-h">Actions</h2>'
+                   + action_form(f"/agent/{u(agent_id)}/reload", "Reload config", csrf,
+                                 name="reload")
+                   + "</section>")
+    lane_rows = []
+    for lane in lanes:
+        remote = lane["remote"]
+        search = urlencode({"agent": agent_id, "remote": remote})
+        lane_rows.append(
+            f'<tr><th scope="row">{h(remote)}</th><td>{int(lane.get("open") or 0)}</td>'
+            f'<td>{h(age(lane.get("oldestOpenAgeSeconds")))}</td>'
+            f'<td>{state_badge(lane["lastState"], "last") if lane.get("lastState") else "—"}'
+            f' {h(when(lane.get("lastUpdated")) if lane.get("lastState") else "")}</td>'
+            f'<td>{h(lane.get("lastError") or "")}</td>'
+            f'<td><a href="{PREFIX}/messages?{h(search)}">messages</a></td></tr>')
+    lanes_table = _table(h("Lanes (one per device)"),
+                         ("Destination", "Queued", "Oldest waiting", "Last outcome",
+                          "Last error", ""),
+                         lane_rows, ident="lanes", empty="No pushes to this agent yet.")
+    name = row.get("name") or agent_id
+    return page(f"Agent {name}", facts + actions + lanes_table, current="fleet", **layout)
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+MESSAGE_HEADS = ("Created", "Agent", "Destination", "MSH-10", "Order no.", "State",
+                 "Attempts")
+
+
+def message_row(push: j.Push) -> str:
+    return (
+        f'<tr id="push-{h(push.id)}" data-push="{h(push.id)}" '
+        f'data-updated="{float(push.updated or 0)!r}">'
+        f'<td>{h(when(push.created))}</td>'
+        f'<td><a href="{PREFIX}/agent/{h(u(push.agent_id))}">{h(push.agent_id)}</a></td>'
+        f'<td>{h(push.destination)}</td>'
+        f'<td><a href="{PREFIX}/message/{h(u(push.id))}" data-field="control">'
+        f'{h(push.control_id or push.id[:12])}</a></td>'
+        f'<td>{h(push.accession or "")}</td>'
+        f"<td>{state_badge(push.state)}</td>"
+        f'<td data-field="attempts">{push.attempts}</td></tr>'
+    )
+
+
+SEARCH_FIELDS = (("control_id", "MSH-10 (control id)", "text"),
+                 ("accession", "Order / accession no.", "text"),
+                 ("agent", "Agent id", "text"),
+                 ("destination", "Destination", "text"),
+                 ("remote", "Device URL", "text"),
+                 ("since", "From (UTC)", "datetime-local"),
+                 ("until", "To (UTC)", "datetime-local"))
+
+
+def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: int,
+                  next_cursor: int | None, *, live: bool, **layout: Any) -> bytes:
+    fields = []
+    for name, label, kind in SEARCH_FIELDS:
+        fields.append(f'<p><label for="f-{name}">{h(label)}</label>'
+                      f'<input id="f-{name}" name="{name}" type="{kind}" '
+                      f'value="{h(filters.get(name, ""))}" maxlength="200"></p>')
+    options = ['<option value="">any</option>'] + [
+        f'<option{" selected" if filters.get("state") == s else ""}>{h(s)}</option>'
+        for s in j.STATES]
+    fields.insert(2, '<p><label for="f-state">State</label>'
+                     f'<select id="f-state" name="state">{"".join(options)}</select></p>')
+    form = (f'<form method="get" action="{PREFIX}/messages" class="search" role="search">'
+            + "".join(fields) + '<p><button type="submit">Search</button> '
+            f'<a href="{PREFIX}/messages">clear</a></p></form>')
+    caption = f'<span data-count="{int(total)}">{int(total)}</span> message(s)'
+    table = _table(caption, MESSAGE_HEADS, (message_row(p) for p in pushes),
+                   ident="messages", attrs=f' data-live="{1 if live else 0}"',
+                   empty="No message matches.")
+    more = ""
+    if next_cursor is not None:
+        query = urlencode({**{k: v for k, v in filters.items() if v},
+                           "cursor": str(next_cursor)})
+        more = f'<p><a href="{PREFIX}/messages?{h(query)}" rel="next">Older messages</a></p>'
+    return page("Messages", form + table + more, current="messages", **layout)
+
+
+def message_page(push: j.Push, *, timeline: Sequence[tuple[float, str, str | None]],
+                 resends: Sequence[j.Push], can_act: bool, can_see_payload: bool,
+                 payload_shown: bool, csrf: str, **layout: Any) -> bytes:
+    facts = [
+        ("Id", h(push.id)),
+        ("State", f'<span id="detail-state" data-push="{h(push.id)}" '
+                  f'data-updated="{float(push.updated or 0)!r}">'
+                  f"{state_badge(push.state)}</span>"),
+        ("Agent", f'<a href="{PREFIX}/agent/{h(u(push.agent_id))}">{h(push.agent_id)}</a>'),
+        ("Destination", h(push.destination)),
+        ("Device URL", h(push.remote)),
+        ("Content type", h(push.content_type)),
+        ("MSH-10", h(push.control_id or "—")),
+        ("Order / accession no.", h(push.accession or "—")),
+        ("Attempts", f'<span data-field="attempts">{push.attempts}</span>'),
+        ("Created", h(when(push.created))),
+        ("Updated", h(when(push.updated))),
+    ]
+    if push.expires_at:
+        facts.append(("Expires", h(when(push.expires_at))))
+    if push.last_error:
+        facts.append(("Last error", f'<span class="error">{h(push.last_error)}</span>'))
+    if push.in_doubt:
+        facts.append(("In doubt", "yes: the device may have received it"))
+    if push.reply_status is not None:
+        facts.append(("Device answer", h(f"status {push.reply_status}")))
+    if push.resent_from:
+        facts.append(("Resend of", f'<a href="{PREFIX}/message/{h(u(push.resent_from))}">'
+                                   f"{h(push.resent_from)}</a>"))
+    dl = '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + \
+        "</dl>"
+    steps = [(push.created, "received and journaled", None)] + [
+        s for s in timeline if s[2] != "journaled"]
+    if not timeline and push.updated and push.updated != push.created:
+        steps.append((push.updated, push.state, push.last_error))
+    items = "".join(
+        f"<li><time>{h(when(t))}</time> {h(state)}"
+        + (f' <span class="error">{h(note)}</span>' if note else "") + "</li>"
+        for t, state, note in steps)
+    timeline_html = ('<section aria-labelledby="tl-h"><h2 id="tl-h">Timeline</h2>'
+                     f'<ol class="timeline" id="timeline">{items}</ol></section>')
+    actions = ""
+    if can_act:
+        buttons = []
+        pid = u(push.id)
+        if push.state in (j.FAILED, j.EXPIRED):
+            buttons.append(action_form(f"/message/{pid}/retry", "Retry", csrf, name="retry"))
+        if push.state in j.OPEN_STATES:
+            buttons.append(action_form(f"/message/{pid}/cancel", "Cancel", csrf,
+                                       name="cancel", confirm="Cancel this message?"))
+        if push.final:
+            buttons.append(action_form(f"/message/{pid}/resend", "Resend as a new message",
+                                       csrf, name="resend",
+                                       confirm="Send this message to the device again?"))
+        actions = ('<section aria-labelledby="act-h"><h2 id="act-h">Actions</h2>'
+                   + ("".join(buttons) or "<p>No action for a message in this state.</p>")
+                   + "</section>")
+    payload = ""
+    if can_see_payload:
+        if payload_shown:
+            reply = ""
+            if push.reply_body is not None:
+                reply = ('<h3>Device answer</h3><pre class="payload" id="reply">'
+                         f"{h(push.reply_body.replace(chr(13), chr(10)))}</pre>")
+            payload = ('<section aria-labelledby="pl-h"><h2 id="pl-h">Payload</h2>'
+                       '<p class="note">This view was recorded in the audit log.</p>'
+                       f'<pre class="payload" id="payload">'
+                       f"{h(push.body.replace(chr(13), chr(10)))}</pre>{reply}</section>")
+        else:
+            payload = ('<section aria-labelledby="pl-h"><h2 id="pl-h">Payload</h2>'
+                       f'<p><a id="show-payload" href="{PREFIX}/message/{h(u(push.id))}'
+                       '?payload=1">Show the payload</a> (contains patient data; each view '
+                       "is recorded in the audit log)</p></section>")
+    related = ""
+    if resends:
+        related = _table(h("Resends of this message"), MESSAGE_HEADS,
+                         (message_row(p) for p in resends), ident="resends")
+    title = f"Message {push.control_id or push.id}"
+    return page(title, dl + actions + timeline_html + payload + related,
+                current="messages", **layout)
+
+
+# -- alerts ----------------------------------------------------------------------------------
+
+
+def alerts_page(active: Sequence[Any], history: Sequence[Any], offline_after: float,
+                **layout: Any) -> bytes:
+    def row(alert: Any, cleared: bool) -> str:
+        cells = (f'<td><a href="{PREFIX}/agent/{h(u(alert.agent_id))}">{h(alert.text())}</a>'
+                 f"</td><td>{h(when(alert.since))}</td><td>{h(when(alert.raised))}</td>")
+        if cleared:
+            cells += f"<td>{h(when(alert.cleared))}</td>"
+        return f'<tr data-alert="{h(alert.agent_id)}">{cells}</tr>'
+
+    intro = (f"<p>An agent offline for more than {h(age(offline_after))} raises one alert; "
+             "it clears when the agent is back.</p>")
+    body = intro + _table(h("Active alerts"), ("Alert", "Since", "Raised"),
+                          (row(a, False) for a in active), ident="alerts-active",
+                          empty="No active alert.")
+    body += _table(h("Cleared recently"), ("Alert", "Since", "Raised", "Cleared"),
+                   (row(a, True) for a in history), ident="alerts-cleared",
+                   empty="None.")
+    return page("Alerts", body, current="alerts", **layout)
+
+
+def error_page(status: int, text: str, **layout: Any) -> bytes:
+    return page(f"{status}", f'<p class="error" role="alert">{h(text)}</p>'
+                f'<p><a href="{PREFIX}/fleet">Back to the fleet</a></p>', **layout)
+
+
+# -- static files ----------------------------------------------------------------------------
+
+
+def _static(name: str) -> str:
+    with open(os.path.join(os.path.dirname(__file__), "static", name), encoding="utf-8") as f:
+        return f.read()
+
+
+#: the console's style sheet and its one script (files beside this module, no build step)
+CONSOLE_CSS = _static("console.css")
+CONSOLE_JS = _static("console.js")

@@ -1,0 +1,439 @@
+"""
+The console's HTTP side: sign-in, sessions, CSRF and Origin checks, and one handler per page
+and action.  Pages are rendered by L{medagent.relay.console.html}; data come from the relay's
+own parts (authority, store, journal, hub, push service), never new SQL.
+
+Every POST is refused with 403 unless it carries the session's CSRF token, and unless its
+C{Origin} (when the browser sends one) is this relay.  Viewers get no action and no
+payload; each payload view by an operator or admin is an C{AuditEvent} (without the payload).
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs, quote, urlsplit
+
+from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from medagent import wire
+from medagent.fhir import FHIRError
+from medagent.relay.auth import Principal
+from medagent.relay.http.agent_ops import raise_agent_error
+from medagent.relay.http.context import client_host, read_body
+from medagent.relay.console import html
+from medagent.relay.console.events import push_event, sse_frame
+from medagent.relay.console.sessions import COOKIE, ConsoleSession
+from medagent.storage import journal as j
+from medagent.storage.resources import now_iso
+
+log = Logger()
+
+PREFIX = html.PREFIX
+#: A form body, at most (a sign-in or an action: a few hundred bytes).
+MAX_FORM = 8 * 1024
+PAGE_SIZE = 50
+MAX_AGENTS = 1000
+SECURITY_HEADERS = {
+    b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
+                                b"img-src 'self'; connect-src 'self'; form-action 'self'; "
+                                b"frame-ancestors 'none'; base-uri 'none'",
+    b"X-Content-Type-Options": b"nosniff",
+    b"X-Frame-Options": b"DENY",
+    # (not no-referrer: browsers then send "Origin: null" with our own forms)
+    b"Referrer-Policy": b"same-origin",
+    b"Cache-Control": b"no-store",
+}
+#: what a redirect after an action may say (by code, never text from the request)
+FLASH = {"reloaded": "The agent reloaded its configuration.",
+         "retried": "The message is queued again.",
+         "cancelled": "The message was cancelled.",
+         "resent": "Sent again as this new message.",
+         "signedout": "Signed out."}
+
+
+class Refused(Exception):
+    """Answer with this status and text (an error page)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class ConsoleResource(Resource):
+    """``/console/...``: a leaf; L{render} dispatches on the path below it."""
+
+    isLeaf = True
+
+    def __init__(self, console: Any) -> None:
+        super().__init__()
+        self.console = console
+
+    def render(self, request: Request) -> Any:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        path = [p.decode("utf-8", "replace") for p in (request.postpath or []) if p]
+        method = request.method.decode("ascii", "replace")
+        if method == "GET" and path == ["events"]:
+            return self._events(request)
+        d = ensureDeferred(self._respond(request, method, path))
+        done = [False]
+
+        def gone(_: Any) -> None:
+            if not done[0]:
+                d.cancel()
+
+        request.notifyFinish().addErrback(gone)
+
+        def write(result: tuple[int, bytes, str, dict[str, str]]) -> None:
+            done[0] = True
+            if request._disconnected:
+                return
+            status, body, ctype, headers = result
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", ctype.encode())
+            for k, v in headers.items():
+                request.setHeader(k.encode(), v.encode())
+            request.setHeader(b"Content-Length", str(len(body)).encode())
+            request.write(body)
+            request.finish()
+
+        d.addCallback(write)
+        d.addErrback(lambda f: None if f.check(CancelledError) else log.failure(
+            "Console response failed", f))
+        return NOT_DONE_YET
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _session(self, request: Request) -> ConsoleSession | None:
+        raw = request.getCookie(COOKIE)
+        return self.console.sessions.get(raw.decode("ascii", "replace") if raw else None,
+                                         self.console.authority)
+
+    def _events(self, request: Request) -> Any:
+        session = self._session(request)
+        if session is None:
+            request.setResponseCode(401)
+            return b""
+        stream = self.console.broker.open(request, key=session.id)
+        if stream is None:
+            request.setResponseCode(503)
+            request.setHeader(b"Retry-After", b"10")
+            return b"too many live connections\n"
+        # what may have changed between the page and its stream (asked on every (re)connect):
+        # the agents this node holds now, and a message page's push
+        stream.send(sse_frame("sessions", self.console.sessions_now()))
+        push_id = self._query(request).get("push")
+        if push_id:
+            def now(push: j.Push) -> None:
+                stream.send(sse_frame("push", push_event(self.console.hub.live_push(push))))
+
+            # current(): after every write issued before it, so a transition announced
+            # before this stream opened (its write perhaps not committed yet) is seen
+            self.console.journal.current(push_id).addCallbacks(now, lambda f: None)
+        return NOT_DONE_YET
+
+    def _origin_ok(self, request: Request) -> bool:
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True  # no Origin (older browsers, same-origin GET-made forms): CSRF token
+        ours = self.console.own_origin(request)
+        return origin.decode("latin-1").rstrip("/").lower() == ours.lower()
+
+    @staticmethod
+    def _form(request: Request) -> dict[str, str]:
+        raw = read_body(request, MAX_FORM + 1)
+        if len(raw) > MAX_FORM:
+            raise Refused(413, "Form too large")
+        try:
+            parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True,
+                              max_num_fields=20)
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(400, "Unreadable form")
+        return {k: v[-1] for k, v in parsed.items()}
+
+    @staticmethod
+    def _query(request: Request) -> dict[str, str]:
+        args: dict[bytes, list[bytes]] = request.args or {}
+        return {k.decode("utf-8", "replace"): v[-1].decode("utf-8", "replace")[:200]
+                for k, v in args.items() if v}
+
+    async def _respond(self, request: Request, method: str, path: list[str]
+                       ) -> tuple[int, bytes, str, dict[str, str]]:
+        try:
+            return await self._route(request, method, path)
+        except Refused as e:
+            session = self._session(request)
+            return e.status, html.error_page(e.status, e.text, **self._layout(session)), \
+                "text/html; charset=utf-8", {}
+        except FHIRError as e:
+            session = self._session(request)
+            return e.status, html.error_page(e.status, e.message, **self._layout(session)), \
+                "text/html; charset=utf-8", {}
+        except CancelledError:
+            raise
+        except Exception:
+            # (the text of an unexpected error may quote anything: it goes to the log only)
+            log.failure("Console request failed: {method} {path}", method=method,
+                        path="/".join(path[:1]))
+            return 500, html.error_page(500, "Something went wrong; see the relay's log"), \
+                "text/html; charset=utf-8", {}
+
+    def _layout(self, session: ConsoleSession | None) -> dict[str, Any]:
+        if session is None:
+            return {}
+        return {"who": session.principal, "csrf": session.csrf,
+                "alerts": len(self.console.alerts.active) if self.console.alerts else 0}
+
+    async def _route(self, request: Request, method: str, path: list[str]
+                     ) -> tuple[int, bytes, str, dict[str, str]]:
+        if path and path[0] == "static" and method == "GET":
+            return self._static(path[1:])
+        if path == ["login"]:
+            if method == "POST":
+                return await self._login(request)
+            if self._session(request) is not None:
+                return _redirect("/fleet")
+            return 200, html.login_page(), _HTML, {}
+        session = self._session(request)
+        if method == "POST":
+            if session is None:
+                raise Refused(403, "Sign in first")
+            form = self._form(request)
+            if not self._origin_ok(request):
+                log.warn("Console: POST from another origin refused ({client_id})",
+                         client_id=session.principal.client_id)
+                raise Refused(403, "Refused: this form came from another site")
+            if not session.csrf_ok(form.get("csrf")):
+                log.warn("Console: POST without a valid CSRF token refused ({client_id})",
+                         client_id=session.principal.client_id)
+                raise Refused(403, "Refused: the form's security token is missing or wrong; "
+                                   "reload the page and try again")
+            return await self._action(request, session, path)
+        if method != "GET":
+            raise Refused(405, "Method not allowed")
+        if session is None:
+            return _redirect("/login")
+        return await self._page(request, session, path)
+
+    def _static(self, rest: list[str]) -> tuple[int, bytes, str, dict[str, str]]:
+        if rest == ["console.css"]:
+            return 200, html.CONSOLE_CSS.encode(), "text/css; charset=utf-8", {}
+        if rest == ["console.js"]:
+            return 200, html.CONSOLE_JS.encode(), "text/javascript; charset=utf-8", {}
+        raise Refused(404, "No such file")
+
+    # -- sign-in ----------------------------------------------------------------------
+
+    async def _login(self, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
+        form = self._form(request)
+        client_id = form.get("client_id", "").strip()[:200]
+        secret = form.get("client_secret", "")[:500]
+        address = client_host(request)
+        if not self._origin_ok(request):
+            raise Refused(403, "Refused: this form came from another site")
+        throttle = self.console.throttle
+        try:
+            throttle.check(client_id or None, address)
+        except FHIRError as e:
+            return 429, html.login_page(e.message, client_id), _HTML, \
+                dict(e.headers or {})
+        principal: Principal | None = None
+        if client_id and secret:
+            principal = await self.console.authority.check_credentials(client_id, secret)
+        if principal is None or not principal.may_use_console():
+            throttle.failed(client_id or None, address)
+            log.warn("Console sign-in refused for client {client_id} from {address}",
+                     client_id=client_id, address=address)
+            why = ("Unknown client or wrong secret" if principal is None
+                   else "This client may not use the console (roles: admin, operator, viewer)")
+            return 401, html.login_page(why, client_id), _HTML, {}
+        throttle.succeeded(client_id)
+        old = request.getCookie(COOKIE)
+        if old:  # a new sign-in never keeps the id the browser had (no session fixation)
+            self.console.sessions.drop(old.decode("ascii", "replace"))
+        session = self.console.sessions.create(principal)
+        log.info("Console: {client_id} ({role}) signed in from {address}",
+                 client_id=principal.client_id, role=principal.role, address=address)
+        secure = self.console.secure_cookies(request)
+        request.addCookie(COOKIE, session.id.encode(), path=PREFIX.encode(), httpOnly=True,
+                          secure=secure, sameSite="strict")
+        return _redirect("/fleet")
+
+    # -- pages ------------------------------------------------------------------------
+
+    async def _page(self, request: Request, session: ConsoleSession, path: list[str]
+                    ) -> tuple[int, bytes, str, dict[str, str]]:
+        c = self.console
+        query = self._query(request)
+        layout = self._layout(session)
+        layout["flash"] = FLASH.get(query.get("done", ""))
+        if path in ([], ["fleet"]):
+            rows = await c.fleet_rows()
+            return 200, html.fleet_page(rows, c.now(), **layout), _HTML, {}
+        if len(path) == 2 and path[0] == "agent":
+            agent = await c.store.read("Agent", path[1])
+            rows = await c.fleet_rows([agent])
+            if rows[0]["connected"] and rows[0].get("node") != c.hub.node_id:
+                # held by another node: its version as that node sees it (one call)
+                try:
+                    status = await c.hub.status_anywhere(agent["id"])
+                    rows[0]["version"] = status.get("version")
+                except FHIRError:
+                    pass
+            lanes = await c.journal.lane_summaries(agent["id"])
+            return 200, html.agent_page(rows[0], lanes, c.now(),
+                                        can_act=session.principal.may_operate(),
+                                        **layout), _HTML, {}
+        if path == ["messages"]:
+            filters, params, cursor = _search(query)
+            found, total, next_cursor = await c.journal.search_page(
+                params, count=PAGE_SIZE, before_seq=cursor)
+            live = not any(filters.values()) and cursor is None
+            return 200, html.messages_page(found, filters, total, next_cursor, live=live,
+                                           **layout), _HTML, {}
+        if len(path) == 2 and path[0] == "message":
+            return await self._message(request, session, path[1], query, layout)
+        if path == ["alerts"]:
+            alerts = c.alerts
+            if alerts is None:
+                raise Refused(404, "Alerts are off on this relay")
+            return 200, html.alerts_page(list(alerts.active.values()), list(alerts.history),
+                                         alerts.offline_after, **layout), _HTML, {}
+        raise Refused(404, "No such page")
+
+    async def _message(self, request: Request, session: ConsoleSession, push_id: str,
+                       query: dict[str, str], layout: dict[str, Any]
+                       ) -> tuple[int, bytes, str, dict[str, str]]:
+        c = self.console
+        principal = session.principal
+        push = c.hub.live_push(await c.journal.get(push_id))
+        show = query.get("payload") == "1"
+        if show:
+            if not principal.may_see_payloads():
+                log.warn("Console: {client_id} ({role}) may not see payloads (push {push_id})",
+                         client_id=principal.client_id, role=principal.role, push_id=push.id)
+                raise Refused(403, "Your role may not see message payloads")
+            # recorded before it is shown; no record, no payload
+            await c.audit_payload_view(principal, push, client_host(request))
+        resends = await c.journal.search({"resent_from": push.id}, limit=20)
+        timeline = getattr(c.journal, "timelines", {}).get(push.id, [])
+        return 200, html.message_page(
+            push, timeline=timeline, resends=resends, can_act=principal.may_operate(),
+            can_see_payload=principal.may_see_payloads(), payload_shown=show,
+            **layout), _HTML, {}
+
+    # -- actions ----------------------------------------------------------------------
+
+    async def _action(self, request: Request, session: ConsoleSession, path: list[str]
+                      ) -> tuple[int, bytes, str, dict[str, str]]:
+        c = self.console
+        principal = session.principal
+        if path == ["logout"]:
+            c.sessions.drop(session.id)
+            c.broker.close_key(session.id)
+            request.addCookie(COOKIE, b"", path=PREFIX.encode(), httpOnly=True,
+                              secure=c.secure_cookies(request), sameSite="strict",
+                              max_age="0")
+            return _redirect("/login")
+        if not principal.may_operate():
+            log.warn("Console: {client_id} ({role}) may not act ({path})",
+                     client_id=principal.client_id, role=principal.role, path="/".join(path))
+            raise Refused(403, "Your role may look but not act")
+        actions: dict[str, Callable[[Principal, str], Awaitable[j.Push]]] = {
+            "retry": c.pushes.retry, "cancel": c.pushes.cancel, "resend": c.pushes.resend}
+        if len(path) == 3 and path[0] == "message" and path[2] in actions:
+            done = await actions[path[2]](principal, path[1])
+            log.info("Console: {client_id} did {action} on push {push_id}",
+                     client_id=principal.client_id, action=path[2], push_id=path[1])
+            flash = {"retry": "retried", "cancel": "cancelled", "resend": "resent"}[path[2]]
+            return _redirect(f"/message/{quote(done.id, safe='')}?done={flash}")
+        if len(path) == 3 and path[0] == "agent" and path[2] == "reload":
+            agent = await c.store.read("Agent", path[1])
+            answer = await c.hub.request(agent["id"], {"type": wire.RELOADCONFIG_REQUEST})
+            raise_agent_error(answer)
+            log.info("Console: {client_id} reloaded the config of Agent/{agent_id}",
+                     client_id=principal.client_id, agent_id=agent["id"])
+            return _redirect(f"/agent/{quote(agent['id'], safe='')}?done=reloaded")
+        raise Refused(404, "No such action")
+
+
+_HTML = "text/html; charset=utf-8"
+
+
+def _redirect(where: str) -> tuple[int, bytes, str, dict[str, str]]:
+    return 303, b"", _HTML, {"Location": PREFIX + where}
+
+
+def _instant(text: str, name: str) -> float | None:
+    """A ``datetime-local`` value (``YYYY-MM-DDTHH:MM[:SS]``), read as UTC."""
+    if not text:
+        return None
+    for fmt in ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return float(calendar.timegm(time.strptime(text, fmt)))
+        except ValueError:
+            continue
+    raise Refused(400, f"{name} must be a date and time (YYYY-MM-DDTHH:MM, UTC)")
+
+
+def _search(query: dict[str, str]) -> tuple[dict[str, str], dict[str, str], int | None]:
+    """The messages page's filters as shown, as journal parameters, and the page cursor."""
+    names = ("control_id", "accession", "state", "agent", "destination", "remote",
+             "since", "until")
+    filters = {k: query.get(k, "").strip() for k in names}
+    params = {k: v for k, v in filters.items() if v and k not in ("since", "until")}
+    if params.get("state") and params["state"] not in j.STATES:
+        raise Refused(400, f"state must be one of {', '.join(j.STATES)}")
+    params.pop("agent", None)
+    if filters["agent"]:
+        params["agent"] = filters["agent"].removeprefix("Agent/")
+    for name in ("since", "until"):
+        value = _instant(filters[name], name)
+        if value is not None:
+            params[name] = repr(value)
+    raw = query.get("cursor", "")
+    cursor = None
+    if raw:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
+            raise Refused(400, "cursor must be a whole number")
+        cursor = int(raw)
+    return filters, params, cursor
+
+
+def own_origin(base_url: str | None, request: Request) -> str:
+    """This relay's origin as the browser sees it (C{--base-url}, else the Host header)."""
+    if base_url:
+        parts = urlsplit(base_url)
+        return f"{parts.scheme}://{parts.netloc}"
+    host = request.getHeader(b"host")
+    scheme = "https" if request.isSecure() else "http"
+    return f"{scheme}://{host.decode('latin-1') if host else 'localhost'}"
+
+
+def audit_event(principal: Principal, push: j.Push, address: str, now: float
+                ) -> dict[str, Any]:
+    """The AuditEvent of one payload view: who, which push, from where; never the payload."""
+    return {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+                 "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read",
+                     "display": "read"}],
+        "action": "R",
+        "recorded": now_iso(now),
+        "outcome": "0",
+        "outcomeDesc": "Push payload viewed in the operators' console",
+        "agent": [{"who": {"reference": f"ClientApplication/{principal.client_id}"},
+                   "type": {"text": principal.role}, "requestor": True,
+                   "network": {"address": address[:100], "type": "2"}}],
+        "source": {"observer": {"display": "medagent-relay console"}},
+        "entity": [{"what": {"identifier": {"system": "urn:medagent:push", "value": push.id}},
+                    "type": {"code": "AgentPush"}},
+                   {"what": {"reference": f"Agent/{push.agent_id}"}}],
+    }

@@ -1,0 +1,64 @@
+"""
+The console on two ``twistd medagent-relay`` nodes sharing one PostgreSQL database
+(L{tests.pgenv}), the agent held by node A: node B's fleet page shows the agent online on
+node A, and node B finds node A's delivered push by MSH-10 (the journal is shared; the
+MSH-10 index is PostgreSQL migration 5).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.web.client import HTTPConnectionPool
+
+from tests import procs
+from tests.test_console import Browser
+from tests.test_e2e import hl7
+from tests.test_postgres_relay import _TwoNodes
+
+
+class ConsoleOnTwoNodes(_TwoNodes):
+    def test_fleet_and_search_on_the_node_without_the_agent(self) -> Deferred:
+        async def go() -> None:
+            agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
+                                             "status": "active"})
+            creds = await self.create_client("agent", [agent["id"]])
+            viewer = await self.create_client("viewer")
+            node_b = await self.node_b()
+            procs.agent_process(self, self.relay.url, creds, agent["id"],
+                                ["--data", tempfile.mkdtemp(prefix="agent-a-")])
+            await self.relay.proc.wait_for(f"Agent/{agent['id']} connected", timeout=30)
+            accepted = await self.admin.push_to_agent(
+                agent, f"mllp://127.0.0.1:{self.mllp_port}", hl7("CLUSTER01"),
+                "x-application/hl7-v2+er7")
+            push_id = accepted["issue"][0]["diagnostics"].rsplit("/", 1)[1]
+
+            async def delivered() -> bool:
+                doc = await self.admin.request_json("GET", f"/fhir/R4/AgentPush/{push_id}")
+                return doc["state"] == "delivered"
+
+            await procs.wait_until(delivered, timeout=30, what="push delivered")
+
+            pool = HTTPConnectionPool(reactor)
+            self.addCleanup(pool.closeCachedConnections)
+            b = Browser(self, node_b.url, pool)
+            self.assertEqual(await b.login(viewer), 303)
+            code, text, _ = await b.get("/console/fleet")
+            self.assertEqual(code, 200)
+            row = re.search(rf'<tr id="agent-{agent["id"]}".*?</tr>', text, re.S)
+            assert row is not None
+            self.assertIn(">online<", row.group(0))
+            self.assertNotIn("node-b", row.group(0))  # held by node A, named as such
+            code, text, _ = await b.get(f"/console/agent/{agent['id']}")
+            self.assertEqual(code, 200)
+            self.assertIn(f"mllp://127.0.0.1:{self.mllp_port}", text)  # its lane
+            code, text, _ = await b.get("/console/messages?control_id=CLUSTER01")
+            self.assertEqual(code, 200)
+            self.assertEqual(text.count('<tr id="push-'), 1)
+            self.assertIn(f'id="push-{push_id}"', text)
+            self.assertIn(">delivered<", text)
+
+        return ensureDeferred(go())
