@@ -532,8 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=20, help="at most this many (default 20); "
                    "the relay's next links are followed until there are")
     p.add_argument("--page-size", type=int, default=100, help="pushes per request (1-100)")
+    p.add_argument("--destination", default=None, help="only pushes to this destination")
+    p.add_argument("--control-id", default=None, help="only HL7 pushes with this MSH-10")
+    p.add_argument("--accession", default=None, help="only HL7 pushes with this order number")
+    p.add_argument("--since", type=float, default=None, help="created at or after (epoch s)")
+    p.add_argument("--until", type=float, default=None, help="created before (epoch s)")
     for name, verb in (("show", "a push's status"), ("retry", "retry a failed push"),
-                       ("cancel", "cancel a queued push")):
+                       ("cancel", "cancel a queued push"),
+                       ("resend", "send a finished push's message again, as a new push")):
         p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)
         p.add_argument("id", help="AgentPush id")
     p = relay_command(sub, "tail", "cmd_tail", "follow pushes as they arrive and change state")

@@ -22,6 +22,10 @@ from medagent.contenttypes import PING
 PAGE = 100
 #: largest --count of ``pushes list`` (pages followed: at most MAX_COUNT / PAGE)
 MAX_COUNT = 10_000
+#: ``pushes list`` flags and the AgentPush search parameters they set (the console's filters)
+LIST_FILTERS = (("agent", "agent"), ("state", "state"), ("destination", "destination"),
+                ("control_id", "control_id"), ("accession", "accession"),
+                ("since", "since"), ("until", "until"))
 #: largest file ``push`` reads (the relay refuses larger bodies anyway)
 MAX_FILE = 16 * 1024 * 1024
 
@@ -99,10 +103,9 @@ def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
 
     async def go(client: Any) -> None:
         params = {"_count": str(min(args.page_size, args.count))}
-        if args.agent:
-            params["agent"] = args.agent
-        if args.state:
-            params["state"] = args.state
+        for flag, param in LIST_FILTERS:
+            if getattr(args, flag, None):
+                params[param] = str(getattr(args, flag))
         found: list[dict[str, Any]] = []
         path: str | None = "/fhir/R4/AgentPush"
         query: dict[str, str] | None = params
@@ -198,6 +201,10 @@ def cmd_pushes_show(args: argparse.Namespace, run: Runner) -> int:
 
 def cmd_pushes_retry(args: argparse.Namespace, run: Runner) -> int:
     return _push_op(args, run, "POST", "/$retry", "pushes retry")
+
+
+def cmd_pushes_resend(args: argparse.Namespace, run: Runner) -> int:
+    return _push_op(args, run, "POST", "/$resend", "pushes resend")
 
 
 def cmd_pushes_cancel(args: argparse.Namespace, run: Runner) -> int:

@@ -257,6 +257,30 @@ class OperatorCommands(TestCase, _CLI):
 
         return ensureDeferred(go())
 
+    def test_pushes_resend_and_the_consoles_filters(self) -> Deferred:
+        async def go() -> None:
+            [first] = await self.queue(1)
+            await self.admin.request_json("POST", f"/fhir/R4/AgentPush/{first}/$cancel")
+            proc = await self.cli("pushes", "resend", first, "--json")
+            self.assertEqual(proc.exit_code, 0, proc.text)
+            again = json.loads(proc.text[proc.text.index("{"):])
+            self.assertNotEqual(again["id"], first)
+            self.assertEqual(again["resentFrom"], {"reference": f"AgentPush/{first}"})
+            found, by_time, bad = await self.clis(
+                ["pushes", "list", "--control-id", "Q0", "--json"],
+                ["pushes", "list", "--since", "1", "--until", "2", "--json"],
+                ["pushes", "list", "--since", "soon"])
+            self.assertEqual(found.exit_code, 0, found.text)
+            self.assertEqual(sorted(p["id"] for p in json.loads(found.text)["pushes"]),
+                             sorted([first, again["id"]]))
+            self.assertEqual(json.loads(by_time.text)["pushes"], [])
+            self.assertEqual(bad.exit_code, 2, bad.text)  # argparse: not a number
+            e = await self.assertFailure(ensureDeferred(self.admin.request_json(
+                "GET", "/fhir/R4/AgentPush?since=nan")), RelayError)
+            self.assertEqual(e.status, 400)
+
+        return ensureDeferred(go())
+
     def test_tail_follows_new_pushes_and_state_changes(self) -> Deferred:
         async def go() -> None:
             [first] = await self.queue(1)
@@ -323,9 +347,11 @@ class OperatorCommands(TestCase, _CLI):
 
     def test_every_command_has_help(self) -> None:
         for argv in (["agents"], ["status"], ["pushes", "list"], ["pushes", "show"],
-                     ["pushes", "retry"], ["pushes", "cancel"], ["ping"], ["reload-config"],
+                     ["pushes", "retry"], ["pushes", "cancel"], ["pushes", "resend"],
+                     ["tail"], ["ping"], ["reload-config"],
                      ["logs"], ["push"], ["client", "create"], ["client", "list"],
                      ["client", "revoke"], ["init"], ["db", "upgrade"], ["db", "status"],
+                     ["db", "keys"], ["db", "rotate-key"], ["db", "retire-key"],
                      ["demo"]):
             out = io.StringIO()
             with redirect_stdout(out):

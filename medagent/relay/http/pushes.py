@@ -6,6 +6,7 @@ another client's push answers exactly like a missing one.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 from urllib.parse import urlencode
 
@@ -105,6 +106,14 @@ async def list_pushes(ctx: RouteContext) -> Response:
         params["requester"] = principal.client_id  # a pusher lists its own pushes
     if params.get("state") and params["state"] not in j.STATES:
         raise bad_request(f"state must be one of {', '.join(j.STATES)}")
+    for bound in ("since", "until"):  # seconds since the epoch
+        if params.get(bound):
+            try:
+                value = float(params[bound])
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and 0 <= value < 253402300800):
+                raise bad_request(f"{bound} must be a time in seconds since the epoch")
     count = _int_param(params, "_count", DEFAULT_PAGE, 0, MAX_PAGE)
     cursor = _int_param(params, "_cursor", None, 1, 2**63 - 1)
     found, total, next_before = await ctx.api.journal.search_page(
@@ -139,6 +148,14 @@ async def cancel(ctx: RouteContext) -> Response:
     push = await _readable_push(ctx)
     push = await ctx.api.pushes.cancel(ctx.principal, push.id)
     return json_response(push.to_json())
+
+
+async def resend(ctx: RouteContext) -> Response:
+    """``POST AgentPush/{id}/$resend``: a finished push's message again, as a new push linked
+    to it (C{resentFrom}); 201 with the new push's status document."""
+    push = await _readable_push(ctx)
+    new = await ctx.api.pushes.resend(ctx.principal, push.id)
+    return json_response(new.to_json(), 201, **{"Content-Location": ctx.status_url(new)})
 
 
 async def not_supported(ctx: RouteContext) -> Response:

@@ -119,6 +119,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "AgentPush/{id}", pushes.read_push),
     Route("POST", "AgentPush/{id}/$retry", pushes.retry),
     Route("POST", "AgentPush/{id}/$cancel", pushes.cancel),
+    Route("POST", "AgentPush/{id}/$resend", pushes.resend),
     Route(ANY, "AgentPush/{id}/**", pushes.not_supported),
     Route(ANY, "Bot/$execute", bot_execute),
     Route(ANY, "Bot/{id}/$execute", bot_execute),
