@@ -205,40 +205,23 @@ def push_event(push: Push, created: bool = False) -> dict[str, Any]:
             "new": created, "resentFrom": push.resent_from}
 
 
-#: transitions remembered per push for the detail page's timeline, and pushes remembered
-TIMELINE_STEPS = 20
-TIMELINE_PUSHES = 2000
-
-
 class ObservedJournal:
     """
     A push journal that tells an L{EventBroker} about every push created or moved through
-    it, and remembers the recent transitions of recent pushes (bounded) for the detail
-    page's timeline.  Everything else is the wrapped journal's, unchanged.
+    it.  Everything else is the wrapped journal's, unchanged (the detail page's timeline is
+    the push's own, L{medagent.storage.journal.Push.timeline}, kept by the journal).
     """
 
     def __init__(self, journal: Any, broker: EventBroker, clock: Any) -> None:
         self._journal = journal
         self._broker = broker
         self._clock = clock
-        self.timelines: dict[str, list[tuple[float, str, str | None]]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._journal, name)
 
-    def _step(self, push: Push, state: str, note: str | None) -> None:
-        steps = self.timelines.pop(push.id, None)
-        if steps is None:
-            steps = []
-            while len(self.timelines) >= TIMELINE_PUSHES:
-                self.timelines.pop(next(iter(self.timelines)))
-        steps.append((self._clock.seconds(), state, note))
-        del steps[:-TIMELINE_STEPS]
-        self.timelines[push.id] = steps  # most recently moved last
-
     def create(self, push: Push) -> Any:
         def created(p: Push) -> Push:
-            self._step(p, p.state, "journaled")
             self._broker.push_changed(p, created=True)
             return p
 
@@ -247,13 +230,7 @@ class ObservedJournal:
     def transition(self, push: Push, state: str, **kw: Any) -> Any:
         d = self._journal.transition(push, state, **kw)
         # the object is moved at once (the journal's contract): announce it now
-        self._step(push, state, _short(kw.get("error")))
         self._broker.push_changed(push)
         return d
 
 
-def _short(error: Any) -> str | None:
-    """An error for the timeline: the journal's own text (it is never a payload), clipped."""
-    if not isinstance(error, str) or not error:
-        return None
-    return error[:200]

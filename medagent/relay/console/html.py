@@ -274,7 +274,12 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
     return page("Messages", form + table + more, current="messages", **layout)
 
 
-def message_page(push: j.Push, *, timeline: Sequence[tuple[float, str, str | None]],
+#: what each stage of a push's timeline reads as on its page
+STAGE_TEXT = {"received": "received", "journaled": "journaled", "sent": "sent to the agent",
+              "accepted": "on the agent's disk", "answered": "device answered"}
+
+
+def message_page(push: j.Push, *,
                  resends: Sequence[j.Push], can_act: bool, can_see_payload: bool,
                  payload_shown: bool, csrf: str, **layout: Any) -> bytes:
     facts = [
@@ -305,12 +310,18 @@ def message_page(push: j.Push, *, timeline: Sequence[tuple[float, str, str | Non
                                    f"{h(push.resent_from)}</a>"))
     dl = '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + \
         "</dl>"
-    steps = [(push.created, "received and journaled", None)] + [
-        s for s in timeline if s[2] != "journaled"]
-    if not timeline and push.updated and push.updated != push.created:
+    # the push's own timeline (kept with it by the journal, whichever node moved it), then
+    # its outcome; a push journaled before timelines: its creation
+    start = push.timeline.get("received")
+    steps: list[tuple[float, str, str | None]] = [
+        (push.timeline[stage], STAGE_TEXT[stage], None) for stage in j.STAGES
+        if stage in push.timeline] or [(push.created, "received and journaled", None)]
+    if push.final or push.last_error:
         steps.append((push.updated, push.state, push.last_error))
     items = "".join(
         f"<li><time>{h(when(t))}</time> {h(state)}"
+        + (f' <span class="ms">+{(t - start) * 1000:.1f} ms</span>'
+           if start is not None and t >= start else "")
         + (f' <span class="error">{h(note)}</span>' if note else "") + "</li>"
         for t, state, note in steps)
     timeline_html = ('<section aria-labelledby="tl-h"><h2 id="tl-h">Timeline</h2>'

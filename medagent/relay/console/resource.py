@@ -322,9 +322,8 @@ class ConsoleResource(Resource):
             # recorded before it is shown; no record, no payload
             await c.audit_payload_view(principal, push, client_host(request))
         resends = await c.journal.search({"resent_from": push.id}, limit=20)
-        timeline = getattr(c.journal, "timelines", {}).get(push.id, [])
         return 200, html.message_page(
-            push, timeline=timeline, resends=resends, can_act=principal.may_operate(),
+            push, resends=resends, can_act=principal.may_operate(),
             can_see_payload=principal.may_see_payloads(), payload_shown=show,
             **layout), _HTML, {}
 
