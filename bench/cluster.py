@@ -75,8 +75,10 @@ class Config:
     """One relay configuration: C{nodes} twistd nodes on SQLite (one) or PostgreSQL."""
 
     def __init__(self, bench: Bench, root: str, name: str, nodes: int,
-                 dsn: str | None) -> None:
+                 dsn: str | None, extra: list[str] | None = None) -> None:
         self.bench, self.name, self.dsn = bench, name, dsn
+        #: more relay options (SQLite's --synchronous FULL: a commit on disk, as PostgreSQL's)
+        self.extra = list(extra or [])
         self.dirs = [os.path.join(root, f"{name}-node{i + 1}") for i in range(nodes)]
         for d in self.dirs:
             os.makedirs(d)
@@ -109,7 +111,8 @@ class Config:
                                                  "--node-id", f"node-{i + 1}"]
             self.procs.append(self.bench.spawn(self.name, [
                 "-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", d,
-                "--listen", "tcp:0:interface=127.0.0.1", "--bots-unsandboxed", *extra]))
+                "--listen", "tcp:0:interface=127.0.0.1", "--bots-unsandboxed", *extra,
+                *self.extra]))
             if i == 0:
                 await self.procs[0].wait_for("medagent relay listening on", timeout=60)
         for p in self.procs:
@@ -238,17 +241,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         run = os.urandom(2).hex()
         results: dict[str, Any] = {"n": args.n, "waited": args.waited, "agents": args.agents,
                                    "clients": args.concurrency}
-        plan: list[tuple[str, int, bool]] = [("sqlite_1", 1, False), ("pg_1", 1, True),
-                                             ("pg_2", 2, True), ("pg_3", 3, True)]
-        for name, nodes, on_pg in plan:
+        # SQLite's default (NORMAL: no fsync per commit) and FULL (an fsync per commit, as
+        # PostgreSQL's synchronous_commit=on, which the relay requires)
+        plan: list[tuple[str, int, bool, list[str]]] = [
+            ("sqlite_1", 1, False, []), ("sqlite_1_full", 1, False, ["--synchronous", "FULL"]),
+            ("pg_1", 1, True, []), ("pg_2", 2, True, []), ("pg_3", 3, True, [])]
+        for name, nodes, on_pg, extra in plan:
             dsn = None
             if on_pg:
                 dsn = await deferToThread(pgenv.fresh_database, f"medagent_bench_{name}")
-            config = Config(bench, root, name, nodes, dsn)
+            config = Config(bench, root, name, nodes, dsn, extra)
             results[name] = await measure(bench, config, sinks, args, run)
             print(f"{name}: {results[name]}", file=sys.stderr)
-        results["pg_1_waited_p50_vs_sqlite"] = round(
-            results["pg_1"]["waited_p50_ms"] / results["sqlite_1"]["waited_p50_ms"], 3)
+        for floor in ("sqlite_1", "sqlite_1_full"):
+            results[f"pg_1_waited_p50_vs_{floor}"] = round(
+                results["pg_1"]["waited_p50_ms"] / results[floor]["waited_p50_ms"], 3)
         return results
     finally:
         await bench.stop()
