@@ -64,6 +64,18 @@ def medplum_backoff(
     return policy
 
 
+def websocket_options(max_message_size: int) -> dict[str, Any]:
+    """The agent's autobahn options (also the fake agents' of C{bench/connect_storm.py})."""
+    slack = 1024 * 1024
+    return {
+        "maxMessagePayloadSize": max_message_size + slack,
+        "maxFramePayloadSize": max_message_size + slack,
+        "openHandshakeTimeout": 4,
+        "closeHandshakeTimeout": 3,
+        "autoPingInterval": 0,
+    }
+
+
 class _RelayFactory(WebSocketClientFactory):
     """The websocket factory, carrying the L{AgentApp} its L{RelaySocket}s talk to."""
 
@@ -100,14 +112,7 @@ def uplink_service(
     factory = _RelayFactory(websocket_url(relay_url), reactor=reactor)
     factory.protocol = RelaySocket
     factory.app = app
-    slack = 1024 * 1024
-    factory.setProtocolOptions(
-        maxMessagePayloadSize=app.max_message_size + slack,
-        maxFramePayloadSize=app.max_message_size + slack,
-        openHandshakeTimeout=4,
-        closeHandshakeTimeout=3,
-        autoPingInterval=0,
-    )
+    factory.setProtocolOptions(**websocket_options(app.max_message_size))
     # Both provide the interfaces ClientService wants (@implementer), which mypy cannot see.
     return ClientService(
         relay_endpoint(reactor, relay_url),  # type: ignore[arg-type]
