@@ -358,6 +358,7 @@ async def storm(name: str, loads: list[LoadProc], relay_pid: int, n: int, t0: fl
                                            "handshake_timeout", "refused_in_band",
                                            "connect_timeout", "dropped")}
     peak_rss = 0
+    cpu0 = proc_stat(relay_pid)[0]
     at_window: int | None = None
     all_at: float | None = None
     timeline: list[tuple[float, int]] = []
@@ -383,6 +384,9 @@ async def storm(name: str, loads: list[LoadProc], relay_pid: int, n: int, t0: fl
         "seconds_to_all_connected": round(all_at, 1) if all_at is not None else None,
         "connected_at_end": total(loads, "connected"),
         "peak_rss_mb": round(peak_rss / 2**20, 1),
+        "relay_cpu_percent_of_a_core": round(100 * (proc_stat(relay_pid)[0] - cpu0)
+                                             / (time.time() - t0), 1),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "every_5s": [c for _, c in timeline],
     }
     for key, value in before.items():
@@ -406,6 +410,7 @@ async def steady(loads: list[LoadProc], relay_pid: int, seconds: float,
         "relay_cpu_percent_of_a_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
         "load_cpu_percent_of_a_core": round(100 * (load_cpu1 - load_cpu0) / (t1 - t0), 1),
         "relay_rss_mb": round(rss / 2**20, 1),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "heartbeats_answered": len(rtt),
         "heartbeat_rtt_p50_ms": percentile(rtt, 0.5),
         "heartbeat_rtt_p99_ms": percentile(rtt, 0.99),
@@ -452,7 +457,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for load in loads:
             await load.proc.wait_for("GO ", timeout=120)
         t_go = max(load.go or 0.0 for load in loads)
-        print("storm 1: agents opening", file=sys.stderr)
+        print(f"storm 1: agents opening (relay pid {relay.proc.transport.pid})",
+              file=sys.stderr)
         first = await storm("start", loads, relay.proc.transport.pid, args.agents, t_go,
                             args.window, args.wait)
         first["relay_listening_before_go_s"] = round(t_go - t_listen, 1)
@@ -467,6 +473,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await sleep(args.down)
         await relay.start(relay_args)
         t_back = time.time()
+        print(f"relay back (pid {relay.proc.transport.pid})", file=sys.stderr)
         second = await storm("restart", loads, relay.proc.transport.pid, args.agents, t_back,
                              args.window, args.wait)
         second["relay_down_s"] = round(t_back - t_kill, 1)

@@ -35,6 +35,7 @@ import os
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
 import attr
@@ -57,6 +58,10 @@ ROLES = (ADMIN, PUSHER, AGENT)
 TOKEN_ROLES = ROLES + (BOT,)
 #: Seconds of clock skew tolerated on ``iat``/``exp``.
 CLOCK_SKEW = 5
+#: tokens whose signature and claims were checked, remembered (most recently used first out
+#: last): an agent sends its token on every heartbeat and on every reconnect, and a fleet of
+#: ten thousand would otherwise cost the relay a signature check per heartbeat
+VERIFIED_TOKENS = 16_384
 
 EXT_BOT_ACCESS = "urn:medagent:fhir:StructureDefinition:bot-access"
 #: Resource types a Bot can never read or write, whatever its Bot resource says: other Bots
@@ -238,6 +243,10 @@ class Authority:
         #: called with a client id as soon as that client is revoked (the hub closes its
         #: agent sockets); also for revocations that L{refresh_revocations} finds.
         self.revocation_listeners: list[Callable[[str], None]] = []
+        #: token -> the principal its verification gave; expiry and revocation are still
+        #: checked on every use (L{verify_token})
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
+        self.verified_tokens = VERIFIED_TOKENS
 
     def set_key(self, key: bytes) -> None:
         """The signing key, given at start (reading or creating it is I/O: not in a
@@ -258,6 +267,7 @@ class Authority:
         self._keys = dict(keys)
         self._signing_kid = signing
         self._key = keys[signing]
+        self._verified.clear()  # a retired key's tokens are checked again (and refused)
 
     def _signing_key(self) -> bytes:
         if self._key is None:
@@ -481,7 +491,26 @@ class Authority:
                           headers={"kid": self._signing_kid})
 
     def verify_token(self, token: str) -> Principal:
-        """The caller behind a bearer token, or 401."""
+        """
+        The caller behind a bearer token, or 401.  A token verified before is not decoded
+        again (L{VERIFIED_TOKENS} are remembered); its expiry and its client's revocation are
+        checked on every call, as for a new one.
+        """
+        known = self._verified.get(token)
+        if known is None:
+            return self._verify_new(token)
+        self._signing_key()  # 503 while there is no ring (as for a new token)
+        self._verified.move_to_end(token)
+        assert known.expires_at is not None
+        if known.expires_at + CLOCK_SKEW < self._clock.time():
+            del self._verified[token]
+            raise unauthorized("Access token expired")
+        self._ensure_loaded()
+        if self.is_revoked(known.client_id):
+            raise unauthorized("Access token revoked")
+        return known
+
+    def _verify_new(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,
@@ -518,9 +547,14 @@ class Authority:
         if self.is_revoked(claims["sub"]):
             raise unauthorized("Access token revoked")
         if role == BOT:
-            return Principal(claims["sub"], BOT, names("agents"), names("read"), names("write"),
-                             expires_at=float(exp))
-        return Principal(claims["sub"], role, names("agents"), expires_at=float(exp))
+            principal = Principal(claims["sub"], BOT, names("agents"), names("read"),
+                                  names("write"), expires_at=float(exp))
+        else:
+            principal = Principal(claims["sub"], role, names("agents"), expires_at=float(exp))
+        self._verified[token] = principal
+        while len(self._verified) > self.verified_tokens:
+            self._verified.popitem(last=False)
+        return principal
 
     def authenticate(self, authorization: str | None) -> Principal:
         """Check an ``Authorization`` header (``Bearer <token>``)."""
