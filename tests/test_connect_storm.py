@@ -1,0 +1,152 @@
+"""
+What keeps a connect storm (a whole fleet reconnecting after a relay restart) converging:
+the relay's accept gate, heartbeats spread over the interval, our agent's backoff.
+Measured at scale by C{bench/connect_storm.py}; these are the units, on a Clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from medagent.relay.ws import DEFAULT_MAX_PENDING, AcceptGate, websocket_resource
+from tests.procs import in_process_relay, wait_until
+
+HANDSHAKE = (b"GET /ws/agent HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+class FakePort:
+    """The part of a listening L{twisted.internet.tcp.Port} the gate uses."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.connected = True
+        self.disconnecting = False
+
+    def stopReading(self) -> None:  # noqa: N802 (Twisted's name)
+        self.reading = False
+
+    def startReading(self) -> None:  # noqa: N802
+        self.reading = True
+
+
+class AcceptGateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gate = AcceptGate(self.clock, high=4, low=2, max_pause=1.0)
+        self.port = FakePort()
+        self.gate.add_port(self.port)
+
+    def test_pauses_at_the_limit_and_resumes_below_low(self) -> None:
+        for n in (1, 2, 3):
+            self.gate.changed(n)
+            self.assertTrue(self.port.reading)
+        self.gate.changed(4)
+        self.assertFalse(self.port.reading)
+        self.gate.changed(3)
+        self.gate.changed(2)
+        self.assertFalse(self.port.reading)  # hysteresis: not until below low
+        self.gate.changed(1)
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.gate.pauses, 1)
+
+    def test_a_pause_ends_after_max_pause(self) -> None:
+        """HTTP callers queued behind a storm wait at most max_pause."""
+        self.gate.changed(4)
+        self.clock.advance(1.0)
+        self.assertTrue(self.port.reading)
+        self.gate.changed(4)  # still at the limit: open as long again (refusing beyond it)
+        self.assertTrue(self.port.reading)
+        self.clock.advance(1.0)
+        self.gate.changed(5)
+        self.assertFalse(self.port.reading)
+        self.assertEqual(self.gate.pauses, 2)
+
+    def test_port_bound_while_paused_starts_paused(self) -> None:
+        self.gate.changed(4)
+        late = FakePort()
+        self.gate.add_port(late)
+        self.assertFalse(late.reading)
+        self.gate.changed(0)
+        self.assertTrue(late.reading)
+
+    def test_closed_port_not_restarted(self) -> None:
+        self.gate.changed(4)
+        self.port.connected = False
+        self.gate.changed(0)
+        self.assertFalse(self.port.reading)
+
+    def test_stop_leaves_no_timer(self) -> None:
+        self.gate.changed(4)
+        self.gate.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _Hub:
+    """What the websocket adapter needs of the hub before authentication."""
+
+    max_message_size = 1024 * 1024
+
+    def connection_made(self, conn: Any) -> object:
+        return object()
+
+    def connection_lost(self, session: Any, reason: str = "closed") -> None:
+        pass
+
+
+class GatedSocketTests(SynchronousTestCase):
+    """The websocket factory tells the gate each change of the pending-socket count."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gate = AcceptGate(self.clock, high=2, low=1)
+        self.port = FakePort()
+        self.gate.add_port(self.port)
+        resource = websocket_resource(self.clock, _Hub(), max_pending=2, gate=self.gate)
+        self.factory = resource._factory
+        # no autobahn timers on the global reactor in a unit test
+        self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+
+    def open_socket(self, host: str) -> Any:
+        proto = self.factory.buildProtocol(IPv4Address("TCP", host, 5000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 5000))
+        proto.makeConnection(transport)
+        proto.dataReceived(HANDSHAKE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"), transport.value()[:60])
+        return proto
+
+    def test_listeners_pause_while_sockets_wait_to_authenticate(self) -> None:
+        first = self.open_socket("127.0.0.2")
+        self.assertTrue(self.port.reading)
+        second = self.open_socket("127.0.0.3")
+        self.assertFalse(self.port.reading)
+        self.assertEqual(self.factory.pending_total, 2)
+        first.authenticated()  # the hub accepted it: one waits, below the limit
+        self.assertEqual(self.factory.pending_total, 1)
+        self.assertFalse(self.port.reading)  # not yet below low
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.pending_total, 0)
+        self.assertTrue(self.port.reading)
+
+
+class RelayWiringTests(TestCase):
+    def test_relay_gates_its_listening_ports(self) -> Deferred[None]:
+        relay, _, _ = in_process_relay(self, "medagent-gate-")
+
+        async def go() -> None:
+            await wait_until(lambda: relay.accept_gate.ports, timeout=10,
+                             what="the listener's port handed to the gate")
+            self.assertEqual(relay.accept_gate.ports, [relay.listener.port])
+            self.assertEqual(relay.accept_gate.high, DEFAULT_MAX_PENDING)
+
+        return Deferred.fromCoroutine(go())
