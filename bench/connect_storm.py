@@ -137,6 +137,7 @@ def run_load(args: argparse.Namespace) -> None:
                     self.wait_call.cancel()
                 counters["connects"] += 1
                 connected.add(agent.agent_id)
+                agent.backoff.accepted()  # as our agent's uplink does (AgentApp.on_live)
                 agent.last_relay_heartbeat = None
             elif kind == wire.HEARTBEAT_REQUEST:
                 now = time.monotonic()
@@ -196,7 +197,8 @@ def run_load(args: argparse.Namespace) -> None:
             self.last_relay_heartbeat: float | None = None
             endpoint = CountingEndpoint(TCP4ClientEndpoint(
                 reactor, args.host, args.port, timeout=10, bindAddress=(src, 0)))
-            self.service = ClientService(endpoint, self, retryPolicy=medplum_backoff(),
+            self.backoff = medplum_backoff()
+            self.service = ClientService(endpoint, self, retryPolicy=self.backoff,
                                          clock=reactor)
             self.ticker = LoopingCall(self.tick)
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from medagent.agent.uplink import RelayBackoff, medplum_backoff, uplink_service
 from medagent.relay.ws import DEFAULT_MAX_PENDING, AcceptGate, websocket_resource
 from tests.procs import in_process_relay, wait_until
 
@@ -150,3 +153,62 @@ class RelayWiringTests(TestCase):
             self.assertEqual(relay.accept_gate.high, DEFAULT_MAX_PENDING)
 
         return Deferred.fromCoroutine(go())
+
+
+class _RefusingRelay:
+    """An endpoint whose every connection opens, then is lost (a relay refusing the agent)."""
+
+    def __init__(self) -> None:
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8103))
+        proto.makeConnection(StringTransport())
+        self.protocols.append(proto)
+        return succeed(proto)
+
+
+class AgentBackoffTests(SynchronousTestCase):
+    def test_refused_sockets_back_off_further(self) -> None:
+        """
+        ClientService counts attempts from the last TCP connect; a relay that accepts TCP
+        and then refuses the websocket must still see the agent's delay grow.
+        """
+        clock = Clock()
+        backoff = medplum_backoff(rng=lambda low, high: 2.0)
+        relay = _RefusingRelay()
+        service = ClientService(relay, Factory.forProtocol(Protocol),  # type: ignore[arg-type]
+                                retryPolicy=backoff, clock=clock)
+        service.startService()
+        delays = []
+        for _ in range(4):
+            relay.protocols[-1].connectionLost(Failure(ConnectionDone()))
+            (retry,) = clock.getDelayedCalls()
+            delays.append(round(retry.getTime() - clock.seconds(), 3))
+            clock.advance(retry.getTime() - clock.seconds())
+        self.assertEqual(delays, [2.0, 2.6, 3.38, 4.394])
+        backoff.accepted()  # the relay took us: a later loss starts from the base again
+        relay.protocols[-1].connectionLost(Failure(ConnectionDone()))
+        (retry,) = clock.getDelayedCalls()
+        self.assertEqual(retry.getTime() - clock.seconds(), 2.0)
+        service.stopService()
+
+    def test_capped_and_random_base(self) -> None:
+        bases = {medplum_backoff().base for _ in range(20)}
+        self.assertGreater(len(bases), 1)
+        self.assertTrue(all(1.0 <= b <= 5.0 for b in bases))
+        backoff = medplum_backoff(rng=lambda low, high: 5.0)
+        self.assertEqual([backoff(1) for _ in range(5)][-1], 10.0)
+
+    def test_uplink_resets_its_backoff_when_accepted(self) -> None:
+        class App:
+            max_message_size = 1024 * 1024
+
+            def __init__(self) -> None:
+                self.on_live: list[Any] = []
+
+        app = App()
+        uplink_service(Clock(), "http://127.0.0.1:8103", app)  # type: ignore[arg-type]
+        (hook,) = app.on_live
+        self.assertIsInstance(hook.__self__, RelayBackoff)
+        self.assertEqual(hook.__name__, "accepted")
