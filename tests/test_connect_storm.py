@@ -18,9 +18,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from medagent import wire
 from medagent.agent.uplink import RelayBackoff, medplum_backoff, uplink_service
 from medagent.relay.ws import DEFAULT_MAX_PENDING, AcceptGate, websocket_resource
 from tests.procs import in_process_relay, wait_until
+from tests.test_hub import FakeConnection, _HubCase
 
 HANDSHAKE = (b"GET /ws/agent HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
              b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -212,3 +214,40 @@ class AgentBackoffTests(SynchronousTestCase):
         (hook,) = app.on_live
         self.assertIsInstance(hook.__self__, RelayBackoff)
         self.assertEqual(hook.__name__, "accepted")
+
+
+class HeartbeatPhaseTests(_HubCase):
+    """Sessions accepted in one tick (a storm) beat at phases spread over the interval."""
+
+    def beats(self, conn: Any) -> int:
+        return len(conn.of_type(wire.HEARTBEAT_REQUEST))
+
+    def test_first_heartbeat_at_the_sessions_phase(self) -> None:
+        phases = iter([0.0, 0.8])
+        self.hub.heartbeat_phase = lambda: next(phases)
+        early, _ = self.connect(caps=["durable"])
+        other_agent = self.successResultOf(self.store.create({"resourceType": "Agent",
+                                                              "name": "b"}))
+        client = self.successResultOf(self.auth.create_client("agent", [other_agent["id"]]))
+        late = FakeConnection()
+        session = self.hub.connection_made(late)
+        self.hub.frame_received(session, wire.encode({
+            "type": wire.CONNECT_REQUEST, "accessToken": self.token(client),
+            "agentId": other_agent["id"], "capabilities": ["durable"]}))
+        self.assertIsNotNone(session.agent_id)
+        self.clock.advance(5)  # half an interval: the first session's phase
+        self.assertEqual((self.beats(early), self.beats(late)), (1, 0))
+        self.clock.advance(4)  # 9 s: the second one's (0.5 + 0.4 intervals)
+        self.assertEqual((self.beats(early), self.beats(late)), (1, 1))
+        self.clock.advance(6)  # 15 s: the first one's second beat, one interval on
+        self.assertEqual((self.beats(early), self.beats(late)), (2, 1))
+        self.clock.advance(4)
+        self.assertEqual((self.beats(early), self.beats(late)), (2, 2))
+
+    def test_lost_before_its_first_heartbeat_leaves_no_timer(self) -> None:
+        conn, session = self.connect(caps=["durable"])
+        self.assertTrue(session.heartbeat_start.active())
+        self.hub.connection_lost(session)
+        self.assertIsNone(session.heartbeat_start)
+        self.clock.advance(60)
+        self.assertEqual(self.beats(conn), 0)

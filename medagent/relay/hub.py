@@ -9,6 +9,7 @@ journal and go back to it: the hub moves them through ``queued → sent → deli
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections import deque
 from typing import Any, Callable, Mapping, Protocol
@@ -114,6 +115,8 @@ class Session:
         self.version: str | None = None
         self.outstanding_heartbeats = 0
         self.heartbeat: LoopingCall | None = None
+        #: starts C{heartbeat} at this session's phase (see L{Hub.heartbeat_phase})
+        self.heartbeat_start: Any = None
         #: pushes written to this socket and not yet answered, by push id
         self.in_flight: dict[str, Push] = {}
         self.replaying = False
@@ -194,6 +197,7 @@ class Hub:
         retry_cap: float = 30.0,
         inbound: InboundHandler = _no_inbound,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        heartbeat_phase: Callable[[], float] = random.random,
     ) -> None:
         self.clock = clock
         self.authority = authority
@@ -201,6 +205,9 @@ class Hub:
         self.journal = journal
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
+        #: a session's first heartbeat comes after (0.5 + 0.5 × this, in [0, 1)) intervals:
+        #: sessions accepted in one tick (a connect storm) do not all beat in one tick ever after
+        self.heartbeat_phase = heartbeat_phase
         self.max_message_size = max_message_size
         self.request_timeout = request_timeout
         #: pushes on an agent's wire without a final answer, at most (pushes on lanes the
@@ -272,6 +279,9 @@ class Hub:
     def connection_lost(self, session: Session, reason: str = "closed") -> None:
         session.closed = True
         self._cancel_connect_deadline(session)
+        if session.heartbeat_start is not None and session.heartbeat_start.active():
+            session.heartbeat_start.cancel()
+        session.heartbeat_start = None
         if session.heartbeat is not None and session.heartbeat.running:
             session.heartbeat.stop()
         if session.ready_call is not None and session.ready_call.active():
@@ -482,7 +492,9 @@ class Hub:
             if first:
                 session.heartbeat = LoopingCall(self._heartbeat, session)
                 session.heartbeat.clock = self.clock
-                session.heartbeat.start(self.heartbeat_interval, now=False)
+                phase = (0.5 + 0.5 * self.heartbeat_phase()) * self.heartbeat_interval
+                session.heartbeat_start = self.clock.callLater(
+                    phase, session.heartbeat.start, self.heartbeat_interval, True)
             if session.ready or session.ready_call is not None:
                 return  # a repeated connect request on a live session
             if wire.CAP_DURABLE in session.capabilities:
