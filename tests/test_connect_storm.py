@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from medagent import wire
 from medagent.agent.uplink import RelayBackoff, medplum_backoff, uplink_service
+from medagent.relay.hub import AGENT_CACHE_TTL
 from medagent.relay.ws import DEFAULT_MAX_PENDING, AcceptGate, websocket_resource
 from tests.procs import in_process_relay, wait_until
 from tests.test_hub import FakeConnection, _HubCase
@@ -251,3 +252,41 @@ class HeartbeatPhaseTests(_HubCase):
         self.assertIsNone(session.heartbeat_start)
         self.clock.advance(60)
         self.assertEqual(self.beats(conn), 0)
+
+
+class AgentLookupCacheTests(_HubCase):
+    """A fleet reconnecting at once reads each Agent resource once a minute, not per try."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reads: list[str] = []
+        real = self.store.read
+
+        def read(resource_type: str, id: str) -> Any:
+            self.reads.append(f"{resource_type}/{id}")
+            return real(resource_type, id)
+
+        self.patch(self.store, "read", read)
+
+    def reconnect(self) -> FakeConnection:
+        conn, session = self.connect(caps=["durable"])
+        self.hub.connection_lost(session)
+        return conn
+
+    def test_reconnects_read_the_agent_once_per_ttl(self) -> None:
+        for _ in range(3):
+            conn = self.reconnect()
+            self.assertEqual(conn.of_type(wire.CONNECT_RESPONSE)[0]["type"],
+                             wire.CONNECT_RESPONSE)
+        self.assertEqual(self.reads, [f"Agent/{self.agent['id']}"])
+        self.clock.advance(AGENT_CACHE_TTL)
+        self.reconnect()
+        self.assertEqual(len(self.reads), 2)
+
+    def test_deleted_agent_refused_at_once(self) -> None:
+        self.reconnect()
+        self.successResultOf(self.store.delete("Agent", self.agent["id"]))
+        conn, session = self.connect(caps=["durable"])
+        self.assertIsNone(session.agent_id)
+        self.assertEqual(conn.of_type(wire.CONNECT_RESPONSE), [])
+        self.assertIn("not found", conn.of_type(wire.ERROR)[0]["body"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Mapping, Protocol
 
 import attr
@@ -86,6 +86,12 @@ STATUS_TIMEOUT = 3.0
 #: Seconds an agent's session lease lasts on a cluster (L{Hub.agent_sessions}) unless its node
 #: renews it: a node that died gives its agents up within this time.
 SESSION_LEASE = 20.0
+
+#: Seconds an agent's C{Agent} resource, read for its connect, answers later connects of it
+#: without a read (a write on this node forgets it at once; one on another node of a cluster
+#: is seen within this time), and how many are kept.
+AGENT_CACHE_TTL = 60.0
+AGENT_CACHE_SIZE = 100_000
 
 #: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -252,8 +258,41 @@ class Hub:
         self._reading: set[str] = set()
         #: this node's link to the others (L{medagent.relay.cluster.ClusterLink}), on a cluster
         self.cluster: Any = None
+        #: agent id -> (read at, its Agent resource): see L{AGENT_CACHE_TTL}
+        self._agents: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._agent_writes = 0
+        listeners = getattr(store, "listeners", None)
+        if listeners is not None:
+            listeners.append(self._resource_written)
 
     # -- connection lifecycle ----------------------------------------------------------
+
+    def _read_agent(self, agent_id: str) -> Deferred[dict[str, Any]]:
+        """The agent's C{Agent} resource, for its connect: a fleet reconnecting at once
+        (a relay restart, a storm of refused attempts) reads each one once a minute."""
+        cached = self._agents.get(agent_id)
+        now = self.clock.seconds()
+        if cached is not None and now - cached[0] < AGENT_CACHE_TTL:
+            return succeed(cached[1])
+        writes = self._agent_writes
+
+        def found(agent: dict[str, Any]) -> dict[str, Any]:
+            if writes != self._agent_writes:
+                return agent  # an Agent was written meanwhile: this read may be older
+            self._agents[agent_id] = (now, agent)
+            self._agents.move_to_end(agent_id)
+            while len(self._agents) > AGENT_CACHE_SIZE:
+                self._agents.popitem(last=False)
+            return agent
+
+        return self.store.read("Agent", agent_id).addCallback(found)
+
+    def _resource_written(self, interaction: str, resource: dict[str, Any] | None,
+                          previous: dict[str, Any] | None) -> None:
+        for r in (resource, previous):
+            if r is not None and r.get("resourceType") == "Agent":
+                self._agent_writes += 1
+                self._agents.pop(str(r.get("id")), None)
 
     def connection_made(self, conn: AgentConnection) -> Session:
         session = Session(conn)
@@ -511,7 +550,7 @@ class Hub:
             text = f.value.message if isinstance(f.value, FHIRError) else "Agent lookup failed"
             session.conn.send_message(wire.error(text, callback))
 
-        self.store.read("Agent", agent_id).addCallbacks(found, missing)
+        self._read_agent(agent_id).addCallbacks(found, missing)
 
     def _claim(self, session: Session, agent_id: str, callback: Any,
                accept: Callable[[], None]) -> None:
