@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from autobahn.websocket import protocol as _autobahn_protocol
 from twisted.application.internet import ClientService
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -130,6 +131,19 @@ class GatedSocketTests(SynchronousTestCase):
         proto.dataReceived(HANDSHAKE)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"), transport.value()[:60])
         return proto
+
+    def test_handshake_does_not_pretty_print(self) -> None:
+        """autobahn's per-connection debug line costs nothing while debug is not logged."""
+        import pprint
+
+        printed: list[Any] = []
+        real = pprint.PrettyPrinter.pformat
+        self.patch(pprint.PrettyPrinter, "pformat",
+                   lambda printer, value: printed.append(value) or real(printer, value))
+        self.open_socket("127.0.0.2")
+        self.assertEqual(printed, [])
+        self.assertIn("openHandshakeTimeout", str(_autobahn_protocol.pformat(
+            [("openHandshakeTimeout", 0)])))  # and a line that is shown still says it
 
     def test_listeners_pause_while_sockets_wait_to_authenticate(self) -> None:
         first = self.open_socket("127.0.0.2")
