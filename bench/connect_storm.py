@@ -423,6 +423,13 @@ async def steady(loads: list[LoadProc], relay_pid: int, seconds: float,
     }
 
 
+def save_log(proc: Any, path: str) -> None:
+    """The relay's output (its last 8 MiB), for a look at what a storm did to it."""
+    with open(path, "wb") as f:
+        f.write(bytes(proc.output))
+    print(f"relay log: {path}", file=sys.stderr)
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from tests.procs import Proc, RelayFixture
 
@@ -472,6 +479,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         print("kill -9 the relay, start it again on the same data", file=sys.stderr)
         t_kill = time.time()
         await relay.stop(signal.SIGKILL)
+        save_log(relay.proc, os.path.join(data, "relay-1.log"))
         await sleep(args.down)
         await relay.start(relay_args)
         t_back = time.time()
@@ -482,6 +490,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await sleep(2 * args.heartbeat_interval)
         steady2 = await steady(loads, relay.proc.transport.pid, args.steady,
                                args.heartbeat_interval)
+        save_log(relay.proc, os.path.join(data, "relay-2.log"))
         return {
             "bench": "connect_storm",
             "agents": args.agents,

@@ -119,8 +119,8 @@ class GatedSocketTests(SynchronousTestCase):
         self.gate = AcceptGate(self.clock, high=2, low=1)
         self.port = FakePort()
         self.gate.add_port(self.port)
-        resource = websocket_resource(self.clock, _Hub(), max_pending=2, gate=self.gate)
-        self.factory = resource._factory
+        self.resource = websocket_resource(self.clock, _Hub(), max_pending=2, gate=self.gate)
+        self.factory = self.resource._factory
         # no autobahn timers on the global reactor in a unit test
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
 
@@ -131,6 +131,22 @@ class GatedSocketTests(SynchronousTestCase):
         proto.dataReceived(HANDSHAKE)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"), transport.value()[:60])
         return proto
+
+    def test_refused_before_autobahn_builds_a_protocol(self) -> None:
+        """Beyond the limit a socket costs an HTTP parse and a 503, no websocket protocol."""
+        from twisted.web.test.requesthelper import DummyRequest
+
+        self.open_socket("127.0.0.2")
+        self.open_socket("127.0.0.3")
+        built: list[Any] = []
+        self.patch(self.factory, "buildProtocol", lambda addr: built.append(addr))
+        request = DummyRequest([b""])
+        request.client = IPv4Address("TCP", "127.0.0.4", 5000)
+        body = self.resource.render(request)
+        self.assertEqual((request.responseCode, built), (503, []))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"Retry-After"), [b"5"])
+        self.assertIn(b"Too many unauthenticated", body)
+        self.assertEqual(self.factory.refused, 1)
 
     def test_handshake_does_not_pretty_print(self) -> None:
         """autobahn's per-connection debug line costs nothing while debug is not logged."""

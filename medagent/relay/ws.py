@@ -163,6 +163,37 @@ class AgentSocketFactory(WebSocketServerFactory):
     authenticated_limit: int
     gate: AcceptGate | None
 
+    def full(self, host: str) -> bool:
+        """Whether one more unauthenticated socket from C{host} is one too many (counted
+        as refused)."""
+        if (self.pending_total >= self.max_pending
+                or self.pending.get(host, 0) >= self.max_pending_per_peer):
+            self.refused += 1
+            if self.refused % 1000 == 1:
+                log.warn("Refusing websocket from {host}: too many unauthenticated sockets "
+                         "({total} open; {refused} refused so far)", host=host,
+                         total=self.pending_total, refused=self.refused)
+            return True
+        return False
+
+
+class _AgentSocketResource(WebSocketResource):
+    """
+    Refuses a websocket beyond the pending limits with a plain 503 before autobahn sees
+    it: in a connect storm most refused sockets then cost the relay an HTTP parse, not a
+    websocket protocol, a handshake and two log lines each.
+    """
+
+    def render(self, request: Any) -> Any:
+        factory = self._factory
+        host = str(getattr(request.getClientAddress(), "host", "?"))
+        if factory.full(host):
+            request.setResponseCode(503)
+            request.setHeader(b"Retry-After", b"5")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"Too many unauthenticated connections\n"
+        return super().render(request)
+
 
 class AgentSocket(WebSocketServerProtocol):
     """
@@ -176,13 +207,7 @@ class AgentSocket(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> None:
         factory = self.factory
         host = _host(self.transport)
-        if (factory.pending_total >= factory.max_pending
-                or factory.pending.get(host, 0) >= factory.max_pending_per_peer):
-            factory.refused += 1
-            if factory.refused % 1000 == 1:
-                log.warn("Refusing websocket from {host}: too many unauthenticated sockets "
-                         "({total} open; {refused} refused so far)", host=host,
-                         total=factory.pending_total, refused=factory.refused)
+        if factory.full(host):  # (the resource refuses first; this one is for direct use)
             raise ConnectionDeny(503, "Too many unauthenticated connections")
         self._pending_host = host
         factory.pending_total += 1
@@ -265,4 +290,4 @@ def websocket_resource(reactor: Any, hub: Hub, *, max_pending: int = DEFAULT_MAX
         autoPingInterval=0,
         perMessageCompressionAccept=lambda offers: None,
     )
-    return WebSocketResource(factory)
+    return _AgentSocketResource(factory)
