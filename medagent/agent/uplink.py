@@ -22,7 +22,7 @@ from twisted.application.internet import ClientService  # noqa: E402
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
-from medagent import wire  # noqa: E402
+from medagent import _autobahn, wire  # noqa: E402, F401 (_autobahn: its debug lines lazy)
 from medagent._twisted import ClientEndpoint  # noqa: E402
 from medagent.agent.app import AgentApp  # noqa: E402
 from medagent.net import no_delay  # noqa: E402

@@ -781,7 +781,8 @@ class Hub:
         session.ready = True
         first = not session.ever_ready
         session.ever_ready = True
-        log.info("Agent/{agent_id} takes pushes ({why})", agent_id=session.agent_id, why=why)
+        # debug: with "connected" a second line per connect, and a fleet reconnects at once
+        log.debug("Agent/{agent_id} takes pushes ({why})", agent_id=session.agent_id, why=why)
         if first or not session.scanned:
             self._replay(session)
         else:

@@ -15,40 +15,16 @@ from autobahn.twisted.websocket import (  # noqa: E402
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from autobahn.websocket import protocol as _autobahn_protocol  # noqa: E402
 from autobahn.websocket.types import ConnectionDeny  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 
-from medagent import wire  # noqa: E402
+from medagent import _autobahn, wire  # noqa: E402, F401 (_autobahn: its debug lines lazy)
 from medagent.net import no_delay  # noqa: E402
 from medagent.relay.hub import Hub, Session  # noqa: E402
 
 log = Logger()
 
 
-class _LazyPformat:
-    """C{pprint.pformat(value)}, computed only if a log line shows it."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __str__(self) -> str:
-        from pprint import pformat
-
-        return pformat(self.value)
-
-    __repr__ = __str__
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-
-# autobahn pretty-prints every connection's options for a debug line (WebSocketProtocol.
-# _connectionMade) whether or not debug is logged: a sixth of the relay's time in a connect
-# storm.  Its module's pformat made lazy, the line costs nothing unless it is shown.
-_autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
 
 #: Largest frame/message a socket may send before it has authenticated: an
 #: ``agent:connect:request`` is well under 4 KiB.
