@@ -320,3 +320,12 @@ class AgentLookupCacheTests(_HubCase):
         self.assertIsNone(session.agent_id)
         self.assertEqual(conn.of_type(wire.CONNECT_RESPONSE), [])
         self.assertIn("not found", conn.of_type(wire.ERROR)[0]["body"])
+
+    def test_warmed_at_start_no_read_per_connect(self) -> None:
+        """After a restart the fleet's connects cost no Agent read each."""
+        for i in range(3):
+            self.successResultOf(self.store.create({"resourceType": "Agent", "name": f"a{i}"}))
+        self.assertEqual(self.successResultOf(self.hub.warm_agent_cache(page=2)), 4)
+        conn = self.reconnect()
+        self.assertEqual(len(conn.of_type(wire.CONNECT_RESPONSE)), 1)
+        self.assertEqual(self.reads, [])

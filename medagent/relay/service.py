@@ -336,6 +336,7 @@ class _HubService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self.hub.warm_agent_cache()
         if self.hub.agent_sessions is not None:
             self.renewal = LoopingCall(self.hub.renew_sessions)
             self.renewal.clock = self.hub.clock
