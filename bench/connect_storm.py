@@ -28,7 +28,7 @@ heartbeat round trip the fake agents see (p50/p99), and the gaps between the rel
 heartbeat requests to each agent (p99/max: are heartbeats on time?).  The floor it is held
 against is the target: N connected within 60 s, RSS <= 1 GB, gaps near the interval.
 
-    python bench/connect_storm.py [--agents 10000] [--load-procs 2] [--window 60]
+    python bench/connect_storm.py [--agents 10000] [--load-procs 4] [--window 60]
 
 Prints progress on stderr and one JSON object as the last line of stdout.
 """
@@ -512,7 +512,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--agents", type=int, default=10000)
-    parser.add_argument("--load-procs", type=int, default=2)
+    parser.add_argument("--load-procs", type=int, default=4)
     parser.add_argument("--per-address", type=int, default=1,
                         help="fake agents sharing one loopback source address")
     parser.add_argument("--window", type=float, default=60.0)
