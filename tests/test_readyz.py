@@ -99,6 +99,9 @@ class _RelayCalls:
         return r.code, parsed, r.headers
 
     async def login(self, relay: Any) -> None:
+        # on PostgreSQL the signing keys are read at start, as other start-up reads are
+        await procs.wait_until(lambda: relay.authority._key is not None, timeout=10,
+                               what="signing keys read")
         admin = await relay.authority.create_client("admin")
         self.token = (await relay.authority.issue_token(
             admin["clientId"], admin["clientSecret"]))["access_token"]

@@ -5,6 +5,7 @@ Units for the relay's application objects: wire codec, store, auth, journal, pus
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -158,6 +159,75 @@ class AuthTests(SynchronousTestCase):
         self.assertTrue(p.can_act_as("x"))
         self.assertFalse(p.can_act_as("y"))
         self.assertFalse(p.can_push("x"))
+
+    def _counting_decodes(self) -> list[str]:
+        from medagent.relay import auth as auth_module
+
+        decoded: list[str] = []
+        real = auth_module.jwt.decode
+
+        def decode(token: str, *args: Any, **kw: Any) -> Any:
+            decoded.append(token)
+            return real(token, *args, **kw)
+
+        self.patch(auth_module.jwt, "decode", decode)
+        return decoded
+
+    def test_verified_token_not_decoded_again(self) -> None:
+        """A heartbeat's token (the same each time) costs one signature check, not one each."""
+        decoded = self._counting_decodes()
+        client = result_of(self, self.auth.create_client("agent", ["x"]))
+        token = result_of(self, self.auth.issue_token(client["clientId"],
+                                                      client["clientSecret"]))["access_token"]
+        first = self.auth.verify_token(token)
+        self.assertEqual(self.auth.verify_token(token), first)
+        self.assertEqual(self.auth.verify_token(token).expires_at, first.expires_at)
+        self.assertEqual(decoded, [token])
+
+    def test_verified_tokens_bounded(self) -> None:
+        decoded = self._counting_decodes()
+        self.auth.verified_tokens = 2
+        tokens = [self.auth.mint_token(Principal(f"c{i}", "agent", frozenset(["x"])), 60)
+                  for i in range(3)]
+        for token in tokens:
+            self.auth.verify_token(token)
+        self.auth.verify_token(tokens[2])
+        self.auth.verify_token(tokens[0])  # the oldest was forgotten: decoded again
+        self.assertEqual(decoded, tokens + [tokens[0]])
+
+    def test_remembered_token_still_expires_and_is_revoked(self) -> None:
+        class Frozen:
+            now = 1_000_000.0
+
+            def time(self) -> float:
+                return self.now
+
+        clock = Frozen()
+        auth = Authority(SQLiteClientRegistry(self.db), b"k" * 32, token_lifetime=10,
+                         clock=clock)
+        client = result_of(self, auth.create_client("agent", ["x"]))
+        token = result_of(self, auth.issue_token(client["clientId"],
+                                                 client["clientSecret"]))["access_token"]
+        auth.verify_token(token)
+        auth.verify_token(token)
+        clock.now += 16
+        e = self.assertRaises(FHIRError, auth.verify_token, token)
+        self.assertEqual(e.message, "Access token expired")
+        other = result_of(self, auth.create_client("agent", ["y"]))
+        token = result_of(self, auth.issue_token(other["clientId"],
+                                                 other["clientSecret"]))["access_token"]
+        auth.verify_token(token)
+        result_of(self, auth.revoke_client(other["clientId"]))
+        e = self.assertRaises(FHIRError, auth.verify_token, token)
+        self.assertEqual(e.message, "Access token revoked")
+
+    def test_remembered_token_of_a_retired_key_refused(self) -> None:
+        self.auth.set_keys({"old": b"o" * 32, "new": b"n" * 32}, "old")
+        token = self.auth.mint_token(Principal("c1", "agent", frozenset(["x"])), 60)
+        self.auth.verify_token(token)
+        self.auth.set_keys({"new": b"n" * 32}, "new")
+        e = self.assertRaises(FHIRError, self.auth.verify_token, token)
+        self.assertEqual(e.status, 401)
 
     def test_revoked(self) -> None:
         client = result_of(self, self.auth.create_client("admin"))

@@ -127,7 +127,7 @@ class KeyRing(SynchronousTestCase):
         a.set_keys({"k2": b"2" * 32}, "k2")  # k1 retired
         with self.assertRaises(FHIRError):
             a.verify_token(token)
-        self.patch(auth, "VERIFIED_CACHE", 3)
+        a.verified_tokens = 3
         for _ in range(5):
             a.verify_token(a.mint_token(_principal(), 60))
         self.assertEqual(len(a._verified), 3)

@@ -224,8 +224,10 @@ _DUMMY_SALT = secrets.token_bytes(16)
 _DUMMY_HASH = _hash(_DUMMY_SALT, secrets.token_urlsafe(32))
 
 
-#: tokens whose signature check L{Authority} remembers, at most
-VERIFIED_CACHE = 10_000
+#: tokens whose signature check L{Authority} remembers, at most: an agent sends its token on
+#: every heartbeat and reconnect, and a fleet of ten thousand would otherwise cost the relay a
+#: signature check per heartbeat
+VERIFIED_TOKENS = 16_384
 
 #: the ``kid`` of the data folder's C{token.key} (one node; imported into a cluster's ring)
 FILE_KID = "token.key"
@@ -266,6 +268,7 @@ class Authority:
         self._signing_kid = FILE_KID
         #: token text → claims, for tokens whose signature checked out (L{_signed_claims})
         self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.verified_tokens = VERIFIED_TOKENS
         self._lifetime = token_lifetime
         #: no token living longer than this is accepted, whoever signed it
         self.max_lifetime = max(1, int(token_lifetime))
@@ -542,7 +545,7 @@ class Authority:
     def _signed_claims(self, token: str) -> dict[str, Any]:
         """
         The claims of a token whose signature (by a key of the ring) and issuer check out,
-        or 401.  Kept for L{VERIFIED_CACHE} tokens, by their exact text: decoding is most of
+        or 401.  Kept for L{VERIFIED_TOKENS} tokens, by their exact text: decoding is most of
         a request's cost (PyJWT checks every character in Python), and a client sends the
         same token for its whole life.  What changes with time (expiry, revocation) is
         checked by L{verify_token} at every call; a new key ring empties the cache.
@@ -564,7 +567,7 @@ class Authority:
         except jwt.InvalidTokenError:
             raise unauthorized("Invalid access token")
         self._verified[token] = claims
-        while len(self._verified) > VERIFIED_CACHE:
+        while len(self._verified) > self.verified_tokens:
             self._verified.popitem(last=False)
         return claims
 

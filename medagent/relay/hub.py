@@ -9,8 +9,9 @@ journal and go back to it: the hub moves them through ``queued → sent → deli
 
 from __future__ import annotations
 
+import random
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import attr
@@ -90,6 +91,12 @@ STATUS_TIMEOUT = 3.0
 #: renews it: a node that died gives its agents up within this time.
 SESSION_LEASE = 20.0
 
+#: Seconds an agent's C{Agent} resource, read for its connect, answers later connects of it
+#: without a read (a write on this node forgets it at once; one on another node of a cluster
+#: is seen within this time), and how many are kept.
+AGENT_CACHE_TTL = 60.0
+AGENT_CACHE_SIZE = 100_000
+
 #: Seconds a new socket has to authenticate with a valid ``agent:connect:request``.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: Frames a socket may send before it has authenticated (a real agent needs one or two).
@@ -118,6 +125,8 @@ class Session:
         self.version: str | None = None
         self.outstanding_heartbeats = 0
         self.heartbeat: LoopingCall | None = None
+        #: starts C{heartbeat} at this session's phase (see L{Hub.heartbeat_phase})
+        self.heartbeat_start: Any = None
         #: pushes written to this socket and not yet answered, by push id
         self.in_flight: dict[str, Push] = {}
         self.replaying = False
@@ -206,6 +215,7 @@ class Hub:
         retry_cap: float = 30.0,
         inbound: InboundHandler = _no_inbound,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        heartbeat_phase: Callable[[], float] = random.random,
     ) -> None:
         self.clock = clock
         self.authority = authority
@@ -213,6 +223,9 @@ class Hub:
         self.journal = journal
         self.heartbeat_interval = heartbeat_interval
         self.max_missed_heartbeats = max_missed_heartbeats
+        #: a session's first heartbeat comes after (0.5 + 0.5 × this, in [0, 1)) intervals:
+        #: sessions accepted in one tick (a connect storm) do not all beat in one tick ever after
+        self.heartbeat_phase = heartbeat_phase
         self.max_message_size = max_message_size
         self.request_timeout = request_timeout
         #: pushes on an agent's wire without a final answer, at most (pushes on lanes the
@@ -264,8 +277,76 @@ class Hub:
         #: called with (agent id, connected) when an agent's session starts or ends on this
         #: node (the console's live fleet page); see L{_session_changed}
         self.session_listeners: list[Callable[[str, bool], None]] = []
+        #: agent id -> (read at, its Agent resource): see L{AGENT_CACHE_TTL}
+        self._agents: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._agent_writes = 0
+        listeners = getattr(store, "listeners", None)
+        if listeners is not None:
+            listeners.append(self._resource_written)
 
     # -- connection lifecycle ----------------------------------------------------------
+
+    def _read_agent(self, agent_id: str) -> Deferred[dict[str, Any]]:
+        """The agent's C{Agent} resource, for its connect: a fleet reconnecting at once
+        (a relay restart, a storm of refused attempts) reads each one once a minute."""
+        cached = self._agents.get(agent_id)
+        now = self.clock.seconds()
+        if cached is not None and now - cached[0] < AGENT_CACHE_TTL:
+            return succeed(cached[1])
+        writes = self._agent_writes
+
+        def found(agent: dict[str, Any]) -> dict[str, Any]:
+            if writes != self._agent_writes:
+                return agent  # an Agent was written meanwhile: this read may be older
+            self._agents[agent_id] = (now, agent)
+            self._agents.move_to_end(agent_id)
+            while len(self._agents) > AGENT_CACHE_SIZE:
+                self._agents.popitem(last=False)
+            return agent
+
+        return self.store.read("Agent", agent_id).addCallback(found)
+
+    def warm_agent_cache(self, page: int = 1000) -> Deferred[int]:
+        """
+        At start, read the C{Agent} resources (up to L{AGENT_CACHE_SIZE}, a page per
+        database call) into the connect cache: the fleet that reconnects after a restart then
+        costs no read per agent.  Fires with how many were read; a failure only leaves the
+        cache cold.
+        """
+        now = self.clock.seconds()
+        writes = self._agent_writes
+        loaded = 0
+
+        def got(agents: list[dict[str, Any]], offset: int) -> Any:
+            nonlocal loaded
+            if writes != self._agent_writes:
+                return loaded  # an Agent was written meanwhile: the connects read it themselves
+            for agent in agents:
+                if isinstance(agent.get("id"), str) and agent["id"] not in self._agents:
+                    self._agents[agent["id"]] = (now, agent)
+            loaded += len(agents)
+            if len(agents) < page or offset + page >= AGENT_CACHE_SIZE:
+                return loaded
+            return read(offset + page)
+
+        def read(offset: int) -> Deferred[Any]:
+            return self.store.search("Agent", {"_count": [str(page)],
+                                               "_offset": [str(offset)]}).addCallback(
+                got, offset)
+
+        def failed(f: Failure) -> int:
+            log.warn("Could not read the agents ahead of their connects ({error})",
+                     error=f.getErrorMessage())
+            return loaded
+
+        return read(0).addErrback(failed)
+
+    def _resource_written(self, interaction: str, resource: dict[str, Any] | None,
+                          previous: dict[str, Any] | None) -> None:
+        for r in (resource, previous):
+            if r is not None and r.get("resourceType") == "Agent":
+                self._agent_writes += 1
+                self._agents.pop(str(r.get("id")), None)
 
     def connection_made(self, conn: AgentConnection) -> Session:
         session = Session(conn)
@@ -291,6 +372,9 @@ class Hub:
     def connection_lost(self, session: Session, reason: str = "closed") -> None:
         session.closed = True
         self._cancel_connect_deadline(session)
+        if session.heartbeat_start is not None and session.heartbeat_start.active():
+            session.heartbeat_start.cancel()
+        session.heartbeat_start = None
         if session.heartbeat is not None and session.heartbeat.running:
             session.heartbeat.stop()
         if session.ready_call is not None and session.ready_call.active():
@@ -512,7 +596,9 @@ class Hub:
             if first:
                 session.heartbeat = LoopingCall(self._heartbeat, session)
                 session.heartbeat.clock = self.clock
-                session.heartbeat.start(self.heartbeat_interval, now=False)
+                phase = (0.5 + 0.5 * self.heartbeat_phase()) * self.heartbeat_interval
+                session.heartbeat_start = self.clock.callLater(
+                    phase, session.heartbeat.start, self.heartbeat_interval, True)
             if session.ready or session.ready_call is not None:
                 return  # a repeated connect request on a live session
             if wire.CAP_DURABLE in session.capabilities:
@@ -529,7 +615,7 @@ class Hub:
             text = f.value.message if isinstance(f.value, FHIRError) else "Agent lookup failed"
             session.conn.send_message(wire.error(text, callback))
 
-        self.store.read("Agent", agent_id).addCallbacks(found, missing)
+        self._read_agent(agent_id).addCallbacks(found, missing)
 
     def _claim(self, session: Session, agent_id: str, callback: Any,
                accept: Callable[[], None]) -> None:
@@ -783,7 +869,8 @@ class Hub:
         session.ready = True
         first = not session.ever_ready
         session.ever_ready = True
-        log.info("Agent/{agent_id} takes pushes ({why})", agent_id=session.agent_id, why=why)
+        # debug: with "connected" a second line per connect, and a fleet reconnects at once
+        log.debug("Agent/{agent_id} takes pushes ({why})", agent_id=session.agent_id, why=why)
         if first or not session.scanned:
             self._replay(session)
         else:

@@ -52,6 +52,7 @@ from medagent.relay.webhooks import WebhookPolicy
 from medagent.relay.web import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, Api, RelaySite, Root
 from medagent.relay.ws import (
     DEFAULT_MAX_PENDING,
+    AcceptGate,
     DEFAULT_MAX_PENDING_PER_PEER,
     websocket_resource,
 )
@@ -347,6 +348,7 @@ class _HubService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self.hub.warm_agent_cache()
         if self.hub.agent_sessions is not None:
             self.renewal = LoopingCall(self.hub.renew_sessions)
             self.renewal.clock = self.hub.clock
@@ -540,8 +542,11 @@ class RelayService(service.MultiService):
         bots_service = BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post],
                                    reactor=reactor)
         bots_service.setServiceParent(self)
+        #: pauses the listeners while max_pending_agents sockets wait to authenticate
+        self.accept_gate = AcceptGate(reactor, high=max_pending_agents)
         ws = websocket_resource(reactor, self.hub, max_pending=max_pending_agents,
-                                max_pending_per_peer=max_pending_agents_per_peer)
+                                max_pending_per_peer=max_pending_agents_per_peer,
+                                gate=self.accept_gate)
         self.site = RelaySite(Root(self.api, ws),  # type: ignore[arg-type]  # autobahn's
                               # WebSocketResource provides IResource via zope, unseen by mypy
                               max_body=max_body,
@@ -562,6 +567,7 @@ class RelayService(service.MultiService):
                           for description in self.listen]
         for listener in self.listeners:
             listener.setServiceParent(self)
+            listener.on_bound.append(lambda bound: self.accept_gate.add_port(bound.port))
         if self.bots.base_url is None:
             # e.g. tcp:0: the first listener's address, once it has one
             self.listeners[0].on_bound.append(self._bot_url_from_listener)
@@ -623,6 +629,8 @@ class RelayService(service.MultiService):
             for ok, value in results:
                 if not ok:
                     log.failure("Stopping a relay service failed", value)
+            if group is listeners:
+                self.accept_gate.stop()
         try:
             if isinstance(self.db, _RelayDatabase):  # (PostgreSQL: its pool finishes its work)
                 await self.db.drain(self.reactor)
