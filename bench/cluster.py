@@ -37,12 +37,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import treq  # noqa: E402
-from twisted.internet import defer, reactor  # noqa: E402
+from twisted.internet import reactor  # noqa: E402
 from twisted.internet.task import deferLater  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
 from twisted.web.client import HTTPConnectionPool  # noqa: E402
 
-from bench.push_rtt import HL7, SINK, Bench, percentile, timed_loop  # noqa: E402
+from bench.push_rtt import (  # noqa: E402
+    HL7,
+    SINK,
+    Bench,
+    percentile,
+    print_result,
+    timed_loop,
+)
 from medagent.contenttypes import HL7_V2  # noqa: E402
 from tests.procs import LISTENING, TWISTD, free_port  # noqa: E402
 
@@ -268,21 +275,7 @@ def run() -> None:
     parser.add_argument("--waited", type=int, default=800)
     parser.add_argument("--agents", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args()
-    result: dict[str, Any] = {}
-
-    def done(value: Any) -> None:
-        if isinstance(value, dict):
-            result.update(value)
-        else:
-            print(value, file=sys.stderr)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(main(args)).addBoth(done))
-    reactor.run()
-    if not result:
-        sys.exit(1)
-    print(json.dumps(result))
+    print_result(main(parser.parse_args()))
 
 
 if __name__ == "__main__":

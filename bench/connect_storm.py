@@ -539,20 +539,9 @@ def run() -> None:
     if args.load:
         run_load(args)
         return
-    result: dict[str, Any] = {}
+    from bench.push_rtt import print_result
 
-    def done(value: Any) -> None:
-        if isinstance(value, dict):
-            result.update(value)
-        else:
-            print(value, file=sys.stderr)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(main(args)).addBoth(done))
-    reactor.run()
-    if not result:
-        sys.exit(1)
-    print(json.dumps(result))
+    print_result(main(args))
 
 
 if __name__ == "__main__":

@@ -254,17 +254,22 @@ def run() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--devices", type=int, default=16,
                         help="devices (MLLP sinks) the spread measurement uses")
-    args = parser.parse_args()
+    print_result(main(parser.parse_args()))
+
+
+def print_result(work: Any) -> None:
+    """Run the coroutine C{work} on the reactor; print its dict as the last line (JSON), or
+    its failure and exit 1 (what every bench script ends with)."""
     result: dict = {}
 
-    def done(value) -> None:
+    def done(value: Any) -> None:
         if isinstance(value, dict):
             result.update(value)
         else:
             print(value, file=sys.stderr)
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(main(args)).addBoth(done))
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(work).addBoth(done))
     reactor.run()
     if not result:
         sys.exit(1)

@@ -337,3 +337,24 @@ def check_not_repeated(conn: Any, mark: str, push: Push, since: float) -> None:
                                        push.control_id, push.body_hash, since)
         if earlier is not None:
             raise RepeatedPush(earlier, by_key=False)
+
+
+def agent_summary_rows(conn: Any, mark: str, since: float) -> dict[str, dict[str, Any]]:
+    """
+    In a transaction (either backend; C{mark} is its placeholder): per agent with open
+    pushes or failures, C{open} (queued, sent, accepted), C{oldestOpen} (creation time of the
+    oldest open one) and C{failedSince} (pushes that ended failed at or after C{since}).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    marks = ",".join([mark] * len(OPEN_STATES))
+    for row in conn.execute(
+            f"SELECT agent_id, count(*) AS n, min(created) AS t FROM pushes"
+            f" WHERE state IN ({marks}) GROUP BY agent_id", tuple(OPEN_STATES)):
+        out[row["agent_id"]] = {"open": row["n"], "oldestOpen": row["t"], "failedSince": 0}
+    for row in conn.execute(
+            f"SELECT agent_id, count(*) AS n FROM pushes WHERE state='failed'"
+            f" AND updated>={mark} GROUP BY agent_id", (since,)):
+        entry = out.setdefault(row["agent_id"], {"open": 0, "oldestOpen": None,
+                                                 "failedSince": 0})
+        entry["failedSince"] = row["n"]
+    return out

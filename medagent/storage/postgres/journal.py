@@ -24,6 +24,7 @@ from medagent.storage.journal import (
     QUEUED,
     STATES,
     Push,
+    agent_summary_rows,
     check_not_repeated,
     earlier_by_key,
     earlier_same_message,
@@ -294,24 +295,8 @@ class PgJournal:
 
     def agent_summaries(self, since: float) -> Deferred[dict[str, dict[str, Any]]]:
         """Per agent: open pushes, the oldest one's creation time, failures since C{since}
-        (the SQLite journal's docstring says more)."""
-
-        def txn(conn: Any) -> dict[str, dict[str, Any]]:
-            out: dict[str, dict[str, Any]] = {}
-            for row in conn.execute(
-                    "SELECT agent_id, count(*) AS n, min(created) AS t FROM pushes"
-                    " WHERE state = ANY(%s) GROUP BY agent_id", (list(OPEN_STATES),)):
-                out[row["agent_id"]] = {"open": row["n"], "oldestOpen": row["t"],
-                                        "failedSince": 0}
-            for row in conn.execute(
-                    "SELECT agent_id, count(*) AS n FROM pushes WHERE state='failed'"
-                    " AND updated>=%s GROUP BY agent_id", (since,)):
-                entry = out.setdefault(row["agent_id"], {"open": 0, "oldestOpen": None,
-                                                         "failedSince": 0})
-                entry["failedSince"] = row["n"]
-            return out
-
-        return self._db.run(txn)
+        (L{medagent.storage.journal.agent_summary_rows})."""
+        return self._db.run(agent_summary_rows, "%s", since)
 
     def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
         """One entry per device URL of the agent's pushes (L{lane_summary})."""

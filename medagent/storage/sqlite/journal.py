@@ -29,6 +29,7 @@ from medagent.storage.journal import (
     QUEUED,
     STATES,
     Push,
+    agent_summary_rows,
     check_not_repeated,
     earlier_by_key,
     earlier_same_message,
@@ -518,32 +519,9 @@ class SQLiteJournal:
         return self._db.run(txn)
 
     def agent_summaries(self, since: float) -> Deferred[dict[str, dict[str, Any]]]:
-        """
-        Per agent with open pushes or failures: C{open} (queued, sent, accepted), C{oldestOpen}
-        (creation time of the oldest open one) and C{failedSince} (pushes that ended failed
-        at or after C{since}).  Both read indexes (open states by agent; state and time).
-        """
-        opens = tuple(OPEN_STATES)
-        marks = ",".join("?" * len(opens))
-
-        def txn(conn: Any) -> dict[str, dict[str, Any]]:
-            out: dict[str, dict[str, Any]] = {}
-            for row in conn.execute(
-                f"SELECT agent_id, count(*) AS n, min(created) AS t FROM pushes"
-                f" WHERE state IN ({marks}) GROUP BY agent_id", opens,
-            ):
-                out[row["agent_id"]] = {"open": row["n"], "oldestOpen": row["t"],
-                                        "failedSince": 0}
-            for row in conn.execute(
-                "SELECT agent_id, count(*) AS n FROM pushes WHERE state='failed'"
-                " AND updated>=? GROUP BY agent_id", (since,),
-            ):
-                entry = out.setdefault(row["agent_id"], {"open": 0, "oldestOpen": None,
-                                                         "failedSince": 0})
-                entry["failedSince"] = row["n"]
-            return out
-
-        return self._db.run(txn)
+        """Per agent: open pushes, the oldest one's creation time, failures since C{since}
+        (L{medagent.storage.journal.agent_summary_rows})."""
+        return self._db.run(agent_summary_rows, "?", since)
 
     def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
         """
