@@ -1012,13 +1012,7 @@ class Hub:
         session.in_flight[push.id] = (
             push if push.id in self._pending_pushes else attr.evolve(push, body=""))
         lane.in_flight.add(push.id)
-        log.debug(
-            "Push {push_id} sent to Agent/{agent_id} ({size} bytes, {content_type})",
-            push_id=push.id,
-            agent_id=push.agent_id,
-            size=len(push.body),
-            content_type=push.content_type,
-        )
+        # (no line per push sent: twistd writes debug lines too; the counters say it)
 
     def _untrack(self, session: Session, push_id: str) -> tuple[Push | None, _Lane | None]:
         """Forget an in-flight push (its answer came); returns it and its lane."""
@@ -1229,15 +1223,12 @@ class Hub:
         self._pending_pushes.pop(push.id, None)
         for d in self._waiters.pop(push.id, []):
             d.callback(push)
-        # a delivery is counted (metrics), not logged at info: one line per message is the
-        # hot path's cost; what went wrong is always a line
-        (log.debug if state == j.DELIVERED else log.info)(
-            "Push {push_id} to Agent/{agent_id} {state}{why}",
-            push_id=push.id,
-            agent_id=push.agent_id,
-            state=state,
-            why=f": {wire.clip(error)}" if error else "",
-        )
+        # a delivery is counted (medagent_relay_pushes_total), not logged: a line per message
+        # is the hot path's cost (twistd writes debug lines too); what went wrong is a line
+        if state != j.DELIVERED:
+            log.info("Push {push_id} to Agent/{agent_id} {state}{why}", push_id=push.id,
+                     agent_id=push.agent_id, state=state,
+                     why=f": {wire.clip(error)}" if error else "")
         return d
 
     def _record(self, push: Push, state: str, **kw: Any) -> Deferred[Push]:
