@@ -162,7 +162,8 @@ async def main(args: argparse.Namespace) -> dict:
         agent = bench.spawn("agent", ["-c", TWISTD, "-n", "--pidfile=", "medagent-agent",
                                       "--relay", base, "--client-id", creds["clientId"],
                                       "--client-secret", creds["clientSecret"],
-                                      "--agent-id", agent_id])
+                                      "--agent-id", agent_id,
+                                      "--data", os.path.join(data, "agent")])
         await agent.wait_for("Connected to the relay", timeout=30)
         destination = f"mllp://127.0.0.1:{sink_port}"
         run_id = os.urandom(3).hex()

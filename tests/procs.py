@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal as signals
 import socket
 import sys
@@ -244,6 +245,16 @@ async def relay_with_admin_args(testcase: Any, extra: list[str]) -> tuple[RelayF
 
 def agent_process(testcase: Any, relay_url: str, creds: dict[str, Any], agent_id: str,
                   extra: list[str] = ()) -> Proc:
+    """
+    A real agent process.  Without a C{--data} in C{extra} it gets a folder of its own: the
+    agent's default (C{./agent-data}, here the checkout) would be one durable queue shared by
+    every test and run, whose leftovers another test's agent would deliver.
+    """
+    extra = list(extra)
+    if not any(a == "--data" or a.startswith("--data=") for a in extra):
+        folder = tempfile.mkdtemp(prefix="medagent-test-agent-")
+        testcase.addCleanup(shutil.rmtree, folder, True)  # (after the process is stopped)
+        extra += ["--data", folder]
     return python(
         testcase, "agent",
         ["-c", TWISTD, "-n", "--pidfile=", "medagent-agent", "--relay", relay_url,
