@@ -732,7 +732,45 @@ class FakeStore:
         return d
 
 
+class FakeSummaries:
+    """The journal's per-agent summaries (what the queue alert reads)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def agent_summaries(self, since: float) -> Deferred[dict[str, dict[str, Any]]]:
+        from twisted.internet.defer import succeed
+
+        return succeed(dict(self.rows))
+
+
 class Alerts(SynchronousTestCase):
+    def test_a_stuck_queue_is_one_alert_cleared_when_it_moves(self) -> None:
+        clock = Clock()
+        clock.advance(10_000)
+        journal = FakeSummaries()
+        monitor = AlertMonitor(clock, FakeHub(), FakeStore([]), offline_after=None,
+                               journal=journal, queue_age_after=600, interval=15)
+        seen: list[tuple[str, str, bool]] = []
+        monitor.listeners.append(
+            lambda alert, raised: seen.append((alert.kind, alert.agent_id, raised)))
+        monitor.start()
+        journal.rows["a1"] = {"open": 40, "oldestOpen": clock.seconds(), "failedSince": 0}
+        journal.rows["a2"] = {"open": 0, "oldestOpen": None, "failedSince": 3}
+        for _ in range(39):  # 585 s: not yet
+            clock.advance(15)
+        self.assertEqual(seen, [])
+        for _ in range(20):  # past 600 s, checked many times, 40 pushes waiting: one alert
+            clock.advance(15)
+        self.assertEqual(seen, [("queue-age", "a1", True)])
+        self.assertEqual(monitor.active[("queue-age", "a1")].text(),
+                         "Agent/a1: pushes waiting too long")
+        journal.rows["a1"] = {"open": 2, "oldestOpen": clock.seconds() - 5, "failedSince": 0}
+        clock.advance(15)  # the stuck ones went; the two waiting are young
+        self.assertEqual(seen, [("queue-age", "a1", True), ("queue-age", "a1", False)])
+        self.assertEqual(monitor.active, {})
+        monitor.stop()
+
     def test_offline_alert_is_raised_once_and_cleared(self) -> None:
         clock = Clock()
         clock.advance(1000)

@@ -37,6 +37,7 @@ from medagent.relay.channels import ChannelRouter
 from medagent.relay.cluster import CLUSTER_POLL, ClusterLink
 from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
                                     DEFAULT_OFFLINE_MINUTES as DEFAULT_ALERT_OFFLINE_MINUTES,
+                                    DEFAULT_QUEUE_MINUTES as DEFAULT_ALERT_QUEUE_MINUTES,
                                     Console, EventBroker, ObservedJournal)
 from medagent.relay.console.alerts import KINDS as ALERT_KINDS
 from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
@@ -454,6 +455,7 @@ class RelayService(service.MultiService):
         access_log: bool = False,
         console_idle: float = DEFAULT_CONSOLE_IDLE,
         alert_offline_minutes: float = DEFAULT_ALERT_OFFLINE_MINUTES,
+        alert_queue_minutes: float = DEFAULT_ALERT_QUEUE_MINUTES,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -558,7 +560,8 @@ class RelayService(service.MultiService):
         self.console = Console(reactor, self.authority, self.store, self.journal, self.hub,
                                self.pushes, self.console_events, base_url=base_url,
                                throttle=self.api.login_throttle, idle=console_idle,
-                               alert_offline=alert_offline_minutes * 60)
+                               alert_offline=alert_offline_minutes * 60,
+                               alert_queue_age=alert_queue_minutes * 60)
         self.api.routes["console"] = self.console.resource
         self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,

@@ -106,8 +106,11 @@ class Options(usage.Options):
         ["console-idle-minutes", None, relay_service.DEFAULT_CONSOLE_IDLE / 60,
          "Minutes a console sign-in lasts without use", number(float, 1, 24 * 60, " minutes")],
         ["alert-offline-minutes", None, relay_service.DEFAULT_ALERT_OFFLINE_MINUTES,
-         "Console alert: an agent offline longer than this many minutes (0: no alerts)",
+         "Console alert: an agent offline longer than this many minutes (0: no such alerts)",
          number(float, 0, 7 * 24 * 60, " minutes")],
+        ["alert-queue-minutes", None, relay_service.DEFAULT_ALERT_QUEUE_MINUTES,
+         "Console alert: an agent's oldest open push waiting longer than this many minutes "
+         "(0: no such alerts)", number(float, 0, 7 * 24 * 60, " minutes")],
         *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
@@ -178,6 +181,7 @@ class Options(usage.Options):
             "access_log": bool(self["access-log"]),
             "console_idle": self["console-idle-minutes"] * 60,
             "alert_offline_minutes": self["alert-offline-minutes"],
+            "alert_queue_minutes": self["alert-queue-minutes"],
         }
 
 

@@ -23,7 +23,12 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from medagent.relay.auth import Authority, Principal
-from medagent.relay.console.alerts import DEFAULT_OFFLINE_MINUTES, Alert, AlertMonitor
+from medagent.relay.console.alerts import (
+    DEFAULT_OFFLINE_MINUTES,
+    DEFAULT_QUEUE_MINUTES,
+    Alert,
+    AlertMonitor,
+)
 from medagent.relay.console.events import EventBroker, ObservedJournal
 from medagent.relay.console.resource import (MAX_AGENTS, ConsoleResource, audit_event,
                                              own_origin)
@@ -32,7 +37,7 @@ from medagent.relay.limits import LoginThrottle
 from medagent.storage.journal import Push
 
 __all__ = ["Console", "EventBroker", "ObservedJournal", "DEFAULT_IDLE",
-           "DEFAULT_OFFLINE_MINUTES"]
+           "DEFAULT_OFFLINE_MINUTES", "DEFAULT_QUEUE_MINUTES"]
 
 log = Logger()
 
@@ -46,7 +51,8 @@ class Console:
     def __init__(self, clock: Any, authority: Authority, store: Any, journal: Any, hub: Any,
                  pushes: Any, broker: EventBroker, *, base_url: str | None = None,
                  throttle: LoginThrottle | None = None, idle: float = DEFAULT_IDLE,
-                 alert_offline: float | None = DEFAULT_OFFLINE_MINUTES * 60) -> None:
+                 alert_offline: float | None = DEFAULT_OFFLINE_MINUTES * 60,
+                 alert_queue_age: float | None = None) -> None:
         self.clock = clock
         self.authority = authority
         self.store = store
@@ -57,8 +63,9 @@ class Console:
         self.base_url = base_url
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
         self.sessions = SessionStore(clock, idle=idle)
-        self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline) \
-            if alert_offline else None
+        self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline,
+                                   journal=journal, queue_age_after=alert_queue_age) \
+            if alert_offline or alert_queue_age else None
         self.resource = ConsoleResource(self)
         authority.revocation_listeners.append(self.sessions.drop_client)
         hub.session_listeners.append(self._agent_changed)

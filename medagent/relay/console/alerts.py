@@ -1,7 +1,9 @@
 """
 Console alerts: one per condition, raised once when it starts and cleared when it ends (no
-alert per retry or per check).  Today's condition: an agent offline longer than
-C{offline_after} seconds (``--alert-offline-minutes`` on the relay).
+alert per retry or per check).  The conditions: an agent offline longer than
+C{offline_after} seconds (``--alert-offline-minutes`` on the relay), and an agent whose
+oldest open push has waited longer than C{queue_age_after} seconds
+(``--alert-queue-minutes``): a stuck queue, one alert however many pushes wait in it.
 
 Checked every C{interval} seconds (default 15, or a quarter of a shorter threshold) on the
 injected clock.  An agent that never connected
@@ -22,9 +24,11 @@ from twisted.logger import Logger
 log = Logger()
 
 AGENT_OFFLINE = "agent-offline"
+QUEUE_AGE = "queue-age"
 #: every kind of alert (the metrics list each, 0 included)
-KINDS = (AGENT_OFFLINE,)
+KINDS = (AGENT_OFFLINE, QUEUE_AGE)
 DEFAULT_OFFLINE_MINUTES = 5.0
+DEFAULT_QUEUE_MINUTES = 15.0
 DEFAULT_INTERVAL = 15.0
 #: cleared alerts kept for the page
 HISTORY = 200
@@ -45,21 +49,28 @@ class Alert:
         return (self.kind, self.agent_id)
 
     def text(self) -> str:
+        if self.kind == QUEUE_AGE:
+            return f"Agent/{self.agent_id}: pushes waiting too long"
         return f"Agent/{self.agent_id} offline"
 
 
 class AlertMonitor:
     def __init__(self, clock: Any, hub: Any, store: Any, *,
-                 offline_after: float = DEFAULT_OFFLINE_MINUTES * 60,
+                 offline_after: float | None = DEFAULT_OFFLINE_MINUTES * 60,
+                 journal: Any = None, queue_age_after: float | None = None,
                  interval: float | None = None) -> None:
+        thresholds = [t for t in (offline_after, queue_age_after) if t]
         if interval is None:  # a short threshold is checked more often (at most each second)
-            interval = min(DEFAULT_INTERVAL, max(1.0, offline_after / 4))
-        if offline_after <= 0 or interval <= 0:
-            raise ValueError("alert thresholds must be positive")
+            interval = min(DEFAULT_INTERVAL, max(1.0, min(thresholds or [60.0]) / 4))
+        if not thresholds or any(t < 0 for t in (offline_after or 0, queue_age_after or 0)) \
+                or interval <= 0 or (queue_age_after and journal is None):
+            raise ValueError("alert thresholds must be positive (a queue alert needs a journal)")
         self.clock = clock
         self.hub = hub
         self.store = store
         self.offline_after = offline_after
+        self.journal = journal
+        self.queue_age_after = queue_age_after
         self.interval = interval
         #: when the checks started (set by L{start}: a constructor reads no clock)
         self.started: float | None = None
@@ -100,6 +111,34 @@ class AlertMonitor:
         return (await sessions.holder(agent_id)) is not None
 
     async def _check(self) -> None:
+        if self.offline_after:
+            await self._check_offline()
+        if self.queue_age_after:
+            await self._check_queues()
+
+    async def _check_queues(self) -> None:
+        """An agent's oldest open push waiting longer than C{queue_age_after}: one alert,
+        cleared once it is no longer so (delivered, failed, cancelled or expired)."""
+        assert self.queue_age_after is not None
+        now = self.clock.seconds()
+        summaries = await self.journal.agent_summaries(now - 3600)
+        stuck = {agent_id for agent_id, s in list(summaries.items())[:MAX_AGENTS]
+                 if s.get("oldestOpen") is not None
+                 and now - float(s["oldestOpen"]) >= self.queue_age_after}
+        for agent_id in sorted(stuck):
+            key = (QUEUE_AGE, agent_id)
+            if key not in self.active:
+                oldest = float(summaries[agent_id]["oldestOpen"])
+                alert = Alert(QUEUE_AGE, agent_id, oldest, now)
+                self.active[key] = alert
+                log.warn("Alert: Agent/{agent_id} has pushes waiting {minutes:.1f} min",
+                         agent_id=agent_id, minutes=(now - oldest) / 60)
+                self._tell(alert, True)
+        for key in [k for k in self.active if k[0] == QUEUE_AGE and k[1] not in stuck]:
+            self._clear(key, now)
+
+    async def _check_offline(self) -> None:
+        assert self.offline_after is not None
         agents = await self.store.search("Agent", {"_count": [str(MAX_AGENTS)]})
         now = self.clock.seconds()
         started = self.started if self.started is not None else now
@@ -125,14 +164,14 @@ class AlertMonitor:
                 log.warn("Alert: Agent/{agent_id} offline for {minutes:.1f} min",
                          agent_id=agent_id, minutes=(now - since) / 60)
                 self._tell(alert, True)
-        for key in [k for k in self.active if k[1] not in seen]:
+        for key in [k for k in self.active if k[0] == AGENT_OFFLINE and k[1] not in seen]:
             self._clear(key, now)  # the agent was deleted
 
     def _clear(self, key: tuple[str, str], now: float) -> None:
         alert = self.active.pop(key)
         alert.cleared = now
         self.history.appendleft(alert)
-        log.info("Alert cleared: Agent/{agent_id} is back", agent_id=alert.agent_id)
+        log.info("Alert cleared: {what}", what=alert.text())
         self._tell(alert, False)
 
     def _tell(self, alert: Alert, raised: bool) -> None:
