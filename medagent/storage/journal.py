@@ -225,6 +225,25 @@ FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destinati
            ("accession", "accession"), ("resent_from", "resent_from"))
 
 
+def search_where(params: Any, mark: str) -> tuple[str, list[Any]]:
+    """The WHERE clause and arguments of a push search (L{FILTERS}, C{since}/C{until}) in a
+    backend's placeholder C{mark}."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for key, column in FILTERS:
+        if params.get(key):
+            clauses.append(f"{column}={mark}")
+            args.append(params[key])
+    since, until = time_bounds(params)
+    if since is not None:
+        clauses.append(f"created>={mark}")
+        args.append(since)
+    if until is not None:
+        clauses.append(f"created<{mark}")
+        args.append(until)
+    return " AND ".join(clauses) or "1=1", args
+
+
 def time_bounds(params: Any) -> tuple[float | None, float | None]:
     """C{since} and C{until} of a search (seconds since the epoch, as text), or None each;
     callers check them first (a bad value here reads as absent)."""

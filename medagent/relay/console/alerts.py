@@ -128,12 +128,8 @@ class AlertMonitor:
         for agent_id in sorted(stuck):
             key = (QUEUE_AGE, agent_id)
             if key not in self.active:
-                oldest = float(summaries[agent_id]["oldestOpen"])
-                alert = Alert(QUEUE_AGE, agent_id, oldest, now)
-                self.active[key] = alert
-                log.warn("Alert: Agent/{agent_id} has pushes waiting {minutes:.1f} min",
-                         agent_id=agent_id, minutes=(now - oldest) / 60)
-                self._tell(alert, True)
+                self._raise(Alert(QUEUE_AGE, agent_id, float(summaries[agent_id]["oldestOpen"]),
+                                  now))
         for key in [k for k in self.active if k[0] == QUEUE_AGE and k[1] not in stuck]:
             self._clear(key, now)
 
@@ -159,13 +155,15 @@ class AlertMonitor:
             last = status.get("lastUpdated")
             since = max(float(last), started) if isinstance(last, (int, float)) else started
             if now - since >= self.offline_after:
-                alert = Alert(AGENT_OFFLINE, agent_id, since, now)
-                self.active[key] = alert
-                log.warn("Alert: Agent/{agent_id} offline for {minutes:.1f} min",
-                         agent_id=agent_id, minutes=(now - since) / 60)
-                self._tell(alert, True)
+                self._raise(Alert(AGENT_OFFLINE, agent_id, since, now))
         for key in [k for k in self.active if k[0] == AGENT_OFFLINE and k[1] not in seen]:
             self._clear(key, now)  # the agent was deleted
+
+    def _raise(self, alert: Alert) -> None:
+        self.active[alert.key] = alert
+        log.warn("Alert: {what} (for {minutes:.1f} min)", what=alert.text(),
+                 minutes=(alert.raised - alert.since) / 60)
+        self._tell(alert, True)
 
     def _clear(self, key: tuple[str, str], now: float) -> None:
         alert = self.active.pop(key)

@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred
 from medagent.fhir import not_found
 from medagent.storage.journal import (
     EXPIRED,
-    FILTERS,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW,
     OPEN_STATES,
@@ -30,9 +29,9 @@ from medagent.storage.journal import (
     earlier_same_message,
     lane_summary,
     push_from_row,
+    search_where,
     timeline_text,
     write_scopes,
-    time_bounds,
 )
 from medagent.storage.postgres.database import PgDatabase
 
@@ -43,20 +42,7 @@ class _WallClock:
 
 
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
-    for key, column in FILTERS:
-        if params.get(key):
-            clauses.append(f"{column}=%s")
-            args.append(params[key])
-    since, until = time_bounds(params)
-    if since is not None:
-        clauses.append("created>=%s")
-        args.append(since)
-    if until is not None:
-        clauses.append("created<%s")
-        args.append(until)
-    return " AND ".join(clauses) or "true", args
+    return search_where(params, "%s")
 
 
 def _get(conn: Any, push_id: str) -> Push:

@@ -22,7 +22,6 @@ from medagent.hl7.message import HL7Error, normalise
 from medagent.hl7.message import control_id as hl7_control_id
 from medagent.storage.journal import (
     EXPIRED,
-    FILTERS,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW,
     OPEN_STATES,
@@ -36,8 +35,8 @@ from medagent.storage.journal import (
     lane_summary,
     message_hash,
     push_from_row,
+    search_where,
     timeline_text,
-    time_bounds,
 )
 from medagent.storage.sqlite.database import Database
 
@@ -107,20 +106,7 @@ _row_to_push = push_from_row
 
 
 def _where(params: Mapping[str, str]) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
-    for key, column in FILTERS:
-        if params.get(key):
-            clauses.append(f"{column}=?")
-            args.append(params[key])
-    since, until = time_bounds(params)
-    if since is not None:
-        clauses.append("created>=?")
-        args.append(since)
-    if until is not None:
-        clauses.append("created<?")
-        args.append(until)
-    return " AND ".join(clauses) or "1=1", args
+    return search_where(params, "?")
 
 
 class SQLiteJournal:
