@@ -589,6 +589,37 @@ class DeliveryQueueContract:
         self.assertEqual([d.id for d in await self.queue.list()], ["d3"])
 
 
+class LanePausesContract:
+    """L{LanePauses}: one record per (agent, lane), kept until resumed; listed in order."""
+
+    def make_pauses(self) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.pauses = self.make_pauses()
+
+    async def test_pause_resume_list(self) -> None:
+        self.assertEqual(await self.pauses.list(), [])
+        self.assertTrue(await self.pauses.pause("a2", "mllp://lab:2575", "op1", 10.0))
+        self.assertTrue(await self.pauses.pause("a1", "mllp://lis:2575", "op1", 11.0))
+        self.assertTrue(await self.pauses.pause("a1", "dicom://PACS@pacs:104", "admin", 12.5))
+        # paused already: the first record (who, since) is kept
+        self.assertFalse(await self.pauses.pause("a1", "mllp://lis:2575", "op2", 13.0))
+        self.assertEqual(await self.pauses.list("a1"), [
+            {"agent": "a1", "lane": "dicom://PACS@pacs:104", "by": "admin", "since": 12.5},
+            {"agent": "a1", "lane": "mllp://lis:2575", "by": "op1", "since": 11.0}])
+        self.assertEqual([(p["agent"], p["lane"]) for p in await self.pauses.list()], [
+            ("a1", "dicom://PACS@pacs:104"), ("a1", "mllp://lis:2575"),
+            ("a2", "mllp://lab:2575")])
+        self.assertEqual(len(await self.pauses.list(limit=2)), 2)
+        self.assertTrue(await self.pauses.resume("a1", "mllp://lis:2575"))
+        self.assertFalse(await self.pauses.resume("a1", "mllp://lis:2575"))
+        self.assertFalse(await self.pauses.resume("a3", "mllp://lab:2575"))
+        self.assertEqual([p["lane"] for p in await self.pauses.list("a1")],
+                         ["dicom://PACS@pacs:104"])
+        self.assertEqual([p["agent"] for p in await self.pauses.list("a2")], ["a2"])
+
+
 # -- the agent's queues --------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from medagent.storage.postgres import (
     PgDatabase,
     PgDeliveryQueue,
     PgJournal,
+    PgLanePauses,
     PgStore,
 )
 from medagent.storage.sqlite.database import DatabaseStopped
@@ -36,6 +37,7 @@ from tests.peerenv import ROOT
 from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
+    LanePausesContract,
     PushJournalContract,
     ResourceStoreContract,
     _client,
@@ -105,6 +107,9 @@ class _Pg:
     def make_registry(self) -> PgClientRegistry:
         return PgClientRegistry(self.database())
 
+    def make_pauses(self) -> PgLanePauses:
+        return PgLanePauses(self.database())
+
 
 class PgResourceStoreTests(_Pg, ResourceStoreContract, TestCase):
     pass
@@ -119,6 +124,10 @@ class PgClientRegistryTests(_Pg, ClientRegistryContract, TestCase):
 
 
 class PgDeliveryQueueTests(_Pg, DeliveryQueueContract, TestCase):
+    pass
+
+
+class PgLanePausesTests(_Pg, LanePausesContract, TestCase):
     pass
 
 
@@ -456,7 +465,7 @@ class PgConsoleMigration(TestCase):
             old.stop()
             db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
             self.addCleanup(db.stop)
-            self.assertEqual(await deferToThread(db.migrate_sync), 5)
+            self.assertEqual(await deferToThread(db.migrate_sync), MIGRATIONS[-1][0])
             await db.start()
             journal = PgJournal(db)
             push = await journal.get("p1")

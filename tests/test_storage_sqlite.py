@@ -21,6 +21,7 @@ from medagent.storage.sqlite import (
     SQLiteClientRegistry,
     SQLiteDeliveryQueue,
     SQLiteJournal,
+    SQLiteLanePauses,
     SQLiteStore,
 )
 from tests.fakes import InlineReactor, InlineThreadPool, inline_database
@@ -30,6 +31,7 @@ from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
     InboxStoreContract,
+    LanePausesContract,
     OutboxStoreContract,
     PushJournalContract,
     ResourceStoreContract,
@@ -87,6 +89,9 @@ class _Factories:
     def make_outbox(self) -> SQLiteOutboxStore:
         return SQLiteOutboxStore(self.database())
 
+    def make_pauses(self) -> SQLiteLanePauses:
+        return SQLiteLanePauses(self.database())
+
 
 class InlineResourceStoreTests(_Inline, _Factories, ResourceStoreContract, TestCase):
     pass
@@ -133,6 +138,14 @@ class InlineOutboxStoreTests(_Inline, _Factories, OutboxStoreContract, TestCase)
 
 
 class ThreadedOutboxStoreTests(_Threaded, _Factories, OutboxStoreContract, TestCase):
+    pass
+
+
+class InlineLanePausesTests(_Inline, _Factories, LanePausesContract, TestCase):
+    pass
+
+
+class ThreadedLanePausesTests(_Threaded, _Factories, LanePausesContract, TestCase):
     pass
 
 

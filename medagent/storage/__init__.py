@@ -37,6 +37,8 @@ class Storage:
     journal: Any
     registry: Any
     deliveries: Any
+    #: the paused lanes (L{medagent.storage.interfaces.LanePauses})
+    pauses: Any = None
 
     def start(self) -> Any:
         """Start the database (PostgreSQL: also apply migrations; fires when ready)."""
@@ -67,8 +69,11 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
         )
 
         db = open_relay_database(reactor, data_dir, synchronous)
+        from medagent.storage.sqlite.pauses import SQLiteLanePauses
+
         return Storage("sqlite", db, SQLiteStore(db), SQLiteJournal(db),
-                       SQLiteClientRegistry(db), SQLiteDeliveryQueue(db))
+                       SQLiteClientRegistry(db), SQLiteDeliveryQueue(db),
+                       SQLiteLanePauses(db))
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("--database must be a postgresql:// URL (or empty for SQLite)")
     try:
@@ -96,5 +101,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
     from medagent.storage.postgres import open_relay_database as open_pg
 
     pg = open_pg(reactor, database_url)
+    from medagent.storage.postgres.pauses import PgLanePauses
+
     return Storage("postgresql", pg, PgStore(pg), PgJournal(pg), PgClientRegistry(pg),
-                   PgDeliveryQueue(pg))
+                   PgDeliveryQueue(pg), PgLanePauses(pg))

@@ -16,13 +16,14 @@ from medagent.storage.postgres.deliveries import PgDeliveryQueue
 from medagent.storage.postgres.journal import PgJournal
 from medagent.storage.postgres.keys import PgSigningKeys
 from medagent.storage.postgres.notices import PgNotices
+from medagent.storage.postgres.pauses import PgLanePauses
 from medagent.storage.postgres.schema import DATA_TABLES, MIGRATIONS
 from medagent.storage.postgres.sessions import PgAgentSessions
 from medagent.storage.postgres.store import PgStore, PgTransaction
 
 __all__ = ["DATA_TABLES", "MIGRATIONS", "PgAgentCalls", "PgAgentSessions", "PgClientRegistry",
-           "PgDatabase", "PgDeliveryQueue", "PgJournal", "PgNotices", "PgSigningKeys", "PgStore",
-           "PgTransaction", "open_relay_database"]
+           "PgDatabase", "PgDeliveryQueue", "PgJournal", "PgLanePauses", "PgNotices",
+           "PgSigningKeys", "PgStore", "PgTransaction", "open_relay_database"]
 
 
 def open_relay_database(reactor: Any, dsn: str, *, size: int = 4) -> PgDatabase:

@@ -156,9 +156,23 @@ CREATE INDEX pushes_accession ON pushes (accession, seq);
 CREATE INDEX pushes_state_updated ON pushes (state, updated);
 """
 
+#: Lanes an operator paused (L{medagent.storage.postgres.pauses}); 6 and 7 are other
+#: features' migrations.
+V8 = """
+CREATE TABLE IF NOT EXISTS lane_pauses (
+    agent_id TEXT NOT NULL,
+    lane TEXT COLLATE "C" NOT NULL,
+    paused_by TEXT NOT NULL,
+    since DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (agent_id, lane)
+);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5),
+                                                (8, V8))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
-               "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys")
+               "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys",
+               "lane_pauses")
