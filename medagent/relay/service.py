@@ -41,6 +41,7 @@ from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
                                     Console, EventBroker, ObservedJournal)
 from medagent.relay.console.alerts import KINDS as ALERT_KINDS
 from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
+from medagent.relay.lanes import LaneControl
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
@@ -65,6 +66,7 @@ from medagent.storage.sqlite import (
     SQLiteClientRegistry,
     SQLiteDeliveryQueue,
     SQLiteJournal,
+    SQLiteLanePauses,
     SQLiteStore,
     open_relay_database,  # noqa: F401 (the CLI's database, without a running relay)
 )
@@ -514,9 +516,14 @@ class RelayService(service.MultiService):
         _HubService(self.hub).setServiceParent(self)
         _Housekeeping(reactor, self.journal, retention_days * 86400).setServiceParent(self)
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)
+        # paused lanes (issue 12): in the shared storage, read by the node holding the agent
+        self.hub.lane_pauses = storage.pauses if storage is not None else \
+            SQLiteLanePauses(self.db)
+        self.lanes = LaneControl(self.hub, self.store, self.hub.lane_pauses, reactor)
         self.api = Api(self.authority, self.store, self.journal, self.hub, self.pushes,
                        base_url=base_url)
         self.api.database = self.db  # /readyz probes it
+        self.api.lanes = self.lanes
         self.api.login_throttle = LoginThrottle(
             reactor, max_failures_per_client=login_failures_per_client,
             max_failures_per_address=login_failures_per_address, window=login_failure_window)
