@@ -27,9 +27,10 @@ Lanes are keyed by the device (L{medagent.destination.lane_key}), not by the URL
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Mapping
 
 import attr
@@ -40,6 +41,7 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.agent.dispatch import Dispatcher
+from medagent.contenttypes import JSON
 from medagent.delivery import (
     BEFORE_WRITE,
     DeliveryError,
@@ -51,12 +53,83 @@ from medagent.delivery import (
     in_doubt,
 )
 from medagent.destination import DestinationError, lane_key, parse_destination
+from medagent.hl7.acking import ack_code
 from medagent.metrics import AgentMetrics
 from medagent.storage.sqlite.agent_queue import (  # noqa: F401 (DONE: one of the states)
     DELIVERING, DONE, QUEUED, SQLiteInbox)
 from medagent.storage.sqlite.database import Database
 
 log = Logger()
+
+#: ACK latencies kept per lane for its p50/p99 (a ring: the most recent ones)
+LATENCY_RING = 256
+#: recent errors kept per lane (kind and time, never text from the message or the device)
+ERROR_RING = 8
+#: lanes whose statistics are kept, at most (the least recently used forgotten first)
+MAX_LANE_STATS = 1000
+
+
+class LaneStats:
+    """
+    What an operator asks of a device lane besides its depth: the device's last answer (when,
+    and its code: MSA-1 for HL7, the DIMSE status for DICOM, else the status code), the ACK
+    latency's p50 and p99 over the last L{LATENCY_RING} answers, and the last few errors by
+    kind (the failure's phase: ``connect``, ``ack``..., or ``refused``) and time.  Bounded,
+    cheap to update (a deque append per answer); percentiles are computed when asked.
+    """
+
+    def __init__(self) -> None:
+        self.latencies: deque[float] = deque(maxlen=LATENCY_RING)
+        self.errors: deque[tuple[float, str]] = deque(maxlen=ERROR_RING)
+        self.last_ack: float | None = None
+        self.last_code: str | None = None
+
+    def answered(self, at: float, code: str | None, seconds: float | None) -> None:
+        self.last_ack = at
+        self.last_code = code
+        if seconds is not None and seconds >= 0:
+            self.latencies.append(seconds)
+
+    def failed(self, at: float, kind: str) -> None:
+        self.errors.append((at, kind))
+
+    def view(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        return {
+            "lastAck": self.last_ack,
+            "lastAckCode": self.last_code,
+            "ackP50Ms": _percentile_ms(ordered, 0.50),
+            "ackP99Ms": _percentile_ms(ordered, 0.99),
+            "ackSamples": len(ordered),
+            "recentErrors": [{"at": at, "kind": kind} for at, kind in reversed(self.errors)],
+        }
+
+
+def _percentile_ms(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank percentile C{q} of sorted seconds, in milliseconds."""
+    if not ordered:
+        return None
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return round(ordered[rank] * 1000, 1)
+
+
+def answer_code(reply: Reply) -> str:
+    """The short code of a device's answer: MSA-1 (HL7), the DIMSE status (DICOM), else
+    the status code.  Only the code is kept, never the answer's text."""
+    body = reply.body if isinstance(reply.body, str) else ""
+    if body.startswith("MSH"):
+        code = ack_code(body)
+        if code:
+            return code
+    if reply.content_type == JSON and body.startswith("{"):
+        try:
+            status = json.loads(body).get("status")
+        except (ValueError, AttributeError):
+            status = None
+        if isinstance(status, str) and len(status) <= 10:
+            return status
+    return str(int(reply.status_code))
+
 
 @attr.s(auto_attribs=True)
 class _Lane:
@@ -101,6 +174,9 @@ class DurableQueue:
                       "retries": 0, "inDoubt": 0}
         #: delivery counters and latency; a private registry unless the service sets one
         self.metrics = AgentMetrics()
+        #: per lane (by its name in L{snapshot}): answers, latency, recent errors; kept when
+        #: the lane empties, at most L{MAX_LANE_STATS}
+        self.lane_stats: OrderedDict[str, LaneStats] = OrderedDict()
         self._stopped = False
 
     @staticmethod
@@ -328,6 +404,7 @@ class DurableQueue:
                         (err.phase in RETRYABLE_PHASES or err.reply is not None) and \
                         row["attempts"] < _attempt_limit(row["remote"], err):
                     self.metrics.delivery(row["remote"], "retrying", seconds, err.phase)
+                    self._stats_of(key).failed(self.wall(), err.phase or "error")
                     self._retry_later(key, lane, row, err)
                     return
                 reason, transient = err.reason, err.transient
@@ -345,6 +422,9 @@ class DurableQueue:
                                     status=status, transient=transient, doubt=doubt)
             self.metrics.delivery(row["remote"], "failed", seconds,
                                   err.phase if isinstance(err, DeliveryError) else "internal")
+            self._stats_of(key).failed(
+                self.wall(), (err.phase or "error") if isinstance(err, DeliveryError)
+                else "internal")
             lane.failed += 1
             lane.last_error = reason
             self.stats["failed"] += 1
@@ -357,6 +437,10 @@ class DurableQueue:
                 delivery="delivered" if reply.delivered else "failed", detail=reply.detail)
             self.metrics.delivery(row["remote"], "delivered" if reply.delivered else "refused",
                                   seconds)
+            stats = self._stats_of(key)
+            stats.answered(self.wall(), answer_code(reply), seconds)
+            if not reply.delivered:
+                stats.failed(self.wall(), "refused")
             if reply.delivered:
                 lane.delivered += 1
                 self.stats["delivered"] += 1
@@ -497,23 +581,35 @@ class DurableQueue:
 
         return self.inbox.prune(cutoff)
 
+    def _stats_of(self, key: str) -> LaneStats:
+        name = _safe(key)
+        stats = self.lane_stats.get(name)
+        if stats is None:
+            stats = self.lane_stats[name] = LaneStats()
+            while len(self.lane_stats) > MAX_LANE_STATS:
+                self.lane_stats.popitem(last=False)
+        else:
+            self.lane_stats.move_to_end(name)
+        return stats
+
     def snapshot(self) -> dict[str, Any]:
-        """For ``$stats``: per lane depth, in flight, failures and the last error."""
-        return {
-            "queue": dict(self.stats),
-            "lanes": {
-                _safe(remote): {
-                    "waiting": len(lane.waiting),
-                    "inFlight": lane.busy,
-                    "retrying": lane.retry_call is not None,
-                    "consecutiveFailures": lane.failures,
-                    "delivered": lane.delivered,
-                    "failed": lane.failed,
-                    "lastError": lane.last_error,
-                }
-                for remote, lane in self.lanes.items()
-            },
+        """For ``$stats``: per lane with messages, depth, in flight, failures and the last
+        error (C{lanes}); per lane that had answers, L{LaneStats} (C{laneStats}: kept when
+        the lane empties)."""
+        lanes: dict[str, dict[str, Any]] = {
+            _safe(remote): {
+                "waiting": len(lane.waiting),
+                "inFlight": lane.busy,
+                "retrying": lane.retry_call is not None,
+                "consecutiveFailures": lane.failures,
+                "delivered": lane.delivered,
+                "failed": lane.failed,
+                "lastError": lane.last_error,
+            }
+            for remote, lane in self.lanes.items()
         }
+        return {"queue": dict(self.stats), "lanes": lanes,
+                "laneStats": {name: stats.view() for name, stats in self.lane_stats.items()}}
 
     def oldest_ages(self) -> Deferred[dict[str, float]]:
         now = self.wall()
