@@ -1462,6 +1462,8 @@ class Hub:
             "window": self.window,
             "laneWindow": self._lane_limit(session),
             "paused": sorted(_safe(k) for k in session.paused or ()),
+            #: our agent (reports lane statistics in agent:stats); Medplum's does not
+            "durable": session.ordered_lanes,
             "lanes": {
                 _safe(lane.key): {"inFlight": len(lane.in_flight),
                                   "holding": lane.next_seq is not None,

@@ -570,6 +570,7 @@ class RelayService(service.MultiService):
                                alert_offline=alert_offline_minutes * 60,
                                alert_queue_age=alert_queue_minutes * 60)
         self.api.routes["console"] = self.console.resource
+        self.console.lanes = self.lanes
         self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)

@@ -22,6 +22,8 @@ from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from medagent import wire
+from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority, Principal
 from medagent.relay.console.alerts import (
     DEFAULT_OFFLINE_MINUTES,
@@ -33,6 +35,7 @@ from medagent.relay.console.events import EventBroker, ObservedJournal
 from medagent.relay.console.resource import (MAX_AGENTS, ConsoleResource, audit_event,
                                              own_origin)
 from medagent.relay.console.sessions import DEFAULT_IDLE, SessionStore
+from medagent.relay.hub import STATUS_TIMEOUT
 from medagent.relay.limits import LoginThrottle
 from medagent.storage.journal import Push
 
@@ -66,6 +69,8 @@ class Console:
         self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline,
                                    journal=journal, queue_age_after=alert_queue_age) \
             if alert_offline or alert_queue_age else None
+        #: pauses and resumes lanes (L{medagent.relay.lanes.LaneControl}; set by the service)
+        self.lanes: Any = None
         self.resource = ConsoleResource(self)
         authority.revocation_listeners.append(self.sessions.drop_client)
         hub.session_listeners.append(self._agent_changed)
@@ -93,6 +98,12 @@ class Console:
             agents = await self.store.search("Agent", {"_count": [str(MAX_AGENTS)]})
         summaries = await self.journal.agent_summaries(self.now() - ERROR_WINDOW)
         rows = [self._row(agent, summaries.get(agent["id"], {})) for agent in agents]
+        if self.lanes is not None:
+            paused: dict[str, int] = {}
+            for pause in await self.lanes.paused():
+                paused[pause["agent"]] = paused.get(pause["agent"], 0) + 1
+            for row in rows:
+                row["paused"] = paused.get(row["id"], 0)
         sessions = getattr(self.hub, "agent_sessions", None)
         if sessions is not None:
             away = [r for r in rows if not r["connected"]]
@@ -120,6 +131,33 @@ class Console:
             row.update(version=status.get("version") if status.get("version") != "unknown"
                        else None)
         return row
+
+    async def lane_details(self, agent_id: str, connected: bool) -> dict[str, Any]:
+        """
+        What the agent page shows of each lane beyond the journal: the paused lanes, the
+        relay's view (pushes on the agent, retrying) and the agent's own lane statistics
+        (last ACK, latency, recent errors: C{None} from an agent that does not report them,
+        such as Medplum's, or did not answer within L{STATUS_TIMEOUT}).
+        """
+        paused = {p["lane"]: p for p in await self.lanes.paused(agent_id)} \
+            if self.lanes is not None else {}
+        details: dict[str, Any] = {"paused": paused, "relay": {}, "agent": None}
+        if not connected:
+            return details
+        snapshot = await self.hub.snapshot_anywhere(agent_id)
+        if snapshot is None:
+            return details
+        details["relay"] = snapshot.get("lanes") or {}
+        if snapshot.get("durable"):
+            try:
+                answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST},
+                                                STATUS_TIMEOUT)
+            except FHIRError:
+                return details
+            stats = answer.get("stats") if isinstance(answer, dict) else None
+            if isinstance(stats, dict) and isinstance(stats.get("laneStats"), dict):
+                details["agent"] = stats["laneStats"]
+        return details
 
     async def audit_payload_view(self, principal: Principal, push: Push, address: str
                                  ) -> None:
