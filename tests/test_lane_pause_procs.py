@@ -17,9 +17,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from tests import procs, test_faults
-from tests.test_faults import order
 
-HL7_V2 = "x-application/hl7-v2+er7"
 #: how long the test watches a paused lane for a push that should not come
 WATCH = 3.0
 
