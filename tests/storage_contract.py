@@ -437,6 +437,25 @@ class PushJournalContract:
                          (1, 0.0, j.FAILED, "AE from device"))
         self.assertEqual(await self.journal.lane_summaries("nobody"), [])
 
+    async def test_outcome_counts_since(self) -> None:
+        early = await self.journal.create(self.push())
+        await self.journal.transition(early, j.FAILED, error="x")
+        self.clock.advance(60)
+        for i, state in enumerate((j.DELIVERED, j.FAILED, j.DELIVERED, j.CANCELLED)):
+            push = await self.journal.create(self.push(body=f"MSH|{i}"))
+            await self.journal.transition(push, state)
+        other = await self.journal.create(self.push(agent="a2"))
+        await self.journal.transition(other, j.DELIVERED)
+        await self.journal.create(self.push(agent="a3"))  # still open: not counted
+        await self.journal.flushed()
+        since = self.clock.seconds() - 1
+        self.assertEqual(await self.journal.outcome_counts(since),
+                         {"a1": {"finished": 3, "failed": 1},
+                          "a2": {"finished": 1, "failed": 0}})
+        self.assertEqual(list(await self.journal.outcome_counts(since, limit=1)), ["a1"])
+        self.assertEqual((await self.journal.outcome_counts(since - 3600))["a1"],
+                         {"finished": 4, "failed": 2})
+
     async def test_counts_expire_and_prune(self) -> None:
         due = await self.journal.create(self.push(expires_at=self.clock.seconds() + 10))
         keep = await self.journal.create(self.push())

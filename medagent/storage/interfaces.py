@@ -220,6 +220,11 @@ class PushJournal(Protocol):
         C{failedSince} (pushes that became failed at or after C{since}).
         """
 
+    def outcome_counts(self, since: float, limit: int = 1000
+                       ) -> Deferred[dict[str, dict[str, int]]]:
+        """Per agent with pushes that ended delivered or failed at or after C{since}:
+        C{finished} (delivered and failed) and C{failed}; at most C{limit} agents."""
+
     def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
         """
         One entry per device URL the agent's pushes went to, by URL (at most 500):
