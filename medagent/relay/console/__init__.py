@@ -26,6 +26,8 @@ from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority, Principal
 from medagent.relay.console.alerts import (
+    DEFAULT_ERROR_MIN,
+    DEFAULT_ERROR_MINUTES,
     DEFAULT_OFFLINE_MINUTES,
     DEFAULT_QUEUE_MINUTES,
     Alert,
@@ -55,7 +57,9 @@ class Console:
                  pushes: Any, broker: EventBroker, *, base_url: str | None = None,
                  throttle: LoginThrottle | None = None, idle: float = DEFAULT_IDLE,
                  alert_offline: float | None = DEFAULT_OFFLINE_MINUTES * 60,
-                 alert_queue_age: float | None = None) -> None:
+                 alert_queue_age: float | None = None, alert_error_rate: float | None = None,
+                 alert_error_window: float = DEFAULT_ERROR_MINUTES * 60,
+                 alert_error_min: int = DEFAULT_ERROR_MIN) -> None:
         self.clock = clock
         self.authority = authority
         self.store = store
@@ -67,8 +71,11 @@ class Console:
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
         self.sessions = SessionStore(clock, idle=idle)
         self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline,
-                                   journal=journal, queue_age_after=alert_queue_age) \
-            if alert_offline or alert_queue_age else None
+                                   journal=journal, queue_age_after=alert_queue_age,
+                                   error_rate=alert_error_rate or None,
+                                   error_window=alert_error_window,
+                                   error_min=alert_error_min) \
+            if alert_offline or alert_queue_age or alert_error_rate else None
         #: pauses and resumes lanes (L{medagent.relay.lanes.LaneControl}; set by the service)
         self.lanes: Any = None
         self.resource = ConsoleResource(self)
