@@ -10,6 +10,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from medagent import wire
 from medagent.agent import queue as q
 from medagent.delivery import DeliveryError, Reply
 from tests.test_lanes import QueueBase
@@ -68,6 +69,20 @@ class LaneStatsQueueTests(QueueBase):
         self.assertEqual((lane["ackP50Ms"], lane["ackP99Ms"]), (250.0, 750.0))
         self.assertEqual([e["kind"] for e in lane["recentErrors"]], ["connect", "refused"])
         self.assertNotIn("bad PID", json.dumps(self.app.current_stats()))
+
+    def test_a_ping_is_not_an_ack(self) -> None:
+        self.push("p0")
+        self.clock.advance(0.25)
+        self.sender.calls[0][2].callback(Reply(ACK_AA))
+        self.app.frame_received(wire.encode({
+            "type": wire.TRANSMIT_REQUEST, "remote": "mllp://dev:1",
+            "contentType": "x-application/ping", "body": "PING",
+            "callback": "Agent/a1-ping1", "pushId": "ping1"}))
+        self.clock.advance(5)
+        self.assertEqual(len(self.answers()), 2)
+        lane = self.lane()
+        self.assertEqual((lane["lastAckCode"], lane["ackSamples"], lane["ackP99Ms"]),
+                         ("AA", 1, 250.0))
 
     def test_stats_outlive_an_empty_lane_and_are_bounded(self) -> None:
         self.push("p0")

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.agent.dispatch import Dispatcher
-from medagent.contenttypes import JSON
+from medagent.contenttypes import JSON, PING
 from medagent.delivery import (
     BEFORE_WRITE,
     DeliveryError,
@@ -437,10 +437,11 @@ class DurableQueue:
                 delivery="delivered" if reply.delivered else "failed", detail=reply.detail)
             self.metrics.delivery(row["remote"], "delivered" if reply.delivered else "refused",
                                   seconds)
-            stats = self._stats_of(key)
-            stats.answered(self.wall(), answer_code(reply), seconds)
-            if not reply.delivered:
-                stats.failed(self.wall(), "refused")
+            if row["content_type"] != PING:  # (a ping's answer is no ACK: not its latency)
+                stats = self._stats_of(key)
+                stats.answered(self.wall(), answer_code(reply), seconds)
+                if not reply.delivered:
+                    stats.failed(self.wall(), "refused")
             if reply.delivered:
                 lane.delivered += 1
                 self.stats["delivered"] += 1
