@@ -12,9 +12,10 @@ Never a payload or anything from a message: kinds, ids, device lanes and times o
 The monitor is never held up: a change is put on a bounded in-memory queue (L{MAX_QUEUE};
 when full, the oldest change waiting behind the one being tried is dropped and counted) and
 sent one at a time, each POST with a timeout; a failure (no answer, a refused connection, a
-non-2xx status) is retried with a doubling backoff on the injected clock, up to L{MAX_ATTEMPTS} attempts, then
-dropped, logged and counted.  Changes are sent in the order they happened.  The queue is not
-kept across a restart: the alert page (and the metrics) remain the record.
+non-2xx status) is retried with a doubling backoff on the injected clock, up to
+L{MAX_ATTEMPTS} attempts, then dropped, logged and counted.  Changes are sent in the order they
+happened.  The queue is not kept across a restart: the alert page (and the metrics) remain the
+record.
 """
 
 from __future__ import annotations
