@@ -198,3 +198,17 @@ class Rendering(SynchronousTestCase):
                                details=details).decode()
         self.assertIn("dicom://PACS@p:104", text)
         self.assertNotIn('name="resume"', text)
+
+    def test_alert_rules_listed(self) -> None:
+        from twisted.internet.task import Clock
+
+        from medagent.relay.console.alerts import AlertMonitor
+        from tests.test_alerts_lanes import FakeOutcomes
+        from tests.test_console import FakeHub, FakeStore
+
+        monitor = AlertMonitor(Clock(), FakeHub(), FakeStore([]), offline_after=300,
+                               journal=FakeOutcomes(), queue_age_after=900, error_rate=0.5)
+        text = html.alerts_page([], [], 300, monitor=monitor).decode()
+        self.assertIn("offline for more than 5m 0s", text)
+        self.assertIn("a device lane whose oldest push has waited more than 15m 0s", text)
+        self.assertIn("failed in 50% or more (at least 5 ended)", text)

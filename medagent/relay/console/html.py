@@ -478,8 +478,25 @@ def message_page(push: j.Push, *,
 # -- alerts ----------------------------------------------------------------------------------
 
 
+def alert_rules(monitor: Any) -> str:
+    """The conditions this relay's alert monitor watches, as a list (the page's intro)."""
+    rules = []
+    if getattr(monitor, "offline_after", None):
+        rules.append(f"an agent offline for more than {age(monitor.offline_after)}")
+    if getattr(monitor, "queue_age_after", None):
+        rules.append("a device lane whose oldest push has waited more than "
+                     f"{age(monitor.queue_age_after)}")
+    if getattr(monitor, "error_rate", None):
+        rules.append(f"an agent whose pushes that ended in the last "
+                     f"{age(monitor.error_window)} failed in {monitor.error_rate:.0%} or more "
+                     f"(at least {monitor.error_min} ended)")
+    items = "".join(f"<li>{h(r)}</li>" for r in rules)
+    return (f'<p>One alert for each of these, cleared when it ends:</p><ul id="alert-rules">'
+            f"{items}</ul>")
+
+
 def alerts_page(active: Sequence[Any], history: Sequence[Any], offline_after: float,
-                **layout: Any) -> bytes:
+                monitor: Any = None, **layout: Any) -> bytes:
     def row(alert: Any, cleared: bool) -> str:
         cells = (f'<td><a href="{PREFIX}/agent/{h(u(alert.agent_id))}">{h(alert.text())}</a>'
                  f"</td><td>{h(when(alert.since))}</td><td>{h(when(alert.raised))}</td>")
@@ -488,7 +505,8 @@ def alerts_page(active: Sequence[Any], history: Sequence[Any], offline_after: fl
         return f'<tr data-alert="{h(alert.agent_id)}">{cells}</tr>'
 
     intro = (f"<p>An agent offline for more than {h(age(offline_after))} raises one alert; "
-             "it clears when the agent is back.</p>")
+             "it clears when the agent is back.</p>") if monitor is None \
+        else alert_rules(monitor)
     body = intro + _table(h("Active alerts"), ("Alert", "Since", "Raised"),
                           (row(a, False) for a in active), ident="alerts-active",
                           empty="No active alert.")

@@ -319,7 +319,8 @@ class ConsoleResource(Resource):
             if alerts is None:
                 raise Refused(404, "Alerts are off on this relay")
             return 200, html.alerts_page(list(alerts.active.values()), list(alerts.history),
-                                         alerts.offline_after, **layout), _HTML, {}
+                                         alerts.offline_after, monitor=alerts,
+                                         **layout), _HTML, {}
         raise Refused(404, "No such page")
 
     async def _ping_shown(self, agent_id: str, push_id: str) -> j.Push | None:
