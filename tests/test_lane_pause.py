@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay.lanes import LaneControl
@@ -157,3 +159,56 @@ class PauseAccessTests(_PauseCase):
             self.assertIn({"what": {"reference": f"Agent/{self.agent['id']}"}}, e["entity"])
             self.assertNotIn("PID", repr(e))
             self.assertNotIn("MSH", repr(e))
+
+
+class _SlowPauses:
+    """Pause records whose reads answer when the test says (out of order, if it likes)."""
+
+    def __init__(self) -> None:
+        self.reads: list[Deferred[list[dict[str, Any]]]] = []
+
+    def list(self, agent_id: str | None = None, limit: int = 1000
+             ) -> Deferred[list[dict[str, Any]]]:
+        d: Deferred[list[dict[str, Any]]] = Deferred()
+        self.reads.append(d)
+        return d
+
+
+def _rows(agent_id: str, *lanes: str) -> list[dict[str, Any]]:
+    return [{"agent": agent_id, "lane": lane, "by": "op", "since": 1.0} for lane in lanes]
+
+
+class PauseReadRaces(_HubCase):
+    LANE = "mllp://127.0.0.1:2575"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.slow = _SlowPauses()
+        self.hub.lane_pauses = self.slow
+
+    def test_a_pause_during_the_first_read_is_read_again(self) -> None:
+        conn, session = self.connect(["durable"])
+        [first] = self.slow.reads
+        self.hub.reload_pauses(self.agent["id"])  # an operator paused it meanwhile
+        self.slow.reads[1].callback(_rows(self.agent["id"], self.LANE))
+        first.callback([])  # the first read predates the pause: not trusted
+        self.assertEqual(len(self.slow.reads), 3)
+        self.assertIsNone(session.paused)
+        self.slow.reads[2].callback(_rows(self.agent["id"], self.LANE))
+        self.assertEqual(session.paused, {self.LANE})
+        self.successResultOf(self.push())
+        self.assertEqual(conn.of_type(wire.TRANSMIT_REQUEST), [])
+
+    def test_an_older_read_answering_late_is_not_applied(self) -> None:
+        conn, session = self.connect(["durable"])
+        self.slow.reads[0].callback([])
+        self.hub.refresh_pauses()  # a poll's read, issued before the pause was written
+        self.hub.reload_pauses(self.agent["id"])  # paused ...
+        self.hub.reload_pauses(self.agent["id"])  # ... and resumed
+        poll_read, pause_read, resume_read = self.slow.reads[1:]
+        resume_read.callback([])
+        pause_read.callback(_rows(self.agent["id"], self.LANE))  # late: ignored
+        poll_read.callback(_rows(self.agent["id"], self.LANE))  # (as if): older, ignored
+        self.assertEqual(session.paused, set())
+        self.successResultOf(self.push())
+        self.assertEqual(len(conn.of_type(wire.TRANSMIT_REQUEST)), 1)

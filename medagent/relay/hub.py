@@ -288,6 +288,10 @@ class Hub:
         #: the paused lanes in storage (L{medagent.storage.interfaces.LanePauses}), or None:
         #: no lane is ever paused
         self.lane_pauses: Any = None
+        #: per agent whose lanes were ever paused or resumed here, the number of the latest
+        #: read of its pauses (L{reload_pauses}): an older read that answers later is not
+        #: applied, and a first read (L{_load_pauses}) overtaken by one reads again
+        self._pause_reads: dict[str, int] = {}
         listeners = getattr(store, "listeners", None)
         if listeners is not None:
             listeners.append(self._resource_written)
@@ -1609,10 +1613,14 @@ class Hub:
         session.replaying = True  # (new pushes wait in the journal meanwhile)
         agent_id = session.agent_id
         assert agent_id is not None
+        reads = self._pause_reads.get(agent_id)
 
         def loaded(rows: list[dict[str, Any]]) -> None:
             session.replaying = False
             if session.closed:
+                return
+            if self._pause_reads.get(agent_id) != reads:  # paused or resumed meanwhile
+                self._load_pauses(session, queued_after)
                 return
             session.paused = {r["lane"] for r in rows}
             if session.paused:
@@ -1653,10 +1661,12 @@ class Hub:
         """Read C{agent_id}'s paused lanes from storage and apply them here."""
         if self.lane_pauses is None:
             return succeed([])
+        number = self._pause_reads[agent_id] = self._pause_reads.get(agent_id, 0) + 1
 
         def got(rows: list[dict[str, Any]]) -> list[str]:
             lanes = [r["lane"] for r in rows]
-            self.apply_pauses(agent_id, lanes)
+            if self._pause_reads.get(agent_id) == number:  # (else a later read applies)
+                self.apply_pauses(agent_id, lanes)
             return lanes
 
         return self.lane_pauses.list(agent_id).addCallback(got)
@@ -1666,6 +1676,7 @@ class Hub:
         held = [a for a, s in self.sessions.items() if s.paused is not None and not s.closed]
         if not held or self.lane_pauses is None:
             return succeed(None)
+        numbers = dict(self._pause_reads)  # an agent read again meanwhile: that read applies
 
         def got(rows: list[dict[str, Any]]) -> None:
             if len(rows) >= MAX_PAUSES:  # a cut list would read as resumed: apply none
@@ -1675,7 +1686,8 @@ class Hub:
             for r in rows:
                 by_agent.setdefault(r["agent"], set()).add(r["lane"])
             for agent_id in held:
-                self.apply_pauses(agent_id, by_agent.get(agent_id, set()))
+                if self._pause_reads.get(agent_id) == numbers.get(agent_id):
+                    self.apply_pauses(agent_id, by_agent.get(agent_id, set()))
 
         def failed(f: Failure) -> None:
             log.warn("Could not read the paused lanes ({error})", error=f.getErrorMessage())
