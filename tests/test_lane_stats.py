@@ -94,3 +94,25 @@ class LaneStatsQueueTests(QueueBase):
             self.app.queue._stats_of(f"mllp://other{i}:1")
         self.assertEqual(list(self.app.queue.lane_stats),
                          ["mllp://other2:1", "mllp://other3:1", "mllp://other4:1"])
+
+
+class CliLaneRows(SynchronousTestCase):
+    def test_rows_from_stats_and_from_an_agent_without_lane_stats(self) -> None:
+        from medagent.cli_ops import _lane_table, lane_rows
+
+        stats = {"relay": {"lanes": {"paused": ["mllp://b:1"], "lanes": {
+                     "mllp://b:1": {"inFlight": 2}}}},
+                 "agent": {"lanes": {"mllp://a:1": {"waiting": 3, "retrying": True}},
+                           "laneStats": {"mllp://a:1": {"lastAck": 0.0, "lastAckCode": "AE",
+                                                        "ackP50Ms": 5.0, "ackP99Ms": 9.0,
+                                                        "recentErrors": [{"kind": "ack"}]}}}}
+        rows = lane_rows(stats)
+        self.assertEqual([(r["lane"], r["paused"], r["waiting"], r["onAgent"]) for r in rows],
+                         [("mllp://a:1", False, 3, 0), ("mllp://b:1", True, 0, 2)])
+        text = _lane_table(rows)
+        self.assertIn("retrying", text)
+        self.assertIn("1970-01-01 00:00:00Z  AE", text)
+        self.assertIn("paused", text)
+        # Medplum's agent: no agent part at all; the relay's view only
+        self.assertEqual(lane_rows({"relay": {"lanes": {"paused": []}}, "agent": None}), [])
+        self.assertEqual(lane_rows({}), [])
