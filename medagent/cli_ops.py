@@ -151,7 +151,8 @@ def cmd_lane(args: argparse.Namespace, run: Runner) -> int:
         state = "paused" if result.get("paused") else "resumed"
         note = "" if result.get("changed") else " (it was already)"
         on_agent = result.get("onAgent") or 0
-        extra = (f"; {on_agent} push(es) already on the agent are not held"
+        extra = (f"; {on_agent} push(es) already on the agent "
+                 + ("are held there too" if result.get("heldOnAgent") else "are not held")
                  if result.get("paused") and on_agent else "")
         emit(args, result, lambda: f"Agent/{args.agent}: lane {result.get('lane')} "
                                    f"{state}{note}{extra}")

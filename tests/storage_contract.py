@@ -677,6 +677,15 @@ class InboxStoreContract:
     def setUp(self) -> None:
         self.inbox = self.make_inbox()
 
+    async def test_lane_holds_are_the_last_set_recorded(self) -> None:
+        self.assertEqual(await self.inbox.holds(), [])
+        await self.inbox.set_holds(["mllp://b:1", "mllp://a:1", "mllp://a:1"])
+        self.assertEqual(await self.inbox.holds(), ["mllp://a:1", "mllp://b:1"])
+        await self.inbox.set_holds(["dicom://P@p:104"])
+        self.assertEqual(await self.inbox.holds(), ["dicom://P@p:104"])
+        await self.inbox.set_holds([])
+        self.assertEqual(await self.inbox.holds(), [])
+
     async def put(self, push_id: str, state: str = "queued", now: float = 1.0) -> Any:
         return await self.inbox.store((push_id, "mllp://dev:1", "text/plain", "body", "{}",
                                        f"cb-{push_id}", state, 0, now, now))

@@ -177,6 +177,8 @@ class DurableQueue:
         #: per lane (by its name in L{snapshot}): answers, latency, recent errors; kept when
         #: the lane empties, at most L{MAX_LANE_STATS}
         self.lane_stats: OrderedDict[str, LaneStats] = OrderedDict()
+        #: lanes (keys) the relay said to hold (L{hold}): no delivery starts on them
+        self.held: set[str] = set()
         self._stopped = False
 
     @staticmethod
@@ -215,7 +217,15 @@ class DurableQueue:
             for key in list(self.lanes):
                 self._pump(key)
 
-        return self.inbox.recover(now, resolve).addCallback(rebuilt)
+        def holds(lanes: list[str]) -> Any:
+            self.held = set(lanes)
+            if self.held:
+                log.info("{n} lane(s) held as the relay last said (paused by an operator)",
+                         n=len(self.held))
+            return self.inbox.recover(now, resolve)
+
+        # the holds first: a held lane's backlog does not go out before the relay is reached
+        return self.inbox.holds().addCallback(holds).addCallback(rebuilt)
 
     def stop(self) -> None:
         self._stopped = True
@@ -247,7 +257,7 @@ class DurableQueue:
         # stores it (one write less on the way to the device); the lane is reserved now so
         # that a later message for it waits behind this one.
         direct = not (lane.busy or lane.waiting or lane.storing or lane.retry_call is not None
-                      or self._stopped)
+                      or self._stopped or key in self.held)
         lane.storing += 1  # keeps the lane (and its order) alive until the insert commits
         if direct:
             lane.busy = True
@@ -305,8 +315,10 @@ class DurableQueue:
 
     def _pump(self, key: str) -> None:
         lane = self.lanes.get(key)
-        # A lane in backoff waits for its timer, however many pushes arrive meanwhile.
-        if lane is None or lane.busy or self._stopped or lane.retry_call is not None:
+        # A lane in backoff waits for its timer, however many pushes arrive meanwhile; a held
+        # one (paused by an operator) until the relay releases it.
+        if lane is None or lane.busy or self._stopped or lane.retry_call is not None \
+                or key in self.held:
             return
         if not lane.waiting:
             if not lane.storing:
@@ -523,6 +535,24 @@ class DurableQueue:
 
         lane.retry_call = self.clock.callLater(delay, fire)
 
+    # -- holds -------------------------------------------------------------------------------
+
+    def hold(self, lanes: set[str]) -> Deferred[None]:
+        """
+        The relay's paused lanes (L{medagent.wire.LANES_HOLD}): no delivery starts on them
+        from now on (one on its way to the device finishes); a lane left out is released and
+        goes on in order.  Recorded on disk, so a restart holds them before the relay is
+        reached again.
+        """
+        released = self.held - lanes
+        if lanes != self.held:
+            log.info("Relay holds {n} lane(s) (paused by an operator)", n=len(lanes))
+        self.held = set(lanes)
+        for key in sorted(released):
+            self._pump(key)
+        return self.inbox.set_holds(sorted(lanes)).addErrback(
+            lambda f: log.failure("Could not record the held lanes", f))
+
     # -- cancel ------------------------------------------------------------------------------
 
     def cancel(self, push_id: str) -> Deferred[tuple[int, str]]:
@@ -609,7 +639,9 @@ class DurableQueue:
             }
             for remote, lane in self.lanes.items()
         }
-        return {"queue": dict(self.stats), "lanes": lanes,
+        for name, entry in lanes.items():
+            entry["held"] = name in self.held
+        return {"queue": dict(self.stats), "lanes": lanes, "held": sorted(self.held),
                 "laneStats": {name: stats.view() for name, stats in self.lane_stats.items()}}
 
     def oldest_ages(self) -> Deferred[dict[str, float]]:

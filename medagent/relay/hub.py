@@ -1468,6 +1468,8 @@ class Hub:
             "paused": sorted(_safe(k) for k in session.paused or ()),
             #: our agent (reports lane statistics in agent:stats); Medplum's does not
             "durable": session.ordered_lanes,
+            #: pushes of a paused lane already on the agent wait there too
+            "holdsOnAgent": wire.CAP_LANE_HOLD in session.capabilities,
             "lanes": {
                 _safe(lane.key): {"inFlight": len(lane.in_flight),
                                   "holding": lane.next_seq is not None,
@@ -1623,6 +1625,7 @@ class Hub:
                 self._load_pauses(session, queued_after)
                 return
             session.paused = {r["lane"] for r in rows}
+            self._send_holds(session)  # (after every connect: the agent may hold old ones)
             if session.paused:
                 log.info("Agent/{agent_id}: {n} lane(s) paused by an operator; their pushes "
                          "wait in the journal", agent_id=agent_id, n=len(session.paused))
@@ -1647,7 +1650,10 @@ class Hub:
             return  # read from storage before its first scan
         new = set(lanes)
         resumed = session.paused - new
+        changed = new != session.paused
         session.paused = new
+        if changed:
+            self._send_holds(session)
         for key in sorted(resumed):
             lane = session.lanes.get(key)
             if lane is not None:
@@ -1656,6 +1662,12 @@ class Hub:
             self._serve_blocked(session)
             if self.cluster is not None:  # (what other nodes journaled for it meanwhile)
                 self.wake(agent_id)
+
+    def _send_holds(self, session: Session) -> None:
+        """Our agent holds what it has of the paused lanes too (L{wire.LANES_HOLD})."""
+        if wire.CAP_LANE_HOLD in session.capabilities and not session.closed:
+            session.conn.send_message({"type": wire.LANES_HOLD,
+                                       "lanes": sorted(session.paused or ())})
 
     def reload_pauses(self, agent_id: str) -> Deferred[list[str]]:
         """Read C{agent_id}'s paused lanes from storage and apply them here."""

@@ -6,8 +6,10 @@ A pause is a record in the relay's storage (L{medagent.storage.interfaces.LanePa
 every relay node of a cluster and a restarted relay hold the same lanes.  The node holding the
 agent's socket (L{medagent.relay.hub.Hub}) sends none of a paused lane's pushes: they stay
 queued in the journal, in order, and flow again in order once the lane is resumed.  Pushes
-the agent already had when the lane was paused (on its disk) are not called back: they are
-shown as "already on the agent".  Other lanes of the agent go on.
+the agent already had when the lane was paused (on its disk) wait there too when the agent
+announced ``lane-hold`` (ours: L{medagent.wire.LANES_HOLD}; one already on its way to the
+device finishes); Medplum's agent delivers what it has, shown as "already on the agent".
+Other lanes of the agent go on.
 
 Only operators and admins may pause or resume (never a pusher, a Bot or an agent); each
 change is an C{AuditEvent} (who, when, which agent and lane; never a payload).  The console,
@@ -127,7 +129,8 @@ class LaneControl:
         lanes: Mapping[str, Any] = (snapshot or {}).get("lanes") or {}
         on_agent = int((lanes.get(lane) or {}).get("inFlight") or 0)
         return {"agent": agent_id, "lane": lane, "paused": paused, "changed": changed,
-                "onAgent": on_agent}
+                "onAgent": on_agent,
+                "heldOnAgent": bool((snapshot or {}).get("holdsOnAgent"))}
 
 
 def lane_audit_event(principal: Principal, agent_id: str, lane: str, action: str,

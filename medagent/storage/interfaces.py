@@ -483,6 +483,12 @@ class InboxStore(Protocol):
 
     def oldest_open(self) -> Deferred[list[tuple[str, float]]]: ...
 
+    def holds(self) -> Deferred[builtins.list[str]]:
+        """The lanes the relay said to hold (L{medagent.wire.LANES_HOLD}), as recorded."""
+
+    def set_holds(self, lanes: Sequence[str]) -> Deferred[None]:
+        """Replace the recorded lanes to hold with C{lanes}."""
+
 
 class OutboxStore(Protocol):
     """

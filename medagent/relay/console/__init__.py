@@ -155,6 +155,7 @@ class Console:
         if snapshot is None:
             return details
         details["relay"] = snapshot.get("lanes") or {}
+        details["holdsOnAgent"] = bool(snapshot.get("holdsOnAgent"))
         if snapshot.get("durable"):
             try:
                 answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST},

@@ -273,7 +273,9 @@ def lane_cells(agent_id: str, lane: Mapping[str, Any], details: Mapping[str, Any
                  f'<br><small>by {h(pause.get("by"))} since {h(when(pause.get("since")))}'
                  "</small>")
         if on_agent:
-            state += f"<br><small>{on_agent} already on the agent</small>"
+            where = ("held on the agent too" if details.get("holdsOnAgent")
+                     else "already on the agent (not held)")
+            state += f"<br><small>{on_agent} {where}</small>"
     elif relay.get("retrying"):
         state = '<span class="state s-retrying" data-field="lane-state">retrying</span>'
     else:
