@@ -2,7 +2,9 @@
 Pausing a lane with real processes (issue 12): ``twistd`` relay and agent, the recording MLLP
 sink of the fault tests (every MSH-10 it receives, in order), and the ``medagent lane`` CLI.
 Push 10, pause, push 10 more: none of the second batch reaches the device while paused; a
-pusher's CLI cannot resume it; resume: all 20 reached the device once, in push order.
+pusher's CLI cannot resume it; resume: all 20 reached the device once, in push order.  And
+pushes already on the agent's disk (its device down) when the lane is paused wait there too
+(``lane-hold``), also when the device comes back, until resumed.
 """
 
 from __future__ import annotations
@@ -98,5 +100,38 @@ class LanePauseProcesses(TestCase):
                                     if a.get("subtype", [{}])[0].get("system")
                                     == "urn:medagent:lane"),
                              ["pause-lane", "resume-lane"])
+
+        return ensureDeferred(go())
+
+    def test_pushes_on_the_agent_wait_there_while_paused(self) -> Deferred:
+        async def go() -> None:
+            agent = self.start_agent()  # the device is down: pushes wait on the agent's disk
+            await agent.wait_for("Connected to the relay", timeout=30)
+            device = await self.device()
+            lane = f"mllp://127.0.0.1:{self.sink_port}"
+            operator = self.relay.create_client("operator")
+            ids = [f"PH{i:04d}" for i in range(10)]
+            await self.push_all(device, ids)
+
+            async def all_on_the_agent() -> bool:
+                states = [d["state"] for d in (await self.journal()).values()]
+                return states.count("accepted") == len(ids)
+
+            await procs.wait_until(all_on_the_agent, timeout=60, interval=0.25,
+                                   what="every push on the agent's disk")
+            paused = await self.cli(operator, "lane", "pause", self.agent["id"], lane, "--json")
+            self.assertEqual(paused.exit_code, 0, paused.text)
+            result = json.loads(paused.text)
+            self.assertEqual((result["onAgent"], result["heldOnAgent"]), (10, True))
+            await agent.wait_for("Relay holds 1 lane(s)", timeout=10)
+            await self.start_sink()  # the device is back; the lane is paused
+            ends = time.monotonic() + WATCH + 2  # (past the agent's first backoff)
+            while time.monotonic() < ends:
+                self.assertEqual(self.sink_ids(), [])
+                await deferLater(reactor, 0.25, lambda: None)
+            resumed = await self.cli(operator, "lane", "resume", self.agent["id"], lane)
+            self.assertEqual(resumed.exit_code, 0, resumed.text)
+            await self.wait_all_final(timeout=120)
+            self.assertEqual(self.sink_ids(), ids)  # once each, in push order
 
         return ensureDeferred(go())
