@@ -470,7 +470,8 @@ def trend_chart(trend: j.Trend, field: str, ident: str, now: float) -> str:
     return (
         f'<figure class="trend t-{h(field)}"><figcaption>{h(heading)} '
         f'<span class="peak">max {top}</span></figcaption>'
-        f'<svg class="chart" viewBox="0 0 {CHART_W} {CHART_H}" preserveAspectRatio="none" '
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" '
+        f'viewBox="0 0 {CHART_W} {CHART_H}" preserveAspectRatio="none" '
         f'role="img" aria-labelledby="{h(ident)}-t {h(ident)}-d" focusable="false"{fill}>'
         f'<title id="{h(ident)}-t">{h(heading)}</title>'
         f'<desc id="{h(ident)}-d">{h(summary)}</desc>'

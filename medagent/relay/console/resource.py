@@ -431,7 +431,7 @@ class ConsoleResource(Resource):
             raise Refused(400, "Only failed or expired messages can be retried")
         done = await bulk.retry_matching(c.pushes, c.journal, c.store, session.principal,
                                          params, address=client_host(request), now=c.now(),
-                                         via="console")
+                                         via="console", limit=bulk.MAX_BULK_RETRY)
         layout = self._layout(session)
         return 200, html.bulk_retry_result_page(_bulk_filters(filters), done, **layout), \
             _HTML, {}

@@ -565,6 +565,9 @@ def trend_query(start: float, width: float, count: int, agent_id: str | None
     om, fm = ",".join("?" * len(opens)), ",".join("?" * len(finals))
     fails = ",".join("?" * len(FAILURE_STATES))
     agent = " AND agent_id=?" if agent_id is not None else ""
+    # the finished halves search (state, updated) for one agent too: "+" keeps SQLite from
+    # the (agent_id, state) index, which would read every push the agent ever finished
+    agent_ended = " AND +agent_id=?" if agent_id is not None else ""
     aargs: tuple[Any, ...] = (agent_id,) if agent_id is not None else ()
     last = count - 1
     # (a bucket is a whole number: CAST truncates, and the value is >= 0 where it is used)
@@ -575,10 +578,10 @@ def trend_query(start: float, width: float, count: int, agent_id: str | None
         f" SELECT agent_id, '{TREND_CREATED}' AS kind, {by_created} AS bucket FROM pushes"
         f"  WHERE state IN ({om}){agent}"
         f" UNION ALL SELECT agent_id, '{TREND_CREATED}', {by_created} FROM pushes"
-        f"  WHERE state IN ({fm}) AND updated>=?{agent}"
+        f"  WHERE state IN ({fm}) AND updated>=?{agent_ended}"
         f" UNION ALL SELECT agent_id, CASE WHEN state IN ({fails}) THEN '{TREND_FAILED}'"
         f"  ELSE '{TREND_DONE}' END, min(?, CAST((updated-?)/? AS INTEGER)) FROM pushes"
-        f"  WHERE state IN ({fm}) AND updated>=?{agent}"
+        f"  WHERE state IN ({fm}) AND updated>=?{agent_ended}"
         ") GROUP BY agent_id, kind, bucket")
     args = (*cargs, *opens, *aargs,
             *cargs, *finals, start, *aargs,
