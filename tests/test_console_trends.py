@@ -7,7 +7,8 @@ The console's trends and bulk retry (issue 12).
 - pages and actions on a real relay in this process (treq, loopback): the trends on the
   fleet view and each agent's page; bulk retry: the link and its count, the confirm step,
   the result page, the cap, the audit (without payload), and the attacks (a viewer, no
-  CSRF token, another origin); ``POST AgentPush/$retry`` by role.
+  CSRF token, another origin); ``POST AgentPush/$retry`` by role;
+- ``medagent pushes retry --all`` as a real process: filters, cap, ``--json``, exit codes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from medagent.storage import journal as j
 from medagent.storage.sqlite.journal import SCHEMA
 from medagent.storage.sqlite.journal import trend_query as sqlite_trend_query
 from tests import procs
+from tests.test_cli import _CLI
 from tests.test_console import XSS, Browser, hl7
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -429,5 +431,81 @@ class TrendsAndBulkRetryPages(TestCase):
             audits = await self.relay.store.search("AuditEvent", {"_count": ["100"]})
             self.assertEqual(len(audits), 4)
             self.assertIn("AgentPush/$retry", audits[0]["outcomeDesc"])
+
+        return ensureDeferred(go())
+
+
+class BulkRetryCommand(TestCase, _CLI):
+    """``medagent pushes retry --all`` (a real ``medagent`` process) against a relay."""
+
+    timeout = 90
+
+    def setUp(self) -> Deferred:
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.testcase = self
+        self.relay, self.base, _ = procs.in_process_relay(self, "relay-cli-bulk-")
+        auth = self.relay.authority
+        self.admin_creds = await auth.create_client(ADMIN)
+        self.operator_creds = await auth.create_client(OPERATOR)
+        self.viewer_creds = await auth.create_client(VIEWER)
+        self.admin = Principal(self.admin_creds["clientId"], ADMIN)
+        self.agent = await self.relay.store.create({"resourceType": "Agent", "name": "Lab"})
+        self.other = await self.relay.store.create({"resourceType": "Agent", "name": "Other"})
+
+    async def failed(self, ctrl: str, agent: dict[str, Any]) -> j.Push:
+        result = await self.relay.pushes.push(
+            self.admin, (agent["id"], None),
+            {"destination": "mllp://127.0.0.1:9", "contentType": "x-application/hl7-v2+er7",
+             "body": hl7(ctrl)})
+        await self.relay.journal.transition(result.push, j.FAILED, error="AE")
+        await self.relay.journal.flushed()
+        return result.push
+
+    def as_(self, creds: dict[str, Any]) -> dict[str, str]:
+        return {"MEDAGENT_CLIENT_ID": creds["clientId"],
+                "MEDAGENT_CLIENT_SECRET": creds["clientSecret"]}
+
+    def test_retry_all_with_filters_json_table_and_exit_codes(self) -> Deferred:
+        async def go() -> None:
+            mine = [await self.failed(f"CLIB000{i}", self.agent) for i in range(3)]
+            theirs = await self.failed("CLIBX001", self.other)
+            usage = await self.clis(["pushes", "retry"], ["pushes", "retry", "x", "--all"],
+                                    ["pushes", "retry", "--all", "--limit", "0"],
+                                    ["pushes", "retry", "--all", "--state", "delivered"])
+            for proc in usage:
+                self.assertEqual(proc.exit_code, 2, proc.text)
+            viewer = await self.cli("pushes", "retry", "--all", env=self.as_(self.viewer_creds))
+            self.assertEqual(viewer.exit_code, 1, viewer.text)
+            self.assertIn("HTTP 403", viewer.text)
+            self.assertEqual((await self.relay.journal.get(mine[0].id)).state, j.FAILED)
+            # over the cap given: two retried, one left: exit 1 (not everything was retried)
+            capped = await self.cli("pushes", "retry", "--all", "--agent", self.agent["id"],
+                                    "--state", "failed", "--limit", "2", "--json",
+                                    env=self.as_(self.operator_creds))
+            self.assertEqual(capped.exit_code, 1, capped.text)
+            doc = json.loads(capped.text)
+            self.assertEqual((doc["matched"], doc["retried"], doc["skipped"],
+                              doc["remaining"]), (3, 2, 0, 1))
+            self.assertEqual([p["id"] for p in doc["pushes"]], [mine[1].id, mine[2].id])
+            # the rest, as a table: exit 0
+            rest = await self.cli("pushes", "retry", "--all", "--agent", self.agent["id"],
+                                  env=self.as_(self.operator_creds))
+            self.assertEqual(rest.exit_code, 0, rest.text)
+            lines = rest.text.splitlines()
+            self.assertEqual(lines[0].split(), ["ID", "RESULT", "REASON"])
+            self.assertEqual(lines[1].split(), [mine[0].id, "retried", "-"])
+            self.assertEqual(lines[-1], "# 1 matched: 1 retried, 0 skipped, 0 left")
+            for p in mine:
+                self.assertEqual((await self.relay.journal.current(p.id)).state, j.QUEUED)
+            self.assertEqual((await self.relay.journal.get(theirs.id)).state, j.FAILED)
+            audits = await self.relay.store.search("AuditEvent", {"_count": ["100"]})
+            self.assertEqual(len(audits), 3)
+            # nothing matches any more: 0 retried, exit 0
+            none = await self.cli("pushes", "retry", "--all", "--agent", self.agent["id"],
+                                  "--json")
+            self.assertEqual((none.exit_code, json.loads(none.text)["matched"]), (0, 0),
+                             none.text)
 
         return ensureDeferred(go())
