@@ -589,7 +589,7 @@ def bulk_retry_result_page(filters: Mapping[str, str], done: Any, **layout: Any)
     """What the bulk retry did (C{done}: a L{medagent.relay.bulk.BulkRetry})."""
     query = _filter_query(filters)
     rows = [f'<tr><td><a href="{PREFIX}/message/{h(u(i))}">{h(i)}</a></td>'
-            f"<td>{state_badge('queued', 'result')} retried</td><td></td></tr>"
+            "<td>retried (queued again)</td><td></td></tr>"
             for i in done.retried]
     rows += [f'<tr><td><a href="{PREFIX}/message/{h(u(i))}">{h(i)}</a></td>'
              f'<td>skipped</td><td class="error">{h(why)}</td></tr>'
