@@ -417,6 +417,40 @@ reactor.run()
 """
 
 
+class PgConsoleSessionsTests(_Pg, TestCase):
+    """The console's shared sign-in sessions (two nodes: two databases objects)."""
+
+    async def test_one_nodes_session_is_the_others_until_it_ends(self) -> None:
+        from medagent.storage.postgres import PgConsoleSessions
+        from medagent.storage.records import SharedConsoleSession
+
+        a = PgConsoleSessions(self.open_database())
+        b = PgConsoleSessions(self.open_database())
+        key, other = b"k" * 32, b"o" * 32
+        await a.add(SharedConsoleSession(id_hash=key, client_id="c1", role="operator",
+                                         agents=frozenset({"x", "y"}), name="Ann",
+                                         csrf="tok"))
+        await a.add(SharedConsoleSession(id_hash=other, client_id="c2", role="viewer",
+                                         agents=frozenset(), name=None, csrf="t2"))
+        seen = await b.use(key, 60.0)
+        assert seen is not None
+        self.assertEqual((seen.client_id, seen.role, seen.agents, seen.name, seen.csrf),
+                         ("c1", "operator", frozenset({"x", "y"}), "Ann", "tok"))
+        self.assertIsNone(await b.use(b"nope" * 8, 60.0))
+        self.assertIsNone(await b.use(other, 0.0))  # idle for longer than 0 s: expired
+        self.assertEqual(await b.prune(0.0), 2)  # both rows idle for longer than 0 s
+        self.assertIsNone(await a.use(key, 60.0))
+        await a.add(SharedConsoleSession(id_hash=key, client_id="c1", role="operator",
+                                         agents=frozenset(), name=None, csrf="tok"))
+        await a.add(SharedConsoleSession(id_hash=other, client_id="c2", role="viewer",
+                                         agents=frozenset(), name=None, csrf="t2"))
+        self.assertEqual(await b.prune(60.0), 0)
+        await b.drop(key)
+        self.assertIsNone(await a.use(key, 60.0))
+        await b.drop_client("c2")
+        self.assertIsNone(await a.use(other, 60.0))
+
+
 class PgDatabaseShutdownTests(_Pg, TestCase):
     async def test_a_database_not_stopped_does_not_keep_the_process_alive(self) -> None:
         import subprocess

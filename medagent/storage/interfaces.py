@@ -32,7 +32,8 @@ from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
     from medagent.storage.journal import Push, Trend
-    from medagent.storage.records import Delivery, NewDelivery, StoredClient
+    from medagent.storage.records import (Delivery, NewDelivery, SharedConsoleSession,
+                                          StoredClient)
 
 
 # -- resources -----------------------------------------------------------------------------
@@ -357,6 +358,31 @@ class AgentSessions(Protocol):
 
     def holder(self, agent_id: str) -> Deferred[str | None]:
         """The node holding a live session for C{agent_id}, or C{None}."""
+
+
+class ConsoleSessions(Protocol):
+    """
+    The console's sign-in sessions, for relay nodes that share a database: a browser signed
+    in on one node is signed in on every node behind the balancer, and signing out (or the
+    client's revocation) ends it on all of them.  Idle expiry runs on the database's clock.
+    """
+
+    def add(self, session: "SharedConsoleSession") -> Deferred[None]:
+        """Keep a new session (fires once it is committed: the next page may hit another
+        node)."""
+
+    def use(self, id_hash: bytes, idle: float) -> Deferred["SharedConsoleSession | None"]:
+        """The session, marked used now, or C{None}: unknown, ended, or unused for longer
+        than C{idle} seconds."""
+
+    def drop(self, id_hash: bytes) -> Deferred[None]:
+        """End the session (sign-out)."""
+
+    def drop_client(self, client_id: str) -> Deferred[None]:
+        """End every session of a client (it was revoked)."""
+
+    def prune(self, idle: float) -> Deferred[int]:
+        """Forget sessions unused for longer than C{idle}; fires with how many."""
 
 
 class ClusterNotices(Protocol):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -53,7 +54,8 @@ class Console:
                  pushes: Any, broker: EventBroker, *, base_url: str | None = None,
                  throttle: LoginThrottle | None = None, idle: float = DEFAULT_IDLE,
                  alert_offline: float | None = DEFAULT_OFFLINE_MINUTES * 60,
-                 alert_queue_age: float | None = None) -> None:
+                 alert_queue_age: float | None = None,
+                 shared_sessions: Any = None) -> None:
         self.clock = clock
         self.authority = authority
         self.store = store
@@ -63,7 +65,7 @@ class Console:
         self.broker = broker
         self.base_url = base_url
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
-        self.sessions = SessionStore(clock, idle=idle)
+        self.sessions = SessionStore(clock, idle=idle, shared=shared_sessions)
         self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline,
                                    journal=journal, queue_age_after=alert_queue_age) \
             if alert_offline or alert_queue_age else None
@@ -175,18 +177,28 @@ class Console:
         return _ConsoleService(self)
 
 
-class _ConsoleService(service.Service):
-    """Starts the alert checks; on stop ends them and every live stream."""
+#: Seconds between prunes of the shared sessions' idle rows (cluster only).
+PRUNE_SESSIONS = 600.0
+
+
+class _ConsoleService(service.MultiService):
+    """Starts the alert checks (and on a cluster the prune of idle shared sessions); on
+    stop ends them and every live stream."""
 
     def __init__(self, console: Console) -> None:
+        super().__init__()
         self.console = console
+        if console.sessions.shared is not None:
+            prune = TimerService(PRUNE_SESSIONS, console.sessions.prune)
+            prune.clock = console.clock
+            prune.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
         if self.console.alerts is not None:
             self.console.alerts.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         if self.console.alerts is not None:
             self.console.alerts.stop()
         self.console.broker.close()

@@ -112,20 +112,44 @@ class ConsoleResource(Resource):
     # -- plumbing ---------------------------------------------------------------------
 
     def _session(self, request: Request) -> ConsoleSession | None:
+        """The session this node remembers for the cookie (for an error page's layout)."""
         raw = request.getCookie(COOKIE)
         return self.console.sessions.get(raw.decode("ascii", "replace") if raw else None,
                                          self.console.authority)
 
+    async def _find_session(self, request: Request) -> ConsoleSession | None:
+        """The cookie's live session, asked of the shared store on a cluster."""
+        raw = request.getCookie(COOKIE)
+        return await self.console.sessions.find(
+            raw.decode("ascii", "replace") if raw else None, self.console.authority)
+
     def _events(self, request: Request) -> Any:
-        session = self._session(request)
-        if session is None:
-            request.setResponseCode(401)
-            return b""
+        def opened(session: ConsoleSession | None) -> None:
+            if request._disconnected:
+                return
+            if session is None:
+                request.setResponseCode(401)
+                request.finish()
+                return
+            self._open_stream(request, session)
+
+        def failed(f: Any) -> None:
+            log.failure("Console: the live stream's session check failed", f)
+            if not request._disconnected:
+                request.setResponseCode(503)
+                request.finish()
+
+        ensureDeferred(self._find_session(request)).addCallbacks(opened, failed)
+        return NOT_DONE_YET
+
+    def _open_stream(self, request: Request, session: ConsoleSession) -> None:
         stream = self.console.broker.open(request, key=session.id)
         if stream is None:
             request.setResponseCode(503)
             request.setHeader(b"Retry-After", b"10")
-            return b"too many live connections\n"
+            request.write(b"too many live connections\n")
+            request.finish()
+            return
         # what may have changed between the page and its stream (asked on every (re)connect):
         # the agents this node holds now, and a message page's push
         stream.send(sse_frame("sessions", self.console.sessions_now()))
@@ -137,7 +161,6 @@ class ConsoleResource(Resource):
             # current(): after every write issued before it, so a transition announced
             # before this stream opened (its write perhaps not committed yet) is seen
             self.console.journal.current(push_id).addCallbacks(now, lambda f: None)
-        return NOT_DONE_YET
 
     def _origin_ok(self, request: Request) -> bool:
         origin = request.getHeader(b"origin")
@@ -198,10 +221,10 @@ class ConsoleResource(Resource):
         if path == ["login"]:
             if method == "POST":
                 return await self._login(request)
-            if self._session(request) is not None:
+            if await self._find_session(request) is not None:
                 return _redirect("/fleet")
             return 200, html.login_page(), _HTML, {}
-        session = self._session(request)
+        session = await self._find_session(request)
         if method == "POST":
             if session is None:
                 raise Refused(403, "Sign in first")
@@ -257,8 +280,8 @@ class ConsoleResource(Resource):
         throttle.succeeded(client_id)
         old = request.getCookie(COOKIE)
         if old:  # a new sign-in never keeps the id the browser had (no session fixation)
-            self.console.sessions.drop(old.decode("ascii", "replace"))
-        session = self.console.sessions.create(principal)
+            await self.console.sessions.close(old.decode("ascii", "replace"))
+        session = await self.console.sessions.open(principal)
         log.info("Console: {client_id} ({role}) signed in from {address}",
                  client_id=principal.client_id, role=principal.role, address=address)
         secure = self.console.secure_cookies(request)
@@ -341,7 +364,7 @@ class ConsoleResource(Resource):
         c = self.console
         principal = session.principal
         if path == ["logout"]:
-            c.sessions.drop(session.id)
+            await c.sessions.close(session.id)
             c.broker.close_key(session.id)
             request.addCookie(COOKIE, b"", path=PREFIX.encode(), httpOnly=True,
                               secure=c.secure_cookies(request), sameSite="strict",
