@@ -509,8 +509,9 @@ def trend_block(trend: j.Trend, ident: str, heading: str, now: float, *,
 
 def agent_trends(trend: j.Trend, now: float) -> str:
     """The agent page's trends (last 24 h)."""
-    return trend_block(trend, "agent-trends", h(f"Last {len(trend.created)} × "
-                                                 f"{_span(trend)}"), now)
+    n = len(trend.created)
+    span = f"{n} hours" if trend.width == 3600 else f"{n} × {_span(trend)}"
+    return trend_block(trend, "agent-trends", h(f"Trends: the last {span}"), now)
 
 
 def trends_page(total: j.Trend, agents: Sequence[tuple[Mapping[str, Any], j.Trend]],
