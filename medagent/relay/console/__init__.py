@@ -33,9 +33,10 @@ from medagent.relay.console.alerts import (
 from medagent.relay.console.events import EventBroker, ObservedJournal
 from medagent.relay.console.resource import (MAX_AGENTS, ConsoleResource, audit_event,
                                              own_origin)
+from medagent.relay.console.resource import TREND_BUCKETS, TREND_WIDTH
 from medagent.relay.console.sessions import DEFAULT_IDLE, SessionStore
 from medagent.relay.limits import LoginThrottle
-from medagent.storage.journal import Push
+from medagent.storage.journal import Push, Trend, trend_window
 
 __all__ = ["Console", "EventBroker", "ObservedJournal", "DEFAULT_IDLE",
            "DEFAULT_OFFLINE_MINUTES", "DEFAULT_QUEUE_MINUTES"]
@@ -122,6 +123,16 @@ class Console:
             row.update(version=status.get("version") if status.get("version") != "unknown"
                        else None)
         return row
+
+    async def trends(self, agent_id: str | None = None
+                     ) -> tuple[float, dict[str, Trend]]:
+        """
+        The last L{TREND_BUCKETS} buckets of L{TREND_WIDTH} s (whole hours, the last one
+        now's) by agent: one journal read (the same on every node), and its start.
+        """
+        start = trend_window(self.now(), TREND_WIDTH, TREND_BUCKETS)
+        return start, await self.journal.trends(start, TREND_WIDTH, TREND_BUCKETS,
+                                                agent_id=agent_id)
 
     async def audit_payload_view(self, principal: Principal, push: Push, address: str
                                  ) -> None:
