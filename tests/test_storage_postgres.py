@@ -426,6 +426,40 @@ reactor.run()
 """
 
 
+class PgConsoleSessionsTests(_Pg, TestCase):
+    """The console's shared sign-in sessions (two nodes: two databases objects)."""
+
+    async def test_one_nodes_session_is_the_others_until_it_ends(self) -> None:
+        from medagent.storage.postgres import PgConsoleSessions
+        from medagent.storage.records import SharedConsoleSession
+
+        a = PgConsoleSessions(self.open_database())
+        b = PgConsoleSessions(self.open_database())
+        key, other = b"k" * 32, b"o" * 32
+        await a.add(SharedConsoleSession(id_hash=key, client_id="c1", role="operator",
+                                         agents=frozenset({"x", "y"}), name="Ann",
+                                         csrf="tok"))
+        await a.add(SharedConsoleSession(id_hash=other, client_id="c2", role="viewer",
+                                         agents=frozenset(), name=None, csrf="t2"))
+        seen = await b.use(key, 60.0)
+        assert seen is not None
+        self.assertEqual((seen.client_id, seen.role, seen.agents, seen.name, seen.csrf),
+                         ("c1", "operator", frozenset({"x", "y"}), "Ann", "tok"))
+        self.assertIsNone(await b.use(b"nope" * 8, 60.0))
+        self.assertIsNone(await b.use(other, 0.0))  # idle for longer than 0 s: expired
+        self.assertEqual(await b.prune(0.0), 2)  # both rows idle for longer than 0 s
+        self.assertIsNone(await a.use(key, 60.0))
+        await a.add(SharedConsoleSession(id_hash=key, client_id="c1", role="operator",
+                                         agents=frozenset(), name=None, csrf="tok"))
+        await a.add(SharedConsoleSession(id_hash=other, client_id="c2", role="viewer",
+                                         agents=frozenset(), name=None, csrf="t2"))
+        self.assertEqual(await b.prune(60.0), 0)
+        await b.drop(key)
+        self.assertIsNone(await a.use(key, 60.0))
+        await b.drop_client("c2")
+        self.assertIsNone(await a.use(other, 60.0))
+
+
 class PgDatabaseShutdownTests(_Pg, TestCase):
     async def test_a_database_not_stopped_does_not_keep_the_process_alive(self) -> None:
         import subprocess
@@ -444,6 +478,31 @@ class PgDatabaseShutdownTests(_Pg, TestCase):
         result = await deferToThread(child)
         self.assertIn(b"answered 42", result.stdout)
         self.assertEqual(result.returncode, 0, result.stdout[-2000:])
+
+
+class PgMigrationsByNumber(TestCase):
+    """A migration numbered below one a database already has (features merged in another
+    order than numbered: lane pauses, 8, after the console's sessions, 9) is applied too."""
+
+    def test_a_missing_lower_migration_is_applied(self) -> Deferred[None]:
+        async def go() -> None:
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_migration_order")
+            without_8 = tuple(m for m in MIGRATIONS if m[0] != 8)
+            old = PgDatabase(reactor, dsn, migrations=without_8)
+            self.addCleanup(old.stop)
+            self.assertEqual(await deferToThread(old.migrate_sync), 9)
+            db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
+            self.addCleanup(db.stop)
+            self.assertEqual(await deferToThread(db.migrate_sync), 9)
+            await db.start()
+            versions = await db.run(lambda c: [r["version"] for r in c.execute(
+                "SELECT version FROM schema_version ORDER BY version").fetchall()])
+            self.assertEqual(versions, [v for v, _ in MIGRATIONS])
+            pauses = PgLanePauses(db)
+            self.assertTrue(await pauses.pause("a1", "mllp://h:1", "op", 1.0))
+            await db.ping(reactor)  # every migration of this build recorded: ready
+
+        return ensureDeferred(go())
 
 
 class PgConsoleMigration(TestCase):
@@ -465,7 +524,7 @@ class PgConsoleMigration(TestCase):
             old.stop()
             db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
             self.addCleanup(db.stop)
-            self.assertEqual(await deferToThread(db.migrate_sync), MIGRATIONS[-1][0])
+            self.assertEqual(await deferToThread(db.migrate_sync), db.wanted_version)
             await db.start()
             journal = PgJournal(db)
             push = await journal.get("p1")

@@ -507,14 +507,18 @@ class RelayService(service.MultiService):
             max_message_size=max_message_size,
             connect_timeout=connect_timeout,
         )
+        shared_sessions = None
         if storage is not None and storage.backend == "postgresql":
             # relay nodes on one database: one session per agent across all of them
             from medagent.storage.postgres import (
                 PgAgentCalls,
                 PgAgentSessions,
+                PgConsoleSessions,
                 PgNotices,
                 PgSigningKeys,
             )
+
+            shared_sessions = PgConsoleSessions(storage.db)
 
             self.hub.agent_sessions = PgAgentSessions(storage.db)
             self._key_ring = _KeyRingRefresh(reactor, self.authority,
@@ -582,7 +586,8 @@ class RelayService(service.MultiService):
                                alert_queue_age=alert_queue_minutes * 60,
                                alert_error_rate=alert_error_percent / 100,
                                alert_error_window=alert_error_minutes * 60,
-                               alert_error_min=alert_error_min)
+                               alert_error_min=alert_error_min,
+                               shared_sessions=shared_sessions)
         self.api.routes["console"] = self.console.resource
         self.console.lanes = self.lanes
         #: the alerts' webhook (--alert-webhook), or None

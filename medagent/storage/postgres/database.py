@@ -214,20 +214,23 @@ class PgDatabase:
     # -- migrations ------------------------------------------------------------------
 
     def _migrate(self, conn: Any) -> int:
-        """Worker thread: apply every migration newer than C{schema_version}."""
+        """
+        Worker thread: apply, in number order, every migration C{schema_version} does not
+        record — not only those above its highest: features merged in another order than
+        they were numbered (8 after 9) still reach a database a build without 8 migrated.
+        """
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                      " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)")
-        row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
-        current = row["v"] or 0
-        for version, sql in self._migrations:
-            if version <= current:
+        applied = _applied(conn) or set()
+        for version, sql in sorted(self._migrations):
+            if version in applied:
                 continue
             conn.execute(sql)
             conn.execute("INSERT INTO schema_version (version, applied) VALUES (%s, %s)",
                          (version, time.time()))
-            current = version
-        return current
+            applied.add(version)
+        return max(applied, default=0)
 
     def migrate_sync(self) -> int:
         """Apply the migrations on the calling thread (tools, tests); the schema version."""

@@ -156,8 +156,7 @@ CREATE INDEX pushes_accession ON pushes (accession, seq);
 CREATE INDEX pushes_state_updated ON pushes (state, updated);
 """
 
-#: Lanes an operator paused (L{medagent.storage.postgres.pauses}); 6 and 7 are other
-#: features' migrations.
+#: Lanes an operator paused (L{medagent.storage.postgres.pauses}).
 V8 = """
 CREATE TABLE IF NOT EXISTS lane_pauses (
     agent_id TEXT NOT NULL,
@@ -168,11 +167,29 @@ CREATE TABLE IF NOT EXISTS lane_pauses (
 );
 """
 
+#: The console's sign-in sessions, shared by the nodes (L{medagent.storage.postgres.console}):
+#: a browser signed in on one node is signed in on all of them.  The session id itself is
+#: never stored, only its SHA-256 (whoever reads the table cannot take over a session).
+V9 = """
+CREATE TABLE console_sessions (
+    id_hash BYTEA PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    agents TEXT NOT NULL DEFAULT '[]',
+    name TEXT,
+    csrf TEXT NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    last_seen TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX console_sessions_client ON console_sessions (client_id);
+CREATE INDEX console_sessions_seen ON console_sessions (last_seen);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
 MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5),
-                                                (8, V8))
+                                                (8, V8), (9, V9))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
                "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys",
-               "lane_pauses")
+               "lane_pauses", "console_sessions")
