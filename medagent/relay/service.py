@@ -64,6 +64,7 @@ from medagent.storage.sqlite import (
     Database,
     SQLiteClientRegistry,
     SQLiteDeliveryQueue,
+    SQLiteInboundLog,
     SQLiteJournal,
     SQLiteStore,
     open_relay_database,  # noqa: F401 (the CLI's database, without a running relay)
@@ -80,6 +81,12 @@ DEFAULT_DATA = "./relay-data"
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_SYNCHRONOUS = "NORMAL"
 DEFAULT_RETENTION_DAYS = 30.0
+#: The inbound log: payloads kept (``on``) or metadata only (``off``), for this many days,
+#: at most this many messages (the oldest go first), pruned this often (seconds).
+DEFAULT_INBOUND_LOG = "on"
+DEFAULT_INBOUND_RETENTION_DAYS = 7.0
+DEFAULT_INBOUND_MAX_ROWS = 1_000_000
+INBOUND_PRUNE_INTERVAL = 600.0
 DEFAULT_MAX_MESSAGE = wire.DEFAULT_MAX_MESSAGE_SIZE
 DEFAULT_SUBSCRIPTION_RETRY_BASE = 10.0
 #: seconds a stop waits for the database calls still in flight before it closes it anyway
@@ -412,6 +419,40 @@ class _Housekeeping(service.Service):
             pruned, lambda f: log.failure("Pruning the journal failed", f))
 
 
+class _InboundHousekeeping(service.Service):
+    """Bounds the inbound log: every L{INBOUND_PRUNE_INTERVAL} seconds on C{clock}, deletes
+    messages older than C{retention} seconds, then the oldest beyond C{max_rows}."""
+
+    def __init__(self, clock: Any, inbound: Any, retention: float,
+                 max_rows: int | None) -> None:
+        self.clock = clock
+        self.inbound = inbound
+        self.retention = retention
+        self.max_rows = max_rows
+        self.call: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.call = LoopingCall(self.prune)
+        self.call.clock = self.clock
+        self.call.start(INBOUND_PRUNE_INTERVAL, now=False)
+
+    def stopService(self) -> None:
+        if self.call is not None and self.call.running:
+            self.call.stop()
+        self.call = None
+        return super().stopService()
+
+    def prune(self) -> Deferred[None]:
+        def pruned(n: int) -> None:
+            if n:
+                log.info("Pruned {n} old inbound message(s)", n=n)
+
+        return self.inbound.prune(self.clock.seconds() - self.retention,
+                                  self.max_rows).addCallbacks(
+            pruned, lambda f: log.failure("Pruning the inbound log failed", f))
+
+
 class RelayService(service.MultiService):
     """
     The relay's service tree; attributes expose the parts to tests and tools.
@@ -456,6 +497,9 @@ class RelayService(service.MultiService):
         console_idle: float = DEFAULT_CONSOLE_IDLE,
         alert_offline_minutes: float = DEFAULT_ALERT_OFFLINE_MINUTES,
         alert_queue_minutes: float = DEFAULT_ALERT_QUEUE_MINUTES,
+        inbound_log: str = DEFAULT_INBOUND_LOG,
+        inbound_retention_days: float = DEFAULT_INBOUND_RETENTION_DAYS,
+        inbound_max_rows: int | None = DEFAULT_INBOUND_MAX_ROWS,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -538,8 +582,17 @@ class RelayService(service.MultiService):
             self.hub.cluster.subscriptions = self.subscriptions
             self.subscriptions.subscriptions_changed.append(
                 self.hub.cluster.subscriptions_changed)
-        self.channels = ChannelRouter(self.store, self.bots)
+        # the inbound log (device → agent → relay → Bot): every message and its outcome
+        if inbound_log not in ("on", "off"):
+            raise ValueError("inbound_log must be 'on' (payloads kept) or 'off' (metadata)")
+        self.inbound = storage.inbound if storage is not None else SQLiteInboundLog(self.db)
+        self.channels = ChannelRouter(self.store, self.bots, clock=reactor,
+                                      inbound_log=self.inbound,
+                                      keep_payloads=inbound_log == "on")
         self.hub.inbound = self.channels
+        self.api.inbound = self.inbound
+        _InboundHousekeeping(reactor, self.inbound, inbound_retention_days * 86400,
+                             inbound_max_rows).setServiceParent(self)
         self.api.bots = self.bots
         bots_service = BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post],
                                    reactor=reactor)
@@ -562,6 +615,7 @@ class RelayService(service.MultiService):
                                throttle=self.api.login_throttle, idle=console_idle,
                                alert_offline=alert_offline_minutes * 60,
                                alert_queue_age=alert_queue_minutes * 60)
+        self.console.inbound = self.inbound
         self.api.routes["console"] = self.console.resource
         self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
@@ -579,6 +633,7 @@ class RelayService(service.MultiService):
         self.metrics = relay_metrics(self.hub, self.bots, deliveries.backlog, reactor)
         if self.console.alerts is not None:
             self.metrics.watch_alerts(self.console.alerts, ALERT_KINDS)
+        self.channels.metrics = self.metrics
         if metrics:
             metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 

@@ -40,6 +40,15 @@ def _origins(text: str) -> list[str]:
 _origins.coerceDoc = "Comma-separated."  # type: ignore[attr-defined]
 
 
+def _inbound_log(value: str) -> str:
+    if value not in ("on", "off"):
+        raise ValueError("must be 'on' (payloads kept) or 'off' (metadata only)")
+    return value
+
+
+_inbound_log.coerceDoc = "on or off."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     """The relay's settings (the same for twistd and tac/relay.tac)."""
 
@@ -111,6 +120,16 @@ class Options(usage.Options):
         ["alert-queue-minutes", None, relay_service.DEFAULT_ALERT_QUEUE_MINUTES,
          "Console alert: an agent's oldest open push waiting longer than this many minutes "
          "(0: no such alerts)", number(float, 0, 7 * 24 * 60, " minutes")],
+        ["inbound-log", None, relay_service.DEFAULT_INBOUND_LOG,
+         "Inbound messages (device → agent → relay → Bot): 'on' keeps each message's payload "
+         "with its record (shown to operators and admins only, each view audited); 'off' "
+         "keeps the record (ids, search fields, outcome) without the payload", _inbound_log],
+        ["inbound-retention-days", None, relay_service.DEFAULT_INBOUND_RETENTION_DAYS,
+         "Days to keep inbound messages (records and payloads)",
+         number(float, 0.001, 36500, " days")],
+        ["inbound-max-rows", None, relay_service.DEFAULT_INBOUND_MAX_ROWS,
+         "Inbound messages kept at most (the oldest are pruned first)",
+         number(int, 1, 1_000_000_000)],
         *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
@@ -182,6 +201,9 @@ class Options(usage.Options):
             "console_idle": self["console-idle-minutes"] * 60,
             "alert_offline_minutes": self["alert-offline-minutes"],
             "alert_queue_minutes": self["alert-queue-minutes"],
+            "inbound_log": self["inbound-log"],
+            "inbound_retention_days": self["inbound-retention-days"],
+            "inbound_max_rows": self["inbound-max-rows"],
         }
 
 

@@ -37,6 +37,8 @@ class Storage:
     journal: Any
     registry: Any
     deliveries: Any
+    #: the inbound log (L{medagent.storage.interfaces.InboundLog})
+    inbound: Any = None
 
     def start(self) -> Any:
         """Start the database (PostgreSQL: also apply migrations; fires when ready)."""
@@ -61,6 +63,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
         from medagent.storage.sqlite import (
             SQLiteClientRegistry,
             SQLiteDeliveryQueue,
+            SQLiteInboundLog,
             SQLiteJournal,
             SQLiteStore,
             open_relay_database,
@@ -68,7 +71,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
 
         db = open_relay_database(reactor, data_dir, synchronous)
         return Storage("sqlite", db, SQLiteStore(db), SQLiteJournal(db),
-                       SQLiteClientRegistry(db), SQLiteDeliveryQueue(db))
+                       SQLiteClientRegistry(db), SQLiteDeliveryQueue(db), SQLiteInboundLog(db))
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("--database must be a postgresql:// URL (or empty for SQLite)")
     try:
@@ -90,6 +93,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
     from medagent.storage.postgres import (
         PgClientRegistry,
         PgDeliveryQueue,
+        PgInboundLog,
         PgJournal,
         PgStore,
     )
@@ -97,4 +101,4 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
 
     pg = open_pg(reactor, database_url)
     return Storage("postgresql", pg, PgStore(pg), PgJournal(pg), PgClientRegistry(pg),
-                   PgDeliveryQueue(pg))
+                   PgDeliveryQueue(pg), PgInboundLog(pg))

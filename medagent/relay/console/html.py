@@ -73,6 +73,7 @@ def page(title: str, body: str, *, who: Any = None, csrf: str | None = None,
         links = []
         for key, label, href in (("fleet", "Fleet", "/fleet"),
                                  ("messages", "Messages", "/messages"),
+                                 ("inbound", "Inbound", "/inbound"),
                                  ("alerts", "Alerts", "/alerts")):
             mark = ' aria-current="page"' if key == current else ""
             badge = (f' <span class="badge" id="alert-count">{alerts}</span>'
@@ -176,7 +177,8 @@ def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> 
 
 
 def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: float, *,
-               can_act: bool, csrf: str, **layout: Any) -> bytes:
+               can_act: bool, csrf: str, extra: str = "", **layout: Any) -> bytes:
+    """An agent's page; C{extra} is HTML (escaped already) after its lanes (its channels)."""
     agent_id = row["id"]
     state = "online" if row["connected"] else "offline"
     facts = (
@@ -213,7 +215,8 @@ def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: 
                           "Last error", ""),
                          lane_rows, ident="lanes", empty="No pushes to this agent yet.")
     name = row.get("name") or agent_id
-    return page(f"Agent {name}", facts + actions + lanes_table, current="fleet", **layout)
+    return page(f"Agent {name}", facts + actions + lanes_table + extra, current="fleet",
+                **layout)
 
 
 # -- messages --------------------------------------------------------------------------------

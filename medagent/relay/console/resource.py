@@ -26,6 +26,7 @@ from medagent.relay.auth import Principal
 from medagent.relay.http.agent_ops import raise_agent_error
 from medagent.relay.http.context import client_host, read_body
 from medagent.relay.console import html
+from medagent.relay.console import inbound as inbound_html
 from medagent.relay.console.events import push_event, sse_frame
 from medagent.relay.console.sessions import COOKIE, ConsoleSession
 from medagent.storage import journal as j
@@ -287,9 +288,14 @@ class ConsoleResource(Resource):
                 except FHIRError:
                     pass
             lanes = await c.journal.lane_summaries(agent["id"])
+            channels = ""
+            if getattr(c, "inbound", None) is not None:  # the inbound log's view of it
+                channels = inbound_html.channels_section(
+                    agent["id"], await c.inbound.channel_summaries(
+                        agent["id"], c.now() - inbound_html.CHANNEL_WINDOW), c.now())
             return 200, html.agent_page(rows[0], lanes, c.now(),
                                         can_act=session.principal.may_operate(),
-                                        **layout), _HTML, {}
+                                        extra=channels, **layout), _HTML, {}
         if path == ["messages"]:
             filters, params, cursor = _search(query)
             found, total, next_cursor = await c.journal.search_page(
@@ -305,7 +311,45 @@ class ConsoleResource(Resource):
                 raise Refused(404, "Alerts are off on this relay")
             return 200, html.alerts_page(list(alerts.active.values()), list(alerts.history),
                                          alerts.offline_after, **layout), _HTML, {}
+        if path and path[0] == "inbound" and len(path) <= 2:
+            return await self._inbound(request, session, path[1:], query, layout)
         raise Refused(404, "No such page")
+
+    async def _inbound(self, request: Request, session: ConsoleSession, rest: list[str],
+                       query: dict[str, str], layout: dict[str, Any]
+                       ) -> tuple[int, bytes, str, dict[str, str]]:
+        """The inbound list (``/inbound``) and a message's page (``/inbound/{id}``)."""
+        c = self.console
+        principal = session.principal
+        log_ = getattr(c, "inbound", None)
+        if log_ is None:
+            raise Refused(404, "The inbound log is off on this relay")
+        phi = principal.may_see_payloads()
+        if not rest:
+            try:
+                filters, params, cursor = inbound_html.search(query, may_see_phi=phi)
+            except inbound_html.BadSearch as e:
+                raise Refused(400, str(e))
+            except PermissionError as e:
+                raise Refused(403, str(e))
+            found, total, next_cursor = await log_.search_page(
+                params, count=PAGE_SIZE, before_seq=cursor)
+            return 200, inbound_html.inbound_page(found, filters, total, next_cursor,
+                                                  show_phi=phi, **layout), _HTML, {}
+        message = await log_.get(rest[0])
+        show = query.get("payload") == "1"
+        if show:
+            if not phi:
+                log.warn("Console: {client_id} ({role}) may not see payloads (inbound {id})",
+                         client_id=principal.client_id, role=principal.role, id=message.id)
+                raise Refused(403, "Your role may not see message payloads")
+            if message.body is not None:  # recorded before it is shown; no record, no payload
+                await c.store.create(inbound_html.inbound_audit_event(
+                    principal, message, client_host(request), c.now(), "console"))
+                log.info("Console: {client_id} viewed the payload of inbound message {id}",
+                         client_id=principal.client_id, id=message.id)
+        return 200, inbound_html.inbound_detail_page(
+            message, can_see_payload=phi, payload_shown=show, **layout), _HTML, {}
 
     async def _message(self, request: Request, session: ConsoleSession, push_id: str,
                        query: dict[str, str], layout: dict[str, Any]
