@@ -27,6 +27,7 @@ from medagent.storage.postgres import (
     PgClientRegistry,
     PgDatabase,
     PgDeliveryQueue,
+    PgInboundLog,
     PgJournal,
     PgStore,
 )
@@ -36,6 +37,7 @@ from tests.peerenv import ROOT
 from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
+    InboundLogContract,
     PushJournalContract,
     ResourceStoreContract,
     _client,
@@ -105,12 +107,19 @@ class _Pg:
     def make_registry(self) -> PgClientRegistry:
         return PgClientRegistry(self.database())
 
+    def make_inbound(self) -> PgInboundLog:
+        return PgInboundLog(self.database())
+
 
 class PgResourceStoreTests(_Pg, ResourceStoreContract, TestCase):
     pass
 
 
 class PgPushJournalTests(_Pg, PushJournalContract, TestCase):
+    pass
+
+
+class PgInboundLogTests(_Pg, InboundLogContract, TestCase):
     pass
 
 
@@ -456,7 +465,7 @@ class PgConsoleMigration(TestCase):
             old.stop()
             db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
             self.addCleanup(db.stop)
-            self.assertEqual(await deferToThread(db.migrate_sync), 5)
+            self.assertEqual(await deferToThread(db.migrate_sync), MIGRATIONS[-1][0])
             await db.start()
             journal = PgJournal(db)
             push = await journal.get("p1")
@@ -472,5 +481,54 @@ class PgConsoleMigration(TestCase):
                 return " ".join(str(list(r.values())[0]) for r in rows)
 
             self.assertIn("pushes_control", await db.run(plan))
+
+        return ensureDeferred(go())
+
+
+class PgInboundMigration(TestCase):
+    """Migration 7 (the inbound log; a push's patient id and DICOM UIDs) on a database of
+    version 5 that holds pushes: they stay readable, and the new searches read their
+    indexes."""
+
+    def test_version_5_database_upgrades_with_its_pushes(self) -> Deferred[None]:
+        async def go() -> None:
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_inbound_migration")
+            old = PgDatabase(reactor, dsn, migrations=[m for m in MIGRATIONS if m[0] <= 5])
+            self.addCleanup(old.stop)
+            self.assertEqual(await deferToThread(old.migrate_sync), 5)
+            await old.start()
+            await old.run(lambda c: c.execute(
+                "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
+                " state, created, updated, control_id) VALUES"
+                " ('p1','a1','d','mllp://h:1','x-application/hl7-v2+er7','MSH|','delivered',"
+                " 1, 1, 'OLD1')"))
+            old.stop()
+            db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
+            self.addCleanup(db.stop)
+            self.assertGreaterEqual(await deferToThread(db.migrate_sync), 7)
+            await db.start()
+            push = await PgJournal(db).get("p1")
+            self.assertEqual((push.control_id, push.patient_id, push.study_uid, push.sop_uid),
+                             ("OLD1", None, None, None))
+            inbound = PgInboundLog(db)
+            found, total, _ = await inbound.search_page({}, count=10)
+            self.assertEqual((found, total), ([], 0))
+
+            def plan(c: Any, sql: str) -> str:
+                c.execute("SET enable_seqscan = off")
+                rows = c.execute("EXPLAIN " + sql).fetchall()
+                return " ".join(str(list(r.values())[0]) for r in rows)
+
+            for table, column, index in (
+                    ("pushes", "patient_id", "pushes_patient"),
+                    ("pushes", "study_uid", "pushes_study"),
+                    ("pushes", "sop_uid", "pushes_sop"),
+                    ("inbound", "control_id", "inbound_control"),
+                    ("inbound", "patient_id", "inbound_patient"),
+                    ("inbound", "accession", "inbound_accession"),
+                    ("inbound", "study_uid", "inbound_study"),
+                    ("inbound", "sop_uid", "inbound_sop")):
+                self.assertIn(index, await db.run(
+                    plan, f"SELECT * FROM {table} WHERE {column}='x' ORDER BY seq DESC"))
 
         return ensureDeferred(go())
