@@ -246,6 +246,9 @@ SEARCH_FIELDS = (("control_id", "MSH-10 (control id)", "text"),
                  ("agent", "Agent id", "text"),
                  ("destination", "Destination", "text"),
                  ("remote", "Device URL", "text"),
+                 ("patient_id", "Patient id", "text"),
+                 ("study_uid", "Study Instance UID", "text"),
+                 ("sop_uid", "SOP Instance UID", "text"),
                  ("since", "From (UTC)", "datetime-local"),
                  ("until", "To (UTC)", "datetime-local"))
 

@@ -298,6 +298,8 @@ class ConsoleResource(Resource):
                                         extra=channels, **layout), _HTML, {}
         if path == ["messages"]:
             filters, params, cursor = _search(query)
+            if params.get("patient_id") and not session.principal.may_see_payloads():
+                raise Refused(403, "Your role may not search by patient id")
             found, total, next_cursor = await c.journal.search_page(
                 params, count=PAGE_SIZE, before_seq=cursor)
             live = not any(filters.values()) and cursor is None
@@ -428,7 +430,7 @@ def _instant(text: str, name: str) -> float | None:
 def _search(query: dict[str, str]) -> tuple[dict[str, str], dict[str, str], int | None]:
     """The messages page's filters as shown, as journal parameters, and the page cursor."""
     names = ("control_id", "accession", "state", "agent", "destination", "remote",
-             "since", "until")
+             "since", "until", "patient_id", "study_uid", "sop_uid")
     filters = {k: query.get(k, "").strip() for k in names}
     params = {k: v for k, v in filters.items() if v and k not in ("since", "until")}
     if params.get("state") and params["state"] not in j.STATES:
