@@ -28,49 +28,39 @@ def handler(medplum, event):
 """
 
 
-class InboundLogEndToEnd(TestCase):
-    timeout = 180
+class Site:
+    """A real relay with a Bot, an agent process with an MLLP channel (``lab-in``) on
+    C{port} whose Bot answers AA (AE for a message with ``REFUSE``), an admin client."""
 
-    def setUp(self) -> Deferred:
-        return ensureDeferred(self._setUp())
+    relay: Any
+    client: Any
+    agent: dict[str, Any]
+    port: int
 
-    async def _setUp(self) -> None:
-        self.relay, self.client = await procs.relay_with_admin(self)
-        self.admin_creds = self.relay.create_client("admin")
-        bot = await self.client.create({"resourceType": "Bot", "name": "ack", "code": BOT})
-        self.port = procs.free_port()
-        endpoint = await self.client.create({
+    @classmethod
+    async def start(cls, testcase: TestCase) -> "Site":
+        site = cls()
+        site.relay, site.client = await procs.relay_with_admin(testcase)
+        bot = await site.client.create({"resourceType": "Bot", "name": "ack", "code": BOT})
+        site.port = procs.free_port()
+        endpoint = await site.client.create({
             "resourceType": "Endpoint", "status": "active",
-            "address": f"mllp://127.0.0.1:{self.port}"})
-        self.agent = await self.client.create({
+            "address": f"mllp://127.0.0.1:{site.port}"})
+        site.agent = await site.client.create({
             "resourceType": "Agent", "name": "in", "status": "active",
             "channel": [{"name": "lab-in",
                          "endpoint": {"reference": f"Endpoint/{endpoint['id']}"},
                          "targetReference": {"reference": f"Bot/{bot['id']}"}}]})
-        creds = self.relay.create_client("agent", [self.agent["id"]])
-        self.pusher_creds = self.relay.create_client("pusher", [self.agent["id"]])
-        self.agent_proc = procs.agent_process(self, self.relay.url, creds, self.agent["id"])
-        await self.agent_proc.wait_for("Channel lab-in: mllp", timeout=30)
-        from twisted.internet import reactor
-        from twisted.web.client import HTTPConnectionPool
+        creds = site.relay.create_client("agent", [site.agent["id"]])
+        agent_proc = procs.agent_process(testcase, site.relay.url, creds, site.agent["id"])
+        await agent_proc.wait_for("Channel lab-in: mllp", timeout=30)
+        return site
 
-        self.pool = HTTPConnectionPool(reactor)
-        self.addCleanup(self.pool.closeCachedConnections)
-
-    async def send(self, ctrl: str) -> str:
-        proc = procs.python(self, "mllp-client", ["-c", SEND, str(self.port), ctrl, ""])
+    async def send(self, testcase: TestCase, ctrl: str) -> str:
+        """A device (python-hl7's MLLP client) sends ADT with MSH-10 C{ctrl}; its ACK."""
+        proc = procs.python(testcase, "mllp-client", ["-c", SEND, str(self.port), ctrl, ""])
         await proc.wait_for("ACKS", timeout=60)
         return proc.text.replace("|CR|", "\r")
-
-    def env(self) -> dict[str, str]:
-        return {"MEDAGENT_RELAY": self.relay.url,
-                "MEDAGENT_CLIENT_ID": self.admin_creds["clientId"],
-                "MEDAGENT_CLIENT_SECRET": self.admin_creds["clientSecret"]}
-
-    async def cli(self, *argv: str) -> procs.Proc:
-        proc = procs.python(self, "cli", ["-m", "medagent.cli", *argv], env=self.env())
-        await proc.ended
-        return proc
 
     async def logged(self, ctrl: str) -> dict[str, Any]:
         """The inbound log's record of MSH-10 C{ctrl} (written just after the answer)."""
@@ -81,6 +71,40 @@ class InboundLogEndToEnd(TestCase):
 
         return dict(await procs.wait_until(find, timeout=20,
                                            what=f"the inbound record of {ctrl}"))
+
+
+class InboundLogEndToEnd(TestCase):
+    timeout = 180
+
+    def setUp(self) -> Deferred:
+        return ensureDeferred(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.site = await Site.start(self)
+        self.relay, self.client, self.agent = self.site.relay, self.site.client, self.site.agent
+        self.admin_creds = self.relay.create_client("admin")
+        self.pusher_creds = self.relay.create_client("pusher", [self.agent["id"]])
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        self.pool = HTTPConnectionPool(reactor)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    async def send(self, ctrl: str) -> str:
+        return await self.site.send(self, ctrl)
+
+    async def logged(self, ctrl: str) -> dict[str, Any]:
+        return await self.site.logged(ctrl)
+
+    def env(self) -> dict[str, str]:
+        return {"MEDAGENT_RELAY": self.relay.url,
+                "MEDAGENT_CLIENT_ID": self.admin_creds["clientId"],
+                "MEDAGENT_CLIENT_SECRET": self.admin_creds["clientSecret"]}
+
+    async def cli(self, *argv: str) -> procs.Proc:
+        proc = procs.python(self, "cli", ["-m", "medagent.cli", *argv], env=self.env())
+        await proc.ended
+        return proc
 
     def test_a_device_message_is_in_the_inbound_log_with_its_ack(self) -> Deferred:
         async def go() -> None:
