@@ -48,6 +48,13 @@ class InboundInBrowser(TestCase):
             await b.login(self.operator)
             await b.click('nav a[href="/console/inbound"]')
             await b.wait(lambda d: len(rows(d)) == 3, "three inbound messages")
+            # live: a message the device sends now appears without a reload
+            await b.wait_live()
+            await b.mark()
+            await self.site.send(self, "LIVE0001")
+            await b.wait(lambda d: len(rows(d)) == 4 and "LIVE0001" in rows(d)[0].text,
+                         "the new message, live")
+            self.assertTrue(await b.still_marked())
             await b.type("#i-control_id", "BRWS0002")
             await b.click("#inbound-search")
             await b.wait(lambda d: len(rows(d)) == 1 and "BRWS0002" in rows(d)[0].text,
@@ -72,8 +79,8 @@ class InboundInBrowser(TestCase):
             await b.wait(lambda d: "lab-in" in d.find_element(
                 "css selector", "#channels").text, "the agent's channels")
             channel = await b.text('#channels tr[data-channel="lab-in"]')
-            self.assertIn("3", channel)
-            self.assertIn("AE", channel)  # the last Bot result (the refused message)
+            self.assertIn("4", channel)
+            self.assertIn("ok 200 AA", channel)  # the last Bot result (LIVE0001's)
             audits = await self.site.client.search("AuditEvent", {"_count": "1000"})
             self.assertEqual(len([a for a in audits if "Inbound message payload viewed"
                                   in a.get("outcomeDesc", "")]), 1)

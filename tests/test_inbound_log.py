@@ -37,7 +37,7 @@ from medagent.storage.sqlite.store import SQLiteStore
 from tests import procs
 from tests.fakes import InlineReactor, inline_database
 from tests.test_channels_relay import FakeRunner
-from tests.test_console import XSS, Browser
+from tests.test_console import XSS, Browser, open_stream
 
 HL7 = "x-application/hl7-v2+er7"
 ORU = ("MSH|^~\\&|LAB|HOSP|LIS|LAB|20240101120000||ORU^R01|{ctrl}|P|2.5.1\r"
@@ -394,6 +394,34 @@ class InboundPages(TestCase):
             self.assertEqual(code, 403)
             self.assertNotIn("OBX", text)
             self.assertEqual(await self.audits(), [])
+
+        return ensureDeferred(go())
+
+    def test_live_stream_carries_each_recorded_message_without_payload_or_patient(
+            self) -> Deferred:
+        async def go() -> None:
+            b = self.browser()
+            self.assertEqual(await b.login(self.viewer_creds), 303)
+            code, text, _ = await b.get("/console/inbound")
+            self.assertIn('data-live="1"', text)
+            code, text, _ = await b.get("/console/inbound?channel=pacs")
+            self.assertIn('data-live="0"', text)  # a search is not live
+            stream = await open_stream(self, self.base, b.cookie)
+            await stream.wait_for(b"event: sessions")
+            body = ORU.format(ctrl="LIVE0001", mrn="MRN-LIVE", order="O-LIVE")
+            answer = await self.relay.channels(self.agent["id"], {
+                "channel": "nowhere", "contentType": HL7, "body": body,
+                "remote": "10.0.0.1:1"})
+            self.assertIn("MSA|AE|LIVE0001", answer["body"])
+            await stream.wait_for(b"LIVE0001")
+            frame = stream.data[stream.data.index(b"event: inbound"):]
+            self.assertIn(b'"outcome":"error"', frame)
+            self.assertNotIn(b"MRN-LIVE", stream.data)
+            self.assertNotIn(b"OBX", stream.data)
+            found, total, _ = await self.relay.inbound.search_page(
+                {"control_id": "LIVE0001"}, count=1)
+            self.assertEqual((found[0].patient_id, found[0].error_kind),
+                             ("MRN-LIVE", "no-channel"))
 
         return ensureDeferred(go())
 

@@ -40,6 +40,7 @@ from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
                                     DEFAULT_QUEUE_MINUTES as DEFAULT_ALERT_QUEUE_MINUTES,
                                     Console, EventBroker, ObservedJournal)
 from medagent.relay.console.alerts import KINDS as ALERT_KINDS
+from medagent.relay.console.inbound import inbound_event
 from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
@@ -616,6 +617,8 @@ class RelayService(service.MultiService):
                                alert_offline=alert_offline_minutes * 60,
                                alert_queue_age=alert_queue_minutes * 60)
         self.console.inbound = self.inbound
+        self.channels.recorded.append(  # live: each message recorded here (no payload)
+            lambda m: self.console_events.publish("inbound", inbound_event(m)))
         self.api.routes["console"] = self.console.resource
         self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,

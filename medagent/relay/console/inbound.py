@@ -109,8 +109,18 @@ def inbound_heads(show_phi: bool) -> tuple[str, ...]:
         ("Patient id",) if show_phi else ()) + ("Order no.", "Outcome", "Answer")
 
 
+def inbound_event(m: InboundMessage) -> dict[str, Any]:
+    """The live stream's event of a message just recorded: what every console role may see
+    (no payload, no patient id)."""
+    return {"id": m.id, "agent": m.agent_id, "channel": m.channel, "received": m.received,
+            "contentType": m.content_type, "messageType": m.message_type,
+            "controlId": m.control_id, "accession": m.accession, "sopUid": m.sop_uid,
+            "outcome": m.outcome, "status": m.status, "ack": m.ack_code}
+
+
 def inbound_page(found: Sequence[InboundMessage], filters: Mapping[str, str], total: int,
-                 next_cursor: int | None, *, show_phi: bool, **layout: Any) -> bytes:
+                 next_cursor: int | None, *, show_phi: bool, live: bool = False,
+                 **layout: Any) -> bytes:
     fields = []
     for name, label, kind, phi in SEARCH_FIELDS:
         if phi and not show_phi:
@@ -129,6 +139,7 @@ def inbound_page(found: Sequence[InboundMessage], filters: Mapping[str, str], to
     caption = f'<span data-count="{int(total)}">{int(total)}</span> inbound message(s)'
     table = _table(caption, inbound_heads(show_phi),
                    (inbound_row(m, show_phi=show_phi) for m in found), ident="inbound",
+                   attrs=f' data-live="{1 if live else 0}" data-phi="{1 if show_phi else 0}"',
                    empty="No inbound message matches.")
     more = ""
     if next_cursor is not None:

@@ -336,8 +336,10 @@ class ConsoleResource(Resource):
                 raise Refused(403, str(e))
             found, total, next_cursor = await log_.search_page(
                 params, count=PAGE_SIZE, before_seq=cursor)
+            live = not any(filters.values()) and cursor is None
             return 200, inbound_html.inbound_page(found, filters, total, next_cursor,
-                                                  show_phi=phi, **layout), _HTML, {}
+                                                  show_phi=phi, live=live, **layout), \
+                _HTML, {}
         message = await log_.get(rest[0])
         show = query.get("payload") == "1"
         if show:
