@@ -10,14 +10,17 @@ client cannot read.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from typing import Any
 
 import treq
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from medagent.client import RelayError
-from tests import procs
+from tests import pgenv, procs, test_postgres_relay
 from tests.test_inbound import SEND
 
 BOT = """
@@ -38,9 +41,14 @@ class Site:
     port: int
 
     @classmethod
-    async def start(cls, testcase: TestCase) -> "Site":
+    async def start(cls, testcase: TestCase, relay: Any = None, client: Any = None,
+                    create_client: Any = None) -> "Site":
+        """On a new relay with an admin client (or on C{relay} with C{client}, and
+        C{create_client(role, agents)} making its clients)."""
         site = cls()
-        site.relay, site.client = await procs.relay_with_admin(testcase)
+        if relay is None:
+            relay, client = await procs.relay_with_admin(testcase)
+        site.relay, site.client = relay, client
         bot = await site.client.create({"resourceType": "Bot", "name": "ack", "code": BOT})
         site.port = procs.free_port()
         endpoint = await site.client.create({
@@ -51,7 +59,10 @@ class Site:
             "channel": [{"name": "lab-in",
                          "endpoint": {"reference": f"Endpoint/{endpoint['id']}"},
                          "targetReference": {"reference": f"Bot/{bot['id']}"}}]})
-        creds = site.relay.create_client("agent", [site.agent["id"]])
+        if create_client is not None:
+            creds = await create_client("agent", [site.agent["id"]])
+        else:
+            creds = site.relay.create_client("agent", [site.agent["id"]])
         agent_proc = procs.agent_process(testcase, site.relay.url, creds, site.agent["id"])
         await agent_proc.wait_for("Channel lab-in: mllp", timeout=30)
         return site
@@ -225,3 +236,54 @@ class InboundLogEndToEnd(TestCase):
         if r.code != 200:
             raise RelayError(r.code, (await r.content()).decode(), {})
         return str(json.loads((await r.content()).decode())["access_token"])
+
+
+class InboundLogOnPostgres(TestCase):
+    """The same, on a relay whose database is PostgreSQL (migration 7's table)."""
+
+    timeout = 120
+    create_client = test_postgres_relay.RelayOnPostgres.create_client
+
+    def test_a_device_message_is_recorded_in_postgres(self) -> Deferred:
+        async def go() -> None:
+            from twisted.internet import reactor
+
+            from medagent.client import MedagentClient
+            from medagent.storage.postgres import PgDatabase
+
+            self.dsn = await deferToThread(pgenv.fresh_database, "medagent_inbound_e2e")
+            self.data_dir = tempfile.mkdtemp(prefix="medagent-relay-pg-in-")
+            admin = await self.create_client("admin")
+            relay = procs.RelayFixture(self, self.data_dir)
+            await relay.start(["--database", self.dsn])
+            client = MedagentClient(reactor, relay.url, admin["clientId"],
+                                    admin["clientSecret"])
+            self.addCleanup(client.close)
+            # (a node on PostgreSQL reads its signing keys after it listens: ready first)
+            await procs.wait_until(lambda: ensureDeferred(self._ready(relay.url)), timeout=30,
+                                   what="the relay ready")
+            site = await Site.start(self, relay, client, self.create_client)
+            out = await site.send(self, "PGIN0001")
+            self.assertIn("MSA|AA|PGIN0001", out)
+            record = await site.logged("PGIN0001")
+            self.assertEqual((record["ackCode"], record["outcome"]), ("AA", "ok"))
+            db = PgDatabase(reactor, self.dsn)
+            self.addCleanup(db.stop)
+            rows = await db.run(lambda c: c.execute(
+                "SELECT control_id, patient_id, ack_code, channel, body FROM inbound"
+            ).fetchall())
+            self.assertEqual([(r["control_id"], r["patient_id"], r["ack_code"], r["channel"])
+                              for r in rows], [("PGIN0001", "123", "AA", "lab-in")])
+            self.assertIn("PID|1||123", rows[0]["body"])
+            self.assertFalse(os.path.exists(os.path.join(self.data_dir, "relay.sqlite")))
+
+        return ensureDeferred(go())
+
+    async def _ready(self, url: str) -> bool:
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        r = await treq.get(url + "/readyz", pool=pool)
+        await r.content()
+        return bool(r.code == 200)

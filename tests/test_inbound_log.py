@@ -524,3 +524,28 @@ class InboundPages(TestCase):
             self.assertEqual(result.push.patient_id, "MRN-P")
 
         return ensureDeferred(go())
+
+
+class TokenWhileStarting(TestCase):
+    """A token asked of a node still loading its signing keys (a PostgreSQL node just after
+    it listens) is a 503 to retry, not 401 "Invalid client credentials" counted as a failed
+    sign-in."""
+
+    def test_503_not_401(self) -> Deferred:
+        async def go() -> None:
+            relay, base, pool = procs.in_process_relay(self, "relay-token-")
+            creds = await relay.authority.create_client(ADMIN)
+            key, relay.authority._key = relay.authority._key, None
+            form = {"grant_type": "client_credentials", "client_id": creds["clientId"],
+                    "client_secret": creds["clientSecret"]}
+            for _ in range(5):  # more than a lockout's worth: none is counted
+                r = await treq.post(base + "/oauth2/token", data=form, pool=pool)
+                self.assertEqual(r.code, 503)
+                self.assertEqual(r.headers.getRawHeaders("retry-after"), ["1"])
+                await r.content()
+            relay.authority._key = key
+            r = await treq.post(base + "/oauth2/token", data=form, pool=pool)
+            self.assertEqual(r.code, 200)
+            await r.content()
+
+        return ensureDeferred(go())
