@@ -532,3 +532,28 @@ class PgInboundMigration(TestCase):
                     plan, f"SELECT * FROM {table} WHERE {column}='x' ORDER BY seq DESC"))
 
         return ensureDeferred(go())
+
+    def test_a_migration_merged_below_the_highest_applied_still_runs(self) -> Deferred[None]:
+        """Features merge their migrations in any order: a database a build with 1-5 and 9
+        brought to version 9 gets 7 from a build that has it too."""
+
+        async def go() -> None:
+            later = (9, "CREATE TABLE later_feature (x INTEGER)")
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_out_of_order")
+            old = PgDatabase(reactor, dsn,
+                             migrations=[m for m in MIGRATIONS if m[0] < 7] + [later])
+            self.addCleanup(old.stop)
+            self.assertEqual(await deferToThread(old.migrate_sync), 9)
+            db = PgDatabase(reactor, dsn, migrations=[*MIGRATIONS, later])
+            self.addCleanup(db.stop)
+            self.assertEqual(await deferToThread(db.migrate_sync), 9)
+            await db.start()
+            await db.ping(reactor)  # every migration of this build recorded: ready
+            found, total, _ = await PgInboundLog(db).search_page({}, count=1)
+            self.assertEqual(total, 0)
+            versions = await db.run(lambda c: [r["version"] for r in c.execute(
+                "SELECT version FROM schema_version ORDER BY applied, version").fetchall()])
+            self.assertEqual(sorted(versions), sorted({v for v, _ in MIGRATIONS} | {9}))
+            self.assertEqual(versions[-1], 7)  # applied last, by the newer build
+
+        return ensureDeferred(go())
