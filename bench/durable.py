@@ -11,7 +11,9 @@ Fire-and-forget throughput with durability, and relay memory with a huge backlog
    the same with 1,000 queued, to show the queue is streamed from disk, not held in RAM.
 
 Targets (issue 3): >= 3000 pushes/s accepted and delivered; <= 1.5x slowdown against the
-in-memory pipeline; flat memory.  Last line: one JSON object.
+in-memory pipeline; flat memory.  The floor of "accepted" is ``bare_http_202_per_s``: the
+same client against a bare twisted.web server that stores nothing (what the client and HTTP
+alone allow on this machine).  Last line: one JSON object.
 
     python bench/durable.py [--n 5000] [--queued 1000000]
 """
@@ -163,6 +165,47 @@ def push_concurrently(stack: Stack, n: int, concurrency: int = 16) -> float:
     return time.perf_counter() - start
 
 
+#: The floor of the throughput measure: a bare twisted.web server answering each push with a
+#: 202 and a small OperationOutcome, nothing stored or sent, pushed by the same client.
+BARE_202 = r"""
+import sys
+from twisted.internet import reactor
+from twisted.web import resource, server
+BODY = (b'{"resourceType":"OperationOutcome","issue":[{"severity":"information",'
+        b'"code":"informational","diagnostics":"AgentPush/0123456789abcdef"}]}')
+class R(resource.Resource):
+    isLeaf = True
+    def render_POST(self, request):
+        request.content.read()
+        request.setResponseCode(202)
+        request.setHeader(b"content-type", b"application/fhir+json")
+        return BODY
+    def render_GET(self, request):
+        return b"null"
+reactor.listenTCP(int(sys.argv[1]), server.Site(R()), interface="127.0.0.1")
+reactor.run()
+"""
+
+
+def bare_http(root: str, n: int) -> float:
+    """Pushes/s the bench's own client gets from a bare twisted.web 202 (see L{BARE_202})."""
+    stack = Stack(root, "OFF")
+    os.makedirs(root, exist_ok=True)
+    stack.agent, stack.token = {"id": "bare"}, "bare"
+    stack.spawn(["-c", BARE_202, str(stack.relay_port)], "bare.log")
+    try:
+        for _ in range(600):
+            try:
+                http("GET", stack.base + "/")
+                break
+            except OSError:
+                time.sleep(0.05)
+        push_concurrently(stack, 200)
+        return round(n / push_concurrently(stack, n), 1)
+    finally:
+        stack.stop()
+
+
 def throughput(root: str, synchronous: str, n: int) -> dict:
     stack = Stack(root, synchronous)
     try:
@@ -237,6 +280,8 @@ def main() -> None:
         durable = throughput(os.path.join(disk, "t"), "NORMAL", args.n)
         print("throughput, in RAM (/dev/shm, synchronous=OFF)", file=sys.stderr)
         in_ram = throughput(os.path.join(ram, "t"), "OFF", args.n)
+        print("floor: a bare twisted.web 202, same client", file=sys.stderr)
+        bare = bare_http(os.path.join(ram, "b"), args.n)
         print(f"memory with {args.queued} queued", file=sys.stderr)
         big = memory(os.path.join(disk, "m1"), args.queued)
         print("memory with 1000 queued", file=sys.stderr)
@@ -247,6 +292,7 @@ def main() -> None:
             "durable_delivered_per_s": durable["delivered_per_s"],
             "ram_accepted_per_s": in_ram["accepted_per_s"],
             "ram_delivered_per_s": in_ram["delivered_per_s"],
+            "bare_http_202_per_s": bare,
             "slowdown_delivered": round(in_ram["delivered_per_s"]
                                         / max(durable["delivered_per_s"], 1e-9), 3),
             "queued": args.queued,

@@ -16,6 +16,8 @@ The ``medagent`` command.
                                                     push a message (or each file of a folder)
     medagent agents | status AGENT                  agents and their connection status
     medagent pushes list|show|retry|cancel          the push journal
+    medagent pushes retry --all [--agent ID] [--state S] ...
+                                                    retry every failed push matching filters
     medagent tail [--agent ID] [--state S]          follow pushes as they come and change state
     medagent inbound list [filters] | tail --inbound
                                                     the inbound log (device → agent → Bot)
@@ -446,6 +448,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def add_bulk_retry_flags(p: argparse.ArgumentParser) -> None:
+    """``pushes retry ID`` or ``pushes retry --all [filters]`` (POST AgentPush/$retry)."""
+    p.description = ("retry a failed push, or with --all every failed or expired push "
+                     "matching the filters (at most --limit, 500 per call; operator or admin)")
+    p.add_argument("id", nargs="?", default=None, help="AgentPush id (or --all)")
+    p.add_argument("--all", action="store_true",
+                   help="every failed/expired push matching the filters below")
+    p.add_argument("--agent", default=None, help="only this Agent id's pushes")
+    p.add_argument("--state", default=None, choices=("failed", "expired"),
+                   help="only failed or only expired pushes (default: both)")
+    p.add_argument("--destination", default=None, help="only pushes to this destination")
+    p.add_argument("--control-id", default=None, help="only HL7 pushes with this MSH-10")
+    p.add_argument("--accession", default=None, help="only HL7 pushes with this order number")
+    p.add_argument("--since", type=float, default=None, help="created at or after (epoch s)")
+    p.add_argument("--until", type=float, default=None, help="created before (epoch s)")
+    p.add_argument("--limit", type=int, default=500, help="retry at most this many (1-500)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medagent.cli_config import add_connection_flags
 
@@ -566,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("cancel", "cancel a queued push"),
                        ("resend", "send a finished push's message again, as a new push")):
         p = relay_command(pushes, name, f"cmd_pushes_{name}", verb)
+        if name == "retry":  # one push, or --all with filters (medagent.cli_ops)
+            add_bulk_retry_flags(p)
+            continue
         p.add_argument("id", help="AgentPush id")
     p = relay_command(sub, "tail", "cmd_tail", "follow pushes as they arrive and change state")
     p.add_argument("--agent", default=None, help="only this Agent id's pushes")

@@ -241,7 +241,51 @@ def cmd_pushes_show(args: argparse.Namespace, run: Runner) -> int:
 
 
 def cmd_pushes_retry(args: argparse.Namespace, run: Runner) -> int:
+    if getattr(args, "all", False) or args.id is None:
+        return cmd_pushes_retry_all(args, run)
     return _push_op(args, run, "POST", "/$retry", "pushes retry")
+
+
+#: the most pushes one ``pushes retry --all`` asks the relay to retry (its cap, too)
+MAX_BULK_RETRY = 500
+BULK_HEADER = ["ID", "RESULT", "REASON"]
+
+
+def cmd_pushes_retry_all(args: argparse.Namespace, run: Runner) -> int:
+    """
+    ``pushes retry --all [filters]``: one ``POST AgentPush/$retry`` with the filters; a line
+    per push and the counts (or ``--json``); exit 1 when any matched push was not retried
+    (skipped, or left over the cap).
+    """
+    if args.id is not None and args.all:
+        print("medagent: give a push id or --all, not both", file=sys.stderr)
+        return 2
+    if not args.all:
+        print("medagent: pushes retry needs a push id, or --all with filters",
+              file=sys.stderr)
+        return 2
+    if not 1 <= args.limit <= MAX_BULK_RETRY:
+        print(f"medagent: --limit must be between 1 and {MAX_BULK_RETRY}", file=sys.stderr)
+        return 2
+    answer: dict[str, Any] = {}
+
+    async def go(client: Any) -> None:
+        params = {"_count": str(args.limit)}
+        for flag, param in LIST_FILTERS:
+            if getattr(args, flag, None) is not None:
+                params[param] = str(getattr(args, flag))
+        answer.update(await client.request_json("POST", "/fhir/R4/AgentPush/$retry",
+                                                params=params))
+        emit(args, answer, lambda: table(
+            [[p.get("id"), p.get("result"), p.get("reason")] for p in answer.get("pushes")
+             or []], BULK_HEADER)
+            + f"\n# {answer.get('matched')} matched: {answer.get('retried')} retried, "
+              f"{answer.get('skipped')} skipped, {answer.get('remaining')} left")
+
+    rc = run(args, "pushes retry --all", go)
+    if rc == 0 and (answer.get("skipped") or answer.get("remaining")):
+        return 1
+    return rc
 
 
 def cmd_pushes_resend(args: argparse.Namespace, run: Runner) -> int:

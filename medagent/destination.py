@@ -5,10 +5,12 @@ Destination URLs (``mllp://host:port?encoding=...``, ``astm+serial:///dev/ttyS0?
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import posixpath
 import re
 import socket
+from types import MappingProxyType
 from typing import Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -27,7 +29,8 @@ class Destination:
     port: int | None
     path: str = ""
     user: str | None = None
-    params: Mapping[str, str] = attr.ib(factory=dict)
+    #: read-only (a parsed destination is shared: L{parse_destination} caches it)
+    params: Mapping[str, str] = attr.ib(factory=lambda: MappingProxyType({}))
 
     @property
     def key(self) -> str:
@@ -128,9 +131,11 @@ def normalise_host(host: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)
 def device_key(scheme: str, host: str, port: int | None, path: str = "",
                user: str | None = None) -> str:
-    """The lane key of a device from its parts (see L{Destination.key})."""
+    """The lane key of a device from its parts (see L{Destination.key}); a pure function,
+    cached: every push asks it of the same few devices several times on its way."""
     scheme = scheme.lower()
     family = _SCHEME_FAMILY.get(scheme, scheme)
     if scheme.endswith("+serial"):
@@ -155,18 +160,35 @@ def lane_key(remote: str) -> str:
         return remote
 
 
+#: URLs longer than this are parsed every time instead of cached (the cache stays small).
+_CACHED_URL = 512
+
+
 def parse_destination(url: str, *, needs_port: bool = True) -> Destination:
     """
     Split C{url} into its parts.  Serial schemes (``...+serial``) carry a device path instead
-    of host and port.
+    of host and port.  The result is immutable and cached (a push's destination is parsed by
+    the relay's checks, its lane, its metrics and the agent's dispatch: one parse serves
+    them all); a URL that does not parse raises every time.
     """
     if not isinstance(url, str) or "://" not in url:
         raise DestinationError(f"Destination is not a URL: {url!r}")
+    if len(url) <= _CACHED_URL:
+        return _parse_cached(url, needs_port)
+    return _parse(url, needs_port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(url: str, needs_port: bool) -> Destination:
+    return _parse(url, needs_port)
+
+
+def _parse(url: str, needs_port: bool) -> Destination:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if not scheme:
         raise DestinationError(f"Destination has no scheme: {url!r}")
-    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    params = MappingProxyType(dict(parse_qsl(parts.query, keep_blank_values=True)))
     if scheme.endswith("+serial"):
         path = unquote(parts.path)
         if not path:

@@ -457,6 +457,67 @@ class PushJournalContract:
                          (1, 0.0, j.FAILED, "AE from device"))
         self.assertEqual(await self.journal.lane_summaries("nobody"), [])
 
+    async def test_trends_count_created_failed_and_open_per_bucket(self) -> None:
+        hour = 3600.0
+        t0 = self.clock.seconds()
+        start = j.trend_window(t0 + 3 * hour, hour, 4)  # 4 hours, the last holds t0 + 3 h
+        self.assertEqual(start % hour, 0.0)
+        # before the window: one still open (depth from the start), one finished before it
+        # (not read at all), one finished inside it
+        self.clock.advance(start - t0 - 600)
+        old_open = await self.journal.create(self.push())
+        gone = await self.journal.create(self.push())
+        await self.journal.transition(gone, j.DELIVERED)
+        old_done = await self.journal.create(self.push())
+        self.clock.advance(600 + 60)  # bucket 0
+        await self.journal.transition(old_done, j.DELIVERED)
+        a = await self.journal.create(self.push())
+        b = await self.journal.create(self.push())
+        other = await self.journal.create(self.push(agent="a2"))
+        self.clock.advance(hour)  # bucket 1
+        await self.journal.transition(a, j.FAILED, error="AE")
+        await self.journal.transition(other, j.EXPIRED)
+        self.clock.advance(hour)  # bucket 2
+        await self.journal.transition(b, j.DELIVERED)
+        retried = await self.journal.create(self.push())
+        await self.journal.transition(retried, j.FAILED)
+        await self.journal.transition(retried, j.QUEUED)  # a retry reopens it
+        self.clock.advance(hour)  # bucket 3 (now)
+        await self.journal.flushed()
+        found = await self.journal.trends(start, hour, 4)
+        self.assertEqual(set(found), {"a1", "a2"})
+        a1 = found["a1"]
+        self.assertEqual((a1.start, a1.width, a1.end), (start, hour, start + 4 * hour))
+        self.assertEqual(a1.created, (2, 0, 1, 0))
+        self.assertEqual(a1.failed, (0, 1, 0, 0))
+        # open at each end: old_open (+ old_done in bucket 0 ends), a, b, then retried
+        self.assertEqual(a1.depth, (3, 2, 2, 2))
+        self.assertEqual(found["a2"], j.Trend(start, hour, (1, 0, 0, 0), (0, 1, 0, 0),
+                                              (1, 0, 0, 0)))
+        self.assertEqual(await self.journal.trends(start, hour, 4, agent_id="a2"),
+                         {"a2": found["a2"]})
+        self.assertEqual(await self.journal.trends(start, hour, 4, agent_id="nobody"), {})
+        # quarter hours: the same pushes, finer
+        quarters = (await self.journal.trends(start, hour / 4, 16))["a1"]
+        self.assertEqual(sum(quarters.created), 3)
+        self.assertEqual(quarters.depth[-1], 2)
+        self.assertEqual(quarters.failed[4:8], (1, 0, 0, 0))
+        for width, count in ((0, 4), (hour, 0), (hour, j.MAX_TREND_BUCKETS + 1)):
+            self.assertRaises(ValueError, self.journal.trends, start, width, count)
+        self.assertIsNotNone(old_open.seq)
+
+    async def test_a_retried_expired_push_is_not_expired_again(self) -> None:
+        p = await self.journal.create(self.push(expires_at=self.clock.seconds() + 5))
+        self.clock.advance(10)
+        self.assertEqual(await self.journal.expire_overdue(), 1)
+        again = await self.journal.get(p.id)
+        again.expires_at = None  # what a retry does
+        await self.journal.transition(again, j.QUEUED, error="")
+        await self.journal.flushed()
+        self.assertEqual(await self.journal.expire_overdue(), 0)
+        got = await self.journal.get(p.id)
+        self.assertEqual((got.state, got.expires_at), (j.QUEUED, None))
+
     async def test_counts_expire_and_prune(self) -> None:
         due = await self.journal.create(self.push(expires_at=self.clock.seconds() + 10))
         keep = await self.journal.create(self.push())

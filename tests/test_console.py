@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -572,6 +572,91 @@ class Sessions(SynchronousTestCase):
         self.assertNotEqual(c.id, d.id)
         store.drop_client("c1")
         self.assertEqual(len(store), 0)
+
+
+class MemorySharedSessions:
+    """L{ConsoleSessions} in a dict on a Clock: what nodes sharing a database share."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.rows: dict[bytes, tuple[Any, float]] = {}
+
+    def add(self, session: Any) -> Deferred[None]:
+        self.rows[session.id_hash] = (session, self.clock.seconds())
+        return succeed(None)
+
+    def use(self, id_hash: bytes, idle: float) -> Deferred[Any]:
+        row = self.rows.get(id_hash)
+        if row is None or self.clock.seconds() - row[1] > idle:
+            return succeed(None)
+        self.rows[id_hash] = (row[0], self.clock.seconds())
+        return succeed(row[0])
+
+    def drop(self, id_hash: bytes) -> Deferred[None]:
+        self.rows.pop(id_hash, None)
+        return succeed(None)
+
+    def drop_client(self, client_id: str) -> Deferred[None]:
+        for k in [k for k, (s, _) in self.rows.items() if s.client_id == client_id]:
+            del self.rows[k]
+        return succeed(None)
+
+    def prune(self, idle: float) -> Deferred[int]:
+        return succeed(0)
+
+
+class SharedSessions(SynchronousTestCase):
+    """Two nodes' L{SessionStore}s over one shared store."""
+
+    def nodes(self) -> tuple[Clock, MemorySharedSessions, SessionStore, SessionStore]:
+        clock = Clock()
+        shared = MemorySharedSessions(clock)
+        return (clock, shared, SessionStore(clock, idle=60, shared=shared),
+                SessionStore(clock, idle=60, shared=shared))
+
+    def found(self, store: SessionStore, session_id: str) -> Any:
+        return self.successResultOf(ensureDeferred(store.find(session_id)))
+
+    def test_signed_in_on_one_node_is_signed_in_on_the_other(self) -> None:
+        clock, shared, a, b = self.nodes()
+        session = self.successResultOf(ensureDeferred(a.open(Principal("c1", OPERATOR))))
+        self.assertNotIn(session.id.encode(), b"".join(shared.rows))  # only its hash is kept
+        on_b = self.found(b, session.id)
+        self.assertEqual((on_b.principal, on_b.csrf), (session.principal, session.csrf))
+        self.assertIsNone(self.found(b, "forged"))
+        self.assertIsNone(self.found(b, None))
+
+    def test_sign_out_on_one_node_ends_it_on_the_other_within_recheck(self) -> None:
+        clock, shared, a, b = self.nodes()
+        session = self.successResultOf(ensureDeferred(a.open(Principal("c1", OPERATOR))))
+        self.assertIsNotNone(self.found(b, session.id))
+        self.successResultOf(ensureDeferred(a.close(session.id)))
+        self.assertIsNone(self.found(a, session.id))
+        clock.advance(b.recheck)
+        self.assertIsNone(self.found(b, session.id))
+
+    def test_use_on_either_node_keeps_it_alive_and_idleness_ends_it(self) -> None:
+        clock, shared, a, b = self.nodes()
+        session = self.successResultOf(ensureDeferred(a.open(Principal("c1", OPERATOR))))
+        for store in (b, a, b, a):
+            clock.advance(40)  # idle 60: alive because the other node used it meanwhile
+            self.assertIsNotNone(self.found(store, session.id))
+        clock.advance(61)
+        self.assertIsNone(self.found(a, session.id))
+        self.assertIsNone(self.found(b, session.id))
+
+    def test_revoked_client_ends_everywhere(self) -> None:
+        clock, shared, a, b = self.nodes()
+        session = self.successResultOf(ensureDeferred(a.open(Principal("c1", OPERATOR))))
+        a.drop_client("c1")
+        clock.advance(b.recheck)
+        self.assertIsNone(self.found(b, session.id))
+
+    def test_a_shared_store_that_fails_signs_nobody_in(self) -> None:
+        clock, shared, a, b = self.nodes()
+        shared.add = lambda s: fail(RuntimeError("database away"))  # type: ignore[method-assign]
+        self.failureResultOf(ensureDeferred(a.open(Principal("c1", OPERATOR))), RuntimeError)
+        self.assertEqual(len(a), 0)
 
 
 class Rendering(SynchronousTestCase):

@@ -62,3 +62,34 @@ class ConsoleOnTwoNodes(_TwoNodes):
             self.assertIn(">delivered<", text)
 
         return ensureDeferred(go())
+
+    def test_a_sign_in_holds_on_every_node_and_a_sign_out_ends_it_everywhere(self
+                                                                            ) -> Deferred:
+        async def go() -> None:
+            operator = await self.create_client("operator")
+            node_b = await self.node_b()
+            pool = HTTPConnectionPool(reactor)
+            self.addCleanup(pool.closeCachedConnections)
+            on_b = Browser(self, node_b.url, pool)
+            self.assertEqual(await on_b.login(operator), 303)
+            on_a = Browser(self, self.relay.url, pool)
+            on_a.cookie = on_b.cookie  # the balancer sends the next request to node A
+            code, text, _ = await on_a.get("/console/fleet")
+            self.assertEqual(code, 200)
+            self.assertEqual(on_a.csrf, on_b.csrf)  # one session, one CSRF token
+            code, _, _ = await on_a.get("/console/messages")
+            self.assertEqual(code, 200)
+            code, _, headers = await on_a.post("/console/logout")
+            self.assertEqual(code, 303)
+
+            async def signed_out_on_b() -> bool:
+                code, _, headers = await on_b.get("/console/fleet")
+                return code == 303 and headers.getRawHeaders("location") == [
+                    "/console/login"]
+
+            await procs.wait_until(signed_out_on_b, timeout=15, what="sign-out on node B")
+            on_a.cookie = on_b.cookie = None
+            self.assertEqual(await on_a.login(operator), 303)
+
+        return ensureDeferred(go())
+

@@ -539,14 +539,18 @@ class RelayService(service.MultiService):
             max_message_size=max_message_size,
             connect_timeout=connect_timeout,
         )
+        shared_sessions = None
         if storage is not None and storage.backend == "postgresql":
             # relay nodes on one database: one session per agent across all of them
             from medagent.storage.postgres import (
                 PgAgentCalls,
                 PgAgentSessions,
+                PgConsoleSessions,
                 PgNotices,
                 PgSigningKeys,
             )
+
+            shared_sessions = PgConsoleSessions(storage.db)
 
             self.hub.agent_sessions = PgAgentSessions(storage.db)
             self._key_ring = _KeyRingRefresh(reactor, self.authority,
@@ -615,7 +619,8 @@ class RelayService(service.MultiService):
                                self.pushes, self.console_events, base_url=base_url,
                                throttle=self.api.login_throttle, idle=console_idle,
                                alert_offline=alert_offline_minutes * 60,
-                               alert_queue_age=alert_queue_minutes * 60)
+                               alert_queue_age=alert_queue_minutes * 60,
+                               shared_sessions=shared_sessions)
         self.console.inbound = self.inbound
         self.channels.recorded.append(  # live: each message recorded here (no payload)
             lambda m: self.console_events.publish("inbound", inbound_event(m)))

@@ -32,8 +32,9 @@ from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
     from medagent.storage.inbound import InboundMessage
-    from medagent.storage.journal import Push
-    from medagent.storage.records import Delivery, NewDelivery, StoredClient
+    from medagent.storage.journal import Push, Trend
+    from medagent.storage.records import (Delivery, NewDelivery, SharedConsoleSession,
+                                          StoredClient)
 
 
 # -- resources -----------------------------------------------------------------------------
@@ -155,7 +156,8 @@ class PushJournal(Protocol):
         """
         Move C{push} to C{state}: the object at once, the journal in call order.  C{error}
         and C{reply} replace the last ones when given; C{count_attempt} adds one attempt;
-        C{in_doubt}, once set, stays set.
+        C{in_doubt}, once set, stays set.  The push's C{expires_at} is written too (a retry
+        clears it, so the expiry sweep leaves the retried push alone).
         """
 
     def find_by_key(self, requester: str, key: str) -> Deferred["Push | None"]:
@@ -226,6 +228,17 @@ class PushJournal(Protocol):
         One entry per device URL the agent's pushes went to, by URL (at most 500):
         C{remote}, C{open}, C{oldestOpenAgeSeconds}, C{lastState}, C{lastUpdated} and
         C{lastError} of its newest final push (None each when it has none).
+        """
+
+    def trends(self, start: float, width: float, count: int, agent_id: str | None = None
+               ) -> Deferred[dict[str, "Trend"]]:
+        """
+        By agent id (only C{agent_id}'s when given; agents with no push in the window
+        left out): a L{medagent.storage.journal.Trend} over C{count} buckets of C{width}
+        seconds from C{start}: pushes created, ended failed or expired, and open at each
+        bucket's end.  One query, reading only pushes open now or updated since C{start}
+        (indexed: never a scan of older rows).  C{width} > 0 and 1 <= C{count} <=
+        L{medagent.storage.journal.MAX_TREND_BUCKETS}, else ValueError (raised).
         """
 
     def expire_overdue(self) -> Deferred[int]:
@@ -387,6 +400,31 @@ class AgentSessions(Protocol):
 
     def holder(self, agent_id: str) -> Deferred[str | None]:
         """The node holding a live session for C{agent_id}, or C{None}."""
+
+
+class ConsoleSessions(Protocol):
+    """
+    The console's sign-in sessions, for relay nodes that share a database: a browser signed
+    in on one node is signed in on every node behind the balancer, and signing out (or the
+    client's revocation) ends it on all of them.  Idle expiry runs on the database's clock.
+    """
+
+    def add(self, session: "SharedConsoleSession") -> Deferred[None]:
+        """Keep a new session (fires once it is committed: the next page may hit another
+        node)."""
+
+    def use(self, id_hash: bytes, idle: float) -> Deferred["SharedConsoleSession | None"]:
+        """The session, marked used now, or C{None}: unknown, ended, or unused for longer
+        than C{idle} seconds."""
+
+    def drop(self, id_hash: bytes) -> Deferred[None]:
+        """End the session (sign-out)."""
+
+    def drop_client(self, client_id: str) -> Deferred[None]:
+        """End every session of a client (it was revoked)."""
+
+    def prune(self, idle: float) -> Deferred[int]:
+        """Forget sessions unused for longer than C{idle}; fires with how many."""
 
 
 class ClusterNotices(Protocol):

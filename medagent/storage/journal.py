@@ -384,3 +384,109 @@ def agent_summary_rows(conn: Any, mark: str, since: float) -> dict[str, dict[str
                                                  "failedSince": 0})
         entry["failedSince"] = row["n"]
     return out
+
+
+# -- trends (the console's last 24 hours) ---------------------------------------------------
+
+#: Final states the trends count as failures (a push that ended without reaching the device).
+FAILURE_STATES = (FAILED, EXPIRED)
+#: The most buckets one trends read may ask for (a day of 5-minute buckets).
+MAX_TREND_BUCKETS = 288
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Trend:
+    """
+    One agent's (or the fleet's) pushes over C{len(created)} buckets of C{width} seconds
+    from C{start}: C{created} (pushes journaled in the bucket), C{failed} (pushes that ended
+    failed or expired in it) and C{depth} (pushes open at the bucket's end: journaled before
+    it and not finished by it).  A finished push's end is its C{updated}: nothing moves a
+    finished push but a retry, which reopens it; so a retried push counts by its latest
+    outcome, and as open from its creation to that outcome.
+    """
+
+    start: float
+    width: float
+    created: tuple[int, ...]
+    failed: tuple[int, ...]
+    depth: tuple[int, ...]
+
+    @property
+    def end(self) -> float:
+        return self.start + self.width * len(self.created)
+
+    def bucket_start(self, k: int) -> float:
+        return self.start + self.width * k
+
+
+def trend_window(now: float, width: float, count: int) -> float:
+    """
+    The start of C{count} buckets of C{width} s aligned on multiples of C{width} (whole hours
+    for hourly buckets), the last one holding C{now}; the same buckets on every node.
+    """
+    check_trend_buckets(width, count)
+    return (math.floor(now / width) + 1 - count) * width
+
+
+def check_trend_buckets(width: float, count: int) -> None:
+    """A programming error (ValueError) unless C{width} > 0 and 1 <= C{count} <= the max."""
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError("a trend bucket must be a positive number of seconds")
+    if not (isinstance(count, int) and 1 <= count <= MAX_TREND_BUCKETS):
+        raise ValueError(f"trends have 1 to {MAX_TREND_BUCKETS} buckets")
+
+
+#: the kinds of row a backend's trends query returns (L{trends_from_rows})
+TREND_CREATED, TREND_FAILED, TREND_DONE = "c", "f", "d"
+
+
+def trends_from_rows(rows: Any, start: float, width: float, count: int
+                     ) -> dict[str, Trend]:
+    """
+    The L{Trend} of each agent from a backend's trends query: rows of C{agent_id}, C{kind}
+    (L{TREND_CREATED}: by creation bucket, -1 for before C{start}; L{TREND_FAILED} /
+    L{TREND_DONE}: by the bucket it ended in, failed or otherwise), C{bucket} and C{n}.
+    Only pushes open now or finished since C{start} are in the rows, so an open push
+    created before C{start} is open at C{start} (the queue depth the window starts with).
+    """
+    acc: dict[str, tuple[list[int], list[int], list[int], list[int]]] = {}
+    for r in rows:
+        created, failed, ended, base = acc.setdefault(
+            r["agent_id"], ([0] * count, [0] * count, [0] * count, [0]))
+        b, n, kind = int(r["bucket"]), int(r["n"]), r["kind"]
+        if b >= count:  # (a clock ahead of ours: it happened now)
+            b = count - 1
+        if kind == TREND_CREATED:
+            if b < 0:
+                base[0] += n
+            else:
+                created[b] += n
+        elif b >= 0:
+            ended[b] += n
+            if kind == TREND_FAILED:
+                failed[b] += n
+    out: dict[str, Trend] = {}
+    for agent_id, (created, failed, ended, base) in acc.items():
+        depth, open_now = [], base[0]
+        for k in range(count):
+            open_now += created[k] - ended[k]
+            depth.append(max(0, open_now))
+        out[agent_id] = Trend(start, width, tuple(created), tuple(failed), tuple(depth))
+    return out
+
+
+def empty_trend(start: float, width: float, count: int) -> Trend:
+    """No push at all in the window."""
+    zeros = (0,) * count
+    return Trend(start, width, zeros, zeros, zeros)
+
+
+def trend_total(trends: Any, start: float, width: float, count: int) -> Trend:
+    """The sum of several agents' trends over the same buckets (the whole fleet)."""
+    created, failed, depth = [0] * count, [0] * count, [0] * count
+    for t in trends:
+        for k in range(count):
+            created[k] += t.created[k]
+            failed[k] += t.failed[k]
+            depth[k] += t.depth[k]
+    return Trend(start, width, tuple(created), tuple(failed), tuple(depth))

@@ -31,6 +31,24 @@ class StoredClient:
     revoked: bool = False
 
 
+# -- console sessions shared by relay nodes ----------------------------------------------
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SharedConsoleSession:
+    """
+    A console sign-in as the nodes share it (L{ConsoleSessions}): who signed in, and the
+    session's CSRF token.  Keyed by the SHA-256 of the cookie's id, never the id itself.
+    """
+
+    id_hash: bytes
+    client_id: str
+    role: str
+    agents: frozenset[str]
+    name: str | None
+    csrf: str
+
+
 # -- subscription deliveries ---------------------------------------------------------------
 
 PENDING, DELIVERED, FAILED, CANCELLED = "pending", "delivered", "failed", "cancelled"

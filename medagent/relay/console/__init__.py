@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -32,9 +33,10 @@ from medagent.relay.console.alerts import (
 from medagent.relay.console.events import EventBroker, ObservedJournal
 from medagent.relay.console.resource import (MAX_AGENTS, ConsoleResource, audit_event,
                                              own_origin)
+from medagent.relay.console.resource import TREND_BUCKETS, TREND_WIDTH
 from medagent.relay.console.sessions import DEFAULT_IDLE, SessionStore
 from medagent.relay.limits import LoginThrottle
-from medagent.storage.journal import Push
+from medagent.storage.journal import Push, Trend, trend_window
 
 __all__ = ["Console", "EventBroker", "ObservedJournal", "DEFAULT_IDLE",
            "DEFAULT_OFFLINE_MINUTES", "DEFAULT_QUEUE_MINUTES"]
@@ -52,7 +54,8 @@ class Console:
                  pushes: Any, broker: EventBroker, *, base_url: str | None = None,
                  throttle: LoginThrottle | None = None, idle: float = DEFAULT_IDLE,
                  alert_offline: float | None = DEFAULT_OFFLINE_MINUTES * 60,
-                 alert_queue_age: float | None = None) -> None:
+                 alert_queue_age: float | None = None,
+                 shared_sessions: Any = None) -> None:
         self.clock = clock
         self.authority = authority
         self.store = store
@@ -64,7 +67,7 @@ class Console:
         self.inbound: Any = None
         self.base_url = base_url
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
-        self.sessions = SessionStore(clock, idle=idle)
+        self.sessions = SessionStore(clock, idle=idle, shared=shared_sessions)
         self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline,
                                    journal=journal, queue_age_after=alert_queue_age) \
             if alert_offline or alert_queue_age else None
@@ -123,6 +126,16 @@ class Console:
                        else None)
         return row
 
+    async def trends(self, agent_id: str | None = None
+                     ) -> tuple[float, dict[str, Trend]]:
+        """
+        The last L{TREND_BUCKETS} buckets of L{TREND_WIDTH} s (whole hours, the last one
+        now's) by agent: one journal read (the same on every node), and its start.
+        """
+        start = trend_window(self.now(), TREND_WIDTH, TREND_BUCKETS)
+        return start, await self.journal.trends(start, TREND_WIDTH, TREND_BUCKETS,
+                                                agent_id=agent_id)
+
     async def audit_payload_view(self, principal: Principal, push: Push, address: str
                                  ) -> None:
         await self.store.create(audit_event(principal, push, address, self.now()))
@@ -166,18 +179,28 @@ class Console:
         return _ConsoleService(self)
 
 
-class _ConsoleService(service.Service):
-    """Starts the alert checks; on stop ends them and every live stream."""
+#: Seconds between prunes of the shared sessions' idle rows (cluster only).
+PRUNE_SESSIONS = 600.0
+
+
+class _ConsoleService(service.MultiService):
+    """Starts the alert checks (and on a cluster the prune of idle shared sessions); on
+    stop ends them and every live stream."""
 
     def __init__(self, console: Console) -> None:
+        super().__init__()
         self.console = console
+        if console.sessions.shared is not None:
+            prune = TimerService(PRUNE_SESSIONS, console.sessions.prune)
+            prune.clock = console.clock
+            prune.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
         if self.console.alerts is not None:
             self.console.alerts.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         if self.console.alerts is not None:
             self.console.alerts.stop()
         self.console.broker.close()

@@ -74,6 +74,7 @@ def page(title: str, body: str, *, who: Any = None, csrf: str | None = None,
         for key, label, href in (("fleet", "Fleet", "/fleet"),
                                  ("messages", "Messages", "/messages"),
                                  ("inbound", "Inbound", "/inbound"),
+                                 ("trends", "Trends", "/trends"),
                                  ("alerts", "Alerts", "/alerts")):
             mark = ' aria-current="page"' if key == current else ""
             badge = (f' <span class="badge" id="alert-count">{alerts}</span>'
@@ -177,8 +178,10 @@ def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> 
 
 
 def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: float, *,
-               can_act: bool, csrf: str, extra: str = "", **layout: Any) -> bytes:
-    """An agent's page; C{extra} is HTML (escaped already) after its lanes (its channels)."""
+               can_act: bool, csrf: str, trends: str = "", channels: str = "",
+               **layout: Any) -> bytes:
+    """An agent's page; C{trends} and C{channels} are HTML (escaped already) after its
+    lanes."""
     agent_id = row["id"]
     state = "online" if row["connected"] else "offline"
     facts = (
@@ -215,8 +218,8 @@ def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: 
                           "Last error", ""),
                          lane_rows, ident="lanes", empty="No pushes to this agent yet.")
     name = row.get("name") or agent_id
-    return page(f"Agent {name}", facts + actions + lanes_table + extra, current="fleet",
-                **layout)
+    return page(f"Agent {name}", facts + actions + lanes_table + trends + channels,
+                current="fleet", **layout)
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -254,7 +257,8 @@ SEARCH_FIELDS = (("control_id", "MSH-10 (control id)", "text"),
 
 
 def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: int,
-                  next_cursor: int | None, *, live: bool, **layout: Any) -> bytes:
+                  next_cursor: int | None, *, live: bool, bulk: str = "",
+                  **layout: Any) -> bytes:
     fields = []
     for name, label, kind in SEARCH_FIELDS:
         fields.append(f'<p><label for="f-{name}">{h(label)}</label>'
@@ -277,7 +281,7 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
         query = urlencode({**{k: v for k, v in filters.items() if v},
                            "cursor": str(next_cursor)})
         more = f'<p><a href="{PREFIX}/messages?{h(query)}" rel="next">Older messages</a></p>'
-    return page("Messages", form + table + more, current="messages", **layout)
+    return page("Messages", form + bulk + table + more, current="messages", **layout)
 
 
 #: what each stage of a push's timeline reads as on its page
@@ -412,3 +416,199 @@ def _static(name: str) -> str:
 #: the console's style sheet and its one script (files beside this module, no build step)
 CONSOLE_CSS = _static("console.css")
 CONSOLE_JS = _static("console.js")
+
+
+# -- trends ----------------------------------------------------------------------------------
+
+#: the three charts of a trend: field of L{j.Trend}, heading, what its numbers are
+TREND_SERIES = (("created", "Pushes", "pushes received"),
+                ("failed", "Failures", "pushes that ended failed or expired"),
+                ("depth", "Queue depth", "pushes waiting at the end of each bucket"))
+#: a chart's drawing box (the SVG scales to its column; the height stays)
+CHART_W, CHART_H = 240, 48
+
+
+def _clock(t: float) -> str:
+    """An instant as ``HH:MMZ`` (the charts' axis)."""
+    try:
+        return time.strftime("%H:%MZ", time.gmtime(t))
+    except (OverflowError, ValueError, OSError):
+        return "—"
+
+
+def _span(trend: j.Trend) -> str:
+    """The width of a trend's buckets in words (``1 h``, ``15 min``)."""
+    w = int(trend.width)
+    return f"{w // 3600} h" if w % 3600 == 0 else f"{w // 60} min" if w % 60 == 0 else f"{w} s"
+
+
+def trend_chart(trend: j.Trend, field: str, ident: str, now: float) -> str:
+    """
+    One small chart as inline SVG (no script, no style attribute: the console's CSP):
+    bars for counts, a line for the queue depth.  Its C{<title>} and C{<desc>} (named by
+    C{aria-labelledby}) say what it shows and its numbers in words.
+    """
+    heading, what = next((h_, w) for f, h_, w in TREND_SERIES if f == field)
+    values = [int(v) for v in getattr(trend, field)]
+    n = len(values)
+    top = max(values) if values else 0
+    scale = (CHART_H - 4) / top if top else 0.0
+    step = CHART_W / n if n else CHART_W
+    shapes = []
+    if field == "depth":
+        points = " ".join(f"{(k + 1) * step:.1f},{CHART_H - 1 - v * scale:.1f}"
+                          for k, v in enumerate(values))
+        start_y = f"{CHART_H - 1 - (values[0] * scale if values else 0):.1f}"
+        shapes.append(f'<polyline class="line" fill="none" stroke="#7a4a00" stroke-width="2" '
+                      f'vector-effect="non-scaling-stroke" points="0,{start_y} {points}"/>')
+        summary = (f"{what}: now {values[-1] if values else 0}, at most {top}, over the "
+                   f"last {n} buckets of {_span(trend)} ({_clock(trend.start)} to "
+                   f"{_clock(now)}).")
+    else:
+        for k, v in enumerate(values):
+            if v:
+                height = max(1.0, v * scale)
+                shapes.append(f'<rect class="bar" x="{k * step + 0.5:.1f}" '
+                              f'y="{CHART_H - 1 - height:.1f}" width="{max(step - 1, 0.5):.1f}"'
+                              f' height="{height:.1f}"/>')
+        summary = (f"{what}: {sum(values)} in all, at most {top} in one bucket of "
+                   f"{_span(trend)}, from {_clock(trend.start)} to {_clock(now)}.")
+    fill = ' fill="#a30000"' if field == "failed" else ' fill="#0b4f9c"'
+    return (
+        f'<figure class="trend t-{h(field)}"><figcaption>{h(heading)} '
+        f'<span class="peak">max {top}</span></figcaption>'
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" '
+        f'viewBox="0 0 {CHART_W} {CHART_H}" preserveAspectRatio="none" '
+        f'role="img" aria-labelledby="{h(ident)}-t {h(ident)}-d" focusable="false"{fill}>'
+        f'<title id="{h(ident)}-t">{h(heading)}</title>'
+        f'<desc id="{h(ident)}-d">{h(summary)}</desc>'
+        f'<line class="base" x1="0" y1="{CHART_H - 0.5}" x2="{CHART_W}" y2="{CHART_H - 0.5}" '
+        f'stroke="#bbb" vector-effect="non-scaling-stroke"/>'
+        + "".join(shapes) +
+        f'</svg><p class="axis"><span>{h(_clock(trend.start))}</span>'
+        f'<span>now</span></p></figure>'
+    )
+
+
+def trend_numbers(trend: j.Trend, ident: str) -> str:
+    """The charts' numbers as a table, folded away (for screen readers and for copying)."""
+    rows = "".join(
+        f'<tr><th scope="row">{h(when(trend.bucket_start(k)))}</th><td>{c}</td><td>{f}</td>'
+        f"<td>{d}</td></tr>"
+        for k, (c, f, d) in enumerate(zip(trend.created, trend.failed, trend.depth)))
+    return (f'<details class="numbers"><summary>The numbers, {h(_span(trend))} by '
+            f'{h(_span(trend))}</summary>'
+            + _table(h(f"Buckets of {_span(trend)} (UTC start)"),
+                     ("From", "Pushes", "Failures", "Queue depth at end"), [rows],
+                     ident=f"{ident}-numbers")
+            + "</details>")
+
+
+def trend_block(trend: j.Trend, ident: str, heading: str, now: float, *,
+                level: int = 2) -> str:
+    """A trend's three charts and its numbers, under a heading (C{heading} is HTML)."""
+    charts = "".join(trend_chart(trend, field, f"{ident}-{field}", now)
+                     for field, _, _ in TREND_SERIES)
+    return (f'<section class="trends" id="{h(ident)}" aria-labelledby="{h(ident)}-h">'
+            f'<h{level} id="{h(ident)}-h">{heading}</h{level}>'
+            f'<div class="charts">{charts}</div>{trend_numbers(trend, ident)}</section>')
+
+
+def agent_trends(trend: j.Trend, now: float) -> str:
+    """The agent page's trends (last 24 h)."""
+    n = len(trend.created)
+    span = f"{n} hours" if trend.width == 3600 else f"{n} × {_span(trend)}"
+    return trend_block(trend, "agent-trends", h(f"Trends: the last {span}"), now)
+
+
+def trends_page(total: j.Trend, agents: Sequence[tuple[Mapping[str, Any], j.Trend]],
+                now: float, *, quiet: int, left_out: int, **layout: Any) -> bytes:
+    """
+    The fleet's trends: all agents together, then each agent with pushes in the window
+    (busiest first); C{quiet} agents had none, C{left_out} more are not drawn (the cap).
+    """
+    body = (f"<p>Pushes, failures and queue depth of the last {len(total.created)} buckets "
+            f"of {h(_span(total))}, from the push journal (the same on every relay node). "
+            "Failures are pushes that ended failed or expired; a retried push counts by its "
+            "latest outcome.</p>")
+    body += trend_block(total, "fleet-trends", "All agents", now)
+    for i, (agent, trend) in enumerate(agents):
+        agent_id = agent["id"]
+        heading = (f'<a href="{PREFIX}/agent/{h(u(agent_id))}">'
+                   f'{h(agent.get("name") or agent_id)}</a> <small>{h(agent_id)}</small>')
+        body += trend_block(trend, f"trend-{i}", heading, now, level=3)
+    notes = []
+    if quiet:
+        notes.append(f"{quiet} agent(s) had no push in this time.")
+    if left_out:
+        notes.append(f"{left_out} more agent(s) with pushes are not drawn here; each "
+                     "agent's page has its own.")
+    if notes:
+        body += f'<p class="note">{h(" ".join(notes))}</p>'
+    return page("Trends", body, current="trends", **layout)
+
+
+# -- bulk retry ------------------------------------------------------------------------------
+
+
+def _filter_query(filters: Mapping[str, str]) -> str:
+    return urlencode({k: v for k, v in filters.items() if v})
+
+
+def _filter_words(filters: Mapping[str, str]) -> str:
+    labels = dict((name, label) for name, label, _ in SEARCH_FIELDS)
+    labels["state"] = "State"
+    said = [f"{labels.get(k, k)} = {v}" for k, v in filters.items() if v]
+    return "; ".join(said) or "no filter (every agent)"
+
+
+def bulk_retry_link(filters: Mapping[str, str], count: int) -> str:
+    """The messages page's "Retry all N failed matching this filter" (operators only)."""
+    if count <= 0:
+        return ""
+    return (f'<p class="bulk"><a class="button" id="bulk-retry" '
+            f'href="{PREFIX}/messages/retry?{h(_filter_query(filters))}">'
+            f"Retry all {int(count)} failed matching this filter</a></p>")
+
+
+def bulk_retry_confirm_page(filters: Mapping[str, str], count: int, limit: int, *,
+                            csrf: str, **layout: Any) -> bytes:
+    """The confirm step: what will be retried, how many, and the cap."""
+    query = _filter_query(filters)
+    back = f'<p><a href="{PREFIX}/messages?{h(query)}">Back to the messages</a></p>'
+    if count <= 0:
+        body = "<p>No failed or expired message matches this filter.</p>" + back
+        return page("Retry failed messages", body, current="messages", csrf=csrf, **layout)
+    doing = min(count, limit)
+    cap = (f" Only the newest {limit} are retried by one action; retry again for the "
+           f"{count - limit} left." if count > limit else "")
+    body = (f'<p id="bulk-count" data-count="{int(count)}">{int(count)} failed or expired '
+            f"message(s) match: {h(_filter_words(filters))}.</p>"
+            f"<p>Each is queued again and sent to its device as a single retry would "
+            f"(oldest first), and each retry is recorded in the audit log. At most {limit} "
+            f"per action.{h(cap)}</p>"
+            + action_form(f"/messages/retry?{query}", f"Retry {doing} message(s)", csrf,
+                          name="bulk-retry")
+            + back)
+    return page("Retry failed messages", body, current="messages", csrf=csrf, **layout)
+
+
+def bulk_retry_result_page(filters: Mapping[str, str], done: Any, **layout: Any) -> bytes:
+    """What the bulk retry did (C{done}: a L{medagent.relay.bulk.BulkRetry})."""
+    query = _filter_query(filters)
+    rows = [f'<tr><td><a href="{PREFIX}/message/{h(u(i))}">{h(i)}</a></td>'
+            "<td>retried (queued again)</td><td></td></tr>"
+            for i in done.retried]
+    rows += [f'<tr><td><a href="{PREFIX}/message/{h(u(i))}">{h(i)}</a></td>'
+             f'<td>skipped</td><td class="error">{h(why)}</td></tr>'
+             for i, why in done.skipped]
+    summary = (f'<p class="flash" role="status" id="bulk-result" '
+               f'data-retried="{len(done.retried)}" data-skipped="{len(done.skipped)}">'
+               f"{len(done.retried)} retried, {len(done.skipped)} skipped"
+               + (f", {done.remaining} left over the cap of {done.limit}" if done.remaining
+                  else "") + ".</p>")
+    body = (summary + f"<p>Filter: {h(_filter_words(filters))}.</p>"
+            + _table(h("Messages"), ("Message", "Result", "Why"), rows, ident="bulk-results",
+                     empty="Nothing was retried.")
+            + f'<p><a href="{PREFIX}/messages?{h(query)}">Back to the messages</a></p>')
+    return page("Retry failed messages", body, current="messages", **layout)

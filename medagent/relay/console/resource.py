@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from medagent import wire
 from medagent.fhir import FHIRError
+from medagent.relay import bulk
 from medagent.relay.auth import Principal
 from medagent.relay.http.agent_ops import raise_agent_error
 from medagent.relay.http.context import client_host, read_body
@@ -112,20 +113,44 @@ class ConsoleResource(Resource):
     # -- plumbing ---------------------------------------------------------------------
 
     def _session(self, request: Request) -> ConsoleSession | None:
+        """The session this node remembers for the cookie (for an error page's layout)."""
         raw = request.getCookie(COOKIE)
         return self.console.sessions.get(raw.decode("ascii", "replace") if raw else None,
                                          self.console.authority)
 
+    async def _find_session(self, request: Request) -> ConsoleSession | None:
+        """The cookie's live session, asked of the shared store on a cluster."""
+        raw = request.getCookie(COOKIE)
+        return await self.console.sessions.find(
+            raw.decode("ascii", "replace") if raw else None, self.console.authority)
+
     def _events(self, request: Request) -> Any:
-        session = self._session(request)
-        if session is None:
-            request.setResponseCode(401)
-            return b""
+        def opened(session: ConsoleSession | None) -> None:
+            if request._disconnected:
+                return
+            if session is None:
+                request.setResponseCode(401)
+                request.finish()
+                return
+            self._open_stream(request, session)
+
+        def failed(f: Any) -> None:
+            log.failure("Console: the live stream's session check failed", f)
+            if not request._disconnected:
+                request.setResponseCode(503)
+                request.finish()
+
+        ensureDeferred(self._find_session(request)).addCallbacks(opened, failed)
+        return NOT_DONE_YET
+
+    def _open_stream(self, request: Request, session: ConsoleSession) -> None:
         stream = self.console.broker.open(request, key=session.id)
         if stream is None:
             request.setResponseCode(503)
             request.setHeader(b"Retry-After", b"10")
-            return b"too many live connections\n"
+            request.write(b"too many live connections\n")
+            request.finish()
+            return
         # what may have changed between the page and its stream (asked on every (re)connect):
         # the agents this node holds now, and a message page's push
         stream.send(sse_frame("sessions", self.console.sessions_now()))
@@ -137,7 +162,6 @@ class ConsoleResource(Resource):
             # current(): after every write issued before it, so a transition announced
             # before this stream opened (its write perhaps not committed yet) is seen
             self.console.journal.current(push_id).addCallbacks(now, lambda f: None)
-        return NOT_DONE_YET
 
     def _origin_ok(self, request: Request) -> bool:
         origin = request.getHeader(b"origin")
@@ -198,10 +222,10 @@ class ConsoleResource(Resource):
         if path == ["login"]:
             if method == "POST":
                 return await self._login(request)
-            if self._session(request) is not None:
+            if await self._find_session(request) is not None:
                 return _redirect("/fleet")
             return 200, html.login_page(), _HTML, {}
-        session = self._session(request)
+        session = await self._find_session(request)
         if method == "POST":
             if session is None:
                 raise Refused(403, "Sign in first")
@@ -257,8 +281,8 @@ class ConsoleResource(Resource):
         throttle.succeeded(client_id)
         old = request.getCookie(COOKIE)
         if old:  # a new sign-in never keeps the id the browser had (no session fixation)
-            self.console.sessions.drop(old.decode("ascii", "replace"))
-        session = self.console.sessions.create(principal)
+            await self.console.sessions.close(old.decode("ascii", "replace"))
+        session = await self.console.sessions.open(principal)
         log.info("Console: {client_id} ({role}) signed in from {address}",
                  client_id=principal.client_id, role=principal.role, address=address)
         secure = self.console.secure_cookies(request)
@@ -288,6 +312,7 @@ class ConsoleResource(Resource):
                 except FHIRError:
                     pass
             lanes = await c.journal.lane_summaries(agent["id"])
+            trends = await self._agent_trends(agent["id"])
             channels = ""
             if getattr(c, "inbound", None) is not None:  # the inbound log's view of it
                 channels = inbound_html.channels_section(
@@ -295,7 +320,7 @@ class ConsoleResource(Resource):
                         agent["id"], c.now() - inbound_html.CHANNEL_WINDOW), c.now())
             return 200, html.agent_page(rows[0], lanes, c.now(),
                                         can_act=session.principal.may_operate(),
-                                        extra=channels, **layout), _HTML, {}
+                                        trends=trends, channels=channels, **layout), _HTML, {}
         if path == ["messages"]:
             filters, params, cursor = _search(query)
             if params.get("patient_id") and not session.principal.may_see_payloads():
@@ -303,8 +328,13 @@ class ConsoleResource(Resource):
             found, total, next_cursor = await c.journal.search_page(
                 params, count=PAGE_SIZE, before_seq=cursor)
             live = not any(filters.values()) and cursor is None
+            bulk = await self._bulk_link(session, filters, params)
             return 200, html.messages_page(found, filters, total, next_cursor, live=live,
-                                           **layout), _HTML, {}
+                                           bulk=bulk, **layout), _HTML, {}
+        if path == ["messages", "retry"]:
+            return await self._bulk_confirm(session, query, layout)
+        if path == ["trends"]:
+            return await self._trends(layout)
         if len(path) == 2 and path[0] == "message":
             return await self._message(request, session, path[1], query, layout)
         if path == ["alerts"]:
@@ -382,7 +412,7 @@ class ConsoleResource(Resource):
         c = self.console
         principal = session.principal
         if path == ["logout"]:
-            c.sessions.drop(session.id)
+            await c.sessions.close(session.id)
             c.broker.close_key(session.id)
             request.addCookie(COOKIE, b"", path=PREFIX.encode(), httpOnly=True,
                               secure=c.secure_cookies(request), sameSite="strict",
@@ -407,7 +437,87 @@ class ConsoleResource(Resource):
             log.info("Console: {client_id} reloaded the config of Agent/{agent_id}",
                      client_id=principal.client_id, agent_id=agent["id"])
             return _redirect(f"/agent/{quote(agent['id'], safe='')}?done=reloaded")
+        if path == ["messages", "retry"]:
+            return await self._bulk_retry(request, session)
         raise Refused(404, "No such action")
+
+    # -- trends -----------------------------------------------------------------------
+
+    async def _agent_trends(self, agent_id: str) -> str:
+        c = self.console
+        start, found = await c.trends(agent_id)
+        trend = found.get(agent_id) or j.empty_trend(start, TREND_WIDTH, TREND_BUCKETS)
+        return html.agent_trends(trend, c.now())
+
+    async def _trends(self, layout: dict[str, Any]) -> tuple[int, bytes, str, dict[str, str]]:
+        """The fleet's trends: one journal read for every agent, the busiest drawn."""
+        c = self.console
+        start, found = await c.trends()
+        agents = {a["id"]: a for a in
+                  await c.store.search("Agent", {"_count": [str(MAX_AGENTS)]})}
+        total = j.trend_total(found.values(), start, TREND_WIDTH, TREND_BUCKETS)
+
+        def busy(item: tuple[str, j.Trend]) -> tuple[int, int, str]:
+            agent_id, t = item
+            return (-(sum(t.created) + sum(t.failed) + max(t.depth)), -sum(t.failed), agent_id)
+
+        ranked = sorted(found.items(), key=busy)
+        drawn = [(agents.get(agent_id, {"id": agent_id}), t)
+                 for agent_id, t in ranked[:TREND_AGENTS]]
+        quiet = len([a for a in agents if a not in found])
+        return 200, html.trends_page(total, drawn, c.now(), quiet=quiet,
+                                     left_out=max(0, len(ranked) - TREND_AGENTS),
+                                     **layout), _HTML, {}
+
+    # -- bulk retry ---------------------------------------------------------------------
+
+    async def _bulk_link(self, session: ConsoleSession, filters: dict[str, str],
+                         params: dict[str, str]) -> str:
+        """Operators only: the "Retry all N failed matching this filter" link."""
+        if not session.principal.may_operate() or not bulk.retry_states(params):
+            return ""
+        return html.bulk_retry_link(_bulk_filters(filters),
+                                    await bulk.count_retryable(self.console.journal, params))
+
+    async def _bulk_confirm(self, session: ConsoleSession, query: dict[str, str],
+                            layout: dict[str, Any]) -> tuple[int, bytes, str, dict[str, str]]:
+        principal = session.principal
+        if not principal.may_operate():
+            log.warn("Console: {client_id} ({role}) may not retry in bulk",
+                     client_id=principal.client_id, role=principal.role)
+            raise Refused(403, "Your role may look but not act")
+        filters, params, _ = _search(query)
+        count = (await bulk.count_retryable(self.console.journal, params)
+                 if bulk.retry_states(params) else 0)
+        return 200, html.bulk_retry_confirm_page(_bulk_filters(filters), count,
+                                                 bulk.MAX_BULK_RETRY, **layout), _HTML, {}
+
+    async def _bulk_retry(self, request: Request, session: ConsoleSession
+                          ) -> tuple[int, bytes, str, dict[str, str]]:
+        """POST (CSRF and Origin checked, operators only): retry the filter's failed
+        pushes, through the push service, each audited; a page with the counts."""
+        c = self.console
+        filters, params, _ = _search(self._query(request))
+        if not bulk.retry_states(params):
+            raise Refused(400, "Only failed or expired messages can be retried")
+        done = await bulk.retry_matching(c.pushes, c.journal, c.store, session.principal,
+                                         params, address=client_host(request), now=c.now(),
+                                         via="console", limit=bulk.MAX_BULK_RETRY)
+        layout = self._layout(session)
+        return 200, html.bulk_retry_result_page(_bulk_filters(filters), done, **layout), \
+            _HTML, {}
+
+
+#: the trends: this many buckets of this many seconds (the last 24 hours, hour by hour)
+TREND_BUCKETS = 24
+TREND_WIDTH = 3600.0
+#: the trends page draws this many agents (the busiest); each agent's page has its own
+TREND_AGENTS = 50
+
+
+def _bulk_filters(filters: dict[str, str]) -> dict[str, str]:
+    """The search filters a bulk retry carries (the page cursor is not one)."""
+    return {k: v for k, v in filters.items() if v}
 
 
 _HTML = "text/html; charset=utf-8"

@@ -210,3 +210,49 @@ def _push_doc(push: Push) -> dict[str, Any]:
     except Exception:
         log.failure("Push {push_id} could not be shown; listed by id only", push_id=push.id)
         return {"resourceType": "AgentPush", "id": push.id, "state": push.state}
+
+
+#: the filters ``POST AgentPush/$retry`` takes (those of the list and of the console)
+BULK_FILTERS = ("agent", "state", "destination", "remote", "control_id", "accession",
+                "since", "until")
+
+
+async def retry_matching(ctx: RouteContext) -> Response:
+    """
+    ``POST AgentPush/$retry?agent=&state=&destination=&control_id=&accession=&since=&until=
+    &_count=``: retry every failed (or expired) push matching the filters, at most
+    C{_count} (default and most: L{medagent.relay.bulk.MAX_BULK_RETRY}), each as
+    ``AgentPush/{id}/$retry`` would and audited; answers with the counts (C{matched},
+    C{retried}, C{skipped}, C{remaining}) and each push's result.  Operators and admins.
+    """
+    from medagent.relay import bulk
+    from medagent.relay.http.context import client_host
+
+    principal = ctx.principal
+    if not principal.may_operate():
+        raise forbidden("Bulk retry needs an operator or admin client")
+    params = {k: v[-1] for k, v in ctx.query.items() if k in BULK_FILTERS and v and v[-1]}
+    unknown = sorted(k for k in ctx.query if k not in BULK_FILTERS and k != "_count")
+    if unknown:
+        raise bad_request(f"Unknown filter {unknown[0]!r}; filters: {', '.join(BULK_FILTERS)}")
+    if "agent" in params:
+        params["agent"] = params["agent"].removeprefix("Agent/")
+    if params.get("state") and params["state"] not in bulk.RETRYABLE:
+        raise bad_request(f"state must be one of {', '.join(bulk.RETRYABLE)} (what can be "
+                          "retried)")
+    for bound in ("since", "until"):  # seconds since the epoch
+        if params.get(bound):
+            try:
+                value = float(params[bound])
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and 0 <= value < 253402300800):
+                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+    limit = _int_param({k: v[-1] for k, v in ctx.query.items()}, "_count",
+                       bulk.MAX_BULK_RETRY, 1, bulk.MAX_BULK_RETRY)
+    api = ctx.api
+    now = api.clock.seconds() if api.clock is not None else 0.0
+    done = await bulk.retry_matching(api.pushes, api.journal, api.store, principal, params,
+                                     address=client_host(ctx.request), now=now,
+                                     via="AgentPush/$retry", limit=limit)
+    return json_response(done.to_json())

@@ -116,6 +116,7 @@ ROUTES: tuple[Route, ...] = (
     Route(ANY, "Agent/**/{op}", agent_ops.no_such_path),
     Route("GET", "AgentPush", pushes.list_pushes),
     Route(ANY, "AgentPush", fhir_rest.not_supported),
+    Route("POST", "AgentPush/$retry", pushes.retry_matching),
     Route("GET", "AgentPush/{id}", pushes.read_push),
     Route("POST", "AgentPush/{id}/$retry", pushes.retry),
     Route("POST", "AgentPush/{id}/$cancel", pushes.cancel),

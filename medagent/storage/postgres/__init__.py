@@ -11,6 +11,7 @@ from typing import Any
 
 from medagent.storage.postgres.calls import PgAgentCalls
 from medagent.storage.postgres.clients import PgClientRegistry
+from medagent.storage.postgres.console import PgConsoleSessions
 from medagent.storage.postgres.database import PgDatabase
 from medagent.storage.postgres.deliveries import PgDeliveryQueue
 from medagent.storage.postgres.inbound import PgInboundLog
@@ -22,8 +23,8 @@ from medagent.storage.postgres.sessions import PgAgentSessions
 from medagent.storage.postgres.store import PgStore, PgTransaction
 
 __all__ = ["DATA_TABLES", "MIGRATIONS", "PgAgentCalls", "PgAgentSessions", "PgClientRegistry",
-           "PgDatabase", "PgDeliveryQueue", "PgInboundLog", "PgJournal", "PgNotices",
-           "PgSigningKeys", "PgStore", "PgTransaction", "open_relay_database"]
+           "PgConsoleSessions", "PgDatabase", "PgDeliveryQueue", "PgInboundLog", "PgJournal",
+           "PgNotices", "PgSigningKeys", "PgStore", "PgTransaction", "open_relay_database"]
 
 
 def open_relay_database(reactor: Any, dsn: str, *, size: int = 4) -> PgDatabase:

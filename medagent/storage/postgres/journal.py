@@ -17,20 +17,27 @@ from twisted.internet.defer import Deferred
 from medagent.fhir import not_found
 from medagent.storage.journal import (
     EXPIRED,
+    FAILURE_STATES,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW,
     OPEN_STATES,
     QUEUED,
     STATES,
+    TREND_CREATED,
+    TREND_DONE,
+    TREND_FAILED,
     Push,
+    Trend,
     agent_summary_rows,
     check_not_repeated,
+    check_trend_buckets,
     earlier_by_key,
     earlier_same_message,
     lane_summary,
     push_from_row,
     search_where,
     timeline_text,
+    trends_from_rows,
     write_scopes,
 )
 from medagent.storage.postgres.database import PgDatabase
@@ -135,13 +142,15 @@ class PgJournal:
             push.reply_status, push.reply_content_type, push.reply_body = reply
         values = (push.state, push.updated, push.attempts, push.last_error, push.reply_status,
                   push.reply_content_type, push.reply_body, bool(in_doubt),
-                  timeline_text(push), push.id)
+                  timeline_text(push), push.expires_at, push.id)
 
         def txn(conn: Any) -> Push:
+            # (expires_at too: a retry clears it, or the expiry sweep would expire the
+            # retried push again)
             conn.execute(
                 "UPDATE pushes SET state=%s, updated=%s, attempts=%s, last_error=%s,"
                 " reply_status=%s, reply_content_type=%s, reply_body=%s,"
-                " in_doubt=(in_doubt OR %s), timeline=%s WHERE id=%s", values)
+                " in_doubt=(in_doubt OR %s), timeline=%s, expires_at=%s WHERE id=%s", values)
             return push
 
         return self._db.run_batched(txn)
@@ -305,3 +314,44 @@ class PgJournal:
             return lane_summary(rows, now)
 
         return self._db.run(txn)
+
+    def trends(self, start: float, width: float, count: int, agent_id: str | None = None
+               ) -> Deferred[dict[str, Trend]]:
+        """
+        Pushes created, failed and open per bucket (L{trends_from_rows}), in one query over
+        the rows open now or updated since C{start} (index C{(state, updated)}, or for one
+        agent C{(agent_id, state, seq)}).
+        """
+        check_trend_buckets(width, count)
+        sql, args = trend_query(start, float(width), count, agent_id)
+
+        def txn(conn: Any) -> dict[str, Trend]:
+            return trends_from_rows(conn.execute(sql, args).fetchall(), start, width, count)
+
+        return self._db.run(txn)
+
+
+def trend_query(start: float, width: float, count: int, agent_id: str | None
+                ) -> tuple[str, tuple[Any, ...]]:
+    """The PostgreSQL trends query and its arguments (L{PgJournal.trends})."""
+    agent = " AND agent_id=%s" if agent_id is not None else ""
+    aargs: tuple[Any, ...] = (agent_id,) if agent_id is not None else ()
+    last = count - 1
+    by_created = ("CASE WHEN created<%s THEN -1"
+                  " ELSE LEAST(%s, floor((created-%s)/%s)::int) END")
+    cargs = (start, last, start, width)
+    opens, finals = list(OPEN_STATES), list(FINAL_STATES)
+    sql = (
+        "SELECT agent_id, kind, bucket, count(*) AS n FROM ("
+        f" SELECT agent_id, '{TREND_CREATED}'::text AS kind, {by_created} AS bucket"
+        f"  FROM pushes WHERE state = ANY(%s){agent}"
+        f" UNION ALL SELECT agent_id, '{TREND_CREATED}'::text, {by_created} FROM pushes"
+        f"  WHERE state = ANY(%s) AND updated>=%s{agent}"
+        f" UNION ALL SELECT agent_id, CASE WHEN state = ANY(%s) THEN '{TREND_FAILED}'"
+        f"  ELSE '{TREND_DONE}' END, LEAST(%s, floor((updated-%s)/%s)::int) FROM pushes"
+        f"  WHERE state = ANY(%s) AND updated>=%s{agent}"
+        ") t GROUP BY agent_id, kind, bucket")
+    args = (*cargs, opens, *aargs,
+            *cargs, finals, start, *aargs,
+            list(FAILURE_STATES), last, start, width, finals, start, *aargs)
+    return sql, args

@@ -198,11 +198,29 @@ CREATE INDEX pushes_study ON pushes (study_uid, seq);
 CREATE INDEX pushes_sop ON pushes (sop_uid, seq);
 """
 
+#: The console's sign-in sessions, shared by the nodes (L{medagent.storage.postgres.console}):
+#: a browser signed in on one node is signed in on all of them.  The session id itself is
+#: never stored, only its SHA-256 (whoever reads the table cannot take over a session).
+V9 = """
+CREATE TABLE console_sessions (
+    id_hash BYTEA PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    agents TEXT NOT NULL DEFAULT '[]',
+    name TEXT,
+    csrf TEXT NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    last_seen TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX console_sessions_client ON console_sessions (client_id);
+CREATE INDEX console_sessions_seen ON console_sessions (last_seen);
+"""
+
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
 MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5),
-                                           (7, V7))
+                                           (7, V7), (9, V9))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
                "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys",
-               "inbound")
+               "console_sessions", "inbound")

@@ -22,14 +22,20 @@ from medagent.hl7.message import HL7Error, normalise
 from medagent.hl7.message import control_id as hl7_control_id
 from medagent.storage.journal import (
     EXPIRED,
+    FAILURE_STATES,
     FINAL_STATES,
     IDEMPOTENCY_WINDOW,
     OPEN_STATES,
     QUEUED,
     STATES,
+    TREND_CREATED,
+    TREND_DONE,
+    TREND_FAILED,
     Push,
+    Trend,
     agent_summary_rows,
     check_not_repeated,
+    check_trend_buckets,
     earlier_by_key,
     earlier_same_message,
     lane_summary,
@@ -37,6 +43,7 @@ from medagent.storage.journal import (
     push_from_row,
     search_where,
     timeline_text,
+    trends_from_rows,
 )
 from medagent.storage.sqlite.database import Database
 
@@ -314,13 +321,16 @@ class SQLiteJournal:
             push.reply_content_type,
             push.reply_body,
             timeline_text(push),
+            push.expires_at,
             push.id,
         )
 
         def txn(conn: Any) -> Push:
+            # (expires_at too: a retry clears it, or the expiry sweep would expire the
+            # retried push again)
             conn.execute(
                 "UPDATE pushes SET state=?, updated=?, attempts=?, last_error=?, reply_status=?,"
-                " reply_content_type=?, reply_body=?, timeline=? WHERE id=?",
+                " reply_content_type=?, reply_body=?, timeline=?, expires_at=? WHERE id=?",
                 values,
             )
             if mark_in_doubt:
@@ -548,3 +558,50 @@ class SQLiteJournal:
             return lane_summary(rows, now)
 
         return self._db.run(txn)
+
+    def trends(self, start: float, width: float, count: int, agent_id: str | None = None
+               ) -> Deferred[dict[str, Trend]]:
+        """
+        Pushes created, failed and open per bucket (L{trends_from_rows}), in one query over
+        the rows open now or updated since C{start}: both halves are searches of the
+        C{(state, updated)} index (or, for one agent, of C{(agent_id, state, seq)}).
+        """
+        check_trend_buckets(width, count)
+        return self._db.run(_trend_rows, start, float(width), count, agent_id)
+
+
+def trend_query(start: float, width: float, count: int, agent_id: str | None
+                ) -> tuple[str, tuple[Any, ...]]:
+    """The SQLite trends query and its arguments (L{SQLiteJournal.trends})."""
+    opens, finals = tuple(OPEN_STATES), tuple(FINAL_STATES)
+    om, fm = ",".join("?" * len(opens)), ",".join("?" * len(finals))
+    fails = ",".join("?" * len(FAILURE_STATES))
+    agent = " AND agent_id=?" if agent_id is not None else ""
+    # the finished halves search (state, updated) for one agent too: "+" keeps SQLite from
+    # the (agent_id, state) index, which would read every push the agent ever finished
+    agent_ended = " AND +agent_id=?" if agent_id is not None else ""
+    aargs: tuple[Any, ...] = (agent_id,) if agent_id is not None else ()
+    last = count - 1
+    # (a bucket is a whole number: CAST truncates, and the value is >= 0 where it is used)
+    by_created = "CASE WHEN created<? THEN -1 ELSE min(?, CAST((created-?)/? AS INTEGER)) END"
+    cargs = (start, last, start, width)
+    sql = (
+        "SELECT agent_id, kind, bucket, count(*) AS n FROM ("
+        f" SELECT agent_id, '{TREND_CREATED}' AS kind, {by_created} AS bucket FROM pushes"
+        f"  WHERE state IN ({om}){agent}"
+        f" UNION ALL SELECT agent_id, '{TREND_CREATED}', {by_created} FROM pushes"
+        f"  WHERE state IN ({fm}) AND updated>=?{agent_ended}"
+        f" UNION ALL SELECT agent_id, CASE WHEN state IN ({fails}) THEN '{TREND_FAILED}'"
+        f"  ELSE '{TREND_DONE}' END, min(?, CAST((updated-?)/? AS INTEGER)) FROM pushes"
+        f"  WHERE state IN ({fm}) AND updated>=?{agent_ended}"
+        ") GROUP BY agent_id, kind, bucket")
+    args = (*cargs, *opens, *aargs,
+            *cargs, *finals, start, *aargs,
+            *FAILURE_STATES, last, start, width, *finals, start, *aargs)
+    return sql, args
+
+
+def _trend_rows(conn: Any, start: float, width: float, count: int,
+                agent_id: str | None) -> dict[str, Trend]:
+    sql, args = trend_query(start, width, count, agent_id)
+    return trends_from_rows(conn.execute(sql, args).fetchall(), start, width, count)
