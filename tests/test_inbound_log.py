@@ -549,3 +549,25 @@ class TokenWhileStarting(TestCase):
             await r.content()
 
         return ensureDeferred(go())
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_inbound_flags(self) -> None:
+        from twisted.python import usage
+
+        from medagent.relay.tap import Options
+
+        options = Options()
+        options.parseOptions([])
+        kw = options.service_kwargs()
+        self.assertEqual((kw["inbound_log"], kw["inbound_retention_days"],
+                          kw["inbound_max_rows"]), ("on", 7.0, 1_000_000))
+        options = Options()
+        options.parseOptions(["--inbound-log", "off", "--inbound-retention-days", "0.5",
+                              "--inbound-max-rows", "10"])
+        kw = options.service_kwargs()
+        self.assertEqual((kw["inbound_log"], kw["inbound_retention_days"],
+                          kw["inbound_max_rows"]), ("off", 0.5, 10))
+        for bad in (["--inbound-log", "payloads"], ["--inbound-retention-days", "0"],
+                    ["--inbound-max-rows", "0"], ["--inbound-retention-days", "nan"]):
+            self.assertRaises(usage.UsageError, Options().parseOptions, bad)
