@@ -475,7 +475,8 @@ class InboundPages(TestCase):
         """Least privilege: the inbound log is every device's PHI; only admin reads it."""
 
         async def go() -> None:
-            for creds in (self.pusher_creds, self.agent_creds):
+            for creds in (self.pusher_creds, self.agent_creds, self.operator_creds,
+                          self.viewer_creds):
                 for path in ("/fhir/R4/AgentInbound",
                              f"/fhir/R4/AgentInbound?agent={self.agent['id']}",
                              f"/fhir/R4/AgentInbound/{self.hl7.id}?_payload=true",

@@ -12,8 +12,6 @@ and admins only; a viewer sees neither.
 
 from __future__ import annotations
 
-import calendar
-import time
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlencode
 
@@ -37,35 +35,24 @@ PHI_FIELDS = frozenset(name for name, _, _, phi in SEARCH_FIELDS if phi)
 CHANNEL_WINDOW = 24 * 3600.0
 
 
-class BadSearch(ValueError):
-    """A search field the console refuses (400), with the text to show."""
-
-
 def outcome_badge(outcome: str) -> str:
     return f'<span class="state s-{h(outcome)}" data-field="outcome">{h(outcome)}</span>'
 
 
-def _instant(text: str, name: str) -> float | None:
-    if not text:
-        return None
-    for fmt in ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
-        try:
-            return float(calendar.timegm(time.strptime(text, fmt)))
-        except ValueError:
-            continue
-    raise BadSearch(f"{name} must be a date and time (YYYY-MM-DDTHH:MM, UTC)")
-
-
 def search(query: Mapping[str, str], *, may_see_phi: bool
            ) -> tuple[dict[str, str], dict[str, str], int | None]:
-    """The list's filters as shown, as inbound log parameters, and the page cursor."""
+    """The list's filters as shown, as inbound log parameters, and the page cursor; a bad
+    one is L{resource.Refused} (400; 403 for a patient id from a role that may not see it),
+    as the messages page's (L{resource._search})."""
+    from medagent.relay.console.resource import Refused, _instant
+
     names = [name for name, _, _, _ in SEARCH_FIELDS] + ["outcome"]
     filters = {k: query.get(k, "").strip() for k in names}
     if not may_see_phi and any(filters[k] for k in PHI_FIELDS):
-        raise PermissionError("Your role may not search by patient id")
+        raise Refused(403, "Your role may not search by patient id")
     params = {k: v for k, v in filters.items() if v and k not in ("since", "until", "agent")}
     if params.get("outcome") and params["outcome"] not in OUTCOMES:
-        raise BadSearch(f"outcome must be one of {', '.join(OUTCOMES)}")
+        raise Refused(400, f"outcome must be one of {', '.join(OUTCOMES)}")
     if filters["agent"]:
         params["agent"] = filters["agent"].removeprefix("Agent/")
     for name in ("since", "until"):
@@ -76,7 +63,7 @@ def search(query: Mapping[str, str], *, may_see_phi: bool
     cursor = None
     if raw:
         if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
-            raise BadSearch("cursor must be a whole number")
+            raise Refused(400, "cursor must be a whole number")
         cursor = int(raw)
     return filters, params, cursor
 

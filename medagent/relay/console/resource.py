@@ -358,12 +358,7 @@ class ConsoleResource(Resource):
             raise Refused(404, "The inbound log is off on this relay")
         phi = principal.may_see_payloads()
         if not rest:
-            try:
-                filters, params, cursor = inbound_html.search(query, may_see_phi=phi)
-            except inbound_html.BadSearch as e:
-                raise Refused(400, str(e))
-            except PermissionError as e:
-                raise Refused(403, str(e))
+            filters, params, cursor = inbound_html.search(query, may_see_phi=phi)
             found, total, next_cursor = await log_.search_page(
                 params, count=PAGE_SIZE, before_seq=cursor)
             live = not any(filters.values()) and cursor is None
