@@ -289,7 +289,11 @@ class InboundPages(TestCase):
         self.operator_creds = await auth.create_client(OPERATOR)
         self.viewer_creds = await auth.create_client(VIEWER)
         self.agent = await self.relay.store.create(
-            {"resourceType": "Agent", "name": "Lab", "status": "active"})
+            {"resourceType": "Agent", "name": "Lab", "status": "active", "channel": [
+                {"name": "silent", "endpoint": {"reference": "Endpoint/e1"},
+                 "targetReference": {"reference": "Bot/b1"}},
+                {"name": "pacs", "endpoint": {"reference": "Endpoint/e2"},
+                 "targetReference": {"reference": "Bot/b2"}}]})
         self.pusher_creds = await auth.create_client("pusher", [self.agent["id"]])
         self.agent_creds = await auth.create_client("agent", [self.agent["id"]])
         log = self.relay.inbound
@@ -433,6 +437,10 @@ class InboundPages(TestCase):
             self.assertEqual(code, 200)
             self.assertIn('id="channels"', text)
             self.assertIn('data-channel="pacs"', text)
+            self.assertEqual(text.count('data-channel="pacs"'), 1)
+            # a configured channel that never sent anything: listed, with 0
+            self.assertIn('<tr data-channel="silent"><th scope="row">silent</th>'
+                          '<td data-field="count">0</td>', text)
             self.assertIn("bot-timeout", text)
             self.assertIn("Bot/b1", text)
             self.assertIn("200 AA", text)

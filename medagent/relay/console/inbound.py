@@ -184,22 +184,28 @@ def inbound_detail_page(m: InboundMessage, *, can_see_payload: bool, payload_sho
     return page(title, dl + payload, current="inbound", **layout)
 
 
-def channels_section(agent_id: str, channels: Sequence[Mapping[str, Any]], now: float) -> str:
+def channels_section(agent_id: str, channels: Sequence[Mapping[str, Any]], now: float,
+                     configured: Sequence[str] = ()) -> str:
     """The agent page's "Channels": per channel, messages in the last 24 h, the last one's
-    time and what its Bot answered."""
+    time and what its Bot answered; a C{configured} channel (``Agent.channel[].name``) that
+    never sent anything is listed too (a silent device is what to look for)."""
+    known = {c["channel"] for c in channels}
+    channels = list(channels) + [{"channel": name, "count": 0} for name in
+                                 dict.fromkeys(configured) if name not in known]
     rows = []
     for c in channels:
         search = urlencode({"agent": agent_id, "channel": c["channel"]})
         last = c.get("lastReceived")
         answer = " ".join(str(x) for x in (c.get("lastStatus"), c.get("lastAck"))
                           if x is not None) or "—"
-        result = outcome_badge(str(c.get("lastOutcome") or "—"))
+        result = outcome_badge(str(c["lastOutcome"])) if c.get("lastOutcome") else "—"
         if c.get("lastErrorKind"):
             result += f' <span class="error">{h(c["lastErrorKind"])}</span>'
         rows.append(
             f'<tr data-channel="{h(c["channel"])}"><th scope="row">{h(c["channel"])}</th>'
             f'<td data-field="count">{int(c.get("count") or 0)}</td>'
-            f'<td>{h(when(last))} ({h(age(now - last) if last is not None else "—")} ago)</td>'
+            f'<td>{h(when(last))}{h(f" ({age(now - last)} ago)" if last is not None else "")}'
+            '</td>'
             f'<td>{h(c.get("lastBot") or "—")}</td><td>{result} {h(answer)}</td>'
             f'<td><a href="{PREFIX}/inbound?{h(search)}">inbound</a></td></tr>')
     return _table(h("Channels (inbound, last 24 h)"),

@@ -317,7 +317,9 @@ class ConsoleResource(Resource):
             if getattr(c, "inbound", None) is not None:  # the inbound log's view of it
                 channels = inbound_html.channels_section(
                     agent["id"], await c.inbound.channel_summaries(
-                        agent["id"], c.now() - inbound_html.CHANNEL_WINDOW), c.now())
+                        agent["id"], c.now() - inbound_html.CHANNEL_WINDOW), c.now(),
+                    [str(ch.get("name")) for ch in agent.get("channel") or []
+                     if isinstance(ch, dict) and ch.get("name")])
             return 200, html.agent_page(rows[0], lanes, c.now(),
                                         can_act=session.principal.may_operate(),
                                         trends=trends, channels=channels, **layout), _HTML, {}
