@@ -897,3 +897,13 @@ class InboundLogContract:
         found, total, _ = await self.inbound.search_page({}, count=10)
         self.assertEqual([m.id for m in found], [m.id for m in made[3:]][::-1])
         self.assertEqual(await self.inbound.prune(0.0, max_rows=3), 0)
+
+    async def test_prune_deletes_at_most_limit_a_call_oldest_first(self) -> None:
+        made = [await self.inbound.add(self.message(id=self.inbound.new_id(),
+                                                    received=float(i)))
+                for i in range(7)]
+        self.assertEqual(await self.inbound.prune(5.0, limit=2), 2)  # received 0 and 1
+        self.assertEqual(await self.inbound.prune(5.0, max_rows=1, limit=2), 2)  # 2, 3
+        self.assertEqual(await self.inbound.prune(5.0, max_rows=1, limit=10), 2)  # 4; 5
+        found, total, _ = await self.inbound.search_page({}, count=10)
+        self.assertEqual([m.id for m in found], [made[6].id])

@@ -29,7 +29,8 @@ from medagent.relay import bots as b
 from medagent.relay.auth import ADMIN, OPERATOR, VIEWER
 from medagent.relay.channels import ChannelRouter
 from medagent.relay.fields import message_fields
-from medagent.relay.service import _InboundHousekeeping
+from medagent.relay.service import (INBOUND_PRUNE_BATCH, INBOUND_PRUNE_BATCHES,
+                                    _InboundHousekeeping)
 from medagent.storage.inbound import InboundMessage
 from medagent.storage.sqlite import RELAY_SCHEMA
 from medagent.storage.sqlite.inbound import SQLiteInboundLog
@@ -256,21 +257,28 @@ class PruneTests(SynchronousTestCase):
         clock.advance(100_000)
         calls: list[tuple[float, int | None]] = []
 
+        deleted = [3]
+
         class Log:
-            def prune(self, before: float, max_rows: int | None = None) -> Deferred[int]:
+            def prune(self, before: float, max_rows: int | None = None,
+                      limit: int = 0) -> Deferred[int]:
                 calls.append((before, max_rows))
-                return succeed(3)
+                return succeed(deleted.pop(0) if deleted else 0)
 
         service = _InboundHousekeeping(clock, Log(), retention=7 * 86400, max_rows=50)
         service.startService()
         self.assertEqual(calls, [])
         clock.advance(600)
-        self.assertEqual(calls, [(100_600 - 7 * 86400, 50)])
+        self.assertEqual(calls, [(100_600 - 7 * 86400, 50)])  # not a full batch: done
+        deleted[:] = [INBOUND_PRUNE_BATCH, INBOUND_PRUNE_BATCH, 7]
         clock.advance(600)
-        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(calls), 4)  # full batches go on until one is not
+        deleted[:] = [INBOUND_PRUNE_BATCH] * (INBOUND_PRUNE_BATCHES + 5)
+        clock.advance(600)
+        self.assertEqual(len(calls), 4 + INBOUND_PRUNE_BATCHES)  # bounded per run
         service.stopService()
         clock.advance(6000)
-        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(calls), 4 + INBOUND_PRUNE_BATCHES)
         self.assertEqual(clock.getDelayedCalls(), [])
 
 

@@ -88,6 +88,9 @@ DEFAULT_INBOUND_LOG = "on"
 DEFAULT_INBOUND_RETENTION_DAYS = 7.0
 DEFAULT_INBOUND_MAX_ROWS = 1_000_000
 INBOUND_PRUNE_INTERVAL = 600.0
+#: One prune of the inbound log deletes in batches of this many, at most this many batches.
+INBOUND_PRUNE_BATCH = 5000
+INBOUND_PRUNE_BATCHES = 200
 DEFAULT_MAX_MESSAGE = wire.DEFAULT_MAX_MESSAGE_SIZE
 DEFAULT_SUBSCRIPTION_RETRY_BASE = 10.0
 #: seconds a stop waits for the database calls still in flight before it closes it anyway
@@ -445,13 +448,23 @@ class _InboundHousekeeping(service.Service):
         return super().stopService()
 
     def prune(self) -> Deferred[None]:
-        def pruned(n: int) -> None:
-            if n:
-                log.info("Pruned {n} old inbound message(s)", n=n)
+        """Delete in batches (short transactions) until a batch is not full, at most
+        L{INBOUND_PRUNE_BATCHES} of them a run (the rest waits for the next)."""
+        return Deferred.fromCoroutine(self._prune())
 
-        return self.inbound.prune(self.clock.seconds() - self.retention,
-                                  self.max_rows).addCallbacks(
-            pruned, lambda f: log.failure("Pruning the inbound log failed", f))
+    async def _prune(self) -> None:
+        before = self.clock.seconds() - self.retention
+        total = 0
+        try:
+            for _ in range(INBOUND_PRUNE_BATCHES):
+                n = await self.inbound.prune(before, self.max_rows, INBOUND_PRUNE_BATCH)
+                total += n
+                if n < INBOUND_PRUNE_BATCH:
+                    break
+        except Exception:
+            log.failure("Pruning the inbound log failed")
+        if total:
+            log.info("Pruned {n} old inbound message(s)", n=total)
 
 
 class RelayService(service.MultiService):

@@ -172,17 +172,26 @@ def channel_summaries(conn: Any, mark: str, agent_id: str, since: float
             for r in rows]
 
 
-def prune(conn: Any, mark: str, before: float, max_rows: int | None) -> int:
+#: Most messages one L{prune} call deletes (one short transaction: the relay's other writes
+#: wait for it); the housekeeping calls again while a call deletes this many.
+PRUNE_BATCH = 5000
+
+
+def prune(conn: Any, mark: str, before: float, max_rows: int | None,
+          limit: int = PRUNE_BATCH) -> int:
     """
     In a transaction (either backend): delete messages received before C{before}, then the
-    oldest beyond C{max_rows} (None: no count bound); how many.
+    oldest beyond C{max_rows} (None: no count bound), at most C{limit} in all; how many.
     """
-    n = conn.execute(f"DELETE FROM inbound WHERE received<{mark}", (before,)).rowcount
-    if max_rows is not None:
+    n = conn.execute(
+        f"DELETE FROM inbound WHERE seq IN (SELECT seq FROM inbound WHERE received<{mark}"
+        f" ORDER BY received LIMIT {mark})", (before, limit)).rowcount or 0
+    if max_rows is not None and n < limit:
         row = conn.execute(
             f"SELECT seq FROM inbound ORDER BY seq DESC LIMIT 1 OFFSET {mark}",
             (max_rows,)).fetchone()
         if row is not None:
-            n += conn.execute(f"DELETE FROM inbound WHERE seq<={mark}",
-                              (row["seq"],)).rowcount
-    return int(n or 0)
+            n += conn.execute(
+                f"DELETE FROM inbound WHERE seq IN (SELECT seq FROM inbound WHERE seq<={mark}"
+                f" ORDER BY seq LIMIT {mark})", (row["seq"], limit - n)).rowcount or 0
+    return int(n)

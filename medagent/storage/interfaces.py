@@ -287,9 +287,10 @@ class InboundLog(Protocol):
         """Per channel of C{agent_id}: messages since C{since} and the newest one's outcome
         (L{medagent.storage.inbound.channel_summaries})."""
 
-    def prune(self, before: float, max_rows: int | None = None) -> Deferred[int]:
-        """Delete messages received before C{before}, then the oldest beyond C{max_rows};
-        how many."""
+    def prune(self, before: float, max_rows: int | None = None,
+              limit: int = ...) -> Deferred[int]:
+        """Delete messages received before C{before}, then the oldest beyond C{max_rows}, at
+        most C{limit} (L{medagent.storage.inbound.PRUNE_BATCH}) in one call; how many."""
 
 
 # -- OAuth2 clients ------------------------------------------------------------------------

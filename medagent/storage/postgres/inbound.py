@@ -54,5 +54,6 @@ class PgInboundLog:
                           ) -> Deferred[list[dict[str, Any]]]:
         return self._db.run(i.channel_summaries, "%s", agent_id, since)
 
-    def prune(self, before: float, max_rows: int | None = None) -> Deferred[int]:
-        return self._db.run(i.prune, "%s", before, max_rows)
+    def prune(self, before: float, max_rows: int | None = None,
+              limit: int = i.PRUNE_BATCH) -> Deferred[int]:
+        return self._db.run(i.prune, "%s", before, max_rows, limit)

@@ -91,5 +91,6 @@ class SQLiteInboundLog:
                           ) -> Deferred[list[dict[str, Any]]]:
         return self._db.run(i.channel_summaries, "?", agent_id, since)
 
-    def prune(self, before: float, max_rows: int | None = None) -> Deferred[int]:
-        return self._db.run(i.prune, "?", before, max_rows)
+    def prune(self, before: float, max_rows: int | None = None,
+              limit: int = i.PRUNE_BATCH) -> Deferred[int]:
+        return self._db.run(i.prune, "?", before, max_rows, limit)
