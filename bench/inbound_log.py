@@ -9,7 +9,9 @@ commits), interleaved in rounds of N each:
 - ``record``: N inbound records as L{ChannelRouter} writes them: the search fields read from
   the message (HL7 ORU with PID, ORC, OBR, OBX) and the row with its payload;
 - ``record_metadata``: the same with ``--inbound-log off`` (no payload);
-- ``fields``: the search fields alone (reactor-thread CPU per message);
+- ``fields``: the search fields alone (reactor-thread CPU per message), beside
+  ``fields_before``: what a push's journaling read of an HL7 message before (MSH-10 and the
+  order number);
 - ``dicom_fields``: a push's DICOM search fields (Patient ID, Study and SOP Instance UID) of
   a 5 MB ``application/dicom`` body, beside ``dicom_request_json``: the C{json.loads} of that
   push's request body, which the relay pays for every such push anyway (the floor).
@@ -36,6 +38,7 @@ sys.path.insert(0, ROOT)
 from twisted.internet import defer, reactor  # noqa: E402
 
 from bench.push_rtt import print_result  # noqa: E402
+from medagent.hl7.message import control_id, order_number  # noqa: E402
 from medagent.relay.fields import message_fields  # noqa: E402
 from medagent.storage.inbound import InboundMessage  # noqa: E402
 from medagent.storage.sqlite import RELAY_SCHEMA, Database, SQLiteJournal  # noqa: E402
@@ -113,6 +116,7 @@ async def main(n: int, rounds: int) -> dict:
     results: dict[str, list[tuple[float, float]]] = {
         "audit": [], "record": [], "record_metadata": []}
     fields_us: list[float] = []
+    before_us: list[float] = []
     try:
         await timed(200, lambda i: store.create(audit(i)))  # warm-up
         for _ in range(rounds):
@@ -125,6 +129,11 @@ async def main(n: int, rounds: int) -> dict:
             for body in bodies:
                 message_fields(HL7, body)
             fields_us.append((time.perf_counter() - start) / n * 1e6)
+            start = time.perf_counter()
+            for body in bodies:
+                control_id(body)
+                order_number(body)
+            before_us.append((time.perf_counter() - start) / n * 1e6)
     finally:
         db.stop()
     out: dict = {"n": n, "rounds": rounds}
@@ -132,6 +141,7 @@ async def main(n: int, rounds: int) -> dict:
         out[f"{name}_per_s"] = round(statistics.median(v[0] for v in values), 1)
         out[f"{name}_cpu_us_per_msg"] = round(statistics.median(v[1] for v in values), 1)
     out["fields_us_per_msg"] = round(statistics.median(fields_us), 2)
+    out["fields_before_us_per_msg"] = round(statistics.median(before_us), 2)
     body = dicom_body(5 * 1024 * 1024)
     request = json.dumps({"destination": "dicom://PACS@h:104", "contentType":
                           "application/dicom", "body": body})
