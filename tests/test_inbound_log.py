@@ -588,3 +588,13 @@ class OptionsTests(SynchronousTestCase):
         for bad in (["--inbound-log", "payloads"], ["--inbound-retention-days", "0"],
                     ["--inbound-max-rows", "0"], ["--inbound-retention-days", "nan"]):
             self.assertRaises(usage.UsageError, Options().parseOptions, bad)
+
+    def test_inbound_flags_from_the_environment(self) -> None:
+        """tac/relay.tac reads the same settings from MEDAGENT_* variables."""
+        from medagent.relay.tap import options_from_env
+
+        kw = options_from_env({"MEDAGENT_INBOUND_LOG": "off",
+                               "MEDAGENT_INBOUND_RETENTION_DAYS": "3",
+                               "MEDAGENT_INBOUND_MAX_ROWS": "500"}).service_kwargs()
+        self.assertEqual((kw["inbound_log"], kw["inbound_retention_days"],
+                          kw["inbound_max_rows"]), ("off", 3.0, 500))
