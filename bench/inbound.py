@@ -12,7 +12,10 @@ at a time, the next after the previous one's (first) ACK.
 Medplum's docs quote 3-4 msg/s original and 300-400 msg/s enhanced.  Targets (issue 6):
 >= 100 msg/s original, >= 2000 msg/s enhanced.  Last line: one JSON object.
 
-    python bench/inbound.py [--n 1000]
+    python bench/inbound.py [--n 1000] [--code CHECKOUT] [--relay-arg=--inbound-log=off]
+
+C{--code} runs the relay and agent of another checkout (a baseline: ``--code`` of the main
+branch beside this one, interleaved); C{--relay-arg} passes an option to the relay.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.procs import TWISTD, free_port  # noqa: E402
+from tests.procs import TWISTD, bot_sandbox_args, free_port  # noqa: E402
 
 BOT = 'def handler(medplum, event):\n    return event.build_ack("AA")\n'
 
@@ -97,11 +100,14 @@ def run_mode(port: int, n: int, enhanced: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--code", default=ROOT, help="checkout whose relay and agent run")
+    parser.add_argument("--relay-arg", action="append", default=[],
+                        help="an option for the relay (repeatable)")
     args = parser.parse_args()
     data = tempfile.mkdtemp(prefix="bench-inbound-")
     relay_port, orig_port, enh_port = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{relay_port}"
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code), PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen] = []
     try:
         from medagent.relay.service import open_authority, open_database
@@ -113,7 +119,8 @@ def main() -> None:
         log = open(os.path.join(data, "relay.log"), "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "medagent-relay", "--data", data,
-             "--listen", f"tcp:{relay_port}:interface=127.0.0.1", "--bot-run-as", ""],
+             "--listen", f"tcp:{relay_port}:interface=127.0.0.1", *bot_sandbox_args(),
+             *args.relay_arg],
             env=env, stdout=log, stderr=subprocess.STDOUT))
         for _ in range(300):
             try:
@@ -155,6 +162,8 @@ def main() -> None:
         enhanced = run_mode(enh_port, args.n, True)
         result = {
             "n": args.n,
+            "code": os.path.abspath(args.code),
+            "relay_args": args.relay_arg,
             "original_msgs_per_s": original["msgs_per_s"],
             "enhanced_msgs_per_s": enhanced["msgs_per_s"],
             "enhanced_all_app_acks_msgs_per_s": enhanced["all_acks_msgs_per_s"],

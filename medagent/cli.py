@@ -19,6 +19,8 @@ The ``medagent`` command.
     medagent pushes retry --all [--agent ID] [--state S] ...
                                                     retry every failed push matching filters
     medagent tail [--agent ID] [--state S]          follow pushes as they come and change state
+    medagent inbound list [filters] | tail --inbound
+                                                    the inbound log (device → agent → Bot)
     medagent ping AGENT DESTINATION                 ping a device through an agent
     medagent lane pause|resume AGENT DESTINATION    hold / release a device lane's pushes
     medagent lane list AGENT                        an agent's paused lanes
@@ -572,6 +574,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accession", default=None, help="only HL7 pushes with this order number")
     p.add_argument("--since", type=float, default=None, help="created at or after (epoch s)")
     p.add_argument("--until", type=float, default=None, help="created before (epoch s)")
+    p.add_argument("--patient", dest="patient_id", default=None,
+                   help="only pushes for this patient id (HL7 PID-3, DICOM Patient ID)")
+    p.add_argument("--study-uid", default=None, help="only DICOM pushes of this study")
+    p.add_argument("--sop-uid", default=None, help="only the DICOM push of this instance")
+    inbound = sub.add_parser("inbound", help="the inbound log: messages devices sent through "
+                             "agents' channels").add_subparsers(dest="inbound_command",
+                                                                required=True)
+    p = relay_command(inbound, "list", "cmd_inbound_list",
+                      "inbound messages, newest first (never payloads)")
+    p.add_argument("--agent", default=None, help="only this Agent id's messages")
+    p.add_argument("--channel", default=None, help="only this channel's messages")
+    p.add_argument("--control-id", default=None, help="only HL7 messages with this MSH-10")
+    p.add_argument("--patient", dest="patient_id", default=None,
+                   help="only messages for this patient id (HL7 PID-3, DICOM Patient ID)")
+    p.add_argument("--accession", default=None, help="only messages with this order number")
+    p.add_argument("--study-uid", default=None, help="only DICOM messages of this study")
+    p.add_argument("--sop-uid", default=None, help="only the DICOM message of this instance")
+    p.add_argument("--outcome", default=None, choices=("ok", "rejected", "error"),
+                   help="ok, rejected (the Bot's negative ACK) or error")
+    p.add_argument("--since", type=float, default=None, help="received at or after (epoch s)")
+    p.add_argument("--until", type=float, default=None, help="received before (epoch s)")
+    p.add_argument("--count", type=int, default=20, help="at most this many (default 20)")
+    p.add_argument("--page-size", type=int, default=100, help="messages per request (1-100)")
     for name, verb in (("show", "a push's status"), ("retry", "retry a failed push"),
                        ("cancel", "cancel a queued push"),
                        ("resend", "send a finished push's message again, as a new push")):
@@ -583,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = relay_command(sub, "tail", "cmd_tail", "follow pushes as they arrive and change state")
     p.add_argument("--agent", default=None, help="only this Agent id's pushes")
     p.add_argument("--state", default=None, help="only pushes in this state")
+    p.add_argument("--inbound", action="store_true",
+                   help="follow the inbound log (messages from devices) instead of pushes")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between reads (1)")
     p.add_argument("--for", dest="seconds", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")

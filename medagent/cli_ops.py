@@ -26,7 +26,13 @@ MAX_COUNT = 10_000
 #: ``pushes list`` flags and the AgentPush search parameters they set (the console's filters)
 LIST_FILTERS = (("agent", "agent"), ("state", "state"), ("destination", "destination"),
                 ("control_id", "control_id"), ("accession", "accession"),
-                ("since", "since"), ("until", "until"))
+                ("since", "since"), ("until", "until"), ("patient_id", "patient_id"),
+                ("study_uid", "study_uid"), ("sop_uid", "sop_uid"))
+#: ``inbound list`` flags and the AgentInbound search parameters they set
+INBOUND_FILTERS = (("agent", "agent"), ("channel", "channel"), ("control_id", "control_id"),
+                   ("patient_id", "patient_id"), ("accession", "accession"),
+                   ("study_uid", "study_uid"), ("sop_uid", "sop_uid"), ("outcome", "outcome"),
+                   ("since", "since"), ("until", "until"))
 #: largest file ``push`` reads (the relay refuses larger bodies anyway)
 MAX_FILE = 16 * 1024 * 1024
 
@@ -172,7 +178,10 @@ def cmd_lane_list(args: argparse.Namespace, run: Runner) -> int:
     return run(args, "lane list", go)
 
 
-def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
+def _list(args: argparse.Namespace, run: Runner, path: str,
+          filters: Sequence[tuple[str, str]], what: str, key: str,
+          row: Callable[[dict[str, Any]], list[Any]], header: Sequence[str]) -> int:
+    """A list command: pages of C{path} with C{filters}, following next links to --count."""
     if not 1 <= args.count <= MAX_COUNT:
         print(f"medagent: --count must be between 1 and {MAX_COUNT}", file=sys.stderr)
         return 2
@@ -182,35 +191,62 @@ def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
 
     async def go(client: Any) -> None:
         params = {"_count": str(min(args.page_size, args.count))}
-        for flag, param in LIST_FILTERS:
+        for flag, param in filters:
             if getattr(args, flag, None):
                 params[param] = str(getattr(args, flag))
-        found: list[dict[str, Any]] = []
-        path: str | None = "/fhir/R4/AgentPush"
-        query: dict[str, str] | None = params
-        total = None
-        while path is not None and len(found) < args.count:
-            page = await client.request_json("GET", path, params=query)
-            total = page.get("total", total)
-            found += [e["resource"] for e in page.get("entry") or []]
-            nxt = next((link["url"] for link in page.get("link") or []
-                        if link.get("relation") == "next"), None)
-            if nxt is None or not page.get("entry"):
-                break
-            # the next link on the relay this command was given (the link's host may be
-            # the relay's own idea of its name; a base URL with a path prefix stays whole)
-            if nxt.startswith(client.base_url + "/"):
-                path = nxt[len(client.base_url):]
-            else:
-                parts = urlsplit(nxt)
-                path = parts.path + (f"?{parts.query}" if parts.query else "")
-            query = None
-        found = found[:args.count]
-        emit(args, {"total": total, "pushes": found},
-             lambda: table([_push_row(p) for p in found], PUSH_HEADER)
+        found, total = await _pages(client, path, params, args.count)
+        emit(args, {"total": total, key: found},
+             lambda: table([row(p) for p in found], header)
              + f"\n# {len(found)} shown of {total}")
 
-    return run(args, "pushes list", go)
+    return run(args, what, go)
+
+
+async def _pages(client: Any, path: str, params: dict[str, str], count: int
+                 ) -> tuple[list[dict[str, Any]], Any]:
+    """Up to C{count} entries of a searchset at C{path}, following its next links."""
+    found: list[dict[str, Any]] = []
+    at: str | None = path
+    query: dict[str, str] | None = params
+    total = None
+    while at is not None and len(found) < count:
+        page = await client.request_json("GET", at, params=query)
+        total = page.get("total", total)
+        found += [e["resource"] for e in page.get("entry") or []]
+        nxt = next((link["url"] for link in page.get("link") or []
+                    if link.get("relation") == "next"), None)
+        if nxt is None or not page.get("entry"):
+            break
+        if nxt.startswith(client.base_url + "/"):
+            at = nxt[len(client.base_url):]
+        else:
+            parts = urlsplit(nxt)
+            at = parts.path + (f"?{parts.query}" if parts.query else "")
+        query = None
+    return found[:count], total
+
+
+def _inbound_row(m: dict[str, Any]) -> list[Any]:
+    agent = ((m.get("agent") or {}).get("reference") or "").removeprefix("Agent/")
+    answer = " ".join(str(x) for x in (m.get("statusCode"), m.get("ackCode")) if x is not None)
+    return [m.get("id"), m.get("received"), agent, m.get("channel"), m.get("messageType"),
+            m.get("controlId") or m.get("sopInstanceUid"), m.get("outcome"), answer or None,
+            m.get("errorKind")]
+
+
+INBOUND_HEADER = ["ID", "RECEIVED", "AGENT", "CHANNEL", "TYPE", "MSH-10/UID", "OUTCOME",
+                  "ANSWER", "ERROR"]
+
+
+def cmd_inbound_list(args: argparse.Namespace, run: Runner) -> int:
+    """The inbound log (device → agent → relay → Bot), newest first, never payloads."""
+    return _list(args, run, "/fhir/R4/AgentInbound", INBOUND_FILTERS, "inbound list",
+                 "inbound", _inbound_row, INBOUND_HEADER)
+
+
+def cmd_pushes_list(args: argparse.Namespace, run: Runner) -> int:
+    return _list(args, run, "/fhir/R4/AgentPush", LIST_FILTERS, "pushes list", "pushes",
+                 _push_row, PUSH_HEADER)
 
 
 #: pushes whose last state ``tail`` remembers, at most (the oldest forgotten first)
@@ -239,14 +275,19 @@ def cmd_tail(args: argparse.Namespace, run: Runner) -> int:
         params = {"_count": str(PAGE)}
         if args.agent:
             params["agent"] = args.agent
-        if args.state:
+        inbound = getattr(args, "inbound", False)
+        if args.state and not inbound:
             params["state"] = args.state
+        path, header = "/fhir/R4/AgentPush", PUSH_HEADER
+        row: Callable[[dict[str, Any]], list[Any]] = _push_row
+        if inbound:  # the inbound log: a message is printed once, when it is recorded
+            path, header, row = "/fhir/R4/AgentInbound", INBOUND_HEADER, _inbound_row
         seen: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         start = client.reactor.seconds()
         if not args.json:
-            print("  ".join(PUSH_HEADER), flush=True)
+            print("  ".join(header), flush=True)
         while True:
-            page = await client.request_json("GET", "/fhir/R4/AgentPush", params=params)
+            page = await client.request_json("GET", path, params=params)
             for p in reversed([e["resource"] for e in page.get("entry") or []]):
                 mark = (p.get("state"), p.get("updated"))
                 if seen.get(p.get("id")) == mark:
@@ -256,7 +297,7 @@ def cmd_tail(args: argparse.Namespace, run: Runner) -> int:
                 while len(seen) > TAIL_MEMORY:
                     seen.popitem(last=False)
                 print(json.dumps(p) if args.json else
-                      "  ".join("-" if c is None else str(c) for c in _push_row(p)),
+                      "  ".join("-" if c is None else str(c) for c in row(p)),
                       flush=True)
             if args.seconds is not None and client.reactor.seconds() - start >= args.seconds:
                 return

@@ -171,6 +171,14 @@ class RelayMetrics(Metrics):
         self.bot_duration = Histogram(
             "medagent_relay_bot_run_seconds", "Duration of Bot runs", buckets=LATENCY_BUCKETS,
             registry=r)
+        self.inbound_messages = Counter(
+            "medagent_relay_inbound_messages",
+            "Messages devices sent through agents' channels, by outcome (ok, rejected, error)",
+            ["outcome"], registry=r)
+        self.inbound_log_errors = Counter(
+            "medagent_relay_inbound_log_errors",
+            "Inbound messages the inbound log could not record (answered all the same)",
+            registry=r)
         self._seen_agents: set[str] = set()
         self._backlog: tuple[int, float | None] | None = None
 
@@ -178,6 +186,12 @@ class RelayMetrics(Metrics):
 
     def push_state(self, state: str) -> None:
         self.pushes.labels(state=state).inc()
+
+    def inbound_message(self, outcome: str) -> None:
+        self.inbound_messages.labels(outcome=outcome).inc()
+
+    def inbound_log_failed(self) -> None:
+        self.inbound_log_errors.inc()
 
     def push_finished(self, state: str, seconds: float | None) -> None:
         self.push_state(state)

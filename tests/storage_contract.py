@@ -250,6 +250,26 @@ class PushJournalContract:
                       remote=remote, content_type="x-application/hl7-v2+er7", body=body,
                       **kw)
 
+    async def test_search_by_patient_id_and_dicom_uids(self) -> None:
+        hl7 = await self.journal.create(self.push(patient_id="MRN1", accession="A1"))
+        dicom = await self.journal.create(self.push(
+            remote="dicom://PACS@pacs:104",
+            patient_id="MRN1", study_uid="1.2.840.1", sop_uid="1.2.840.1.7"))
+        await self.journal.create(self.push(patient_id="MRN2"))
+
+        async def ids(**params: str) -> list[str]:
+            return [p.id for p in await self.journal.search(params)]
+
+        self.assertEqual(await ids(patient_id="MRN1"), [dicom.id, hl7.id])
+        self.assertEqual(await ids(study_uid="1.2.840.1"), [dicom.id])
+        self.assertEqual(await ids(sop_uid="1.2.840.1.7"), [dicom.id])
+        self.assertEqual(await ids(sop_uid="1.2.840.1"), [])
+        got = await self.journal.get(dicom.id)
+        self.assertEqual((got.patient_id, got.study_uid, got.sop_uid),
+                         ("MRN1", "1.2.840.1", "1.2.840.1.7"))
+        page, total, _ = await self.journal.search_page({"patient_id": "MRN1"}, count=1)
+        self.assertEqual(([p.id for p in page], total), ([dicom.id], 2))
+
     async def test_create_get_and_seq_order(self) -> None:
         first = await self.journal.create(self.push(options={"timeout": 5}))
         second = await self.journal.create(self.push())
@@ -813,3 +833,136 @@ class InboxStoreContract:
         row = await self.inbox.claim(s3, "delivering", 13.0)
         self.assertEqual((row["state"], row["attempts"], row["last_error"]),
                          ("delivering", 2, "refused"))
+
+
+# -- the inbound log -----------------------------------------------------------------------
+
+
+class InboundLogContract:
+    """L{InboundLog}: records as stored, seq order, the search filters, paging, the agent
+    page's channel summaries, and both bounds of the prune."""
+
+    def make_inbound(self) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.inbound = self.make_inbound()
+
+    def message(self, **kw: Any) -> Any:
+        from medagent.storage.inbound import InboundMessage
+
+        values: dict[str, Any] = dict(
+            id=self.inbound.new_id(), agent_id="a1", channel="adt", received=1000.0,
+            content_type="x-application/hl7-v2+er7", size=42, remote="10.0.0.5:4000",
+            message_type="ADT^A01", control_id="C1", patient_id="P1", accession="ACC1",
+            status=200, ack_code="AA", outcome="ok", bot="Bot/b1", duration_ms=12.5,
+            body="MSH|^~\\&|x\rPID|1||P1")
+        values.update(kw)
+        return InboundMessage(**values)
+
+    async def test_add_get_round_trip_and_seq_order(self) -> None:
+        first = await self.inbound.add(self.message())
+        second = await self.inbound.add(self.message(
+            id=self.inbound.new_id(), content_type="application/json", message_type=None,
+            control_id=None, patient_id=None, accession=None, study_uid="1.2.3",
+            sop_uid="1.2.3.4", status=500, ack_code=None, outcome="error", bot=None,
+            duration_ms=None, error_kind="no-channel", body=None, remote=None))
+        self.assertLess(first.seq, second.seq)
+        got = await self.inbound.get(first.id)
+        self.assertEqual(got, first)
+        got = await self.inbound.get(second.id)
+        self.assertEqual((got.body, got.study_uid, got.sop_uid, got.error_kind, got.remote,
+                          got.duration_ms, got.outcome), (None, "1.2.3", "1.2.3.4",
+                                                          "no-channel", None, None, "error"))
+        self.assertNotIn("body", got.to_json(include_body=True))
+        self.assertEqual(first.to_json(include_body=True)["body"], first.body)
+        self.assertNotIn("body", first.to_json())
+        await _fails(self, self.inbound.get("nope"), 404)
+
+    async def test_search_by_every_filter_newest_first(self) -> None:
+        a = await self.inbound.add(self.message(received=100.0))
+        b = await self.inbound.add(self.message(
+            id=self.inbound.new_id(), agent_id="a2", channel="oru", control_id="C2",
+            patient_id="P2", accession="ACC2", outcome="rejected", ack_code="AE",
+            received=200.0, remote="10.0.0.6:1"))
+        c = await self.inbound.add(self.message(
+            id=self.inbound.new_id(), control_id="C3", study_uid="1.2", sop_uid="1.2.9",
+            received=300.0, message_type="ORU^R01"))
+
+        async def ids(**params: str) -> list[str]:
+            found, total, _ = await self.inbound.search_page(params, count=10)
+            self.assertEqual(total, len(found))
+            return [m.id for m in found]
+
+        self.assertEqual(await ids(), [c.id, b.id, a.id])
+        self.assertEqual(await ids(agent="a2"), [b.id])
+        self.assertEqual(await ids(agent="a1", channel="adt"), [c.id, a.id])
+        self.assertEqual(await ids(channel="oru"), [b.id])
+        self.assertEqual(await ids(control_id="C1"), [a.id])
+        self.assertEqual(await ids(patient_id="P2"), [b.id])
+        self.assertEqual(await ids(accession="ACC2"), [b.id])
+        self.assertEqual(await ids(study_uid="1.2"), [c.id])
+        self.assertEqual(await ids(sop_uid="1.2.9"), [c.id])
+        self.assertEqual(await ids(outcome="rejected"), [b.id])
+        self.assertEqual(await ids(ack="AE"), [b.id])
+        self.assertEqual(await ids(message_type="ORU^R01"), [c.id])
+        self.assertEqual(await ids(remote="10.0.0.6:1"), [b.id])
+        self.assertEqual(await ids(since="150", until="300"), [b.id])
+        self.assertEqual(await ids(since="150"), [c.id, b.id])
+        self.assertEqual(await ids(control_id="nothing"), [])
+        self.assertEqual(await ids(agent="a1", patient_id="P2"), [])
+
+    async def test_pages_by_cursor_do_not_shift(self) -> None:
+        made = [await self.inbound.add(self.message(id=self.inbound.new_id(),
+                                                    received=float(i)))
+                for i in range(5)]
+        page, total, cursor = await self.inbound.search_page({}, count=2)
+        self.assertEqual(([m.id for m in page], total), ([made[4].id, made[3].id], 5))
+        await self.inbound.add(self.message(id=self.inbound.new_id()))  # a newer one
+        page, total, cursor = await self.inbound.search_page({}, count=2, before_seq=cursor)
+        self.assertEqual([m.id for m in page], [made[2].id, made[1].id])
+        page, total, cursor = await self.inbound.search_page({}, count=2, before_seq=cursor)
+        self.assertEqual(([m.id for m in page], cursor), ([made[0].id], None))
+        page, total, cursor = await self.inbound.search_page({}, count=0)
+        self.assertEqual((page, total, cursor), ([], 6, None))
+
+    async def test_channel_summaries(self) -> None:
+        await self.inbound.add(self.message(received=10.0))
+        await self.inbound.add(self.message(id=self.inbound.new_id(), received=500.0))
+        last = await self.inbound.add(self.message(
+            id=self.inbound.new_id(), received=600.0, status=200, ack_code="AE",
+            outcome="rejected", error_kind=None, bot="Bot/b2"))
+        await self.inbound.add(self.message(id=self.inbound.new_id(), channel="lab",
+                                            received=50.0, outcome="error", status=500,
+                                            ack_code=None, error_kind="bot-timeout"))
+        await self.inbound.add(self.message(id=self.inbound.new_id(), agent_id="other"))
+        found = await self.inbound.channel_summaries("a1", since=100.0)
+        self.assertEqual(found, [
+            {"channel": "adt", "count": 2, "lastReceived": 600.0, "lastOutcome": "rejected",
+             "lastStatus": 200, "lastAck": "AE", "lastBot": "Bot/b2", "lastErrorKind": None,
+             "lastId": last.id},
+            {"channel": "lab", "count": 0, "lastReceived": 50.0, "lastOutcome": "error",
+             "lastStatus": 500, "lastAck": None, "lastBot": "Bot/b1",
+             "lastErrorKind": "bot-timeout", "lastId": found[1]["lastId"]}])
+        self.assertEqual(await self.inbound.channel_summaries("nobody", since=0.0), [])
+
+    async def test_prune_by_age_then_by_count(self) -> None:
+        made = [await self.inbound.add(self.message(id=self.inbound.new_id(),
+                                                    received=float(i * 100)))
+                for i in range(6)]
+        self.assertEqual(await self.inbound.prune(150.0), 2)  # received 0 and 100
+        self.assertEqual(await self.inbound.prune(150.0, max_rows=10), 0)
+        self.assertEqual(await self.inbound.prune(0.0, max_rows=3), 1)  # the oldest left
+        found, total, _ = await self.inbound.search_page({}, count=10)
+        self.assertEqual([m.id for m in found], [m.id for m in made[3:]][::-1])
+        self.assertEqual(await self.inbound.prune(0.0, max_rows=3), 0)
+
+    async def test_prune_deletes_at_most_limit_a_call_oldest_first(self) -> None:
+        made = [await self.inbound.add(self.message(id=self.inbound.new_id(),
+                                                    received=float(i)))
+                for i in range(7)]
+        self.assertEqual(await self.inbound.prune(5.0, limit=2), 2)  # received 0 and 1
+        self.assertEqual(await self.inbound.prune(5.0, max_rows=1, limit=2), 2)  # 2, 3
+        self.assertEqual(await self.inbound.prune(5.0, max_rows=1, limit=10), 2)  # 4; 5
+        found, total, _ = await self.inbound.search_page({}, count=10)
+        self.assertEqual([m.id for m in found], [made[6].id])

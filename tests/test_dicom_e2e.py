@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
@@ -112,4 +113,24 @@ class DicomEndToEnd(_Base):
         stored = base64.b64decode(binary["data"])
         # the stored Part 10 file carries the same data set (its meta header may differ)
         self.assertIn(original[-200:], stored)
+
+        # the inbound log has the instance by its UIDs, the push journal the SR pushed
+        from pydicom import dcmread
+
+        ds = dcmread(sr, stop_before_pixels=True)
+        sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+
+        async def logged() -> Any:
+            page = await client.request_json("GET", "/fhir/R4/AgentInbound",
+                                             params={"sop_uid": sop})
+            return page.get("entry")
+
+        [entry] = await procs.wait_until(logged, timeout=20, what="the inbound record")
+        record = entry["resource"]
+        self.assertEqual((record["channel"], record["studyInstanceUid"], record["outcome"],
+                          record["contentType"]), ("modalities", study, "ok", "application/json"))
+        page = await client.request_json("GET", "/fhir/R4/AgentPush", params={"study_uid": study})
+        self.assertGreaterEqual(page["total"], 1)
+        self.assertEqual({e["resource"]["contentType"] for e in page["entry"]},
+                         {"application/dicom"})
 

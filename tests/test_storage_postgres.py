@@ -27,6 +27,7 @@ from medagent.storage.postgres import (
     PgClientRegistry,
     PgDatabase,
     PgDeliveryQueue,
+    PgInboundLog,
     PgJournal,
     PgLanePauses,
     PgStore,
@@ -38,6 +39,7 @@ from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
     LanePausesContract,
+    InboundLogContract,
     PushJournalContract,
     ResourceStoreContract,
     _client,
@@ -110,12 +112,19 @@ class _Pg:
     def make_pauses(self) -> PgLanePauses:
         return PgLanePauses(self.database())
 
+    def make_inbound(self) -> PgInboundLog:
+        return PgInboundLog(self.database())
+
 
 class PgResourceStoreTests(_Pg, ResourceStoreContract, TestCase):
     pass
 
 
 class PgPushJournalTests(_Pg, PushJournalContract, TestCase):
+    pass
+
+
+class PgInboundLogTests(_Pg, InboundLogContract, TestCase):
     pass
 
 
@@ -540,5 +549,79 @@ class PgConsoleMigration(TestCase):
                 return " ".join(str(list(r.values())[0]) for r in rows)
 
             self.assertIn("pushes_control", await db.run(plan))
+
+        return ensureDeferred(go())
+
+
+class PgInboundMigration(TestCase):
+    """Migration 7 (the inbound log; a push's patient id and DICOM UIDs) on a database of
+    version 5 that holds pushes: they stay readable, and the new searches read their
+    indexes."""
+
+    def test_version_5_database_upgrades_with_its_pushes(self) -> Deferred[None]:
+        async def go() -> None:
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_inbound_migration")
+            old = PgDatabase(reactor, dsn, migrations=[m for m in MIGRATIONS if m[0] <= 5])
+            self.addCleanup(old.stop)
+            self.assertEqual(await deferToThread(old.migrate_sync), 5)
+            await old.start()
+            await old.run(lambda c: c.execute(
+                "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
+                " state, created, updated, control_id) VALUES"
+                " ('p1','a1','d','mllp://h:1','x-application/hl7-v2+er7','MSH|','delivered',"
+                " 1, 1, 'OLD1')"))
+            old.stop()
+            db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
+            self.addCleanup(db.stop)
+            self.assertGreaterEqual(await deferToThread(db.migrate_sync), 7)
+            await db.start()
+            push = await PgJournal(db).get("p1")
+            self.assertEqual((push.control_id, push.patient_id, push.study_uid, push.sop_uid),
+                             ("OLD1", None, None, None))
+            inbound = PgInboundLog(db)
+            found, total, _ = await inbound.search_page({}, count=10)
+            self.assertEqual((found, total), ([], 0))
+
+            def plan(c: Any, sql: str) -> str:
+                c.execute("SET enable_seqscan = off")
+                rows = c.execute("EXPLAIN " + sql).fetchall()
+                return " ".join(str(list(r.values())[0]) for r in rows)
+
+            for table, column, index in (
+                    ("pushes", "patient_id", "pushes_patient"),
+                    ("pushes", "study_uid", "pushes_study"),
+                    ("pushes", "sop_uid", "pushes_sop"),
+                    ("inbound", "control_id", "inbound_control"),
+                    ("inbound", "patient_id", "inbound_patient"),
+                    ("inbound", "accession", "inbound_accession"),
+                    ("inbound", "study_uid", "inbound_study"),
+                    ("inbound", "sop_uid", "inbound_sop")):
+                self.assertIn(index, await db.run(
+                    plan, f"SELECT * FROM {table} WHERE {column}='x' ORDER BY seq DESC"))
+
+        return ensureDeferred(go())
+
+    def test_a_migration_merged_below_the_highest_applied_still_runs(self) -> Deferred[None]:
+        """Features merge their migrations in any order: a database that a build without 7
+        brought to its highest version gets 7 from a build that has it."""
+
+        async def go() -> None:
+            highest = MIGRATIONS[-1][0]
+            self.assertGreater(highest, 7, "no migration after 7 to test this with")
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_out_of_order")
+            old = PgDatabase(reactor, dsn, migrations=[m for m in MIGRATIONS if m[0] != 7])
+            self.addCleanup(old.stop)
+            self.assertEqual(await deferToThread(old.migrate_sync), highest)
+            db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
+            self.addCleanup(db.stop)
+            self.assertEqual(await deferToThread(db.migrate_sync), highest)
+            await db.start()
+            await db.ping(reactor)  # every migration of this build recorded: ready
+            found, total, _ = await PgInboundLog(db).search_page({}, count=1)
+            self.assertEqual(total, 0)
+            versions = await db.run(lambda c: [r["version"] for r in c.execute(
+                "SELECT version FROM schema_version ORDER BY applied, version").fetchall()])
+            self.assertEqual(sorted(versions), sorted(v for v, _ in MIGRATIONS))
+            self.assertEqual(versions[-1], 7)  # applied last, by the newer build
 
         return ensureDeferred(go())

@@ -26,12 +26,14 @@ from medagent.storage.sqlite import (
 )
 from tests.fakes import InlineReactor, InlineThreadPool, inline_database
 from medagent.storage.sqlite.agent_queue import SQLiteInbox
+from medagent.storage.sqlite.inbound import SQLiteInboundLog
 from medagent.storage.sqlite.outbox import SQLiteOutboxStore
 from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
     InboxStoreContract,
     LanePausesContract,
+    InboundLogContract,
     OutboxStoreContract,
     PushJournalContract,
     ResourceStoreContract,
@@ -92,6 +94,9 @@ class _Factories:
     def make_pauses(self) -> SQLiteLanePauses:
         return SQLiteLanePauses(self.database())
 
+    def make_inbound(self) -> SQLiteInboundLog:
+        return SQLiteInboundLog(self.database())
+
 
 class InlineResourceStoreTests(_Inline, _Factories, ResourceStoreContract, TestCase):
     pass
@@ -147,6 +152,39 @@ class InlineLanePausesTests(_Inline, _Factories, LanePausesContract, TestCase):
 
 class ThreadedLanePausesTests(_Threaded, _Factories, LanePausesContract, TestCase):
     pass
+
+
+class InlineInboundLogTests(_Inline, _Factories, InboundLogContract, TestCase):
+    pass
+
+
+class ThreadedInboundLogTests(_Threaded, _Factories, InboundLogContract, TestCase):
+    pass
+
+
+class SearchIndexTests(_Inline, _Factories, TestCase):
+    """The console's searches by patient id, DICOM UIDs (pushes) and by every inbound field
+    read an index (SQLite's plan names it), not the table."""
+
+    def plan(self, sql: str) -> str:
+        rows = self.database().run_sync(lambda conn: conn.execute(
+            "EXPLAIN QUERY PLAN " + sql, ("x",)).fetchall())
+        return " ".join(str(tuple(r)) for r in rows)
+
+    def test_push_searches_use_their_indexes(self) -> None:
+        for column, index in (("patient_id", "pushes_patient"), ("study_uid", "pushes_study"),
+                              ("sop_uid", "pushes_sop")):
+            self.assertIn(index, self.plan(
+                f"SELECT * FROM pushes WHERE {column}=? ORDER BY seq DESC"))
+
+    def test_inbound_searches_use_their_indexes(self) -> None:
+        for column, index in (("control_id", "inbound_control"),
+                              ("patient_id", "inbound_patient"),
+                              ("accession", "inbound_accession"),
+                              ("study_uid", "inbound_study"), ("sop_uid", "inbound_sop"),
+                              ("agent_id", "inbound_agent")):
+            self.assertIn(index, self.plan(
+                f"SELECT * FROM inbound WHERE {column}=? ORDER BY seq DESC"))
 
 
 class _CountingPool(InlineThreadPool):

@@ -408,6 +408,89 @@ def from_body(content_type: str, body: str) -> Instance:
     )
 
 
+#: What L{search_uids} reads: Patient ID, Study Instance UID, SOP Instance UID.
+SEARCH_TAGS = {0x00100020: "patient_id", 0x0020000D: "study_uid", 0x00080018: "sop_uid"}
+#: Base64 text L{search_uids} decodes first (the header, almost always): 256 KiB.
+SEARCH_PREFIX = 256 * 1024
+
+
+def _search_value(value: Any) -> str | None:
+    text = str(value).strip().rstrip("\x00").strip() if value is not None else ""
+    return text[:100] or None
+
+
+def uids_from_json(obj: Any) -> dict[str, str | None]:
+    """L{search_uids} of a DICOM JSON model object (PS3.18 F.2)."""
+    out: dict[str, str | None] = dict.fromkeys(SEARCH_TAGS.values())
+    if not isinstance(obj, dict):
+        return out
+    for tag, name in SEARCH_TAGS.items():
+        element = obj.get(f"{tag:08X}")
+        values = element.get("Value") if isinstance(element, dict) else None
+        if isinstance(values, list) and values:
+            first = values[0]
+            if isinstance(first, dict):  # a PN would be {"Alphabetic": ...}; not ours
+                continue
+            out[name] = _search_value(first)
+    return out
+
+
+def _uids_of_part10(raw: bytes) -> dict[str, str | None] | None:
+    """The search tags of a Little Endian Part 10 file by a scan of its header; None when
+    that needs a real parser (or C{raw} ends too soon)."""
+    if raw[128:132] != b"DICM":
+        return None
+    meta = _scan_elements(raw, 132, False, 0x0002FFFF, {0x00020010})
+    if meta is None:
+        return None
+    values, offset = meta
+    syntax = _text(values.get(0x00020010))
+    if syntax not in (str(ExplicitVRLittleEndian), str(dimse.ImplicitVRLittleEndian)):
+        return None
+    header = _scan_elements(raw, offset, syntax == dimse.ImplicitVRLittleEndian, 0x0020000D,
+                            set(SEARCH_TAGS))
+    if header is None or (header[1] + 8 > len(raw) and 0x0020000D not in header[0]):
+        return None  # (stopped at the end of a prefix, not past the tags)
+    return {name: _search_value(_text(header[0].get(tag))) for tag, name in SEARCH_TAGS.items()}
+
+
+def search_uids(content_type: str, body: str) -> dict[str, str | None]:
+    """
+    What the console searches a DICOM message by - C{patient_id}, C{study_uid}, C{sop_uid}
+    (each None when absent) - from an ``application/dicom`` (base64 Part 10) or
+    ``application/dicom+json`` body; all None for anything else or anything unreadable
+    (never an error: a push is not refused for its search fields).  Reads only the header:
+    a scan of the first L{SEARCH_PREFIX} characters, else pydicom with
+    C{stop_before_pixels} and C{specific_tags}.
+    """
+    empty: dict[str, str | None] = dict.fromkeys(SEARCH_TAGS.values())
+    ct = content_type.split(";")[0].strip().lower()
+    if ct == "application/dicom+json":
+        try:
+            return uids_from_json(json.loads(body))
+        except ValueError:
+            return empty
+    if ct != "application/dicom":
+        return empty
+    head = body[:SEARCH_PREFIX]
+    try:  # (base64 with line breaks may not decode in part: pydicom below)
+        quick = _uids_of_part10(decode_base64(head[:len(head) - len(head) % 4]))
+    except InstanceError:
+        quick = None
+    if quick is not None:
+        return quick
+    try:
+        from pydicom import dcmread
+        from pydicom.tag import Tag
+
+        ds = dcmread(BytesIO(decode_base64(body)), stop_before_pixels=True,
+                     specific_tags=[Tag(t) for t in SEARCH_TAGS])
+        return {name: _search_value(ds.get(Tag(tag)).value if Tag(tag) in ds else None)
+                for tag, name in SEARCH_TAGS.items()}
+    except Exception:
+        return empty
+
+
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
     """One group 0002 element in Explicit VR Little Endian (PS3.10 7.1)."""
     if vr == b"OB":

@@ -207,6 +207,23 @@ def order_number(text: str) -> str | None:
     return None
 
 
+def patient_id(text: str) -> str | None:
+    """
+    The patient id of a message: the first component of PID-3's first repetition (the
+    identifier, without its assigning authority) of the first PID segment; None when there
+    is none.  For search only (bounded to 100 characters).
+    """
+    try:
+        seps = Separators.from_msh(text)
+    except HL7Error:
+        return None
+    for raw in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
+        if raw[:3] == "PID" and raw[3:4] == seps.field:
+            value = _components(_get(raw.split(seps.field), 3), seps)[0].strip()
+            return value[:100] or None
+    return None
+
+
 def message_type(text: str) -> str:
     """MSH-9 as ``TYPE^TRIGGER`` (``ORM^O01``), always with ``^``, for logs and routing."""
     fields, seps = _msh(text)

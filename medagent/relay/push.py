@@ -23,9 +23,9 @@ from medagent.contenttypes import HL7_V2, PING
 from medagent.fhir import FHIRError, bad_request, forbidden, not_found, parameters_to_dict
 from medagent.hl7.message import HL7Error
 from medagent.hl7.message import control_id as msh_control_id
-from medagent.hl7.message import order_number
 from medagent.relay.access import check_push_destination
 from medagent.relay.auth import Principal
+from medagent.relay.fields import message_fields
 from medagent.relay.hub import Hub
 from medagent.storage import journal as j
 from medagent.storage.interfaces import PushJournal as Journal
@@ -353,9 +353,10 @@ class PushService:
         remote = yield self.resolve_remote(request, agent_id)
         yield check_push_destination(self.store, principal, agent, remote)
         control_id = accession = None
+        found = message_fields(request.content_type, request.body)  # (search only)
         if request.content_type == HL7_V2:
             control_id = hl7_control_id(request.body)  # and refuse HL7 without MSH-10
-            accession = order_number(request.body.lstrip())
+            accession = found["accession"]
         push = Push(
             id=self.journal.new_id(),
             agent_id=agent_id,
@@ -369,6 +370,9 @@ class PushService:
             control_id=control_id,
             body_hash=message_hash(request.content_type, request.body),
             accession=accession,
+            patient_id=found["patient_id"],
+            study_uid=found["study_uid"],
+            sop_uid=found["sop_uid"],
         )
         push.stamp("received", received)
         # A waited push looks first (a repeat is answered even while its agent is away); the
@@ -596,6 +600,9 @@ class PushService:
             control_id=original.control_id,
             body_hash=original.body_hash,
             accession=original.accession,
+            patient_id=original.patient_id,
+            study_uid=original.study_uid,
+            sop_uid=original.sop_uid,
             resent_from=original.id,
         )
         push = yield self.journal.create(push)

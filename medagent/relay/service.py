@@ -44,6 +44,7 @@ from medagent.relay.console.alerts import DEFAULT_ERROR_MIN as DEFAULT_ALERT_ERR
 from medagent.relay.console.alerts import \
     DEFAULT_ERROR_MINUTES as DEFAULT_ALERT_ERROR_MINUTES
 from medagent.relay.console.webhook import AlertWebhook, AlertWebhookService
+from medagent.relay.console.inbound import inbound_event
 from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
 from medagent.relay.lanes import LaneControl
 from medagent.relay.limits import (
@@ -69,6 +70,7 @@ from medagent.storage.sqlite import (
     Database,
     SQLiteClientRegistry,
     SQLiteDeliveryQueue,
+    SQLiteInboundLog,
     SQLiteJournal,
     SQLiteLanePauses,
     SQLiteStore,
@@ -89,6 +91,15 @@ DEFAULT_DATA = "./relay-data"
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_SYNCHRONOUS = "NORMAL"
 DEFAULT_RETENTION_DAYS = 30.0
+#: The inbound log: payloads kept (``on``) or metadata only (``off``), for this many days,
+#: at most this many messages (the oldest go first), pruned this often (seconds).
+DEFAULT_INBOUND_LOG = "on"
+DEFAULT_INBOUND_RETENTION_DAYS = 7.0
+DEFAULT_INBOUND_MAX_ROWS = 1_000_000
+INBOUND_PRUNE_INTERVAL = 600.0
+#: One prune of the inbound log deletes in batches of this many, at most this many batches.
+INBOUND_PRUNE_BATCH = 5000
+INBOUND_PRUNE_BATCHES = 200
 DEFAULT_MAX_MESSAGE = wire.DEFAULT_MAX_MESSAGE_SIZE
 DEFAULT_SUBSCRIPTION_RETRY_BASE = 10.0
 #: seconds a stop waits for the database calls still in flight before it closes it anyway
@@ -421,6 +432,50 @@ class _Housekeeping(service.Service):
             pruned, lambda f: log.failure("Pruning the journal failed", f))
 
 
+class _InboundHousekeeping(service.Service):
+    """Bounds the inbound log: every L{INBOUND_PRUNE_INTERVAL} seconds on C{clock}, deletes
+    messages older than C{retention} seconds, then the oldest beyond C{max_rows}."""
+
+    def __init__(self, clock: Any, inbound: Any, retention: float,
+                 max_rows: int | None) -> None:
+        self.clock = clock
+        self.inbound = inbound
+        self.retention = retention
+        self.max_rows = max_rows
+        self.call: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.call = LoopingCall(self.prune)
+        self.call.clock = self.clock
+        self.call.start(INBOUND_PRUNE_INTERVAL, now=False)
+
+    def stopService(self) -> None:
+        if self.call is not None and self.call.running:
+            self.call.stop()
+        self.call = None
+        return super().stopService()
+
+    def prune(self) -> Deferred[None]:
+        """Delete in batches (short transactions) until a batch is not full, at most
+        L{INBOUND_PRUNE_BATCHES} of them a run (the rest waits for the next)."""
+        return Deferred.fromCoroutine(self._prune())
+
+    async def _prune(self) -> None:
+        before = self.clock.seconds() - self.retention
+        total = 0
+        try:
+            for _ in range(INBOUND_PRUNE_BATCHES):
+                n = await self.inbound.prune(before, self.max_rows, INBOUND_PRUNE_BATCH)
+                total += n
+                if n < INBOUND_PRUNE_BATCH:
+                    break
+        except Exception:
+            log.failure("Pruning the inbound log failed")
+        if total:
+            log.info("Pruned {n} old inbound message(s)", n=total)
+
+
 class RelayService(service.MultiService):
     """
     The relay's service tree; attributes expose the parts to tests and tools.
@@ -469,6 +524,9 @@ class RelayService(service.MultiService):
         alert_error_minutes: float = DEFAULT_ALERT_ERROR_MINUTES,
         alert_error_min: int = DEFAULT_ALERT_ERROR_MIN,
         alert_webhook: str | None = None,
+        inbound_log: str = DEFAULT_INBOUND_LOG,
+        inbound_retention_days: float = DEFAULT_INBOUND_RETENTION_DAYS,
+        inbound_max_rows: int | None = DEFAULT_INBOUND_MAX_ROWS,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -560,8 +618,17 @@ class RelayService(service.MultiService):
             self.hub.cluster.subscriptions = self.subscriptions
             self.subscriptions.subscriptions_changed.append(
                 self.hub.cluster.subscriptions_changed)
-        self.channels = ChannelRouter(self.store, self.bots)
+        # the inbound log (device → agent → relay → Bot): every message and its outcome
+        if inbound_log not in ("on", "off"):
+            raise ValueError("inbound_log must be 'on' (payloads kept) or 'off' (metadata)")
+        self.inbound = storage.inbound if storage is not None else SQLiteInboundLog(self.db)
+        self.channels = ChannelRouter(self.store, self.bots, clock=reactor,
+                                      inbound_log=self.inbound,
+                                      keep_payloads=inbound_log == "on")
         self.hub.inbound = self.channels
+        self.api.inbound = self.inbound
+        _InboundHousekeeping(reactor, self.inbound, inbound_retention_days * 86400,
+                             inbound_max_rows).setServiceParent(self)
         self.api.bots = self.bots
         bots_service = BotsService(self.bot_pool, self.bots, self.subscriptions, [close_post],
                                    reactor=reactor)
@@ -588,6 +655,9 @@ class RelayService(service.MultiService):
                                alert_error_window=alert_error_minutes * 60,
                                alert_error_min=alert_error_min,
                                shared_sessions=shared_sessions)
+        self.console.inbound = self.inbound
+        self.channels.recorded.append(  # live: each message recorded here (no payload)
+            lambda m: self.console_events.publish("inbound", inbound_event(m)))
         self.api.routes["console"] = self.console.resource
         self.console.lanes = self.lanes
         #: the alerts' webhook (--alert-webhook), or None
@@ -615,6 +685,7 @@ class RelayService(service.MultiService):
             self.metrics.watch_alerts(self.console.alerts, ALERT_KINDS)
         if self.alert_webhook is not None:
             self.metrics.watch_alert_webhook(self.alert_webhook)
+        self.channels.metrics = self.metrics
         if metrics:
             metrics_service(metrics, self.metrics, reactor).setServiceParent(self)
 

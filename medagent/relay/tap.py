@@ -41,6 +41,15 @@ def _origins(text: str) -> list[str]:
 _origins.coerceDoc = "Comma-separated."  # type: ignore[attr-defined]
 
 
+def _inbound_log(value: str) -> str:
+    if value not in ("on", "off"):
+        raise ValueError("must be 'on' (payloads kept) or 'off' (metadata only)")
+    return value
+
+
+_inbound_log.coerceDoc = "on or off."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     """The relay's settings (the same for twistd and tac/relay.tac)."""
 
@@ -125,6 +134,16 @@ class Options(usage.Options):
          "POST each console alert raised or cleared as JSON to this URL (https, or http on "
          "loopback); @PATH reads the URL from a file (a URL with a secret in it stays off "
          "the command line)"],
+        ["inbound-log", None, relay_service.DEFAULT_INBOUND_LOG,
+         "Inbound messages (device → agent → relay → Bot): 'on' keeps each message's payload "
+         "with its record (shown to operators and admins only, each view audited); 'off' "
+         "keeps the record (ids, search fields, outcome) without the payload", _inbound_log],
+        ["inbound-retention-days", None, relay_service.DEFAULT_INBOUND_RETENTION_DAYS,
+         "Days to keep inbound messages (records and payloads)",
+         number(float, 0.001, 36500, " days")],
+        ["inbound-max-rows", None, relay_service.DEFAULT_INBOUND_MAX_ROWS,
+         "Inbound messages kept at most (the oldest are pruned first)",
+         number(int, 1, 1_000_000_000)],
         *operations_options("tcp:9465:interface=127.0.0.1"),
     ]
     optFlags = [
@@ -213,6 +232,9 @@ class Options(usage.Options):
             "alert_error_minutes": self["alert-error-minutes"],
             "alert_error_min": self["alert-error-min"],
             "alert_webhook": self["alert-webhook"] or None,
+            "inbound_log": self["inbound-log"],
+            "inbound_retention_days": self["inbound-retention-days"],
+            "inbound_max_rows": self["inbound-max-rows"],
         }
 
 

@@ -39,6 +39,8 @@ class Storage:
     deliveries: Any
     #: the paused lanes (L{medagent.storage.interfaces.LanePauses})
     pauses: Any = None
+    #: the inbound log (L{medagent.storage.interfaces.InboundLog})
+    inbound: Any = None
 
     def start(self) -> Any:
         """Start the database (PostgreSQL: also apply migrations; fires when ready)."""
@@ -63,6 +65,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
         from medagent.storage.sqlite import (
             SQLiteClientRegistry,
             SQLiteDeliveryQueue,
+            SQLiteInboundLog,
             SQLiteJournal,
             SQLiteStore,
             open_relay_database,
@@ -73,7 +76,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
 
         return Storage("sqlite", db, SQLiteStore(db), SQLiteJournal(db),
                        SQLiteClientRegistry(db), SQLiteDeliveryQueue(db),
-                       SQLiteLanePauses(db))
+                       SQLiteLanePauses(db), SQLiteInboundLog(db))
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("--database must be a postgresql:// URL (or empty for SQLite)")
     try:
@@ -95,6 +98,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
     from medagent.storage.postgres import (
         PgClientRegistry,
         PgDeliveryQueue,
+        PgInboundLog,
         PgJournal,
         PgStore,
     )
@@ -104,4 +108,4 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
     from medagent.storage.postgres.pauses import PgLanePauses
 
     return Storage("postgresql", pg, PgStore(pg), PgJournal(pg), PgClientRegistry(pg),
-                   PgDeliveryQueue(pg), PgLanePauses(pg))
+                   PgDeliveryQueue(pg), PgLanePauses(pg), PgInboundLog(pg))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Se
 from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
+    from medagent.storage.inbound import InboundMessage
     from medagent.storage.journal import Push, Trend
     from medagent.storage.records import (Delivery, NewDelivery, SharedConsoleSession,
                                           StoredClient)
@@ -253,6 +254,48 @@ class PushJournal(Protocol):
 
     def flushed(self) -> Deferred[None]:
         """Fires once every write issued before this call is durable."""
+
+
+# -- the inbound log -----------------------------------------------------------------------
+
+
+class InboundLog(Protocol):
+    """
+    Every message devices sent through agents' channels, with its outcome
+    (L{medagent.storage.inbound.InboundMessage}); bounded by L{prune}.  Each message gets a
+    C{seq}, increasing in the order C{add} was called; lists are ordered by it.  C{add} may
+    be group committed; the reads may run before pending writes commit.
+    """
+
+    def new_id(self) -> str:
+        """A fresh message id (unique, URL-safe)."""
+
+    def add(self, message: "InboundMessage") -> Deferred["InboundMessage"]:
+        """Store a message (sets C{seq}); fires once durable."""
+
+    def get(self, message_id: str) -> Deferred["InboundMessage"]:
+        """The message; fails 404 if there is none."""
+
+    def search_page(self, params: Mapping[str, str], *, count: int,
+                    before_seq: int | None = None
+                    ) -> Deferred[tuple[list["InboundMessage"], int, int | None]]:
+        """
+        One page, newest first, of the messages matching every filter given
+        (L{medagent.storage.inbound.FILTERS}; C{since}/C{until}: C{received} in
+        [since, until)): C{(messages, total, next_before)} as L{PushJournal.search_page}.
+        C{control_id}, C{patient_id}, C{accession}, C{study_uid}, C{sop_uid} and C{agent}
+        (with C{channel}) are indexed.
+        """
+
+    def channel_summaries(self, agent_id: str, since: float
+                          ) -> Deferred[list[dict[str, Any]]]:
+        """Per channel of C{agent_id}: messages since C{since} and the newest one's outcome
+        (L{medagent.storage.inbound.channel_summaries})."""
+
+    def prune(self, before: float, max_rows: int | None = None,
+              limit: int = ...) -> Deferred[int]:
+        """Delete messages received before C{before}, then the oldest beyond C{max_rows}, at
+        most C{limit} (L{medagent.storage.inbound.PRUNE_BATCH}) in one call; how many."""
 
 
 # -- OAuth2 clients ------------------------------------------------------------------------

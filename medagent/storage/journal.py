@@ -111,6 +111,12 @@ class Push:
     accession: str | None = None
     #: the push this one is a resend of (an operator's "resend"), or None
     resent_from: str | None = None
+    #: the patient id of an HL7 v2 push (PID-3, first component) or a DICOM one (Patient
+    #: ID), indexed for the console's search
+    patient_id: str | None = None
+    #: Study / SOP Instance UID of a DICOM push, indexed for the console's search
+    study_uid: str | None = None
+    sop_uid: str | None = None
 
     @property
     def final(self) -> bool:
@@ -180,7 +186,7 @@ def _iso(t: float | None) -> str | None:
 PUSH_COLUMNS = (
     "seq id agent_id destination remote content_type body options idempotency_key state created "
     "updated expires_at attempts last_error reply_status reply_content_type reply_body requester "
-    "control_id body_hash accession resent_from"
+    "control_id body_hash accession resent_from patient_id study_uid sop_uid"
 ).split()
 
 
@@ -222,7 +228,8 @@ def timeline_from_text(text: Any) -> dict[str, float]:
 #: same for every backend; C{since}/C{until} bound C{created}, see L{time_bounds}).
 FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destination"),
            ("requester", "requester"), ("remote", "remote"), ("control_id", "control_id"),
-           ("accession", "accession"), ("resent_from", "resent_from"))
+           ("accession", "accession"), ("resent_from", "resent_from"),
+           ("patient_id", "patient_id"), ("study_uid", "study_uid"), ("sop_uid", "sop_uid"))
 
 
 def search_where(params: Any, mark: str) -> tuple[str, list[Any]]:

@@ -70,6 +70,8 @@ class Console:
         self.hub = hub
         self.pushes = pushes
         self.broker = broker
+        #: the inbound log (L{medagent.storage.interfaces.InboundLog}; set by the service)
+        self.inbound: Any = None
         self.base_url = base_url
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
         self.sessions = SessionStore(clock, idle=idle, shared=shared_sessions)

@@ -74,6 +74,7 @@ def page(title: str, body: str, *, who: Any = None, csrf: str | None = None,
         links = []
         for key, label, href in (("fleet", "Fleet", "/fleet"),
                                  ("messages", "Messages", "/messages"),
+                                 ("inbound", "Inbound", "/inbound"),
                                  ("trends", "Trends", "/trends"),
                                  ("alerts", "Alerts", "/alerts")):
             mark = ' aria-current="page"' if key == current else ""
@@ -186,7 +187,11 @@ def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> 
 
 def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: float, *,
                can_act: bool, csrf: str, details: Mapping[str, Any] | None = None,
-               ping: j.Push | None = None, trends: str = "", **layout: Any) -> bytes:
+               ping: j.Push | None = None, trends: str = "", channels: str = "",
+               **layout: Any) -> bytes:
+    """An agent's page; C{trends} and C{channels} are HTML (escaped already) after its
+    lanes; C{details} the lanes' details and actions (L{lane_cells}), C{ping} a ping just
+    sent from it."""
     agent_id = row["id"]
     state = "online" if row["connected"] else "offline"
     facts = (
@@ -232,8 +237,8 @@ def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: 
     if ping is not None:
         lanes_table = ping_result(ping) + lanes_table
     name = row.get("name") or agent_id
-    return page(f"Agent {name}", facts + actions + lanes_table + trends, current="fleet",
-                **layout)
+    return page(f"Agent {name}", facts + actions + lanes_table + trends + channels,
+                current="fleet", **layout)
 
 
 #: the lane columns from the agent's and the relay's own view (L{lane_cells})
@@ -355,6 +360,9 @@ SEARCH_FIELDS = (("control_id", "MSH-10 (control id)", "text"),
                  ("agent", "Agent id", "text"),
                  ("destination", "Destination", "text"),
                  ("remote", "Device URL", "text"),
+                 ("patient_id", "Patient id", "text"),
+                 ("study_uid", "Study Instance UID", "text"),
+                 ("sop_uid", "SOP Instance UID", "text"),
                  ("since", "From (UTC)", "datetime-local"),
                  ("until", "To (UTC)", "datetime-local"))
 

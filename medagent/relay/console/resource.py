@@ -27,6 +27,7 @@ from medagent.relay.auth import Principal
 from medagent.relay.http.agent_ops import raise_agent_error
 from medagent.relay.http.context import client_host, read_body
 from medagent.relay.console import html
+from medagent.relay.console import inbound as inbound_html
 from medagent.relay.console.events import push_event, sse_frame
 from medagent.relay.console.sessions import COOKIE, ConsoleSession
 from medagent.contenttypes import PING
@@ -326,12 +327,21 @@ class ConsoleResource(Resource):
             details = await c.lane_details(agent["id"], rows[0]["connected"])
             ping = await self._ping_shown(agent["id"], query.get("ping", ""))
             trends = await self._agent_trends(agent["id"])
+            channels = ""
+            if getattr(c, "inbound", None) is not None:  # the inbound log's view of it
+                channels = inbound_html.channels_section(
+                    agent["id"], await c.inbound.channel_summaries(
+                        agent["id"], c.now() - inbound_html.CHANNEL_WINDOW), c.now(),
+                    [str(ch.get("name")) for ch in agent.get("channel") or []
+                     if isinstance(ch, dict) and ch.get("name")])
             return 200, html.agent_page(rows[0], lanes, c.now(),
                                         can_act=session.principal.may_operate(),
                                         details=details, ping=ping,
-                                        trends=trends, **layout), _HTML, {}
+                                        trends=trends, channels=channels, **layout), _HTML, {}
         if path == ["messages"]:
             filters, params, cursor = _search(query)
+            if params.get("patient_id") and not session.principal.may_see_payloads():
+                raise Refused(403, "Your role may not search by patient id")
             found, total, next_cursor = await c.journal.search_page(
                 params, count=PAGE_SIZE, before_seq=cursor)
             live = not any(filters.values()) and cursor is None
@@ -351,7 +361,42 @@ class ConsoleResource(Resource):
             return 200, html.alerts_page(list(alerts.active.values()), list(alerts.history),
                                          alerts.offline_after, monitor=alerts,
                                          **layout), _HTML, {}
+        if path and path[0] == "inbound" and len(path) <= 2:
+            return await self._inbound(request, session, path[1:], query, layout)
         raise Refused(404, "No such page")
+
+    async def _inbound(self, request: Request, session: ConsoleSession, rest: list[str],
+                       query: dict[str, str], layout: dict[str, Any]
+                       ) -> tuple[int, bytes, str, dict[str, str]]:
+        """The inbound list (``/inbound``) and a message's page (``/inbound/{id}``)."""
+        c = self.console
+        principal = session.principal
+        log_ = getattr(c, "inbound", None)
+        if log_ is None:
+            raise Refused(404, "The inbound log is off on this relay")
+        phi = principal.may_see_payloads()
+        if not rest:
+            filters, params, cursor = inbound_html.search(query, may_see_phi=phi)
+            found, total, next_cursor = await log_.search_page(
+                params, count=PAGE_SIZE, before_seq=cursor)
+            live = not any(filters.values()) and cursor is None
+            return 200, inbound_html.inbound_page(found, filters, total, next_cursor,
+                                                  show_phi=phi, live=live, **layout), \
+                _HTML, {}
+        message = await log_.get(rest[0])
+        show = query.get("payload") == "1"
+        if show:
+            if not phi:
+                log.warn("Console: {client_id} ({role}) may not see payloads (inbound {id})",
+                         client_id=principal.client_id, role=principal.role, id=message.id)
+                raise Refused(403, "Your role may not see message payloads")
+            if message.body is not None:  # recorded before it is shown; no record, no payload
+                await c.store.create(inbound_html.inbound_audit_event(
+                    principal, message, client_host(request), c.now(), "console"))
+                log.info("Console: {client_id} viewed the payload of inbound message {id}",
+                         client_id=principal.client_id, id=message.id)
+        return 200, inbound_html.inbound_detail_page(
+            message, can_see_payload=phi, payload_shown=show, **layout), _HTML, {}
 
     async def _ping_shown(self, agent_id: str, push_id: str) -> j.Push | None:
         """The ping a lane's button just sent (a push of this agent with the ping type)."""
@@ -558,7 +603,7 @@ def _instant(text: str, name: str) -> float | None:
 def _search(query: dict[str, str]) -> tuple[dict[str, str], dict[str, str], int | None]:
     """The messages page's filters as shown, as journal parameters, and the page cursor."""
     names = ("control_id", "accession", "state", "agent", "destination", "remote",
-             "since", "until")
+             "since", "until", "patient_id", "study_uid", "sop_uid")
     filters = {k: query.get(k, "").strip() for k in names}
     params = {k: v for k, v in filters.items() if v and k not in ("since", "until")}
     if params.get("state") and params["state"] not in j.STATES:

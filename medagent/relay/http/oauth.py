@@ -72,7 +72,9 @@ async def token(ctx: RouteContext) -> Response:
         throttle.check(client_id, address)  # 429 while locked out
     try:
         issued = await ctx.api.authority.issue_token(client_id, client_secret)
-    except FHIRError:
+    except FHIRError as e:
+        if e.status != 401:  # (a node still loading its signing keys: 503, not a bad secret)
+            raise
         if throttle is not None:
             throttle.failed(client_id, address)
         return json_response({"error": "invalid_client",

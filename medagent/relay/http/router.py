@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from medagent.fhir import FHIRError, not_found, operation_outcome
 from medagent.relay.auth import Authority, Principal
-from medagent.relay.http import agent_ops, fhir_rest, lanes, oauth, pushes
+from medagent.relay.http import agent_ops, fhir_rest, inbound, lanes, oauth, pushes
 from medagent.relay.http.context import (
     DEFAULT_MAX_BODY,
     Response,
@@ -125,6 +125,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "AgentPush/{id}/$cancel", pushes.cancel),
     Route("POST", "AgentPush/{id}/$resend", pushes.resend),
     Route(ANY, "AgentPush/{id}/**", pushes.not_supported),
+    Route("GET", "AgentInbound", inbound.list_inbound),
+    Route("GET", "AgentInbound/{id}", inbound.read_inbound),
     Route(ANY, "Bot/$execute", bot_execute),
     Route(ANY, "Bot/{id}/$execute", bot_execute),
     Route(ANY, "ClientApplication/$credentials", oauth.credentials),
@@ -371,6 +373,8 @@ class Api(Endpoint):
     database: Any = None
     #: the L{medagent.relay.lanes.LaneControl} behind ``$pause-lane`` (set by the service)
     lanes: Any = None
+    #: the inbound log behind ``AgentInbound`` (L{medagent.relay.http.inbound}; the service)
+    inbound: Any = None
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from medagent.storage.postgres.clients import PgClientRegistry
 from medagent.storage.postgres.console import PgConsoleSessions
 from medagent.storage.postgres.database import PgDatabase
 from medagent.storage.postgres.deliveries import PgDeliveryQueue
+from medagent.storage.postgres.inbound import PgInboundLog
 from medagent.storage.postgres.journal import PgJournal
 from medagent.storage.postgres.keys import PgSigningKeys
 from medagent.storage.postgres.notices import PgNotices
@@ -23,7 +24,8 @@ from medagent.storage.postgres.sessions import PgAgentSessions
 from medagent.storage.postgres.store import PgStore, PgTransaction
 
 __all__ = ["DATA_TABLES", "MIGRATIONS", "PgAgentCalls", "PgAgentSessions", "PgClientRegistry",
-           "PgConsoleSessions", "PgDatabase", "PgDeliveryQueue", "PgJournal", "PgLanePauses",
+           "PgConsoleSessions", "PgDatabase", "PgDeliveryQueue", "PgInboundLog", "PgJournal",
+           "PgLanePauses",
            "PgNotices", "PgSigningKeys", "PgStore", "PgTransaction", "open_relay_database"]
 
 

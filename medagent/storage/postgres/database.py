@@ -10,7 +10,7 @@ what the storage interfaces promise ("writes issued from the reactor thread are 
 the order they were issued").  Across relay nodes, row locks (C{FOR UPDATE},
 C{SKIP LOCKED}) keep writers apart.
 
-The schema is a list of numbered migrations; C{schema_version} records the highest applied.
+The schema is a list of numbered migrations; C{schema_version} records the applied ones.
 They run once at start, under an advisory lock, so two nodes starting together do not race.
 """
 
@@ -215,15 +215,16 @@ class PgDatabase:
 
     def _migrate(self, conn: Any) -> int:
         """
-        Worker thread: apply, in number order, every migration C{schema_version} does not
-        record — not only those above its highest: features merged in another order than
-        they were numbered (8 after 9) still reach a database a build without 8 migrated.
+        Worker thread: apply, in order, every migration C{schema_version} does not record -
+        also one numbered below the highest applied (features developed side by side merge
+        their migrations in any order: a database already at 9 still gets 7).  Returns the
+        highest version applied.
         """
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                      " version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)")
         applied = _applied(conn) or set()
-        for version, sql in sorted(self._migrations):
+        for version, sql in self._migrations:
             if version in applied:
                 continue
             conn.execute(sql)

@@ -82,7 +82,7 @@ class PgJournal:
                   push.body, json.dumps(push.options), push.idempotency_key, push.state,
                   push.created, push.updated, push.expires_at, push.requester,
                   push.control_id, push.body_hash, timeline_text(push), push.accession,
-                  push.resent_from)
+                  push.resent_from, push.patient_id, push.study_uid, push.sop_uid)
         since = now - IDEMPOTENCY_WINDOW
 
         def txn(conn: Any) -> Push:
@@ -90,8 +90,9 @@ class PgJournal:
             row = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
-                " control_id, body_hash, timeline, accession, resent_from)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " control_id, body_hash, timeline, accession, resent_from, patient_id,"
+                " study_uid, sop_uid)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                 " RETURNING seq", values).fetchone()
             push.seq = row["seq"]
             return push

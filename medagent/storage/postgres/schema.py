@@ -156,6 +156,48 @@ CREATE INDEX pushes_accession ON pushes (accession, seq);
 CREATE INDEX pushes_state_updated ON pushes (state, updated);
 """
 
+#: Inbound messages and search (issue 12): the inbound log (L{medagent.storage.inbound}),
+#: and a push's patient id and DICOM Study / SOP Instance UID, indexed for the console's
+#: search.  (6 and 8 are other features': nothing here depends on them.)
+V7 = """
+CREATE TABLE inbound (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    agent_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    remote TEXT,
+    received DOUBLE PRECISION NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    message_type TEXT,
+    control_id TEXT,
+    patient_id TEXT,
+    accession TEXT,
+    study_uid TEXT,
+    sop_uid TEXT,
+    status INTEGER,
+    ack_code TEXT,
+    outcome TEXT NOT NULL,
+    bot TEXT,
+    duration_ms DOUBLE PRECISION,
+    error_kind TEXT,
+    body TEXT
+);
+CREATE INDEX inbound_agent ON inbound (agent_id, channel, seq);
+CREATE INDEX inbound_received ON inbound (received);
+CREATE INDEX inbound_control ON inbound (control_id, seq);
+CREATE INDEX inbound_patient ON inbound (patient_id, seq);
+CREATE INDEX inbound_accession ON inbound (accession, seq);
+CREATE INDEX inbound_study ON inbound (study_uid, seq);
+CREATE INDEX inbound_sop ON inbound (sop_uid, seq);
+ALTER TABLE pushes ADD COLUMN patient_id TEXT;
+ALTER TABLE pushes ADD COLUMN study_uid TEXT;
+ALTER TABLE pushes ADD COLUMN sop_uid TEXT;
+CREATE INDEX pushes_patient ON pushes (patient_id, seq);
+CREATE INDEX pushes_study ON pushes (study_uid, seq);
+CREATE INDEX pushes_sop ON pushes (sop_uid, seq);
+"""
+
 #: Lanes an operator paused (L{medagent.storage.postgres.pauses}).
 V8 = """
 CREATE TABLE IF NOT EXISTS lane_pauses (
@@ -187,9 +229,9 @@ CREATE INDEX console_sessions_seen ON console_sessions (last_seen);
 
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
 MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5),
-                                                (8, V8), (9, V9))
+                                           (7, V7), (8, V8), (9, V9))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
                "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys",
-               "lane_pauses", "console_sessions")
+               "lane_pauses", "console_sessions", "inbound")

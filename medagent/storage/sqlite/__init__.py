@@ -12,17 +12,20 @@ from typing import Any
 from medagent.storage.sqlite.clients import SQLiteClientRegistry
 from medagent.storage.sqlite.database import Database, DatabaseStopped
 from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
+from medagent.storage.sqlite.inbound import SQLiteInboundLog
 from medagent.storage.sqlite.journal import SQLiteJournal
 from medagent.storage.sqlite.pauses import SQLiteLanePauses
 from medagent.storage.sqlite.store import SQLiteStore, SQLiteTransaction
 
 __all__ = ["Database", "DatabaseStopped", "SQLiteClientRegistry", "SQLiteDeliveryQueue",
-           "SQLiteJournal", "SQLiteLanePauses", "SQLiteStore", "SQLiteTransaction", "RELAY_SCHEMA",
+           "SQLiteInboundLog", "SQLiteJournal", "SQLiteLanePauses", "SQLiteStore",
+           "SQLiteTransaction", "RELAY_SCHEMA",
            "open_relay_database"]
 
 #: Every table of the relay's database file.
 RELAY_SCHEMA = (SQLiteStore.schema() + SQLiteClientRegistry.schema() + SQLiteJournal.schema()
-                + SQLiteDeliveryQueue.schema() + SQLiteLanePauses.schema())
+                + SQLiteDeliveryQueue.schema() + SQLiteLanePauses.schema()
+                + SQLiteInboundLog.schema())
 
 
 def open_relay_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> Database:

@@ -76,7 +76,10 @@ CREATE TABLE IF NOT EXISTS pushes (
     in_doubt INTEGER NOT NULL DEFAULT 0,
     timeline TEXT NOT NULL DEFAULT '{}',
     accession TEXT,
-    resent_from TEXT
+    resent_from TEXT,
+    patient_id TEXT,
+    study_uid TEXT,
+    sop_uid TEXT
 );
 CREATE INDEX IF NOT EXISTS pushes_open ON pushes (agent_id, state, seq);
 CREATE INDEX IF NOT EXISTS pushes_agent_seq ON pushes (agent_id, seq);
@@ -86,6 +89,9 @@ CREATE INDEX IF NOT EXISTS pushes_message ON pushes (agent_id, control_id, body_
 CREATE INDEX IF NOT EXISTS pushes_control ON pushes (control_id, seq);
 CREATE INDEX IF NOT EXISTS pushes_accession ON pushes (accession, seq);
 CREATE INDEX IF NOT EXISTS pushes_state_updated ON pushes (state, updated);
+CREATE INDEX IF NOT EXISTS pushes_patient ON pushes (patient_id, seq);
+CREATE INDEX IF NOT EXISTS pushes_study ON pushes (study_uid, seq);
+CREATE INDEX IF NOT EXISTS pushes_sop ON pushes (sop_uid, seq);
 CREATE TABLE IF NOT EXISTS push_keys (
     requester TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -101,7 +107,9 @@ _ADDED_COLUMNS = (("requester", "TEXT"), ("control_id", "TEXT"), ("body_hash", "
                   ("in_doubt", "INTEGER NOT NULL DEFAULT 0"),
                   ("timeline", "TEXT NOT NULL DEFAULT '{}'"),
                   # the console (issue 12): order number search, resend links
-                  ("accession", "TEXT"), ("resent_from", "TEXT"))
+                  ("accession", "TEXT"), ("resent_from", "TEXT"),
+                  # inbound & search (issue 12): patient id, DICOM Study / SOP Instance UID
+                  ("patient_id", "TEXT"), ("study_uid", "TEXT"), ("sop_uid", "TEXT"))
 
 
 class _WallClock:
@@ -210,8 +218,9 @@ class SQLiteJournal:
             cur = conn.execute(
                 "INSERT INTO pushes (id, agent_id, destination, remote, content_type, body,"
                 " options, idempotency_key, state, created, updated, expires_at, requester,"
-                " control_id, body_hash, timeline, accession, resent_from)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " control_id, body_hash, timeline, accession, resent_from, patient_id,"
+                " study_uid, sop_uid)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     push.id,
                     push.agent_id,
@@ -231,6 +240,9 @@ class SQLiteJournal:
                     timeline_text(push),
                     push.accession,
                     push.resent_from,
+                    push.patient_id,
+                    push.study_uid,
+                    push.sop_uid,
                 ),
             )
             push.seq = cur.lastrowid

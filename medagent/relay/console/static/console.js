@@ -71,6 +71,35 @@
       field(rows[i], 'errors').textContent = q.errors;
     }
   });
+  // the inbound log: a message recorded on this node (never its payload nor patient id)
+  source.addEventListener('inbound', function (ev) {
+    var d = JSON.parse(ev.data), table = document.getElementById('inbound');
+    if (!table || table.getAttribute('data-live') !== '1' ||
+        document.getElementById('inbound-' + d.id)) { return; }
+    var body = table.tBodies[0], empty = body.querySelector('tr.empty');
+    if (empty) { body.removeChild(empty); }
+    var tr = document.createElement('tr');
+    tr.id = 'inbound-' + d.id; tr.setAttribute('data-inbound', d.id);
+    tr.appendChild(cell(when(d.received)));
+    tr.appendChild(link('/console/agent/' + encodeURIComponent(d.agent), d.agent));
+    tr.appendChild(cell(d.channel));
+    tr.appendChild(cell(d.messageType || d.contentType));
+    tr.appendChild(link('/console/inbound/' + encodeURIComponent(d.id),
+                        d.controlId || d.sopUid || d.id.slice(0, 12), 'control'));
+    if (table.getAttribute('data-phi') === '1') { tr.appendChild(cell('')); }
+    tr.appendChild(cell(d.accession || ''));
+    var oc = document.createElement('td'), span = document.createElement('span');
+    span.setAttribute('data-field', 'outcome'); setState(span, d.outcome);
+    oc.appendChild(span); tr.appendChild(oc);
+    var answer = cell([d.status, d.ack].filter(function (x) { return x !== null && x !== undefined; }).join(' ') || '\u2014');
+    answer.setAttribute('data-field', 'answer'); tr.appendChild(answer);
+    body.insertBefore(tr, body.firstChild);
+    var count = document.querySelector('#inbound-caption [data-count]');
+    if (count) {
+      var n = parseInt(count.getAttribute('data-count'), 10) + 1;
+      count.setAttribute('data-count', String(n)); count.textContent = String(n);
+    }
+  });
   source.addEventListener('push', function (ev) {
     var d = JSON.parse(ev.data), row = document.getElementById('push-' + d.id);
     // an older state never replaces a newer one (a read may arrive after a later event)
