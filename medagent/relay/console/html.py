@@ -371,7 +371,10 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
                   next_cursor: int | None, *, live: bool, bulk: str = "",
                   **layout: Any) -> bytes:
     fields = []
+    who = layout.get("who")
     for name, label, kind in SEARCH_FIELDS:
+        if name == "patient_id" and not (who is not None and who.may_see_payloads()):
+            continue  # a role without patient data does not search by it either
         fields.append(f'<p><label for="f-{name}">{h(label)}</label>'
                       f'<input id="f-{name}" name="{name}" type="{kind}" '
                       f'value="{h(filters.get(name, ""))}" maxlength="200"></p>')
