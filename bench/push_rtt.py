@@ -18,7 +18,11 @@ pushes_per_s_16_devices, stage_p50_ms`` with ratio = push_p50 / (http_p50 + mllp
 Targets (issue 13): ratio ≤ 2.0; ≥ 1000 waited pushes/s with 16 clients to one device and
 ≥ 2000 spread over 16 devices.
 
-    python bench/push_rtt.py [--n 2000] [--concurrency 16] [--devices 16]
+    python bench/push_rtt.py [--n 2000] [--concurrency 16] [--devices 16] [--profile DIR]
+
+C{--profile DIR} runs the relay and the agent under twistd's cProfile and leaves
+``DIR/relay.prof`` and ``DIR/agent.prof`` (pstats files; the profiler slows both, so the
+numbers of that run are not the ones to report).
 """
 
 from __future__ import annotations
@@ -133,7 +137,16 @@ async def main(args: argparse.Namespace) -> dict:
             return open_authority(open_database(None, data), data).create_client_sync(role, agents)
 
         admin = client("admin")
-        relay = bench.spawn("relay", ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay",
+
+        def profiled(name: str) -> list[str]:
+            if not args.profile:
+                return []
+            os.makedirs(args.profile, exist_ok=True)
+            return [f"--profile={os.path.join(args.profile, name + '.prof')}",
+                    "--profiler=cprofile", "--savestats"]
+
+        relay = bench.spawn("relay", ["-c", TWISTD, "-n", "--pidfile=", *profiled("relay"),
+                                      "medagent-relay",
                                       "--data", data, "--listen",
                                       f"tcp:{relay_port}:interface=127.0.0.1"])
         sink = bench.spawn("sink", [SINK, str(sink_port), os.devnull])
@@ -159,7 +172,8 @@ async def main(args: argparse.Namespace) -> dict:
                                              "status": "active"}).encode())
         agent_id = (await r.json())["id"]
         creds = client("agent", [agent_id])
-        agent = bench.spawn("agent", ["-c", TWISTD, "-n", "--pidfile=", "medagent-agent",
+        agent = bench.spawn("agent", ["-c", TWISTD, "-n", "--pidfile=", *profiled("agent"),
+                                      "medagent-agent",
                                       "--relay", base, "--client-id", creds["clientId"],
                                       "--client-secret", creds["clientSecret"],
                                       "--agent-id", agent_id,
@@ -255,6 +269,8 @@ def run() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--devices", type=int, default=16,
                         help="devices (MLLP sinks) the spread measurement uses")
+    parser.add_argument("--profile", default="",
+                        help="directory for cProfile stats of the relay and the agent")
     print_result(main(parser.parse_args()))
 
 

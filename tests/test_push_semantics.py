@@ -258,6 +258,44 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(conflict, FHIRError).value.status, 409)
         self.assertEqual([r["pushId"] for r in self.sent()], [pushed.id])
 
+    def test_waited_repeats_to_a_connected_agent_need_no_lookup(self) -> None:
+        """
+        A waited push to an agent this node holds skips the repeat lookups (a database round
+        trip per push): the journal's insert finds the repeat in its own transaction, with
+        the same outcomes — the earlier push for the same message, 409 for a key reused.
+        """
+        first = self.push(order("ORD20"), key="c-1", wait=True)
+        [request] = self.sent()
+        self.answer(request, "MSH|^~\\&|LIS\rMSA|AA|ORD20")
+        pushed = self.successResultOf(first).push
+
+        def no_lookup(*args: Any) -> Any:
+            raise AssertionError("looked up a repeat before the insert")
+
+        self.patch(self.journal, "find_same_message", no_lookup)
+        self.patch(self.journal, "find_by_key", no_lookup)
+        for key in (None, "c-1", "c-2"):
+            again = self.successResultOf(self.push(order("ORD20"), key=key, wait=True))
+            self.assertEqual((again.push.id, again.duplicate), (pushed.id, True))
+            self.assertIn("MSA|AA|ORD20", again.push.reply_body)
+        f = self.failureResultOf(self.push(order("ORD21"), key="c-1", wait=True), FHIRError)
+        self.assertEqual(f.value.status, 409)
+        self.assertEqual(len(self.sent()), 1)
+
+    def test_waited_repeat_while_the_agent_is_away_is_answered(self) -> None:
+        """The agent not connected: a waited repeat is still answered from the journal
+        (looked up first), not refused as 503."""
+        first = self.push(order("ORD22"), wait=True)
+        [request] = self.sent()
+        self.answer(request, "MSH|^~\\&|LIS\rMSA|AA|ORD22")
+        pushed = self.successResultOf(first).push
+        self.hub.connection_lost(self.session)
+        self.assertFalse(self.hub.is_connected(self.agent["id"]))
+        again = self.successResultOf(self.push(order("ORD22"), wait=True))
+        self.assertEqual((again.push.id, again.duplicate), (pushed.id, True))
+        f = self.failureResultOf(self.push(order("ORD23"), wait=True), FHIRError)
+        self.assertEqual(f.value.status, 503)
+
     def test_a_delivered_push_shows_where_its_time_went(self) -> None:
         d = self.push(order("ORD40"), wait=True)
         self.clock.advance(0.25)
