@@ -43,6 +43,15 @@ TRANSMIT_CONFIRM = "agent:transmit:confirm"
 #: delivered or already answered, 404 not held by the agent.
 TRANSMIT_CANCEL = "agent:transmit:cancel"
 TRANSMIT_CANCEL_RESPONSE = "agent:transmit:cancel:response"
+#: Extension (either way, only to a peer that announced "batch"): several messages in one
+#: frame, ``{"type": "agent:batch", "messages": [...]}``, each handled as if it came in a
+#: frame of its own, in order.  Sent when several messages are ready in one reactor turn
+#: (L{FrameBatcher}); at most L{MAX_BATCH} messages, never nested.
+BATCH = "agent:batch"
+#: Most messages one ``agent:batch`` frame may carry.
+MAX_BATCH = 64
+#: A batch frame stays below this many bytes; a bigger message goes in a frame of its own.
+BATCH_BYTES = 256 * 1024
 
 #: Deprecated names that Medplum still accepts, mapped to the current ones.
 ALIASES = {
@@ -83,6 +92,7 @@ KNOWN_TYPES = frozenset(
         TRANSMIT_CONFIRM,
         TRANSMIT_CANCEL,
         TRANSMIT_CANCEL_RESPONSE,
+        BATCH,
     ]
 )
 
@@ -97,6 +107,9 @@ CAP_DEDUPE = "dedupe"
 CAP_TOKEN_REFRESH = "token-refresh"
 #: The agent understands ``agent:transmit:cancel``.
 CAP_CANCEL = "cancel"
+#: The peer reads ``agent:batch`` frames (announced by our agent in its connect request and
+#: by our relay in its connect response; each side batches only to a peer that announced it).
+CAP_BATCH = "batch"
 
 #: ``agent:error`` texts that say the agent did not take the message at all: nothing reached
 #: a device, so the push stays queued and is sent again once the agent is ready.
@@ -114,7 +127,8 @@ def error_not_delivered(msg: Mapping[str, Any]) -> bool:
 
 #: The capabilities that are features; every other one an agent announces is a destination
 #: scheme it can deliver to (ours announces each scheme of its senders).
-FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH, CAP_CANCEL])
+FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH, CAP_CANCEL,
+                                  CAP_BATCH])
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}\Z")
 
 
@@ -173,6 +187,12 @@ def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[
         raise WireError(f"Message is not JSON: {e.msg}")
     if not isinstance(msg, dict):
         raise WireError("Message is not a JSON object")
+    return check(msg)
+
+
+def check(msg: dict[str, Any]) -> dict[str, Any]:
+    """A decoded JSON object as a message (its ``type`` known, its fields there), or
+    L{WireError}; a frame's object, or one of an ``agent:batch``."""
     callback = msg.get("callback")
     if callback is not None and not isinstance(callback, str):
         raise WireError("callback must be a string")
@@ -192,7 +212,33 @@ def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[
     status = msg.get("statusCode")
     if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
         raise WireError("statusCode must be an integer", callback)
+    if kind == BATCH:
+        items = msg.get("messages")
+        if not isinstance(items, list) or not items:
+            raise WireError("messages must be a non-empty list", callback)
+        if len(items) > MAX_BATCH:
+            raise WireError(f"Too many messages in one batch ({len(items)}, limit "
+                            f"{MAX_BATCH})", callback)
     return msg
+
+
+def unbatch(batch: Mapping[str, Any]) -> list[dict[str, Any] | WireError]:
+    """
+    The messages of an ``agent:batch`` (checked by L{decode}), each checked as a frame's
+    would be: a message, or the L{WireError} to answer for it (a nested batch is one).
+    """
+    out: list[dict[str, Any] | WireError] = []
+    for item in batch["messages"]:
+        try:
+            if not isinstance(item, dict):
+                raise WireError("Message is not a JSON object")
+            msg = check(item)
+            if msg["type"] == BATCH:
+                raise WireError("agent:batch inside agent:batch", msg.get("callback"))
+            out.append(msg)
+        except WireError as e:
+            out.append(e)
+    return out
 
 
 def encode(msg: Mapping[str, Any]) -> bytes:
@@ -200,6 +246,79 @@ def encode(msg: Mapping[str, Any]) -> bytes:
     return json.dumps(
         {k: v for k, v in msg.items() if v is not None}, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
+
+
+def encode_batch(frames: Iterable[bytes]) -> bytes:
+    """One ``agent:batch`` frame from messages already L{encode}d (not encoded again)."""
+    return b'{"type":"agent:batch","messages":[' + b",".join(frames) + b"]}"
+
+
+class FrameBatcher:
+    """
+    What a websocket's C{send_message} goes through: while off (the default, and for a peer
+    that did not announce L{CAP_BATCH}, such as Medplum's agent), each message is written as
+    its own frame at once.  Once L{enable}d, messages sent in one reactor turn are written
+    together at the end of it (C{clock.callLater(0)}): one frame for one message, an
+    ``agent:batch`` for several (up to L{MAX_BATCH} messages and L{BATCH_BYTES}), always in
+    the order they were sent.  A websocket frame costs both sides far more than the JSON
+    of a small message, and sixteen pushes answered in one turn become one frame, not
+    sixteen.  C{write(frame_bytes)} writes one text frame.
+    """
+
+    def __init__(self, clock: Any, write: Any) -> None:
+        self._clock = clock
+        self._write = write
+        self._pending: list[bytes] = []
+        self._call: Any = None
+        self.enabled = False
+        #: frames written, and messages in them (for tests and stats)
+        self.frames = 0
+        self.messages = 0
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        data = encode(msg)
+        if not self.enabled:
+            self._emit(data, 1)
+            return
+        self._pending.append(data)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write what is pending now (also before a close, so nothing sent is held back)."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        pending, self._pending = self._pending, []
+        group: list[bytes] = []
+        size = 0
+        for data in pending:
+            if group and (len(group) >= MAX_BATCH or size + len(data) + 1 > BATCH_BYTES):
+                self._emit_group(group)
+                group, size = [], 0
+            group.append(data)
+            size += len(data) + 1
+        if group:
+            self._emit_group(group)
+
+    def discard(self) -> None:
+        """The connection is gone: drop what is pending (and its timer)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._pending = []
+
+    def _emit_group(self, group: list[bytes]) -> None:
+        self._emit(group[0] if len(group) == 1 else encode_batch(group), len(group))
+
+    def _emit(self, frame: bytes, n: int) -> None:
+        self.frames += 1
+        self.messages += n
+        self._write(frame)
 
 
 def error(body: str, callback: str | None = None) -> dict[str, Any]:

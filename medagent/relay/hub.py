@@ -449,6 +449,20 @@ class Hub:
             log.warn("Bad frame from {peer}: {reason}", peer=session.conn.peer, reason=e.reason)
             session.conn.send_message(wire.error(e.reason, e.callback))
             return
+        if msg["type"] == wire.BATCH and session.agent_id is not None:
+            # several messages in one frame (an agent that announced "batch"): each as if
+            # it had come in a frame of its own, in order
+            for item in wire.unbatch(msg):
+                if isinstance(item, wire.WireError):
+                    log.warn("Bad message in a batch from {peer}: {reason}",
+                             peer=session.conn.peer, reason=item.reason)
+                    session.conn.send_message(wire.error(item.reason, item.callback))
+                else:
+                    self._message_received(session, item)
+            return
+        self._message_received(session, msg)
+
+    def _message_received(self, session: Session, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         try:
             if kind == wire.CONNECT_REQUEST:
@@ -585,8 +599,11 @@ class Hub:
                 authenticated()  # the transport lifts its pre-authentication limits
             session.conn.send_message(
                 {"type": wire.CONNECT_RESPONSE, "callback": callback,
-                 "capabilities": [wire.CAP_DURABLE]}
+                 "capabilities": [wire.CAP_DURABLE, wire.CAP_BATCH]}
             )
+            batching = getattr(session.conn, "enable_batching", None)
+            if wire.CAP_BATCH in session.capabilities and batching is not None:
+                batching()  # (after the response: it goes in a frame of its own)
             log.info(
                 "Agent/{agent_id} connected from {peer} (capabilities: {caps})",
                 agent_id=agent_id,
