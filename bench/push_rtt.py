@@ -230,6 +230,7 @@ async def main(args: argparse.Namespace) -> dict:
         spread_lat, spread_wall = await timed_loop(
             args.n * 2, args.concurrency,
             lambda i: push(3 * args.n + i, spread[i % len(spread)]))
+        cpu.append((cpu_ms(relay), cpu_ms(agent)))
         await sender.close()
         stages = await stage_medians(base, pool, headers, sampled[warm:])
         await pool.closeCachedConnections()
@@ -258,6 +259,8 @@ async def main(args: argparse.Namespace) -> dict:
             "agent_cpu_ms_per_push_1": round((cpu[1][1] - cpu[0][1]) / args.n, 3),
             "relay_cpu_ms_per_push_16": round((cpu[2][0] - cpu[1][0]) / (args.n * 2), 3),
             "agent_cpu_ms_per_push_16": round((cpu[2][1] - cpu[1][1]) / (args.n * 2), 3),
+            "relay_cpu_ms_per_push_16_devices": round((cpu[3][0] - cpu[2][0]) / (args.n * 2), 3),
+            "agent_cpu_ms_per_push_16_devices": round((cpu[3][1] - cpu[2][1]) / (args.n * 2), 3),
         }
     finally:
         await bench.stop()

@@ -33,14 +33,15 @@ class Destination:
     user: str | None = None
     params: Mapping[str, str] = attr.ib(factory=dict)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """
         The ordered lane this destination belongs to: one device, one lane.  The device is
         the scheme family (``mllp`` and ``mllps`` are one), the normalised host (see
         L{normalise_host}), the port, the path (serial device) and, for DICOM, the called AE
         title.  Query parameters (``ackTimeout``, ``returnAck``...) are per-message settings
-        and never split a device into two lanes.
+        and never split a device into two lanes.  Computed once per parse (a sender asks
+        for it on every message).
         """
         return device_key(self.scheme, self.host, self.port, self.path, self.user)
 
