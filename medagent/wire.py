@@ -48,6 +48,10 @@ TRANSMIT_CANCEL_RESPONSE = "agent:transmit:cancel:response"
 #: frame of its own, in order.  Sent when several messages are ready in one reactor turn
 #: (L{FrameBatcher}); at most L{MAX_BATCH} messages, never nested.
 BATCH = "agent:batch"
+#: Field of our agent's answer to a push: milliseconds from handing the message to the device
+#: until this answer (the agent's clock: an interval, not a time, since clocks differ); the
+#: relay puts the push's "device" stage that long before the answer came.
+DEVICE_MS = "deviceMs"
 #: Most messages one ``agent:batch`` frame may carry.
 MAX_BATCH = 64
 #: A batch frame stays below this many bytes; a bigger message goes in a frame of its own.

@@ -286,6 +286,16 @@ class AgentAppTests(SynchronousTestCase):
         self.assertEqual([a["pushId"] for a in self.answers()], ["p1", "p2", "p3"])
         self.assertEqual(len(self.sender.calls), 3)
 
+    def test_answer_says_how_long_the_device_took(self) -> None:
+        """C{deviceMs}: from handing the message to the device to its answer (an interval
+        on the agent's clock, so the relay can place it on its own)."""
+        self.go_live()
+        self.push("p1")
+        self.clock.advance(0.125)
+        self.sender.calls[0][2].callback(Reply("A1"))
+        [answer] = self.answers()
+        self.assertEqual(answer[wire.DEVICE_MS], 125.0)
+
     def test_busy_lane_answer_and_next_claim_share_one_commit(self) -> None:
         """
         On a busy lane, recording message N's answer and claiming message N+1 is one

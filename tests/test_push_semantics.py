@@ -309,6 +309,36 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual([s["stage"] for s in stored.to_json()["timeline"]],
                          ["received", "journaled", "sent", "answered"])
 
+    def test_the_agent_says_when_the_device_got_it(self) -> None:
+        """
+        Our agent's answer carries C{deviceMs} (how long the device took, on the agent's
+        clock): the "device" stage is that long before "answered" on the relay's clock.  A
+        number that does not fit since the push was sent (or is not a number) is ignored.
+        """
+        d = self.push(order("ORD41"), wait=True)
+        self.clock.advance(0.5)
+        [request] = self.sent()
+        self.hub.frame_received(self.session, wire.encode({
+            "type": wire.TRANSMIT_RESPONSE, "remote": request["remote"],
+            "callback": request["callback"], "contentType": HL7_V2, "statusCode": 200,
+            "body": "MSH|^~\\&|LIS\rMSA|AA|ORD41", wire.DEVICE_MS: 200}))
+        push = self.successResultOf(d).push
+        self.assertEqual(list(push.timeline),
+                         ["received", "journaled", "sent", "device", "answered"])
+        self.assertAlmostEqual(push.timeline["answered"] - push.timeline["device"], 0.2)
+        stored = self.successResultOf(self.journal.current(push.id))
+        self.assertEqual([s["stage"] for s in stored.to_json()["timeline"]],
+                         ["received", "journaled", "sent", "device", "answered"])
+        for i, bogus in enumerate((-1, 501, "200", True, None, 1e308)):
+            d = self.push(order(f"ORD5{i}"), wait=True)
+            self.clock.advance(0.5)
+            request = self.sent()[-1]
+            self.hub.frame_received(self.session, wire.encode({
+                "type": wire.TRANSMIT_RESPONSE, "remote": request["remote"],
+                "callback": request["callback"], "contentType": HL7_V2, "statusCode": 200,
+                "body": "MSH|^~\\&|LIS\rMSA|AA|x", wire.DEVICE_MS: bogus}))
+            self.assertNotIn("device", self.successResultOf(d).push.timeline, bogus)
+
     def test_a_repeat_journaled_by_another_node_meanwhile(self) -> None:
         """
         Two relay nodes (two L{PushService}s, each with its own in-memory guard) on one

@@ -354,7 +354,8 @@ class DurableQueue:
             answer = wire.transmit_response(
                 msg, status_code=reply.status_code, content_type=reply.content_type,
                 body=reply.body, pushId=push_id,
-                delivery="delivered" if reply.delivered else "failed", detail=reply.detail)
+                delivery="delivered" if reply.delivered else "failed", detail=reply.detail,
+                **({wire.DEVICE_MS: round(seconds * 1000, 3)} if seconds is not None else {}))
             self.metrics.delivery(row["remote"], "delivered" if reply.delivered else "refused",
                                   seconds)
             if reply.delivered:

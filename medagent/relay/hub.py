@@ -1347,7 +1347,14 @@ class Hub:
                 if session is not None:
                     self._stalled(session, push, True)
             return
-        push.stamp("answered", self.clock.seconds())
+        answered = self.clock.seconds()
+        device_ms = msg.get(wire.DEVICE_MS)
+        sent = push.timeline.get("sent")
+        if (isinstance(device_ms, (int, float)) and not isinstance(device_ms, bool)
+                and sent is not None and 0 <= device_ms <= (answered - sent) * 1000):
+            # (a number from outside: only an interval that fits since the push was sent)
+            push.stamp("device", answered - device_ms / 1000)
+        push.stamp("answered", answered)
         lane = None
         if session is not None:
             self._stalled(session, push, False)
