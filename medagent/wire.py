@@ -56,6 +56,32 @@ DEVICE_MS = "deviceMs"
 MAX_BATCH = 64
 #: A batch frame stays below this many bytes; a bigger message goes in a frame of its own.
 BATCH_BYTES = 256 * 1024
+#: Field of the connect request (agent) and response (relay) next to the "batch" capability:
+#: the largest batch frame the sender accepts (at most L{BATCH_BYTES}, and within its own
+#: message size limit), which the other side keeps its batches under.
+BATCH_BYTES_FIELD = "batchBytes"
+#: The smallest batch limit a peer may announce (below it, it gets no batches).
+MIN_BATCH_BYTES = 1024
+
+
+def batch_limit(own_max_message: int) -> int:
+    """The C{batchBytes} to announce: L{BATCH_BYTES}, or less if our own limit is lower."""
+    return max(MIN_BATCH_BYTES, min(BATCH_BYTES, own_max_message))
+
+
+def peer_batch_limit(msg: Mapping[str, Any]) -> int | None:
+    """
+    The batch limit the peer's connect message announced, or C{None} (no batches to it):
+    it must name the "batch" capability and a whole C{batchBytes} from L{MIN_BATCH_BYTES}
+    to L{BATCH_BYTES} (a number from outside, range-checked).
+    """
+    caps = msg.get("capabilities")
+    limit = msg.get(BATCH_BYTES_FIELD)
+    if not (isinstance(caps, list) and CAP_BATCH in caps):
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    return limit if MIN_BATCH_BYTES <= limit <= BATCH_BYTES else None
 
 #: Deprecated names that Medplum still accepts, mapped to the current ones.
 ALIASES = {
@@ -257,13 +283,17 @@ def encode_batch(frames: Iterable[bytes]) -> bytes:
     return b'{"type":"agent:batch","messages":[' + b",".join(frames) + b"]}"
 
 
+_BATCH_ENVELOPE = len(encode_batch([]))
+
+
 class FrameBatcher:
     """
     What a websocket's C{send_message} goes through: while off (the default, and for a peer
     that did not announce L{CAP_BATCH}, such as Medplum's agent), each message is written as
     its own frame at once.  Once L{enable}d, messages sent in one reactor turn are written
     together at the end of it (C{clock.callLater(0)}): one frame for one message, an
-    ``agent:batch`` for several (up to L{MAX_BATCH} messages and L{BATCH_BYTES}), always in
+    ``agent:batch`` for several (up to L{MAX_BATCH} messages and the peer's announced
+    C{batchBytes}; a message that does not fit goes alone, as it would have), always in
     the order they were sent.  A websocket frame costs both sides far more than the JSON
     of a small message, and sixteen pushes answered in one turn become one frame, not
     sixteen.  C{write(frame_bytes)} writes one text frame.
@@ -275,12 +305,16 @@ class FrameBatcher:
         self._pending: list[bytes] = []
         self._call: Any = None
         self.enabled = False
+        #: the largest batch frame (the peer's announced C{batchBytes})
+        self.max_bytes = BATCH_BYTES
         #: frames written, and messages in them (for tests and stats)
         self.frames = 0
         self.messages = 0
 
-    def enable(self) -> None:
+    def enable(self, max_bytes: int = BATCH_BYTES) -> None:
+        """Batch from now on, each batch frame at most C{max_bytes} (the peer's limit)."""
         self.enabled = True
+        self.max_bytes = min(max_bytes, BATCH_BYTES)
 
     def send(self, msg: Mapping[str, Any]) -> None:
         data = encode(msg)
@@ -299,11 +333,11 @@ class FrameBatcher:
             self._call = None
         pending, self._pending = self._pending, []
         group: list[bytes] = []
-        size = 0
+        size = _BATCH_ENVELOPE
         for data in pending:
-            if group and (len(group) >= MAX_BATCH or size + len(data) + 1 > BATCH_BYTES):
+            if group and (len(group) >= MAX_BATCH or size + len(data) + 1 > self.max_bytes):
                 self._emit_group(group)
-                group, size = [], 0
+                group, size = [], _BATCH_ENVELOPE
             group.append(data)
             size += len(data) + 1
         if group:

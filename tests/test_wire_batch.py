@@ -144,18 +144,19 @@ class BatchingConnection(FakeConnection):
     def send_message(self, message: Any) -> None:
         self.batcher.send(message)
 
-    def enable_batching(self) -> None:
+    def enable_batching(self, max_bytes: int) -> None:
         self.batching = True
-        self.batcher.enable()
+        self.batcher.enable(max_bytes)
 
 
 class HubBatchTests(_HubCase):
-    def connect_batching(self, caps: list[str]) -> tuple[BatchingConnection, Any]:
+    def connect_batching(self, caps: list[str], limit: Any = wire.BATCH_BYTES
+                         ) -> tuple[BatchingConnection, Any]:
         conn = BatchingConnection(self.clock)
         session = self.hub.connection_made(conn)
         self.hub.frame_received(session, wire.encode({
             "type": wire.CONNECT_REQUEST, "accessToken": self.agent_token,
-            "agentId": self.agent["id"], "capabilities": caps}))
+            "agentId": self.agent["id"], "capabilities": caps, "batchBytes": limit}))
         return conn, session
 
     def test_pushes_of_one_turn_go_in_one_frame_to_an_agent_that_announced_it(self) -> None:
@@ -197,6 +198,22 @@ class HubBatchTests(_HubCase):
         new = [json.loads(f)["type"] for f in conn.frames[before:]]
         self.assertEqual(new, [wire.TRANSMIT_REQUEST] + [wire.HEARTBEAT_RESPONSE] * 2)
 
+    def test_batches_kept_under_the_limit_the_agent_announced(self) -> None:
+        for bogus in (None, "4096", True, 10, wire.BATCH_BYTES + 1, 2.5e4):
+            conn, session = self.connect_batching(["durable", "batch"], bogus)
+            self.assertFalse(conn.batching, bogus)  # no (usable) limit: no batches
+            self.hub.connection_lost(session)
+        conn, session = self.connect_batching(["durable", "batch"], wire.MIN_BATCH_BYTES)
+        self.assertEqual(conn.batcher.max_bytes, wire.MIN_BATCH_BYTES)
+        before = len(conn.frames)
+        for i in range(8):
+            self.push(body=f"MSH|^~\\&|A|B|C|D|20240101||ORM^O01|L{i}|P|2.5\r" + "X" * 300)
+        self.clock.advance(0)
+        new = conn.frames[before:]
+        self.assertGreater(len(new), 1)
+        self.assertTrue(all(len(f) <= wire.MIN_BATCH_BYTES for f in new))
+        self.assertEqual(sum(len(frame_messages(f)) for f in new), 8)
+
     def test_batch_before_connect_is_refused(self) -> None:
         conn = FakeConnection()
         session = self.hub.connection_made(conn)
@@ -232,9 +249,9 @@ class AgentBatchTests(SynchronousTestCase):
         self.conn = BatchingConnection(self.clock)
         self.app.connection_made(self.conn)
 
-    def live(self, caps: list[str]) -> None:
+    def live(self, caps: list[str], limit: Any = wire.BATCH_BYTES) -> None:
         self.app.frame_received(wire.encode({"type": wire.CONNECT_RESPONSE,
-                                             "capabilities": caps}))
+                                             "capabilities": caps, "batchBytes": limit}))
 
     def request(self, push_id: str) -> bytes:
         return wire.encode({"type": wire.TRANSMIT_REQUEST, "remote": "mllp://dev:1",
@@ -243,6 +260,7 @@ class AgentBatchTests(SynchronousTestCase):
 
     def test_announces_batch_and_batches_to_a_relay_that_announced_it(self) -> None:
         self.assertIn(wire.CAP_BATCH, self.conn.sent[0]["capabilities"])
+        self.assertEqual(self.conn.sent[0]["batchBytes"], wire.BATCH_BYTES)
         self.live(["durable", "batch"])
         self.assertTrue(self.conn.batching)
         before = len(self.conn.frames)
@@ -264,6 +282,8 @@ class AgentBatchTests(SynchronousTestCase):
 
     def test_no_batches_to_a_relay_that_did_not_announce_it(self) -> None:
         """Medplum's server (no "batch" in its answer): one message per frame."""
+        self.live(["durable", "batch"], limit=None)  # no limit said: not ours either
+        self.assertFalse(self.conn.batching)
         self.live([])
         self.assertFalse(self.conn.batching)
         for i in range(2):
@@ -277,3 +297,10 @@ class AgentBatchTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.conn.of_type(wire.ERROR)[0]["callback"], "c1")
         self.assertEqual([c[1] for c in self.sender.calls], ["MSH|r1"])
+
+
+class LimitTests(SynchronousTestCase):
+    def test_the_limit_announced_follows_the_own_message_limit(self) -> None:
+        self.assertEqual(wire.batch_limit(64 * 1024 * 1024), wire.BATCH_BYTES)
+        self.assertEqual(wire.batch_limit(100_000), 100_000)
+        self.assertEqual(wire.batch_limit(10), wire.MIN_BATCH_BYTES)

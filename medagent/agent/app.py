@@ -116,6 +116,7 @@ class AgentApp:
                     "accessToken": token,
                     "agentId": self.agent_id,
                     "capabilities": list(self.capabilities),
+                    wire.BATCH_BYTES_FIELD: wire.batch_limit(self.max_message_size),
                 }
             )
 
@@ -196,8 +197,9 @@ class AgentApp:
                 caps = msg.get("capabilities")
                 self.relay_durable = isinstance(caps, list) and wire.CAP_DURABLE in caps
                 batching = getattr(self.conn, "enable_batching", None)
-                if isinstance(caps, list) and wire.CAP_BATCH in caps and batching is not None:
-                    batching()
+                limit = wire.peer_batch_limit(msg)
+                if limit is not None and batching is not None:
+                    batching(limit)
                 self._on_live()
             elif kind == wire.HEARTBEAT_REQUEST:
                 self.outstanding_heartbeats = 0

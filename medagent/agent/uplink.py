@@ -131,9 +131,9 @@ class RelaySocket(WebSocketClientProtocol):
         if self.state == self.STATE_OPEN:
             _autobahn.frames(self).send(message)
 
-    def enable_batching(self) -> None:
-        """The peer reads C{agent:batch} frames (it announced C{batch})."""
-        _autobahn.frames(self).enable()
+    def enable_batching(self, max_bytes: int) -> None:
+        """The peer reads C{agent:batch} frames up to C{max_bytes} (it announced C{batch})."""
+        _autobahn.frames(self).enable(max_bytes)
 
     def close(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:

@@ -599,11 +599,13 @@ class Hub:
                 authenticated()  # the transport lifts its pre-authentication limits
             session.conn.send_message(
                 {"type": wire.CONNECT_RESPONSE, "callback": callback,
-                 "capabilities": [wire.CAP_DURABLE, wire.CAP_BATCH]}
+                 "capabilities": [wire.CAP_DURABLE, wire.CAP_BATCH],
+                 wire.BATCH_BYTES_FIELD: wire.batch_limit(self.max_message_size)}
             )
             batching = getattr(session.conn, "enable_batching", None)
-            if wire.CAP_BATCH in session.capabilities and batching is not None:
-                batching()  # (after the response: it goes in a frame of its own)
+            limit = wire.peer_batch_limit(msg)
+            if limit is not None and batching is not None:
+                batching(limit)  # (after the response: it goes in a frame of its own)
             log.info(
                 "Agent/{agent_id} connected from {peer} (capabilities: {caps})",
                 agent_id=agent_id,
