@@ -304,3 +304,52 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(wire.batch_limit(64 * 1024 * 1024), wire.BATCH_BYTES)
         self.assertEqual(wire.batch_limit(100_000), 100_000)
         self.assertEqual(wire.batch_limit(10), wire.MIN_BATCH_BYTES)
+
+
+class LingerTests(SynchronousTestCase):
+    """The agent's "accepted" waits up to L{wire.ACCEPTED_LINGER} for the device's answer."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.frames: list[bytes] = []
+        self.batcher = wire.FrameBatcher(self.clock, self.frames.append)
+        self.batcher.enable(linger=wire.ACCEPTED_LINGER)
+
+    def response(self, push_id: str, delivery: str, **extra: Any) -> dict[str, Any]:
+        return {"type": wire.TRANSMIT_RESPONSE, "remote": "mllp://d:1", "body": "b",
+                "pushId": push_id, "delivery": delivery, **extra}
+
+    def test_accepted_and_a_quick_answer_share_a_frame(self) -> None:
+        self.batcher.send(self.response("p1", "accepted"))
+        self.clock.advance(0)
+        self.assertEqual(self.frames, [])  # waiting for company
+        self.clock.advance(wire.ACCEPTED_LINGER / 2)
+        self.batcher.send(self.response("p1", "delivered"))
+        self.clock.advance(0)  # the answer does not wait
+        [frame] = self.frames
+        self.assertEqual([m["delivery"] for m in frame_messages(frame)],
+                         ["accepted", "delivered"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_accepted_alone_goes_after_the_linger(self) -> None:
+        self.batcher.send(self.response("p1", "accepted"))
+        self.clock.advance(wire.ACCEPTED_LINGER * 0.99)
+        self.assertEqual(self.frames, [])
+        self.clock.advance(wire.ACCEPTED_LINGER * 0.02)
+        self.assertEqual([m["delivery"] for f in self.frames for m in frame_messages(f)],
+                         ["accepted"])
+
+    def test_only_a_plain_accepted_lingers(self) -> None:
+        for msg in (self.response("p1", "accepted", error="refused (attempt 1, retrying)"),
+                    self.response("p2", "delivered"),
+                    {"type": wire.HEARTBEAT_REQUEST}):
+            self.batcher.send(msg)
+            self.clock.advance(0)
+        self.assertEqual(len(self.frames), 3)
+
+    def test_the_relay_side_does_not_linger(self) -> None:
+        relay = wire.FrameBatcher(self.clock, self.frames.append)
+        relay.enable()
+        relay.send(self.response("p1", "accepted"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.frames), 1)
