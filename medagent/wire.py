@@ -285,18 +285,6 @@ def encode_batch(frames: Iterable[bytes]) -> bytes:
 
 _BATCH_ENVELOPE = len(encode_batch([]))
 
-#: Seconds our agent holds a plain "accepted" back, batching on, for the device's answer: a
-#: device that answers within it (most do, in a fraction of a millisecond) has both go in one
-#: frame, the relay woken once for the two.  Only a delay: the message is on the agent's disk
-#: before "accepted" is sent either way.
-ACCEPTED_LINGER = 0.002
-
-
-def lingers(msg: Mapping[str, Any]) -> bool:
-    """Whether C{msg} may wait for L{ACCEPTED_LINGER}: an "accepted" without an error."""
-    return (msg.get("type") == TRANSMIT_RESPONSE and msg.get("delivery") == "accepted"
-            and not msg.get("error"))
-
 
 class FrameBatcher:
     """
@@ -308,18 +296,14 @@ class FrameBatcher:
     C{batchBytes}; a message that does not fit goes alone, as it would have), always in
     the order they were sent.  A websocket frame costs both sides far more than the JSON
     of a small message, and sixteen pushes answered in one turn become one frame, not
-    sixteen.  C{write(frame_bytes)} writes one text frame.  With a C{linger}, a message that
-    L{lingers} alone waits that long for another one (then goes, alone or with it).
+    sixteen.  C{write(frame_bytes)} writes one text frame.
     """
 
-    def __init__(self, clock: Any, write: Any, linger: float = 0.0) -> None:
+    def __init__(self, clock: Any, write: Any) -> None:
         self._clock = clock
         self._write = write
-        #: seconds a message that L{lingers} may wait for company (our agent's "accepted")
-        self.linger = linger
         self._pending: list[bytes] = []
         self._call: Any = None
-        self._lingering = False
         self.enabled = False
         #: the largest batch frame (the peer's announced C{batchBytes})
         self.max_bytes = BATCH_BYTES
@@ -327,12 +311,10 @@ class FrameBatcher:
         self.frames = 0
         self.messages = 0
 
-    def enable(self, max_bytes: int = BATCH_BYTES, linger: float | None = None) -> None:
+    def enable(self, max_bytes: int = BATCH_BYTES) -> None:
         """Batch from now on, each batch frame at most C{max_bytes} (the peer's limit)."""
         self.enabled = True
         self.max_bytes = min(max_bytes, BATCH_BYTES)
-        if linger is not None:
-            self.linger = linger
 
     def send(self, msg: Mapping[str, Any]) -> None:
         data = encode(msg)
@@ -340,13 +322,8 @@ class FrameBatcher:
             self._emit(data, 1)
             return
         self._pending.append(data)
-        wait = self.linger if self.linger > 0 and lingers(msg) else 0.0
-        if self._call is not None and self._lingering and not wait:
-            self._call.cancel()  # company came: all go at the end of this turn
-            self._call = None
         if self._call is None:
-            self._lingering = wait > 0
-            self._call = self._clock.callLater(wait, self.flush)
+            self._call = self._clock.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Write what is pending now (also before a close, so nothing sent is held back)."""

@@ -132,11 +132,8 @@ class RelaySocket(WebSocketClientProtocol):
             _autobahn.frames(self).send(message)
 
     def enable_batching(self, max_bytes: int) -> None:
-        """
-        The relay reads C{agent:batch} frames up to C{max_bytes} (it announced C{batch}); an
-        "accepted" may then wait a moment for the device's answer (L{wire.ACCEPTED_LINGER}).
-        """
-        _autobahn.frames(self).enable(max_bytes, linger=wire.ACCEPTED_LINGER)
+        """The peer reads C{agent:batch} frames up to C{max_bytes} (it announced C{batch})."""
+        _autobahn.frames(self).enable(max_bytes)
 
     def close(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
