@@ -135,11 +135,9 @@ def normalise_host(host: str) -> str:
     return text
 
 
-@functools.lru_cache(maxsize=4096)
 def device_key(scheme: str, host: str, port: int | None, path: str = "",
                user: str | None = None) -> str:
-    """The lane key of a device from its parts (see L{Destination.key}); a pure function,
-    cached: every push asks it of the same few devices several times on its way."""
+    """The lane key of a device from its parts (see L{Destination.key})."""
     scheme = scheme.lower()
     family = _SCHEME_FAMILY.get(scheme, scheme)
     if scheme.endswith("+serial"):
