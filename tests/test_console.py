@@ -659,6 +659,40 @@ class SharedSessions(SynchronousTestCase):
         self.assertEqual(len(a), 0)
 
 
+class ClusterFleet(SynchronousTestCase):
+    """L{ClusterFleetWatch}: agents coming and going on other nodes, told to this one's
+    streams."""
+
+    def test_changes_on_other_nodes_are_announced_once(self) -> None:
+        from types import SimpleNamespace
+
+        from medagent.relay.console import ClusterFleetWatch
+
+        told: list[tuple[str, bool, Any]] = []
+        broker = SimpleNamespace(agent_changed=lambda a, c, node: told.append((a, c, node)))
+        console = SimpleNamespace(broker=broker, hub=SimpleNamespace(node_id="me"))
+        reads = [{"a1": "n2"}, {"a1": "n2", "a2": "me"}, {"a1": "me", "a2": "n3"},
+                 {"a2": "n3"}, {}]
+        pending: list[Deferred[dict[str, str]]] = []
+
+        def holders(limit: int) -> Deferred[dict[str, str]]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        watch = ClusterFleetWatch(console, SimpleNamespace(holders=holders))  # type: ignore[arg-type]
+        for read in reads:
+            watch.poll()
+            self.assertIsNone(watch.poll())  # one read at a time
+            pending.pop().callback(read)
+        self.assertEqual(told, [
+            ("a1", True, "n2"),   # online on another node
+            # a2 on this node: its hub said so; a1 moved here: the hub said so too
+            ("a2", True, "n3"),   # moved from here to another node
+            # a1 left this node: the hub said so
+            ("a2", False, None),  # gone from another node
+        ])
+
+
 class Rendering(SynchronousTestCase):
     def test_everything_from_outside_is_escaped(self) -> None:
         push = j.Push(id=XSS, agent_id=XSS, destination=XSS, remote=XSS,

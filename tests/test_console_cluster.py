@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.web.client import HTTPConnectionPool
 
 from tests import procs
-from tests.test_console import Browser
+from tests.test_console import Browser, open_stream
 from tests.test_e2e import hl7
 from tests.test_postgres_relay import _TwoNodes
 
@@ -90,6 +90,30 @@ class ConsoleOnTwoNodes(_TwoNodes):
             await procs.wait_until(signed_out_on_b, timeout=15, what="sign-out on node B")
             on_a.cookie = on_b.cookie = None
             self.assertEqual(await on_a.login(operator), 303)
+
+        return ensureDeferred(go())
+
+    def test_a_stream_on_one_node_sees_agents_come_and_go_on_the_other(self) -> Deferred:
+        async def go() -> None:
+            agent = await self.admin.create({"resourceType": "Agent", "name": "Lab agent",
+                                             "status": "active"})
+            creds = await self.create_client("agent", [agent["id"]])
+            viewer = await self.create_client("viewer")
+            node_b = await self.node_b()
+            pool = HTTPConnectionPool(reactor)
+            self.addCleanup(pool.closeCachedConnections)
+            b = Browser(self, node_b.url, pool)
+            self.assertEqual(await b.login(viewer), 303)
+            stream = await open_stream(self, node_b.url, b.cookie)
+            await stream.wait_for(b"event: sessions")
+            proc = procs.agent_process(self, self.relay.url, creds, agent["id"],
+                                       ["--data", tempfile.mkdtemp(prefix="agent-a-")])
+            await self.relay.proc.wait_for(f"Agent/{agent['id']} connected", timeout=30)
+            online = f'"agent":"{agent["id"]}","connected":true'.encode()
+            await stream.wait_for(online, timeout=20)  # node A holds it; told at node B
+            await proc.stop()
+            offline = f'"agent":"{agent["id"]}","connected":false'.encode()
+            await stream.wait_for(offline, timeout=30)
 
         return ensureDeferred(go())
 

@@ -407,6 +407,9 @@ class AgentSessions(Protocol):
     def holder(self, agent_id: str) -> Deferred[str | None]:
         """The node holding a live session for C{agent_id}, or C{None}."""
 
+    def holders(self, limit: int) -> Deferred[dict[str, str]]:
+        """Agent id → node of (at most C{limit}) live sessions, for the console's fleet."""
+
 
 class ConsoleSessions(Protocol):
     """

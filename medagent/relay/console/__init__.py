@@ -227,6 +227,47 @@ class Console:
 
 #: Seconds between prunes of the shared sessions' idle rows (cluster only).
 PRUNE_SESSIONS = 600.0
+#: Seconds between reads of which node holds which agent (cluster only): how late a fleet
+#: page sees an agent come or go on another node.
+CLUSTER_FLEET_POLL = 5.0
+
+
+class ClusterFleetWatch:
+    """
+    Agents connecting to or leaving I{other} relay nodes, told to this node's live streams
+    (this node's own come from its hub at once).  It reads the agent sessions (one query of
+    at most L{MAX_AGENTS} rows) every L{CLUSTER_FLEET_POLL} seconds and announces each agent
+    whose holder changed since the last read; saying again that an agent is online on the
+    node a page already shows changes nothing there.
+    """
+
+    def __init__(self, console: "Console", sessions: Any) -> None:
+        self.console = console
+        self.sessions = sessions
+        self.known: dict[str, str] = {}
+        self._reading = False
+
+    def poll(self) -> Any:
+        if self._reading:  # the database is slow: one read at a time
+            return None
+        self._reading = True
+
+        def read(holders: dict[str, str]) -> None:
+            own = self.console.hub.node_id
+            for agent_id in sorted(set(holders) | set(self.known)):
+                now, before = holders.get(agent_id), self.known.get(agent_id)
+                # this node's hub announced its own connects and disconnects already
+                if now != before and now != own and not (now is None and before == own):
+                    self.console.broker.agent_changed(agent_id, now is not None, node=now)
+            self.known = holders
+
+        def done(result: Any) -> Any:
+            self._reading = False
+            return result
+
+        return self.sessions.holders(MAX_AGENTS).addCallback(read).addErrback(
+            lambda f: log.failure("Reading which node holds each agent failed", f)
+        ).addBoth(done)
 
 
 class _ConsoleService(service.MultiService):
@@ -240,6 +281,12 @@ class _ConsoleService(service.MultiService):
             prune = TimerService(PRUNE_SESSIONS, console.sessions.prune)
             prune.clock = console.clock
             prune.setServiceParent(self)
+        agent_sessions = getattr(console.hub, "agent_sessions", None)
+        if agent_sessions is not None:
+            fleet = TimerService(CLUSTER_FLEET_POLL,
+                                 ClusterFleetWatch(console, agent_sessions).poll)
+            fleet.clock = console.clock
+            fleet.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

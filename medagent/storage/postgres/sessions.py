@@ -68,3 +68,14 @@ class PgAgentSessions:
             return row["node_id"] if row is not None else None
 
         return self._db.run(txn)
+
+    def holders(self, limit: int) -> Deferred[dict[str, str]]:
+        def txn(conn: Any) -> dict[str, str]:
+            rows = conn.execute(
+                "SELECT agent_id, node_id FROM agent_sessions"
+                " WHERE lease_expires >= clock_timestamp() ORDER BY agent_id LIMIT %s",
+                (limit,)).fetchall()
+            return {r["agent_id"]: r["node_id"] for r in rows}
+
+        return self._db.run(txn)
+
