@@ -106,14 +106,7 @@ async def list_pushes(ctx: RouteContext) -> Response:
         params["requester"] = principal.client_id  # a pusher lists its own pushes
     if params.get("state") and params["state"] not in j.STATES:
         raise bad_request(f"state must be one of {', '.join(j.STATES)}")
-    for bound in ("since", "until"):  # seconds since the epoch
-        if params.get(bound):
-            try:
-                value = float(params[bound])
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and 0 <= value < 253402300800):
-                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+    check_search(params)
     count = _int_param(params, "_count", DEFAULT_PAGE, 0, MAX_PAGE)
     cursor = _int_param(params, "_cursor", None, 1, 2**63 - 1)
     found, total, next_before = await ctx.api.journal.search_page(
@@ -165,9 +158,22 @@ async def not_supported(ctx: RouteContext) -> Response:
                     "not-supported")
 
 
-def _push_page(ctx: RouteContext, found: list[Push], total: int, next_before: int | None
-               ) -> dict[str, Any]:
-    """A searchset page of pushes, with the true C{total} and a C{next} link (cursor)."""
+def check_search(params: Mapping[str, str]) -> None:
+    """What every search of the API checks of its filters (a 400 otherwise): C{since} and
+    C{until} are times in seconds since the epoch."""
+    for bound in ("since", "until"):
+        if params.get(bound):
+            try:
+                value = float(params[bound])
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and 0 <= value < 253402300800):
+                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+
+
+def page_links(ctx: RouteContext, path: str, next_before: int | None
+               ) -> list[dict[str, str]]:
+    """A searchset's C{self} and C{next} links (the query as asked, C{_cursor} replaced)."""
     query = ctx.query
 
     def url(cursor: int | None) -> str:
@@ -175,11 +181,18 @@ def _push_page(ctx: RouteContext, found: list[Push], total: int, next_before: in
         if cursor is not None:
             keep.append(("_cursor", str(cursor)))
         qs = urlencode(keep)
-        return f"{ctx.base()}/fhir/R4/AgentPush" + (f"?{qs}" if qs else "")
+        return f"{ctx.base()}/fhir/R4/{path}" + (f"?{qs}" if qs else "")
 
     links = [{"relation": "self", "url": url(_int_or_none(query, "_cursor"))}]
     if next_before is not None:
         links.append({"relation": "next", "url": url(next_before)})
+    return links
+
+
+def _push_page(ctx: RouteContext, found: list[Push], total: int, next_before: int | None
+               ) -> dict[str, Any]:
+    """A searchset page of pushes, with the true C{total} and a C{next} link (cursor)."""
+    links = page_links(ctx, "AgentPush", next_before)
     return {
         "resourceType": "Bundle", "type": "searchset", "total": total, "link": links,
         "entry": [{"fullUrl": ctx.status_url(p), "resource": _push_doc(p)}
@@ -240,14 +253,7 @@ async def retry_matching(ctx: RouteContext) -> Response:
     if params.get("state") and params["state"] not in bulk.RETRYABLE:
         raise bad_request(f"state must be one of {', '.join(bulk.RETRYABLE)} (what can be "
                           "retried)")
-    for bound in ("since", "until"):  # seconds since the epoch
-        if params.get(bound):
-            try:
-                value = float(params[bound])
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and 0 <= value < 253402300800):
-                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+    check_search(params)
     limit = _int_param({k: v[-1] for k, v in ctx.query.items()}, "_count",
                        bulk.MAX_BULK_RETRY, 1, bulk.MAX_BULK_RETRY)
     api = ctx.api
