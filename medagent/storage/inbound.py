@@ -17,7 +17,8 @@ from typing import Any
 
 import attr
 
-from medagent.storage.journal import _iso, time_bounds
+from medagent.storage import journal
+from medagent.storage.journal import _iso
 
 #: What a message's C{outcome} is: answered (status < 400, no negative ACK); the Bot answered
 #: an HL7 negative acknowledgement (AE / AR); or failed (no channel, no Bot, the Bot failed:
@@ -114,20 +115,7 @@ def insert_values(m: InboundMessage) -> tuple[Any, ...]:
 def search_where(params: Any, mark: str) -> tuple[str, list[Any]]:
     """The WHERE clause and arguments of an inbound search (L{FILTERS}, C{since}/C{until} on
     C{received}) in a backend's placeholder C{mark}."""
-    clauses: list[str] = []
-    args: list[Any] = []
-    for key, column in FILTERS:
-        if params.get(key):
-            clauses.append(f"{column}={mark}")
-            args.append(params[key])
-    since, until = time_bounds(params)
-    if since is not None:
-        clauses.append(f"received>={mark}")
-        args.append(since)
-    if until is not None:
-        clauses.append(f"received<{mark}")
-        args.append(until)
-    return " AND ".join(clauses) or "1=1", args
+    return journal.search_where(params, mark, FILTERS, "received")
 
 
 def search_page(conn: Any, mark: str, params: Any, count: int, before_seq: int | None

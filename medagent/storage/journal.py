@@ -232,21 +232,24 @@ FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destinati
            ("patient_id", "patient_id"), ("study_uid", "study_uid"), ("sop_uid", "sop_uid"))
 
 
-def search_where(params: Any, mark: str) -> tuple[str, list[Any]]:
-    """The WHERE clause and arguments of a push search (L{FILTERS}, C{since}/C{until}) in a
-    backend's placeholder C{mark}."""
+def search_where(params: Any, mark: str, filters: Any = FILTERS, time_column: str = "created"
+                 ) -> tuple[str, list[Any]]:
+    """The WHERE clause and arguments of a search in a backend's placeholder C{mark}:
+    equality on each of C{filters} (query parameter, column; a push search's by default)
+    given, C{since}/C{until} on C{time_column}.  Columns are the caller's constants; every
+    value is an argument."""
     clauses: list[str] = []
     args: list[Any] = []
-    for key, column in FILTERS:
+    for key, column in filters:
         if params.get(key):
             clauses.append(f"{column}={mark}")
             args.append(params[key])
     since, until = time_bounds(params)
     if since is not None:
-        clauses.append(f"created>={mark}")
+        clauses.append(f"{time_column}>={mark}")
         args.append(since)
     if until is not None:
-        clauses.append(f"created<{mark}")
+        clauses.append(f"{time_column}<{mark}")
         args.append(until)
     return " AND ".join(clauses) or "1=1", args
 
