@@ -26,9 +26,9 @@ from twisted.logger import Logger
 
 from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent.fhir import FHIRError, bad_request, forbidden
+from medagent.relay.audit import client_audit_event
 from medagent.relay.auth import Principal
 from medagent.relay.hub import STATUS_TIMEOUT
-from medagent.storage.resources import now_iso
 
 log = Logger()
 
@@ -136,22 +136,15 @@ class LaneControl:
 def lane_audit_event(principal: Principal, agent_id: str, lane: str, action: str,
                      address: str, now: float) -> dict[str, Any]:
     """The AuditEvent of a lane paused or resumed: who, when, which agent and lane."""
-    return {
-        "resourceType": "AuditEvent",
-        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM",
-                 "code": "110100", "display": "Application Activity"},
-        "subtype": [{"system": "urn:medagent:lane", "code": f"{action}-lane",
-                     "display": f"{action} lane"}],
-        "action": "U",
-        "recorded": now_iso(now),
-        "outcome": "0",
-        "outcomeDesc": f"Lane {'paused' if action == 'pause' else 'resumed'} by an operator",
-        "agent": [{"who": {"reference": f"ClientApplication/{principal.client_id}"},
-                   "type": {"text": principal.role}, "requestor": True,
-                   **({"network": {"address": address[:100], "type": "2"}}
-                      if address else {})}],
-        "source": {"observer": {"display": "medagent-relay"}},
-        "entity": [{"what": {"reference": f"Agent/{agent_id}"}},
-                   {"what": {"identifier": {"system": "urn:medagent:lane", "value": lane}},
-                    "type": {"code": "AgentLane"}}],
-    }
+    return client_audit_event(
+        principal, address, now,
+        type={"system": "http://dicom.nema.org/resources/ontology/DCM",
+              "code": "110100", "display": "Application Activity"},
+        subtype={"system": "urn:medagent:lane", "code": f"{action}-lane",
+                 "display": f"{action} lane"},
+        action="U",
+        description=f"Lane {'paused' if action == 'pause' else 'resumed'} by an operator",
+        observer="medagent-relay",
+        entity=[{"what": {"reference": f"Agent/{agent_id}"}},
+                {"what": {"identifier": {"system": "urn:medagent:lane", "value": lane}},
+                 "type": {"code": "AgentLane"}}])
