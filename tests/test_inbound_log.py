@@ -508,6 +508,33 @@ class InboundPages(TestCase):
 
         return ensureDeferred(go())
 
+    def test_overlong_search_filters_are_refused_by_the_api(self) -> Deferred:
+        """Input from outside is bounded on the server (the form's maxlength is only a hint):
+        a filter longer than any stored value is a 400, not a query."""
+
+        async def go() -> None:
+            long = "9" * 1001  # (the bound: 1000, medagent.relay.http.pushes.MAX_FILTER)
+            for path in (f"/fhir/R4/AgentInbound?control_id={long}",
+                         f"/fhir/R4/AgentPush?patient_id={long}",
+                         f"/fhir/R4/AgentPush?agent={self.agent['id']}&remote={long}"):
+                code, doc = await self.api(self.admin_creds, path)
+                self.assertEqual((code, doc["resourceType"]), (400, "OperationOutcome"),
+                                 path[:40])
+                self.assertNotIn(long, json.dumps(doc))
+            token = await self.relay.authority.issue_token(
+                self.operator_creds["clientId"], self.operator_creds["clientSecret"])
+            r = await treq.post(f"{self.base}/fhir/R4/AgentPush/$retry?destination={long}",
+                                pool=self.pool, headers={
+                                    "Authorization": [f"Bearer {token['access_token']}"]})
+            self.assertEqual(r.code, 400)
+            await r.content()
+            code, page = await self.api(self.admin_creds,
+                                        "/fhir/R4/AgentInbound?control_id=" + "9" * 1000)
+            self.assertEqual((code, page["total"]), (200, 0))
+            # (the console cuts every query value at 200 characters: ConsoleResource._query)
+
+        return ensureDeferred(go())
+
     def test_push_search_by_patient_and_dicom_uids(self) -> Deferred:
         async def go() -> None:
             from medagent.relay.auth import Principal

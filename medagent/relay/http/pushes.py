@@ -158,9 +158,17 @@ async def not_supported(ctx: RouteContext) -> Response:
                     "not-supported")
 
 
+#: The longest value of a search filter (ids, codes, destination URLs; a longer one cannot
+#: match anything stored, and is refused rather than carried into a query).
+MAX_FILTER = 1000
+
+
 def check_search(params: Mapping[str, str]) -> None:
-    """What every search of the API checks of its filters (a 400 otherwise): C{since} and
-    C{until} are times in seconds since the epoch."""
+    """What every search of the API checks of its filters (a 400 otherwise): none longer
+    than L{MAX_FILTER}; C{since} and C{until} are times in seconds since the epoch."""
+    long = sorted(k for k, v in params.items() if len(v) > MAX_FILTER)
+    if long:
+        raise bad_request(f"{long[0][:50]} is longer than {MAX_FILTER} characters")
     for bound in ("since", "until"):
         if params.get(bound):
             try:
