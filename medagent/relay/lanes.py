@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from medagent import wire
 from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent.fhir import FHIRError, bad_request, forbidden
 from medagent.relay.audit import client_audit_event
@@ -34,6 +35,11 @@ log = Logger()
 
 #: the longest destination accepted (a URL or Device/{id})
 MAX_DESTINATION = 1000
+#: paused lanes one agent may have, at most: what the hub reads of an agent's pauses
+#: (L{medagent.storage.interfaces.LanePauses.list}'s default limit) and what one
+#: C{agent:lanes:hold} may name (L{wire.MAX_HELD_LANES}); a lane paused beyond them would be
+#: shown paused but delivered
+MAX_PAUSED_LANES = wire.MAX_HELD_LANES
 
 
 class LaneControl:
@@ -81,6 +87,11 @@ class LaneControl:
         """Pause the lane of C{destination}; what the lane is now (L{_result})."""
         agent = await self._agent(principal, agent_id)
         lane = await self.lane_of(destination)
+        paused = await self.pauses.list(agent["id"], limit=MAX_PAUSED_LANES)
+        if len(paused) >= MAX_PAUSED_LANES and lane not in {p["lane"] for p in paused}:
+            raise FHIRError(409, f"Agent/{agent['id']} has {MAX_PAUSED_LANES} paused lanes "
+                                 "already, the most it may have; resume one first",
+                            "conflict")
         now = float(self.clock.seconds())
         changed = await self.pauses.pause(agent["id"], lane, principal.client_id, now)
         if changed:
