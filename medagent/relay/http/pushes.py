@@ -233,18 +233,20 @@ def _push_doc(push: Push) -> dict[str, Any]:
         return {"resourceType": "AgentPush", "id": push.id, "state": push.state}
 
 
-#: the filters ``POST AgentPush/$retry`` takes (those of the list and of the console)
+#: the filters ``POST AgentPush/$retry`` takes (those of the list and of the console's
+#: messages page, whose bulk retry takes them all)
 BULK_FILTERS = ("agent", "state", "destination", "remote", "control_id", "accession",
-                "since", "until")
+                "since", "until", "patient_id", "study_uid", "sop_uid")
 
 
 async def retry_matching(ctx: RouteContext) -> Response:
     """
-    ``POST AgentPush/$retry?agent=&state=&destination=&control_id=&accession=&since=&until=
-    &_count=``: retry every failed (or expired) push matching the filters, at most
-    C{_count} (default and most: L{medagent.relay.bulk.MAX_BULK_RETRY}), each as
-    ``AgentPush/{id}/$retry`` would and audited; answers with the counts (C{matched},
-    C{retried}, C{skipped}, C{remaining}) and each push's result.  Operators and admins.
+    ``POST AgentPush/$retry?agent=&state=&destination=&control_id=&accession=&patient_id=
+    &study_uid=&sop_uid=&since=&until=&_count=``: retry every failed (or expired) push
+    matching the filters, at most C{_count} (default and most:
+    L{medagent.relay.bulk.MAX_BULK_RETRY}), each as ``AgentPush/{id}/$retry`` would and
+    audited; answers with the counts (C{matched}, C{retried}, C{skipped}, C{remaining}) and
+    each push's result.  Operators and admins.
     """
     from medagent.relay import bulk
     from medagent.relay.http.context import client_host
