@@ -123,19 +123,8 @@ def search_page(conn: Any, mark: str, params: Any, count: int, before_seq: int |
     """In a transaction (either backend): one page, newest first, its total and the next
     cursor (L{medagent.storage.interfaces.InboundLog.search_page})."""
     where, args = search_where(params, mark)
-    total = int(conn.execute(f"SELECT count(*) AS n FROM inbound WHERE {where}",
-                             args).fetchone()["n"])
-    if count <= 0:
-        return [], total, None
-    page_where, page_args = where, list(args)
-    if before_seq is not None:
-        page_where, page_args = f"({where}) AND seq<{mark}", [*args, before_seq]
-    rows = conn.execute(
-        f"SELECT * FROM inbound WHERE {page_where} ORDER BY seq DESC LIMIT {mark}",
-        (*page_args, count + 1)).fetchall()
-    found = [inbound_from_row(r) for r in rows[:count]]
-    more = len(rows) > count
-    return found, total, (found[-1].seq if more and found else None)
+    return journal.search_page_rows(conn, mark, "inbound", where, args, count, before_seq,
+                                    inbound_from_row)
 
 
 def channel_summaries(conn: Any, mark: str, agent_id: str, since: float
