@@ -94,13 +94,8 @@ class LaneControl:
                             "conflict")
         now = float(self.clock.seconds())
         changed = await self.pauses.pause(agent["id"], lane, principal.client_id, now)
-        if changed:
-            await self.store.create(lane_audit_event(principal, agent["id"], lane, "pause",
-                                                     address, now))
-            log.info("{client_id} paused lane {lane} of Agent/{agent_id}",
-                     client_id=principal.client_id, lane=lane, agent_id=agent["id"])
-        await self._tell_holder(agent["id"])
-        return await self._result(agent["id"], lane, True, changed)
+        return await self._changed(principal, agent["id"], lane, "pause", changed, address,
+                                   now)
 
     async def resume(self, principal: Principal, agent_id: str, destination: Any,
                      address: str = "") -> dict[str, Any]:
@@ -109,13 +104,21 @@ class LaneControl:
         lane = await self.lane_of(destination)
         now = float(self.clock.seconds())
         changed = await self.pauses.resume(agent["id"], lane)
+        return await self._changed(principal, agent["id"], lane, "resume", changed, address,
+                                   now)
+
+    async def _changed(self, principal: Principal, agent_id: str, lane: str, action: str,
+                       changed: bool, address: str, now: float) -> dict[str, Any]:
+        """After a pause or resume: its audit (when it changed anything), the holder told,
+        what the lane is now."""
         if changed:
-            await self.store.create(lane_audit_event(principal, agent["id"], lane, "resume",
+            await self.store.create(lane_audit_event(principal, agent_id, lane, action,
                                                      address, now))
-            log.info("{client_id} resumed lane {lane} of Agent/{agent_id}",
-                     client_id=principal.client_id, lane=lane, agent_id=agent["id"])
-        await self._tell_holder(agent["id"])
-        return await self._result(agent["id"], lane, False, changed)
+            log.info("{client_id} {did} lane {lane} of Agent/{agent_id}",
+                     client_id=principal.client_id, lane=lane, agent_id=agent_id,
+                     did="paused" if action == "pause" else "resumed")
+        await self._tell_holder(agent_id)
+        return await self._result(agent_id, lane, action == "pause", changed)
 
     def paused(self, agent_id: str | None = None) -> Deferred[list[dict[str, Any]]]:
         """The paused lanes (of C{agent_id}, or of every agent): agent, lane, by, since."""
