@@ -282,6 +282,33 @@ class PruneTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+    def test_stopping_ends_a_prune_after_its_batch_and_waits_for_it(self) -> None:
+        """A prune of up to 200 batches must not go on writing while the relay stops (and
+        its database closes): stop waits for the batch under way, and no further batch
+        starts."""
+        clock = Clock()
+        batches: list[Deferred[int]] = []
+
+        class Log:
+            def prune(self, before: float, max_rows: int | None = None,
+                      limit: int = 0) -> Deferred[int]:
+                batches.append(Deferred())
+                return batches[-1]
+
+        service = _InboundHousekeeping(clock, Log(), retention=60, max_rows=None)
+        service.startService()
+        clock.advance(600)
+        self.assertEqual(len(batches), 1)
+        stopped = service.stopService()
+        self.assertIsInstance(stopped, Deferred)
+        assert stopped is not None
+        self.assertNoResult(stopped)
+        batches[0].callback(INBOUND_PRUNE_BATCH)  # a full batch: another would follow
+        self.successResultOf(stopped)
+        self.assertEqual(len(batches), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class InboundPages(TestCase):
     """The console's Inbound view, the agent's Channels and the ``AgentInbound`` API."""
 
