@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from medagent.relay.audit import INTERACTION, REST, client_audit_event
 from medagent.relay.auth import Principal
-from medagent.relay.console.html import PREFIX, _table, age, h, page, u, when
+from medagent.relay.console.html import PREFIX, _table, age, h, older_link, page, u, when
 from medagent.storage.inbound import OUTCOMES, InboundMessage
 
 #: The list's search fields: (query name, label, input type, PHI: only for payload roles).
@@ -118,11 +118,7 @@ def inbound_page(found: Sequence[InboundMessage], filters: Mapping[str, str], to
                    (inbound_row(m, show_phi=show_phi) for m in found), ident="inbound",
                    attrs=f' data-live="{1 if live else 0}" data-phi="{1 if show_phi else 0}"',
                    empty="No inbound message matches.")
-    more = ""
-    if next_cursor is not None:
-        query = urlencode({**{k: v for k, v in filters.items() if v},
-                           "cursor": str(next_cursor)})
-        more = f'<p><a href="{PREFIX}/inbound?{h(query)}" rel="next">Older messages</a></p>'
+    more = older_link("/inbound", filters, next_cursor)
     return page("Inbound messages", form + table + more, current="inbound", **layout)
 
 
