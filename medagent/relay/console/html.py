@@ -404,7 +404,8 @@ def older_link(path: str, filters: Mapping[str, str], next_cursor: int | None) -
 
 #: what each stage of a push's timeline reads as on its page
 STAGE_TEXT = {"received": "received", "journaled": "journaled", "sent": "sent to the agent",
-              "accepted": "on the agent's disk", "answered": "device answered"}
+              "accepted": "on the agent's disk", "device": "sent to the device",
+              "answered": "device answered"}
 
 
 def message_page(push: j.Push, *,
