@@ -460,12 +460,22 @@ def add_bulk_retry_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", default=None, help="only this Agent id's pushes")
     p.add_argument("--state", default=None, choices=("failed", "expired"),
                    help="only failed or only expired pushes (default: both)")
+    add_push_search_flags(p)
+    p.add_argument("--limit", type=int, default=500, help="retry at most this many (1-500)")
+
+
+def add_push_search_flags(p: argparse.ArgumentParser) -> None:
+    """The push journal's search flags (L{medagent.cli_ops.LIST_FILTERS}) besides --agent
+    and --state: ``pushes list``, ``pushes retry --all``."""
     p.add_argument("--destination", default=None, help="only pushes to this destination")
     p.add_argument("--control-id", default=None, help="only HL7 pushes with this MSH-10")
     p.add_argument("--accession", default=None, help="only HL7 pushes with this order number")
     p.add_argument("--since", type=float, default=None, help="created at or after (epoch s)")
     p.add_argument("--until", type=float, default=None, help="created before (epoch s)")
-    p.add_argument("--limit", type=int, default=500, help="retry at most this many (1-500)")
+    p.add_argument("--patient", dest="patient_id", default=None,
+                   help="only pushes for this patient id (HL7 PID-3, DICOM Patient ID)")
+    p.add_argument("--study-uid", default=None, help="only DICOM pushes of this study")
+    p.add_argument("--sop-uid", default=None, help="only the DICOM push of this instance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,15 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=20, help="at most this many (default 20); "
                    "the relay's next links are followed until there are")
     p.add_argument("--page-size", type=int, default=100, help="pushes per request (1-100)")
-    p.add_argument("--destination", default=None, help="only pushes to this destination")
-    p.add_argument("--control-id", default=None, help="only HL7 pushes with this MSH-10")
-    p.add_argument("--accession", default=None, help="only HL7 pushes with this order number")
-    p.add_argument("--since", type=float, default=None, help="created at or after (epoch s)")
-    p.add_argument("--until", type=float, default=None, help="created before (epoch s)")
-    p.add_argument("--patient", dest="patient_id", default=None,
-                   help="only pushes for this patient id (HL7 PID-3, DICOM Patient ID)")
-    p.add_argument("--study-uid", default=None, help="only DICOM pushes of this study")
-    p.add_argument("--sop-uid", default=None, help="only the DICOM push of this instance")
+    add_push_search_flags(p)
     inbound = sub.add_parser("inbound", help="the inbound log: messages devices sent through "
                              "agents' channels").add_subparsers(dest="inbound_command",
                                                                 required=True)

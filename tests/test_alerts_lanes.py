@@ -95,6 +95,30 @@ class LaneAgeAlerts(SynchronousTestCase):
         self.assertEqual(len(self.seen), 4)  # raised twice, cleared twice: nothing per check
 
 
+    def test_a_paused_lane_is_not_stuck(self) -> None:
+        """Pushes of a lane an operator paused wait by design (a device being serviced):
+        no page for the people on call; the lane's alert clears when it is paused and is
+        raised again if it stays stuck once resumed."""
+        from medagent.storage.sqlite.pauses import SQLiteLanePauses
+
+        pauses = SQLiteLanePauses(inline_database(self, SQLiteLanePauses.schema(), self.clock))
+        self.monitor.hub.lane_pauses = pauses
+        self.monitor.start()
+        self.push("a1", "mllp://lis:2575?ackTimeout=60", "P0")
+        self.push("a1", "mllp://pacs:2575", "P1")
+        self.successResultOf(pauses.pause("a1", "mllp://lis:2575", "op", self.clock.seconds()))
+        for _ in range(45):
+            self.clock.advance(15)
+        self.assertEqual(self.seen, [(QUEUE_AGE, "a1", "mllp://pacs:2575", True)])
+        self.successResultOf(pauses.pause("a1", "mllp://pacs:2575", "op", self.clock.seconds()))
+        self.clock.advance(15)
+        self.assertEqual(self.seen[-1], (QUEUE_AGE, "a1", "mllp://pacs:2575", False))
+        self.assertEqual(self.monitor.active, {})
+        self.successResultOf(pauses.resume("a1", "mllp://lis:2575"))
+        self.clock.advance(15)
+        self.assertEqual(self.seen[-1], (QUEUE_AGE, "a1", "mllp://lis:2575", True))
+
+
 class ErrorRateAlerts(SynchronousTestCase):
     def test_raised_once_over_the_threshold_with_enough_outcomes_and_cleared(self) -> None:
         clock = Clock()

@@ -279,3 +279,64 @@ class PushDestinations(_ScopedRelay):
             self.assertEqual(code, 200, doc)
 
         return ensureDeferred(go())
+
+
+class OperatorRoutes(_ScopedRelay):
+    """
+    The routes of lane pauses, bulk retry and the inbound log, attacked by every client that
+    is not theirs: an agent (its own id and another's), a pusher (of every agent), a viewer,
+    a Bot's token, no token and a forged one.  Each is refused by the server, changes
+    nothing and says nothing of what is there.
+    """
+
+    def test_lane_bulk_retry_and_inbound_routes_refuse_other_roles(self) -> Deferred:
+        async def go() -> None:
+            from medagent.relay.auth import BOT, Principal
+            from medagent.storage import journal as j
+            from medagent.storage.inbound import InboundMessage
+
+            auth = self.relay.authority
+            viewer = await self.token(await auth.create_client("viewer"))
+            bot = auth.mint_token(Principal("Bot/b", BOT, frozenset({"*"}), frozenset(),
+                                            frozenset()), 60)
+            admin = Principal("admin", "admin")
+            result = await self.relay.pushes.push(admin, (self.agent_a["id"], None), {
+                "destination": "mllp://10.0.0.1:2575", "contentType": "x-application/hl7-v2+er7",
+                "body": "MSH|^~\\&|A|B|C|D|20240101||ORM^O01|AUTHZ01|P|2.5\r"
+                        "PID|1||MRN-AUTHZ^^^H||Doe^Jane\r"})
+            await self.relay.journal.transition(result.push, j.FAILED, error="AE")
+            log = self.relay.inbound
+            message = await log.add(InboundMessage(
+                id=log.new_id(), agent_id=self.agent_a["id"], channel="adt", received=1.0,
+                content_type="x-application/hl7-v2+er7", size=10, control_id="AUTHZ02",
+                patient_id="MRN-AUTHZ", outcome="ok", body="PID|1||MRN-AUTHZ"))
+            await self.relay.journal.flushed()
+            lane = {"destination": "mllp://10.0.0.1:2575"}
+            routes = []
+            for agent in (self.agent_a["id"], self.agent_b["id"]):
+                routes += [("POST", f"/fhir/R4/Agent/{agent}/$pause-lane", lane),
+                           ("POST", f"/fhir/R4/Agent/{agent}/$resume-lane", lane),
+                           ("GET", f"/fhir/R4/Agent/{agent}/$lanes", None),
+                           ("POST", f"/Agent/{agent}/$pause-lane", lane)]
+            routes += [("POST", "/fhir/R4/AgentPush/$retry", None),
+                       ("POST", f"/fhir/R4/AgentPush/$retry?agent={self.agent_a['id']}", None),
+                       ("GET", "/fhir/R4/AgentInbound", None),
+                       ("GET", f"/fhir/R4/AgentInbound?agent={self.agent_a['id']}", None),
+                       ("GET", f"/fhir/R4/AgentInbound/{message.id}?_payload=true", None)]
+            for who, token, status in (("agent", self.agent, 403), ("pusher", self.pusher, 403),
+                                       ("pusher *", self.star, 403), ("viewer", viewer, 403),
+                                       ("bot", bot, 403), ("no token", "", 401),
+                                       ("forged", bot[:-4] + "AAAA", 401)):
+                for method, path, body in routes:
+                    code, outcome = await self.call(token, method, path, body)
+                    self.assertEqual((code, outcome.get("resourceType")),
+                                     (status, "OperationOutcome"), (who, method, path))
+                    text = json.dumps(outcome)
+                    for secret in ("MRN-AUTHZ", "AUTHZ01", "AUTHZ02", result.push.id):
+                        self.assertNotIn(secret, text, (who, path))
+            self.assertEqual(await self.relay.lanes.paused(), [])
+            self.assertEqual((await self.relay.journal.current(result.push.id)).state,
+                             j.FAILED)
+            self.assertEqual(await self.relay.store.search("AuditEvent", {}), [])
+
+        return ensureDeferred(go())

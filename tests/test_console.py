@@ -592,6 +592,10 @@ class MemorySharedSessions:
         self.rows[id_hash] = (row[0], self.clock.seconds())
         return succeed(row[0])
 
+    def live(self, id_hash: bytes, idle: float) -> Deferred[bool]:
+        row = self.rows.get(id_hash)
+        return succeed(row is not None and self.clock.seconds() - row[1] <= idle)
+
     def drop(self, id_hash: bytes) -> Deferred[None]:
         self.rows.pop(id_hash, None)
         return succeed(None)
@@ -634,6 +638,58 @@ class SharedSessions(SynchronousTestCase):
         self.assertIsNone(self.found(a, session.id))
         clock.advance(b.recheck)
         self.assertIsNone(self.found(b, session.id))
+
+    def test_sign_out_on_one_node_ends_the_others_live_streams(self) -> None:
+        """A live stream on node B of a session signed out on node A ends once B's recheck
+        asks the shared store (its keep-alive check), not when B's memory of it idles out
+        (30 minutes of events to a signed-out browser); the check is not a use."""
+        clock, shared, a, b = self.nodes()
+        ended: list[str] = []
+        b.ended.append(ended.append)
+        session = self.successResultOf(ensureDeferred(a.open(Principal("c1", OPERATOR))))
+        self.assertIsNotNone(self.found(b, session.id))  # B's page, then its live stream
+        used = shared.rows[next(iter(shared.rows))][1]
+        clock.advance(b.recheck)
+        self.assertTrue(b.alive(session.id))
+        self.assertEqual(shared.rows[next(iter(shared.rows))][1], used)  # (not a use)
+        self.assertEqual(ended, [])
+        self.successResultOf(ensureDeferred(a.close(session.id)))
+        clock.advance(1)
+        self.assertTrue(b.alive(session.id))  # asked again only once recheck old
+        clock.advance(b.recheck)
+        b.alive(session.id)
+        self.assertEqual(ended, [session.id])
+        self.assertFalse(b.alive(session.id))
+        self.assertIsNone(self.found(b, session.id))
+
+    def test_the_console_ends_a_session_s_streams_when_it_ended_elsewhere(self) -> None:
+        from medagent.relay.console import Console
+
+        class Authority:
+            revocation_listeners: list[Any] = []
+
+            def is_revoked(self, client_id: str) -> bool:
+                return False
+
+        class Hub:
+            session_listeners: list[Any] = []
+
+        clock = Clock()
+        shared = MemorySharedSessions(clock)
+        console = Console(clock, Authority(), None, None, Hub(), None,  # type: ignore[arg-type]
+                          EventBroker(clock), alert_offline=None, shared_sessions=shared)
+        other_node = SessionStore(clock, idle=60, shared=shared)
+        session = self.successResultOf(ensureDeferred(other_node.open(Principal("c1",
+                                                                                OPERATOR))))
+        self.assertIsNotNone(self.found(console.sessions, session.id))
+        request = FakeRequest()
+        self.assertIsNotNone(console.broker.open(request, key=session.id))
+        clock.advance(20)  # a keep-alive: the session holds, the stream stays
+        self.assertFalse(request.finished)
+        self.successResultOf(ensureDeferred(other_node.close(session.id)))  # signed out there
+        clock.advance(20)
+        self.assertTrue(request.finished)
+        self.assertEqual(console.broker.streams, [])
 
     def test_use_on_either_node_keeps_it_alive_and_idleness_ends_it(self) -> None:
         clock, shared, a, b = self.nodes()

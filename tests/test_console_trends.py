@@ -434,6 +434,39 @@ class TrendsAndBulkRetryPages(TestCase):
 
         return ensureDeferred(go())
 
+    def test_bulk_retry_route_takes_the_console_s_filters_patient_and_dicom_uids(self
+                                                                               ) -> Deferred:
+        """The console's bulk retry of a messages search by patient id retries that
+        patient's pushes; the same search over ``POST AgentPush/$retry`` was refused (400,
+        an unknown filter): one set of filters for both."""
+
+        async def go() -> None:
+            theirs = await self.failed("PAT00001")
+            result = await self.relay.pushes.push(
+                self.admin, (self.agent["id"], None),
+                {"destination": "mllp://127.0.0.1:9",
+                 "contentType": "x-application/hl7-v2+er7",
+                 "body": hl7("PAT00002").replace("12345^^^MRN", "777^^^MRN")})
+            await self.relay.journal.transition(result.push, j.FAILED, error="AE")
+            await self.relay.journal.flushed()
+            token = await self.token(self.operator_creds)
+            for query in ("patient_id=777", "patient_id=777&study_uid=1.2&sop_uid=1.2.3"):
+                r = await treq.post(f"{self.base}/fhir/R4/AgentPush/$retry?{query}",
+                                    headers={"Authorization": [f"Bearer {token}"]},
+                                    pool=self.pool)
+                doc = await r.json()
+                self.assertEqual(r.code, 200, (query, doc))
+                if "study_uid" in query:
+                    self.assertEqual(doc["matched"], 0)
+                else:
+                    self.assertEqual((doc["matched"], doc["retried"]), (1, 1))
+                    self.assertEqual([p["id"] for p in doc["pushes"]], [result.push.id])
+            self.assertEqual((await self.relay.journal.current(theirs.id)).state, j.FAILED)
+            self.assertEqual((await self.relay.journal.current(result.push.id)).state,
+                             j.QUEUED)
+
+        return ensureDeferred(go())
+
 
 class BulkRetryCommand(TestCase, _CLI):
     """``medagent pushes retry --all`` (a real ``medagent`` process) against a relay."""

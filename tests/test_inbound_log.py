@@ -282,6 +282,33 @@ class PruneTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+    def test_stopping_ends_a_prune_after_its_batch_and_waits_for_it(self) -> None:
+        """A prune of up to 200 batches must not go on writing while the relay stops (and
+        its database closes): stop waits for the batch under way, and no further batch
+        starts."""
+        clock = Clock()
+        batches: list[Deferred[int]] = []
+
+        class Log:
+            def prune(self, before: float, max_rows: int | None = None,
+                      limit: int = 0) -> Deferred[int]:
+                batches.append(Deferred())
+                return batches[-1]
+
+        service = _InboundHousekeeping(clock, Log(), retention=60, max_rows=None)
+        service.startService()
+        clock.advance(600)
+        self.assertEqual(len(batches), 1)
+        stopped = service.stopService()
+        self.assertIsInstance(stopped, Deferred)
+        assert stopped is not None
+        self.assertNoResult(stopped)
+        batches[0].callback(INBOUND_PRUNE_BATCH)  # a full batch: another would follow
+        self.successResultOf(stopped)
+        self.assertEqual(len(batches), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class InboundPages(TestCase):
     """The console's Inbound view, the agent's Channels and the ``AgentInbound`` API."""
 
@@ -505,6 +532,33 @@ class InboundPages(TestCase):
                     self.assertNotIn("MRN-SECRET", text)
                     self.assertNotIn("FIND0001", text)
             self.assertEqual(await self.audits(), [])
+
+        return ensureDeferred(go())
+
+    def test_overlong_search_filters_are_refused_by_the_api(self) -> Deferred:
+        """Input from outside is bounded on the server (the form's maxlength is only a hint):
+        a filter longer than any stored value is a 400, not a query."""
+
+        async def go() -> None:
+            long = "9" * 1001  # (the bound: 1000, medagent.relay.http.pushes.MAX_FILTER)
+            for path in (f"/fhir/R4/AgentInbound?control_id={long}",
+                         f"/fhir/R4/AgentPush?patient_id={long}",
+                         f"/fhir/R4/AgentPush?agent={self.agent['id']}&remote={long}"):
+                code, doc = await self.api(self.admin_creds, path)
+                self.assertEqual((code, doc["resourceType"]), (400, "OperationOutcome"),
+                                 path[:40])
+                self.assertNotIn(long, json.dumps(doc))
+            token = await self.relay.authority.issue_token(
+                self.operator_creds["clientId"], self.operator_creds["clientSecret"])
+            r = await treq.post(f"{self.base}/fhir/R4/AgentPush/$retry?destination={long}",
+                                pool=self.pool, headers={
+                                    "Authorization": [f"Bearer {token['access_token']}"]})
+            self.assertEqual(r.code, 400)
+            await r.content()
+            code, page = await self.api(self.admin_creds,
+                                        "/fhir/R4/AgentInbound?control_id=" + "9" * 1000)
+            self.assertEqual((code, page["total"]), (200, 0))
+            # (the console cuts every query value at 200 characters: ConsoleResource._query)
 
         return ensureDeferred(go())
 

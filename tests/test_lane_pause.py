@@ -124,6 +124,23 @@ class PauseTests(_PauseCase):
             self.assertEqual(f.value.status, status, bad)
         self.assertEqual(self.successResultOf(self.pauses.list()), [])
 
+    def test_no_more_paused_lanes_than_the_hub_reads_and_the_agent_holds(self) -> None:
+        """A lane paused beyond what the hub reads of an agent's pauses (and one hold message
+        names) would be shown paused and yet delivered: such a pause is refused."""
+        from medagent.relay import lanes
+
+        self.assertLessEqual(lanes.MAX_PAUSED_LANES, wire.MAX_HELD_LANES)
+        self.patch(lanes, "MAX_PAUSED_LANES", 2)
+        conn, session = self.connect(["durable"])
+        self.pause(destination="mllp://10.0.0.1:1")
+        self.pause(destination="mllp://10.0.0.1:2")
+        f = self.failureResultOf(self.lanes_call("pause", destination=OTHER), FHIRError)
+        self.assertEqual(f.value.status, 409)
+        self.assertNotIn(OTHER.split("//")[1], repr(self.successResultOf(self.pauses.list())))
+        self.assertFalse(self.pause(destination="mllp://10.0.0.1:1")["changed"])  # (kept)
+        self.send(1, "O", OTHER)
+        self.assertEqual(len(self.sent_ids(conn)), 1)  # the refused lane was never paused
+
     def _pause_raw(self, destination: Any) -> Any:
         from twisted.internet.defer import ensureDeferred
         return ensureDeferred(self.lanes.pause(self.operator, self.agent["id"], destination))

@@ -450,12 +450,15 @@ class PgConsoleSessionsTests(_Pg, TestCase):
                                          csrf="tok"))
         await a.add(SharedConsoleSession(id_hash=other, client_id="c2", role="viewer",
                                          agents=frozenset(), name=None, csrf="t2"))
+        self.assertTrue(await b.live(key, 60.0))  # (not a use: see idle below)
+        self.assertFalse(await b.live(b"nope" * 8, 60.0))
         seen = await b.use(key, 60.0)
         assert seen is not None
         self.assertEqual((seen.client_id, seen.role, seen.agents, seen.name, seen.csrf),
                          ("c1", "operator", frozenset({"x", "y"}), "Ann", "tok"))
         self.assertIsNone(await b.use(b"nope" * 8, 60.0))
         self.assertIsNone(await b.use(other, 0.0))  # idle for longer than 0 s: expired
+        self.assertFalse(await b.live(other, 0.0))
         self.assertEqual(await b.prune(0.0), 2)  # both rows idle for longer than 0 s
         self.assertIsNone(await a.use(key, 60.0))
         await a.add(SharedConsoleSession(id_hash=key, client_id="c1", role="operator",
@@ -464,6 +467,7 @@ class PgConsoleSessionsTests(_Pg, TestCase):
                                          agents=frozenset(), name=None, csrf="t2"))
         self.assertEqual(await b.prune(60.0), 0)
         await b.drop(key)
+        self.assertFalse(await a.live(key, 60.0))
         self.assertIsNone(await a.use(key, 60.0))
         await b.drop_client("c2")
         self.assertIsNone(await a.use(other, 60.0))

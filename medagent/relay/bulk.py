@@ -16,9 +16,9 @@ import attr
 from twisted.logger import Logger
 
 from medagent.fhir import FHIRError, forbidden
+from medagent.relay.audit import INTERACTION, REST, client_audit_event, push_entities
 from medagent.relay.auth import Principal
 from medagent.storage import journal as j
-from medagent.storage.resources import now_iso
 
 log = Logger()
 
@@ -115,21 +115,8 @@ async def retry_matching(pushes: Any, journal: Any, store: Any, principal: Princ
 def retry_audit_event(principal: Principal, push: j.Push, address: str, now: float,
                       via: str) -> dict[str, Any]:
     """The AuditEvent of one push retried in bulk: who, which push, from where; no payload."""
-    return {
-        "resourceType": "AuditEvent",
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-                 "code": "rest", "display": "RESTful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction",
-                     "code": "operation", "display": "operation"}],
-        "action": "E",
-        "recorded": now_iso(now),
-        "outcome": "0",
-        "outcomeDesc": f"Push retried in bulk ({via})",
-        "agent": [{"who": {"reference": f"ClientApplication/{principal.client_id}"},
-                   "type": {"text": principal.role}, "requestor": True,
-                   "network": {"address": address[:100], "type": "2"}}],
-        "source": {"observer": {"display": "medagent-relay"}},
-        "entity": [{"what": {"identifier": {"system": "urn:medagent:push", "value": push.id}},
-                    "type": {"code": "AgentPush"}},
-                   {"what": {"reference": f"Agent/{push.agent_id}"}}],
-    }
+    return client_audit_event(
+        principal, address, now, type=REST,
+        subtype={"system": INTERACTION, "code": "operation", "display": "operation"},
+        action="E", description=f"Push retried in bulk ({via})", observer="medagent-relay",
+        entity=push_entities(push))

@@ -24,16 +24,22 @@ from typing import Any, Mapping
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from medagent import wire
 from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent.fhir import FHIRError, bad_request, forbidden
+from medagent.relay.audit import client_audit_event
 from medagent.relay.auth import Principal
 from medagent.relay.hub import STATUS_TIMEOUT
-from medagent.storage.resources import now_iso
 
 log = Logger()
 
 #: the longest destination accepted (a URL or Device/{id})
 MAX_DESTINATION = 1000
+#: paused lanes one agent may have, at most: what the hub reads of an agent's pauses
+#: (L{medagent.storage.interfaces.LanePauses.list}'s default limit) and what one
+#: C{agent:lanes:hold} may name (L{wire.MAX_HELD_LANES}); a lane paused beyond them would be
+#: shown paused but delivered
+MAX_PAUSED_LANES = wire.MAX_HELD_LANES
 
 
 class LaneControl:
@@ -81,15 +87,15 @@ class LaneControl:
         """Pause the lane of C{destination}; what the lane is now (L{_result})."""
         agent = await self._agent(principal, agent_id)
         lane = await self.lane_of(destination)
+        paused = await self.pauses.list(agent["id"], limit=MAX_PAUSED_LANES)
+        if len(paused) >= MAX_PAUSED_LANES and lane not in {p["lane"] for p in paused}:
+            raise FHIRError(409, f"Agent/{agent['id']} has {MAX_PAUSED_LANES} paused lanes "
+                                 "already, the most it may have; resume one first",
+                            "conflict")
         now = float(self.clock.seconds())
         changed = await self.pauses.pause(agent["id"], lane, principal.client_id, now)
-        if changed:
-            await self.store.create(lane_audit_event(principal, agent["id"], lane, "pause",
-                                                     address, now))
-            log.info("{client_id} paused lane {lane} of Agent/{agent_id}",
-                     client_id=principal.client_id, lane=lane, agent_id=agent["id"])
-        await self._tell_holder(agent["id"])
-        return await self._result(agent["id"], lane, True, changed)
+        return await self._changed(principal, agent["id"], lane, "pause", changed, address,
+                                   now)
 
     async def resume(self, principal: Principal, agent_id: str, destination: Any,
                      address: str = "") -> dict[str, Any]:
@@ -98,13 +104,21 @@ class LaneControl:
         lane = await self.lane_of(destination)
         now = float(self.clock.seconds())
         changed = await self.pauses.resume(agent["id"], lane)
+        return await self._changed(principal, agent["id"], lane, "resume", changed, address,
+                                   now)
+
+    async def _changed(self, principal: Principal, agent_id: str, lane: str, action: str,
+                       changed: bool, address: str, now: float) -> dict[str, Any]:
+        """After a pause or resume: its audit (when it changed anything), the holder told,
+        what the lane is now."""
         if changed:
-            await self.store.create(lane_audit_event(principal, agent["id"], lane, "resume",
+            await self.store.create(lane_audit_event(principal, agent_id, lane, action,
                                                      address, now))
-            log.info("{client_id} resumed lane {lane} of Agent/{agent_id}",
-                     client_id=principal.client_id, lane=lane, agent_id=agent["id"])
-        await self._tell_holder(agent["id"])
-        return await self._result(agent["id"], lane, False, changed)
+            log.info("{client_id} {did} lane {lane} of Agent/{agent_id}",
+                     client_id=principal.client_id, lane=lane, agent_id=agent_id,
+                     did="paused" if action == "pause" else "resumed")
+        await self._tell_holder(agent_id)
+        return await self._result(agent_id, lane, action == "pause", changed)
 
     def paused(self, agent_id: str | None = None) -> Deferred[list[dict[str, Any]]]:
         """The paused lanes (of C{agent_id}, or of every agent): agent, lane, by, since."""
@@ -136,22 +150,15 @@ class LaneControl:
 def lane_audit_event(principal: Principal, agent_id: str, lane: str, action: str,
                      address: str, now: float) -> dict[str, Any]:
     """The AuditEvent of a lane paused or resumed: who, when, which agent and lane."""
-    return {
-        "resourceType": "AuditEvent",
-        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM",
-                 "code": "110100", "display": "Application Activity"},
-        "subtype": [{"system": "urn:medagent:lane", "code": f"{action}-lane",
-                     "display": f"{action} lane"}],
-        "action": "U",
-        "recorded": now_iso(now),
-        "outcome": "0",
-        "outcomeDesc": f"Lane {'paused' if action == 'pause' else 'resumed'} by an operator",
-        "agent": [{"who": {"reference": f"ClientApplication/{principal.client_id}"},
-                   "type": {"text": principal.role}, "requestor": True,
-                   **({"network": {"address": address[:100], "type": "2"}}
-                      if address else {})}],
-        "source": {"observer": {"display": "medagent-relay"}},
-        "entity": [{"what": {"reference": f"Agent/{agent_id}"}},
-                   {"what": {"identifier": {"system": "urn:medagent:lane", "value": lane}},
-                    "type": {"code": "AgentLane"}}],
-    }
+    return client_audit_event(
+        principal, address, now,
+        type={"system": "http://dicom.nema.org/resources/ontology/DCM",
+              "code": "110100", "display": "Application Activity"},
+        subtype={"system": "urn:medagent:lane", "code": f"{action}-lane",
+                 "display": f"{action} lane"},
+        action="U",
+        description=f"Lane {'paused' if action == 'pause' else 'resumed'} by an operator",
+        observer="medagent-relay",
+        entity=[{"what": {"reference": f"Agent/{agent_id}"}},
+                {"what": {"identifier": {"system": "urn:medagent:lane", "value": lane}},
+                 "type": {"code": "AgentLane"}}])

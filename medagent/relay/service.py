@@ -443,6 +443,8 @@ class _InboundHousekeeping(service.Service):
         self.retention = retention
         self.max_rows = max_rows
         self.call: LoopingCall | None = None
+        #: the prune running now, if any (its batch is waited for on stop)
+        self._pruning: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -450,22 +452,34 @@ class _InboundHousekeeping(service.Service):
         self.call.clock = self.clock
         self.call.start(INBOUND_PRUNE_INTERVAL, now=False)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None] | None:
+        """No further batch; fires once the one under way (if any) is done (the relay's stop
+        waits for it)."""
         if self.call is not None and self.call.running:
             self.call.stop()
         self.call = None
-        return super().stopService()
+        super().stopService()
+        return self._pruning
 
     def prune(self) -> Deferred[None]:
         """Delete in batches (short transactions) until a batch is not full, at most
         L{INBOUND_PRUNE_BATCHES} of them a run (the rest waits for the next)."""
-        return Deferred.fromCoroutine(self._prune())
+        d = self._pruning = Deferred.fromCoroutine(self._prune())
+
+        def done(result: Any) -> Any:
+            if self._pruning is d:
+                self._pruning = None
+            return result
+
+        return d.addBoth(done)
 
     async def _prune(self) -> None:
         before = self.clock.seconds() - self.retention
         total = 0
         try:
             for _ in range(INBOUND_PRUNE_BATCHES):
+                if not self.running:  # stopping: the database goes next
+                    break
                 n = await self.inbound.prune(before, self.max_rows, INBOUND_PRUNE_BATCH)
                 total += n
                 if n < INBOUND_PRUNE_BATCH:

@@ -17,7 +17,8 @@ from typing import Any
 
 import attr
 
-from medagent.storage.journal import _iso, time_bounds
+from medagent.storage import journal
+from medagent.storage.journal import _iso
 
 #: What a message's C{outcome} is: answered (status < 400, no negative ACK); the Bot answered
 #: an HL7 negative acknowledgement (AE / AR); or failed (no channel, no Bot, the Bot failed:
@@ -114,20 +115,7 @@ def insert_values(m: InboundMessage) -> tuple[Any, ...]:
 def search_where(params: Any, mark: str) -> tuple[str, list[Any]]:
     """The WHERE clause and arguments of an inbound search (L{FILTERS}, C{since}/C{until} on
     C{received}) in a backend's placeholder C{mark}."""
-    clauses: list[str] = []
-    args: list[Any] = []
-    for key, column in FILTERS:
-        if params.get(key):
-            clauses.append(f"{column}={mark}")
-            args.append(params[key])
-    since, until = time_bounds(params)
-    if since is not None:
-        clauses.append(f"received>={mark}")
-        args.append(since)
-    if until is not None:
-        clauses.append(f"received<{mark}")
-        args.append(until)
-    return " AND ".join(clauses) or "1=1", args
+    return journal.search_where(params, mark, FILTERS, "received")
 
 
 def search_page(conn: Any, mark: str, params: Any, count: int, before_seq: int | None
@@ -135,19 +123,8 @@ def search_page(conn: Any, mark: str, params: Any, count: int, before_seq: int |
     """In a transaction (either backend): one page, newest first, its total and the next
     cursor (L{medagent.storage.interfaces.InboundLog.search_page})."""
     where, args = search_where(params, mark)
-    total = int(conn.execute(f"SELECT count(*) AS n FROM inbound WHERE {where}",
-                             args).fetchone()["n"])
-    if count <= 0:
-        return [], total, None
-    page_where, page_args = where, list(args)
-    if before_seq is not None:
-        page_where, page_args = f"({where}) AND seq<{mark}", [*args, before_seq]
-    rows = conn.execute(
-        f"SELECT * FROM inbound WHERE {page_where} ORDER BY seq DESC LIMIT {mark}",
-        (*page_args, count + 1)).fetchall()
-    found = [inbound_from_row(r) for r in rows[:count]]
-    more = len(rows) > count
-    return found, total, (found[-1].seq if more and found else None)
+    return journal.search_page_rows(conn, mark, "inbound", where, args, count, before_seq,
+                                    inbound_from_row)
 
 
 def channel_summaries(conn: Any, mark: str, agent_id: str, since: float

@@ -426,6 +426,10 @@ class ConsoleSessions(Protocol):
         """The session, marked used now, or C{None}: unknown, ended, or unused for longer
         than C{idle} seconds."""
 
+    def live(self, id_hash: bytes, idle: float) -> Deferred[bool]:
+        """Whether the session is there and was used within C{idle} seconds, without marking
+        it used (a node's live stream asks: a stream open in a tab is not a use)."""
+
     def drop(self, id_hash: bytes) -> Deferred[None]:
         """End the session (sign-out)."""
 

@@ -234,23 +234,52 @@ FILTERS = (("agent", "agent_id"), ("state", "state"), ("destination", "destinati
            ("patient_id", "patient_id"), ("study_uid", "study_uid"), ("sop_uid", "sop_uid"))
 
 
-def search_where(params: Any, mark: str) -> tuple[str, list[Any]]:
-    """The WHERE clause and arguments of a push search (L{FILTERS}, C{since}/C{until}) in a
-    backend's placeholder C{mark}."""
+def search_where(params: Any, mark: str, filters: Any = FILTERS, time_column: str = "created"
+                 ) -> tuple[str, list[Any]]:
+    """The WHERE clause and arguments of a search in a backend's placeholder C{mark}:
+    equality on each of C{filters} (query parameter, column; a push search's by default)
+    given, C{since}/C{until} on C{time_column}.  Columns are the caller's constants; every
+    value is an argument."""
     clauses: list[str] = []
     args: list[Any] = []
-    for key, column in FILTERS:
+    for key, column in filters:
         if params.get(key):
             clauses.append(f"{column}={mark}")
             args.append(params[key])
     since, until = time_bounds(params)
     if since is not None:
-        clauses.append(f"created>={mark}")
+        clauses.append(f"{time_column}>={mark}")
         args.append(since)
     if until is not None:
-        clauses.append(f"created<{mark}")
+        clauses.append(f"{time_column}<{mark}")
         args.append(until)
     return " AND ".join(clauses) or "1=1", args
+
+
+def search_page_rows(conn: Any, mark: str, table: str, where: str, args: list[Any],
+                     count: int, before_seq: int | None, from_row: Any
+                     ) -> tuple[list[Any], int, int | None]:
+    """
+    In a transaction (either backend): one page of a search of C{table} (a caller's
+    constant) by C{where} / C{args} (L{search_where}), newest first:
+    C{(records, total, next_before)}.  C{total} counts every match; C{next_before} is the
+    cursor of the next page (C{None} on the last).  The cursor is a position in C{seq}
+    order, so rows written meanwhile (higher C{seq}) never shift a page or appear twice
+    while a list is walked.
+    """
+    total = int(conn.execute(f"SELECT count(*) AS n FROM {table} WHERE {where}",
+                             args).fetchone()["n"])
+    if count <= 0:
+        return [], total, None
+    page_where, page_args = where, list(args)
+    if before_seq is not None:
+        page_where, page_args = f"({where}) AND seq<{mark}", [*args, before_seq]
+    rows = conn.execute(
+        f"SELECT * FROM {table} WHERE {page_where} ORDER BY seq DESC LIMIT {mark}",
+        (*page_args, count + 1)).fetchall()
+    found = [from_row(r) for r in rows[:count]]
+    more = len(rows) > count
+    return found, total, (found[-1].seq if more and found else None)
 
 
 def time_bounds(params: Any) -> tuple[float | None, float | None]:

@@ -118,3 +118,10 @@ def delivery_from_row(row: Any) -> Delivery:
         next_attempt=row["next_attempt"], last_error=row["last_error"],
         created=row["created"], updated=row["updated"],
     )
+
+
+def pause_from_row(r: Any) -> dict[str, Any]:
+    """A paused lane's row (either backend) as L{medagent.storage.interfaces.LanePauses.list}
+    gives it: C{{agent, lane, by, since}}."""
+    return {"agent": r["agent_id"], "lane": r["lane"], "by": r["paused_by"],
+            "since": float(r["since"])}

@@ -88,6 +88,7 @@ class Console:
         hub.session_listeners.append(self._agent_changed)
         broker.on_pushes_changed = self.publish_queues
         broker.key_alive = lambda key: self.sessions.alive(key, authority)
+        self.sessions.ended.append(broker.close_key)
         if self.alerts is not None:
             self.alerts.listeners.append(self._alert_changed)
 

@@ -4,9 +4,10 @@ alert per retry or per check).  The conditions: an agent offline longer than
 C{offline_after} seconds (``--alert-offline-minutes`` on the relay); a device lane of an
 agent whose oldest open push has waited longer than C{queue_age_after} seconds
 (``--alert-queue-minutes``): a stuck lane, one alert however many pushes wait in it, one per
-lane (a journal without lane summaries: one per agent); and an agent whose pushes failed
-too often (``--alert-error-rate``): of its pushes that ended in the last C{error_window}
-seconds, at least C{error_min} and a fraction C{error_rate} or more failed.
+lane (a journal without lane summaries: one per agent), none for a lane an operator
+paused; and an agent whose pushes failed too often (``--alert-error-rate``): of its pushes
+that ended in the last C{error_window} seconds, at least C{error_min} and a fraction
+C{error_rate} or more failed.
 
 Each change can also be POSTed to a webhook (L{AlertWebhook}, ``--alert-webhook``).
 
@@ -22,7 +23,7 @@ from collections import deque
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -175,6 +176,9 @@ class AlertMonitor:
                 if waited is not None and float(waited) >= self.queue_age_after:
                     key = lane_key(lane["remote"])
                     oldest[key] = max(oldest.get(key, 0.0), float(waited))
+            if oldest:  # a paused lane waits by an operator's will: it is not stuck
+                for pause in await self._paused(agent_id):
+                    oldest.pop(pause["lane"], None)
             for lane_id, waited in oldest.items():
                 alert = Alert(QUEUE_AGE, agent_id, now - waited, now, lane=lane_id)
                 stuck[alert.key] = alert
@@ -183,6 +187,11 @@ class AlertMonitor:
                 self._raise(stuck[found])
         for gone in [k for k in self.active if k[0] == QUEUE_AGE and k not in stuck]:
             self._clear(gone, now)
+
+    def _paused(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
+        """The agent's paused lanes (the hub's L{medagent.storage.interfaces.LanePauses})."""
+        pauses = getattr(self.hub, "lane_pauses", None)
+        return pauses.list(agent_id) if pauses is not None else succeed([])
 
     async def _check_errors(self) -> None:
         """

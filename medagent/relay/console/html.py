@@ -390,12 +390,16 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
     table = _table(caption, MESSAGE_HEADS, (message_row(p) for p in pushes),
                    ident="messages", attrs=f' data-live="{1 if live else 0}"',
                    empty="No message matches.")
-    more = ""
-    if next_cursor is not None:
-        query = urlencode({**{k: v for k, v in filters.items() if v},
-                           "cursor": str(next_cursor)})
-        more = f'<p><a href="{PREFIX}/messages?{h(query)}" rel="next">Older messages</a></p>'
+    more = older_link("/messages", filters, next_cursor)
     return page("Messages", form + bulk + table + more, current="messages", **layout)
+
+
+def older_link(path: str, filters: Mapping[str, str], next_cursor: int | None) -> str:
+    """A search page's "Older messages" link (the same filters, the next cursor), if any."""
+    if next_cursor is None:
+        return ""
+    query = urlencode({**{k: v for k, v in filters.items() if v}, "cursor": str(next_cursor)})
+    return f'<p><a href="{PREFIX}{path}?{h(query)}" rel="next">Older messages</a></p>'
 
 
 #: what each stage of a push's timeline reads as on its page

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlencode
 
+from medagent.relay.audit import INTERACTION, REST, client_audit_event
 from medagent.relay.auth import Principal
-from medagent.relay.console.html import PREFIX, _table, age, h, page, u, when
+from medagent.relay.console.html import PREFIX, _table, age, h, older_link, page, u, when
 from medagent.storage.inbound import OUTCOMES, InboundMessage
-from medagent.storage.resources import now_iso
 
 #: The list's search fields: (query name, label, input type, PHI: only for payload roles).
 SEARCH_FIELDS = (("control_id", "MSH-10 (control id)", "text", False),
@@ -44,7 +44,7 @@ def search(query: Mapping[str, str], *, may_see_phi: bool
     """The list's filters as shown, as inbound log parameters, and the page cursor; a bad
     one is L{resource.Refused} (400; 403 for a patient id from a role that may not see it),
     as the messages page's (L{resource._search})."""
-    from medagent.relay.console.resource import Refused, _instant
+    from medagent.relay.console.resource import Refused, search_bounds
 
     names = [name for name, _, _, _ in SEARCH_FIELDS] + ["outcome"]
     filters = {k: query.get(k, "").strip() for k in names}
@@ -55,17 +55,7 @@ def search(query: Mapping[str, str], *, may_see_phi: bool
         raise Refused(400, f"outcome must be one of {', '.join(OUTCOMES)}")
     if filters["agent"]:
         params["agent"] = filters["agent"].removeprefix("Agent/")
-    for name in ("since", "until"):
-        value = _instant(filters[name], name)
-        if value is not None:
-            params[name] = repr(value)
-    raw = query.get("cursor", "")
-    cursor = None
-    if raw:
-        if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
-            raise Refused(400, "cursor must be a whole number")
-        cursor = int(raw)
-    return filters, params, cursor
+    return filters, params, search_bounds(query, filters, params)
 
 
 def _answer_text(m: InboundMessage) -> str:
@@ -128,11 +118,7 @@ def inbound_page(found: Sequence[InboundMessage], filters: Mapping[str, str], to
                    (inbound_row(m, show_phi=show_phi) for m in found), ident="inbound",
                    attrs=f' data-live="{1 if live else 0}" data-phi="{1 if show_phi else 0}"',
                    empty="No inbound message matches.")
-    more = ""
-    if next_cursor is not None:
-        query = urlencode({**{k: v for k, v in filters.items() if v},
-                           "cursor": str(next_cursor)})
-        more = f'<p><a href="{PREFIX}/inbound?{h(query)}" rel="next">Older messages</a></p>'
+    more = older_link("/inbound", filters, next_cursor)
     return page("Inbound messages", form + table + more, current="inbound", **layout)
 
 
@@ -217,21 +203,11 @@ def inbound_audit_event(principal: Principal, m: InboundMessage, address: str, n
                         via: str) -> dict[str, Any]:
     """The AuditEvent of one inbound payload view: who, which message, from where, through
     what (C{via}: the console, the API); never the payload."""
-    return {
-        "resourceType": "AuditEvent",
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-                 "code": "rest", "display": "RESTful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read",
-                     "display": "read"}],
-        "action": "R",
-        "recorded": now_iso(now),
-        "outcome": "0",
-        "outcomeDesc": f"Inbound message payload viewed ({via})",
-        "agent": [{"who": {"reference": f"ClientApplication/{principal.client_id}"},
-                   "type": {"text": principal.role}, "requestor": True,
-                   "network": {"address": address[:100], "type": "2"}}],
-        "source": {"observer": {"display": f"medagent-relay {via}"}},
-        "entity": [{"what": {"identifier": {"system": "urn:medagent:inbound", "value": m.id}},
-                    "type": {"code": "AgentInbound"}},
-                   {"what": {"reference": f"Agent/{m.agent_id}"}}],
-    }
+    return client_audit_event(
+        principal, address, now, type=REST,
+        subtype={"system": INTERACTION, "code": "read", "display": "read"}, action="R",
+        description=f"Inbound message payload viewed ({via})",
+        observer=f"medagent-relay {via}",
+        entity=[{"what": {"identifier": {"system": "urn:medagent:inbound", "value": m.id}},
+                 "type": {"code": "AgentInbound"}},
+                {"what": {"reference": f"Agent/{m.agent_id}"}}])

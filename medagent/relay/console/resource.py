@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.internet.defer import CancelledError, ensureDeferred
@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from medagent import wire
 from medagent.fhir import FHIRError
 from medagent.relay import bulk
+from medagent.relay.audit import INTERACTION, REST, client_audit_event, push_entities
 from medagent.relay.auth import Principal
 from medagent.relay.http.agent_ops import raise_agent_error
 from medagent.relay.http.context import client_host, read_body
@@ -32,7 +33,6 @@ from medagent.relay.console.events import push_event, sse_frame
 from medagent.relay.console.sessions import COOKIE, ConsoleSession
 from medagent.contenttypes import PING
 from medagent.storage import journal as j
-from medagent.storage.resources import now_iso
 
 log = Logger()
 
@@ -611,17 +611,24 @@ def _search(query: dict[str, str]) -> tuple[dict[str, str], dict[str, str], int 
     params.pop("agent", None)
     if filters["agent"]:
         params["agent"] = filters["agent"].removeprefix("Agent/")
+    return filters, params, search_bounds(query, filters, params)
+
+
+def search_bounds(query: Mapping[str, str], filters: Mapping[str, str], params: dict[str, str]
+                  ) -> int | None:
+    """What every console search reads alike: the C{since} and C{until} of C{filters}
+    (L{_instant}) into C{params} as seconds, and the page cursor of C{query}; a bad one is a
+    400."""
     for name in ("since", "until"):
         value = _instant(filters[name], name)
         if value is not None:
             params[name] = repr(value)
     raw = query.get("cursor", "")
-    cursor = None
-    if raw:
-        if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
-            raise Refused(400, "cursor must be a whole number")
-        cursor = int(raw)
-    return filters, params, cursor
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
+        raise Refused(400, "cursor must be a whole number")
+    return int(raw)
 
 
 def own_origin(base_url: str | None, request: Request) -> str:
@@ -637,21 +644,8 @@ def own_origin(base_url: str | None, request: Request) -> str:
 def audit_event(principal: Principal, push: j.Push, address: str, now: float
                 ) -> dict[str, Any]:
     """The AuditEvent of one payload view: who, which push, from where; never the payload."""
-    return {
-        "resourceType": "AuditEvent",
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-                 "code": "rest", "display": "RESTful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read",
-                     "display": "read"}],
-        "action": "R",
-        "recorded": now_iso(now),
-        "outcome": "0",
-        "outcomeDesc": "Push payload viewed in the operators' console",
-        "agent": [{"who": {"reference": f"ClientApplication/{principal.client_id}"},
-                   "type": {"text": principal.role}, "requestor": True,
-                   "network": {"address": address[:100], "type": "2"}}],
-        "source": {"observer": {"display": "medagent-relay console"}},
-        "entity": [{"what": {"identifier": {"system": "urn:medagent:push", "value": push.id}},
-                    "type": {"code": "AgentPush"}},
-                   {"what": {"reference": f"Agent/{push.agent_id}"}}],
-    }
+    return client_audit_event(
+        principal, address, now, type=REST,
+        subtype={"system": INTERACTION, "code": "read", "display": "read"}, action="R",
+        description="Push payload viewed in the operators' console",
+        observer="medagent-relay console", entity=push_entities(push))

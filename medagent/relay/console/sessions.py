@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import attr
 from twisted.logger import Logger
@@ -74,6 +74,9 @@ class SessionStore:
         self.shared = shared
         self.recheck = recheck
         self._sessions: OrderedDict[str, ConsoleSession] = OrderedDict()
+        #: called with a session's id when the shared store says it ended on another node
+        #: (the console ends its live streams)
+        self.ended: list[Callable[[str], None]] = []
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -165,15 +168,36 @@ class SessionStore:
 
     def alive(self, session_id: str, authority: Any = None) -> bool:
         """Whether the session is still live, without counting this as a use (a live stream
-        is not a use: the session still ends after C{idle} without a page or action)."""
+        is not a use: the session still ends after C{idle} without a page or action).  On a
+        cluster, once C{recheck} old, the shared store is asked too (L{_confirm}): a sign-out
+        on another node ends this node's streams of the session when it answers."""
         session = self._sessions.get(session_id)
         if session is None:
             return False
-        if self.clock.seconds() - session.last_seen > self.idle or (
+        now = self.clock.seconds()
+        if now - session.last_seen > self.idle or (
                 authority is not None and authority.is_revoked(session.principal.client_id)):
             del self._sessions[session_id]
             return False
+        if self.shared is not None and now - session.checked >= self.recheck:
+            self._confirm(session, now)
         return True
+
+    def _confirm(self, session: ConsoleSession, now: float) -> None:
+        """Ask the shared store whether C{session} still holds (signed out on another node?);
+        if not, forget it here and tell L{ended}.  Not a use of the session."""
+        assert self.shared is not None
+        session.checked = now
+
+        def answered(live: bool) -> None:
+            if live or self._sessions.get(session.id) is not session:
+                return
+            del self._sessions[session.id]
+            for listener in list(self.ended):
+                listener(session.id)
+
+        self.shared.live(_key(session.id), self.idle).addCallbacks(
+            answered, lambda f: log.failure("Checking a shared console session failed", f))
 
     def drop(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

@@ -8,17 +8,15 @@ not even whether a message exists.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
-from urllib.parse import urlencode
 
 from twisted.logger import Logger
 
 from medagent.fhir import bad_request, forbidden, not_found
 from medagent.relay.console.inbound import inbound_audit_event
 from medagent.relay.http.context import Response, RouteContext, client_host, json_response
-from medagent.relay.http.pushes import DEFAULT_PAGE, MAX_PAGE, _int_or_none, _int_param
+from medagent.relay.http.pushes import DEFAULT_PAGE, MAX_PAGE, _int_param, check_search, page_links
 from medagent.storage.inbound import FILTERS, OUTCOMES, InboundMessage
 
 log = Logger()
@@ -53,14 +51,7 @@ async def list_inbound(ctx: RouteContext) -> Response:
         params["agent"] = params["agent"].removeprefix("Agent/")
     if params.get("outcome") and params["outcome"] not in OUTCOMES:
         raise bad_request(f"outcome must be one of {', '.join(OUTCOMES)}")
-    for bound in ("since", "until"):  # seconds since the epoch
-        if params.get(bound):
-            try:
-                value = float(params[bound])
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and 0 <= value < 253402300800):
-                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+    check_search(params)
     flat = {k: v[-1] for k, v in ctx.query.items() if v}
     count = _int_param(flat, "_count", DEFAULT_PAGE, 0, MAX_PAGE)
     cursor = _int_param(flat, "_cursor", None, 1, 2**63 - 1)
@@ -88,18 +79,7 @@ async def read_inbound(ctx: RouteContext) -> Response:
 
 def _page(ctx: RouteContext, found: list[InboundMessage], total: int,
           next_before: int | None) -> dict[str, Any]:
-    query = ctx.query
-
-    def url(cursor: int | None) -> str:
-        keep = [(k, v) for k, vs in query.items() if k != "_cursor" for v in vs]
-        if cursor is not None:
-            keep.append(("_cursor", str(cursor)))
-        qs = urlencode(keep)
-        return f"{ctx.base()}/fhir/R4/AgentInbound" + (f"?{qs}" if qs else "")
-
-    links = [{"relation": "self", "url": url(_int_or_none(query, "_cursor"))}]
-    if next_before is not None:
-        links.append({"relation": "next", "url": url(next_before)})
+    links = page_links(ctx, "AgentInbound", next_before)
     return {
         "resourceType": "Bundle", "type": "searchset", "total": total, "link": links,
         "entry": [{"fullUrl": f"{ctx.base()}/fhir/R4/AgentInbound/{m.id}",

@@ -26,22 +26,22 @@ def _destination(ctx: RouteContext) -> Any:
     return body["destination"]
 
 
-async def pause(ctx: RouteContext) -> Response:
+async def _change(ctx: RouteContext, action: str) -> Response:
     control = _control(ctx)
     if not ctx.principal.may_operate():  # (before reading the body: no oracle)
         raise forbidden("Pausing and resuming lanes needs an operator or admin client")
-    result = await control.pause(ctx.principal, ctx.params["id"], _destination(ctx),
-                                 client_host(ctx.request))
+    method = control.pause if action == "pause" else control.resume
+    result = await method(ctx.principal, ctx.params["id"], _destination(ctx),
+                          client_host(ctx.request))
     return json_response(result)
+
+
+async def pause(ctx: RouteContext) -> Response:
+    return await _change(ctx, "pause")
 
 
 async def resume(ctx: RouteContext) -> Response:
-    control = _control(ctx)
-    if not ctx.principal.may_operate():
-        raise forbidden("Pausing and resuming lanes needs an operator or admin client")
-    result = await control.resume(ctx.principal, ctx.params["id"], _destination(ctx),
-                                  client_host(ctx.request))
-    return json_response(result)
+    return await _change(ctx, "resume")
 
 
 async def paused(ctx: RouteContext) -> Response:

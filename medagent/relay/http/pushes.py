@@ -106,14 +106,7 @@ async def list_pushes(ctx: RouteContext) -> Response:
         params["requester"] = principal.client_id  # a pusher lists its own pushes
     if params.get("state") and params["state"] not in j.STATES:
         raise bad_request(f"state must be one of {', '.join(j.STATES)}")
-    for bound in ("since", "until"):  # seconds since the epoch
-        if params.get(bound):
-            try:
-                value = float(params[bound])
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and 0 <= value < 253402300800):
-                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+    check_search(params)
     count = _int_param(params, "_count", DEFAULT_PAGE, 0, MAX_PAGE)
     cursor = _int_param(params, "_cursor", None, 1, 2**63 - 1)
     found, total, next_before = await ctx.api.journal.search_page(
@@ -165,9 +158,30 @@ async def not_supported(ctx: RouteContext) -> Response:
                     "not-supported")
 
 
-def _push_page(ctx: RouteContext, found: list[Push], total: int, next_before: int | None
-               ) -> dict[str, Any]:
-    """A searchset page of pushes, with the true C{total} and a C{next} link (cursor)."""
+#: The longest value of a search filter (ids, codes, destination URLs; a longer one cannot
+#: match anything stored, and is refused rather than carried into a query).
+MAX_FILTER = 1000
+
+
+def check_search(params: Mapping[str, str]) -> None:
+    """What every search of the API checks of its filters (a 400 otherwise): none longer
+    than L{MAX_FILTER}; C{since} and C{until} are times in seconds since the epoch."""
+    long = sorted(k for k, v in params.items() if len(v) > MAX_FILTER)
+    if long:
+        raise bad_request(f"{long[0][:50]} is longer than {MAX_FILTER} characters")
+    for bound in ("since", "until"):
+        if params.get(bound):
+            try:
+                value = float(params[bound])
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and 0 <= value < 253402300800):
+                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+
+
+def page_links(ctx: RouteContext, path: str, next_before: int | None
+               ) -> list[dict[str, str]]:
+    """A searchset's C{self} and C{next} links (the query as asked, C{_cursor} replaced)."""
     query = ctx.query
 
     def url(cursor: int | None) -> str:
@@ -175,11 +189,18 @@ def _push_page(ctx: RouteContext, found: list[Push], total: int, next_before: in
         if cursor is not None:
             keep.append(("_cursor", str(cursor)))
         qs = urlencode(keep)
-        return f"{ctx.base()}/fhir/R4/AgentPush" + (f"?{qs}" if qs else "")
+        return f"{ctx.base()}/fhir/R4/{path}" + (f"?{qs}" if qs else "")
 
     links = [{"relation": "self", "url": url(_int_or_none(query, "_cursor"))}]
     if next_before is not None:
         links.append({"relation": "next", "url": url(next_before)})
+    return links
+
+
+def _push_page(ctx: RouteContext, found: list[Push], total: int, next_before: int | None
+               ) -> dict[str, Any]:
+    """A searchset page of pushes, with the true C{total} and a C{next} link (cursor)."""
+    links = page_links(ctx, "AgentPush", next_before)
     return {
         "resourceType": "Bundle", "type": "searchset", "total": total, "link": links,
         "entry": [{"fullUrl": ctx.status_url(p), "resource": _push_doc(p)}
@@ -212,18 +233,20 @@ def _push_doc(push: Push) -> dict[str, Any]:
         return {"resourceType": "AgentPush", "id": push.id, "state": push.state}
 
 
-#: the filters ``POST AgentPush/$retry`` takes (those of the list and of the console)
+#: the filters ``POST AgentPush/$retry`` takes (those of the list and of the console's
+#: messages page, whose bulk retry takes them all)
 BULK_FILTERS = ("agent", "state", "destination", "remote", "control_id", "accession",
-                "since", "until")
+                "since", "until", "patient_id", "study_uid", "sop_uid")
 
 
 async def retry_matching(ctx: RouteContext) -> Response:
     """
-    ``POST AgentPush/$retry?agent=&state=&destination=&control_id=&accession=&since=&until=
-    &_count=``: retry every failed (or expired) push matching the filters, at most
-    C{_count} (default and most: L{medagent.relay.bulk.MAX_BULK_RETRY}), each as
-    ``AgentPush/{id}/$retry`` would and audited; answers with the counts (C{matched},
-    C{retried}, C{skipped}, C{remaining}) and each push's result.  Operators and admins.
+    ``POST AgentPush/$retry?agent=&state=&destination=&control_id=&accession=&patient_id=
+    &study_uid=&sop_uid=&since=&until=&_count=``: retry every failed (or expired) push
+    matching the filters, at most C{_count} (default and most:
+    L{medagent.relay.bulk.MAX_BULK_RETRY}), each as ``AgentPush/{id}/$retry`` would and
+    audited; answers with the counts (C{matched}, C{retried}, C{skipped}, C{remaining}) and
+    each push's result.  Operators and admins.
     """
     from medagent.relay import bulk
     from medagent.relay.http.context import client_host
@@ -240,14 +263,7 @@ async def retry_matching(ctx: RouteContext) -> Response:
     if params.get("state") and params["state"] not in bulk.RETRYABLE:
         raise bad_request(f"state must be one of {', '.join(bulk.RETRYABLE)} (what can be "
                           "retried)")
-    for bound in ("since", "until"):  # seconds since the epoch
-        if params.get(bound):
-            try:
-                value = float(params[bound])
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and 0 <= value < 253402300800):
-                raise bad_request(f"{bound} must be a time in seconds since the epoch")
+    check_search(params)
     limit = _int_param({k: v[-1] for k, v in ctx.query.items()}, "_count",
                        bulk.MAX_BULK_RETRY, 1, bulk.MAX_BULK_RETRY)
     api = ctx.api

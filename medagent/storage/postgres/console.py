@@ -47,6 +47,15 @@ class PgConsoleSessions:
 
         return self._db.run(txn)
 
+    def live(self, id_hash: bytes, idle: float) -> Deferred[bool]:
+        def txn(conn: Any) -> bool:
+            return conn.execute(
+                "SELECT 1 AS one FROM console_sessions WHERE id_hash = %s"
+                " AND last_seen >= clock_timestamp() - make_interval(secs => %s)",
+                (id_hash, idle)).fetchone() is not None
+
+        return self._db.run(txn)
+
     def drop(self, id_hash: bytes) -> Deferred[None]:
         def txn(conn: Any) -> None:
             conn.execute("DELETE FROM console_sessions WHERE id_hash = %s", (id_hash,))

@@ -36,6 +36,7 @@ from medagent.storage.journal import (
     earlier_same_message,
     lane_summary,
     push_from_row,
+    search_page_rows,
     search_where,
     timeline_text,
     trends_from_rows,
@@ -254,23 +255,8 @@ class PgJournal:
         self, params: Mapping[str, str], *, count: int, before_seq: int | None = None
     ) -> Deferred[tuple[list[Push], int, int | None]]:
         where, args = _where(params)
-
-        def txn(conn: Any) -> tuple[list[Push], int, int | None]:
-            total = conn.execute(f"SELECT count(*) AS n FROM pushes WHERE {where}",
-                                 args).fetchone()["n"]
-            if count <= 0:
-                return [], total, None
-            page_where, page_args = where, list(args)
-            if before_seq is not None:
-                page_where, page_args = f"({where}) AND seq<%s", [*args, before_seq]
-            rows = conn.execute(
-                f"SELECT * FROM pushes WHERE {page_where} ORDER BY seq DESC LIMIT %s",
-                (*page_args, count + 1)).fetchall()
-            pushes = [push_from_row(r) for r in rows[:count]]
-            more = len(rows) > count
-            return pushes, total, (pushes[-1].seq if more and pushes else None)
-
-        return self._db.run(txn)
+        return self._db.run(search_page_rows, "%s", "pushes", where, args, count, before_seq,
+                            push_from_row)
 
     def counts(self, agent_id: str) -> Deferred[dict[str, Any]]:
         now = self._clock.seconds()

@@ -9,12 +9,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from medagent.storage.records import pause_from_row
+
 from medagent.storage.postgres.database import PgDatabase
-
-
-def _row(r: Any) -> dict[str, Any]:
-    return {"agent": r["agent_id"], "lane": r["lane"], "by": r["paused_by"],
-            "since": float(r["since"])}
 
 
 class PgLanePauses:
@@ -50,6 +47,6 @@ class PgLanePauses:
             else:
                 rows = conn.execute("SELECT * FROM lane_pauses WHERE agent_id = %s"
                                     " ORDER BY lane LIMIT %s", (agent_id, limit)).fetchall()
-            return [_row(r) for r in rows]
+            return [pause_from_row(r) for r in rows]
 
         return self._db.run(txn)

@@ -42,6 +42,7 @@ from medagent.storage.journal import (
     lane_summary,
     message_hash,
     push_from_row,
+    search_page_rows,
     search_where,
     timeline_text,
     trends_from_rows,
@@ -474,23 +475,8 @@ class SQLiteJournal:
         never shift a page or appear twice while a list is walked.
         """
         where, args = _where(params)
-
-        def txn(conn: Any) -> tuple[list[Push], int, int | None]:
-            total = conn.execute(f"SELECT count(*) FROM pushes WHERE {where}", args).fetchone()[0]
-            if count <= 0:
-                return [], total, None
-            page_where, page_args = where, list(args)
-            if before_seq is not None:
-                page_where, page_args = f"({where}) AND seq<?", [*args, before_seq]
-            rows = conn.execute(
-                f"SELECT * FROM pushes WHERE {page_where} ORDER BY seq DESC LIMIT ?",
-                (*page_args, count + 1),
-            ).fetchall()
-            pushes = [_row_to_push(r) for r in rows[:count]]
-            more = len(rows) > count
-            return pushes, total, (pushes[-1].seq if more and pushes else None)
-
-        return self._db.run(txn)
+        return self._db.run(search_page_rows, "?", "pushes", where, args, count, before_seq,
+                            _row_to_push)
 
     def agents_with_queued(self, agent_ids: Iterable[str]) -> Deferred[set[str]]:
         ids = sorted(set(agent_ids))

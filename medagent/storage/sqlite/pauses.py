@@ -8,6 +8,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from medagent.storage.records import pause_from_row
+
 from medagent.storage.sqlite.database import Database
 
 SCHEMA = """
@@ -19,11 +21,6 @@ CREATE TABLE IF NOT EXISTS lane_pauses (
     PRIMARY KEY (agent_id, lane)
 );
 """
-
-
-def _row(r: Any) -> dict[str, Any]:
-    return {"agent": r["agent_id"], "lane": r["lane"], "by": r["paused_by"],
-            "since": float(r["since"])}
 
 
 class SQLiteLanePauses:
@@ -62,6 +59,6 @@ class SQLiteLanePauses:
             else:
                 rows = conn.execute("SELECT * FROM lane_pauses WHERE agent_id=?"
                                     " ORDER BY lane LIMIT ?", (agent_id, limit))
-            return [_row(r) for r in rows]
+            return [pause_from_row(r) for r in rows]
 
         return self._db.run(txn)
