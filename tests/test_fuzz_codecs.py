@@ -237,9 +237,16 @@ def wire_messages() -> st.SearchStrategy[dict[str, Any]]:
                   st.fixed_dictionaries({"remote": texts, "body": st.text(max_size=50),
                                          "statusCode": st.integers(100, 599)}),
                   st.dictionaries(st.text(max_size=8), json_values, max_size=3)),
-        st.builds(build, st.sampled_from(sorted(wire.KNOWN_TYPES - set(wire._REQUIRED))),
+        st.builds(build, st.sampled_from(sorted(wire.KNOWN_TYPES - set(wire._REQUIRED)
+                                                - {wire.BATCH})),
                   st.just({}), st.dictionaries(st.text(max_size=8), json_values,
                                                max_size=3)),
+        # a batch must carry 1 to MAX_BATCH messages (checked one by one by unbatch)
+        st.builds(build, st.just(wire.BATCH),
+                  st.fixed_dictionaries({"messages": st.lists(
+                      st.fixed_dictionaries({"type": st.just(wire.HEARTBEAT_REQUEST)}),
+                      min_size=1, max_size=wire.MAX_BATCH)}),
+                  st.dictionaries(st.text(max_size=8), json_values, max_size=3)),
     )
 
 
