@@ -279,6 +279,13 @@ class RequestorTests(SynchronousTestCase):
         self.assertIsInstance(failures[0].value, AssociationAborted)
 
 
+def instance_files(folder: str) -> list[str]:
+    """What a channel keeps in its folder, without its journal segments."""
+    from medagent.dicom.journal import PREFIX
+
+    return sorted(n for n in os.listdir(folder) if not n.startswith(PREFIX))
+
+
 class InlineRun:
     """Runs 'blocking' work at once, or holds it until released (to test races)."""
 
@@ -368,6 +375,11 @@ class StorageChannelTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(path))
         self.run.hold = False
         self.run.release()
+        # answered once its journal record was flushed; the file comes a moment later
+        self.assertEqual(self.channel.journal.flushes, 1)
+        self.assertEqual(self.forwarded, [])
+        self.assertFalse(os.path.exists(path))
+        self.clock.advance(self.channel.write_out_delay)
         self.assertTrue(os.path.exists(path))
         rsp = pmsgs.DIMSEMessage()
         for p in read_pdus(tr.value()):
@@ -401,9 +413,12 @@ class StorageChannelTests(SynchronousTestCase):
         proto.connectionLost(None)
         self.run.hold = False
         self.run.release()  # the write finishes after the peer is gone
-        self.run.release()  # ... and its removal runs
-        self.assertEqual(os.listdir(self.dir), [])
+        self.run.release()  # ... and its record is retired
+        self.clock.advance(1)
+        self.assertEqual(instance_files(self.dir), [])
         self.assertEqual(self.forwarded, [])
+        segment = self.channel.journal._current
+        self.assertEqual((segment.records, segment.retired), (1, 1))
 
     def test_abort_mid_transfer_stores_nothing(self) -> None:
         proto, tr = self.connect()
@@ -417,7 +432,7 @@ class StorageChannelTests(SynchronousTestCase):
         proto.dataReceived(pdu.abort(0).encode())
         self.assertTrue(tr.disconnecting)
         proto.connectionLost(None)
-        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(instance_files(self.dir), [])
         self.assertEqual(self.forwarded, [])
 
     def test_pdu_over_negotiated_max_aborts(self) -> None:
@@ -528,7 +543,8 @@ class StorageChannelTests(SynchronousTestCase):
 
 class StoreGroupTests(SynchronousTestCase):
     """
-    The storage channel's group commit: instances arriving while a write is under way are
+    The storage channel's group commit on the path of large instances (their own files
+    before the answer, no journal): instances arriving while a write is under way are
     written (and the folder fsynced) together, and none is answered before its group is.
     """
 
@@ -540,7 +556,7 @@ class StoreGroupTests(SynchronousTestCase):
         self.channel = StorageChannel(
             lambda ct, body, remote: Deferred(), reactor=self.clock, ae_title="AGENTSCP",
             storage_dir=self.dir, sop_classes=[SR_CLASS], run_blocking=self.run,
-            max_pdu=16384)
+            max_pdu=16384, journal_max_bytes=0)
         self.folder_syncs: list = []
         import medagent.dicom.scp as scp
 
@@ -771,7 +787,8 @@ class SpareFileTests(SynchronousTestCase):
         open(leftover, "w").close()
         channel = StorageChannel(lambda ct, body, remote: succeed(None), reactor=Clock(),
                                  ae_title="AGENTSCP", storage_dir=folder,
-                                 sop_classes=[SR_CLASS], run_blocking=InlineRun())
+                                 sop_classes=[SR_CLASS], run_blocking=InlineRun(),
+                                 journal_max_bytes=0)  # the path of large instances
         channel.startService()
         spares = sorted(n for n in os.listdir(folder) if n.startswith(SpareFiles.PREFIX))
         self.assertEqual(len(spares), channel.spares.keep)
