@@ -36,10 +36,10 @@ from medagent.dicom.instance import fsync_dir
 MAGIC = b"MDJ1"
 _HEADER = struct.Struct("<4sIIH")
 PREFIX = ".journal-"
-DEFAULT_SEGMENT_SIZE = 8 * 1024 * 1024
+DEFAULT_SEGMENT_SIZE = 4 * 1024 * 1024
 #: instances larger than this are written as their own file before the answer (their data
 #: costs more than the two journal commits)
-DEFAULT_MAX_RECORD = 1024 * 1024
+DEFAULT_MAX_RECORD = 512 * 1024
 
 
 class JournalError(ValueError):
