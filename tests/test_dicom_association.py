@@ -362,6 +362,43 @@ class StorageChannelTests(SynchronousTestCase):
                    ac.to_primitive().presentation_context_definition_results_list}
         self.assertEqual(results, {1: 3, 3: 0})
 
+    def test_a_request_seen_before_is_answered_from_memory_with_its_own_ae_titles(self):
+        """
+        The same proposal again (another association, other AE titles): not decoded or
+        negotiated again, the same answer with this request's AE title fields; the calling
+        AE title is still checked on each.
+        """
+        self.channel.policy.allowed_calling = {"MODALITY", "CT2"}
+        proto, tr = self.connect(classes=(CT_CLASS, SR_CLASS))
+        first = tr.value()
+        self.assertEqual(self.channel.policy.answers.hits, 0)
+        proto2, tr2 = self.connect(calling="CT2", classes=(CT_CLASS, SR_CLASS))
+        self.assertEqual(self.channel.policy.answers.hits, 1)
+        again = tr2.value()
+        self.assertEqual(again[:10] + again[42:], first[:10] + first[42:])
+        ac = read_pdus(again)[0]
+        self.assertIsInstance(ac, A_ASSOCIATE_AC)
+        self.assertEqual(ac.to_primitive().calling_ae_title, "CT2")
+        self.assertEqual(proto2.calling_ae, "CT2")
+        self.assertEqual(sorted(proto2.accepted), sorted(proto.accepted))
+        self.assertEqual(proto2.state, "established")
+        # a stranger with the very same proposal is still turned away
+        proto3, tr3 = self.connect(calling="STRANGER", classes=(CT_CLASS, SR_CLASS))
+        self.assertEqual(self.channel.policy.answers.hits, 2)
+        rj = read_pdus(tr3.value())[0]
+        self.assertEqual((rj.pdu_type, rj.result, rj.source, rj.reason_diagnostic),
+                         (3, 1, 1, 3))
+        # and a store on the remembered association works
+        tr2.clear()
+        ds = sr_dataset()
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        proto2.dataReceived(pdata(dimse.c_store_rq(1, SR_CLASS, ds.SOPInstanceUID, raw),
+                                  3, 16384))
+        rsp = pmsgs.DIMSEMessage()
+        for p in read_pdus(tr2.value()):
+            rsp.decode_msg(p.to_primitive())
+        self.assertEqual(rsp.command_set.Status, 0)
+
     def test_store_writes_before_answering_then_forwards(self) -> None:
         proto, tr = self.connect()
         tr.clear()
