@@ -279,6 +279,13 @@ class RequestorTests(SynchronousTestCase):
         self.assertIsInstance(failures[0].value, AssociationAborted)
 
 
+def instance_files(folder: str) -> list[str]:
+    """What a channel keeps in its folder, without its journal segments."""
+    from medagent.dicom.journal import PREFIX
+
+    return sorted(n for n in os.listdir(folder) if not n.startswith(PREFIX))
+
+
 class InlineRun:
     """Runs 'blocking' work at once, or holds it until released (to test races)."""
 
@@ -355,6 +362,43 @@ class StorageChannelTests(SynchronousTestCase):
                    ac.to_primitive().presentation_context_definition_results_list}
         self.assertEqual(results, {1: 3, 3: 0})
 
+    def test_a_request_seen_before_is_answered_from_memory_with_its_own_ae_titles(self):
+        """
+        The same proposal again (another association, other AE titles): not decoded or
+        negotiated again, the same answer with this request's AE title fields; the calling
+        AE title is still checked on each.
+        """
+        self.channel.policy.allowed_calling = {"MODALITY", "CT2"}
+        proto, tr = self.connect(classes=(CT_CLASS, SR_CLASS))
+        first = tr.value()
+        self.assertEqual(self.channel.policy.answers.hits, 0)
+        proto2, tr2 = self.connect(calling="CT2", classes=(CT_CLASS, SR_CLASS))
+        self.assertEqual(self.channel.policy.answers.hits, 1)
+        again = tr2.value()
+        self.assertEqual(again[:10] + again[42:], first[:10] + first[42:])
+        ac = read_pdus(again)[0]
+        self.assertIsInstance(ac, A_ASSOCIATE_AC)
+        self.assertEqual(ac.to_primitive().calling_ae_title, "CT2")
+        self.assertEqual(proto2.calling_ae, "CT2")
+        self.assertEqual(sorted(proto2.accepted), sorted(proto.accepted))
+        self.assertEqual(proto2.state, "established")
+        # a stranger with the very same proposal is still turned away
+        proto3, tr3 = self.connect(calling="STRANGER", classes=(CT_CLASS, SR_CLASS))
+        self.assertEqual(self.channel.policy.answers.hits, 2)
+        rj = read_pdus(tr3.value())[0]
+        self.assertEqual((rj.pdu_type, rj.result, rj.source, rj.reason_diagnostic),
+                         (3, 1, 1, 3))
+        # and a store on the remembered association works
+        tr2.clear()
+        ds = sr_dataset()
+        raw = dimse.encode_dataset(ds, ExplicitVRLittleEndian)
+        proto2.dataReceived(pdata(dimse.c_store_rq(1, SR_CLASS, ds.SOPInstanceUID, raw),
+                                  3, 16384))
+        rsp = pmsgs.DIMSEMessage()
+        for p in read_pdus(tr2.value()):
+            rsp.decode_msg(p.to_primitive())
+        self.assertEqual(rsp.command_set.Status, 0)
+
     def test_store_writes_before_answering_then_forwards(self) -> None:
         proto, tr = self.connect()
         tr.clear()
@@ -368,6 +412,11 @@ class StorageChannelTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(path))
         self.run.hold = False
         self.run.release()
+        # answered once its journal record was flushed; the file comes a moment later
+        self.assertEqual(self.channel.journal.flushes, 1)
+        self.assertEqual(self.forwarded, [])
+        self.assertFalse(os.path.exists(path))
+        self.clock.advance(self.channel.write_out_delay)
         self.assertTrue(os.path.exists(path))
         rsp = pmsgs.DIMSEMessage()
         for p in read_pdus(tr.value()):
@@ -401,9 +450,12 @@ class StorageChannelTests(SynchronousTestCase):
         proto.connectionLost(None)
         self.run.hold = False
         self.run.release()  # the write finishes after the peer is gone
-        self.run.release()  # ... and its removal runs
-        self.assertEqual(os.listdir(self.dir), [])
+        self.run.release()  # ... and its record is retired
+        self.clock.advance(1)
+        self.assertEqual(instance_files(self.dir), [])
         self.assertEqual(self.forwarded, [])
+        segment = self.channel.journal._current
+        self.assertEqual((segment.records, segment.retired), (1, 1))
 
     def test_abort_mid_transfer_stores_nothing(self) -> None:
         proto, tr = self.connect()
@@ -417,7 +469,7 @@ class StorageChannelTests(SynchronousTestCase):
         proto.dataReceived(pdu.abort(0).encode())
         self.assertTrue(tr.disconnecting)
         proto.connectionLost(None)
-        self.assertEqual(os.listdir(self.dir), [])
+        self.assertEqual(instance_files(self.dir), [])
         self.assertEqual(self.forwarded, [])
 
     def test_pdu_over_negotiated_max_aborts(self) -> None:
@@ -528,7 +580,8 @@ class StorageChannelTests(SynchronousTestCase):
 
 class StoreGroupTests(SynchronousTestCase):
     """
-    The storage channel's group commit: instances arriving while a write is under way are
+    The storage channel's group commit on the path of large instances (their own files
+    before the answer, no journal): instances arriving while a write is under way are
     written (and the folder fsynced) together, and none is answered before its group is.
     """
 
@@ -540,7 +593,7 @@ class StoreGroupTests(SynchronousTestCase):
         self.channel = StorageChannel(
             lambda ct, body, remote: Deferred(), reactor=self.clock, ae_title="AGENTSCP",
             storage_dir=self.dir, sop_classes=[SR_CLASS], run_blocking=self.run,
-            max_pdu=16384)
+            max_pdu=16384, journal_max_bytes=0)
         self.folder_syncs: list = []
         import medagent.dicom.scp as scp
 
@@ -771,7 +824,8 @@ class SpareFileTests(SynchronousTestCase):
         open(leftover, "w").close()
         channel = StorageChannel(lambda ct, body, remote: succeed(None), reactor=Clock(),
                                  ae_title="AGENTSCP", storage_dir=folder,
-                                 sop_classes=[SR_CLASS], run_blocking=InlineRun())
+                                 sop_classes=[SR_CLASS], run_blocking=InlineRun(),
+                                 journal_max_bytes=0)  # the path of large instances
         channel.startService()
         spares = sorted(n for n in os.listdir(folder) if n.startswith(SpareFiles.PREFIX))
         self.assertEqual(len(spares), channel.spares.keep)

@@ -244,10 +244,12 @@ class SenderAgainstOrthanc(_Base):
 
 
 def stored_files(channel) -> list[str]:
-    """What is in the channel's folder besides its spare files (L{SpareFiles})."""
+    """What is in the channel's folder besides its spare files and journal segments."""
     from medagent.dicom.instance import SpareFiles
+    from medagent.dicom.journal import PREFIX
 
-    return [n for n in os.listdir(channel.storage_dir) if not n.startswith(SpareFiles.PREFIX)]
+    return [n for n in os.listdir(channel.storage_dir)
+            if not n.startswith((SpareFiles.PREFIX, PREFIX))]
 
 
 class DcmtkToStorageChannel(_Base):

@@ -85,16 +85,22 @@ class Outbox:
         now = self.wall()
 
         answer: Deferred[Reply | None] = Deferred()
+        result: Deferred[Stored] = Deferred()
 
-        def stored(_: Any) -> Stored:
+        def stored(_: Any) -> None:
             self.stats["stored"] += 1
             self.waiting[callback] = answer
             timer = self.clock.callLater(self.answer_timeout, self._timed_out, callback)
             answer.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+            # The channel hears first (an enhanced-mode device gets its CA), then the
+            # message goes up: the device's round trip does not wait for our JSON encoding.
+            result.callback(Stored(answer))
             self.send(self._request(row))
-            return Stored(answer)
 
-        return self.rows.add(row, now).addCallback(stored)
+        self.rows.add(row, now).addCallbacks(stored, result.errback).addErrback(
+            lambda f: log.failure("Sending inbound message {callback} failed; it stays in the "
+                                  "outbox", f, callback=callback))
+        return result
 
     def forward_and_wait(self, channel: str, content_type: str, body: str, remote: str
                          ) -> Deferred[Reply | None]:

@@ -482,6 +482,8 @@ class AcceptorPolicy:
             None if allowed_calling is None else {a.strip() for a in allowed_calling}
         )
         self.check_called = check_called
+        #: what we answered to requests seen before (the contexts above are fixed)
+        self.answers = pdu.AssociateAnswers()
 
     def check(self, calling: str, called: str) -> tuple[int, int, int] | None:
         """(result, source, reason) to reject with, or None to go on."""
@@ -512,6 +514,7 @@ class AssociationAcceptor(_AssociationBase):
     ) -> None:
         super().__init__(clock, **kw)
         self.policy = policy
+        self.decoder.answers = policy.answers
         self.network_timeout = network_timeout
         self.find_batch = find_batch
         self._queue: deque = deque()
@@ -535,6 +538,9 @@ class AssociationAcceptor(_AssociationBase):
             return
         if self.state != "awaiting-rq":
             raise pdu.PDUError("unexpected A-ASSOCIATE-RQ", pdu.REASON_UNEXPECTED_PDU)
+        if isinstance(p, pdu.KnownRequest) and p.answer[0] == self.max_pdu:
+            self._accept_known(p)
+            return
         primitive = p.to_primitive()
         self.calling_ae = primitive.calling_ae_title
         self.called_ae = primitive.called_ae_title
@@ -562,13 +568,43 @@ class AssociationAcceptor(_AssociationBase):
                          if cx.result == 0 and cx.context_id is not None}
         self.rejected = [cx for cx in results if cx.result != 0]
         self.peer_max_pdu = primitive.maximum_length_received or 0
-        self._write_pdu(pdu.associate_ac(primitive, results, self.max_pdu, role_items))
+        ac = pdu.associate_ac(primitive, results, self.max_pdu, role_items).encode()
+        raw = getattr(p, "medagent_raw", None)
+        if (raw is not None and pdu.ae_titles(raw) == (self.calling_ae, self.called_ae)
+                and ac[10:42] == raw[10:42]):
+            self.policy.answers.remember(raw, (self.max_pdu, self.accepted, self.rejected,
+                                               self.peer_max_pdu, ac, len(results)))
+        self._write_raw(ac)
+        self._established(len(results))
+
+    def _accept_known(self, p: "pdu.KnownRequest") -> None:
+        """A request answered before (L{pdu.AssociateAnswers}): only the AE titles differ."""
+        self.calling_ae, self.called_ae = p.calling_ae, p.called_ae
+        rejection = self.policy.check(self.calling_ae, self.called_ae)
+        if rejection:
+            self._reject(*rejection)
+            return
+        _, accepted, rejected, peer_max_pdu, ac, proposed = p.answer
+        self.accepted = dict(accepted)
+        self.rejected = list(rejected)
+        self.peer_max_pdu = peer_max_pdu
+        # the answer echoes the request's AE title fields (PS3.8 9.3.3)
+        self._write_raw(ac[:10] + p.raw[10:42] + ac[42:])
+        self._established(proposed)
+
+    def _write_raw(self, data: bytes) -> None:
+        transport = maybe_transport(self)
+        if transport is not None and self.state != "closed":
+            transport.write(data)
+
+    def _established(self, proposed: int) -> None:
+        results_count = proposed
         self.decoder.max_length = self.max_pdu
         self.state = "established"
         self._set_timer(self.network_timeout, "network")
         log.info("DICOM SCP {peer}: association {calling}->{called} accepted with "
                  "{n} of {m} contexts", peer=self.peer, calling=self.calling_ae,
-                 called=self.called_ae, n=len(self.accepted), m=len(results))
+                 called=self.called_ae, n=len(self.accepted), m=results_count)
 
     def _reject(self, result: int, source: int, reason: int) -> None:
         log.info("DICOM SCP {peer}: rejecting association {calling}->{called}: {why}",

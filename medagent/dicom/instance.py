@@ -309,6 +309,27 @@ def _scan_elements(raw: bytes, offset: int, implicit: bool, until: int,
     return found, offset
 
 
+def quick_uids(data: bytes, syntax: str) -> tuple[str | None, str | None] | None:
+    """
+    SOP Class and SOP Instance UID (None where absent) of a little endian data set, read from
+    its bytes after checking that every top-level element is well formed; None when that
+    needs a real parser (another syntax, a sequence of undefined length, a truncated or
+    overlong element, a UID that is not ASCII): the caller then asks pydicom.
+    """
+    implicit, little, deflated = dimse.syntax_flags(syntax)
+    if deflated or not little:
+        return None
+    scanned = _scan_elements(data, 0, implicit, 0xFFFFFFFF, {0x00080016, 0x00080018})
+    if scanned is None or scanned[1] != len(data):
+        return None
+    values = scanned[0]
+    found = [_text(values.get(tag)) for tag in (0x00080016, 0x00080018)]
+    for tag, text in zip((0x00080016, 0x00080018), found):
+        if tag in values and text is None:
+            return None
+    return found[0], found[1]
+
+
 def _text(value: bytes | None) -> str | None:
     if value is None:
         return None
@@ -619,6 +640,14 @@ class SpareFiles:
                     os.unlink(os.path.join(self.folder, name))
                 except OSError:
                     pass
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: str) -> None:

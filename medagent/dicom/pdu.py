@@ -10,6 +10,8 @@ length field.
 
 from __future__ import annotations
 
+from typing import Any
+
 import struct
 from typing import Iterable, Sequence
 
@@ -161,6 +163,9 @@ class PDUDecoder:
     def __init__(self, max_length: int = MAX_ASSOCIATE_PDU) -> None:
         self.max_length = max_length
         self._buffer = bytearray()
+        #: an acceptor's answers to A-ASSOCIATE-RQs it has seen (L{AssociateAnswers}): a
+        #: request with the same bytes (AE titles aside) is not decoded again
+        self.answers: AssociateAnswers | None = None
 
     def feed(self, data: bytes) -> list:
         """Add C{data}; return the complete PDUs it finished, in order."""
@@ -195,6 +200,11 @@ class PDUDecoder:
                 with memoryview(buf) as view:
                     raw = bytes(view[offset : offset + 6 + length])
                 offset += 6 + length
+                if pdu_type == 0x01 and self.answers is not None:
+                    known = self.answers.lookup(raw)
+                    if known is not None:
+                        out.append(known)
+                        continue
                 out.append(decode_pdu(pdu_type, raw))
         finally:
             if offset:
@@ -205,6 +215,59 @@ class PDUDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+
+def ae_titles(raw: bytes) -> tuple[str, str] | None:
+    """(calling, called) AE title of an A-ASSOCIATE-RQ's bytes, as pynetdicom reads them."""
+    try:
+        return raw[26:42].decode("ascii").strip(), raw[10:26].decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+
+
+class KnownRequest:
+    """An A-ASSOCIATE-RQ whose bytes (AE titles aside) were answered before: L{answer}."""
+
+    pdu_type = 0x01
+
+    def __init__(self, raw: bytes, calling: str, called: str, answer: Any) -> None:
+        self.raw = raw
+        self.calling_ae = calling
+        self.called_ae = called
+        self.answer = answer
+
+
+class AssociateAnswers:
+    """
+    The negotiation outcomes of an acceptor, keyed by the request's bytes without its AE
+    titles (protocol version, application context, presentation contexts, user information).
+    A modality proposes the same hundred-odd contexts on every association: decoding them
+    with pynetdicom, negotiating and encoding the answer took tens of milliseconds each time -
+    more than storing a hundred small instances.  The AE titles are checked on every
+    association; bounded (C{size} entries, oldest dropped).
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._answers: dict[bytes, Any] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(raw: bytes) -> bytes:
+        return raw[6:10] + raw[42:]
+
+    def lookup(self, raw: bytes) -> KnownRequest | None:
+        answer = self._answers.get(self.key(raw))
+        titles = ae_titles(raw)
+        if answer is None or titles is None:
+            return None
+        self.hits += 1
+        return KnownRequest(raw, titles[0], titles[1], answer)
+
+    def remember(self, raw: bytes, answer: Any) -> None:
+        if len(self._answers) >= self.size:
+            self._answers.pop(next(iter(self._answers)))
+        self._answers[self.key(raw)] = answer
 
 
 def decode_pdu(pdu_type: int, raw: bytes):
@@ -227,6 +290,7 @@ def decode_pdu(pdu_type: int, raw: bytes):
             if not item.presentation_data_value:
                 raise PDUError("P-DATA-TF with an empty PDV", REASON_INVALID_PARAMETER)
     elif pdu_type == 0x01:
+        pdu.medagent_raw = raw  # for L{AssociateAnswers}
         if pdu.application_context_name is None or not [
             i for i in pdu.variable_items if i.__class__.__name__ == "UserInformationItem"
         ]:

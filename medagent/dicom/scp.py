@@ -2,13 +2,16 @@
 Inbound DICOM: the storage channel, a C-STORE SCP (and C-ECHO) that keeps each instance on
 the agent's disk and forwards its metadata to the relay.
 
-Order of custody: the Part 10 file (and a ``.pending`` note holding the forward body) are
-written and fsynced - the file, then the folder for its name and the note - *before* the
-C-STORE response says success (instances arriving together share the folder fsync:
-L{GroupCommit}); the forward to the relay
-starts once the response is on its way, and the note is removed when the relay has it.  An
-instance whose association died before we could answer is deleted (the modality will send it
-again); notes left by a crash are forwarded again on the next start.
+Order of custody: a small instance is appended to the channel's write-ahead journal and
+flushed (L{medagent.dicom.journal}) *before* the C-STORE response says success; once the
+response is on its way it becomes its Part 10 file (and a ``.pending`` note holding the
+forward body), fsynced, folder fsynced, and its journal record is retired; then the forward
+to the relay starts.  A large instance (over C{journal_max_bytes}) skips the journal: its
+file and note are written and fsynced - the file, then the folder for its name and the note -
+before the success.  Instances arriving together share the flushes (L{GroupCommit}).  The
+note is removed when the relay has it.  An instance whose association died before we could
+answer is not kept (the modality will send it again); journal records and notes left by a
+crash are written out and forwarded again on the next start.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from twisted.application import service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,11 +42,14 @@ from medagent.dicom.instance import (
     dataset_json,
     file_meta_bytes,
     fsync_dir,
+    fsync_file,
+    quick_uids,
     read_header,
     SpareFiles,
     valid_uid,
     write_note,
 )
+from medagent.dicom.journal import DEFAULT_MAX_RECORD, InstanceJournal, encode_record
 
 log = Logger()
 
@@ -56,6 +62,9 @@ STORAGE_TRANSFER_SYNTAXES = [
 ] + [UID(ts) for ts in ALL_TRANSFER_SYNTAXES if UID(ts) not in dimse.NATIVE_SYNTAXES]
 
 Forward = Callable[[str, str, str], Deferred]
+
+#: journaled instances written out to their files together (or after C{write_out_delay})
+WRITE_OUT_BATCH = 64
 
 
 def supported_contexts(abstract_syntaxes: Iterable[str], syntaxes: list) -> list:
@@ -84,16 +93,27 @@ class ThreadRunner:
         self._name = name
         self._max = max_threads
         self._pool: ThreadPool | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """Take work again after a C{stop} (a restarted service)."""
+        self._stopped = False
 
     def __call__(self, fn: Callable, *args: Any) -> Deferred:
         from twisted.internet.threads import deferToThreadPool
 
+        if self._stopped:
+            from twisted.internet.defer import fail
+
+            return fail(RuntimeError(f"{self._name}: stopped"))
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=self._max, name=self._name)
             self._pool.start()
         return deferToThreadPool(self._reactor, self._pool, fn, *args)
 
     def stop(self) -> None:
+        """Stop the threads; later calls fail (a late one must not start a pool no one stops)."""
+        self._stopped = True
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
@@ -219,6 +239,8 @@ class StorageChannel(_ListeningService):
         max_instance_bytes: int = 512 * 1024 * 1024,
         fsync: bool = True,
         run_blocking: Callable[..., Deferred] | None = None,
+        journal_max_bytes: int = DEFAULT_MAX_RECORD,
+        write_out_delay: float = 0.05,
     ) -> None:
         super().__init__()
         self._forward = forward
@@ -246,35 +268,63 @@ class StorageChannel(_ListeningService):
         self.forwards: dict[str, Deferred] = {}
         self.stored = 0
         self._commit = GroupCommit(self._run, self._store_group)
+        #: batches of answered instances written out from the journal to their own files
+        self.write_out_groups = 0
+        self._write_out_later: list = []
+        self._writing_out: set[Deferred] = set()
+        self._write_out_call: Any = None
+        #: seconds an answered instance may wait in the journal to be written out in a batch
+        self.write_out_delay = write_out_delay
+        self.journal = (InstanceJournal(self.storage_dir, max_record=journal_max_bytes)
+                        if fsync and journal_max_bytes > 0 else None)
         self.spares = SpareFiles(self.storage_dir)
         self._refilling = False
 
     # -- service ---------------------------------------------------------------------------
 
     def startService(self) -> Deferred | None:
+        self._runner.start()
         os.makedirs(self.storage_dir, exist_ok=True)
         d = super().startService()
         self.recover().addCallback(lambda _: self._refill())
         return d
 
     def _refill(self) -> None:
-        """Make spare files (L{SpareFiles}) in the pool, one refill at a time."""
-        if self._refilling or self.spares.ready >= self.spares.keep or not self.running:
+        """Make spare files (L{SpareFiles}) and the next journal segment, one refill at a time."""
+        journal = self.journal
+        if self._refilling or not self.running or (
+                self.spares.ready >= self.spares.keep
+                and (journal is None or not journal.needs_spare)):
             return
         self._refilling = True
+
+        def refill() -> None:
+            self.spares.refill()
+            if journal is not None:
+                journal.prepare()
 
         def done(result: Any) -> None:
             self._refilling = False
             if isinstance(result, Failure):
                 log.failure("DICOM storage: cannot make spare files", result)
 
-        self._run(self.spares.refill).addBoth(done)
+        self._run(refill).addBoth(done)
 
     def stopService(self) -> Deferred:
+        self._flush_write_outs()
         d = super().stopService()
+        writing = list(self._writing_out)
+        if writing:
+            # answered instances still going to their files: let them finish
+            d.addBoth(lambda r: DeferredList(writing).addCallback(lambda _: r))
 
         def remove_spares(r: Any) -> Deferred:
-            return self._run(self.spares.remove_leftovers).addBoth(lambda _: r)
+            def remove() -> None:
+                self.spares.remove_leftovers()
+                if self.journal is not None:
+                    self.journal.close()
+
+            return self._run(remove).addBoth(lambda _: r)
 
         def stop_pool(r: Any) -> Any:
             self._runner.stop()
@@ -287,6 +337,7 @@ class StorageChannel(_ListeningService):
 
         def scan() -> list[tuple[str, str, str]]:
             self.spares.remove_leftovers()
+            self._replay_journal()
             found = []
             for name in sorted(os.listdir(self.storage_dir)):
                 if name.endswith(".pending") and not name.startswith("."):
@@ -335,7 +386,7 @@ class StorageChannel(_ListeningService):
         def stored(outcome: tuple | Exception) -> Any:
             if isinstance(outcome, Exception):
                 return failed(Failure(outcome))
-            status, comment, path, note, body, fresh = outcome
+            status, comment, path, note, body, fresh, journaled = outcome
             if status != dimse.SUCCESS:
                 log.warn("DICOM storage: refused an instance from {calling}: 0x{status:04X} "
                          "{comment}", calling=association["callingAeTitle"], status=status,
@@ -343,6 +394,12 @@ class StorageChannel(_ListeningService):
                 return dimse.c_store_rsp(message, status, comment)
             self.stored += 1
             self._refill()
+            if journaled is not None:
+                return HandlerResult(
+                    [dimse.c_store_rsp(message, dimse.SUCCESS)],
+                    sent=lambda: self._written_out(journaled),
+                    unsent=lambda: self._unacknowledged(journaled),
+                )
             return HandlerResult(
                 [dimse.c_store_rsp(message, dimse.SUCCESS)],
                 sent=lambda: self._start_forward(note, body, remote),
@@ -363,15 +420,189 @@ class StorageChannel(_ListeningService):
         Runs in the channel's thread pool.
         """
         outcomes: list = []
+        records: list[tuple[int, bytes]] = []
         for job in jobs:
             try:
-                outcomes.append(self._store_blocking(*job))
+                if self.journal is not None and self.journal.fits(len(job[3])):
+                    outcome, record = self._journal_entry(*job)
+                    if record is not None:
+                        records.append((len(outcomes), record))
+                    outcomes.append(outcome)
+                else:
+                    outcomes.append(self._store_blocking(*job))
             except Exception as e:
                 outcomes.append(e)
+        if records and self.journal is not None:
+            try:
+                refs = self.journal.append([record for _, record in records])
+            except Exception as e:
+                for i, _ in records:
+                    outcomes[i] = e
+            else:
+                for (i, _), ref in zip(records, refs):
+                    outcomes[i][6]["ref"] = ref
         if self.fsync and any(not isinstance(o, Exception) and o[0] == dimse.SUCCESS
-                              for o in outcomes):
+                              and o[6] is None for o in outcomes):
             fsync_dir(self.storage_dir)
         return outcomes
+
+    def _journal_entry(self, sop_class: str, sop_instance: str, syntax: str, data: bytes,
+                       association: dict, remote: str) -> tuple[tuple, bytes | None]:
+        """
+        Check a small instance (its UIDs read from the bytes; pydicom only when that is not
+        enough) and encode its journal record; the refusal and no record if it is wrong.
+        """
+        uids = quick_uids(data, syntax)
+        if uids is None:
+            try:
+                ds = read_header(data, syntax)
+            except Exception as e:
+                return (0xC000, f"cannot parse data set ({e.__class__.__name__})", None, None,
+                        None, False, None), None
+            uids = (ds.get("SOPClassUID"), ds.get("SOPInstanceUID"))
+        if uids[0] not in (None, sop_class):
+            return (0xA900, "SOP Class UID differs from the request", None, None, None, False,
+                    None), None
+        if uids[1] not in (None, sop_instance):
+            return (0xA900, "SOP Instance UID differs from the request", None, None, None,
+                    False, None), None
+        path = os.path.join(self.storage_dir, sop_instance + ".dcm")
+        head = {"class": sop_class, "instance": sop_instance, "syntax": syntax,
+                "association": association, "remote": remote}
+        item = dict(head, data=data, path=path, fresh=not os.path.exists(path), ref=None)
+        return ((dimse.SUCCESS, None, path, path + ".pending", None, item["fresh"], item),
+                encode_record(head, data))
+
+    def _write_out_one(self, item: dict, fsync: bool = True) -> tuple[str, str, str]:
+        """
+        A journaled instance as its own Part 10 file and note; blocking.  Without C{fsync}
+        the caller fsyncs the file (L{_write_out_group}: all files written first, then each
+        fsynced, so one journal commit covers the group); the caller fsyncs the folder
+        before the record is retired, which is what makes any of it matter.
+        """
+        sop_class, sop_instance, syntax = item["class"], item["instance"], item["syntax"]
+        data, path = item["data"], item["path"]
+        meta = file_meta_bytes(sop_class, sop_instance, syntax)
+        try:
+            ds = read_header(data, syntax)
+            dataset: Any = dataset_json(ds)
+        except Exception as e:
+            # accepted already (the bytes are kept): the cloud gets the instance without
+            # its attributes, and the log says why
+            log.warn("DICOM storage: instance {uid} stored but not readable as a data set "
+                     "({error})", uid=sop_instance, error=e.__class__.__name__)
+            dataset = None
+        body = json.dumps({
+            "association": item["association"],
+            "dataset": dataset,
+            "instance": {"path": path, "size": len(meta) + len(data),
+                         "sopInstanceUID": sop_instance, "sopClassUID": sop_class,
+                         "transferSyntaxUID": syntax},
+        })
+        note = path + ".pending"
+        atomic_write(path, [meta, data], fsync=fsync, fsync_folder=False,
+                     tmp=self.spares.take())
+        write_note(note, json.dumps({"body": body, "remote": item["remote"]}).encode(),
+                   tmp=self.spares.take())
+        return note, body, item["remote"]
+
+    def _write_out_group(self, items: list[dict]) -> list:
+        """
+        Journaled instances to their files, one folder fsync for the group, then their
+        records retired.  One that cannot be written stays in the journal (its exception is
+        its outcome): it is written out again on the next start.  Runs in the thread pool.
+        """
+        outcomes: list = []
+        for item in items:
+            try:
+                outcomes.append(self._write_out_one(item, fsync=False))
+            except Exception as e:
+                outcomes.append(e)
+        for i, item in enumerate(items):
+            if not isinstance(outcomes[i], Exception):
+                try:
+                    fsync_file(item["path"])
+                except Exception as e:
+                    outcomes[i] = e
+        done = [item["ref"] for item, o in zip(items, outcomes) if not isinstance(o, Exception)]
+        if done and self.journal is not None:
+            fsync_dir(self.storage_dir)
+            self.journal.retire(done)
+        return outcomes
+
+    def _written_out(self, item: dict) -> None:
+        """The success is on its way: the instance becomes its file, then it is forwarded."""
+
+        # Written out in batches, a little later: their fsyncs would otherwise share the
+        # disk with the journal flush of the next instance, which a modality is waiting for.
+        self._write_out_later.append(item)
+        if len(self._write_out_later) >= WRITE_OUT_BATCH:
+            self._flush_write_outs()
+        elif self._write_out_call is None:
+            self._write_out_call = self._reactor.callLater(self.write_out_delay,
+                                                           self._flush_write_outs)
+
+    def _flush_write_outs(self) -> None:
+        if self._write_out_call is not None and self._write_out_call.active():
+            self._write_out_call.cancel()
+        self._write_out_call = None
+        batch, self._write_out_later = self._write_out_later, []
+        if not batch:
+            return
+        self.write_out_groups += 1
+
+        def written(outcomes: list) -> None:
+            for item, outcome in zip(batch, outcomes):
+                if isinstance(outcome, Exception):
+                    log.failure("DICOM storage: cannot write out instance {uid}; it stays in "
+                                "the journal for the next start", Failure(outcome),
+                                uid=item["instance"])
+                else:
+                    self._start_forward(*outcome)
+
+        d = self._run(self._write_out_group, batch)
+        self._writing_out.add(d)
+
+        def untrack(result: Any) -> Any:
+            self._writing_out.discard(d)
+            return result
+
+        d.addBoth(untrack)
+        d.addCallbacks(written, lambda f: log.failure(
+            "DICOM storage: cannot write out instances; they stay in the journal", f))
+
+    def _unacknowledged(self, item: dict) -> None:
+        """The association was gone before our success: the journaled copy is not kept."""
+        log.info("DICOM storage: association lost before the response; discarding instance")
+        journal = self.journal
+        if journal is not None:
+            self._run(journal.retire, [item["ref"]])
+
+    def _replay_journal(self) -> None:
+        """
+        Start-up (blocking): instances a previous run answered from the journal but had not
+        yet written out become their files and notes, then the segments go.
+        """
+        journal = self.journal or InstanceJournal(self.storage_dir)
+        segments = journal.recover()
+        if not segments:
+            return
+        written = 0
+        for _, records in segments:
+            for head, data in records:
+                uid = head.get("instance")
+                if not (isinstance(uid, str) and valid_uid(uid)
+                        and isinstance(head.get("class"), str)
+                        and isinstance(head.get("syntax"), str)):
+                    log.warn("DICOM storage: a journal record without valid UIDs; skipped")
+                    continue
+                path = os.path.join(self.storage_dir, uid + ".dcm")
+                self._write_out_one(dict(head, data=data, path=path))
+                written += 1
+        fsync_dir(self.storage_dir)
+        journal.forget([path for path, _ in segments])
+        log.info("DICOM storage: wrote out {n} journaled instance(s) after a restart",
+                 n=written)
 
     def _store_blocking(self, sop_class: str, sop_instance: str, syntax: str, data: bytes,
                         association: dict, remote: str) -> tuple:
@@ -383,12 +614,13 @@ class StorageChannel(_ListeningService):
             ds = read_header(data, syntax)
         except Exception as e:
             return (0xC000, f"cannot parse data set ({e.__class__.__name__})", None, None, None,
-                    False)
+                    False, None)
         if ds.get("SOPClassUID") not in (None, sop_class):
-            return (0xA900, "SOP Class UID differs from the request", None, None, None, False)
+            return (0xA900, "SOP Class UID differs from the request", None, None, None, False,
+                    None)
         if ds.get("SOPInstanceUID") not in (None, sop_instance):
             return (0xA900, "SOP Instance UID differs from the request", None, None, None,
-                    False)
+                    False, None)
         path = os.path.join(self.storage_dir, sop_instance + ".dcm")
         note = path + ".pending"
         meta = file_meta_bytes(sop_class, sop_instance, syntax)
@@ -397,13 +629,13 @@ class StorageChannel(_ListeningService):
                                       sop_instance, sop_class, syntax)
         except Exception as e:
             return (0xC000, f"cannot convert to JSON ({e.__class__.__name__})", None, None,
-                    None, False)
+                    None, False, None)
         fresh = not os.path.exists(path)
         atomic_write(path, [meta, data], fsync=self.fsync, fsync_folder=False,
                      tmp=self.spares.take())
         write_note(note, json.dumps({"body": body, "remote": remote}).encode(),
                    tmp=self.spares.take())
-        return (dimse.SUCCESS, None, path, note, body, fresh)
+        return (dimse.SUCCESS, None, path, note, body, fresh, None)
 
     @staticmethod
     def _forward_body(ds: Any, association: dict, path: str, size: int, sop_instance: str,
@@ -461,7 +693,9 @@ class StorageChannel(_ListeningService):
                 except OSError:
                     pass
 
-            return self._run(remove)
+            return self._run(remove).addErrback(lambda f: log.info(
+                "DICOM storage: note {note} not removed ({error}); forwarded again on the "
+                "next start", note=os.path.basename(note), error=f.getErrorMessage()))
 
         def failed(f: Any) -> None:
             self.forwards.pop(note, None)
