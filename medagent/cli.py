@@ -14,7 +14,7 @@ The ``medagent`` command.
                                                     or on the database with --data/--database)
     medagent push AGENT DESTINATION [BODY|--file F|--file FOLDER]
                                                     push a message (or each file of a folder)
-    medagent agents | status AGENT                  agents and their connection status
+    medagent agents | status AGENT [--lanes]        agents and their connection status
     medagent pushes list|show|retry|cancel          the push journal
     medagent pushes retry --all [--agent ID] [--state S] ...
                                                     retry every failed push matching filters
@@ -22,6 +22,8 @@ The ``medagent`` command.
     medagent inbound list [filters] | tail --inbound
                                                     the inbound log (device → agent → Bot)
     medagent ping AGENT DESTINATION                 ping a device through an agent
+    medagent lane pause|resume AGENT DESTINATION    hold / release a device lane's pushes
+    medagent lane list AGENT                        an agent's paused lanes
     medagent reload-config AGENT | logs AGENT       agent operations
     medagent demo                                   run relay + agent + a simulated lab instrument
 
@@ -544,6 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     relay_command(sub, "agents", "cmd_agents", "list agents with their connection status")
     p = relay_command(sub, "status", "cmd_status", "one agent's connection status and version")
+    p.add_argument("agent", help="Agent id")
+    p.add_argument("--lanes", action="store_true",
+                   help="also its device lanes (from $stats): waiting, paused, last ACK and "
+                        "code, ACK latency p50/p99, recent errors")
+    lane = sub.add_parser("lane", help="pause or resume a device lane of an agent (operator "
+                                       "or admin)").add_subparsers(dest="lane_command",
+                                                                   required=True)
+    for name, verb in (("pause", "pause a lane: its pushes wait on the relay, in order"),
+                       ("resume", "resume a lane: its waiting pushes go out in order")):
+        p = relay_command(lane, name, "cmd_lane", verb)
+        p.add_argument("agent", help="Agent id")
+        p.add_argument("destination", help="the device: a destination URL or Device/{id}")
+    p = relay_command(lane, "list", "cmd_lane_list", "an agent's paused lanes")
     p.add_argument("agent", help="Agent id")
     pushes = sub.add_parser("pushes", help="list, show, retry or cancel pushes").add_subparsers(
         dest="pushes_command", required=True)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import quote, urlsplit
 
@@ -92,11 +93,89 @@ def cmd_status(args: argparse.Namespace, run: Runner) -> int:
         st = _params(await client.request_json(
             "GET", f"/fhir/R4/Agent/{_q(args.agent)}/$status"))
         data = {"id": args.agent, **st}
+        lanes: list[dict[str, Any]] | None = None
+        if getattr(args, "lanes", False):
+            stats = _params(await client.request_json(
+                "GET", f"/fhir/R4/Agent/{_q(args.agent)}/$stats")).get("stats")
+            lanes = data["lanes"] = lane_rows(json.loads(stats) if stats else {})
         emit(args, data, lambda: table([[data.get(k) for k in ("id", "status", "version",
                                                                "lastUpdated")]],
-                                       ["ID", "STATUS", "VERSION", "LAST UPDATED"]))
+                                       ["ID", "STATUS", "VERSION", "LAST UPDATED"])
+             + ("" if lanes is None else "\n\n" + _lane_table(lanes)))
 
     return run(args, "status", go)
+
+
+def lane_rows(stats: Any) -> list[dict[str, Any]]:
+    """
+    One row per device lane from an agent's ``$stats``: waiting and in flight (the agent's
+    queue), on the agent and paused (the relay's view), last ACK, its code, the ACK latency's
+    p50/p99 and the recent errors (the agent's lane statistics; absent for an agent that does
+    not report them, e.g. Medplum's).
+    """
+    agent = (stats or {}).get("agent") or {}
+    relay = ((stats or {}).get("relay") or {}).get("lanes") or {}
+    queue_lanes = agent.get("lanes") or {}
+    lane_stats = agent.get("laneStats") or {}
+    on_agent = relay.get("lanes") or {}
+    paused = set(relay.get("paused") or ())
+    rows = []
+    for name in sorted(set(queue_lanes) | set(lane_stats) | set(on_agent) | paused):
+        q, ls, r = queue_lanes.get(name) or {}, lane_stats.get(name) or {}, \
+            on_agent.get(name) or {}
+        rows.append({
+            "lane": name, "paused": name in paused, "waiting": q.get("waiting", 0),
+            "onAgent": r.get("inFlight", 0), "retrying": bool(q.get("retrying")),
+            "lastAck": ls.get("lastAck"), "lastAckCode": ls.get("lastAckCode"),
+            "ackP50Ms": ls.get("ackP50Ms"), "ackP99Ms": ls.get("ackP99Ms"),
+            "recentErrors": ls.get("recentErrors") or []})
+    return rows
+
+
+def _lane_table(rows: list[dict[str, Any]]) -> str:
+    def when(t: Any) -> Any:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) \
+            if isinstance(t, (int, float)) else None
+
+    return table([[r["lane"], "paused" if r["paused"] else
+                   "retrying" if r["retrying"] else "active", r["waiting"], r["onAgent"],
+                   when(r["lastAck"]), r["lastAckCode"], r["ackP50Ms"], r["ackP99Ms"],
+                   ",".join(e.get("kind", "?") for e in r["recentErrors"][:3]) or None]
+                  for r in rows],
+                 ["LANE", "STATE", "WAITING", "ON AGENT", "LAST ACK", "CODE", "P50 MS",
+                  "P99 MS", "RECENT ERRORS"])
+
+
+def cmd_lane(args: argparse.Namespace, run: Runner) -> int:
+    """``lane pause|resume AGENT DESTINATION``: operators and admins (the relay checks)."""
+    op = {"pause": "$pause-lane", "resume": "$resume-lane"}[args.lane_command]
+
+    async def go(client: Any) -> None:
+        result = await client.request_json(
+            "POST", f"/fhir/R4/Agent/{_q(args.agent)}/{op}",
+            json_body={"destination": args.destination})
+        state = "paused" if result.get("paused") else "resumed"
+        note = "" if result.get("changed") else " (it was already)"
+        on_agent = result.get("onAgent") or 0
+        extra = (f"; {on_agent} push(es) already on the agent "
+                 + ("are held there too" if result.get("heldOnAgent") else "are not held")
+                 if result.get("paused") and on_agent else "")
+        emit(args, result, lambda: f"Agent/{args.agent}: lane {result.get('lane')} "
+                                   f"{state}{note}{extra}")
+
+    return run(args, f"lane {args.lane_command}", go)
+
+
+def cmd_lane_list(args: argparse.Namespace, run: Runner) -> int:
+    async def go(client: Any) -> None:
+        result = await client.request_json("GET", f"/fhir/R4/Agent/{_q(args.agent)}/$lanes")
+        rows = result.get("paused") or []
+        emit(args, result, lambda: table(
+            [[p.get("lane"), p.get("by"), time.strftime("%Y-%m-%d %H:%M:%SZ",
+                                                        time.gmtime(p.get("since") or 0))]
+             for p in rows], ["PAUSED LANE", "BY", "SINCE"]))
+
+    return run(args, "lane list", go)
 
 
 def _list(args: argparse.Namespace, run: Runner, path: str,

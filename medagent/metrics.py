@@ -30,7 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application import strports
 from twisted.application.service import Service
@@ -248,6 +248,23 @@ class RelayMetrics(Metrics):
             for kind in kinds:
                 family.add_metric([kind], active.count(kind))
             yield family
+
+        self._collector(collect)
+
+    def watch_alert_webhook(self, webhook: Any) -> None:
+        """The alert webhook's changes by outcome (L{medagent.relay.console.webhook}):
+        sent, retried (failed attempts), failed (given up), dropped (queue full)."""
+        def collect() -> Iterator[Metric]:
+            family = CounterMetricFamily("medagent_relay_alert_webhook",
+                                         "Console alert changes posted to the webhook, by "
+                                         "outcome", labels=["outcome"])
+            for outcome, n in sorted(webhook.counts.items()):
+                family.add_metric([outcome], n)
+            yield family
+            queued = GaugeMetricFamily("medagent_relay_alert_webhook_queued",
+                                       "Console alert changes waiting to be posted")
+            queued.add_metric([], len(webhook.queue))
+            yield queued
 
         self._collector(collect)
 

@@ -43,6 +43,12 @@ TRANSMIT_CONFIRM = "agent:transmit:confirm"
 #: delivered or already answered, 404 not held by the agent.
 TRANSMIT_CANCEL = "agent:transmit:cancel"
 TRANSMIT_CANCEL_RESPONSE = "agent:transmit:cancel:response"
+#: Extension (relay → agent, only to agents that announced "lane-hold"): ``lanes`` is the
+#: whole list of the agent's device lanes (keys, L{medagent.destination.lane_key}) an operator
+#: paused.  The agent starts no further delivery on them (one already on its way to the
+#: device finishes) until a later message leaves a lane out; it keeps the list on disk.  Sent
+#: after every connect (an empty list included) and whenever the list changes.  No answer.
+LANES_HOLD = "agent:lanes:hold"
 
 #: Deprecated names that Medplum still accepts, mapped to the current ones.
 ALIASES = {
@@ -83,6 +89,7 @@ KNOWN_TYPES = frozenset(
         TRANSMIT_CONFIRM,
         TRANSMIT_CANCEL,
         TRANSMIT_CANCEL_RESPONSE,
+        LANES_HOLD,
     ]
 )
 
@@ -97,6 +104,12 @@ CAP_DEDUPE = "dedupe"
 CAP_TOKEN_REFRESH = "token-refresh"
 #: The agent understands ``agent:transmit:cancel``.
 CAP_CANCEL = "cancel"
+#: The agent understands ``agent:lanes:hold`` (pushes of a paused lane already on its disk
+#: wait there too).
+CAP_LANE_HOLD = "lane-hold"
+#: Lanes one ``agent:lanes:hold`` may name, at most, and the longest lane key.
+MAX_HELD_LANES = 1000
+MAX_LANE_KEY = 2000
 
 #: ``agent:error`` texts that say the agent did not take the message at all: nothing reached
 #: a device, so the push stays queued and is sent again once the agent is ready.
@@ -114,7 +127,8 @@ def error_not_delivered(msg: Mapping[str, Any]) -> bool:
 
 #: The capabilities that are features; every other one an agent announces is a destination
 #: scheme it can deliver to (ours announces each scheme of its senders).
-FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH, CAP_CANCEL])
+FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH, CAP_CANCEL,
+                                  CAP_LANE_HOLD])
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}\Z")
 
 

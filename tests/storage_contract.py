@@ -457,6 +457,25 @@ class PushJournalContract:
                          (1, 0.0, j.FAILED, "AE from device"))
         self.assertEqual(await self.journal.lane_summaries("nobody"), [])
 
+    async def test_outcome_counts_since(self) -> None:
+        early = await self.journal.create(self.push())
+        await self.journal.transition(early, j.FAILED, error="x")
+        self.clock.advance(60)
+        for i, state in enumerate((j.DELIVERED, j.FAILED, j.DELIVERED, j.CANCELLED)):
+            push = await self.journal.create(self.push(body=f"MSH|{i}"))
+            await self.journal.transition(push, state)
+        other = await self.journal.create(self.push(agent="a2"))
+        await self.journal.transition(other, j.DELIVERED)
+        await self.journal.create(self.push(agent="a3"))  # still open: not counted
+        await self.journal.flushed()
+        since = self.clock.seconds() - 1
+        self.assertEqual(await self.journal.outcome_counts(since),
+                         {"a1": {"finished": 3, "failed": 1},
+                          "a2": {"finished": 1, "failed": 0}})
+        self.assertEqual(list(await self.journal.outcome_counts(since, limit=1)), ["a1"])
+        self.assertEqual((await self.journal.outcome_counts(since - 3600))["a1"],
+                         {"finished": 4, "failed": 2})
+
     async def test_trends_count_created_failed_and_open_per_bucket(self) -> None:
         hour = 3600.0
         t0 = self.clock.seconds()
@@ -670,6 +689,37 @@ class DeliveryQueueContract:
         self.assertEqual([d.id for d in await self.queue.list()], ["d3"])
 
 
+class LanePausesContract:
+    """L{LanePauses}: one record per (agent, lane), kept until resumed; listed in order."""
+
+    def make_pauses(self) -> Any:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.pauses = self.make_pauses()
+
+    async def test_pause_resume_list(self) -> None:
+        self.assertEqual(await self.pauses.list(), [])
+        self.assertTrue(await self.pauses.pause("a2", "mllp://lab:2575", "op1", 10.0))
+        self.assertTrue(await self.pauses.pause("a1", "mllp://lis:2575", "op1", 11.0))
+        self.assertTrue(await self.pauses.pause("a1", "dicom://PACS@pacs:104", "admin", 12.5))
+        # paused already: the first record (who, since) is kept
+        self.assertFalse(await self.pauses.pause("a1", "mllp://lis:2575", "op2", 13.0))
+        self.assertEqual(await self.pauses.list("a1"), [
+            {"agent": "a1", "lane": "dicom://PACS@pacs:104", "by": "admin", "since": 12.5},
+            {"agent": "a1", "lane": "mllp://lis:2575", "by": "op1", "since": 11.0}])
+        self.assertEqual([(p["agent"], p["lane"]) for p in await self.pauses.list()], [
+            ("a1", "dicom://PACS@pacs:104"), ("a1", "mllp://lis:2575"),
+            ("a2", "mllp://lab:2575")])
+        self.assertEqual(len(await self.pauses.list(limit=2)), 2)
+        self.assertTrue(await self.pauses.resume("a1", "mllp://lis:2575"))
+        self.assertFalse(await self.pauses.resume("a1", "mllp://lis:2575"))
+        self.assertFalse(await self.pauses.resume("a3", "mllp://lab:2575"))
+        self.assertEqual([p["lane"] for p in await self.pauses.list("a1")],
+                         ["dicom://PACS@pacs:104"])
+        self.assertEqual([p["agent"] for p in await self.pauses.list("a2")], ["a2"])
+
+
 # -- the agent's queues --------------------------------------------------------------------
 
 
@@ -707,6 +757,15 @@ class InboxStoreContract:
 
     def setUp(self) -> None:
         self.inbox = self.make_inbox()
+
+    async def test_lane_holds_are_the_last_set_recorded(self) -> None:
+        self.assertEqual(await self.inbox.holds(), [])
+        await self.inbox.set_holds(["mllp://b:1", "mllp://a:1", "mllp://a:1"])
+        self.assertEqual(await self.inbox.holds(), ["mllp://a:1", "mllp://b:1"])
+        await self.inbox.set_holds(["dicom://P@p:104"])
+        self.assertEqual(await self.inbox.holds(), ["dicom://P@p:104"])
+        await self.inbox.set_holds([])
+        self.assertEqual(await self.inbox.holds(), [])
 
     async def put(self, push_id: str, state: str = "queued", now: float = 1.0) -> Any:
         return await self.inbox.store((push_id, "mllp://dev:1", "text/plain", "body", "{}",

@@ -681,6 +681,12 @@ class Rendering(SynchronousTestCase):
             self.assertNotIn(b"<script>alert", page)
             self.assertNotIn(b'"x")', page)
 
+    def test_only_roles_that_see_patient_data_search_by_patient_id(self) -> None:
+        for role, shown in ((VIEWER, False), (OPERATOR, True), (ADMIN, True)):
+            page = html.messages_page([], {}, 0, None, live=False,
+                                      who=Principal("c", role), csrf="t")
+            self.assertEqual(b'name="patient_id"' in page, shown, role)
+
     def test_the_message_page_shows_the_pushs_own_timeline(self) -> None:
         push = j.Push(id="p1", agent_id="a1", destination="Device/d", remote="mllp://h:1",
                       content_type="x-application/hl7-v2+er7", body="MSH|", state=j.DELIVERED,

@@ -29,6 +29,7 @@ from medagent.storage.postgres import (
     PgDeliveryQueue,
     PgInboundLog,
     PgJournal,
+    PgLanePauses,
     PgStore,
 )
 from medagent.storage.sqlite.database import DatabaseStopped
@@ -37,6 +38,7 @@ from tests.peerenv import ROOT
 from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
+    LanePausesContract,
     InboundLogContract,
     PushJournalContract,
     ResourceStoreContract,
@@ -107,6 +109,9 @@ class _Pg:
     def make_registry(self) -> PgClientRegistry:
         return PgClientRegistry(self.database())
 
+    def make_pauses(self) -> PgLanePauses:
+        return PgLanePauses(self.database())
+
     def make_inbound(self) -> PgInboundLog:
         return PgInboundLog(self.database())
 
@@ -128,6 +133,10 @@ class PgClientRegistryTests(_Pg, ClientRegistryContract, TestCase):
 
 
 class PgDeliveryQueueTests(_Pg, DeliveryQueueContract, TestCase):
+    pass
+
+
+class PgLanePausesTests(_Pg, LanePausesContract, TestCase):
     pass
 
 
@@ -478,6 +487,31 @@ class PgDatabaseShutdownTests(_Pg, TestCase):
         result = await deferToThread(child)
         self.assertIn(b"answered 42", result.stdout)
         self.assertEqual(result.returncode, 0, result.stdout[-2000:])
+
+
+class PgMigrationsByNumber(TestCase):
+    """A migration numbered below one a database already has (features merged in another
+    order than numbered: lane pauses, 8, after the console's sessions, 9) is applied too."""
+
+    def test_a_missing_lower_migration_is_applied(self) -> Deferred[None]:
+        async def go() -> None:
+            dsn = await deferToThread(pgenv.fresh_database, "medagent_migration_order")
+            without_8 = tuple(m for m in MIGRATIONS if m[0] != 8)
+            old = PgDatabase(reactor, dsn, migrations=without_8)
+            self.addCleanup(old.stop)
+            self.assertEqual(await deferToThread(old.migrate_sync), 9)
+            db = PgDatabase(reactor, dsn, migrations=MIGRATIONS)
+            self.addCleanup(db.stop)
+            self.assertEqual(await deferToThread(db.migrate_sync), 9)
+            await db.start()
+            versions = await db.run(lambda c: [r["version"] for r in c.execute(
+                "SELECT version FROM schema_version ORDER BY version").fetchall()])
+            self.assertEqual(versions, [v for v, _ in MIGRATIONS])
+            pauses = PgLanePauses(db)
+            self.assertTrue(await pauses.pause("a1", "mllp://h:1", "op", 1.0))
+            await db.ping(reactor)  # every migration of this build recorded: ready
+
+        return ensureDeferred(go())
 
 
 class PgConsoleMigration(TestCase):

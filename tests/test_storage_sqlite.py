@@ -21,6 +21,7 @@ from medagent.storage.sqlite import (
     SQLiteClientRegistry,
     SQLiteDeliveryQueue,
     SQLiteJournal,
+    SQLiteLanePauses,
     SQLiteStore,
 )
 from tests.fakes import InlineReactor, InlineThreadPool, inline_database
@@ -31,6 +32,7 @@ from tests.storage_contract import (
     ClientRegistryContract,
     DeliveryQueueContract,
     InboxStoreContract,
+    LanePausesContract,
     InboundLogContract,
     OutboxStoreContract,
     PushJournalContract,
@@ -89,6 +91,9 @@ class _Factories:
     def make_outbox(self) -> SQLiteOutboxStore:
         return SQLiteOutboxStore(self.database())
 
+    def make_pauses(self) -> SQLiteLanePauses:
+        return SQLiteLanePauses(self.database())
+
     def make_inbound(self) -> SQLiteInboundLog:
         return SQLiteInboundLog(self.database())
 
@@ -138,6 +143,14 @@ class InlineOutboxStoreTests(_Inline, _Factories, OutboxStoreContract, TestCase)
 
 
 class ThreadedOutboxStoreTests(_Threaded, _Factories, OutboxStoreContract, TestCase):
+    pass
+
+
+class InlineLanePausesTests(_Inline, _Factories, LanePausesContract, TestCase):
+    pass
+
+
+class ThreadedLanePausesTests(_Threaded, _Factories, LanePausesContract, TestCase):
     pass
 
 

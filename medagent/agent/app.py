@@ -66,7 +66,7 @@ class AgentApp:
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
         self.capabilities = (wire.CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH,
-                             wire.CAP_CANCEL, *capabilities)
+                             wire.CAP_CANCEL, wire.CAP_LANE_HOLD, *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config
         self.max_message_size = max_message_size
@@ -196,6 +196,8 @@ class AgentApp:
                 self.queue.confirm(msg["pushId"])
             elif kind == wire.TRANSMIT_CANCEL:
                 self._on_cancel(msg)
+            elif kind == wire.LANES_HOLD:
+                self._on_hold(msg)
             elif kind == wire.TRANSMIT_RESPONSE:
                 self._on_transmit_response(msg)
             elif kind == wire.RELOADCONFIG_REQUEST:
@@ -314,6 +316,18 @@ class AgentApp:
                                   callback))
 
         self.queue.cancel(push_id).addCallbacks(answer, failed)
+
+    def _on_hold(self, msg: Mapping[str, Any]) -> None:
+        """The relay's paused lanes: a bounded list of lane keys, or an error (nothing held
+        changes)."""
+        lanes = msg.get("lanes")
+        if not isinstance(lanes, list) or len(lanes) > wire.MAX_HELD_LANES or not all(
+                isinstance(lane, str) and 0 < len(lane) <= wire.MAX_LANE_KEY
+                for lane in lanes):
+            self._send(wire.error(f"lanes must be a list of at most {wire.MAX_HELD_LANES} "
+                                  "lane keys", msg.get("callback")))
+            return
+        self.queue.hold(set(lanes))
 
     def _on_logs(self, msg: Mapping[str, Any]) -> None:
         limit = msg.get("limit", 20)

@@ -27,9 +27,10 @@ Lanes are keyed by the device (L{medagent.destination.lane_key}), not by the URL
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Mapping
 
 import attr
@@ -40,6 +41,7 @@ from twisted.python.failure import Failure
 
 from medagent import wire
 from medagent.agent.dispatch import Dispatcher
+from medagent.contenttypes import JSON, PING
 from medagent.delivery import (
     BEFORE_WRITE,
     DeliveryError,
@@ -51,12 +53,83 @@ from medagent.delivery import (
     in_doubt,
 )
 from medagent.destination import DestinationError, lane_key, parse_destination
+from medagent.hl7.acking import ack_code
 from medagent.metrics import AgentMetrics
 from medagent.storage.sqlite.agent_queue import (  # noqa: F401 (DONE: one of the states)
     DELIVERING, DONE, QUEUED, SQLiteInbox)
 from medagent.storage.sqlite.database import Database
 
 log = Logger()
+
+#: ACK latencies kept per lane for its p50/p99 (a ring: the most recent ones)
+LATENCY_RING = 256
+#: recent errors kept per lane (kind and time, never text from the message or the device)
+ERROR_RING = 8
+#: lanes whose statistics are kept, at most (the least recently used forgotten first)
+MAX_LANE_STATS = 1000
+
+
+class LaneStats:
+    """
+    What an operator asks of a device lane besides its depth: the device's last answer (when,
+    and its code: MSA-1 for HL7, the DIMSE status for DICOM, else the status code), the ACK
+    latency's p50 and p99 over the last L{LATENCY_RING} answers, and the last few errors by
+    kind (the failure's phase: ``connect``, ``ack``..., or ``refused``) and time.  Bounded,
+    cheap to update (a deque append per answer); percentiles are computed when asked.
+    """
+
+    def __init__(self) -> None:
+        self.latencies: deque[float] = deque(maxlen=LATENCY_RING)
+        self.errors: deque[tuple[float, str]] = deque(maxlen=ERROR_RING)
+        self.last_ack: float | None = None
+        self.last_code: str | None = None
+
+    def answered(self, at: float, code: str | None, seconds: float | None) -> None:
+        self.last_ack = at
+        self.last_code = code
+        if seconds is not None and seconds >= 0:
+            self.latencies.append(seconds)
+
+    def failed(self, at: float, kind: str) -> None:
+        self.errors.append((at, kind))
+
+    def view(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        return {
+            "lastAck": self.last_ack,
+            "lastAckCode": self.last_code,
+            "ackP50Ms": _percentile_ms(ordered, 0.50),
+            "ackP99Ms": _percentile_ms(ordered, 0.99),
+            "ackSamples": len(ordered),
+            "recentErrors": [{"at": at, "kind": kind} for at, kind in reversed(self.errors)],
+        }
+
+
+def _percentile_ms(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank percentile C{q} of sorted seconds, in milliseconds."""
+    if not ordered:
+        return None
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return round(ordered[rank] * 1000, 1)
+
+
+def answer_code(reply: Reply) -> str:
+    """The short code of a device's answer: MSA-1 (HL7), the DIMSE status (DICOM), else
+    the status code.  Only the code is kept, never the answer's text."""
+    body = reply.body if isinstance(reply.body, str) else ""
+    if body.startswith("MSH"):
+        code = ack_code(body)
+        if code:
+            return code
+    if reply.content_type == JSON and body.startswith("{"):
+        try:
+            status = json.loads(body).get("status")
+        except (ValueError, AttributeError):
+            status = None
+        if isinstance(status, str) and len(status) <= 10:
+            return status
+    return str(int(reply.status_code))
+
 
 @attr.s(auto_attribs=True)
 class _Lane:
@@ -101,6 +174,11 @@ class DurableQueue:
                       "retries": 0, "inDoubt": 0}
         #: delivery counters and latency; a private registry unless the service sets one
         self.metrics = AgentMetrics()
+        #: per lane (by its name in L{snapshot}): answers, latency, recent errors; kept when
+        #: the lane empties, at most L{MAX_LANE_STATS}
+        self.lane_stats: OrderedDict[str, LaneStats] = OrderedDict()
+        #: lanes (keys) the relay said to hold (L{hold}): no delivery starts on them
+        self.held: set[str] = set()
         self._stopped = False
 
     @staticmethod
@@ -139,7 +217,15 @@ class DurableQueue:
             for key in list(self.lanes):
                 self._pump(key)
 
-        return self.inbox.recover(now, resolve).addCallback(rebuilt)
+        def holds(lanes: list[str]) -> Any:
+            self.held = set(lanes)
+            if self.held:
+                log.info("{n} lane(s) held as the relay last said (paused by an operator)",
+                         n=len(self.held))
+            return self.inbox.recover(now, resolve)
+
+        # the holds first: a held lane's backlog does not go out before the relay is reached
+        return self.inbox.holds().addCallback(holds).addCallback(rebuilt)
 
     def stop(self) -> None:
         self._stopped = True
@@ -171,7 +257,7 @@ class DurableQueue:
         # stores it (one write less on the way to the device); the lane is reserved now so
         # that a later message for it waits behind this one.
         direct = not (lane.busy or lane.waiting or lane.storing or lane.retry_call is not None
-                      or self._stopped)
+                      or self._stopped or key in self.held)
         lane.storing += 1  # keeps the lane (and its order) alive until the insert commits
         if direct:
             lane.busy = True
@@ -229,8 +315,10 @@ class DurableQueue:
 
     def _pump(self, key: str) -> None:
         lane = self.lanes.get(key)
-        # A lane in backoff waits for its timer, however many pushes arrive meanwhile.
-        if lane is None or lane.busy or self._stopped or lane.retry_call is not None:
+        # A lane in backoff waits for its timer, however many pushes arrive meanwhile; a held
+        # one (paused by an operator) until the relay releases it.
+        if lane is None or lane.busy or self._stopped or lane.retry_call is not None \
+                or key in self.held:
             return
         if not lane.waiting:
             if not lane.storing:
@@ -328,6 +416,7 @@ class DurableQueue:
                         (err.phase in RETRYABLE_PHASES or err.reply is not None) and \
                         row["attempts"] < _attempt_limit(row["remote"], err):
                     self.metrics.delivery(row["remote"], "retrying", seconds, err.phase)
+                    self._stats_of(key).failed(self.wall(), err.phase or "error")
                     self._retry_later(key, lane, row, err)
                     return
                 reason, transient = err.reason, err.transient
@@ -345,6 +434,9 @@ class DurableQueue:
                                     status=status, transient=transient, doubt=doubt)
             self.metrics.delivery(row["remote"], "failed", seconds,
                                   err.phase if isinstance(err, DeliveryError) else "internal")
+            self._stats_of(key).failed(
+                self.wall(), (err.phase or "error") if isinstance(err, DeliveryError)
+                else "internal")
             lane.failed += 1
             lane.last_error = reason
             self.stats["failed"] += 1
@@ -357,6 +449,11 @@ class DurableQueue:
                 delivery="delivered" if reply.delivered else "failed", detail=reply.detail)
             self.metrics.delivery(row["remote"], "delivered" if reply.delivered else "refused",
                                   seconds)
+            if row["content_type"] != PING:  # (a ping's answer is no ACK: not its latency)
+                stats = self._stats_of(key)
+                stats.answered(self.wall(), answer_code(reply), seconds)
+                if not reply.delivered:
+                    stats.failed(self.wall(), "refused")
             if reply.delivered:
                 lane.delivered += 1
                 self.stats["delivered"] += 1
@@ -438,6 +535,24 @@ class DurableQueue:
 
         lane.retry_call = self.clock.callLater(delay, fire)
 
+    # -- holds -------------------------------------------------------------------------------
+
+    def hold(self, lanes: set[str]) -> Deferred[None]:
+        """
+        The relay's paused lanes (L{medagent.wire.LANES_HOLD}): no delivery starts on them
+        from now on (one on its way to the device finishes); a lane left out is released and
+        goes on in order.  Recorded on disk, so a restart holds them before the relay is
+        reached again.
+        """
+        released = self.held - lanes
+        if lanes != self.held:
+            log.info("Relay holds {n} lane(s) (paused by an operator)", n=len(lanes))
+        self.held = set(lanes)
+        for key in sorted(released):
+            self._pump(key)
+        return self.inbox.set_holds(sorted(lanes)).addErrback(
+            lambda f: log.failure("Could not record the held lanes", f))
+
     # -- cancel ------------------------------------------------------------------------------
 
     def cancel(self, push_id: str) -> Deferred[tuple[int, str]]:
@@ -497,23 +612,37 @@ class DurableQueue:
 
         return self.inbox.prune(cutoff)
 
+    def _stats_of(self, key: str) -> LaneStats:
+        name = _safe(key)
+        stats = self.lane_stats.get(name)
+        if stats is None:
+            stats = self.lane_stats[name] = LaneStats()
+            while len(self.lane_stats) > MAX_LANE_STATS:
+                self.lane_stats.popitem(last=False)
+        else:
+            self.lane_stats.move_to_end(name)
+        return stats
+
     def snapshot(self) -> dict[str, Any]:
-        """For ``$stats``: per lane depth, in flight, failures and the last error."""
-        return {
-            "queue": dict(self.stats),
-            "lanes": {
-                _safe(remote): {
-                    "waiting": len(lane.waiting),
-                    "inFlight": lane.busy,
-                    "retrying": lane.retry_call is not None,
-                    "consecutiveFailures": lane.failures,
-                    "delivered": lane.delivered,
-                    "failed": lane.failed,
-                    "lastError": lane.last_error,
-                }
-                for remote, lane in self.lanes.items()
-            },
+        """For ``$stats``: per lane with messages, depth, in flight, failures and the last
+        error (C{lanes}); per lane that had answers, L{LaneStats} (C{laneStats}: kept when
+        the lane empties)."""
+        lanes: dict[str, dict[str, Any]] = {
+            _safe(remote): {
+                "waiting": len(lane.waiting),
+                "inFlight": lane.busy,
+                "retrying": lane.retry_call is not None,
+                "consecutiveFailures": lane.failures,
+                "delivered": lane.delivered,
+                "failed": lane.failed,
+                "lastError": lane.last_error,
+            }
+            for remote, lane in self.lanes.items()
         }
+        for name, entry in lanes.items():
+            entry["held"] = name in self.held
+        return {"queue": dict(self.stats), "lanes": lanes, "held": sorted(self.held),
+                "laneStats": {name: stats.view() for name, stats in self.lane_stats.items()}}
 
     def oldest_ages(self) -> Deferred[dict[str, float]]:
         now = self.wall()

@@ -84,6 +84,8 @@ class _Lane:
 JOURNAL_RETRY = 2.0
 #: Seconds a call to another relay node waits beyond the agent's own timeout (its hops).
 CALL_MARGIN = 2.0
+#: Paused lanes read by one refresh, at most (L{Hub.refresh_pauses}).
+MAX_PAUSES = 10000
 #: Seconds an agent's status or snapshot is asked of the node holding it, at most.
 STATUS_TIMEOUT = 3.0
 
@@ -166,6 +168,9 @@ class Session:
         #: console's fleet page
         self.last_heartbeat: float | None = None
         self.heartbeat_rtt: float | None = None
+        #: the agent's paused lanes (keys), read from L{Hub.lane_pauses} before its first
+        #: scan; None: not read yet (see L{Hub.apply_pauses})
+        self.paused: set[str] | None = None
 
     @property
     def refreshes_token(self) -> bool:
@@ -280,6 +285,13 @@ class Hub:
         #: agent id -> (read at, its Agent resource): see L{AGENT_CACHE_TTL}
         self._agents: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._agent_writes = 0
+        #: the paused lanes in storage (L{medagent.storage.interfaces.LanePauses}), or None:
+        #: no lane is ever paused
+        self.lane_pauses: Any = None
+        #: per agent whose lanes were ever paused or resumed here, the number of the latest
+        #: read of its pauses (L{reload_pauses}): an older read that answers later is not
+        #: applied, and a first read (L{_load_pauses}) overtaken by one reads again
+        self._pause_reads: dict[str, int] = {}
         listeners = getattr(store, "listeners", None)
         if listeners is not None:
             listeners.append(self._resource_written)
@@ -717,6 +729,8 @@ class Hub:
         idle = {agent_id: session for agent_id, session in self.sessions.items()
                 if not session.closed and session.ready and session.scanned
                 and not session.replaying}
+        if self.lane_pauses is not None and self.sessions:
+            self.refresh_pauses()  # (a lost "pauses changed" call costs one poll, no more)
         if idle:
             # one read for every agent held here; a rescan only where something is queued
             self.journal.agents_with_queued(idle).addCallbacks(
@@ -949,7 +963,7 @@ class Hub:
             return
         lane = self._lane(session, push.remote)
         if lane.next_seq is not None or lane.loading or not session.ready \
-                or self._room(session, lane) <= 0:
+                or self._room(session, lane) <= 0 or self._lane_paused(session, lane):
             self._hold(session, lane, push.seq or 1)
             return
         self._send(session, lane, push)
@@ -960,7 +974,7 @@ class Hub:
             lane.rewind = seq if lane.rewind is None else min(lane.rewind, seq)
         elif lane.next_seq is None or seq < lane.next_seq:
             lane.next_seq = seq
-        if not session.ready:
+        if not session.ready or self._lane_paused(session, lane):
             return
         limit = self._lane_limit(session)
         if len(lane.in_flight) >= limit:
@@ -1060,7 +1074,8 @@ class Hub:
         waits on itself.
         """
         if (session.closed or not session.ready or not session.scanned or lane.loading
-                or lane.next_seq is None or (lane.blocked and not from_blocked)):
+                or lane.next_seq is None or (lane.blocked and not from_blocked)
+                or self._lane_paused(session, lane)):
             return
         lane_room = self._lane_limit(session) - len(lane.in_flight)
         if lane_room <= 0 or (lane.in_flight and lane_room < self._lane_limit(session) // 2):
@@ -1087,7 +1102,8 @@ class Hub:
                 live = self.live_push(push)
                 if live.final or live.id in session.in_flight:
                     continue
-                if not session.ready or self._room(session, lane) <= 0:
+                if not session.ready or self._room(session, lane) <= 0 \
+                        or self._lane_paused(session, lane):
                     next_seq = push.seq
                     break
                 self._send(session, lane, live)
@@ -1122,6 +1138,9 @@ class Hub:
         queued pushes after that seq.
         """
         if session.replaying:
+            return
+        if session.paused is None and self.lane_pauses is not None:
+            self._load_pauses(session, queued_after)
             return
         session.replaying = True
         agent_id = session.agent_id
@@ -1160,7 +1179,8 @@ class Hub:
                 live = self.live_push(push)
                 if live.final or live.id in session.in_flight or lane.next_seq is not None:
                     continue
-                if not session.ready or self._room(session, lane) <= 0:
+                if not session.ready or self._room(session, lane) <= 0 \
+                        or self._lane_paused(session, lane):
                     self._hold(session, lane, push.seq or 1)
                     continue
                 self._send(session, lane, live)
@@ -1445,6 +1465,11 @@ class Hub:
             "inFlight": len(session.in_flight),
             "window": self.window,
             "laneWindow": self._lane_limit(session),
+            "paused": sorted(_safe(k) for k in session.paused or ()),
+            #: our agent (reports lane statistics in agent:stats); Medplum's does not
+            "durable": session.ordered_lanes,
+            #: pushes of a paused lane already on the agent wait there too
+            "holdsOnAgent": wire.CAP_LANE_HOLD in session.capabilities,
             "lanes": {
                 _safe(lane.key): {"inFlight": len(lane.in_flight),
                                   "holding": lane.next_seq is not None,
@@ -1579,6 +1604,108 @@ class Hub:
 
         self.inbound(agent_id, msg).addCallbacks(answer, failed)
 
+    # -- paused lanes (L{medagent.relay.lanes}) ----------------------------------------------
+
+    def _lane_paused(self, session: Session, lane: _Lane) -> bool:
+        """An operator paused this lane: its pushes wait in the journal, in order."""
+        return bool(session.paused) and lane.key in (session.paused or ())
+
+    def _load_pauses(self, session: Session, queued_after: int | None) -> None:
+        """Read the agent's paused lanes, then scan (nothing is sent before they are known)."""
+        session.replaying = True  # (new pushes wait in the journal meanwhile)
+        agent_id = session.agent_id
+        assert agent_id is not None
+        reads = self._pause_reads.get(agent_id)
+
+        def loaded(rows: list[dict[str, Any]]) -> None:
+            session.replaying = False
+            if session.closed:
+                return
+            if self._pause_reads.get(agent_id) != reads:  # paused or resumed meanwhile
+                self._load_pauses(session, queued_after)
+                return
+            session.paused = {r["lane"] for r in rows}
+            self._send_holds(session)  # (after every connect: the agent may hold old ones)
+            if session.paused:
+                log.info("Agent/{agent_id}: {n} lane(s) paused by an operator; their pushes "
+                         "wait in the journal", agent_id=agent_id, n=len(session.paused))
+            self._replay(session, queued_after=queued_after)
+
+        def failed(f: Failure) -> None:
+            session.replaying = False
+            log.warn("Could not read the paused lanes of Agent/{agent_id} ({error})",
+                     agent_id=agent_id, error=f.getErrorMessage())
+            self._pause(session, "retry after a storage error")
+
+        self.lane_pauses.list(agent_id).addCallbacks(loaded, failed)
+
+    def apply_pauses(self, agent_id: str, lanes: Iterable[str]) -> None:
+        """
+        The agent's paused lanes are now C{lanes} (keys): a lane newly paused gets nothing
+        more from now on; a resumed one is read from the journal again, from its first
+        waiting push, in order.
+        """
+        session = self.sessions.get(agent_id)
+        if session is None or session.closed or session.paused is None:
+            return  # read from storage before its first scan
+        new = set(lanes)
+        resumed = session.paused - new
+        changed = new != session.paused
+        session.paused = new
+        if changed:
+            self._send_holds(session)
+        for key in sorted(resumed):
+            lane = session.lanes.get(key)
+            if lane is not None:
+                self._pump_lane(session, lane)
+        if resumed:
+            self._serve_blocked(session)
+            if self.cluster is not None:  # (what other nodes journaled for it meanwhile)
+                self.wake(agent_id)
+
+    def _send_holds(self, session: Session) -> None:
+        """Our agent holds what it has of the paused lanes too (L{wire.LANES_HOLD})."""
+        if wire.CAP_LANE_HOLD in session.capabilities and not session.closed:
+            session.conn.send_message({"type": wire.LANES_HOLD,
+                                       "lanes": sorted(session.paused or ())})
+
+    def reload_pauses(self, agent_id: str) -> Deferred[list[str]]:
+        """Read C{agent_id}'s paused lanes from storage and apply them here."""
+        if self.lane_pauses is None:
+            return succeed([])
+        number = self._pause_reads[agent_id] = self._pause_reads.get(agent_id, 0) + 1
+
+        def got(rows: list[dict[str, Any]]) -> list[str]:
+            lanes = [r["lane"] for r in rows]
+            if self._pause_reads.get(agent_id) == number:  # (else a later read applies)
+                self.apply_pauses(agent_id, lanes)
+            return lanes
+
+        return self.lane_pauses.list(agent_id).addCallback(got)
+
+    def refresh_pauses(self) -> Deferred[None]:
+        """Every paused lane, read again and applied to the agents held here (a poll)."""
+        held = [a for a, s in self.sessions.items() if s.paused is not None and not s.closed]
+        if not held or self.lane_pauses is None:
+            return succeed(None)
+        numbers = dict(self._pause_reads)  # an agent read again meanwhile: that read applies
+
+        def got(rows: list[dict[str, Any]]) -> None:
+            if len(rows) >= MAX_PAUSES:  # a cut list would read as resumed: apply none
+                log.warn("More than {n} paused lanes; not refreshed", n=MAX_PAUSES)
+                return
+            by_agent: dict[str, set[str]] = {}
+            for r in rows:
+                by_agent.setdefault(r["agent"], set()).add(r["lane"])
+            for agent_id in held:
+                if self._pause_reads.get(agent_id) == numbers.get(agent_id):
+                    self.apply_pauses(agent_id, by_agent.get(agent_id, set()))
+
+        def failed(f: Failure) -> None:
+            log.warn("Could not read the paused lanes ({error})", error=f.getErrorMessage())
+
+        return self.lane_pauses.list(limit=MAX_PAUSES).addCallbacks(got, failed)
+
     # -- control requests ($reload-config, $fetch-logs, $stats) ---------------------------
 
     def request(self, agent_id: str, message: dict[str, Any], timeout: float | None = None
@@ -1655,6 +1782,8 @@ class Hub:
                                            if k != "callback"}, timeout)
         if op == "snapshot":
             return self.snapshot(agent_id)
+        if op == "pauses":  # a lane of this agent was paused or resumed on another node
+            return self.reload_pauses(agent_id).addCallback(lambda lanes: {"paused": lanes})
         if op == "status":
             return self.status(agent_id)
         if op == "cancel" and isinstance(call.get("pushId"), str) \

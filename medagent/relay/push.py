@@ -20,7 +20,7 @@ from medagent.destination import DestinationError, lane_key, parse_destination
 from medagent import schemes, wire
 from medagent._twisted import shielded
 from medagent.contenttypes import HL7_V2, PING
-from medagent.fhir import FHIRError, bad_request, not_found, parameters_to_dict
+from medagent.fhir import FHIRError, bad_request, forbidden, not_found, parameters_to_dict
 from medagent.hl7.message import HL7Error
 from medagent.hl7.message import control_id as msh_control_id
 from medagent.relay.access import check_push_destination
@@ -331,13 +331,23 @@ class PushService:
         agent_ref: tuple[str | None, str | None],
         payload: Any,
         idempotency_key: str | None = None,
+        *,
+        ping_by_operator: bool = False,
     ):
+        """
+        Journal and submit a push (and wait for it when asked).  C{ping_by_operator}: the
+        console's ping of a lane, which an operator may send although it may not push;
+        anything but a ping is then refused.
+        """
         received = self.clock.seconds()
         agent = yield self.resolve_agent(*agent_ref)
         agent_id = agent["id"]
-        principal.require_push(agent_id)
+        if not (ping_by_operator and principal.may_operate()):
+            principal.require_push(agent_id)
         key = check_idempotency_key(idempotency_key)
         request = parse_push_body(payload)
+        if ping_by_operator and request.content_type != PING:
+            raise forbidden("Only a ping may be sent this way")
         if agent.get("status") == "off" and request.content_type != PING:
             raise bad_request("Agent is currently disabled. Agent.status is 'off'")
         remote = yield self.resolve_remote(request, agent_id)

@@ -40,8 +40,13 @@ from medagent.relay.console import (DEFAULT_IDLE as DEFAULT_CONSOLE_IDLE,
                                     DEFAULT_QUEUE_MINUTES as DEFAULT_ALERT_QUEUE_MINUTES,
                                     Console, EventBroker, ObservedJournal)
 from medagent.relay.console.alerts import KINDS as ALERT_KINDS
+from medagent.relay.console.alerts import DEFAULT_ERROR_MIN as DEFAULT_ALERT_ERROR_MIN
+from medagent.relay.console.alerts import \
+    DEFAULT_ERROR_MINUTES as DEFAULT_ALERT_ERROR_MINUTES
+from medagent.relay.console.webhook import AlertWebhook, AlertWebhookService
 from medagent.relay.console.inbound import inbound_event
 from medagent.relay.hub import DEFAULT_CONNECT_TIMEOUT, Hub
+from medagent.relay.lanes import LaneControl
 from medagent.relay.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_PEER,
@@ -67,11 +72,15 @@ from medagent.storage.sqlite import (
     SQLiteDeliveryQueue,
     SQLiteInboundLog,
     SQLiteJournal,
+    SQLiteLanePauses,
     SQLiteStore,
     open_relay_database,  # noqa: F401 (the CLI's database, without a running relay)
 )
 
 log = Logger()
+
+#: the console's error rate alert, percent of the pushes ended in its window (0: off)
+DEFAULT_ALERT_ERROR_PERCENT = 50.0
 
 # The relay's defaults, one place each: used by RelayService, medagent.relay.tap (twistd
 # options) and tac/relay.tac.  Others live with their subsystem and are re-exported here:
@@ -511,6 +520,10 @@ class RelayService(service.MultiService):
         console_idle: float = DEFAULT_CONSOLE_IDLE,
         alert_offline_minutes: float = DEFAULT_ALERT_OFFLINE_MINUTES,
         alert_queue_minutes: float = DEFAULT_ALERT_QUEUE_MINUTES,
+        alert_error_percent: float = DEFAULT_ALERT_ERROR_PERCENT,
+        alert_error_minutes: float = DEFAULT_ALERT_ERROR_MINUTES,
+        alert_error_min: int = DEFAULT_ALERT_ERROR_MIN,
+        alert_webhook: str | None = None,
         inbound_log: str = DEFAULT_INBOUND_LOG,
         inbound_retention_days: float = DEFAULT_INBOUND_RETENTION_DAYS,
         inbound_max_rows: int | None = DEFAULT_INBOUND_MAX_ROWS,
@@ -576,9 +589,14 @@ class RelayService(service.MultiService):
         _HubService(self.hub).setServiceParent(self)
         _Housekeeping(reactor, self.journal, retention_days * 86400).setServiceParent(self)
         self.pushes = PushService(self.hub, self.store, self.journal, reactor)
+        # paused lanes (issue 12): in the shared storage, read by the node holding the agent
+        self.hub.lane_pauses = storage.pauses if storage is not None else \
+            SQLiteLanePauses(self.db)
+        self.lanes = LaneControl(self.hub, self.store, self.hub.lane_pauses, reactor)
         self.api = Api(self.authority, self.store, self.journal, self.hub, self.pushes,
                        base_url=base_url)
         self.api.database = self.db  # /readyz probes it
+        self.api.lanes = self.lanes
         self.api.login_throttle = LoginThrottle(
             reactor, max_failures_per_client=login_failures_per_client,
             max_failures_per_address=login_failures_per_address, window=login_failure_window)
@@ -633,11 +651,22 @@ class RelayService(service.MultiService):
                                throttle=self.api.login_throttle, idle=console_idle,
                                alert_offline=alert_offline_minutes * 60,
                                alert_queue_age=alert_queue_minutes * 60,
+                               alert_error_rate=alert_error_percent / 100,
+                               alert_error_window=alert_error_minutes * 60,
+                               alert_error_min=alert_error_min,
                                shared_sessions=shared_sessions)
         self.console.inbound = self.inbound
         self.channels.recorded.append(  # live: each message recorded here (no payload)
             lambda m: self.console_events.publish("inbound", inbound_event(m)))
         self.api.routes["console"] = self.console.resource
+        self.console.lanes = self.lanes
+        #: the alerts' webhook (--alert-webhook), or None
+        self.alert_webhook: AlertWebhook | None = None
+        if alert_webhook and self.console.alerts is not None:
+            hook_post, close_hook = treq_poster(reactor, WebhookPolicy([alert_webhook]))
+            self.alert_webhook = AlertWebhook(reactor, hook_post, alert_webhook)
+            self.console.alerts.listeners.append(self.alert_webhook)
+            AlertWebhookService(self.alert_webhook, close_hook).setServiceParent(self)
         self.console.service().setServiceParent(self)
         self.limits = ConnectionLimits(self.site, max_connections=max_connections,
                                        max_per_peer=max_connections_per_peer)
@@ -654,6 +683,8 @@ class RelayService(service.MultiService):
         self.metrics = relay_metrics(self.hub, self.bots, deliveries.backlog, reactor)
         if self.console.alerts is not None:
             self.metrics.watch_alerts(self.console.alerts, ALERT_KINDS)
+        if self.alert_webhook is not None:
+            self.metrics.watch_alert_webhook(self.alert_webhook)
         self.channels.metrics = self.metrics
         if metrics:
             metrics_service(metrics, self.metrics, reactor).setServiceParent(self)

@@ -26,6 +26,7 @@ from medagent.options import (argv_from_env, http_url, number, operations_option
                               synchronous)
 from medagent.relay import service as relay_service
 from medagent.relay.bots import MAX_TIME_LIMIT
+from medagent.relay.console.webhook import webhook_url_problem
 
 MIB = 1024 * 1024
 
@@ -120,6 +121,19 @@ class Options(usage.Options):
         ["alert-queue-minutes", None, relay_service.DEFAULT_ALERT_QUEUE_MINUTES,
          "Console alert: an agent's oldest open push waiting longer than this many minutes "
          "(0: no such alerts)", number(float, 0, 7 * 24 * 60, " minutes")],
+        ["alert-error-percent", None, relay_service.DEFAULT_ALERT_ERROR_PERCENT,
+         "Console alert: an agent whose pushes that ended in the last --alert-error-minutes "
+         "failed in this percentage or more (0: no such alerts)",
+         number(float, 0, 100, " percent")],
+        ["alert-error-minutes", None, relay_service.DEFAULT_ALERT_ERROR_MINUTES,
+         "The error rate alert's window, minutes", number(float, 1, 24 * 60, " minutes")],
+        ["alert-error-min", None, relay_service.DEFAULT_ALERT_ERROR_MIN,
+         "The error rate alert needs at least this many pushes ended in its window",
+         number(int, 1, 1_000_000)],
+        ["alert-webhook", None, None,
+         "POST each console alert raised or cleared as JSON to this URL (https, or http on "
+         "loopback); @PATH reads the URL from a file (a URL with a secret in it stays off "
+         "the command line)"],
         ["inbound-log", None, relay_service.DEFAULT_INBOUND_LOG,
          "Inbound messages (device → agent → relay → Bot): 'on' keeps each message's payload "
          "with its record (shown to operators and admins only, each view audited); 'off' "
@@ -165,6 +179,19 @@ class Options(usage.Options):
         if not self["bot-user"]:
             raise usage.UsageError("--bot-user must name a user (or UID:GID)")
         self["bots-unsandboxed"] = bool(self["bots-unsandboxed"])
+        hook = self["alert-webhook"]
+        if hook:
+            if hook.startswith("@"):
+                try:
+                    with open(hook[1:], encoding="utf-8") as f:
+                        hook = f.read(4096).strip()
+                except OSError as e:
+                    raise usage.UsageError(f"--alert-webhook: cannot read {hook[1:]!r} "
+                                           f"({e.strerror})")
+            problem = webhook_url_problem(hook)
+            if problem is not None:
+                raise usage.UsageError(problem)
+            self["alert-webhook"] = hook
 
     def service_kwargs(self) -> dict[str, Any]:
         """L{RelayService}'s keyword arguments."""
@@ -201,6 +228,10 @@ class Options(usage.Options):
             "console_idle": self["console-idle-minutes"] * 60,
             "alert_offline_minutes": self["alert-offline-minutes"],
             "alert_queue_minutes": self["alert-queue-minutes"],
+            "alert_error_percent": self["alert-error-percent"],
+            "alert_error_minutes": self["alert-error-minutes"],
+            "alert_error_min": self["alert-error-min"],
+            "alert_webhook": self["alert-webhook"] or None,
             "inbound_log": self["inbound-log"],
             "inbound_retention_days": self["inbound-retention-days"],
             "inbound_max_rows": self["inbound-max-rows"],

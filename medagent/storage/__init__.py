@@ -37,6 +37,8 @@ class Storage:
     journal: Any
     registry: Any
     deliveries: Any
+    #: the paused lanes (L{medagent.storage.interfaces.LanePauses})
+    pauses: Any = None
     #: the inbound log (L{medagent.storage.interfaces.InboundLog})
     inbound: Any = None
 
@@ -70,8 +72,11 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
         )
 
         db = open_relay_database(reactor, data_dir, synchronous)
+        from medagent.storage.sqlite.pauses import SQLiteLanePauses
+
         return Storage("sqlite", db, SQLiteStore(db), SQLiteJournal(db),
-                       SQLiteClientRegistry(db), SQLiteDeliveryQueue(db), SQLiteInboundLog(db))
+                       SQLiteClientRegistry(db), SQLiteDeliveryQueue(db),
+                       SQLiteLanePauses(db), SQLiteInboundLog(db))
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("--database must be a postgresql:// URL (or empty for SQLite)")
     try:
@@ -100,5 +105,7 @@ def open_storage(database_url: str | None, data_dir: str, reactor: Any, *,
     from medagent.storage.postgres import open_relay_database as open_pg
 
     pg = open_pg(reactor, database_url)
+    from medagent.storage.postgres.pauses import PgLanePauses
+
     return Storage("postgresql", pg, PgStore(pg), PgJournal(pg), PgClientRegistry(pg),
-                   PgDeliveryQueue(pg), PgInboundLog(pg))
+                   PgDeliveryQueue(pg), PgLanePauses(pg), PgInboundLog(pg))

@@ -223,6 +223,11 @@ class PushJournal(Protocol):
         C{failedSince} (pushes that became failed at or after C{since}).
         """
 
+    def outcome_counts(self, since: float, limit: int = 1000
+                       ) -> Deferred[dict[str, dict[str, int]]]:
+        """Per agent with pushes that ended delivered or failed at or after C{since}:
+        C{finished} (delivered and failed) and C{failed}; at most C{limit} agents."""
+
     def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
         """
         One entry per device URL the agent's pushes went to, by URL (at most 500):
@@ -473,6 +478,26 @@ class SigningKeys(Protocol):
         """Every key's kid, created, retired and whether it signs (never the secret)."""
 
 
+class LanePauses(Protocol):
+    """
+    Lanes an operator paused: the relay sends none of the pushes of a paused (agent, device
+    lane) to the agent; they stay queued in the journal, in order, until the lane is resumed.
+    Kept in the database so that every relay node of a cluster (and a restarted relay)
+    holds the same lanes.  A lane is named by its key (L{medagent.destination.lane_key}).
+    """
+
+    def pause(self, agent_id: str, lane: str, by: str, now: float) -> Deferred[bool]:
+        """Record the pause; C{False} if the lane was paused already (its record is kept)."""
+
+    def resume(self, agent_id: str, lane: str) -> Deferred[bool]:
+        """Remove the pause; C{False} if the lane was not paused."""
+
+    def list(self, agent_id: str | None = None, limit: int = 1000
+             ) -> Deferred[builtins.list[dict[str, Any]]]:
+        """The pauses (of C{agent_id}, or all), each C{{agent, lane, by, since}}, by agent
+        and lane, at most C{limit}."""
+
+
 class AgentCalls(Protocol):
     """
     Agent operations (``$reload-config``, ``$fetch-logs``, ``$stats``, cancel) asked on one
@@ -538,6 +563,12 @@ class InboxStore(Protocol):
     def prune(self, before: float) -> Deferred[int]: ...
 
     def oldest_open(self) -> Deferred[list[tuple[str, float]]]: ...
+
+    def holds(self) -> Deferred[builtins.list[str]]:
+        """The lanes the relay said to hold (L{medagent.wire.LANES_HOLD}), as recorded."""
+
+    def set_holds(self, lanes: Sequence[str]) -> Deferred[None]:
+        """Replace the recorded lanes to hold with C{lanes}."""
 
 
 class OutboxStore(Protocol):

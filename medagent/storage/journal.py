@@ -365,6 +365,23 @@ def check_not_repeated(conn: Any, mark: str, push: Push, since: float) -> None:
             raise RepeatedPush(earlier, by_key=False)
 
 
+def outcome_count_rows(conn: Any, mark: str, since: float, limit: int
+                       ) -> dict[str, dict[str, int]]:
+    """
+    In a transaction (either backend): per agent, the pushes that ended delivered or failed
+    at or after C{since} (C{finished}) and how many of them failed (C{failed}); the error
+    rate alert's figures.  At most C{limit} agents.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for row in conn.execute(
+            "SELECT agent_id, count(*) AS n,"
+            " sum(CASE WHEN state='failed' THEN 1 ELSE 0 END) AS f FROM pushes"
+            f" WHERE state IN ('delivered', 'failed') AND updated>={mark}"
+            f" GROUP BY agent_id ORDER BY agent_id LIMIT {mark}", (since, limit)):
+        out[row["agent_id"]] = {"finished": int(row["n"]), "failed": int(row["f"] or 0)}
+    return out
+
+
 def agent_summary_rows(conn: Any, mark: str, since: float) -> dict[str, dict[str, Any]]:
     """
     In a transaction (either backend; C{mark} is its placeholder): per agent with open

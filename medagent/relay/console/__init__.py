@@ -23,8 +23,12 @@ from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from medagent import wire
+from medagent.fhir import FHIRError
 from medagent.relay.auth import Authority, Principal
 from medagent.relay.console.alerts import (
+    DEFAULT_ERROR_MIN,
+    DEFAULT_ERROR_MINUTES,
     DEFAULT_OFFLINE_MINUTES,
     DEFAULT_QUEUE_MINUTES,
     Alert,
@@ -35,6 +39,7 @@ from medagent.relay.console.resource import (MAX_AGENTS, ConsoleResource, audit_
                                              own_origin)
 from medagent.relay.console.resource import TREND_BUCKETS, TREND_WIDTH
 from medagent.relay.console.sessions import DEFAULT_IDLE, SessionStore
+from medagent.relay.hub import STATUS_TIMEOUT
 from medagent.relay.limits import LoginThrottle
 from medagent.storage.journal import Push, Trend, trend_window
 
@@ -54,7 +59,9 @@ class Console:
                  pushes: Any, broker: EventBroker, *, base_url: str | None = None,
                  throttle: LoginThrottle | None = None, idle: float = DEFAULT_IDLE,
                  alert_offline: float | None = DEFAULT_OFFLINE_MINUTES * 60,
-                 alert_queue_age: float | None = None,
+                 alert_queue_age: float | None = None, alert_error_rate: float | None = None,
+                 alert_error_window: float = DEFAULT_ERROR_MINUTES * 60,
+                 alert_error_min: int = DEFAULT_ERROR_MIN,
                  shared_sessions: Any = None) -> None:
         self.clock = clock
         self.authority = authority
@@ -69,8 +76,13 @@ class Console:
         self.throttle = throttle if throttle is not None else LoginThrottle(clock)
         self.sessions = SessionStore(clock, idle=idle, shared=shared_sessions)
         self.alerts = AlertMonitor(clock, hub, store, offline_after=alert_offline,
-                                   journal=journal, queue_age_after=alert_queue_age) \
-            if alert_offline or alert_queue_age else None
+                                   journal=journal, queue_age_after=alert_queue_age,
+                                   error_rate=alert_error_rate or None,
+                                   error_window=alert_error_window,
+                                   error_min=alert_error_min) \
+            if alert_offline or alert_queue_age or alert_error_rate else None
+        #: pauses and resumes lanes (L{medagent.relay.lanes.LaneControl}; set by the service)
+        self.lanes: Any = None
         self.resource = ConsoleResource(self)
         authority.revocation_listeners.append(self.sessions.drop_client)
         hub.session_listeners.append(self._agent_changed)
@@ -98,6 +110,12 @@ class Console:
             agents = await self.store.search("Agent", {"_count": [str(MAX_AGENTS)]})
         summaries = await self.journal.agent_summaries(self.now() - ERROR_WINDOW)
         rows = [self._row(agent, summaries.get(agent["id"], {})) for agent in agents]
+        if self.lanes is not None:
+            paused: dict[str, int] = {}
+            for pause in await self.lanes.paused():
+                paused[pause["agent"]] = paused.get(pause["agent"], 0) + 1
+            for row in rows:
+                row["paused"] = paused.get(row["id"], 0)
         sessions = getattr(self.hub, "agent_sessions", None)
         if sessions is not None:
             away = [r for r in rows if not r["connected"]]
@@ -125,6 +143,34 @@ class Console:
             row.update(version=status.get("version") if status.get("version") != "unknown"
                        else None)
         return row
+
+    async def lane_details(self, agent_id: str, connected: bool) -> dict[str, Any]:
+        """
+        What the agent page shows of each lane beyond the journal: the paused lanes, the
+        relay's view (pushes on the agent, retrying) and the agent's own lane statistics
+        (last ACK, latency, recent errors: C{None} from an agent that does not report them,
+        such as Medplum's, or did not answer within L{STATUS_TIMEOUT}).
+        """
+        paused = {p["lane"]: p for p in await self.lanes.paused(agent_id)} \
+            if self.lanes is not None else {}
+        details: dict[str, Any] = {"paused": paused, "relay": {}, "agent": None}
+        if not connected:
+            return details
+        snapshot = await self.hub.snapshot_anywhere(agent_id)
+        if snapshot is None:
+            return details
+        details["relay"] = snapshot.get("lanes") or {}
+        details["holdsOnAgent"] = bool(snapshot.get("holdsOnAgent"))
+        if snapshot.get("durable"):
+            try:
+                answer = await self.hub.request(agent_id, {"type": wire.STATS_REQUEST},
+                                                STATUS_TIMEOUT)
+            except FHIRError:
+                return details
+            stats = answer.get("stats") if isinstance(answer, dict) else None
+            if isinstance(stats, dict) and isinstance(stats.get("laneStats"), dict):
+                details["agent"] = stats["laneStats"]
+        return details
 
     async def trends(self, agent_id: str | None = None
                      ) -> tuple[float, dict[str, Trend]]:

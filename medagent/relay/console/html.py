@@ -14,6 +14,7 @@ from html import escape
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote, urlencode
 
+from medagent.destination import lane_key
 from medagent.storage import journal as j
 
 PREFIX = "/console"
@@ -158,7 +159,7 @@ def fleet_row(row: Mapping[str, Any], now: float) -> str:
         f'<tr id="agent-{h(agent_id)}" data-agent="{h(agent_id)}" class="{state}">'
         f'<th scope="row"><a href="{PREFIX}/agent/{h(u(agent_id))}">'
         f'{h(row.get("name") or agent_id)}</a><br><small>{h(agent_id)}</small></th>'
-        f'<td>{state_badge(state)}</td>'
+        f'<td>{state_badge(state)}{paused_note(row.get("paused"))}</td>'
         f'<td data-field="version">{h(row.get("version") or "—")}</td>'
         f'<td data-field="heartbeat">{h(beat)}</td>'
         f'<td data-field="since">{h(when(row.get("connected_since")))}</td>'
@@ -168,6 +169,13 @@ def fleet_row(row: Mapping[str, Any], now: float) -> str:
         f'<td data-field="errors">{int(row.get("errors") or 0)}</td>'
         "</tr>"
     )
+
+
+def paused_note(n: Any) -> str:
+    """A fleet row's note of the agent's paused lanes (none: nothing)."""
+    if not isinstance(n, int) or n <= 0:
+        return ""
+    return f' <small class="paused" data-field="paused">{n} lane(s) paused</small>'
 
 
 def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> bytes:
@@ -180,10 +188,12 @@ def fleet_page(rows: Sequence[Mapping[str, Any]], now: float, **layout: Any) -> 
 
 
 def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: float, *,
-               can_act: bool, csrf: str, trends: str = "", channels: str = "",
+               can_act: bool, csrf: str, details: Mapping[str, Any] | None = None,
+               ping: j.Push | None = None, trends: str = "", channels: str = "",
                **layout: Any) -> bytes:
     """An agent's page; C{trends} and C{channels} are HTML (escaped already) after its
-    lanes."""
+    lanes; C{details} the lanes' details and actions (L{lane_cells}), C{ping} a ping just
+    sent from it."""
     agent_id = row["id"]
     state = "online" if row["connected"] else "offline"
     facts = (
@@ -205,23 +215,124 @@ def agent_page(row: Mapping[str, Any], lanes: Sequence[Mapping[str, Any]], now: 
                                  name="reload")
                    + "</section>")
     lane_rows = []
+    if details is not None:
+        lanes = with_paused_lanes(lanes, details)
     for lane in lanes:
         remote = lane["remote"]
         search = urlencode({"agent": agent_id, "remote": remote})
+        extra = lane_cells(agent_id, lane, details, can_act=can_act, csrf=csrf) \
+            if details is not None else ("", "")
         lane_rows.append(
-            f'<tr><th scope="row">{h(remote)}</th><td>{int(lane.get("open") or 0)}</td>'
+            f'<tr data-lane="{h(lane_of(remote))}"><th scope="row">{h(remote)}</th>'
+            f'{extra[0]}<td>{int(lane.get("open") or 0)}</td>'
             f'<td>{h(age(lane.get("oldestOpenAgeSeconds")))}</td>'
             f'<td>{state_badge(lane["lastState"], "last") if lane.get("lastState") else "—"}'
             f' {h(when(lane.get("lastUpdated")) if lane.get("lastState") else "")}</td>'
             f'<td>{h(lane.get("lastError") or "")}</td>'
-            f'<td><a href="{PREFIX}/messages?{h(search)}">messages</a></td></tr>')
-    lanes_table = _table(h("Lanes (one per device)"),
-                         ("Destination", "Queued", "Oldest waiting", "Last outcome",
-                          "Last error", ""),
+            f'<td><a href="{PREFIX}/messages?{h(search)}">messages</a>{extra[1]}</td></tr>')
+    heads: tuple[str, ...] = ("Destination", "Queued", "Oldest waiting", "Last outcome",
+                              "Last error", "")
+    if details is not None:
+        heads = ("Destination",) + LANE_DETAIL_HEADS + heads[1:]
+    lanes_table = _table(h("Lanes (one per device)"), heads,
                          lane_rows, ident="lanes", empty="No pushes to this agent yet.")
+    if ping is not None:
+        lanes_table = ping_result(ping) + lanes_table
     name = row.get("name") or agent_id
     return page(f"Agent {name}", facts + actions + lanes_table + trends + channels,
                 current="fleet", **layout)
+
+
+#: the lane columns from the agent's and the relay's own view (L{lane_cells})
+LANE_DETAIL_HEADS = ("State", "In flight", "Last ACK", "ACK p50 / p99", "Recent errors")
+
+
+def lane_of(remote: str) -> str:
+    """The lane (device) key of a destination URL, as the pause records name it."""
+    return lane_key(remote)
+
+
+def with_paused_lanes(lanes: Sequence[Mapping[str, Any]], details: Mapping[str, Any]
+                      ) -> list[Mapping[str, Any]]:
+    """The journal's lanes, and a row for each paused lane the journal has no push of."""
+    seen = {lane_of(lane["remote"]) for lane in lanes}
+    extra = [{"remote": key} for key in sorted(details.get("paused") or {}) if key not in seen]
+    return list(lanes) + extra
+
+
+def _ms(value: Any) -> str:
+    return f"{float(value):.0f} ms" if isinstance(value, (int, float)) else "—"
+
+
+def lane_cells(agent_id: str, lane: Mapping[str, Any], details: Mapping[str, Any], *,
+               can_act: bool, csrf: str) -> tuple[str, str]:
+    """
+    The detail cells of one lane row (state, in flight, last ACK, latency, recent errors)
+    and its actions (ping, pause or resume).  C{details}: C{paused} (lane → record),
+    C{relay} (the relay's lanes: pushes on the agent) and C{agent} (the agent's own lane
+    statistics, or None: an agent that does not report them, e.g. Medplum's).
+    """
+    key = lane_of(lane["remote"])
+    pause = (details.get("paused") or {}).get(key)
+    relay = (details.get("relay") or {}).get(key) or {}
+    stats = (details.get("agent") or {}).get(key) if details.get("agent") is not None else None
+    on_agent = int(relay.get("inFlight") or 0)
+    if pause is not None:
+        state = (f'<span class="state s-paused" data-field="lane-state">paused</span>'
+                 f'<br><small>by {h(pause.get("by"))} since {h(when(pause.get("since")))}'
+                 "</small>")
+        if on_agent:
+            where = ("held on the agent too" if details.get("holdsOnAgent")
+                     else "already on the agent (not held)")
+            state += f"<br><small>{on_agent} {where}</small>"
+    elif relay.get("retrying"):
+        state = '<span class="state s-retrying" data-field="lane-state">retrying</span>'
+    else:
+        state = '<span class="state s-active" data-field="lane-state">active</span>'
+    if stats:
+        last = (f'{h(stats.get("lastAckCode") or "—")} {h(when(stats.get("lastAck")))}'
+                if stats.get("lastAck") is not None else "—")
+        latency = f'{h(_ms(stats.get("ackP50Ms")))} / {h(_ms(stats.get("ackP99Ms")))}'
+        errors = "".join(f'<li>{h(e.get("kind"))} <small>{h(when(e.get("at")))}</small></li>'
+                         for e in (stats.get("recentErrors") or [])[:5]
+                         if isinstance(e, Mapping))
+        errors = f'<ul class="errors">{errors}</ul>' if errors else "—"
+    else:
+        last, latency, errors = "—", "—", "—"
+    cells = (f"<td>{state}</td><td data-field=\"in-flight\">{on_agent}</td>"
+             f"<td>{last}</td><td>{latency}</td><td>{errors}</td>")
+    actions = ""
+    if can_act:
+        base = f"/agent/{u(agent_id)}"
+        if pause is None:
+            actions += lane_form(f"{base}/ping", "Ping", csrf, lane["remote"], "ping")
+            actions += lane_form(f"{base}/pause", "Pause", csrf, key, "pause",
+                                 confirm="Pause this lane? Its pushes wait on the relay.")
+        else:
+            actions += lane_form(f"{base}/resume", "Resume", csrf, key, "resume")
+    return cells, (f'<div class="lane-actions">{actions}</div>' if actions else "")
+
+
+def lane_form(path: str, label: str, csrf: str, lane: str, name: str, *,
+              confirm: str | None = None) -> str:
+    """A POST button for one lane (its destination in a hidden field), CSRF token included."""
+    extra = f' data-confirm="{h(confirm)}"' if confirm else ""
+    return (f'<form method="post" action="{h(PREFIX + path)}" class="action"{extra}>'
+            f'{_csrf_field(csrf)}<input type="hidden" name="lane" value="{h(lane)}">'
+            f'<button type="submit" name="{h(name)}" aria-label="{h(label)} {h(lane)}">'
+            f"{h(label)}</button></form>")
+
+
+def ping_result(push: j.Push) -> str:
+    """The outcome of a ping from this page (it is a push in the journal: linked)."""
+    if push.state == j.DELIVERED:
+        text = "reachable"
+    elif push.final:
+        text = f"not reachable: {push.last_error or push.state}"
+    else:
+        text = f"no answer yet ({push.state})"
+    return (f'<p class="ping" id="ping-result" role="status">Ping of {h(push.remote)}: '
+            f'{h(text)} (<a href="{PREFIX}/message/{h(u(push.id))}">details</a>)</p>')
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -262,7 +373,10 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
                   next_cursor: int | None, *, live: bool, bulk: str = "",
                   **layout: Any) -> bytes:
     fields = []
+    who = layout.get("who")
     for name, label, kind in SEARCH_FIELDS:
+        if name == "patient_id" and not (who is not None and who.may_see_payloads()):
+            continue  # a role without patient data does not search by it either
         fields.append(f'<p><label for="f-{name}">{h(label)}</label>'
                       f'<input id="f-{name}" name="{name}" type="{kind}" '
                       f'value="{h(filters.get(name, ""))}" maxlength="200"></p>')
@@ -382,8 +496,25 @@ def message_page(push: j.Push, *,
 # -- alerts ----------------------------------------------------------------------------------
 
 
+def alert_rules(monitor: Any) -> str:
+    """The conditions this relay's alert monitor watches, as a list (the page's intro)."""
+    rules = []
+    if getattr(monitor, "offline_after", None):
+        rules.append(f"an agent offline for more than {age(monitor.offline_after)}")
+    if getattr(monitor, "queue_age_after", None):
+        rules.append("a device lane whose oldest push has waited more than "
+                     f"{age(monitor.queue_age_after)}")
+    if getattr(monitor, "error_rate", None):
+        rules.append(f"an agent whose pushes that ended in the last "
+                     f"{age(monitor.error_window)} failed in {monitor.error_rate:.0%} or more "
+                     f"(at least {monitor.error_min} ended)")
+    items = "".join(f"<li>{h(r)}</li>" for r in rules)
+    return (f'<p>One alert for each of these, cleared when it ends:</p><ul id="alert-rules">'
+            f"{items}</ul>")
+
+
 def alerts_page(active: Sequence[Any], history: Sequence[Any], offline_after: float,
-                **layout: Any) -> bytes:
+                monitor: Any = None, **layout: Any) -> bytes:
     def row(alert: Any, cleared: bool) -> str:
         cells = (f'<td><a href="{PREFIX}/agent/{h(u(alert.agent_id))}">{h(alert.text())}</a>'
                  f"</td><td>{h(when(alert.since))}</td><td>{h(when(alert.raised))}</td>")
@@ -392,7 +523,8 @@ def alerts_page(active: Sequence[Any], history: Sequence[Any], offline_after: fl
         return f'<tr data-alert="{h(alert.agent_id)}">{cells}</tr>'
 
     intro = (f"<p>An agent offline for more than {h(age(offline_after))} raises one alert; "
-             "it clears when the agent is back.</p>")
+             "it clears when the agent is back.</p>") if monitor is None \
+        else alert_rules(monitor)
     body = intro + _table(h("Active alerts"), ("Alert", "Since", "Raised"),
                           (row(a, False) for a in active), ident="alerts-active",
                           empty="No active alert.")

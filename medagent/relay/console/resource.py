@@ -30,6 +30,7 @@ from medagent.relay.console import html
 from medagent.relay.console import inbound as inbound_html
 from medagent.relay.console.events import push_event, sse_frame
 from medagent.relay.console.sessions import COOKIE, ConsoleSession
+from medagent.contenttypes import PING
 from medagent.storage import journal as j
 from medagent.storage.resources import now_iso
 
@@ -39,6 +40,8 @@ PREFIX = html.PREFIX
 #: A form body, at most (a sign-in or an action: a few hundred bytes).
 MAX_FORM = 8 * 1024
 PAGE_SIZE = 50
+#: how long a ping from the agent page waits for the device, in milliseconds
+PING_TIMEOUT_MS = 10_000
 MAX_AGENTS = 1000
 SECURITY_HEADERS = {
     b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -55,6 +58,9 @@ FLASH = {"reloaded": "The agent reloaded its configuration.",
          "retried": "The message is queued again.",
          "cancelled": "The message was cancelled.",
          "resent": "Sent again as this new message.",
+         "pinged": "Ping sent; its outcome is below.",
+         "paused": "Lane paused: its pushes wait on the relay, in order.",
+         "resumed": "Lane resumed: its waiting pushes go out in order.",
          "signedout": "Signed out."}
 
 
@@ -181,6 +187,12 @@ class ConsoleResource(Resource):
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "Unreadable form")
         return {k: v[-1] for k, v in parsed.items()}
+
+    def _form_of(self, request: Request) -> dict[str, str]:
+        """The form again, for an action (L{_route} read it for its CSRF check)."""
+        if request.content is not None:
+            request.content.seek(0)
+        return self._form(request)
 
     @staticmethod
     def _query(request: Request) -> dict[str, str]:
@@ -312,6 +324,8 @@ class ConsoleResource(Resource):
                 except FHIRError:
                     pass
             lanes = await c.journal.lane_summaries(agent["id"])
+            details = await c.lane_details(agent["id"], rows[0]["connected"])
+            ping = await self._ping_shown(agent["id"], query.get("ping", ""))
             trends = await self._agent_trends(agent["id"])
             channels = ""
             if getattr(c, "inbound", None) is not None:  # the inbound log's view of it
@@ -322,6 +336,7 @@ class ConsoleResource(Resource):
                      if isinstance(ch, dict) and ch.get("name")])
             return 200, html.agent_page(rows[0], lanes, c.now(),
                                         can_act=session.principal.may_operate(),
+                                        details=details, ping=ping,
                                         trends=trends, channels=channels, **layout), _HTML, {}
         if path == ["messages"]:
             filters, params, cursor = _search(query)
@@ -344,7 +359,8 @@ class ConsoleResource(Resource):
             if alerts is None:
                 raise Refused(404, "Alerts are off on this relay")
             return 200, html.alerts_page(list(alerts.active.values()), list(alerts.history),
-                                         alerts.offline_after, **layout), _HTML, {}
+                                         alerts.offline_after, monitor=alerts,
+                                         **layout), _HTML, {}
         if path and path[0] == "inbound" and len(path) <= 2:
             return await self._inbound(request, session, path[1:], query, layout)
         raise Refused(404, "No such page")
@@ -381,6 +397,51 @@ class ConsoleResource(Resource):
                          client_id=principal.client_id, id=message.id)
         return 200, inbound_html.inbound_detail_page(
             message, can_see_payload=phi, payload_shown=show, **layout), _HTML, {}
+
+    async def _ping_shown(self, agent_id: str, push_id: str) -> j.Push | None:
+        """The ping a lane's button just sent (a push of this agent with the ping type)."""
+        if not push_id or len(push_id) > 100:
+            return None
+        try:
+            push = self.console.hub.live_push(await self.console.journal.get(push_id))
+        except FHIRError:
+            return None
+        if push.agent_id != agent_id or push.content_type != PING:
+            return None
+        return push
+
+    async def _lane_action(self, request: Request, principal: Principal, agent_id: str,
+                           action: str, form: dict[str, str]
+                           ) -> tuple[int, bytes, str, dict[str, str]]:
+        """Ping, pause or resume one lane of the agent page (operators and admins)."""
+        c = self.console
+        agent = await c.store.read("Agent", agent_id)
+        where = f"/agent/{quote(agent['id'], safe='')}"
+        lane = form.get("lane", "")
+        if not lane or len(lane) > 1000:
+            raise Refused(400, "Which lane? (the form has no destination)")
+        if action == "ping":
+            # only a device this agent already delivers to: the console is no port scanner
+            known = {s["remote"] for s in await c.journal.lane_summaries(agent["id"])}
+            if lane not in known:
+                raise Refused(400, "Ping only a destination listed on this page")
+            if c.lanes is not None and html.lane_of(lane) in {
+                    p["lane"] for p in await c.lanes.paused(agent["id"])}:
+                raise Refused(409, "This lane is paused: a ping would wait with its pushes; "
+                                   "resume it first")
+            result = await c.pushes.push(principal, (agent["id"], None), {
+                "destination": lane, "contentType": PING, "body": "PING",
+                "waitForResponse": True, "waitTimeout": PING_TIMEOUT_MS},
+                ping_by_operator=True)
+            log.info("Console: {client_id} pinged {lane} of Agent/{agent_id}",
+                     client_id=principal.client_id, lane=html.lane_of(lane),
+                     agent_id=agent["id"])
+            return _redirect(f"{where}?done=pinged&ping={quote(result.push.id, safe='')}")
+        if c.lanes is None:
+            raise Refused(404, "Lane pauses are not available on this relay")
+        method = c.lanes.pause if action == "pause" else c.lanes.resume
+        await method(principal, agent["id"], lane, client_host(request))
+        return _redirect(f"{where}?done={'paused' if action == 'pause' else 'resumed'}")
 
     async def _message(self, request: Request, session: ConsoleSession, push_id: str,
                        query: dict[str, str], layout: dict[str, Any]
@@ -427,6 +488,9 @@ class ConsoleResource(Resource):
                      client_id=principal.client_id, action=path[2], push_id=path[1])
             flash = {"retry": "retried", "cancel": "cancelled", "resend": "resent"}[path[2]]
             return _redirect(f"/message/{quote(done.id, safe='')}?done={flash}")
+        if len(path) == 3 and path[0] == "agent" and path[2] in ("ping", "pause", "resume"):
+            return await self._lane_action(request, principal, path[1], path[2],
+                                           self._form_of(request))
         if len(path) == 3 and path[0] == "agent" and path[2] == "reload":
             agent = await c.store.read("Agent", path[1])
             answer = await c.hub.request(agent["id"], {"type": wire.RELOADCONFIG_REQUEST})

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from medagent.fhir import FHIRError, not_found, operation_outcome
 from medagent.relay.auth import Authority, Principal
-from medagent.relay.http import agent_ops, fhir_rest, inbound, oauth, pushes
+from medagent.relay.http import agent_ops, fhir_rest, inbound, lanes, oauth, pushes
 from medagent.relay.http.context import (
     DEFAULT_MAX_BODY,
     Response,
@@ -112,6 +112,9 @@ def _match(pattern: list[str], rest: list[str], found: dict[str, str]
 #: caller is authenticated before the table is consulted (401 before any 404 or 405).
 ROUTES: tuple[Route, ...] = (
     Route(ANY, "Agent/{op}", agent_ops.operation),
+    Route("POST", "Agent/{id}/$pause-lane", lanes.pause),
+    Route("POST", "Agent/{id}/$resume-lane", lanes.resume),
+    Route("GET", "Agent/{id}/$lanes", lanes.paused),
     Route(ANY, "Agent/{id}/{op}", agent_ops.operation),
     Route(ANY, "Agent/**/{op}", agent_ops.no_such_path),
     Route("GET", "AgentPush", pushes.list_pushes),
@@ -368,6 +371,8 @@ class Api(Endpoint):
     login_throttle: Any = None
     #: the database ``/readyz`` pings (default: the journal's, L{ready})
     database: Any = None
+    #: the L{medagent.relay.lanes.LaneControl} behind ``$pause-lane`` (set by the service)
+    lanes: Any = None
     #: the inbound log behind ``AgentInbound`` (L{medagent.relay.http.inbound}; the service)
     inbound: Any = None
 

@@ -18,12 +18,14 @@ from medagent.storage.postgres.inbound import PgInboundLog
 from medagent.storage.postgres.journal import PgJournal
 from medagent.storage.postgres.keys import PgSigningKeys
 from medagent.storage.postgres.notices import PgNotices
+from medagent.storage.postgres.pauses import PgLanePauses
 from medagent.storage.postgres.schema import DATA_TABLES, MIGRATIONS
 from medagent.storage.postgres.sessions import PgAgentSessions
 from medagent.storage.postgres.store import PgStore, PgTransaction
 
 __all__ = ["DATA_TABLES", "MIGRATIONS", "PgAgentCalls", "PgAgentSessions", "PgClientRegistry",
            "PgConsoleSessions", "PgDatabase", "PgDeliveryQueue", "PgInboundLog", "PgJournal",
+           "PgLanePauses",
            "PgNotices", "PgSigningKeys", "PgStore", "PgTransaction", "open_relay_database"]
 
 

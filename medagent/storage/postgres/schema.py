@@ -198,6 +198,17 @@ CREATE INDEX pushes_study ON pushes (study_uid, seq);
 CREATE INDEX pushes_sop ON pushes (sop_uid, seq);
 """
 
+#: Lanes an operator paused (L{medagent.storage.postgres.pauses}).
+V8 = """
+CREATE TABLE IF NOT EXISTS lane_pauses (
+    agent_id TEXT NOT NULL,
+    lane TEXT COLLATE "C" NOT NULL,
+    paused_by TEXT NOT NULL,
+    since DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (agent_id, lane)
+);
+"""
+
 #: The console's sign-in sessions, shared by the nodes (L{medagent.storage.postgres.console}):
 #: a browser signed in on one node is signed in on all of them.  The session id itself is
 #: never stored, only its SHA-256 (whoever reads the table cannot take over a session).
@@ -218,9 +229,9 @@ CREATE INDEX console_sessions_seen ON console_sessions (last_seen);
 
 #: (version, SQL) in order; L{medagent.storage.postgres.database.PgDatabase} applies them.
 MIGRATIONS: tuple[tuple[int, str], ...] = ((1, V1), (2, V2), (3, V3), (4, V4), (5, V5),
-                                           (7, V7), (9, V9))
+                                           (7, V7), (8, V8), (9, V9))
 
 #: The tables holding data (what a test empties between tests; never C{schema_version}).
 DATA_TABLES = ("resources", "search_index", "clients", "push_keys", "pushes",
                "subscription_deliveries", "agent_sessions", "agent_calls", "signing_keys",
-               "console_sessions", "inbound")
+               "lane_pauses", "console_sessions", "inbound")

@@ -14,16 +14,18 @@ from medagent.storage.sqlite.database import Database, DatabaseStopped
 from medagent.storage.sqlite.deliveries import SQLiteDeliveryQueue
 from medagent.storage.sqlite.inbound import SQLiteInboundLog
 from medagent.storage.sqlite.journal import SQLiteJournal
+from medagent.storage.sqlite.pauses import SQLiteLanePauses
 from medagent.storage.sqlite.store import SQLiteStore, SQLiteTransaction
 
 __all__ = ["Database", "DatabaseStopped", "SQLiteClientRegistry", "SQLiteDeliveryQueue",
-           "SQLiteInboundLog",
-           "SQLiteJournal", "SQLiteStore", "SQLiteTransaction", "RELAY_SCHEMA",
+           "SQLiteInboundLog", "SQLiteJournal", "SQLiteLanePauses", "SQLiteStore",
+           "SQLiteTransaction", "RELAY_SCHEMA",
            "open_relay_database"]
 
 #: Every table of the relay's database file.
 RELAY_SCHEMA = (SQLiteStore.schema() + SQLiteClientRegistry.schema() + SQLiteJournal.schema()
-                + SQLiteDeliveryQueue.schema() + SQLiteInboundLog.schema())
+                + SQLiteDeliveryQueue.schema() + SQLiteLanePauses.schema()
+                + SQLiteInboundLog.schema())
 
 
 def open_relay_database(reactor: Any, data_dir: str, synchronous: str = "NORMAL") -> Database:

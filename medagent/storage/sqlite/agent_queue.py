@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS inbox (
 );
 CREATE INDEX IF NOT EXISTS inbox_open ON inbox (state, seq);
 CREATE INDEX IF NOT EXISTS inbox_unconfirmed ON inbox (confirmed, state);
+CREATE TABLE IF NOT EXISTS lane_holds (
+    lane TEXT PRIMARY KEY
+);
 """
 
 #: C{resolve(remote, callback, push_id)} of L{SQLiteInbox.recover}: C{None} to queue the entry
@@ -212,6 +215,21 @@ class SQLiteInbox:
                                 (DONE, before)).rowcount
 
         return self._db.run(txn)
+
+    def holds(self) -> Deferred[list[str]]:
+        """The lanes the relay said to hold (its paused lanes), as last recorded."""
+        return self._db.run(lambda conn: [r[0] for r in conn.execute(
+            "SELECT lane FROM lane_holds ORDER BY lane")])
+
+    def set_holds(self, lanes: Sequence[str]) -> Deferred[None]:
+        """Record the lanes to hold: exactly C{lanes} (the relay sends the whole set)."""
+        rows = [(lane,) for lane in sorted(set(lanes))]
+
+        def txn(conn: Any) -> None:
+            conn.execute("DELETE FROM lane_holds")
+            conn.executemany("INSERT INTO lane_holds (lane) VALUES (?)", rows)
+
+        return self._db.run_batched(txn)
 
     def oldest_open(self) -> Deferred[list[tuple[str, float]]]:
         """C{(remote, oldest created)} of the queued and delivering entries per remote URL."""

@@ -34,6 +34,7 @@ from medagent.storage.journal import (
     Push,
     Trend,
     agent_summary_rows,
+    outcome_count_rows,
     check_not_repeated,
     check_trend_buckets,
     earlier_by_key,
@@ -530,6 +531,12 @@ class SQLiteJournal:
         """Per agent: open pushes, the oldest one's creation time, failures since C{since}
         (L{medagent.storage.journal.agent_summary_rows})."""
         return self._db.run(agent_summary_rows, "?", since)
+
+    def outcome_counts(self, since: float, limit: int = 1000
+                       ) -> Deferred[dict[str, dict[str, int]]]:
+        """Per agent: pushes delivered or failed since C{since}, and the failed ones
+        (L{medagent.storage.journal.outcome_count_rows})."""
+        return self._db.run(outcome_count_rows, "?", since, limit)
 
     def lane_summaries(self, agent_id: str) -> Deferred[list[dict[str, Any]]]:
         """
