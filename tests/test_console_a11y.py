@@ -4,14 +4,16 @@ The console checked by a third-party accessibility engine: Deque's axe-core (npm
 downloaded at run time), injected into a real headless Chromium (the helpers of
 L{tests.test_console_browser}) against real ``twistd`` relay and agent processes.
 
-Every main view (login, fleet, trends, an agent page with lanes and channels, messages with
-results, a message's page, the bulk retry's confirmation and result, inbound with results,
-an inbound message's page, alerts, an error page; a message's page as a viewer) is run through
-``axe.run`` with the WCAG 2.0/2.1/2.2 A and AA rules and axe's best practices, at desktop and
-at phone width (390×844), where the page must not scroll sideways.  Any violation of impact
+Every main view (login, fleet, trends, an agent page with lanes and channels, after a ping
+and with a lane paused, messages with results, a message's page, the bulk retry's
+confirmation and result, inbound with results, an inbound message's page, alerts, an error
+page; a message's page as a viewer) is run through ``axe.run`` with the WCAG 2.0/2.1/2.2 A
+and AA rules and axe's best practices, at desktop and at phone width (390×844), where the
+page must not scroll sideways (nor at 320 px, WCAG's reflow width).  Any violation of impact
 I{serious} or I{critical} fails the test; I{moderate} and I{minor} ones, and what axe could
-not decide (I{incomplete}: to review), are written to the test log.  The whole report is kept in
-``_trial_temp/axe.json``.
+not decide (I{incomplete}: to review), are written to the test log.  The whole report is
+kept in ``_trial_temp/axe.json``, each view at phone width in
+``_trial_temp/screenshots/a11y-*-phone.png``.
 
 A keyboard check walks the fleet page with Tab: the skip link comes first and shows, every
 link and button is reached, and each shows a focus outline (console.css's
@@ -41,7 +43,7 @@ log = Logger()
 WCAG_TAGS = ("wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice")
 #: what fails the test
 BLOCKING = ("serious", "critical")
-DESKTOP, PHONE = (1280, 900), (390, 844)
+DESKTOP, PHONE, REFLOW = (1280, 900), (390, 844), (320, 700)
 
 
 def axe_path() -> str:
@@ -151,6 +153,17 @@ class Checker:
                               "impact": "serious", "help": f"the page is {result['overflow']}"
                               "px wider than the window", "nodes": []})
             self.checked.append(f"{view} ({name})")
+            if name == "phone":
+                slug = "".join(c if c.isalnum() else "-" for c in view).strip("-")
+                await self.browser.shot(f"a11y-{slug}-phone")
+        # WCAG 1.4.10 (reflow): at 320 CSS px wide, still no sideways scrolling of the page
+        await self.browser.do(lambda d: d.set_window_size(*REFLOW))
+        overflow = await self.browser.do(lambda d: d.execute_script(
+            "var r = document.documentElement; return r.scrollWidth - r.clientWidth;"))
+        if overflow > 0:
+            found.append({"view": view, "width": "320px", "id": "page-overflows-x",
+                          "impact": "serious", "help": f"the page is {overflow}px wider "
+                          "than the window (WCAG 1.4.10 reflow)", "nodes": []})
         await self.browser.do(lambda d: d.set_window_size(*DESKTOP))
         self.findings.extend(found)
         return found
@@ -239,6 +252,17 @@ class ConsoleAccessibility(TestCase):
             await b.click("button[name=reload]")
             await b.wait(lambda d: d.find_elements("css selector", "p.flash"), "the flash")
             await axe.check("agent (after an action)")
+            lane = f'#lanes tr[data-lane="mllp://127.0.0.1:{self.ok_port}"]'
+            await b.click(f"{lane} button[name=ping]")
+            await b.wait(lambda d: d.find_elements("css selector", "#ping-result"),
+                         "the ping's result")
+            await axe.check("agent (ping result)")
+            await b.click(f"{lane} button[name=pause]")
+            await b.do(lambda d: d.switch_to.alert.accept())  # "Pause this lane?"
+            await b.wait(text_is(f"{lane} [data-field=lane-state]", "paused"), "paused")
+            await axe.check("agent (a lane paused)")
+            await b.get("/console/fleet")
+            await axe.check("fleet (a lane paused)")
             await b.get("/console/messages")
             await b.wait(text_is(f"#push-{failed} [data-field=state]", "failed"),
                          "the failed push")
@@ -285,7 +309,7 @@ class ConsoleAccessibility(TestCase):
             axe.save()
             log.info("axe checked {n} page views: {views}", n=len(axe.checked),
                      views=", ".join(axe.checked))
-            self.assertEqual(len(axe.checked), 32)
+            self.assertEqual(len(axe.checked), 38)
             blocking = axe.blocking()
             self.assertEqual(blocking, [], "axe found serious or critical violations:\n"
                              + axe.report(blocking))
