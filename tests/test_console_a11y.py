@@ -6,13 +6,13 @@ L{tests.test_console_browser}) against real ``twistd`` relay and agent processes
 
 Every main view (login, fleet, trends, an agent page with lanes and channels, after a ping
 and with a lane paused, messages with results, a message's page, the bulk retry's
-confirmation and result, inbound with results, an inbound message's page, alerts, an error
-page; a message's page as a viewer) is run through ``axe.run`` with the WCAG 2.0/2.1/2.2 A
-and AA rules and axe's best practices, at desktop and at phone width (390×844), where the
-page must not scroll sideways (nor at 320 px, WCAG's reflow width).  Any violation of impact
-I{serious} or I{critical} fails the test; I{moderate} and I{minor} ones, and what axe could
-not decide (I{incomplete}: to review), are written to the test log.  The whole report is
-kept in ``_trial_temp/axe.json``, each view at phone width in
+confirmation and result, inbound with results, an inbound message's page, alerts with one
+active, an error page; a message's page as a viewer) is run through ``axe.run`` with the
+WCAG 2.0/2.1/2.2 A and AA rules and axe's best practices, at desktop and at phone width
+(390×844), where the page must not scroll sideways (nor at 320 px, WCAG's reflow width).
+Any violation of impact I{serious} or I{critical} fails the test; I{moderate} and I{minor}
+ones, and what axe could not decide (I{incomplete}: to review), are written to the test log.
+The whole report is kept in ``_trial_temp/axe.json``, each view at phone width in
 ``_trial_temp/screenshots/a11y-*-phone.png``.
 
 A keyboard check walks the fleet page with Tab: the skip link comes first and shows, every
@@ -199,8 +199,13 @@ class ConsoleAccessibility(TestCase):
     async def _setUp(self) -> None:
         # one relay, one agent with an inbound channel (the inbound view's Site), two
         # python-hl7 devices for its pushes: one answers AA, one AE
-        self.site = await Site.start(self)
+        relay, admin = await procs.relay_with_admin_args(
+            self, ["--alert-offline-minutes", "0.05"])
+        self.site = await Site.start(self, relay, admin)
         self.relay, self.admin, self.agent = self.site.relay, self.site.client, self.site.agent
+        # an agent that never connects: offline in the fleet, an active alert after 3 s
+        self.spare = await self.admin.create({"resourceType": "Agent", "name": "Spare agent",
+                                              "status": "active"})
         self.operator = self.relay.create_client("operator")
         self.viewer = self.relay.create_client("viewer")
         self.ok_port, self.ae_port = procs.free_port(), procs.free_port()
@@ -284,6 +289,8 @@ class ConsoleAccessibility(TestCase):
             await b.wait(lambda d: d.find_elements("css selector", "#payload"), "the payload")
             await axe.check("inbound detail (operator, payload)")
             await b.get("/console/alerts")
+            await b.wait(lambda d: self.spare["id"] in d.find_element(
+                "css selector", "#alerts-active").text or d.refresh(), "the offline alert")
             await axe.check("alerts")
             await b.get("/console/message/no-such-message")
             await axe.check("error (404)")
