@@ -10,15 +10,21 @@ Starts real processes: the relay (twistd), the agent (twistd), MLLP ACK sinks (o
 - the direct MLLP round trip to the same sink (our MLLP sender, persistent connection);
 - a bare twisted.web POST round trip with the same HTTP client;
 - where a push's time went: the median of each stage of its timeline (received, journaled,
-  sent, accepted, answered) from the push status documents.
+  sent, accepted, device, answered) from the push status documents.
 
 Prints progress, then one JSON object as the last line:
 ``push_p50_ms, push_p99_ms, http_p50_ms, mllp_p50_ms, ratio, pushes_per_s_1, pushes_per_s_16,
-pushes_per_s_16_devices, stage_p50_ms`` with ratio = push_p50 / (http_p50 + mllp_p50).
+http_per_s_16, pushes_per_s_16_devices, stage_p50_ms`` and CPU per push (relay, agent, this
+client) with ratio = push_p50 / (http_p50 + mllp_p50); http_per_s_16 is bare twisted.web with
+as many clients, the throughput floor.
 Targets (issue 13): ratio ≤ 2.0; ≥ 1000 waited pushes/s with 16 clients to one device and
 ≥ 2000 spread over 16 devices.
 
-    python bench/push_rtt.py [--n 2000] [--concurrency 16] [--devices 16]
+    python bench/push_rtt.py [--n 2000] [--concurrency 16] [--devices 16] [--profile DIR]
+
+C{--profile DIR} runs the relay and the agent under twistd's cProfile and leaves
+``DIR/relay.prof`` and ``DIR/agent.prof`` (pstats files; the profiler slows both, so the
+numbers of that run are not the ones to report).
 """
 
 from __future__ import annotations
@@ -133,7 +139,16 @@ async def main(args: argparse.Namespace) -> dict:
             return open_authority(open_database(None, data), data).create_client_sync(role, agents)
 
         admin = client("admin")
-        relay = bench.spawn("relay", ["-c", TWISTD, "-n", "--pidfile=", "medagent-relay",
+
+        def profiled(name: str) -> list[str]:
+            if not args.profile:
+                return []
+            os.makedirs(args.profile, exist_ok=True)
+            return [f"--profile={os.path.join(args.profile, name + '.prof')}",
+                    "--profiler=cprofile", "--savestats"]
+
+        relay = bench.spawn("relay", ["-c", TWISTD, "-n", "--pidfile=", *profiled("relay"),
+                                      "medagent-relay",
                                       "--data", data, "--listen",
                                       f"tcp:{relay_port}:interface=127.0.0.1"])
         sink = bench.spawn("sink", [SINK, str(sink_port), os.devnull])
@@ -159,7 +174,8 @@ async def main(args: argparse.Namespace) -> dict:
                                              "status": "active"}).encode())
         agent_id = (await r.json())["id"]
         creds = client("agent", [agent_id])
-        agent = bench.spawn("agent", ["-c", TWISTD, "-n", "--pidfile=", "medagent-agent",
+        agent = bench.spawn("agent", ["-c", TWISTD, "-n", "--pidfile=", *profiled("agent"),
+                                      "medagent-agent",
                                       "--relay", base, "--client-id", creds["clientId"],
                                       "--client-secret", creds["clientSecret"],
                                       "--agent-id", agent_id,
@@ -203,19 +219,25 @@ async def main(args: argparse.Namespace) -> dict:
         mllp_lat, _ = await timed_loop(args.n, 1, mllp)
         print("measuring bare twisted.web POST", file=sys.stderr)
         http_lat, _ = await timed_loop(args.n, 1, web_post)
+        print(f"measuring bare twisted.web POST, {args.concurrency} clients", file=sys.stderr)
+        http16_lat, http16_wall = await timed_loop(args.n * 2, args.concurrency, web_post)
         print("measuring waited pushes, 1 client", file=sys.stderr)
         cpu = [(cpu_ms(relay), cpu_ms(agent))]
+        own = [time.process_time()]
         push_lat, push_wall = await timed_loop(args.n, 1, lambda i: push(i))
         cpu.append((cpu_ms(relay), cpu_ms(agent)))
         print(f"measuring waited pushes, {args.concurrency} clients", file=sys.stderr)
+        own.append(time.process_time())
         conc_lat, conc_wall = await timed_loop(args.n * 2, args.concurrency,
                                                lambda i: push(args.n + i))
+        own.append(time.process_time())
         cpu.append((cpu_ms(relay), cpu_ms(agent)))
         print(f"measuring waited pushes, {args.concurrency} clients, {args.devices} devices",
               file=sys.stderr)
         spread_lat, spread_wall = await timed_loop(
             args.n * 2, args.concurrency,
             lambda i: push(3 * args.n + i, spread[i % len(spread)]))
+        cpu.append((cpu_ms(relay), cpu_ms(agent)))
         await sender.close()
         stages = await stage_medians(base, pool, headers, sampled[warm:])
         await pool.closeCachedConnections()
@@ -231,12 +253,16 @@ async def main(args: argparse.Namespace) -> dict:
             "ratio": round(push_p50 / (http_p50 + mllp_p50), 3),
             "pushes_per_s_1": round(len(push_lat) / push_wall, 1),
             "pushes_per_s_16": round(len(conc_lat) / conc_wall, 1),
+            # the throughput floor: bare twisted.web POSTs/s with as many clients (the same
+            # HTTP client, on the same two cores)
+            "http_per_s_16": round(len(http16_lat) / http16_wall, 1),
             "push_p50_ms_16": round(percentile(conc_lat, 0.5), 3),
             "push_p99_ms_16": round(percentile(conc_lat, 0.99), 3),
             "pushes_per_s_16_devices": round(len(spread_lat) / spread_wall, 1),
             "push_p50_ms_16_devices": round(percentile(spread_lat, 0.5), 3),
             # where a waited push's time went (1 client): median ms from the stage before
-            # (the push status documents' timeline; received → journaled → sent → answered)
+            # (the push status documents' timeline; received → journaled → sent → accepted →
+            # device → answered)
             "stage_p50_ms": stages,
             # CPU each process spent per waited push (load on the machine moves it less
             # than the latencies): where the time goes, relay or agent
@@ -244,6 +270,11 @@ async def main(args: argparse.Namespace) -> dict:
             "agent_cpu_ms_per_push_1": round((cpu[1][1] - cpu[0][1]) / args.n, 3),
             "relay_cpu_ms_per_push_16": round((cpu[2][0] - cpu[1][0]) / (args.n * 2), 3),
             "agent_cpu_ms_per_push_16": round((cpu[2][1] - cpu[1][1]) / (args.n * 2), 3),
+            # this load generator's own CPU per push (treq): the share of the machine the
+            # relay and the agent do not get
+            "client_cpu_ms_per_push_16": round((own[2] - own[1]) * 1000 / (args.n * 2), 3),
+            "relay_cpu_ms_per_push_16_devices": round((cpu[3][0] - cpu[2][0]) / (args.n * 2), 3),
+            "agent_cpu_ms_per_push_16_devices": round((cpu[3][1] - cpu[2][1]) / (args.n * 2), 3),
         }
     finally:
         await bench.stop()
@@ -255,6 +286,8 @@ def run() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--devices", type=int, default=16,
                         help="devices (MLLP sinks) the spread measurement uses")
+    parser.add_argument("--profile", default="",
+                        help="directory for cProfile stats of the relay and the agent")
     print_result(main(parser.parse_args()))
 
 

@@ -34,3 +34,24 @@ class LazyPformat:
 
 
 _protocol.pformat = LazyPformat  # type: ignore[assignment]
+
+
+
+def frames(proto: Any) -> Any:
+    """
+    The L{medagent.wire.FrameBatcher} every message of the relay's or the agent's websocket
+    C{proto} (an autobahn protocol) goes through, made on first use: messages keep their
+    order whether or not batching is on (the application switches it on once the peer
+    announced L{medagent.wire.CAP_BATCH}).
+    """
+    batcher = proto.__dict__.get("_batcher")
+    if batcher is None:
+        from medagent.wire import FrameBatcher
+
+        def write(data: bytes) -> None:
+            if proto.state == proto.STATE_OPEN:
+                proto.sendMessage(data, isBinary=False)
+
+        # autobahn's factories carry the reactor they were made with
+        batcher = proto._batcher = FrameBatcher(proto.factory.reactor, write)
+    return batcher

@@ -49,6 +49,45 @@ TRANSMIT_CANCEL_RESPONSE = "agent:transmit:cancel:response"
 #: device finishes) until a later message leaves a lane out; it keeps the list on disk.  Sent
 #: after every connect (an empty list included) and whenever the list changes.  No answer.
 LANES_HOLD = "agent:lanes:hold"
+#: Extension (either way, only to a peer that announced "batch"): several messages in one
+#: frame, ``{"type": "agent:batch", "messages": [...]}``, each handled as if it came in a
+#: frame of its own, in order.  Sent when several messages are ready in one reactor turn
+#: (L{FrameBatcher}); at most L{MAX_BATCH} messages, never nested.
+BATCH = "agent:batch"
+#: Field of our agent's answer to a push: milliseconds from handing the message to the device
+#: until this answer (the agent's clock: an interval, not a time, since clocks differ); the
+#: relay puts the push's "device" stage that long before the answer came.
+DEVICE_MS = "deviceMs"
+#: Most messages one ``agent:batch`` frame may carry.
+MAX_BATCH = 64
+#: A batch frame stays below this many bytes; a bigger message goes in a frame of its own.
+BATCH_BYTES = 256 * 1024
+#: Field of the connect request (agent) and response (relay) next to the "batch" capability:
+#: the largest batch frame the sender accepts (at most L{BATCH_BYTES}, and within its own
+#: message size limit), which the other side keeps its batches under.
+BATCH_BYTES_FIELD = "batchBytes"
+#: The smallest batch limit a peer may announce (below it, it gets no batches).
+MIN_BATCH_BYTES = 1024
+
+
+def batch_limit(own_max_message: int) -> int:
+    """The C{batchBytes} to announce: L{BATCH_BYTES}, or less if our own limit is lower."""
+    return max(MIN_BATCH_BYTES, min(BATCH_BYTES, own_max_message))
+
+
+def peer_batch_limit(msg: Mapping[str, Any]) -> int | None:
+    """
+    The batch limit the peer's connect message announced, or C{None} (no batches to it):
+    it must name the "batch" capability and a whole C{batchBytes} from L{MIN_BATCH_BYTES}
+    to L{BATCH_BYTES} (a number from outside, range-checked).
+    """
+    caps = msg.get("capabilities")
+    limit = msg.get(BATCH_BYTES_FIELD)
+    if not (isinstance(caps, list) and CAP_BATCH in caps):
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    return limit if MIN_BATCH_BYTES <= limit <= BATCH_BYTES else None
 
 #: Deprecated names that Medplum still accepts, mapped to the current ones.
 ALIASES = {
@@ -90,6 +129,7 @@ KNOWN_TYPES = frozenset(
         TRANSMIT_CANCEL,
         TRANSMIT_CANCEL_RESPONSE,
         LANES_HOLD,
+        BATCH,
     ]
 )
 
@@ -110,6 +150,9 @@ CAP_LANE_HOLD = "lane-hold"
 #: Lanes one ``agent:lanes:hold`` may name, at most, and the longest lane key.
 MAX_HELD_LANES = 1000
 MAX_LANE_KEY = 2000
+#: The peer reads ``agent:batch`` frames (announced by our agent in its connect request and
+#: by our relay in its connect response; each side batches only to a peer that announced it).
+CAP_BATCH = "batch"
 
 #: ``agent:error`` texts that say the agent did not take the message at all: nothing reached
 #: a device, so the push stays queued and is sent again once the agent is ready.
@@ -128,7 +171,7 @@ def error_not_delivered(msg: Mapping[str, Any]) -> bool:
 #: The capabilities that are features; every other one an agent announces is a destination
 #: scheme it can deliver to (ours announces each scheme of its senders).
 FEATURE_CAPABILITIES = frozenset([CAP_DURABLE, CAP_DEDUPE, CAP_TOKEN_REFRESH, CAP_CANCEL,
-                                  CAP_LANE_HOLD])
+                                  CAP_LANE_HOLD, CAP_BATCH])
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}\Z")
 
 
@@ -187,6 +230,12 @@ def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[
         raise WireError(f"Message is not JSON: {e.msg}")
     if not isinstance(msg, dict):
         raise WireError("Message is not a JSON object")
+    return check(msg)
+
+
+def check(msg: dict[str, Any]) -> dict[str, Any]:
+    """A decoded JSON object as a message (its ``type`` known, its fields there), or
+    L{WireError}; a frame's object, or one of an ``agent:batch``."""
     callback = msg.get("callback")
     if callback is not None and not isinstance(callback, str):
         raise WireError("callback must be a string")
@@ -206,7 +255,33 @@ def decode(data: bytes | str, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> dict[
     status = msg.get("statusCode")
     if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
         raise WireError("statusCode must be an integer", callback)
+    if kind == BATCH:
+        items = msg.get("messages")
+        if not isinstance(items, list) or not items:
+            raise WireError("messages must be a non-empty list", callback)
+        if len(items) > MAX_BATCH:
+            raise WireError(f"Too many messages in one batch ({len(items)}, limit "
+                            f"{MAX_BATCH})", callback)
     return msg
+
+
+def unbatch(batch: Mapping[str, Any]) -> list[dict[str, Any] | WireError]:
+    """
+    The messages of an ``agent:batch`` (checked by L{decode}), each checked as a frame's
+    would be: a message, or the L{WireError} to answer for it (a nested batch is one).
+    """
+    out: list[dict[str, Any] | WireError] = []
+    for item in batch["messages"]:
+        try:
+            if not isinstance(item, dict):
+                raise WireError("Message is not a JSON object")
+            msg = check(item)
+            if msg["type"] == BATCH:
+                raise WireError("agent:batch inside agent:batch", msg.get("callback"))
+            out.append(msg)
+        except WireError as e:
+            out.append(e)
+    return out
 
 
 def encode(msg: Mapping[str, Any]) -> bytes:
@@ -214,6 +289,87 @@ def encode(msg: Mapping[str, Any]) -> bytes:
     return json.dumps(
         {k: v for k, v in msg.items() if v is not None}, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
+
+
+def encode_batch(frames: Iterable[bytes]) -> bytes:
+    """One ``agent:batch`` frame from messages already L{encode}d (not encoded again)."""
+    return b'{"type":"agent:batch","messages":[' + b",".join(frames) + b"]}"
+
+
+_BATCH_ENVELOPE = len(encode_batch([]))
+
+
+class FrameBatcher:
+    """
+    What a websocket's C{send_message} goes through: while off (the default, and for a peer
+    that did not announce L{CAP_BATCH}, such as Medplum's agent), each message is written as
+    its own frame at once.  Once L{enable}d, messages sent in one reactor turn are written
+    together at the end of it (C{clock.callLater(0)}): one frame for one message, an
+    ``agent:batch`` for several (up to L{MAX_BATCH} messages and the peer's announced
+    C{batchBytes}; a message that does not fit goes alone, as it would have), always in
+    the order they were sent.  A websocket frame costs both sides far more than the JSON
+    of a small message, and sixteen pushes answered in one turn become one frame, not
+    sixteen.  C{write(frame_bytes)} writes one text frame.
+    """
+
+    def __init__(self, clock: Any, write: Any) -> None:
+        self._clock = clock
+        self._write = write
+        self._pending: list[bytes] = []
+        self._call: Any = None
+        self.enabled = False
+        #: the largest batch frame (the peer's announced C{batchBytes})
+        self.max_bytes = BATCH_BYTES
+        #: frames written, and messages in them (for tests and stats)
+        self.frames = 0
+        self.messages = 0
+
+    def enable(self, max_bytes: int = BATCH_BYTES) -> None:
+        """Batch from now on, each batch frame at most C{max_bytes} (the peer's limit)."""
+        self.enabled = True
+        self.max_bytes = min(max_bytes, BATCH_BYTES)
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        data = encode(msg)
+        if not self.enabled:
+            self._emit(data, 1)
+            return
+        self._pending.append(data)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write what is pending now (also before a close, so nothing sent is held back)."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        pending, self._pending = self._pending, []
+        group: list[bytes] = []
+        size = _BATCH_ENVELOPE
+        for data in pending:
+            if group and (len(group) >= MAX_BATCH or size + len(data) + 1 > self.max_bytes):
+                self._emit_group(group)
+                group, size = [], _BATCH_ENVELOPE
+            group.append(data)
+            size += len(data) + 1
+        if group:
+            self._emit_group(group)
+
+    def discard(self) -> None:
+        """The connection is gone: drop what is pending (and its timer)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._pending = []
+
+    def _emit_group(self, group: list[bytes]) -> None:
+        self._emit(group[0] if len(group) == 1 else encode_batch(group), len(group))
+
+    def _emit(self, frame: bytes, n: int) -> None:
+        self.frames += 1
+        self.messages += n
+        self._write(frame)
 
 
 def error(body: str, callback: str | None = None) -> dict[str, Any]:

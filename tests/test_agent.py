@@ -286,6 +286,40 @@ class AgentAppTests(SynchronousTestCase):
         self.assertEqual([a["pushId"] for a in self.answers()], ["p1", "p2", "p3"])
         self.assertEqual(len(self.sender.calls), 3)
 
+    def test_answer_says_how_long_the_device_took(self) -> None:
+        """C{deviceMs}: from handing the message to the device to its answer (an interval
+        on the agent's clock, so the relay can place it on its own)."""
+        self.go_live()
+        self.push("p1")
+        self.clock.advance(0.125)
+        self.sender.calls[0][2].callback(Reply("A1"))
+        [answer] = self.answers()
+        self.assertEqual(answer[wire.DEVICE_MS], 125.0)
+
+    def test_busy_lane_answer_and_next_claim_share_one_commit(self) -> None:
+        """
+        On a busy lane, recording message N's answer and claiming message N+1 is one
+        transaction (one thread hop, one commit), the answer written first; N+1 is handed to
+        the device only after that commit.
+        """
+        self.go_live()
+        self.push("p1")  # in flight
+        self.push("p2")  # waits on the lane
+        transactions: list[int] = []
+        run = self.db.run
+
+        def counting_run(fn: Any, *args: Any) -> Any:
+            transactions.append(len(self.sender.calls))
+            return run(fn, *args)
+
+        self.db.run = counting_run  # type: ignore[method-assign]
+        self.sender.calls[0][2].callback(Reply("A1"))
+        self.assertEqual(transactions, [1])  # one commit, before p2 was handed over
+        self.assertEqual(len(self.sender.calls), 2)
+        rows = self.successResultOf(run(lambda c: [tuple(r) for r in c.execute(
+            "SELECT push_id, state, attempts FROM inbox ORDER BY seq")]))
+        self.assertEqual(rows, [("p1", "done", 1), ("p2", "delivering", 1)])
+
     # -- agent:transmit:cancel (the 'cancel' extension) -----------------------------------
 
     def cancel(self, push_id: str, callback: str = "c1") -> dict[str, Any]:

@@ -100,7 +100,9 @@ class _HubCase(SynchronousTestCase):
 class HubTests(_HubCase):
     def test_connect(self) -> None:
         conn, session = self.connect()
-        self.assertEqual(conn.sent, [{"type": wire.CONNECT_RESPONSE, "capabilities": ["durable"]}])
+        self.assertEqual(conn.sent, [{"type": wire.CONNECT_RESPONSE,
+                                      "capabilities": ["durable", "batch"],
+                                      "batchBytes": wire.BATCH_BYTES}])
         self.assertTrue(self.hub.is_connected(self.agent["id"]))
 
     def test_connect_refused_for_other_agent(self) -> None:

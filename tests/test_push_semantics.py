@@ -258,6 +258,44 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(conflict, FHIRError).value.status, 409)
         self.assertEqual([r["pushId"] for r in self.sent()], [pushed.id])
 
+    def test_waited_repeats_to_a_connected_agent_need_no_lookup(self) -> None:
+        """
+        A waited push to an agent this node holds skips the repeat lookups (a database round
+        trip per push): the journal's insert finds the repeat in its own transaction, with
+        the same outcomes — the earlier push for the same message, 409 for a key reused.
+        """
+        first = self.push(order("ORD20"), key="c-1", wait=True)
+        [request] = self.sent()
+        self.answer(request, "MSH|^~\\&|LIS\rMSA|AA|ORD20")
+        pushed = self.successResultOf(first).push
+
+        def no_lookup(*args: Any) -> Any:
+            raise AssertionError("looked up a repeat before the insert")
+
+        self.patch(self.journal, "find_same_message", no_lookup)
+        self.patch(self.journal, "find_by_key", no_lookup)
+        for key in (None, "c-1", "c-2"):
+            again = self.successResultOf(self.push(order("ORD20"), key=key, wait=True))
+            self.assertEqual((again.push.id, again.duplicate), (pushed.id, True))
+            self.assertIn("MSA|AA|ORD20", again.push.reply_body)
+        f = self.failureResultOf(self.push(order("ORD21"), key="c-1", wait=True), FHIRError)
+        self.assertEqual(f.value.status, 409)
+        self.assertEqual(len(self.sent()), 1)
+
+    def test_waited_repeat_while_the_agent_is_away_is_answered(self) -> None:
+        """The agent not connected: a waited repeat is still answered from the journal
+        (looked up first), not refused as 503."""
+        first = self.push(order("ORD22"), wait=True)
+        [request] = self.sent()
+        self.answer(request, "MSH|^~\\&|LIS\rMSA|AA|ORD22")
+        pushed = self.successResultOf(first).push
+        self.hub.connection_lost(self.session)
+        self.assertFalse(self.hub.is_connected(self.agent["id"]))
+        again = self.successResultOf(self.push(order("ORD22"), wait=True))
+        self.assertEqual((again.push.id, again.duplicate), (pushed.id, True))
+        f = self.failureResultOf(self.push(order("ORD23"), wait=True), FHIRError)
+        self.assertEqual(f.value.status, 503)
+
     def test_a_delivered_push_shows_where_its_time_went(self) -> None:
         d = self.push(order("ORD40"), wait=True)
         self.clock.advance(0.25)
@@ -270,6 +308,36 @@ class RepeatRules(SynchronousTestCase):
         self.assertEqual(stored.timeline, push.timeline)
         self.assertEqual([s["stage"] for s in stored.to_json()["timeline"]],
                          ["received", "journaled", "sent", "answered"])
+
+    def test_the_agent_says_when_the_device_got_it(self) -> None:
+        """
+        Our agent's answer carries C{deviceMs} (how long the device took, on the agent's
+        clock): the "device" stage is that long before "answered" on the relay's clock.  A
+        number that does not fit since the push was sent (or is not a number) is ignored.
+        """
+        d = self.push(order("ORD41"), wait=True)
+        self.clock.advance(0.5)
+        [request] = self.sent()
+        self.hub.frame_received(self.session, wire.encode({
+            "type": wire.TRANSMIT_RESPONSE, "remote": request["remote"],
+            "callback": request["callback"], "contentType": HL7_V2, "statusCode": 200,
+            "body": "MSH|^~\\&|LIS\rMSA|AA|ORD41", wire.DEVICE_MS: 200}))
+        push = self.successResultOf(d).push
+        self.assertEqual(list(push.timeline),
+                         ["received", "journaled", "sent", "device", "answered"])
+        self.assertAlmostEqual(push.timeline["answered"] - push.timeline["device"], 0.2)
+        stored = self.successResultOf(self.journal.current(push.id))
+        self.assertEqual([s["stage"] for s in stored.to_json()["timeline"]],
+                         ["received", "journaled", "sent", "device", "answered"])
+        for i, bogus in enumerate((-1, 501, "200", True, None, 1e308)):
+            d = self.push(order(f"ORD5{i}"), wait=True)
+            self.clock.advance(0.5)
+            request = self.sent()[-1]
+            self.hub.frame_received(self.session, wire.encode({
+                "type": wire.TRANSMIT_RESPONSE, "remote": request["remote"],
+                "callback": request["callback"], "contentType": HL7_V2, "statusCode": 200,
+                "body": "MSH|^~\\&|LIS\rMSA|AA|x", wire.DEVICE_MS: bogus}))
+            self.assertNotIn("device", self.successResultOf(d).push.timeline, bogus)
 
     def test_a_repeat_journaled_by_another_node_meanwhile(self) -> None:
         """

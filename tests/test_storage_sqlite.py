@@ -264,3 +264,36 @@ class DatabaseTests(SynchronousTestCase):
         with db.hold():
             pass  # nothing held: no empty transaction
         self.assertEqual(transactions, [1])
+
+    def test_together_puts_batched_calls_in_one_commit_in_order(self) -> None:
+        """Without it, the first call commits alone; inside it, the calls share one."""
+        db, _ = self.make()
+        transactions: list[int] = []
+        run = db.run
+
+        def counting_run(fn: Any, *args: Any) -> Any:
+            transactions.append(1)
+            return run(fn, *args)
+
+        db.run = counting_run  # type: ignore[method-assign]
+        insert = "INSERT INTO t VALUES (?)"
+        db.run_batched(lambda conn: conn.execute(insert, (1,)))
+        db.run_batched(lambda conn: conn.execute(insert, (2,)))
+        self.assertEqual(len(transactions), 2)
+        with db.together():
+            first = db.run_batched(lambda conn: conn.execute(insert, (3,)).rowcount)
+            second = db.run_batched(lambda conn: conn.execute(insert, (4,)).rowcount)
+            self.assertNoResult(first)
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 1))
+        self.assertEqual(len(transactions), 3)
+        rows = self.successResultOf(run(lambda c: [r[0] for r in c.execute(
+            "SELECT x FROM t ORDER BY rowid")]))
+        self.assertEqual(rows, [1, 2, 3, 4])
+
+    def test_together_while_a_batch_commits_joins_the_next_batch(self) -> None:
+        db, _ = self.make()
+        with db.hold():  # as a batch being committed
+            with db.together():
+                d = db.run_batched(lambda conn: conn.execute("INSERT INTO t VALUES (1)").rowcount)
+            self.assertNoResult(d)  # still behind the "committing" batch
+        self.assertEqual(self.successResultOf(d), 1)

@@ -66,7 +66,8 @@ class AgentApp:
         self.max_missed_heartbeats = max_missed_heartbeats
         self.max_not_live_ticks = max_not_live_ticks
         self.capabilities = (wire.CAP_DEDUPE, wire.CAP_DURABLE, wire.CAP_TOKEN_REFRESH,
-                             wire.CAP_CANCEL, wire.CAP_LANE_HOLD, *capabilities)
+                             wire.CAP_CANCEL, wire.CAP_LANE_HOLD, wire.CAP_BATCH,
+                             *capabilities)
         self.log_buffer = log_buffer
         self.reload_config = reload_config
         self.max_message_size = max_message_size
@@ -116,6 +117,7 @@ class AgentApp:
                     "accessToken": token,
                     "agentId": self.agent_id,
                     "capabilities": list(self.capabilities),
+                    wire.BATCH_BYTES_FIELD: wire.batch_limit(self.max_message_size),
                 }
             )
 
@@ -177,11 +179,28 @@ class AgentApp:
             log.warn("Bad frame from the relay: {reason}", reason=e.reason)
             self._send(wire.error(e.reason, e.callback))
             return
+        if msg["type"] == wire.BATCH:
+            # several messages in one frame: each as if it had come in its own, in order
+            for item in wire.unbatch(msg):
+                if isinstance(item, wire.WireError):
+                    log.warn("Bad message in a batch from the relay: {reason}",
+                             reason=item.reason)
+                    self._send(wire.error(item.reason, item.callback))
+                else:
+                    self._message_received(item)
+            return
+        self._message_received(msg)
+
+    def _message_received(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         try:
             if kind == wire.CONNECT_RESPONSE:
                 caps = msg.get("capabilities")
                 self.relay_durable = isinstance(caps, list) and wire.CAP_DURABLE in caps
+                batching = getattr(self.conn, "enable_batching", None)
+                limit = wire.peer_batch_limit(msg)
+                if limit is not None and batching is not None:
+                    batching(limit)
                 self._on_live()
             elif kind == wire.HEARTBEAT_REQUEST:
                 self.outstanding_heartbeats = 0

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, 
 from medagent.agent.allow import DestinationPolicy
 from medagent.contenttypes import PING
 from medagent.delivery import DeliveryError, Reply, Sender
-from medagent.destination import Destination, DestinationError, parse_destination
+from medagent.destination import Destination, DestinationError, lane_key, parse_destination
 
 
 #: How many destination URLs a dispatcher remembers the parse of (then it starts again).
@@ -98,9 +98,8 @@ class Dispatcher:
         return parsed
 
     def lane_key(self, remote: str) -> str:
-        """L{medagent.destination.lane_key}, from the remembered parse."""
-        parsed = self.parse(remote)
-        return remote if isinstance(parsed, DestinationError) else parsed.key
+        """L{medagent.destination.lane_key} (remembered there)."""
+        return lane_key(remote)
 
     def dispatch(
         self, remote: str, content_type: str, body: str, options: Mapping[str, Any] | None = None

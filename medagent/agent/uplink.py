@@ -123,15 +123,21 @@ class RelaySocket(WebSocketClientProtocol):
         self.factory.app.frame_received(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        _autobahn.frames(self).discard()
         if self.factory.app.conn is self:
             self.factory.app.connection_lost(reason or f"code {code}")
 
     def send_message(self, message: Mapping[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(wire.encode(message), isBinary=False)
+            _autobahn.frames(self).send(message)
+
+    def enable_batching(self, max_bytes: int) -> None:
+        """The peer reads C{agent:batch} frames up to C{max_bytes} (it announced C{batch})."""
+        _autobahn.frames(self).enable(max_bytes)
 
     def close(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
+            _autobahn.frames(self).flush()
             self.sendClose(code=4000, reason=reason[:100])
         elif self.transport is not None:
             self.transport.abortConnection()

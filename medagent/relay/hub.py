@@ -461,6 +461,20 @@ class Hub:
             log.warn("Bad frame from {peer}: {reason}", peer=session.conn.peer, reason=e.reason)
             session.conn.send_message(wire.error(e.reason, e.callback))
             return
+        if msg["type"] == wire.BATCH and session.agent_id is not None:
+            # several messages in one frame (an agent that announced "batch"): each as if
+            # it had come in a frame of its own, in order
+            for item in wire.unbatch(msg):
+                if isinstance(item, wire.WireError):
+                    log.warn("Bad message in a batch from {peer}: {reason}",
+                             peer=session.conn.peer, reason=item.reason)
+                    session.conn.send_message(wire.error(item.reason, item.callback))
+                else:
+                    self._message_received(session, item)
+            return
+        self._message_received(session, msg)
+
+    def _message_received(self, session: Session, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         try:
             if kind == wire.CONNECT_REQUEST:
@@ -597,8 +611,13 @@ class Hub:
                 authenticated()  # the transport lifts its pre-authentication limits
             session.conn.send_message(
                 {"type": wire.CONNECT_RESPONSE, "callback": callback,
-                 "capabilities": [wire.CAP_DURABLE]}
+                 "capabilities": [wire.CAP_DURABLE, wire.CAP_BATCH],
+                 wire.BATCH_BYTES_FIELD: wire.batch_limit(self.max_message_size)}
             )
+            batching = getattr(session.conn, "enable_batching", None)
+            limit = wire.peer_batch_limit(msg)
+            if limit is not None and batching is not None:
+                batching(limit)  # (after the response: it goes in a frame of its own)
             log.info(
                 "Agent/{agent_id} connected from {peer} (capabilities: {caps})",
                 agent_id=agent_id,
@@ -1350,7 +1369,14 @@ class Hub:
                 if session is not None:
                     self._stalled(session, push, True)
             return
-        push.stamp("answered", self.clock.seconds())
+        answered = self.clock.seconds()
+        device_ms = msg.get(wire.DEVICE_MS)
+        sent = push.timeline.get("sent")
+        if (isinstance(device_ms, (int, float)) and not isinstance(device_ms, bool)
+                and sent is not None and 0 <= device_ms <= (answered - sent) * 1000):
+            # (a number from outside: only an interval that fits since the push was sent)
+            push.stamp("device", answered - device_ms / 1000)
+        push.stamp("answered", answered)
         lane = None
         if session is not None:
             self._stalled(session, push, False)

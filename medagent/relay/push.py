@@ -375,10 +375,12 @@ class PushService:
             sop_uid=found["sop_uid"],
         )
         push.stamp("received", received)
-        # A waited push looks first (a repeat is answered even while its agent is away); the
-        # journal's insert checks again in its own transaction either way, so a push not
-        # waited for saves the lookups (L{RepeatedPush} below).
-        existing, by_key = yield self._find_repeat(push, look_up=request.wait)
+        # A waited push to an agent not connected here looks first (a repeat is answered even
+        # while its agent is away); the journal's insert checks again in its own transaction
+        # either way, so a push not waited for, or to an agent this node holds, saves the
+        # lookups and their database round trip (L{RepeatedPush} below).
+        look_up = request.wait and not self.hub.is_connected(agent_id)
+        existing, by_key = yield self._find_repeat(push, look_up=look_up)
         if existing is not None:
             result = yield self._repeat(push, existing, by_key, request)
             return result

@@ -220,16 +220,22 @@ class AgentSocket(WebSocketServerProtocol):
             self.factory.hub.frame_received(self.session, payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        _autobahn.frames(self).discard()
         self._leave_pending()
         if self.session is not None:
             self.factory.hub.connection_lost(self.session, wire.clip(reason or f"code {code}"))
 
     def send_message(self, message: Mapping[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(wire.encode(message), isBinary=False)
+            _autobahn.frames(self).send(message)
+
+    def enable_batching(self, max_bytes: int) -> None:
+        """The peer reads C{agent:batch} frames up to C{max_bytes} (it announced C{batch})."""
+        _autobahn.frames(self).enable(max_bytes)
 
     def close(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
+            _autobahn.frames(self).flush()
             self.sendClose(code=1000 if reason == "relay shutting down" else 4000,
                            reason=reason[:100])
 

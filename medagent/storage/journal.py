@@ -37,8 +37,10 @@ FINAL_STATES = frozenset([DELIVERED, FAILED, EXPIRED, CANCELLED])
 OPEN_STATES = (QUEUED, SENT, ACCEPTED)
 #: The stages of a push's L{Push.timeline}, in order: the relay got the request, the push
 #: was on disk, written to the agent's socket, on the agent's disk (a durable agent's
-#: "accepted"), the device's answer back at the relay.
-STAGES = ("received", "journaled", "sent", "accepted", "answered")
+#: "accepted"), handed to the device (our agent's answer says how long before it answered:
+#: L{wire.DEVICE_MS}, an interval on the agent's clock, placed before "answered" on the
+#: relay's, so the two clocks need not agree), the device's answer back at the relay.
+STAGES = ("received", "journaled", "sent", "accepted", "device", "answered")
 
 log = Logger()
 

@@ -402,7 +402,8 @@ def messages_page(pushes: Sequence[j.Push], filters: Mapping[str, str], total: i
 
 #: what each stage of a push's timeline reads as on its page
 STAGE_TEXT = {"received": "received", "journaled": "journaled", "sent": "sent to the agent",
-              "accepted": "on the agent's disk", "answered": "device answered"}
+              "accepted": "on the agent's disk", "device": "sent to the device",
+              "answered": "device answered"}
 
 
 def message_page(push: j.Push, *,

@@ -230,6 +230,21 @@ class Database:
         """
         if self._flushing:
             raise RuntimeError("a batch is already being committed")
+        with self.together():
+            yield
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """
+        L{run_batched} calls made inside the block go in one transaction (one thread hop, one
+        commit), in the order they were made: the block's first call does not start a batch
+        of its own that the others would wait behind.  When a batch is committing already,
+        they wait for it as any batched call does (and again go together).  For a sequence
+        such as "record message N's answer, claim message N+1" on one lane.
+        """
+        if self._flushing:
+            yield
+            return
         self._flushing = True
         try:
             yield
