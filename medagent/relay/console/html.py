@@ -125,7 +125,9 @@ def _table(caption: str, heads: Sequence[str], rows: Iterable[str], *, ident: st
            attrs: str = "", empty: str = "Nothing here yet.") -> str:
     """A table; C{caption} is HTML (escape what goes into it), the rows are HTML too."""
     rows = list(rows)
-    head = "".join(f'<th scope="col">{h(x)}</th>' for x in heads)
+    # a column of links has no visible heading; a screen reader still hears one
+    head = "".join(f'<th scope="col">{h(x)}</th>' if x else
+                   '<th scope="col"><span class="vh">Links</span></th>' for x in heads)
     body = "".join(rows) or (f'<tr class="empty"><td colspan="{len(heads)}">{h(empty)}'
                              "</td></tr>")
     ident_attr = f' id="{ident}"' if ident else ""
